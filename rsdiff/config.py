@@ -1,0 +1,120 @@
+"""Structured configs: dataclass schemas + YAML presets + CLI dotlist overrides.
+
+Each job declares a dataclass schema (``IngestConfig``, ``PretrainConfig``, ...). A run's config
+is ``schema defaults <- YAML preset <- dotlist overrides``; because the schema is a structured
+OmegaConf config, a misspelt key or a wrong type is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from rsdiff.errors import ConfigError
+
+T = TypeVar("T")
+
+# Keys whose values never leave the process (MLflow params, logs, checkpoints).
+_SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    """Build a config object of type ``schema``.
+
+    Args:
+        schema: the job's dataclass schema.
+        path: optional YAML preset (``configs/...``) merged over the schema's defaults.
+        overrides: dotlist entries such as ``tile_size=128`` or ``model.channels=64``.
+
+    Returns:
+        An instance of ``schema`` (an OmegaConf-backed object, read-only afterwards).
+
+    Raises:
+        ConfigError: unknown key, wrong type, invalid enum value, unreadable YAML, malformed override.
+    """
+    base = OmegaConf.structured(schema)
+    layers: list[DictConfig] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML preset from configs/")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as exc:  # yaml.YAMLError and friends
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. tile_size=128)")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(overrides))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+    where = str(path) if path is not None else "overrides"
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        OmegaConf.resolve(merged)
+    except ConfigKeyError as exc:
+        raise ConfigError(
+            f"unknown config key {exc.full_key!r} (in {where}); valid keys at that level: "
+            f"{_valid_keys(base, str(exc.full_key))}"
+        ) from exc
+    except ValidationError as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"bad value for config key {exc.full_key!r} (in {where}): {msg}") from exc
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config ({where}): {str(exc).splitlines()[0]}") from exc
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(
+            f"config key(s) {missing} must be set (in the YAML preset or as key=value overrides)"
+        )
+    OmegaConf.set_readonly(merged, True)
+    return merged  # type: ignore[return-value]
+
+
+def _valid_keys(base: DictConfig, full_key: str) -> list[str]:
+    """The keys that exist next to ``full_key`` in the schema (for error messages)."""
+    parent = full_key.rpartition(".")[0]
+    node = OmegaConf.select(base, parent) if parent else base
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """A plain-dict copy of a config (enums as their values)."""
+    if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig):
+        return dict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def redact(obj: Any) -> Any:
+    """Copy of a nested dict/list with values under secret-looking keys replaced by ``***``."""
+    if isinstance(obj, Mapping):
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists become their string form)."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML with secrets redacted."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg))))

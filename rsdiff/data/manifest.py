@@ -1,0 +1,93 @@
+"""The dataset manifest written next to the shards: what they hold and how to normalise it.
+
+``manifest.json`` is written last, atomically: its presence marks an ingest output as complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rsdiff import storage
+from rsdiff.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    """Facts about an ingest output.
+
+    ``shards`` maps a split (``train``/``val``) to shard file names relative to the manifest's
+    folder; ``band_stats`` holds per-band ``mean``/``std``/``min``/``max``/``count`` over every
+    valid pixel of the kept tiles, in source units.
+    """
+
+    bands: list[str]
+    dtype: str
+    tile_size: int
+    stride: int
+    samples: dict[str, int]
+    shards: dict[str, list[str]]
+    scenes: dict[str, list[str]]
+    band_stats: dict[str, list[float]]
+    dropped: dict[str, int] = field(default_factory=dict)
+    classes: list[dict[str, Any]] | None = None
+    ignore_index: int = 255
+    class_pixels: list[int] | None = None
+    format: int = FORMAT_VERSION
+    inputs: list[str] = field(default_factory=list)
+    root: str = field(default="", compare=False)
+
+    @property
+    def num_bands(self) -> int:
+        return len(self.bands)
+
+    @property
+    def labeled(self) -> bool:
+        return self.classes is not None
+
+    def shard_uris(self, split: str | None = None) -> list[str]:
+        """Absolute URIs of the shards of ``split`` (all splits when None)."""
+        splits = [split] if split else sorted(self.shards)
+        return [storage.join(self.root, n) for s in splits for n in self.shards.get(s, [])]
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("root")
+        return json.dumps(data, indent=2)
+
+
+def write_manifest(out_uri: str, manifest: Manifest) -> str:
+    """Write ``{out_uri}/manifest.json`` atomically; returns its URI."""
+    uri = storage.join(out_uri, MANIFEST_NAME)
+    storage.write_text(uri, manifest.to_json())
+    return uri
+
+
+def read_manifest(shards_uri: str) -> Manifest:
+    """Read the manifest of an ingest output folder/prefix.
+
+    Raises:
+        DataError: no manifest there (ingest missing or incomplete) or an unreadable one.
+    """
+    uri = storage.join(shards_uri, MANIFEST_NAME)
+    try:
+        text = storage.read_text(uri)
+    except storage.NotFoundError as exc:
+        raise DataError(
+            f"no {MANIFEST_NAME} at {storage.display(shards_uri)}: it is not a complete ingest output. "
+            "Run jobs/ingest.py with output=<that URI> first, or fix the shards URI."
+        ) from exc
+    try:
+        data = json.loads(text)
+        data.pop("root", None)
+        manifest = Manifest(**data)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{storage.display(uri)} is not an rsdiff manifest: {exc}") from exc
+    if manifest.format > FORMAT_VERSION:
+        raise DataError(f"{storage.display(uri)} has format {manifest.format}; upgrade rsdiff to read it")
+    manifest.root = shards_uri.rstrip("/")
+    return manifest

@@ -1,0 +1,240 @@
+"""Scenes: discovering image (+ label mask) files and reading them window by window.
+
+A scene is one raster: a GeoTIFF (any band count, uint8/uint16, with CRS/transform/nodata) or a
+plain JPG/PNG (no georeference), optionally paired with a label mask of the same size found
+through a template such as ``{dir}/../masks/{stem}.png``. Reads are windowed: a scene is never
+loaded whole, so its size is bounded only by disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rsdiff import storage
+from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind
+from rsdiff.errors import DataError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".jp2")
+SUPPORTED_DTYPES = ("uint8", "uint16")
+
+
+@dataclass(frozen=True)
+class SceneRef:
+    """Where a scene lives: a stable id, its image URI and optional mask URI."""
+
+    id: str
+    image: str
+    mask: str | None = None
+
+
+def scene_id(image_uri: str, root: str) -> str:
+    """A key-safe id from the image path relative to ``root``: ``tile_1/images/a.jpg`` -> ``tile_1-images-a``.
+
+    Ids contain only ``[A-Za-z0-9_-]`` (WebDataset splits keys at the first ``.``).
+    """
+    rel = image_uri[len(root) :].lstrip("/") if image_uri.startswith(root) else storage.name(image_uri)
+    stem = rel.rsplit(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", stem.replace("/", "-")).strip("-") or "scene"
+
+
+def mask_uri(image_uri: str, template: str) -> str:
+    """Fill a mask template: ``{dir}`` (image folder), ``{stem}`` (name sans suffix), ``{name}``."""
+    folder, _, fname = image_uri.rpartition("/")
+    stem = fname.rsplit(".", 1)[0]
+    filled = template.format(dir=folder, stem=stem, name=fname)
+    if storage.is_s3(filled):
+        bucket_part, key = filled[len("s3://") :].split("/", 1)
+        return f"s3://{bucket_part}/{posixpath.normpath(key)}"
+    return posixpath.normpath(filled)
+
+
+def discover(inputs: Sequence[str], mask_template: str | None = None) -> list[SceneRef]:
+    """Expand globs/folders/prefixes/files into scenes, sorted and de-duplicated.
+
+    Raises:
+        DataError: when the inputs match no image file.
+    """
+    images: list[str] = []
+    for pattern in inputs:
+        matched = [u for u in storage.glob(str(pattern)) if u.lower().endswith(IMAGE_SUFFIXES)]
+        images += matched
+    images = sorted(set(images))
+    if mask_template:
+        masks = {mask_uri(u, mask_template) for u in images}
+        images = [u for u in images if u not in masks]
+    if not images:
+        raise DataError(
+            f"inputs {list(inputs)} match no image file ({', '.join(IMAGE_SUFFIXES)}); "
+            "check the glob/prefix (quote it so the shell does not expand it)"
+        )
+    root = _common_prefix([u.rsplit("/", 1)[0] for u in images])
+    refs = [
+        SceneRef(scene_id(u, root), u, mask_uri(u, mask_template) if mask_template else None) for u in images
+    ]
+    ids = [r.id for r in refs]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"scenes {dupes[:5]} map to the same id; give them distinct file names")
+    return refs
+
+
+def _common_prefix(paths: Sequence[str]) -> str:
+    """The longest common ``/``-separated prefix of paths or URIs."""
+    parts = [p.split("/") for p in paths]
+    out = []
+    for column in zip(*parts):
+        if len(set(column)) != 1:
+            break
+        out.append(column[0])
+    return "/".join(out)
+
+
+class SceneReader:
+    """An open scene: header facts plus windowed reads of pixels, validity and labels.
+
+    Use as a context manager; S3 scenes are downloaded to a temporary file first so that
+    windowed reads hit local disk.
+    """
+
+    def __init__(self, ref: SceneRef, classmap: ClassMap | None = None) -> None:
+        self.ref = ref
+        self.classmap = classmap
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> SceneReader:
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+        try:
+            path = self._stack.enter_context(storage.local_copy(self.ref.image))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self.ds = self._stack.enter_context(rasterio.open(path))
+        except RasterioIOError as exc:
+            self._stack.close()
+            raise DataError(
+                f"{storage.display(self.ref.image)} is not a readable raster (GeoTIFF/JPG/PNG): {exc}"
+            ) from exc
+        except BaseException:
+            self._stack.close()
+            raise
+        if self.ds.count < 1 or self.ds.width < 1 or self.ds.height < 1:
+            self._stack.close()
+            raise DataError(
+                f"{storage.display(self.ref.image)} is empty ({self.ds.width}x{self.ds.height} px)"
+            )
+        dtypes = set(self.ds.dtypes)
+        if len(dtypes) != 1 or self.dtype not in SUPPORTED_DTYPES:
+            self._stack.close()
+            raise DataError(
+                f"{storage.display(self.ref.image)} has band dtype(s) {sorted(dtypes)}; rsdiff ingests "
+                f"{'/'.join(SUPPORTED_DTYPES)} imagery (convert with gdal_translate -ot UInt16)"
+            )
+        self.mask_ds = None
+        if self.ref.mask is not None:
+            try:
+                mpath = self._stack.enter_context(storage.local_copy(self.ref.mask))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    self.mask_ds = self._stack.enter_context(rasterio.open(mpath))
+            except storage.NotFoundError as exc:
+                self._stack.close()
+                raise DataError(
+                    f"no label mask for {storage.display(self.ref.image)}: expected "
+                    f"{storage.display(self.ref.mask)} (check labels.mask_template)"
+                ) from exc
+            except RasterioIOError as exc:
+                self._stack.close()
+                raise DataError(
+                    f"mask {storage.display(self.ref.mask)} is not a readable image: {exc}"
+                ) from exc
+            if (self.mask_ds.width, self.mask_ds.height) != (self.ds.width, self.ds.height):
+                self._stack.close()
+                raise DataError(
+                    f"mask {storage.display(self.ref.mask)} is {self.mask_ds.width}x{self.mask_ds.height} px "
+                    f"but its image {storage.display(self.ref.image)} is {self.ds.width}x{self.ds.height} px"
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @property
+    def width(self) -> int:
+        return int(self.ds.width)
+
+    @property
+    def height(self) -> int:
+        return int(self.ds.height)
+
+    @property
+    def bands(self) -> int:
+        return int(self.ds.count)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.ds.dtypes[0])
+
+    @property
+    def crs(self) -> str | None:
+        """CRS as WKT (None when not georeferenced)."""
+        return self.ds.crs.to_wkt() if self.ds.crs else None
+
+    def window_transform(self, row: int, col: int, size: int) -> list[float] | None:
+        """The affine transform of a window as 6 GDAL-order numbers ``(a, b, c, d, e, f)``."""
+        if not self.ds.crs:
+            return None
+        from rasterio.windows import Window, transform
+
+        t = transform(Window(col, row, size, size), self.ds.transform)
+        return [t.a, t.b, t.c, t.d, t.e, t.f]
+
+    def read(self, row: int, col: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels and validity of one window.
+
+        Returns:
+            ``(pixels, valid)``: ``(C, size, size)`` in the source dtype, ``(size, size)`` bool
+            (False where nodata, alpha=0 or outside the dataset mask).
+        """
+        from rasterio.windows import Window
+
+        w = Window(col, row, size, size)
+        pixels = self.ds.read(window=w)
+        valid = self.ds.dataset_mask(window=w) > 0
+        return pixels, valid
+
+    def read_labels(self, row: int, col: int, size: int) -> tuple[np.ndarray, int]:
+        """Class ids of one window: ``(size, size)`` uint8 (IGNORE_INDEX = no label), unknown-pixel count."""
+        from rasterio.windows import Window
+
+        assert self.mask_ds is not None and self.classmap is not None
+        w = Window(col, row, size, size)
+        raw = self.mask_ds.read(window=w)
+        where = f"mask {storage.display(self.ref.mask or '')} window (row={row}, col={col})"
+        if self.classmap.kind is MaskKind.index:
+            ids, unknown = self.classmap.encode(raw[0], where)
+            if self.mask_ds.nodata is not None:
+                ids[raw[0] == self.mask_ds.nodata] = IGNORE_INDEX
+            return ids, unknown
+        if raw.shape[0] == 1:
+            try:
+                cmap = self.mask_ds.colormap(1)
+            except ValueError as exc:
+                raise DataError(
+                    f"{where} has one band and no colour table; use labels.kind=index for class-id masks"
+                ) from exc
+            lut = np.zeros((256, 3), np.uint8)
+            for k, rgba in cmap.items():
+                if k < 256:
+                    lut[k] = rgba[:3]
+            rgb = lut[raw[0]]
+        else:
+            rgb = np.moveaxis(raw[:3], 0, -1)
+        return self.classmap.encode(rgb, where)

@@ -1,0 +1,371 @@
+"""Ingest: GeoTIFF / JPG+mask scenes -> WebDataset tar shards + ``manifest.json``.
+
+Scenes are split by scene into train/val, grouped into chunks and cut into tiles by parallel Ray
+tasks; each task streams its tiles into size-capped shards and returns per-band statistics
+(merged exactly on the driver), class pixel counts and drop counts. The manifest is written last,
+so its presence marks a complete output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from omegaconf import MISSING
+
+from rsdiff import storage
+from rsdiff.config import to_container
+from rsdiff.data.bandstats import BandStats
+from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy, parse_colour
+from rsdiff.data.manifest import MANIFEST_NAME, Manifest, write_manifest
+from rsdiff.data.scenes import SceneReader, SceneRef, discover
+from rsdiff.data.shards import Sample, ShardWriter
+from rsdiff.data.tiling import tile_origins
+from rsdiff.errors import ConfigError, DataError, RsdiffError
+from rsdiff.raytools import ProgressCounter, connect, wait_with_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassConfig:
+    """One class: its name and its mask colour (colour masks) or value (index masks)."""
+
+    name: str = MISSING
+    colour: str | None = None
+    value: int | None = None
+
+
+@dataclass
+class LabelConfig:
+    """Where label masks are and how they encode classes. No ``mask_template`` = unlabeled imagery."""
+
+    mask_template: str | None = None  # e.g. "{dir}/../masks/{stem}.png"
+    kind: MaskKind = MaskKind.colour
+    classes: list[ClassConfig] = field(default_factory=list)
+    ignore_colours: list[str] = field(default_factory=list)
+    ignore_values: list[int] = field(default_factory=list)
+    unknown: UnknownPolicy = UnknownPolicy.ignore
+
+
+@dataclass
+class RayConfig:
+    """Which Ray cluster to use: ``address`` null = ``RAY_ADDRESS`` if set, else a local one."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+
+
+@dataclass
+class IngestConfig:
+    """Config of ``jobs/ingest.py``."""
+
+    inputs: list[str] = MISSING  # globs, folders, files or s3:// prefixes of scenes
+    output: str = "runs/shards"  # local folder or s3://bucket/prefix
+    tile_size: int = 256
+    stride: int | None = None  # default: tile_size (no overlap)
+    bands: list[int] | None = None  # 1-based band indexes to keep; default all
+    band_names: list[str] | None = None
+    max_nodata_fraction: float = 0.1  # tiles with more nodata are dropped and counted
+    shard_max_mb: float = 256.0
+    val_fraction: float = 0.0  # fraction of scenes held out as the val split
+    split_seed: int = 0
+    parallelism: int = 0  # number of Ray tasks; 0 = 2 x cluster CPUs (at most one per scene)
+    overwrite: bool = False
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class ChunkResult:
+    """What one ingest task produced."""
+
+    shards: dict[str, list[str]]
+    samples: dict[str, int]
+    scenes: dict[str, list[str]]
+    stats: BandStats
+    dropped_nodata: int
+    unknown_label_pixels: int
+    class_pixels: np.ndarray | None
+
+
+def build_classmap(labels: LabelConfig) -> ClassMap | None:
+    """The class map a label config describes (None for unlabeled imagery)."""
+    if not labels.mask_template:
+        return None
+    kind = MaskKind(labels.kind)
+    names, colours, values = [], [], []
+    for i, c in enumerate(labels.classes):
+        names.append(c.name)
+        if kind is MaskKind.colour:
+            if c.colour is None:
+                raise ConfigError(f"labels.classes[{i}] ({c.name}) needs a colour for kind=colour masks")
+            colours.append(parse_colour(c.colour))
+            values.append(i)
+        else:
+            if c.value is None:
+                raise ConfigError(f"labels.classes[{i}] ({c.name}) needs a value for kind=index masks")
+            colours.append(_palette(i))
+            values.append(int(c.value))
+    return ClassMap(
+        names=tuple(names),
+        colours=tuple(colours),
+        values=tuple(values),
+        kind=kind,
+        ignore_colours=tuple(parse_colour(c) for c in labels.ignore_colours),
+        ignore_values=tuple(int(v) for v in labels.ignore_values),
+        unknown=UnknownPolicy(labels.unknown),
+    )
+
+
+def _palette(i: int) -> tuple[int, int, int]:
+    """A distinct display colour for class ``i`` of an index mask."""
+    import matplotlib
+
+    r, g, b, _ = matplotlib.colormaps["tab10"](i % 10)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def split_scenes(refs: list[SceneRef], val_fraction: float, seed: int) -> dict[str, list[SceneRef]]:
+    """Deterministic scene-level split: ``{"train": [...], "val": [...]}`` (val may be empty)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
+    order = sorted(refs, key=lambda r: r.id)
+    random.Random(seed).shuffle(order)
+    n_val = math.ceil(val_fraction * len(order)) if val_fraction > 0 else 0
+    n_val = min(n_val, len(order) - 1)
+    val = sorted(order[:n_val], key=lambda r: r.id)
+    train = sorted(order[n_val:], key=lambda r: r.id)
+    return {"train": train, "val": val} if val else {"train": train}
+
+
+def _validate(cfg: IngestConfig) -> None:
+    if cfg.tile_size < 8:
+        raise ConfigError(f"tile_size={cfg.tile_size} is too small (>= 8)")
+    if cfg.stride is not None and not 0 < cfg.stride <= cfg.tile_size:
+        raise ConfigError(f"stride={cfg.stride} must be in (0, tile_size={cfg.tile_size}]")
+    if not 0.0 <= cfg.max_nodata_fraction <= 1.0:
+        raise ConfigError(f"max_nodata_fraction={cfg.max_nodata_fraction} must be in [0, 1]")
+    if cfg.shard_max_mb <= 0:
+        raise ConfigError(f"shard_max_mb={cfg.shard_max_mb} must be > 0")
+    if cfg.bands is not None and (not cfg.bands or min(cfg.bands) < 1):
+        raise ConfigError(f"bands={list(cfg.bands)} must be non-empty 1-based band indexes")
+
+
+def _probe(ref: SceneRef, cfg: IngestConfig) -> tuple[int, str]:
+    """Band count and dtype of the first scene: the contract every other scene must meet."""
+    with SceneReader(ref) as reader:
+        count, dtype = reader.bands, reader.dtype
+    if cfg.bands is not None and max(cfg.bands) > count:
+        raise DataError(
+            f"scene {storage.display(ref.image)} has {count} band(s) but bands={list(cfg.bands)} asks "
+            f"for band {max(cfg.bands)}; choose bands within 1..{count}"
+        )
+    n = len(cfg.bands) if cfg.bands is not None else count
+    if cfg.band_names is not None and len(cfg.band_names) != n:
+        raise ConfigError(f"band_names has {len(cfg.band_names)} names for {n} band(s)")
+    return count, dtype
+
+
+def run_ingest(cfg: IngestConfig) -> Manifest:
+    """Cut the configured scenes into shards at ``cfg.output`` and write the manifest.
+
+    Raises:
+        RsdiffError: bad config, no scenes, unreadable scene/mask, size mismatch, scene smaller than
+            a tile, inconsistent bands, unwritable output. Nothing that looks complete is left
+            behind: shards already written are deleted and no manifest is written.
+    """
+    _validate(cfg)
+    classmap = build_classmap(cfg.labels)
+    refs = discover(list(cfg.inputs), cfg.labels.mask_template)
+    out = str(cfg.output).rstrip("/")
+    manifest_uri = storage.join(out, MANIFEST_NAME)
+    if storage.exists(manifest_uri):
+        if not cfg.overwrite:
+            raise DataError(
+                f"{storage.display(out)} already holds an ingest output; pass overwrite=true or a new output"
+            )
+        storage.delete(manifest_uri)
+        for old in storage.list_uris(out, ".tar"):
+            storage.delete(old)
+    storage.check_writable(out)
+    band_count, dtype = _probe(refs[0], cfg)
+    splits = split_scenes(refs, cfg.val_fraction, cfg.split_seed)
+
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    n_tasks = cfg.parallelism or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    jobs: list[tuple[str, int, list[SceneRef]]] = []
+    for split, scenes in splits.items():
+        k = max(1, min(len(scenes), round(n_tasks * len(scenes) / len(refs))))
+        jobs += [(split, i, scenes[i::k]) for i in range(k)]
+    plain_cfg = to_container(cfg)
+    counter = ProgressCounter.remote()
+    refs_out = [
+        _ingest_chunk.remote(split, i, chunk, plain_cfg, classmap, band_count, dtype, counter)
+        for split, i, chunk in jobs
+    ]
+    t0 = time.perf_counter()
+    try:
+        results: list[ChunkResult] = wait_with_progress(
+            refs_out, counter, total=len(refs), unit="scenes", desc="ingest", extra="tiles"
+        )
+    except Exception as exc:
+        _cleanup_after_failure(refs_out)
+        cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else exc
+        if isinstance(cause, RsdiffError):
+            raise type(cause)(str(cause)) from None
+        raise
+    manifest = _merge(results, cfg, classmap, band_count, dtype, out)
+    write_manifest(out, manifest)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "ingest: %d scenes -> %s tiles in %d shards at %s (%.1fs); dropped %s",
+        len(refs),
+        manifest.samples,
+        sum(len(v) for v in manifest.shards.values()),
+        storage.display(out),
+        seconds,
+        manifest.dropped,
+    )
+    return manifest
+
+
+def _cleanup_after_failure(refs_out: list[ray.ObjectRef]) -> None:
+    """Wait for every task and delete the shards of those that succeeded."""
+    for ref in refs_out:
+        try:
+            result: ChunkResult = ray.get(ref)
+        except Exception:
+            continue  # a failed task already deleted its own shards
+        for uris in result.shards.values():
+            for uri in uris:
+                storage.delete(uri)
+
+
+def _merge(
+    results: list[ChunkResult],
+    cfg: IngestConfig,
+    classmap: ClassMap | None,
+    band_count: int,
+    dtype: str,
+    out: str,
+) -> Manifest:
+    stats = BandStats(len(cfg.bands) if cfg.bands is not None else band_count)
+    shards: dict[str, list[str]] = {}
+    samples: dict[str, int] = {}
+    scenes: dict[str, list[str]] = {}
+    dropped = {"nodata_tiles": 0, "unknown_label_pixels": 0}
+    class_pixels = np.zeros(classmap.num_classes, np.int64) if classmap else None
+    for r in results:
+        stats.merge(r.stats)
+        for split in r.shards:
+            shards.setdefault(split, []).extend(storage.name(u) for u in r.shards[split])
+            samples[split] = samples.get(split, 0) + r.samples[split]
+            scenes.setdefault(split, []).extend(r.scenes[split])
+        dropped["nodata_tiles"] += r.dropped_nodata
+        dropped["unknown_label_pixels"] += r.unknown_label_pixels
+        if class_pixels is not None and r.class_pixels is not None:
+            class_pixels += r.class_pixels
+    if sum(samples.values()) == 0:
+        raise DataError(
+            f"every tile was dropped as nodata (max_nodata_fraction={cfg.max_nodata_fraction}); "
+            "raise max_nodata_fraction or check the scenes' nodata value"
+        )
+    kept = list(cfg.bands) if cfg.bands is not None else list(range(1, band_count + 1))
+    return Manifest(
+        bands=list(cfg.band_names) if cfg.band_names else [f"band_{b}" for b in kept],
+        dtype=dtype,
+        tile_size=cfg.tile_size,
+        stride=cfg.stride or cfg.tile_size,
+        samples=samples,
+        shards={k: sorted(v) for k, v in shards.items()},
+        scenes={k: sorted(v) for k, v in scenes.items()},
+        band_stats=stats.to_json(),
+        dropped=dropped,
+        classes=classmap.to_json() if classmap else None,
+        ignore_index=IGNORE_INDEX,
+        class_pixels=class_pixels.tolist() if class_pixels is not None else None,
+        inputs=[storage.display(i) for i in cfg.inputs],
+        root=out,
+    )
+
+
+@ray.remote(num_cpus=1)
+def _ingest_chunk(
+    split: str,
+    index: int,
+    scenes: list[SceneRef],
+    cfg: dict[str, Any],
+    classmap: ClassMap | None,
+    band_count: int,
+    dtype: str,
+    counter: Any,
+) -> ChunkResult:
+    """Tile ``scenes`` into shards ``{split}-{index:04d}-NNNNN.tar`` (a Ray task)."""
+    size = int(cfg["tile_size"])
+    bands = [b - 1 for b in cfg["bands"]] if cfg["bands"] else None
+    stats = BandStats(len(bands) if bands else band_count)
+    class_pixels = np.zeros(classmap.num_classes, np.int64) if classmap else None
+    dropped = unknown = kept = 0
+    done: list[str] = []
+    with ShardWriter(
+        cfg["output"].rstrip("/"), f"{split}-{index:04d}", int(cfg["shard_max_mb"] * 2**20)
+    ) as w:
+        for ref in scenes:
+            n_before = kept
+            with SceneReader(ref, classmap) as reader:
+                where = storage.display(ref.image)
+                if (reader.bands, reader.dtype) != (band_count, dtype):
+                    raise DataError(
+                        f"scene {where} has {reader.bands} band(s) of {reader.dtype}, but the first scene "
+                        f"has {band_count} of {dtype}; ingest scenes of one sensor together"
+                    )
+                if reader.height < size or reader.width < size:
+                    raise DataError(
+                        f"scene {where} is {reader.width}x{reader.height} px, smaller than tile_size={size}; "
+                        "lower tile_size or leave the scene out"
+                    )
+                crs = reader.crs
+                for row, col in tile_origins(reader.height, reader.width, size, cfg["stride"]):
+                    pixels, valid = reader.read(row, col, size)
+                    if bands is not None:
+                        pixels = pixels[bands]
+                    nodata = 1.0 - float(valid.mean())
+                    if nodata > cfg["max_nodata_fraction"]:
+                        dropped += 1
+                        continue
+                    label = None
+                    if classmap is not None:
+                        label, n_unknown = reader.read_labels(row, col, size)
+                        label[~valid] = IGNORE_INDEX
+                        unknown += n_unknown
+                        assert class_pixels is not None
+                        class_pixels += np.bincount(label.ravel(), minlength=256)[: classmap.num_classes]
+                    stats.update(pixels[:, valid])
+                    meta = {
+                        "scene": ref.id,
+                        "window": [row, col, size, size],
+                        "crs": crs,
+                        "transform": reader.window_transform(row, col, size),
+                        "nodata_fraction": round(nodata, 6),
+                        "source": storage.display(ref.image),
+                    }
+                    w.write(Sample(f"{ref.id}/{row}_{col}", pixels, label, meta))
+                    kept += 1
+            done.append(ref.id)
+            counter.add.remote(scenes=1, tiles=kept - n_before)
+    return ChunkResult(
+        shards={split: [s.uri for s in w.shards]},
+        samples={split: kept},
+        scenes={split: done},
+        stats=stats,
+        dropped_nodata=dropped,
+        unknown_label_pixels=unknown,
+        class_pixels=class_pixels,
+    )

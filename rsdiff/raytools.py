@@ -1,0 +1,67 @@
+"""Ray plumbing shared by the jobs: joining or starting a cluster, and driver-side progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``), else start one.
+
+    A no-op when Ray is already initialised in this process (tests share one session cluster).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    log.info("ray: %s", ray.cluster_resources())
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Counters that tasks bump (``add.remote(scenes=1, tiles=12)``) and the driver polls."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, **counts: int) -> None:
+        for key, value in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + value
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def wait_with_progress(
+    refs: Sequence[ray.ObjectRef], counter: Any, total: int, unit: str, desc: str, extra: str = ""
+) -> list[Any]:
+    """``ray.get(refs)`` while a tqdm bar shows ``counter[unit]`` of ``total`` (plus ``counter[extra]``).
+
+    Task errors propagate as soon as the first failing task finishes.
+    """
+    pending = list(refs)
+    with tqdm(total=total, desc=desc, unit=unit, mininterval=1.0) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            for ref in done:
+                ray.get(ref)  # raise early on failure
+            counts = ray.get(counter.get.remote())
+            bar.n = counts.get(unit, 0)
+            if extra:
+                bar.set_postfix({extra: counts.get(extra, 0)}, refresh=False)
+            bar.refresh()
+            if pending and not done:
+                time.sleep(0.1)
+    return ray.get(list(refs))

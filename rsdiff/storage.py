@@ -1,0 +1,408 @@
+"""One storage layer for every location rsdiff reads or writes: local paths and ``s3://`` URIs.
+
+S3 goes through boto3 with the standard AWS environment: the credential chain (env vars,
+profile, instance/IRSA role) and ``AWS_ENDPOINT_URL`` for S3-compatible stores (MinIO, Ceph,
+moto). Transient failures (5xx, throttling, dropped connections) are retried with exponential
+backoff; permanent ones become :class:`~rsdiff.errors.StorageError` with a message that names the
+URI and the fix. Writes are atomic: a reader never sees a half-written object (local files are
+written to a temporary name and renamed; S3 objects appear only when their PUT/multipart upload
+completes). Credentials never appear in messages or logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from rsdiff.errors import StorageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+
+
+class NotFoundError(StorageError):
+    """The URI names an object or file that does not exist."""
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://bucket/key`` URIs."""
+    return str(uri).startswith("s3://")
+
+
+def _local(uri: str) -> Path:
+    uri = str(uri)
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    rest = str(uri)[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"malformed S3 URI {uri!r}: expected s3://bucket/prefix")
+    return bucket, key
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or S3 URI with ``/``."""
+    out = str(uri).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def name(uri: str) -> str:
+    """The last path component of a URI."""
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(uri: str) -> str:
+    """The URI one level up."""
+    return str(uri).rstrip("/").rsplit("/", 1)[0]
+
+
+def display(uri: str) -> str:
+    """A URI as it is safe to print (URIs never embed credentials, but strip any userinfo)."""
+    uri = str(uri)
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return uri
+
+
+# --------------------------------------------------------------------------------------------
+# S3 client, retries, error mapping
+
+
+@functools.cache
+def _client_for_pid(pid: int) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+    )
+    return boto3.session.Session().client("s3", config=cfg)
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for this process (clients are not shared across forks)."""
+    return _client_for_pid(os.getpid())
+
+
+def endpoint() -> str:
+    """The S3 endpoint in use (``AWS_ENDPOINT_URL`` or AWS's default)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def max_attempts() -> int:
+    """How many times a transient S3 failure is tried (``RSDIFF_S3_MAX_ATTEMPTS``, default 6)."""
+    return max(1, int(os.environ.get("RSDIFF_S3_MAX_ATTEMPTS", "6")))
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import ProtocolError
+
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+        return code in _TRANSIENT_CODES or status >= 500
+    return isinstance(
+        exc,
+        EndpointConnectionError
+        | ConnectionClosedError
+        | ReadTimeoutError
+        | ResponseStreamingError
+        | ProtocolError
+        | ConnectionError,
+    )
+
+
+def _translate(exc: BaseException, uri: str, action: str) -> StorageError:
+    """Map a boto/OS exception to a StorageError that names the URI and the fix."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = display(uri)
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(
+            f"cannot {action} {where}: no AWS credentials found. Set AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or run on a node with an instance profile."
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(
+            f"cannot {action} {where}: S3 endpoint {endpoint()} is unreachable. "
+            "Check AWS_ENDPOINT_URL and the network."
+        )
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        bucket = split_s3(uri)[0] if is_s3(uri) else "?"
+        if code == "NoSuchBucket":
+            return StorageError(
+                f"cannot {action} {where}: bucket {bucket!r} does not exist at {endpoint()}. "
+                "Create it or fix the URI."
+            )
+        if code in {"NoSuchKey", "404", "NotFound"}:
+            return NotFoundError(f"cannot {action} {where}: no such object")
+        if code in {"AccessDenied", "403", "AllAccessDisabled"}:
+            return StorageError(
+                f"cannot {action} {where}: access denied. Check that the credentials/IAM role "
+                f"in use allow s3:{'PutObject' if action == 'write' else 'GetObject'} on bucket {bucket!r}."
+            )
+        if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}:
+            return StorageError(
+                f"cannot {action} {where}: the AWS credentials were rejected ({code}). "
+                "Refresh or fix them (the key itself is not shown)."
+            )
+        return StorageError(f"cannot {action} {where}: S3 error {code or 'unknown'}")
+    if isinstance(exc, FileNotFoundError):
+        return NotFoundError(f"cannot {action} {where}: no such file or directory")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"cannot {action} {where}: permission denied")
+    return StorageError(f"cannot {action} {where}: {type(exc).__name__}: {exc}")
+
+
+def retrying(fn: Callable[[], T], uri: str, action: str) -> T:
+    """Run ``fn`` with exponential backoff on transient S3 errors; translate the rest."""
+    attempts = max_attempts()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as exc:
+            if attempt < attempts and _is_transient(exc):
+                delay = min(8.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
+                log.warning(
+                    "transient error on %s %s (%s), retry %d/%d in %.1fs",
+                    action,
+                    display(uri),
+                    type(exc).__name__,
+                    attempt,
+                    attempts - 1,
+                    delay,
+                )
+                time.sleep(delay)
+                continue
+            raise _translate(exc, uri, action) from exc
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object/file as bytes."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return retrying(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(), uri, "read")
+    try:
+        return _local(uri).read_bytes()
+    except OSError as exc:
+        raise _translate(exc, uri, "read") from exc
+
+
+def read_text(uri: str) -> str:
+    """The whole object/file decoded as UTF-8."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def open_stream(uri: str) -> IO[bytes]:
+    """A binary stream over the object (S3 objects are streamed, not downloaded first)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return retrying(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"], uri, "read")
+    try:
+        return open(_local(uri), "rb")
+    except OSError as exc:
+        raise _translate(exc, uri, "read") from exc
+
+
+def exists(uri: str) -> bool:
+    """True if the object/file exists (False for a missing key; errors for a missing bucket)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            retrying(lambda: s3_client().head_object(Bucket=bucket, Key=key), uri, "read")
+            return True
+        except NotFoundError:
+            return False
+    return _local(uri).exists()
+
+
+def list_uris(prefix: str, suffix: str = "") -> list[str]:
+    """All objects/files under ``prefix`` (recursively) whose names end in ``suffix``, sorted."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+
+        def _list() -> list[str]:
+            out = []
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+            return out
+
+        return sorted(u for u in retrying(_list, prefix, "list") if u.endswith(suffix))
+    root = _local(prefix)
+    if not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.rglob(f"*{suffix}") if p.is_file())
+
+
+def glob(pattern: str) -> list[str]:
+    """Expand a glob (``*``, ``?``, ``[..]``; ``**`` for any depth) on local disk or S3, sorted."""
+    if not any(ch in pattern for ch in "*?["):
+        if is_s3(pattern):
+            return [pattern] if exists(pattern) else list_uris(pattern)
+        path = _local(pattern)
+        if path.is_dir():
+            return list_uris(str(path))
+        return [str(path)] if path.exists() else []
+    if is_s3(pattern):
+        literal = pattern[: min(pattern.index(ch) for ch in "*?[" if ch in pattern)]
+        root = literal.rsplit("/", 1)[0]
+        regex = fnmatch.translate(pattern.replace("**/", "*").replace("**", "*"))
+        import re
+
+        return [u for u in list_uris(root) if re.match(regex, u)]
+    import glob as _glob
+
+    return sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
+
+
+def download(uri: str, dest: str | Path) -> Path:
+    """Copy an object/file to a local path (atomically) and return the path."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    try:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            retrying(lambda: s3_client().download_file(bucket, key, str(tmp)), uri, "read")
+        else:
+            try:
+                shutil.copyfile(_local(uri), tmp)
+            except OSError as exc:
+                raise _translate(exc, uri, "read") from exc
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """A local path holding the object: the file itself when local, a temporary download for S3."""
+    if not is_s3(uri):
+        path = _local(uri)
+        if not path.exists():
+            raise NotFoundError(f"cannot read {display(uri)}: no such file or directory")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="rsdiff-") as tmp:
+        yield download(uri, Path(tmp) / name(uri))
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextlib.contextmanager
+def atomic_local_path(uri: str) -> Iterator[Path]:
+    """Yield a local temporary path to write; on success it becomes ``uri`` in one step.
+
+    On an exception nothing appears at ``uri`` and the temporary file is removed.
+    """
+    if is_s3(uri):
+        with tempfile.TemporaryDirectory(prefix="rsdiff-") as tmp:
+            path = Path(tmp) / name(uri)
+            yield path
+            upload(path, uri)
+        return
+    dest = _local(uri)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _translate(exc, uri, "write") from exc
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def upload(path: str | Path, uri: str) -> None:
+    """Copy a local file to ``uri`` atomically."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        retrying(lambda: s3_client().upload_file(str(path), bucket, key), uri, "write")
+        return
+    with atomic_local_path(uri) as tmp:
+        shutil.copyfile(path, tmp)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        retrying(lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data), uri, "write")
+        return
+    with atomic_local_path(uri) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write UTF-8 text to ``uri`` atomically."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def delete(uri: str) -> None:
+    """Remove an object/file (no error if it is already gone)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        retrying(lambda: s3_client().delete_object(Bucket=bucket, Key=key), uri, "delete")
+        return
+    _local(uri).unlink(missing_ok=True)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, before any work, if ``uri`` cannot be written (missing bucket, denied, read-only dir)."""
+    probe = join(uri, f".rsdiff-write-probe-{uuid.uuid4().hex}")
+    write_bytes(probe, b"")
+    delete(probe)

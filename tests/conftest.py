@@ -1,0 +1,115 @@
+"""Shared fixtures: one local Ray cluster, a real S3-compatible server on loopback, MLflow stores,
+generated rasters, and the shared dubai-aerial sample when it is present.
+
+The S3 server is moto in server mode: boto3 talks HTTP to it through ``AWS_ENDPOINT_URL``, as it
+would to MinIO or AWS. Its environment is set before Ray starts so Ray workers inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DUBAI = REPO.parent / "shared" / "data" / "dubai-aerial"
+TEST_KEY_ID = "AKIARSDIFFTESTKEY0001"
+TEST_SECRET = "rsdiffTestSecretKeyDoNotLeak0123456789abc"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A moto S3 server on 127.0.0.1; AWS_* variables point boto3 (and Ray workers) at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=url,
+        AWS_ACCESS_KEY_ID=TEST_KEY_ID,
+        AWS_SECRET_ACCESS_KEY=TEST_SECRET,
+        AWS_DEFAULT_REGION="us-east-1",
+        RSDIFF_S3_MAX_ATTEMPTS="4",
+    )
+    os.environ.pop("AWS_PROFILE", None)
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint: str):
+    """One local Ray shared by every test (2 CPUs), started after the S3 env is in place."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket; returns its ``s3://`` URI."""
+    import boto3
+
+    name = f"rsdiff-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path) -> str:
+    """A real MLflow tracking store (sqlite) for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def sample_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six generated 4-band uint16 GeoTIFF scenes (160x192 px) with index-mask labels."""
+    from rsdiff.data.synthetic import write_sample_dataset
+
+    folder = tmp_path_factory.mktemp("sample")
+    write_sample_dataset(folder, scenes=6)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dubai() -> Path:
+    """The shared dubai-aerial sample (54 JPG/PNG pairs); skipped where it is absent."""
+    if not (DUBAI / "classes.json").exists():
+        pytest.skip(f"shared dubai-aerial sample not found at {DUBAI}")
+    return DUBAI
+
+
+def run_job(
+    script: str, *args: str, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``python jobs/<script> args...`` from the repo root, capturing output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / script), *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def ray_address(ray_cluster) -> dict:
+    """Env that makes a job subprocess join the session's Ray cluster instead of starting one."""
+    return {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}

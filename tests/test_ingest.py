@@ -1,0 +1,243 @@
+"""Ingest through its public entries (``run_ingest`` and ``jobs/ingest.py``) against real Ray,
+rasterio and the loopback S3 server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import REPO, run_job
+from PIL import Image
+
+from rsdiff import storage
+from rsdiff.config import load_config
+from rsdiff.data.manifest import read_manifest
+from rsdiff.data.shards import iter_shard
+from rsdiff.data.synthetic import write_scene
+from rsdiff.errors import ConfigError, DataError, RsdiffError, StorageError
+from rsdiff.ingest import IngestConfig, run_ingest
+
+DUBAI_PRESET = REPO / "configs" / "ingest" / "dubai.yaml"
+SAMPLE_PRESET = REPO / "configs" / "ingest" / "sample.yaml"
+DUBAI_COLOURS = {  # independent of the preset: the dataset README's table
+    (60, 16, 152): 0,
+    (132, 41, 246): 1,
+    (110, 193, 228): 2,
+    (254, 221, 58): 3,
+    (226, 169, 41): 4,
+}
+
+
+def _all_samples(manifest):
+    for uri in manifest.shard_uris():
+        yield from iter_shard(uri)
+
+
+def test_dubai_to_s3_decodes_to_source_pixels_and_stats(dubai, bucket, ray_cluster):
+    out = f"{bucket}/dubai"
+    cfg = load_config(IngestConfig, DUBAI_PRESET, [f"inputs=[{dubai}/*/images/*.jpg]", f"output={out}"])
+    manifest = run_ingest(cfg)
+
+    assert storage.exists(f"{out}/manifest.json")
+    again = read_manifest(out)
+    assert again.samples == manifest.samples and again.shards == manifest.shards
+    assert set(manifest.samples) == {"train", "val"}
+    assert set(manifest.scenes["train"]).isdisjoint(manifest.scenes["val"])
+    assert len(manifest.scenes["train"]) + len(manifest.scenes["val"]) == 54
+    assert manifest.dtype == "uint8" and manifest.bands == ["red", "green", "blue"]
+    assert [c["name"] for c in manifest.classes] == ["building", "land", "road", "vegetation", "water"]
+    assert all(storage.exists(u) for u in manifest.shard_uris())
+
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    n_seen = 0
+    checked = 0
+    for sample in _all_samples(manifest):
+        n_seen += 1
+        x = sample.image.astype(np.float64).reshape(3, -1)
+        total += x.sum(1)
+        total_sq += (x**2).sum(1)
+        count += x.shape[1]
+        if n_seen % 97 == 1:  # a few tiles spread over every shard, bit for bit
+            row, col, h, w = sample.meta["window"]
+            src = sample.meta["source"]
+            with rasterio.open(src) as ds:
+                expect = ds.read(window=rasterio.windows.Window(col, row, w, h))
+            assert sample.image.dtype == np.uint8 and sample.image.shape == (3, 256, 256)
+            np.testing.assert_array_equal(sample.image, expect)
+            mask = np.array(
+                Image.open(src.replace("/images/", "/masks/").replace(".jpg", ".png")).convert("RGB")
+            )
+            mask = mask[row : row + h, col : col + w]
+            expect_label = np.full((h, w), 255, np.uint8)
+            for rgb, cid in DUBAI_COLOURS.items():
+                expect_label[(mask == rgb).all(-1)] = cid
+            np.testing.assert_array_equal(sample.label, expect_label)
+            assert sample.key == f"{sample.meta['scene']}/{row}_{col}"
+            checked += 1
+    assert checked >= 10
+    assert n_seen == sum(manifest.samples.values())
+    mean = total / count
+    std = np.sqrt(total_sq / count - mean**2)
+    np.testing.assert_allclose(manifest.band_stats["mean"], mean, rtol=1e-9)
+    np.testing.assert_allclose(manifest.band_stats["std"], std, rtol=1e-6)
+    assert manifest.band_stats["count"] == [count] * 3
+
+
+def test_uint16_geotiff_keeps_georeference_and_drops_nodata_tiles(tmp_path, ray_cluster):
+    write_scene(
+        tmp_path / "src", "border", height=160, width=192, bands=4, dtype="uint16", nodata_border=40, seed=3
+    )
+    out = tmp_path / "shards"
+    cfg = load_config(
+        IngestConfig,
+        SAMPLE_PRESET,
+        [f"inputs=[{tmp_path}/src/images/*.tif]", f"output={out}", "val_fraction=0", "shard_max_mb=0.05"],
+    )
+    manifest = run_ingest(cfg)
+    # Tile origins: rows {0, 64, 96} x cols {0, 64, 128}; those in row 0 or col 0 are >= 40/64 nodata.
+    assert manifest.dropped["nodata_tiles"] == 5
+    assert manifest.samples == {"train": 4}
+    assert len(manifest.shards["train"]) >= 2  # the small shard cap rolls shards
+    assert manifest.dtype == "uint16" and manifest.bands == ["red", "green", "blue", "nir"]
+    with rasterio.open(tmp_path / "src/images/border.tif") as ds:
+        crs = ds.crs
+        for sample in _all_samples(manifest):
+            row, col, h, w = sample.meta["window"]
+            window = rasterio.windows.Window(col, row, w, h)
+            np.testing.assert_array_equal(sample.image, ds.read(window=window))
+            assert sample.image.dtype == np.uint16 and sample.image.shape == (4, 64, 64)
+            assert rasterio.crs.CRS.from_wkt(sample.meta["crs"]) == crs
+            t = rasterio.windows.transform(window, ds.transform)
+            assert sample.meta["transform"] == pytest.approx([t.a, t.b, t.c, t.d, t.e, t.f])
+            assert sample.meta["transform"][2] == 300000.0 + 0.5 * col
+            assert sample.meta["nodata_fraction"] <= 0.1
+            assert set(np.unique(sample.label)) <= {0, 1, 2, 3, 4, 255}
+
+
+def test_ingest_job_script_on_sample(sample_scenes, tmp_path, ray_address):
+    out = tmp_path / "out"
+    proc = run_job(
+        "ingest.py",
+        "--config",
+        str(SAMPLE_PRESET),
+        f"inputs=[{sample_scenes}/images/*.tif]",
+        f"output={out}",
+        env=ray_address,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["samples"]["train"] > 0 and summary["samples"]["val"] > 0
+    manifest = read_manifest(str(out))
+    assert manifest.class_pixels is not None and sum(manifest.class_pixels) > 0
+    # A second run refuses to overwrite a complete output unless asked.
+    again = run_job(
+        "ingest.py",
+        "--config",
+        str(SAMPLE_PRESET),
+        f"inputs=[{sample_scenes}/images/*.tif]",
+        f"output={out}",
+        env=ray_address,
+    )
+    assert again.returncode == 2 and "already holds an ingest output" in again.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear message each, and nothing left that looks complete.
+
+
+def _bad_scene_dir(tmp_path, kind: str):
+    src = tmp_path / "src"
+    write_scene(src, "good", height=96, width=96, bands=4, seed=1)
+    if kind == "unreadable":
+        (src / "images" / "zz_broken.tif").write_text("this is not a raster")
+        (src / "labels" / "zz_broken.tif").write_text("nor this")
+    elif kind == "mask_size":
+        write_scene(src, "zz_mismatch", height=96, width=96, bands=4, seed=2)
+        with rasterio.open(
+            src / "labels/zz_mismatch.tif", "w", driver="GTiff", width=90, height=96, count=1, dtype="uint8"
+        ) as dst:
+            dst.write(np.ones((1, 96, 90), np.uint8))
+    elif kind == "small":
+        write_scene(src, "zz_small", height=40, width=96, bands=4, seed=4)
+    elif kind == "unknown_colour":
+        write_scene(src, "zz_unknown", height=96, width=96, bands=4, seed=5)
+        with rasterio.open(src / "labels/zz_unknown.tif", "r+") as dst:
+            labels = dst.read()
+            labels[0, :10, :10] = 7  # a value no class claims
+            dst.write(labels)
+    elif kind == "bands":
+        write_scene(src, "zz_three_bands", height=96, width=96, bands=3, seed=6)
+    return src
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides", "error", "needle"),
+    [
+        ("unreadable", [], DataError, "zz_broken.tif is not a readable raster"),
+        ("mask_size", [], DataError, "is 90x96 px but its image"),
+        ("small", [], DataError, "zz_small.tif is 96x40 px, smaller than tile_size=64"),
+        ("unknown_colour", [], DataError, "index(s) no class claims: [7]"),
+        ("bands", [], DataError, "has 3 band(s) of uint16, but the first scene has 4"),
+        ("none", ["bands=[1,2,5]"], DataError, "asks for band 5"),
+        ("none", ["inputs=[/nonexistent/*.tif]"], DataError, "match no image file"),
+    ],
+)
+def test_bad_inputs_fail_clearly_and_leave_no_output(tmp_path, ray_cluster, kind, overrides, error, needle):
+    src = _bad_scene_dir(tmp_path, kind)
+    out = tmp_path / "out"
+    cfg = load_config(
+        IngestConfig,
+        SAMPLE_PRESET,
+        [f"inputs=[{src}/images/*.tif]", f"output={out}", "val_fraction=0", "parallelism=2", *overrides],
+    )
+    with pytest.raises(error) as err:
+        run_ingest(cfg)
+    assert needle in str(err.value)
+    assert "Traceback" not in str(err.value)
+    assert storage.list_uris(str(out)) == []
+
+
+def test_missing_bucket_fails_before_work(sample_scenes, s3_endpoint, ray_cluster):
+    cfg = load_config(
+        IngestConfig,
+        SAMPLE_PRESET,
+        [f"inputs=[{sample_scenes}/images/*.tif]", "output=s3://rsdiff-missing/x"],
+    )
+    with pytest.raises(StorageError, match="bucket 'rsdiff-missing' does not exist"):
+        run_ingest(cfg)
+
+
+def test_bad_class_map_is_a_config_error(sample_scenes, tmp_path):
+    cfg = load_config(
+        IngestConfig,
+        DUBAI_PRESET,
+        [f"inputs=[{sample_scenes}/images/*.tif]", f"output={tmp_path}", "labels.classes=[{name: a}]"],
+    )
+    with pytest.raises(ConfigError, match=r"labels.classes\[0\] \(a\) needs a colour"):
+        run_ingest(cfg)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["tile_sise=64"], "unknown config key 'tile_sise'"),
+        (["labels.unknown=skip"], "Invalid value 'skip', expected one of [ignore, error]"),
+        (["inputs=[/nonexistent/dir/*.tif]"], "match no image file"),
+        (["output=s3://rsdiff-no-bucket/x"], "bucket 'rsdiff-no-bucket' does not exist"),
+    ],
+)
+def test_job_script_reports_one_line_and_exit_2(sample_scenes, tmp_path, ray_address, args, needle):
+    base = [f"inputs=[{sample_scenes}/images/*.tif]", f"output={tmp_path / 'o'}"]
+    proc = run_job("ingest.py", "--config", str(SAMPLE_PRESET), *base, *args, env=ray_address)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_errors_are_rsdiff_errors():
+    assert issubclass(DataError, RsdiffError) and issubclass(StorageError, RsdiffError)

@@ -1,0 +1,68 @@
+"""The storage layer against local disk and a real S3-compatible server on loopback."""
+
+import pytest
+
+from rsdiff import storage
+from rsdiff.errors import StorageError
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("bucket") + "/prefix"
+
+
+def test_roundtrip_list_glob_delete(root):
+    storage.write_text(storage.join(root, "a/x.json"), "{}")
+    storage.write_bytes(storage.join(root, "a/y.tar"), b"123")
+    storage.write_bytes(storage.join(root, "b/z.tar"), b"4567")
+    assert storage.read_bytes(storage.join(root, "b/z.tar")) == b"4567"
+    with storage.open_stream(storage.join(root, "a/y.tar")) as s:
+        assert s.read() == b"123"
+    assert [storage.name(u) for u in storage.list_uris(root, ".tar")] == ["y.tar", "z.tar"]
+    assert [storage.name(u) for u in storage.glob(storage.join(root, "*/*.tar"))] == ["y.tar", "z.tar"]
+    assert storage.exists(storage.join(root, "a/x.json"))
+    storage.delete(storage.join(root, "a/x.json"))
+    assert not storage.exists(storage.join(root, "a/x.json"))
+    with pytest.raises(storage.NotFoundError, match="no such"):
+        storage.read_bytes(storage.join(root, "a/x.json"))
+
+
+def test_failed_write_leaves_nothing(root):
+    target = storage.join(root, "out/file.bin")
+    with pytest.raises(RuntimeError), storage.atomic_local_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert not storage.exists(target)
+    assert storage.list_uris(storage.join(root, "out")) == []
+
+
+def test_local_copy_and_download(root, tmp_path):
+    uri = storage.join(root, "scene.bin")
+    storage.write_bytes(uri, b"pixels")
+    with storage.local_copy(uri) as path:
+        assert path.read_bytes() == b"pixels"
+    assert storage.download(uri, tmp_path / "d" / "s.bin").read_bytes() == b"pixels"
+
+
+def test_missing_bucket_is_a_clear_error(s3_endpoint):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-rsdiff' does not exist"):
+        storage.check_writable("s3://no-such-bucket-rsdiff/out")
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read_bytes("s3://no-such-bucket-rsdiff/a")
+
+
+def test_unreachable_endpoint_is_retried_then_named(s3_endpoint, monkeypatch):
+    from conftest import free_port
+
+    storage._client_for_pid.cache_clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("RSDIFF_S3_MAX_ATTEMPTS", "2")
+    try:
+        with pytest.raises(StorageError, match="unreachable") as err:
+            storage.read_bytes("s3://any/key")
+        assert "rsdiffTestSecret" not in str(err.value)
+    finally:
+        monkeypatch.undo()
+        storage._client_for_pid.cache_clear()
