@@ -57,7 +57,10 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
             layers.append(OmegaConf.from_dotlist(overrides))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
-    where = str(path) if path is not None else "overrides"
+    where = (
+        " + ".join(([str(path)] if path is not None else []) + (["overrides"] if overrides else []))
+        or "defaults"
+    )
     try:
         merged = OmegaConf.merge(base, *layers)
         OmegaConf.resolve(merged)

@@ -184,7 +184,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     _validate(cfg)
     classmap = build_classmap(cfg.labels)
     refs = discover(list(cfg.inputs), cfg.labels.mask_template)
-    out = str(cfg.output).rstrip("/")
+    out = storage.absolute(str(cfg.output))
     manifest_uri = storage.join(out, MANIFEST_NAME)
     if storage.exists(manifest_uri):
         if not cfg.overwrite:
@@ -207,7 +207,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     plain_cfg = to_container(cfg)
     counter = ProgressCounter.remote()
     refs_out = [
-        _ingest_chunk.remote(split, i, chunk, plain_cfg, classmap, band_count, dtype, counter)
+        _ingest_chunk.remote(split, i, chunk, out, plain_cfg, classmap, band_count, dtype, counter)
         for split, i, chunk in jobs
     ]
     t0 = time.perf_counter()
@@ -301,6 +301,7 @@ def _ingest_chunk(
     split: str,
     index: int,
     scenes: list[SceneRef],
+    out: str,
     cfg: dict[str, Any],
     classmap: ClassMap | None,
     band_count: int,

@@ -76,6 +76,11 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def absolute(uri: str) -> str:
+    """S3 URIs as they are; local paths made absolute (Ray workers run in other directories)."""
+    return str(uri).rstrip("/") if is_s3(uri) else str(_local(uri).absolute())
+
+
 def name(uri: str) -> str:
     """The last path component of a URI."""
     return str(uri).rstrip("/").rsplit("/", 1)[-1]

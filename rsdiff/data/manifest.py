@@ -89,5 +89,5 @@ def read_manifest(shards_uri: str) -> Manifest:
         raise DataError(f"{storage.display(uri)} is not an rsdiff manifest: {exc}") from exc
     if manifest.format > FORMAT_VERSION:
         raise DataError(f"{storage.display(uri)} has format {manifest.format}; upgrade rsdiff to read it")
-    manifest.root = shards_uri.rstrip("/")
+    manifest.root = storage.absolute(shards_uri)
     return manifest

@@ -65,7 +65,7 @@ def discover(inputs: Sequence[str], mask_template: str | None = None) -> list[Sc
     for pattern in inputs:
         matched = [u for u in storage.glob(str(pattern)) if u.lower().endswith(IMAGE_SUFFIXES)]
         images += matched
-    images = sorted(set(images))
+    images = sorted({storage.absolute(u) for u in images})
     if mask_template:
         masks = {mask_uri(u, mask_template) for u in images}
         images = [u for u in images if u not in masks]

@@ -1,0 +1,1 @@
+"""The diffusion model: UNet architecture, noise schedule and sampling, as separate pieces."""

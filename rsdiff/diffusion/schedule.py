@@ -1,0 +1,48 @@
+"""Noise schedules and the forward process q(x_t | x_0), via diffusers' schedulers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+
+class BetaSchedule(Enum):
+    """Variance schedules: DDPM's linear (1e-4 -> 0.02) and Nichol & Dhariwal's cosine."""
+
+    linear = "linear"
+    cosine = "cosine"
+
+
+@dataclass
+class DiffusionConfig:
+    """The diffusion process: T steps, epsilon prediction."""
+
+    timesteps: int = 1000
+    schedule: BetaSchedule = BetaSchedule.linear
+
+
+def make_scheduler(cfg: Any) -> Any:
+    """A ``DDPMScheduler`` for the config (epsilon prediction, no sample clipping at train time)."""
+    from diffusers import DDPMScheduler
+
+    name = "linear" if BetaSchedule(cfg.schedule) is BetaSchedule.linear else "squaredcos_cap_v2"
+    return DDPMScheduler(
+        num_train_timesteps=int(cfg.timesteps),
+        beta_schedule=name,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def q_sample(scheduler: Any, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` for ``(B, C, H, W)`` x0 and ``(B,)`` int t."""
+    return scheduler.add_noise(x0, noise, t)
+
+
+def fixed_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise fixed by ``seed`` (same on every machine: drawn on the CPU)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(shape, generator=gen).to(device)

@@ -1,0 +1,333 @@
+"""DDPM pretraining on Ray Train: config, validation, and the ``TorchTrainer`` launch.
+
+Everything that can be checked on the driver is checked before a worker starts: the shards URI
+and its manifest, band count against the model config, sizes, the checkpoint store and the
+MLflow store. Re-running with the same ``run.name`` and ``run.storage`` resumes from the latest
+checkpoint (Ray Train restores its checkpoint manager from storage) and keeps logging into the
+same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rsdiff import storage
+from rsdiff.config import redact, to_container
+from rsdiff.data.manifest import Manifest, read_manifest
+from rsdiff.data.normalize import Normalizer
+from rsdiff.diffusion.schedule import DiffusionConfig
+from rsdiff.diffusion.unet import ModelConfig, build_unet, num_params, unet_kwargs
+from rsdiff.errors import ConfigError, DataError
+from rsdiff.ingest import RayConfig
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SHARDS = "runs/shards/sample"  # the embedded default: generated scenes, ingested on first use
+
+
+@dataclass
+class DataConfig:
+    """Which shards to train on and how to feed them."""
+
+    shards: str = SAMPLE_SHARDS  # ingest output folder or s3:// prefix (holds manifest.json)
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])  # pretraining needs no labels
+    batch_size: int = 16  # per worker
+    num_workers: int = 2  # DataLoader processes per Ray worker
+    shuffle_buffer: int = 256
+    augment: bool = True
+    norm_scale: float = 2.0  # x -> clip((x - mean) / (norm_scale * std), -1, 1)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay; iteration-based."""
+
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+
+
+@dataclass
+class ScalingCfg:
+    """Ray Train workers: one DDP rank each."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class CheckpointCfg:
+    every_steps: int = 500
+    keep: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: ``uri`` null = ``MLFLOW_TRACKING_URI`` or the local sqlite store ``runs/mlflow.db``."""
+
+    uri: str | None = None
+    experiment: str = "rsdiff-pretrain"
+    log_every: int = 50
+    sample_every: int = 1000
+    sample_count: int = 16
+    sample_steps: int = 50
+
+
+@dataclass
+class RunCfg:
+    """Where the run lives: ``{storage}/{name}`` holds Ray Train's checkpoints (local or s3://)."""
+
+    name: str = "pretrain-tiny"
+    storage: str = "runs/ray"
+    max_failures: int = 2
+
+
+@dataclass
+class PerfConfig:
+    """GPU speed paths (ignored on CPU)."""
+
+    bf16: bool = True
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class DebugConfig:
+    """Test-only fault injection: fail once at ``fault_step`` on ``fault_rank`` (marker file = once)."""
+
+    fault: str = "none"  # none | raise | kill
+    fault_step: int = 0
+    fault_rank: int = 0
+    fault_marker: str = ""
+
+
+@dataclass
+class PretrainConfig:
+    """Config of ``jobs/pretrain.py``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingCfg = field(default_factory=ScalingCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunCfg = field(default_factory=RunCfg)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    seed: int = 0
+
+
+@dataclass
+class PretrainResult:
+    """What a finished pretraining run left behind."""
+
+    checkpoint: str  # URI of the latest checkpoint folder
+    step: int
+    metrics: dict[str, Any]
+    mlflow_run_id: str
+    tracking_uri: str
+
+
+def ensure_sample_shards(shards: str) -> None:
+    """Generate and ingest the built-in sample scenes at ``shards`` if nothing is there yet."""
+    if storage.exists(storage.join(shards, "manifest.json")):
+        return
+    import tempfile
+
+    from rsdiff.config import load_config
+    from rsdiff.data.synthetic import write_sample_dataset
+    from rsdiff.ingest import IngestConfig, run_ingest
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "ingest" / "sample.yaml"
+    log.info("no shards at %s: generating the built-in sample scenes and ingesting them", shards)
+    with tempfile.TemporaryDirectory(prefix="rsdiff-sample-") as tmp:
+        write_sample_dataset(Path(tmp), scenes=12, height=256, width=256)
+        overrides = [f"inputs=[{tmp}/images/*.tif]", f"output={shards}"]
+        run_ingest(load_config(IngestConfig, preset if preset.exists() else None, overrides))
+
+
+def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
+    """Check everything that can be checked before workers start; return the manifest and data facts."""
+    if cfg.debug.fault not in {"none", "raise", "kill"}:
+        raise ConfigError(f"debug.fault={cfg.debug.fault!r} must be none, raise or kill")
+    for key, value in {
+        "optim.max_steps": cfg.optim.max_steps,
+        "optim.grad_accum": cfg.optim.grad_accum,
+        "data.batch_size": cfg.data.batch_size,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "tracking.log_every": cfg.tracking.log_every,
+        "scaling.num_workers": cfg.scaling.num_workers,
+    }.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if not str(cfg.data.shards).strip():
+        raise ConfigError("data.shards is empty: give the ingest output folder or s3:// prefix")
+    manifest = read_manifest(str(cfg.data.shards))
+    shards = [u for split in cfg.data.splits for u in manifest.shard_uris(split)]
+    if not shards:
+        raise DataError(
+            f"{storage.display(cfg.data.shards)} has no shards for splits {list(cfg.data.splits)} "
+            f"(manifest lists {sorted(manifest.shards)})"
+        )
+    if not storage.exists(shards[0]):
+        raise DataError(f"shard {storage.display(shards[0])} listed in the manifest is missing")
+    bands = manifest.num_bands
+    if cfg.model.in_channels is not None and cfg.model.in_channels != bands:
+        raise ConfigError(
+            f"model.in_channels={cfg.model.in_channels} but the shards at "
+            f"{storage.display(cfg.data.shards)} have {bands} band(s) {manifest.bands}; "
+            f"set model.in_channels={bands} or null"
+        )
+    size = cfg.model.image_size or manifest.tile_size
+    if size > manifest.tile_size:
+        raise ConfigError(f"model.image_size={size} exceeds the shards' tile size {manifest.tile_size}")
+    try:
+        unet_kwargs(cfg.model, bands, size)
+    except ValueError as exc:
+        raise ConfigError(f"model config: {exc}") from exc
+    facts = {
+        "shards": shards,
+        "in_channels": bands,
+        "image_size": size,
+        "normalization": Normalizer.from_stats(manifest.band_stats, cfg.data.norm_scale).to_json(),
+    }
+    return manifest, facts
+
+
+def _storage_for_ray(uri: str) -> tuple[str, Any]:
+    """``RunConfig(storage_path, storage_filesystem)`` for a local path or s3:// URI.
+
+    For S3 the pyarrow filesystem is built from the same AWS environment boto3 uses
+    (``AWS_ENDPOINT_URL`` for S3-compatible stores; the default credential chain).
+    """
+    if not storage.is_s3(uri):
+        path = Path(uri).absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path), None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return uri[len("s3://") :].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def run_pretrain(cfg: Any) -> PretrainResult:
+    """Train (or resume) the DDPM described by ``cfg`` on Ray Train; returns the final checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rsdiff import tracking
+    from rsdiff.raytools import connect
+
+    if str(cfg.data.shards) == SAMPLE_SHARDS:
+        connect(cfg.ray.address, cfg.ray.num_cpus)
+        ensure_sample_shards(SAMPLE_SHARDS)
+    manifest, facts = validate(cfg)
+    storage.check_writable(storage.join(str(cfg.run.storage), str(cfg.run.name)))
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    plain = to_container(cfg)
+    run_key = f"{storage.display(storage.join(str(cfg.run.storage), str(cfg.run.name)))}"
+    handle, resumed = tracking.RunHandle.find_or_create(
+        uri,
+        cfg.tracking.experiment,
+        str(cfg.run.name),
+        tags={"rsdiff.stage": "pretrain", "rsdiff.run": run_key},
+        match_tag="rsdiff.run",
+    )
+    model = build_unet(cfg.model, facts["in_channels"], facts["image_size"])
+    if not resumed:
+        handle.log_params(tracking.config_params(cfg))
+        handle.log_params(
+            {"model.num_params": str(num_params(model)), "data.bands": json.dumps(manifest.bands)}
+        )
+    del model
+    meta = {
+        "config": redact(plain),
+        "model": plain["model"],
+        "diffusion": plain["diffusion"],
+        "in_channels": facts["in_channels"],
+        "image_size": facts["image_size"],
+        "normalization": facts["normalization"],
+        "bands": manifest.bands,
+        "dtype": manifest.dtype,
+        "tile_size": manifest.tile_size,
+        "classes": manifest.classes,
+        "shards": storage.display(str(cfg.data.shards)),
+    }
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    storage_path, filesystem = _storage_for_ray(str(cfg.run.storage))
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config={
+            "cfg": plain,
+            "data": facts,
+            "meta": meta,
+            "run_id": handle.run_id,
+            "tracking_uri": uri,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": 1} if cfg.scaling.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=str(cfg.run.name),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        handle.finish("FAILED")
+        raise
+    if result.checkpoint is None:
+        handle.finish("FAILED")
+        raise RuntimeError("training finished without a checkpoint")
+    ckpt_uri = (
+        f"s3://{result.checkpoint.path}"
+        if storage.is_s3(str(cfg.run.storage))
+        else str(result.checkpoint.path)
+    )
+    step = int(checkpoint_meta_step(ckpt_uri))
+    handle.set_tags({"rsdiff.checkpoint": ckpt_uri})
+    handle.finish("FINISHED")
+    return PretrainResult(ckpt_uri, step, dict(result.metrics or {}), handle.run_id, uri)
+
+
+def checkpoint_meta_step(uri: str) -> int:
+    """The step recorded in a checkpoint's ``rsdiff.json``."""
+    from rsdiff.train.checkpoint import read_meta
+
+    return int(read_meta(uri)["step"])
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    from rsdiff.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)

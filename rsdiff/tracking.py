@@ -1,0 +1,157 @@
+"""MLflow tracking: where runs go, and a small run handle that never sees credentials.
+
+The tracking URI comes from the config, else ``MLFLOW_TRACKING_URI``, else a local sqlite store
+``runs/mlflow.db`` (view it with ``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db``).
+Runs are addressed by id through ``MlflowClient`` (no global active run), so a Ray worker can
+resume logging into the run its driver created.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsdiff.config import flatten, redact, to_container
+from rsdiff.errors import ConfigError
+
+DEFAULT_STORE = "runs/mlflow.db"
+MAX_PARAM_CHARS = 500
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use (config > ``MLFLOW_TRACKING_URI`` > local sqlite), made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :]).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    elif "://" not in uri:
+        uri = str(Path(uri).absolute())
+    return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go beside it in ``mlartifacts/`` (not the process cwd)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
+    return None
+
+
+def client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri``, checked to answer.
+
+    Raises:
+        ConfigError: the tracking store cannot be reached or opened.
+    """
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    try:
+        c.search_experiments(max_results=1)
+    except Exception as exc:
+        raise ConfigError(
+            f"MLflow tracking URI {uri!r} is unreachable ({type(exc).__name__}); start the server, "
+            "fix tracking.uri / MLFLOW_TRACKING_URI, or leave both unset for a local sqlite store"
+        ) from exc
+    return c
+
+
+def experiment_id(c: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (with a sensible artifact root) if missing."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=_artifact_root(uri))
+
+
+def config_params(cfg: Any) -> dict[str, str]:
+    """A config as flat MLflow params: dotted keys, secrets redacted, values as short strings."""
+    flat = flatten(redact(to_container(cfg)))
+    return {
+        k: (json.dumps(v) if isinstance(v, list | dict) else str(v))[:MAX_PARAM_CHARS]
+        for k, v in flat.items()
+    }
+
+
+class RunHandle:
+    """Logging into one MLflow run by id: metrics, params, images, dicts, figures."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def find_or_create(
+        cls, uri: str, experiment: str, run_name: str, tags: dict[str, str], match_tag: str
+    ) -> tuple[RunHandle, bool]:
+        """Resume the newest run whose tag ``match_tag`` equals ``tags[match_tag]``, else start one.
+
+        Returns ``(handle, resumed)``.
+        """
+        c = client(uri)
+        exp = experiment_id(c, experiment, uri)
+        found = c.search_runs(
+            [exp],
+            filter_string=f"tags.`{match_tag}` = '{tags[match_tag]}'",
+            order_by=["start_time DESC"],
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            c.update_run(run_id, status="RUNNING")
+            return cls(uri, run_id), True
+        run = c.create_run(exp, run_name=run_name, tags=tags)
+        return cls(uri, run.info.run_id), False
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_image(self, image: np.ndarray, path: str) -> None:
+        """Log an ``(H, W, 3)`` uint8 picture as a PNG artifact at ``path``."""
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(path).name
+            Image.fromarray(image).save(local)
+            self.client.log_artifact(self.run_id, str(local), artifact_path=str(Path(path).parent) or None)
+
+    def log_figure(self, figure: Any, path: str) -> None:
+        """Log a matplotlib figure as a PNG artifact."""
+        buf = io.BytesIO()
+        figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        from PIL import Image
+
+        self.log_image(np.array(Image.open(buf).convert("RGB")), path)
+
+    def log_dict(self, data: dict[str, Any], path: str) -> None:
+        self.client.log_dict(self.run_id, redact(data), path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,1 @@
+"""DDPM pretraining: the shard stream, checkpoints, and the Ray Train loop."""

@@ -1,0 +1,108 @@
+"""Self-describing checkpoints: weights + training state in ``model.pt``, facts in ``rsdiff.json``.
+
+``rsdiff.json`` carries the resolved config (secrets redacted), the model and diffusion configs,
+the band order, dtype and normalisation, so extraction and prediction need only the checkpoint
+URI. ``model.pt`` holds only tensors and plain containers and is always loaded with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rsdiff import storage
+from rsdiff.data.normalize import Normalizer
+from rsdiff.diffusion.schedule import make_scheduler
+from rsdiff.diffusion.unet import build_unet
+from rsdiff.errors import CheckpointError
+
+WEIGHTS = "model.pt"
+META = "rsdiff.json"
+KIND = "rsdiff-ddpm"
+FORMAT_VERSION = 1
+
+
+def save(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write ``state`` (tensors/dicts/numbers) and ``meta`` (JSON) into a local checkpoint folder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / WEIGHTS)
+    (directory / META).write_text(json.dumps({"kind": KIND, "format": FORMAT_VERSION, **meta}, indent=2))
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    """The training state saved by :func:`save` (weights-only unpickling)."""
+    return torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    """``rsdiff.json`` of a checkpoint folder/prefix.
+
+    Raises:
+        CheckpointError: missing, or not an rsdiff checkpoint.
+    """
+    try:
+        meta = json.loads(storage.read_text(storage.join(uri, META)))
+    except storage.NotFoundError as exc:
+        raise CheckpointError(
+            f"no rsdiff checkpoint at {storage.display(uri)} (no {META}); pass the checkpoint folder printed "
+            "by jobs/pretrain.py (…/checkpoint_NNNNNNNN)"
+        ) from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{storage.display(uri)}/{META} is not valid JSON: {exc}") from exc
+    if meta.get("kind") != KIND:
+        raise CheckpointError(
+            f"{storage.display(uri)} is not an rsdiff DDPM checkpoint (kind={meta.get('kind')})"
+        )
+    if int(meta.get("format", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{storage.display(uri)} was written by a newer rsdiff; upgrade to load it")
+    return meta
+
+
+@dataclass
+class PretrainedDDPM:
+    """A frozen pretrained denoiser with everything needed to feed it."""
+
+    model: torch.nn.Module  # EMA weights, eval mode, requires_grad False
+    scheduler: Any  # diffusers DDPMScheduler
+    normalizer: Normalizer
+    meta: dict[str, Any]
+    uri: str
+
+    @property
+    def bands(self) -> list[str]:
+        return list(self.meta["bands"])
+
+
+def load_pretrained(uri: str, device: str | torch.device = "cpu", ema: bool = True) -> PretrainedDDPM:
+    """Load a checkpoint's (EMA) model, noise schedule and normalisation from its URI."""
+    meta = read_meta(uri)
+    try:
+        state = torch.load(
+            io.BytesIO(storage.read_bytes(storage.join(uri, WEIGHTS))), map_location="cpu", weights_only=True
+        )
+    except storage.NotFoundError as exc:
+        raise CheckpointError(f"checkpoint {storage.display(uri)} has {META} but no {WEIGHTS}") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot load weights of {storage.display(uri)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    model_cfg = OmegaConf.create(meta["model"])
+    model = build_unet(model_cfg, int(meta["in_channels"]), int(meta["image_size"]))
+    model.load_state_dict(state["ema" if ema else "model"])
+    model.eval().requires_grad_(False).to(device)
+    return PretrainedDDPM(
+        model=model,
+        scheduler=make_scheduler(OmegaConf.create(meta["diffusion"])),
+        normalizer=Normalizer(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["normalization"].items()}
+        ),
+        meta=meta,
+        uri=uri,
+    )

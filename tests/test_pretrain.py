@@ -1,0 +1,179 @@
+"""DDPM pretraining through ``run_pretrain`` / ``jobs/pretrain.py`` on a real local Ray, the
+loopback S3 server and a real MLflow store."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import REPO, run_job
+
+from rsdiff import storage
+from rsdiff.config import load_config
+from rsdiff.errors import ConfigError, DataError
+from rsdiff.ingest import IngestConfig, run_ingest
+from rsdiff.pretrain import PretrainConfig, run_pretrain
+from rsdiff.train.checkpoint import load_pretrained, read_meta
+
+TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
+SAMPLE_PRESET = REPO / "configs" / "ingest" / "sample.yaml"
+FAST = [
+    "model.image_size=32",
+    "data.batch_size=4",
+    "data.num_workers=1",
+    "data.shuffle_buffer=16",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=5",
+    "tracking.log_every=5",
+    "tracking.sample_count=4",
+    "tracking.sample_steps=4",
+]
+
+
+def _ingest(scenes, out) -> str:
+    run_ingest(load_config(IngestConfig, SAMPLE_PRESET, [f"inputs=[{scenes}/images/*.tif]", f"output={out}"]))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def local_shards(sample_scenes, tmp_path_factory, ray_cluster) -> str:
+    return _ingest(sample_scenes, tmp_path_factory.mktemp("shards") / "sample")
+
+
+def _cfg(*overrides):
+    return load_config(PretrainConfig, TINY, [*FAST, *overrides])
+
+
+def _history(mlflow_uri, run_id, key):
+    from mlflow import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, key)]
+
+
+def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(sample_scenes, bucket, ray_cluster, mlflow_uri):
+    shards = _ingest(sample_scenes, f"{bucket}/shards")
+    cfg = _cfg(
+        f"data.shards={shards}",
+        f"run.storage={bucket}/runs",
+        "run.name=two-workers",
+        "scaling.num_workers=2",
+        "optim.max_steps=40",
+        "checkpoint.every_steps=10",
+        "checkpoint.keep=2",
+        "tracking.sample_every=40",
+        f"tracking.uri={mlflow_uri}",
+    )
+    result = run_pretrain(cfg)
+
+    assert result.step == 40
+    assert result.checkpoint.startswith(f"{bucket}/runs/two-workers/checkpoint_00000040")
+    meta = read_meta(result.checkpoint)
+    assert meta["bands"] == ["red", "green", "blue", "nir"] and meta["in_channels"] == 4
+    assert meta["normalization"]["mean"] and meta["model"]["base_channels"] == 32
+    ckpts = {u.split("/")[-2] for u in storage.list_uris(f"{bucket}/runs/two-workers", "rsdiff.json")}
+    assert ckpts == {"checkpoint_00000030", "checkpoint_00000040"}  # keep=2
+
+    losses = _history(mlflow_uri, result.mlflow_run_id, "loss")
+    assert [s for s, _ in losses] == [5, 10, 15, 20, 25, 30, 35, 40]
+    first, last = losses[0][1], min(v for _, v in losses[-3:])
+    assert last < 0.7 * first, losses
+    for key in ("lr", "images_per_s", "data_wait_fraction", "grad_norm"):
+        assert _history(mlflow_uri, result.mlflow_run_id, key), key
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.max_steps"] == "40" and run.data.params["scaling.num_workers"] == "2"
+    assert int(run.data.params["model.num_params"]) > 500_000
+    arts = {a.path for d in ("samples", "denoising") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"samples/step_00000040.png", "denoising/step_00000040.png"} <= arts
+
+    ddpm = load_pretrained(result.checkpoint)
+    x = torch.zeros(2, 4, 32, 32)
+    eps = ddpm.model(x, torch.tensor([10, 500])).sample
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+
+
+def test_worker_failure_restarts_from_latest_checkpoint(local_shards, tmp_path, ray_cluster, mlflow_uri):
+    cfg = _cfg(
+        f"data.shards={local_shards}",
+        f"run.storage={tmp_path / 'runs'}",
+        "run.name=faulty",
+        "scaling.num_workers=2",
+        "optim.max_steps=30",
+        "checkpoint.every_steps=10",
+        "tracking.sample_every=1000",
+        f"tracking.uri={mlflow_uri}",
+        "debug.fault=raise",
+        "debug.fault_step=15",
+        "debug.fault_rank=1",
+        f"debug.fault_marker={tmp_path / 'fault.marker'}",
+    )
+    result = run_pretrain(cfg)
+    assert (tmp_path / "fault.marker").exists()  # the fault really fired
+    assert result.step == 30
+    assert [v for _, v in _history(mlflow_uri, result.mlflow_run_id, "started_at_step")] == [0, 10]
+    steps = [s for s, _ in _history(mlflow_uri, result.mlflow_run_id, "loss")]
+    assert steps == [5, 10, 15, 20, 25, 30]  # nothing repeated, nothing skipped after the restart
+
+
+def test_rerunning_a_job_name_resumes(local_shards, tmp_path, ray_cluster, mlflow_uri):
+    common = [
+        f"data.shards={local_shards}",
+        f"run.storage={tmp_path / 'runs'}",
+        "run.name=resumable",
+        "checkpoint.every_steps=10",
+        "tracking.sample_every=1000",
+        f"tracking.uri={mlflow_uri}",
+    ]
+    first = run_pretrain(_cfg(*common, "optim.max_steps=20"))
+    assert first.step == 20
+    second = run_pretrain(_cfg(*common, "optim.max_steps=30"))
+    assert second.step == 30
+    assert second.mlflow_run_id == first.mlflow_run_id
+    assert [v for _, v in _history(mlflow_uri, second.mlflow_run_id, "started_at_step")] == [0, 20]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "needle"),
+    [
+        (["data.shards=''"], ConfigError, "data.shards is empty"),
+        (["data.shards={tmp}/nothing-here"], DataError, "no manifest.json at"),
+        (["data.shards={bucket}/no/prefix"], DataError, "no manifest.json at"),
+        (
+            ["data.shards=s3://rsdiff-absent-bucket/x"],
+            Exception,
+            "bucket 'rsdiff-absent-bucket' does not exist",
+        ),
+        (["data.shards={shards}", "model.in_channels=3"], ConfigError, "model.in_channels=3 but the shards"),
+        (["data.shards={shards}", "model.image_size=128"], ConfigError, "exceeds the shards' tile size 64"),
+        (["data.shards={shards}", "data.splits=[test]"], DataError, "has no shards for splits ['test']"),
+        (["data.shards={shards}", "optim.max_steps=0"], ConfigError, "optim.max_steps=0 must be >= 1"),
+    ],
+)
+def test_bad_input_fails_before_any_worker_starts(
+    local_shards, bucket, tmp_path, mlflow_uri, overrides, error, needle
+):
+    fmt = {"tmp": tmp_path, "bucket": bucket, "shards": local_shards}
+    cfg = _cfg(
+        *[o.format(**fmt) for o in overrides],
+        f"run.storage={tmp_path / 'runs'}",
+        f"tracking.uri={mlflow_uri}",
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(error) as err:
+        run_pretrain(cfg)
+    assert needle in str(err.value)
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "runs").exists()  # no run folder, no checkpoint
+
+
+def test_job_script_rejects_unknown_key_and_missing_manifest(tmp_path):
+    proc = run_job("pretrain.py", "--config", str(TINY), "model.chanels=64")
+    assert proc.returncode == 2 and "unknown config key 'model.chanels'" in proc.stderr
+    assert "base_channels" in proc.stderr  # the message lists the valid keys
+    proc = run_job("pretrain.py", f"data.shards={tmp_path}/none", f"tracking.uri=sqlite:///{tmp_path}/m.db")
+    assert proc.returncode == 2 and "no manifest.json at" in proc.stderr and "Traceback" not in proc.stderr
