@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``), else start one.
 
+    ``address="auto"`` joins a cluster started on this machine with ``ray start``.
+
     A no-op when Ray is already initialised in this process (tests share one session cluster).
     """
     if ray.is_initialized():
@@ -25,7 +27,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     log.info("ray: %s", ray.cluster_resources())
 
 

@@ -177,3 +177,64 @@ def test_job_script_rejects_unknown_key_and_missing_manifest(tmp_path):
     assert "base_channels" in proc.stderr  # the message lists the valid keys
     proc = run_job("pretrain.py", f"data.shards={tmp_path}/none", f"tracking.uri=sqlite:///{tmp_path}/m.db")
     assert proc.returncode == 2 and "no manifest.json at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_local_head(local_shards, tmp_path):
+    """``ray start --head`` + ``ray job submit --working-dir . -- python jobs/pretrain.py``, token auth on."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    dash = free_port()
+    head = subprocess.Popen(
+        [str(bindir / "ray"), "start", "--head", f"--port={free_port()}", f"--dashboard-port={dash}",
+         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", "--block",
+         # Own ports: the session's test cluster already holds Ray's default agent ports.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
+
+    def ray_cli(*args, extra=None, timeout=300):
+        return subprocess.run(
+            [str(bindir / "ray"), *args], cwd=REPO, env={**env, **(extra or {})},
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    try:
+        deadline = time.time() + 90
+        while ray_cli("job", "list", "--address", address, timeout=60).returncode != 0:
+            assert time.time() < deadline, "the local Ray head did not come up"
+            time.sleep(2)
+        # Authentication stays on: no token, or a wrong one, is refused.
+        (tmp_path / "home").mkdir()
+        no_token = ray_cli("job", "list", "--address", address, extra={"HOME": str(tmp_path / "home")})
+        assert no_token.returncode != 0 and "token" in (no_token.stderr + no_token.stdout).lower()
+        wrong = ray_cli("job", "list", "--address", address, extra={"RAY_AUTH_TOKEN": "0" * 32})
+        assert wrong.returncode != 0
+        submit_args = (
+            "job", "submit", "--address", address, "--working-dir", ".", "--",
+            "python", "jobs/pretrain.py", "--config", "configs/pretrain/tiny.yaml", *FAST,
+            f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "run.name=submitted",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "optim.max_steps=10",
+            "checkpoint.every_steps=5", "tracking.sample_every=10",
+        )  # fmt: skip
+        for _ in range(30):  # the head's job agent comes up a little after its dashboard
+            submit = ray_cli(*submit_args, timeout=400)
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout + submit.stderr
+        assert read_meta(str(tmp_path / "runs/submitted/checkpoint_00000010"))["step"] == 10
+    finally:
+        head.terminate()
+        head.wait(timeout=120)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ class ShardWriter:
     def _open(self) -> None:
         path = Path(self._tmpdir.name) / "current.tar"
         self._file = open(path, "wb")  # noqa: SIM115 - closed by TarWriter in _publish
-        self._tar = wds.TarWriter(self._file, encoder=False)
+        # USTAR: one 512-byte header per member (PAX adds a second one that readers must parse).
+        self._tar = wds.TarWriter(self._file, encoder=False, format=tarfile.USTAR_FORMAT)
         self._count = 0
 
     def _publish(self) -> None:
