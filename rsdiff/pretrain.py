@@ -36,7 +36,7 @@ class DataConfig:
 
     shards: str = SAMPLE_SHARDS  # ingest output folder or s3:// prefix (holds manifest.json)
     splits: list[str] = field(default_factory=lambda: ["train", "val"])  # pretraining needs no labels
-    batch_size: int = 16  # per worker
+    batch_size: int = 8  # per worker
     num_workers: int = 2  # DataLoader processes per Ray worker
     shuffle_buffer: int = 256
     augment: bool = True
@@ -47,14 +47,14 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup and cosine decay; iteration-based."""
 
-    lr: float = 2e-4
+    lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
-    warmup_steps: int = 100
-    max_steps: int = 2000
+    warmup_steps: int = 20
+    max_steps: int = 200
     grad_clip: float = 1.0
     grad_accum: int = 1
-    ema_decay: float = 0.999
+    ema_decay: float = 0.99
 
 
 @dataclass
@@ -68,7 +68,7 @@ class ScalingCfg:
 
 @dataclass
 class CheckpointCfg:
-    every_steps: int = 500
+    every_steps: int = 100
     keep: int = 3
 
 
@@ -78,10 +78,10 @@ class TrackingConfig:
 
     uri: str | None = None
     experiment: str = "rsdiff-pretrain"
-    log_every: int = 50
-    sample_every: int = 1000
+    log_every: int = 20
+    sample_every: int = 100
     sample_count: int = 16
-    sample_steps: int = 50
+    sample_steps: int = 25
 
 
 @dataclass

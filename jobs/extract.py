@@ -1,0 +1,35 @@
+"""Extract frozen multi-timestep, multi-block DDPM features at labeled pixels with Ray Data.
+
+    python jobs/extract.py --config configs/extract/tiny.yaml checkpoint=runs/ray/pretrain-tiny/checkpoint_00000300
+    python jobs/extract.py --config configs/extract/tiny.yaml checkpoint=s3://bucket/runs/x/checkpoint_00002000 \\
+        shards=s3://bucket/labeled output=s3://bucket/features concurrency=4 num_gpus=1
+    python jobs/extract.py --list-blocks checkpoint=...   # the block names a config may use
+"""
+
+import json
+import sys
+
+from _cli import run_job
+
+from rsdiff.features.extract import ExtractConfig, run_extract
+
+
+def _run(cfg: ExtractConfig) -> None:
+    table = run_extract(cfg)
+    splits = sorted({p["split"] for p in table.meta["parts"]})
+    print(
+        json.dumps(
+            {
+                "table": table.root,
+                "dim": table.meta["dim"],
+                "timesteps": table.meta["timesteps"],
+                "blocks": table.meta["blocks"],
+                "rows": {s: table.rows(s) for s in splits},
+                "skipped_images_without_labels": table.meta["skipped_images_without_labels"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("extract", __doc__, ExtractConfig, _run))

@@ -1,0 +1,299 @@
+"""Feature extraction with Ray Data: labeled tiles -> frozen-UNet features at sampled pixels.
+
+``shards -> flat_map(read tiles) -> map_batches(FeatureActor, concurrency=k)``: each actor holds
+one frozen UNet (one GPU each on a cluster), normalises a batch of tiles, samples labeled pixels
+per image (stratified by class, capped), reads the superset of timesteps x blocks at those
+pixels, and writes one fp16 part per batch straight to storage. The driver only collects part
+summaries and writes ``table.json`` last. Memory is bounded by the batch size, never by the
+number of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from omegaconf import MISSING
+
+from rsdiff import storage
+from rsdiff.config import redact, to_container
+from rsdiff.data.classmap import IGNORE_INDEX
+from rsdiff.data.manifest import read_manifest
+from rsdiff.data.shards import iter_shard
+from rsdiff.errors import ConfigError, DataError, RsdiffError
+from rsdiff.features.table import KIND, TABLE_META, FeatureTable, write_part
+from rsdiff.ingest import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """Config of ``jobs/extract.py``."""
+
+    checkpoint: str = MISSING  # a pretraining checkpoint folder (local or s3://)
+    shards: str | None = None  # labeled ingest output; null = the shards the checkpoint was trained on
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    output: str = "runs/features"
+    timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
+    blocks: list[str] = field(default_factory=list)  # names or indexes; empty = every decoder block
+    pixels_per_class: int = 64  # cap of sampled pixels per class per image
+    max_images: int | None = None  # per split
+    noise_seed: int = 0
+    sample_seed: int = 0
+    batch_size: int = 8
+    concurrency: int = 1  # actors, each holding one frozen UNet
+    num_gpus: float = 0.0  # per actor (1 on GPU clusters)
+    overwrite: bool = False
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def sample_pixels(
+    label: np.ndarray, num_classes: int, cap: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labeled pixels of one ``(H, W)`` label tile, at most ``cap`` per class, as sorted (rows, cols)."""
+    flat = label.ravel()
+    chosen = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(flat == c)
+        if len(idx) > cap:
+            idx = rng.choice(idx, cap, replace=False)
+        chosen.append(idx)
+    picked = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+    return (picked // label.shape[1]).astype(np.int32), (picked % label.shape[1]).astype(np.int32)
+
+
+def _image_rng(key: str, seed: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+class FeatureActor:
+    """A Ray Data callable class: one frozen UNet per actor; a batch of tiles in, part summaries out."""
+
+    def __init__(self, checkpoint: str, timesteps: list[int], blocks: list[str], cfg: dict[str, Any]) -> None:
+        import torch
+
+        from rsdiff.features.extractor import FeatureExtractor
+        from rsdiff.train.checkpoint import load_pretrained
+
+        device = "cuda" if torch.cuda.is_available() and cfg["num_gpus"] > 0 else "cpu"
+        self.ddpm = load_pretrained(checkpoint, device=device)
+        self.extractor = FeatureExtractor(self.ddpm, timesteps, blocks, cfg["noise_seed"])
+        self.cfg = cfg
+        self.num_classes = int(cfg["num_classes"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, list] = {
+            "part": [],
+            "split": [],
+            "rows": [],
+            "images": [],
+            "class_rows": [],
+            "skipped": [],
+        }
+        for split in sorted(set(batch["split"].tolist())):
+            sel = np.flatnonzero(batch["split"] == split)
+            keys = [str(k) for k in batch["key"][sel]]
+            rows, cols, keep = [], [], []
+            for i, key in zip(sel, keys):
+                r, c = sample_pixels(
+                    batch["label"][i],
+                    self.num_classes,
+                    self.cfg["pixels_per_class"],
+                    _image_rng(key, self.cfg["sample_seed"]),
+                )
+                if len(r):
+                    rows.append(r)
+                    cols.append(c)
+                    keep.append(i)
+            skipped = len(sel) - len(keep)
+            if not keep:
+                out["part"].append("")
+                out["split"].append(split)
+                out["rows"].append(0)
+                out["images"].append(0)
+                out["class_rows"].append([0] * self.num_classes)
+                out["skipped"].append(skipped)
+                continue
+            images = np.stack([self.ddpm.normalizer(batch["image"][i]) for i in keep])
+            feats = self.extractor.sample(
+                torch.from_numpy(images),
+                [torch.from_numpy(r) for r in rows],
+                [torch.from_numpy(c) for c in cols],
+            )
+            labels = [batch["label"][i][r, c] for i, r, c in zip(keep, rows, cols)]
+            info = write_part(
+                self.cfg["output"],
+                split,
+                {
+                    "features": torch.cat(feats).half().cpu().numpy(),
+                    "labels": np.concatenate(labels).astype(np.uint8),
+                    "image": np.concatenate(
+                        [np.full(len(r), str(batch["key"][i])) for i, r in zip(keep, rows)]
+                    ),
+                    "rows": np.concatenate(rows),
+                    "cols": np.concatenate(cols),
+                },
+                self.num_classes,
+            )
+            out["part"].append(info.name)
+            out["split"].append(split)
+            out["rows"].append(info.rows)
+            out["images"].append(info.images)
+            out["class_rows"].append(info.class_rows)
+            out["skipped"].append(skipped)
+        return {
+            k: np.asarray(v) if k != "class_rows" else np.asarray(v, dtype=np.int64) for k, v in out.items()
+        }
+
+
+def _read_tiles(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """All labeled tiles of one shard as Ray Data rows."""
+    return [
+        {"key": s.key, "split": item["split"], "image": s.image, "label": s.label}
+        for s in iter_shard(item["shard"])
+        if s.label is not None
+    ]
+
+
+def run_extract(cfg: Any) -> FeatureTable:
+    """Extract the configured features into a table at ``cfg.output``; returns it opened.
+
+    Raises:
+        RsdiffError: missing/invalid checkpoint, unlabeled shards, band mismatch, unknown block,
+            timestep out of range, no labeled pixel, existing output without ``overwrite``.
+    """
+    import ray
+
+    from rsdiff.features.extractor import FeatureExtractor
+    from rsdiff.raytools import connect
+    from rsdiff.train.checkpoint import load_pretrained
+
+    ddpm = load_pretrained(str(cfg.checkpoint))
+    extractor = FeatureExtractor(
+        ddpm, list(cfg.timesteps), list(cfg.blocks) or _decoder_blocks(ddpm), cfg.noise_seed
+    )
+    shards = str(cfg.shards or ddpm.meta.get("shards") or "")
+    if not shards:
+        raise ConfigError("shards is not set and the checkpoint does not record its shards")
+    manifest = read_manifest(shards)
+    if not manifest.labeled:
+        raise DataError(
+            f"the shards at {storage.display(shards)} carry no labels; ingest labeled tiles "
+            "(labels.mask_template) and pass them as shards=..."
+        )
+    if manifest.num_bands != int(ddpm.meta["in_channels"]):
+        raise DataError(
+            f"shards have {manifest.num_bands} band(s) {manifest.bands} but the checkpoint's model takes "
+            f"{ddpm.meta['in_channels']} {ddpm.meta['bands']}"
+        )
+    if cfg.pixels_per_class < 1 or cfg.batch_size < 1 or cfg.concurrency < 1:
+        raise ConfigError("pixels_per_class, batch_size and concurrency must be >= 1")
+    splits = [s for s in cfg.splits if manifest.shard_uris(s)]
+    if not splits:
+        raise DataError(
+            f"shards have no split among {list(cfg.splits)} (they have {sorted(manifest.shards)})"
+        )
+    if sum(manifest.class_pixels or []) == 0:
+        raise DataError(f"the labels at {storage.display(shards)} have no labeled pixel (all ignore/unknown)")
+    out = storage.absolute(str(cfg.output))
+    if storage.exists(storage.join(out, TABLE_META)):
+        if not cfg.overwrite:
+            raise DataError(f"{storage.display(out)} already holds a feature table; pass overwrite=true")
+        storage.delete(storage.join(out, TABLE_META))
+        for old in storage.list_uris(storage.join(out, "parts")):
+            storage.delete(old)
+    storage.check_writable(out)
+
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    actor_cfg = {
+        "output": out,
+        "num_classes": len(manifest.classes or []),
+        "pixels_per_class": int(cfg.pixels_per_class),
+        "noise_seed": int(cfg.noise_seed),
+        "sample_seed": int(cfg.sample_seed),
+        "num_gpus": float(cfg.num_gpus),
+    }
+    datasets = []
+    for split in splits:
+        ds = ray.data.from_items([{"shard": u, "split": split} for u in manifest.shard_uris(split)]).flat_map(
+            _read_tiles
+        )
+        datasets.append(ds.limit(cfg.max_images) if cfg.max_images else ds)
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    ds = ds.map_batches(
+        FeatureActor,
+        fn_constructor_kwargs={
+            "checkpoint": str(cfg.checkpoint),
+            "timesteps": extractor.timesteps,
+            "blocks": extractor.blocks,
+            "cfg": actor_cfg,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.concurrency,
+        num_gpus=cfg.num_gpus or None,
+    )
+    try:
+        summaries = ds.take_all()
+    except Exception as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, RsdiffError):
+            raise type(cause)(str(cause)) from None
+        raise
+    parts = [
+        {
+            "name": s["part"],
+            "split": s["split"],
+            "rows": int(s["rows"]),
+            "images": int(s["images"]),
+            "class_rows": [int(v) for v in s["class_rows"]],
+        }
+        for s in summaries
+        if s["part"]
+    ]
+    skipped = int(sum(int(s["skipped"]) for s in summaries))
+    if not parts:
+        raise DataError(f"no image in {storage.display(shards)} splits {splits} has a labeled pixel")
+    meta = {
+        "kind": KIND,
+        "format": 1,
+        "checkpoint": storage.display(str(cfg.checkpoint)),
+        "shards": storage.display(shards),
+        "dim": extractor.dim,
+        "timesteps": extractor.timesteps,
+        "blocks": extractor.blocks,
+        "channel_index": extractor.index.to_json(),
+        "noise_seed": int(cfg.noise_seed),
+        "pixels_per_class": int(cfg.pixels_per_class),
+        "classes": manifest.classes,
+        "ignore_index": IGNORE_INDEX,
+        "bands": manifest.bands,
+        "tile_size": manifest.tile_size,
+        "parts": sorted(parts, key=lambda p: (p["split"], p["name"])),
+        "skipped_images_without_labels": skipped,
+        "config": redact(to_container(cfg)),
+    }
+    storage.write_text(storage.join(out, TABLE_META), json.dumps(meta, indent=1))
+    table = FeatureTable.open(out)
+    log.info(
+        "extract: %s rows of %d channels at %s (%s)",
+        {s: table.rows(s) for s in splits},
+        extractor.dim,
+        storage.display(out),
+        ", ".join(f"{s}: {sum(p['images'] for p in table.parts(s))} images" for s in splits),
+    )
+    return table
+
+
+def _decoder_blocks(ddpm: Any) -> list[str]:
+    from rsdiff.features.blocks import list_blocks
+
+    return [b for b in list_blocks(ddpm.model) if b.startswith("up")]

@@ -1,0 +1,129 @@
+"""Multi-timestep, multi-block features of a frozen DDPM (DDPM-Seg's representation).
+
+For each selected timestep ``t``: ``x_t = q_sample(x0, t, noise)`` with ``noise`` fixed by a seed
+(the same noise for every image), one UNet pass that stops after the deepest selected block, and
+the blocks' activations read by forward hooks. Activations are bilinearly upsampled to the input
+resolution and concatenated in :class:`ChannelIndex` order (timestep-major, blocks in forward
+order). ``sample`` reads the upsampled values only at given pixels (``grid_sample`` with the same
+bilinear rule as ``F.interpolate``), so the full ``(D, H, W)`` volume is never built for training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rsdiff.diffusion.schedule import fixed_noise
+from rsdiff.errors import ConfigError
+from rsdiff.features.blocks import block_channels, block_modules, resolve_blocks
+from rsdiff.features.index import ChannelIndex
+from rsdiff.train.checkpoint import PretrainedDDPM
+
+
+class _Stop(Exception):
+    """Raised by the deepest selected block's hook to end the forward pass early."""
+
+
+class FeatureExtractor:
+    """Frozen-UNet features for ``(B, C, H, W)`` inputs already normalised to [-1, 1].
+
+    Args:
+        ddpm: a loaded checkpoint (EMA weights, frozen).
+        timesteps: diffusion steps ``0 <= t < T``.
+        blocks: block names or indexes (see :mod:`rsdiff.features.blocks`).
+        noise_seed: seed of the fixed noise shared by every image.
+    """
+
+    def __init__(
+        self, ddpm: PretrainedDDPM, timesteps: Sequence[int], blocks: Sequence[str | int], noise_seed: int = 0
+    ) -> None:
+        self.ddpm = ddpm
+        self.model = ddpm.model
+        T = int(ddpm.scheduler.config.num_train_timesteps)
+        bad = [t for t in timesteps if not 0 <= int(t) < T]
+        if bad or not timesteps:
+            raise ConfigError(f"timesteps {list(timesteps)}: each must be in [0, {T - 1}] (and at least one)")
+        self.timesteps = sorted({int(t) for t in timesteps})
+        self.blocks = resolve_blocks(self.model, blocks)
+        self.noise_seed = noise_seed
+        self.in_channels = int(ddpm.meta["in_channels"])
+        shapes = block_channels(self.model, self.in_channels, int(ddpm.meta["image_size"]))
+        self.index = ChannelIndex.build(self.timesteps, self.blocks, {b: shapes[b][0] for b in self.blocks})
+        self._modules = block_modules(self.model)
+        self._noise: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        """Feature vector length D."""
+        return self.index.dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _fixed_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if shape not in self._noise:
+            self._noise[shape] = fixed_noise(shape, self.noise_seed, self.device)
+        return self._noise[shape]
+
+    @torch.no_grad()
+    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Raw activations in index order: one ``(B, c, h, w)`` tensor per (timestep, block)."""
+        x = x.to(self.device, torch.float32)
+        noise = self._fixed_noise(tuple(x.shape[1:])).expand_as(x)
+        deepest = self.blocks[-1]
+        out: list[torch.Tensor] = []
+        for t in self.timesteps:
+            tt = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
+            xt = self.ddpm.scheduler.add_noise(x, noise, tt)
+            found: dict[str, torch.Tensor] = {}
+
+            def hook(_m, _i, output, name):
+                found[name] = (output[0] if isinstance(output, tuple) else output).float()
+                if name == deepest:
+                    raise _Stop
+
+            handles = [
+                self._modules[b].register_forward_hook(lambda m, i, o, n=b: hook(m, i, o, n))
+                for b in self.blocks
+            ]
+            try:
+                self.model(xt, tt)
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            out += [found[b] for b in self.blocks]
+        return out
+
+    @torch.no_grad()
+    def dense(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(B, D, H, W)`` features upsampled (bilinear) to ``size`` (default: the input's)."""
+        size = size or (int(x.shape[-2]), int(x.shape[-1]))
+        acts = self.activations(x)
+        return torch.cat([F.interpolate(a, size=size, mode="bilinear", align_corners=False) for a in acts], 1)
+
+    @torch.no_grad()
+    def sample(
+        self, x: torch.Tensor, rows: list[torch.Tensor], cols: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Features at chosen pixels: for image ``b``, ``(N_b, D)`` at ``(rows[b], cols[b])``.
+
+        Values equal ``dense(x)[b, :, rows, cols]`` (same bilinear rule), without building it.
+        """
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        acts = self.activations(x)
+        out = []
+        for b in range(x.shape[0]):
+            r = rows[b].to(self.device, torch.float32)
+            c = cols[b].to(self.device, torch.float32)
+            grid = torch.stack([(2 * c + 1) / w - 1, (2 * r + 1) / h - 1], -1).view(1, 1, -1, 2)
+            parts = [
+                F.grid_sample(a[b : b + 1], grid, mode="bilinear", padding_mode="border", align_corners=False)
+                for a in acts
+            ]
+            out.append(torch.cat(parts, 1)[0, :, 0].T.contiguous())
+        return out

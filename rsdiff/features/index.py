@@ -1,0 +1,88 @@
+"""The channel index: which (timestep, block) each channel range of a feature vector came from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from rsdiff.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ChannelRange:
+    """Channels ``[start, stop)`` hold block ``block`` at timestep ``timestep``."""
+
+    timestep: int
+    block: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ChannelIndex:
+    """Ordered channel ranges of a feature vector (timestep-major, blocks in forward order)."""
+
+    ranges: tuple[ChannelRange, ...]
+
+    @classmethod
+    def build(cls, timesteps: Sequence[int], blocks: Sequence[str], channels: dict[str, int]) -> ChannelIndex:
+        ranges, start = [], 0
+        for t in timesteps:
+            for b in blocks:
+                ranges.append(ChannelRange(int(t), b, start, start + channels[b]))
+                start += channels[b]
+        return cls(tuple(ranges))
+
+    @property
+    def dim(self) -> int:
+        return self.ranges[-1].stop if self.ranges else 0
+
+    @property
+    def timesteps(self) -> list[int]:
+        return sorted({r.timestep for r in self.ranges})
+
+    @property
+    def blocks(self) -> list[str]:
+        seen: list[str] = []
+        for r in self.ranges:
+            if r.block not in seen:
+                seen.append(r.block)
+        return seen
+
+    def select(self, timesteps: Sequence[int], blocks: Sequence[str]) -> np.ndarray:
+        """Channel positions of the (timestep, block) pairs chosen, in this index's order.
+
+        Raises:
+            ConfigError: a timestep or block not in the index (the message lists what exists).
+        """
+        missing_t = sorted(set(int(t) for t in timesteps) - set(self.timesteps))
+        missing_b = [b for b in blocks if b not in self.blocks]
+        if missing_t or missing_b:
+            raise ConfigError(
+                f"not in the extracted features: timesteps {missing_t} blocks {missing_b}; "
+                f"extracted timesteps {self.timesteps}, blocks {self.blocks}"
+            )
+        if not timesteps or not blocks:
+            raise ConfigError("select at least one timestep and one block")
+        want = {(int(t), b) for t in timesteps for b in blocks}
+        parts = [np.arange(r.start, r.stop) for r in self.ranges if (r.timestep, r.block) in want]
+        return np.concatenate(parts)
+
+    def subset(self, timesteps: Sequence[int], blocks: Sequence[str]) -> ChannelIndex:
+        """The index of the selected channels, renumbered from 0."""
+        want = {(int(t), b) for t in timesteps for b in blocks}
+        kept = [r for r in self.ranges if (r.timestep, r.block) in want]
+        return ChannelIndex.build(
+            sorted({r.timestep for r in kept}),
+            [b for b in self.blocks if any(r.block == b for r in kept)],
+            {r.block: r.stop - r.start for r in kept},
+        )
+
+    def to_json(self) -> list[dict]:
+        return [asdict(r) for r in self.ranges]
+
+    @classmethod
+    def from_json(cls, data: list[dict]) -> ChannelIndex:
+        return cls(tuple(ChannelRange(**r) for r in data))
