@@ -1,9 +1,12 @@
 """Extract frozen multi-timestep, multi-block DDPM features at labeled pixels with Ray Data.
 
-    python jobs/extract.py --config configs/extract/tiny.yaml checkpoint=runs/ray/pretrain-tiny/checkpoint_00000300
-    python jobs/extract.py --config configs/extract/tiny.yaml checkpoint=s3://bucket/runs/x/checkpoint_00002000 \\
-        shards=s3://bucket/labeled output=s3://bucket/features concurrency=4 num_gpus=1
-    python jobs/extract.py --list-blocks checkpoint=...   # the block names a config may use
+    python jobs/extract.py --config configs/extract/tiny.yaml \\
+        checkpoint=runs/ray/pretrain-tiny/checkpoint_00000200
+    python jobs/extract.py --config configs/extract/tiny.yaml \\
+        checkpoint=s3://bucket/runs/x/checkpoint_00002000 shards=s3://bucket/labeled \\
+        output=s3://bucket/features concurrency=4 num_gpus=1
+
+An unknown block name fails with the list of valid names (mid, up0.res0, ...).
 """
 
 import json

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,36 +207,13 @@ def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
     return manifest, facts
 
 
-def _storage_for_ray(uri: str) -> tuple[str, Any]:
-    """``RunConfig(storage_path, storage_filesystem)`` for a local path or s3:// URI.
-
-    For S3 the pyarrow filesystem is built from the same AWS environment boto3 uses
-    (``AWS_ENDPOINT_URL`` for S3-compatible stores; the default credential chain).
-    """
-    if not storage.is_s3(uri):
-        path = Path(uri).absolute()
-        path.mkdir(parents=True, exist_ok=True)
-        return str(path), None
-    import pyarrow.fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    return uri[len("s3://") :].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
-
-
 def run_pretrain(cfg: Any) -> PretrainResult:
     """Train (or resume) the DDPM described by ``cfg`` on Ray Train; returns the final checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rsdiff import tracking
-    from rsdiff.raytools import connect
+    from rsdiff.raytools import connect, storage_for_ray
 
     if str(cfg.data.shards) == SAMPLE_SHARDS:
         connect(cfg.ray.address, cfg.ray.num_cpus)
@@ -275,7 +251,7 @@ def run_pretrain(cfg: Any) -> PretrainResult:
         "shards": storage.display(str(cfg.data.shards)),
     }
     connect(cfg.ray.address, cfg.ray.num_cpus)
-    storage_path, filesystem = _storage_for_ray(str(cfg.run.storage))
+    storage_path, filesystem = storage_for_ray(str(cfg.run.storage))
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -67,3 +68,28 @@ def wait_with_progress(
             if pending and not done:
                 time.sleep(0.1)
     return ray.get(list(refs))
+
+
+def storage_for_ray(uri: str) -> tuple[str, Any]:
+    """``RunConfig(storage_path, storage_filesystem)`` for a local path or s3:// URI.
+
+    For S3 the pyarrow filesystem is built from the same AWS environment boto3 uses
+    (``AWS_ENDPOINT_URL`` for S3-compatible stores; the default credential chain).
+    """
+    from rsdiff import storage
+
+    if not storage.is_s3(uri):
+        path = Path(uri).absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path), None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return uri[len("s3://") :].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)

@@ -112,6 +112,13 @@ class RunHandle:
         run = c.create_run(exp, run_name=run_name, tags=tags)
         return cls(uri, run.info.run_id), False
 
+    @classmethod
+    def create(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> RunHandle:
+        """Start a new run (a child run when ``tags`` holds ``mlflow.parentRunId``)."""
+        c = client(uri)
+        run = c.create_run(experiment_id(c, experiment, uri), run_name=run_name, tags=tags)
+        return cls(uri, run.info.run_id)
+
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -136,7 +143,10 @@ class RunHandle:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / Path(path).name
             Image.fromarray(image).save(local)
-            self.client.log_artifact(self.run_id, str(local), artifact_path=str(Path(path).parent) or None)
+            folder = str(Path(path).parent)
+            self.client.log_artifact(
+                self.run_id, str(local), artifact_path=None if folder in ("", ".") else folder
+            )
 
     def log_figure(self, figure: Any, path: str) -> None:
         """Log a matplotlib figure as a PNG artifact."""

@@ -16,6 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from rsdiff.config import load_config
+from rsdiff.features.extract import ExtractConfig, run_extract
+from rsdiff.features.table import FeatureTable
+from rsdiff.ingest import IngestConfig, run_ingest
+from rsdiff.pretrain import PretrainConfig, run_pretrain
+
 REPO = Path(__file__).resolve().parents[1]
 DUBAI = REPO.parent / "shared" / "data" / "dubai-aerial"
 TEST_KEY_ID = "AKIARSDIFFTESTKEY0001"
@@ -31,8 +37,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """A moto S3 server on 127.0.0.1; AWS_* variables point boto3 (and Ray workers) at it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -113,3 +122,55 @@ def run_job(
 def ray_address(ray_cluster) -> dict:
     """Env that makes a job subprocess join the session's Ray cluster instead of starting one."""
     return {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny DDPM on dubai-aerial tiles and its feature table, shared by the feature and sweep tests.
+
+
+@pytest.fixture(scope="session")
+def dubai_ckpt(dubai, tmp_path_factory, ray_cluster) -> tuple[str, str]:
+    """A tiny DDPM briefly pretrained on 64 px tiles of dubai-aerial tile_1: (checkpoint, shards)."""
+    root = tmp_path_factory.mktemp("dubai")
+    shards = str(root / "shards")
+    run_ingest(
+        load_config(
+            IngestConfig,
+            REPO / "configs/ingest/dubai.yaml",
+            [
+                f"inputs=[{dubai}/tile_1/images/*.jpg]",
+                f"output={shards}",
+                "tile_size=64",
+                "val_fraction=0.34",
+            ],
+        )
+    )
+    cfg = load_config(
+        PretrainConfig,
+        REPO / "configs/pretrain/tiny.yaml",
+        [f"data.shards={shards}", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
+         "optim.max_steps=15", "optim.warmup_steps=3", "checkpoint.every_steps=15", "tracking.log_every=15",
+         "tracking.sample_every=1000", f"run.storage={root / 'runs'}",
+         f"tracking.uri=sqlite:///{root / 'm.db'}"],
+    )  # fmt: skip
+    return run_pretrain(cfg).checkpoint, shards
+
+
+def extract_features(ckpt, shards, output, *extra):
+    """``run_extract`` of 24 images per split at t in {10, 100}, every decoder block."""
+    cfg = load_config(
+        ExtractConfig,
+        REPO / "configs" / "extract" / "tiny.yaml",
+        [f"checkpoint={ckpt}", f"shards={shards}", f"output={output}", "max_images=24", "timesteps=[10,100]",
+         "pixels_per_class=16", "batch_size=4", *extra],
+    )  # fmt: skip
+    return run_extract(cfg)
+
+
+@pytest.fixture(scope="session")
+def dubai_table(dubai_ckpt, s3_endpoint, ray_cluster) -> FeatureTable:
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="rsdiff-features")
+    ckpt, shards = dubai_ckpt
+    return extract_features(ckpt, shards, "s3://rsdiff-features/table")

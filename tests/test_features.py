@@ -3,10 +3,12 @@ on dubai-aerial tiles, a real local Ray and the loopback S3 server."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_job
+from conftest import REPO, extract_features, run_job
 from omegaconf import OmegaConf
 
 from rsdiff.config import load_config
@@ -20,56 +22,9 @@ from rsdiff.features.table import FeatureTable, read_part
 from rsdiff.heads.fit import HeadConfig, TrainedHead, fit_head
 from rsdiff.ingest import IngestConfig, run_ingest
 from rsdiff.metrics import ConfusionMatrix
-from rsdiff.pretrain import PretrainConfig, run_pretrain
 from rsdiff.train.checkpoint import load_pretrained
 
 EXTRACT = REPO / "configs" / "extract" / "tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def dubai_ckpt(dubai, tmp_path_factory, ray_cluster) -> tuple[str, str]:
-    """A tiny DDPM briefly pretrained on 64 px tiles of dubai-aerial tile_1: (checkpoint, shards)."""
-    root = tmp_path_factory.mktemp("dubai")
-    shards = str(root / "shards")
-    run_ingest(
-        load_config(
-            IngestConfig,
-            REPO / "configs/ingest/dubai.yaml",
-            [
-                f"inputs=[{dubai}/tile_1/images/*.jpg]",
-                f"output={shards}",
-                "tile_size=64",
-                "val_fraction=0.34",
-            ],
-        )
-    )
-    cfg = load_config(
-        PretrainConfig,
-        REPO / "configs/pretrain/tiny.yaml",
-        [f"data.shards={shards}", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
-         "optim.max_steps=15", "optim.warmup_steps=3", "checkpoint.every_steps=15", "tracking.log_every=15",
-         "tracking.sample_every=1000", f"run.storage={root / 'runs'}", f"tracking.uri=sqlite:///{root / 'm.db'}"],
-    )  # fmt: skip
-    return run_pretrain(cfg).checkpoint, shards
-
-
-def _extract(ckpt, shards, output, *extra):
-    cfg = load_config(
-        ExtractConfig,
-        EXTRACT,
-        [f"checkpoint={ckpt}", f"shards={shards}", f"output={output}", "max_images=24", "timesteps=[10,100]",
-         "pixels_per_class=16", "batch_size=4", *extra],
-    )  # fmt: skip
-    return run_extract(cfg)
-
-
-@pytest.fixture(scope="session")
-def dubai_table(dubai_ckpt, s3_endpoint, ray_cluster) -> FeatureTable:
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="rsdiff-features")
-    ckpt, shards = dubai_ckpt
-    return _extract(ckpt, shards, "s3://rsdiff-features/table")
 
 
 def test_extraction_to_s3_and_channel_index(dubai_ckpt, dubai_table):
@@ -82,7 +37,7 @@ def test_extraction_to_s3_and_channel_index(dubai_ckpt, dubai_table):
     ranges = table.index.ranges
     assert [(r.timestep, r.block) for r in ranges] == [(t, b) for t in (10, 100) for b in decoder]
     assert all(r.stop - r.start == shapes[r.block][0] for r in ranges)
-    assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:])) and ranges[0].start == 0
+    assert all(a.stop == b.start for a, b in itertools.pairwise(ranges)) and ranges[0].start == 0
     assert table.meta["dim"] == ranges[-1].stop
     part = read_part(table.root, table.parts("train")[0]["name"])
     assert part["features"].dtype == np.float16 and part["features"].shape[1] == table.meta["dim"]
@@ -98,7 +53,7 @@ def test_same_pixels_give_identical_features_and_subsets_match_direct_extraction
     dubai_ckpt, dubai_table, tmp_path
 ):
     ckpt, shards = dubai_ckpt
-    again = _extract(ckpt, shards, tmp_path / "again")
+    again = extract_features(ckpt, shards, tmp_path / "again")
     first = {p["name"]: read_part(dubai_table.root, p["name"]) for p in dubai_table.parts("train")}
     second = {p["name"]: read_part(again.root, p["name"]) for p in again.parts("train")}
 
@@ -222,7 +177,8 @@ def unlabeled_shards(dubai, tmp_path_factory, ray_cluster) -> dict[str, str]:
     run_ingest(
         load_config(
             IngestConfig, None,
-            [f"inputs=[{dubai}/tile_1/images/image_part_001.jpg]", f"output={root / 'unlabeled'}", "tile_size=64"],
+            [f"inputs=[{dubai}/tile_1/images/image_part_001.jpg]", f"output={root / 'unlabeled'}",
+             "tile_size=64"],
         )
     )  # fmt: skip
     (root / "src/images").mkdir(parents=True)
@@ -232,7 +188,8 @@ def unlabeled_shards(dubai, tmp_path_factory, ray_cluster) -> dict[str, str]:
     run_ingest(
         load_config(
             IngestConfig, REPO / "configs/ingest/dubai.yaml",
-            [f"inputs=[{root}/src/images/*.jpg]", f"output={root / 'nolabels'}", "tile_size=64", "val_fraction=0",
+            [f"inputs=[{root}/src/images/*.jpg]", f"output={root / 'nolabels'}", "tile_size=64",
+             "val_fraction=0",
              "labels.ignore_colours=['#3C1098','#8429F6','#6EC1E4','#FEDD3A','#E2A929','#9B9B9B','#000000']",
              "labels.classes=[{name: x, colour: '#010203'}]"],
         )

@@ -80,7 +80,7 @@ class FeatureExtractor:
             xt = self.ddpm.scheduler.add_noise(x, noise, tt)
             found: dict[str, torch.Tensor] = {}
 
-            def hook(_m, _i, output, name):
+            def hook(_m, _i, output, name, found=found):
                 found[name] = (output[0] if isinstance(output, tuple) else output).float()
                 if name == deepest:
                     raise _Stop

@@ -1,0 +1,132 @@
+"""The Ray Tune sweep (``run_sweep`` / ``jobs/sweep.py``) over dubai-aerial features, tracked in a
+real MLflow store and read back through ``MlflowClient``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REPO, free_port, run_job
+from mlflow import MlflowClient
+
+from rsdiff.config import load_config
+from rsdiff.errors import ConfigError
+from rsdiff.heads.fit import TrainedHead, evaluate
+from rsdiff.sweep import SweepConfig, run_sweep
+
+SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
+SEARCH = [  # choices that exist in the shared dubai feature table (t in {10, 100})
+    "search.timesteps=[[10],[100],[10,100]]",
+    "search.blocks=[[up1.res0],[up2.res1],[up1.res1,up2.res1]]",
+]
+
+
+def _cfg(table, tmp_path, mlflow_uri, *extra):
+    return load_config(
+        SweepConfig,
+        SWEEP,
+        [
+            f"features={table.root}",
+            f"output={tmp_path / 'out'}",
+            f"storage={tmp_path / 'tune'}",
+            f"tracking.uri={mlflow_uri}",
+            *SEARCH,
+            "search.width=[32,64]",
+            "search.depth=[1]",
+            "search.lr=[1e-3,3e-3]",
+            "head.epochs=4",
+            "head.patience=10",
+            "head.batch_rows=256",
+            "num_samples=4",
+            "max_concurrent_trials=2",
+            *extra,
+        ],
+    )
+
+
+def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
+    dubai_table, tmp_path, mlflow_uri, ray_cluster
+):
+    result = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, "name=fifo", "scheduler=fifo"))
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["num_samples"] == "4" and "best.timesteps" in parent.data.params
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"miou_by_choice.png", "best_confusion_matrix.png", "summary.json", "search_space.json"} <= arts
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4 and len(result.trials) == 4
+    for child in children:
+        p = child.data.params
+        assert {"timesteps", "blocks", "n_channels", "lr", "width", "kind"} <= set(p)
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_miou")] == [1, 2, 3, 4]
+        assert any(k.startswith("iou_") for k in child.data.metrics)
+    # Filterable: the MLflow UI's search box can pick trials by their choices.
+    by_t = client.search_runs([parent.info.experiment_id], filter_string="params.timesteps = '[10]'")
+    assert all(r.data.params["timesteps"] == "[10]" for r in by_t)
+
+    ranked = [t["best_val_miou"] for t in result.trials]
+    assert ranked == sorted(ranked, reverse=True)
+    head = TrainedHead.load(result.best_head)
+    assert head.timesteps == result.best["timesteps"] and head.checkpoint == dubai_table.meta["checkpoint"]
+    channels = dubai_table.index.select(head.timesteps, head.blocks)
+    mean, std = torch.from_numpy(head.mean), torch.from_numpy(head.std)
+    cm = evaluate(head.module, dubai_table, "val", channels, mean, std)
+    assert cm.miou() == pytest.approx(result.best["best_val_miou"], abs=1e-9)
+
+    # Re-running the same sweep name restores it: nothing is trained again, same parent run.
+    again = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, "name=fifo", "scheduler=fifo"))
+    assert again.parent_run_id == result.parent_run_id
+    assert [t["trial_id"] for t in again.trials] == [t["trial_id"] for t in result.trials]
+    children_again = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children_again) == 4
+
+
+def test_asha_stops_weak_trials_early(dubai_table, tmp_path, mlflow_uri, ray_cluster):
+    result = run_sweep(
+        _cfg(dubai_table, tmp_path, mlflow_uri, "name=asha", "scheduler=asha", "num_samples=8",
+             "head.epochs=8", "grace_period=1", "reduction_factor=2")
+    )  # fmt: skip
+    stopped = [t for t in result.trials if t["stopped_early"]]
+    assert stopped, result.trials
+    assert all(t["epochs"] < 8 for t in stopped)
+    assert result.best["head"] is not None and result.best["epochs"] <= 8
+    statuses = {r.info.status for r in MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_run(result.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")}  # fmt: skip
+    assert "KILLED" in statuses and "RUNNING" not in statuses
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["search.timesteps=[[10],[999]]"], "timesteps [999] blocks []; extracted timesteps [10, 100]"),
+        (
+            ["search.blocks=[[up9.res0]]"],
+            "blocks ['up9.res0']; extracted timesteps [10, 100], blocks ['up0.res0'",
+        ),
+        (["search.lr=[]"], "search space ['lr'] is empty"),
+        (["grace_period=9"], "grace_period=9 exceeds head.epochs=4"),
+    ],
+)
+def test_bad_search_space(dubai_table, tmp_path, mlflow_uri, extra, needle):
+    with pytest.raises(ConfigError) as err:
+        run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *extra))
+    assert needle in str(err.value)
+
+
+def test_unreachable_tracking_uri(dubai_table, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError, match=r"MLflow tracking URI .* is unreachable"):
+        run_sweep(_cfg(dubai_table, tmp_path, uri))
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+    proc = run_job(
+        "sweep.py", "--config", str(SWEEP), f"features={dubai_table.root}", f"tracking.uri={uri}", env=env
+    )
+    assert proc.returncode == 2 and "is unreachable" in proc.stderr and "Traceback" not in proc.stderr
