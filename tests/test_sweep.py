@@ -126,7 +126,6 @@ def test_unreachable_tracking_uri(dubai_table, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"MLflow tracking URI .* is unreachable"):
         run_sweep(_cfg(dubai_table, tmp_path, uri))
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
-    proc = run_job(
-        "sweep.py", "--config", str(SWEEP), f"features={dubai_table.root}", f"tracking.uri={uri}", env=env
-    )
+    args = ["--config", str(SWEEP), f"features={dubai_table.root}", f"tracking.uri={uri}", *SEARCH]
+    proc = run_job("sweep.py", *args, env=env)
     assert proc.returncode == 2 and "is unreachable" in proc.stderr and "Traceback" not in proc.stderr
