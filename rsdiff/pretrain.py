@@ -214,6 +214,7 @@ def run_pretrain(cfg: Any) -> PretrainResult:
 
     from rsdiff import tracking
     from rsdiff.raytools import connect, storage_for_ray
+    from rsdiff.train.checkpoint import read_meta
 
     if str(cfg.data.shards) == SAMPLE_SHARDS:
         connect(cfg.ray.address, cfg.ray.num_cpus)
@@ -290,17 +291,10 @@ def run_pretrain(cfg: Any) -> PretrainResult:
         if storage.is_s3(str(cfg.run.storage))
         else str(result.checkpoint.path)
     )
-    step = int(checkpoint_meta_step(ckpt_uri))
+    step = int(read_meta(ckpt_uri)["step"])
     handle.set_tags({"rsdiff.checkpoint": ckpt_uri})
     handle.finish("FINISHED")
     return PretrainResult(ckpt_uri, step, dict(result.metrics or {}), handle.run_id, uri)
-
-
-def checkpoint_meta_step(uri: str) -> int:
-    """The step recorded in a checkpoint's ``rsdiff.json``."""
-    from rsdiff.train.checkpoint import read_meta
-
-    return int(read_meta(uri)["step"])
 
 
 def _train_loop(config: dict[str, Any]) -> None:

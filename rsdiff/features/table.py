@@ -151,10 +151,3 @@ class FeatureTable:
             keep = np.isin(part["image"], list(images))
             x, y = x[keep], y[keep]
         return (x if channels is None else x[:, channels]), y
-
-    def image_ids(self, split: str) -> list[str]:
-        """Distinct image ids of a split, sorted (reads the parts' id columns)."""
-        ids: set[str] = set()
-        for p in self.parts(split):
-            ids.update(read_part(self.root, p["name"])["image"].tolist())
-        return sorted(ids)

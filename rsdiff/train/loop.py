@@ -95,7 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.optim.max_steps)
     )
-    start = 0
+    start, rng = 0, None
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -104,9 +104,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["lr_schedule"])
-        start = int(state["step"])
-        torch.set_rng_state(state["rng"])
-    torch.manual_seed(cfg.seed * 1000 + rank * 100_003 + start)  # fresh, reproducible noise per rank/resume
+        start, rng = int(state["step"]), state.get("rng")
+    if isinstance(rng, list) and len(rng) == world:
+        torch.set_rng_state(rng[rank])  # continue each rank's noise stream exactly
+    else:  # fresh start, or resumed with another world size: distinct, reproducible per rank
+        torch.manual_seed(cfg.seed * 1000 + rank * 100_003 + start)
 
     if cuda and cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -202,6 +204,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flush=True,
         )
         if save:
+            rng_states: list[Any] = [torch.get_rng_state()]
+            if world > 1:
+                rng_states = [None] * world
+                torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -211,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "optimizer": opt.state_dict(),
                         "lr_schedule": sched.state_dict(),
                         "step": done,
-                        "rng": torch.get_rng_state(),
+                        "rng": rng_states,  # every rank's torch RNG state
                     }
                     checkpoint.save(
                         Path(tmp), state, {**config["meta"], "step": done, "run_id": config.get("run_id")}

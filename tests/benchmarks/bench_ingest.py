@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import ray
+from _loopback_s3 import start_moto
 
 from rsdiff import storage
 from rsdiff.config import load_config
@@ -26,23 +25,6 @@ from rsdiff.data.shards import ShardWriter, encode_sample, iter_shard
 from rsdiff.ingest import IngestConfig, run_ingest
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _moto() -> str:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    url = f"http://127.0.0.1:{port}"
-    os.environ.update(
-        AWS_ENDPOINT_URL=url,
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    return url
 
 
 def _ingest(preset: Path, inputs: str, output: str) -> dict:
@@ -95,10 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "dubai-aerial"))
     args = parser.parse_args()
-    _moto()
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="bench")
+    start_moto("bench")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)

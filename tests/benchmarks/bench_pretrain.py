@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import socket
 import tarfile
 import tempfile
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _loopback_s3 import start_moto
 
 from rsdiff.config import load_config
 from rsdiff.data.manifest import read_manifest
@@ -34,21 +33,6 @@ from rsdiff.train.loop import ema_update
 from rsdiff.train.stream import ShardStream
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _moto() -> None:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
 
 
 def _stream(cfg, shards: list[str], manifest) -> ShardStream:
@@ -198,13 +182,11 @@ def main() -> None:
     if args.gpu:
         print(json.dumps({"bench": "pretrain_gpu", **gpu_mfu(args.preset, args.batch, args.steps)}))
         return
-    import boto3
     import ray
 
     from rsdiff.ingest import IngestConfig, run_ingest
 
-    _moto()
-    boto3.client("s3").create_bucket(Bucket="bench")
+    start_moto("bench")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     overrides = ["data.batch_size=8", "data.num_workers=1", "model.image_size=64"]
     with tempfile.TemporaryDirectory() as tmp:
