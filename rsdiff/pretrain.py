@@ -249,7 +249,7 @@ def run_pretrain(cfg: Any) -> PretrainResult:
         "dtype": manifest.dtype,
         "tile_size": manifest.tile_size,
         "classes": manifest.classes,
-        "shards": storage.display(str(cfg.data.shards)),
+        "shards": storage.absolute(str(cfg.data.shards)),
     }
     connect(cfg.ray.address, cfg.ray.num_cpus)
     storage_path, filesystem = storage_for_ray(str(cfg.run.storage))

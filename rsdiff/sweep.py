@@ -235,6 +235,7 @@ def run_sweep(cfg: Any) -> SweepResult:
     head = TrainedHead.load(best["head"])
     best_uri = head.save(storage.join(out, "best"))
     _log_summary(parent, trials, best, head)
+    _log_overlay(parent, head, table)
     storage.write_text(
         storage.join(out, "summary.json"), json.dumps({"best": best, "trials": trials}, indent=1)
     )
@@ -336,3 +337,29 @@ def _log_summary(parent: Any, trials: list[dict[str, Any]], best: dict[str, Any]
     fig = cm.plot(head.class_names, title=f"best trial {best['trial_id']}: val mIoU {cm.miou():.3f}")
     parent.log_figure(fig, "best_confusion_matrix.png")
     plt.close(fig)
+
+
+def _log_overlay(parent: Any, head: TrainedHead, table: FeatureTable) -> None:
+    """Image | ground truth | best head's prediction on the first validation tile, as a PNG."""
+    import torch
+
+    from rsdiff.data.manifest import read_manifest
+    from rsdiff.data.shards import iter_shard
+    from rsdiff.diffusion.sampling import to_rgb
+    from rsdiff.features.extractor import FeatureExtractor
+    from rsdiff.train.checkpoint import load_pretrained
+    from rsdiff.viz import overlay, side_by_side
+
+    manifest = read_manifest(str(table.meta["shards"]))
+    shards = manifest.shard_uris("val") or manifest.shard_uris("train")
+    tile = next(iter_shard(shards[0]))
+    ddpm = load_pretrained(head.checkpoint)
+    x = torch.from_numpy(ddpm.normalizer(tile.image))[None]
+    feats = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed).dense(x)[0]
+    pred, _ = head.predict(feats.flatten(1).T)
+    pred = pred.view(tile.image.shape[1:]).numpy().astype(np.uint8)
+    rgb = to_rgb(x)[0]
+    truth = tile.label if tile.label is not None else np.full(pred.shape, 255, np.uint8)
+    picture = side_by_side([rgb, overlay(rgb, truth, head.classes), overlay(rgb, pred, head.classes)])
+    scale = max(1, 256 // picture.shape[0])
+    parent.log_image(np.kron(picture, np.ones((scale, scale, 1), np.uint8)), "val_overlay.png")

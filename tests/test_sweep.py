@@ -52,7 +52,8 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     assert parent.info.status == "FINISHED"
     assert parent.data.params["num_samples"] == "4" and "best.timesteps" in parent.data.params
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"miou_by_choice.png", "best_confusion_matrix.png", "summary.json", "search_space.json"} <= arts
+    assert {"miou_by_choice.png", "best_confusion_matrix.png", "val_overlay.png", "summary.json"} <= arts
+    assert "search_space.json" in arts
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )

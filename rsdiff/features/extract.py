@@ -265,8 +265,8 @@ def run_extract(cfg: Any) -> FeatureTable:
     meta = {
         "kind": KIND,
         "format": 1,
-        "checkpoint": storage.display(str(cfg.checkpoint)),
-        "shards": storage.display(shards),
+        "checkpoint": storage.absolute(str(cfg.checkpoint)),
+        "shards": storage.absolute(shards),
         "dim": extractor.dim,
         "timesteps": extractor.timesteps,
         "blocks": extractor.blocks,
