@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -22,6 +23,20 @@ T = TypeVar("T")
 # Keys whose values never leave the process (MLflow params, logs, checkpoints).
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
 REDACTED = "***"
+
+
+def _quote_template(item: str) -> str:
+    """``key={dir}/x.png`` is not YAML (a ``{`` opens a mapping): pass such values as plain strings."""
+    import yaml
+
+    key, _, value = item.partition("=")
+    if not value.startswith("{"):
+        return item
+    try:
+        yaml.safe_load(value)
+        return item
+    except yaml.YAMLError:
+        return f"{key}='{value.replace(chr(39), chr(39) * 2)}'"
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
@@ -52,10 +67,11 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. tile_size=128)")
+    overrides = [_quote_template(o) for o in overrides]
     if overrides:
         try:
             layers.append(OmegaConf.from_dotlist(overrides))
-        except OmegaConfBaseException as exc:
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
     where = (
         " + ".join(([str(path)] if path is not None else []) + (["overrides"] if overrides else []))

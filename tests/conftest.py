@@ -174,3 +174,23 @@ def dubai_table(dubai_ckpt, s3_endpoint, ray_cluster) -> FeatureTable:
     boto3.client("s3").create_bucket(Bucket="rsdiff-features")
     ckpt, shards = dubai_ckpt
     return extract_features(ckpt, shards, "s3://rsdiff-features/table")
+
+
+@pytest.fixture(scope="session")
+def sample_demo(tmp_path_factory, ray_cluster) -> Path:
+    """``jobs/demo.py`` on the generated sample (tiny settings), joining the session's Ray."""
+    work = tmp_path_factory.mktemp("demo")
+    proc = run_job(
+        "demo.py",
+        f"workdir={work}",
+        "pretrain_steps=24",
+        "trials=2",
+        "head_epochs=3",
+        "pixels_per_class=32",
+        env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (work / "stdout.txt").write_text(proc.stdout)
+    (work / "stderr.txt").write_text(proc.stderr)
+    return work

@@ -97,7 +97,7 @@ def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(sample_scenes, bucket
     assert eps.shape == x.shape and torch.isfinite(eps).all()
 
 
-def test_worker_failure_restarts_from_latest_checkpoint(local_shards, tmp_path, ray_cluster, mlflow_uri):
+def test_a_sigkilled_worker_restarts_from_latest_checkpoint(local_shards, tmp_path, ray_cluster, mlflow_uri):
     cfg = _cfg(
         f"data.shards={local_shards}",
         f"run.storage={tmp_path / 'runs'}",
@@ -107,7 +107,7 @@ def test_worker_failure_restarts_from_latest_checkpoint(local_shards, tmp_path, 
         "checkpoint.every_steps=10",
         "tracking.sample_every=1000",
         f"tracking.uri={mlflow_uri}",
-        "debug.fault=raise",
+        "debug.fault=kill",  # SIGKILL of the worker process, not an exception
         "debug.fault_step=15",
         "debug.fault_rank=1",
         f"debug.fault_marker={tmp_path / 'fault.marker'}",
@@ -131,8 +131,15 @@ def test_rerunning_a_job_name_resumes(local_shards, tmp_path, ray_cluster, mlflo
     ]
     first = run_pretrain(_cfg(*common, "optim.max_steps=20"))
     assert first.step == 20
+    # A checkpoint write interrupted after step 20: a folder with a truncated model.pt, no rsdiff.json.
+    partial = tmp_path / "runs" / "resumable" / "checkpoint_00000025"
+    partial.mkdir()
+    (partial / "model.pt").write_bytes(
+        (tmp_path / "runs" / "resumable" / "checkpoint_00000020" / "model.pt").read_bytes()[:999]
+    )
     second = run_pretrain(_cfg(*common, "optim.max_steps=30"))
-    assert second.step == 30
+    assert second.step == 30 and second.checkpoint.endswith("checkpoint_00000030")
+    assert read_meta(second.checkpoint)["step"] == 30
     assert second.mlflow_run_id == first.mlflow_run_id
     assert [v for _, v in _history(mlflow_uri, second.mlflow_run_id, "started_at_step")] == [0, 20]
 

@@ -210,12 +210,13 @@ class SceneReader:
         valid = self.ds.dataset_mask(window=w) > 0
         return pixels, valid
 
-    def read_labels(self, row: int, col: int, size: int) -> tuple[np.ndarray, int]:
-        """Class ids of one window: ``(size, size)`` uint8 (IGNORE_INDEX = no label), unknown-pixel count."""
+    def read_labels(self, row: int, col: int, size: int, width: int | None = None) -> tuple[np.ndarray, int]:
+        """Class ids of a ``size`` x ``width`` (default square) window: uint8 (IGNORE_INDEX = no label),
+        and the count of pixels with an unknown colour/value."""
         from rasterio.windows import Window
 
         assert self.mask_ds is not None and self.classmap is not None
-        w = Window(col, row, size, size)
+        w = Window(col, row, width or size, size)
         raw = self.mask_ds.read(window=w)
         where = f"mask {storage.display(self.ref.mask or '')} window (row={row}, col={col})"
         if self.classmap.kind is MaskKind.index:

@@ -107,6 +107,35 @@ class FeatureExtractor:
         return torch.cat([F.interpolate(a, size=size, mode="bilinear", align_corners=False) for a in acts], 1)
 
     @torch.no_grad()
+    def dense_rows(
+        self, acts: list[torch.Tensor], size: tuple[int, int], start: int, stop: int
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of ``dense`` from precomputed ``activations``: ``(B, D, stop - start, W)``.
+
+        Equal to ``dense(x, size)[:, :, start:stop]`` (the same bilinear rule, via ``grid_sample``)
+        without building the full ``(B, D, H, W)`` volume, so prediction memory is bounded by the
+        chunk, not the window.
+        """
+        h, w = size
+        rows = torch.arange(start, stop, device=self.device, dtype=torch.float32)
+        cols = torch.arange(w, device=self.device, dtype=torch.float32)
+        gy, gx = torch.meshgrid((2 * rows + 1) / h - 1, (2 * cols + 1) / w - 1, indexing="ij")
+        grid = torch.stack([gx, gy], -1)[None]
+        return torch.cat(
+            [
+                F.grid_sample(
+                    a,
+                    grid.expand(a.shape[0], -1, -1, -1),
+                    mode="bilinear",
+                    padding_mode="border",
+                    align_corners=False,
+                )
+                for a in acts
+            ],
+            1,
+        )
+
+    @torch.no_grad()
     def sample(
         self, x: torch.Tensor, rows: list[torch.Tensor], cols: list[torch.Tensor]
     ) -> list[torch.Tensor]:

@@ -1,0 +1,339 @@
+"""``jobs/demo.py``: the whole chain on one machine, from scenes to an evaluated land-cover map.
+
+ingest -> pretrain (tiny preset) -> extract -> sweep (a few trials) -> predict (the validation
+scenes) -> evaluate, with a local Ray, local storage under ``workdir`` and one MLflow experiment
+that holds each stage's runs plus a ``demo`` run summarising them. With ``data`` (a folder of
+image/mask pairs such as dubai-aerial) it uses that; without it generates six small 4-band
+uint16 GeoTIFF scenes with index masks. Re-running resumes: finished stages are reused
+(pretraining resumes from its checkpoint, the sweep is restored); ``fresh=true`` starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rsdiff import storage
+from rsdiff.config import load_config
+from rsdiff.errors import ConfigError, DataError
+from rsdiff.ingest import LabelConfig, RayConfig
+
+log = logging.getLogger(__name__)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class DemoConfig:
+    """Config of ``jobs/demo.py``: the few knobs that matter; every stage keeps its preset otherwise."""
+
+    data: str | None = None  # folder of image/mask pairs (e.g. dubai-aerial); null = generated sample
+    images: list[str] = field(default_factory=lambda: ["*/images/*", "images/*"])  # globs under data
+    labels: LabelConfig = field(default_factory=LabelConfig)  # mask template + classes for data
+    labels_preset: str | None = None  # an ingest preset whose `labels` to use (configs/ingest/dubai.yaml)
+    workdir: str = "runs/demo"
+    fresh: bool = False  # delete workdir first
+    tile_size: int = 64
+    val_fraction: float = 0.34
+    pretrain_steps: int = 300
+    batch_size: int = 8
+    timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
+    pixels_per_class: int = 64
+    max_images: int | None = None  # labeled tiles per split to extract features from (null = all)
+    trials: int = 4
+    head_epochs: int = 8
+    tracking_uri: str | None = None  # null = MLFLOW_TRACKING_URI or {workdir}/mlflow.db
+    experiment: str = "rsdiff-demo"
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class DemoResult:
+    metrics: dict[str, Any]
+    stages: dict[str, float]  # seconds per stage
+    predictions: list[dict[str, Any]]
+    metrics_json: str
+    tracking_uri: str
+    experiment: str
+    run_ids: dict[str, str]
+
+
+def _labels_for(cfg: Any) -> tuple[list[str], LabelConfig | Any, str]:
+    """``(inputs, labels, description)`` of the demo's data."""
+    from omegaconf import OmegaConf
+
+    if cfg.data is None:
+        return [], None, "generated sample (6 scenes, 4-band uint16 GeoTIFF, index masks)"
+    root = storage.absolute(str(cfg.data))
+    inputs = [storage.join(root, g) for g in cfg.images]
+    labels = cfg.labels
+    if cfg.labels_preset:
+        preset = OmegaConf.load(cfg.labels_preset)
+        if "labels" not in preset:
+            raise ConfigError(f"labels_preset {cfg.labels_preset} has no `labels` section")
+        labels = OmegaConf.merge(OmegaConf.structured(LabelConfig), preset.labels)
+    if not labels.mask_template:
+        labels = OmegaConf.merge(
+            OmegaConf.structured(LabelConfig), labels, {"mask_template": "{dir}/../masks/{stem}.png"}
+        )
+    return inputs, labels, f"{storage.display(root)}"
+
+
+def discover_colour_classes(inputs: list[str], labels: Any, limit: int = 24) -> list[dict[str, str]]:
+    """Classes named after the colours found in the masks (for a folder with no class list).
+
+    Raises:
+        DataError: masks missing, or more than ``limit`` colours (not a class mask).
+    """
+    import numpy as np
+
+    from rsdiff.data.classmap import ClassMap, colour_hex
+    from rsdiff.data.scenes import SceneReader, discover
+
+    refs = discover(inputs, labels.mask_template)
+    counts: dict[str, int] = {}
+    dummy = ClassMap(names=("x",), colours=((1, 2, 3),), values=(0,))
+    for ref in refs:
+        with SceneReader(ref, dummy) as reader:
+            raw = reader.mask_ds.read()
+            if raw.shape[0] == 1:
+                cmap = reader.mask_ds.colormap(1)
+                lut = np.array([cmap.get(i, (0, 0, 0, 0))[:3] for i in range(256)], np.uint8)
+                rgb = lut[raw[0]]
+            else:
+                rgb = np.moveaxis(raw[:3], 0, -1)
+            uniq, n = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)
+            for c, k in zip(uniq, n):
+                counts[colour_hex(c)] = counts.get(colour_hex(c), 0) + int(k)
+            if len(counts) > limit:
+                raise DataError(
+                    f"masks under {inputs} hold more than {limit} colours: not class masks? Give "
+                    "labels.classes (or labels_preset=configs/ingest/<preset>.yaml)"
+                )
+    return [{"name": f"class_{h[1:].lower()}", "colour": h} for h in sorted(counts)]
+
+
+def run_demo(cfg: Any) -> DemoResult:
+    """Run the whole chain; returns the evaluation metrics and where everything is."""
+    from omegaconf import OmegaConf
+
+    from rsdiff import tracking
+    from rsdiff.data.manifest import read_manifest
+    from rsdiff.data.scenes import discover
+    from rsdiff.evaluate import EvaluateConfig, run_evaluate
+    from rsdiff.features.extract import ExtractConfig, run_extract
+    from rsdiff.ingest import IngestConfig, run_ingest
+    from rsdiff.prediction.run import PredictConfig, run_predict
+    from rsdiff.pretrain import PretrainConfig, run_pretrain
+    from rsdiff.raytools import connect
+    from rsdiff.sweep import SweepConfig, run_sweep
+
+    if cfg.trials < 1 or cfg.pretrain_steps < 1 or cfg.head_epochs < 1:
+        raise ConfigError("trials, pretrain_steps and head_epochs must be >= 1")
+    work = Path(storage.absolute(str(cfg.workdir)))
+    if storage.is_s3(str(work)):
+        raise ConfigError("the demo runs on local storage: workdir must be a local folder")
+    if cfg.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_uri(cfg.tracking_uri or f"sqlite:///{work / 'mlflow.db'}")
+    tracking.client(uri)  # fail early when unreachable
+    inputs, labels, described = _labels_for(cfg)
+    log.info("demo: data = %s; working in %s", described, work)
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    stages: dict[str, float] = {}
+    run_ids: dict[str, str] = {}
+
+    def timed(name: str) -> Any:
+        class _T:
+            def __enter__(self) -> None:
+                self.t0 = time.perf_counter()
+                log.info("demo: --- %s ---", name)
+
+            def __exit__(self, *exc: object) -> None:
+                stages[name] = time.perf_counter() - self.t0
+
+        return _T()
+
+    # 1. ingest
+    shards = str(work / "shards")
+    with timed("ingest"):
+        if cfg.data is None:
+            from rsdiff.data.synthetic import write_sample_dataset
+
+            scene_dir = work / "scenes"
+            if not (scene_dir / "images").exists():
+                write_sample_dataset(scene_dir, scenes=6)
+            inputs = [str(scene_dir / "images" / "*.tif")]
+            ingest_cfg = load_config(IngestConfig, CONFIGS / "ingest" / "sample.yaml", [f"inputs={inputs}"])
+            labels = ingest_cfg.labels
+        else:
+            ingest_cfg = OmegaConf.structured(IngestConfig)
+            if not labels.classes:
+                found = discover_colour_classes(inputs, labels)
+                log.warning(
+                    "demo: no class list given; using the %d mask colours as classes: %s",
+                    len(found),
+                    [c["colour"] for c in found],
+                )
+                labels = OmegaConf.merge(labels, {"classes": found})
+            ingest_cfg.labels = labels
+        OmegaConf.set_readonly(ingest_cfg, False)
+        ingest_cfg.inputs = inputs
+        ingest_cfg.output = shards
+        ingest_cfg.tile_size = cfg.tile_size
+        ingest_cfg.val_fraction = cfg.val_fraction
+        ingest_cfg.split_seed = cfg.seed
+        ingest_cfg.shard_max_mb = 64
+        if cfg.data is not None:
+            ingest_cfg.band_names = ["red", "green", "blue"]
+        if not storage.exists(storage.join(shards, "manifest.json")):
+            run_ingest(ingest_cfg)
+    manifest = read_manifest(shards)
+    if not manifest.scenes.get("val"):
+        raise DataError(
+            "the demo needs at least one validation scene: raise val_fraction or give more scenes"
+        )
+
+    # 2. pretrain
+    with timed("pretrain"):
+        pre_cfg = load_config(
+            PretrainConfig,
+            CONFIGS / "pretrain" / "tiny.yaml",
+            [
+                f"data.shards={shards}",
+                f"data.batch_size={cfg.batch_size}",
+                "data.num_workers=0",
+                f"optim.max_steps={cfg.pretrain_steps}",
+                f"optim.warmup_steps={max(1, cfg.pretrain_steps // 10)}",
+                f"checkpoint.every_steps={max(1, cfg.pretrain_steps // 3)}",
+                f"tracking.log_every={max(1, cfg.pretrain_steps // 20)}",
+                f"tracking.sample_every={cfg.pretrain_steps}",
+                "tracking.sample_steps=10",
+                f"model.image_size={cfg.tile_size}",
+                f"run.storage={work / 'ray'}",
+                "run.name=demo-pretrain",
+                f"tracking.uri={uri}",
+                f"tracking.experiment={cfg.experiment}",
+                f"seed={cfg.seed}",
+            ],
+        )
+        pre = run_pretrain(pre_cfg)
+        run_ids["pretrain"] = pre.mlflow_run_id
+
+    # 3. extract
+    with timed("extract"):
+        ext_cfg = load_config(
+            ExtractConfig,
+            CONFIGS / "extract" / "tiny.yaml",
+            [
+                f"checkpoint={pre.checkpoint}",
+                f"shards={shards}",
+                f"output={work / 'features'}",
+                "overwrite=true",
+                f"timesteps={list(cfg.timesteps)}",
+                f"pixels_per_class={cfg.pixels_per_class}",
+                f"max_images={'null' if cfg.max_images is None else cfg.max_images}",
+            ],
+        )
+        table = run_extract(ext_cfg)
+    blocks = table.meta["blocks"]
+    search_blocks = [blocks[-2:], blocks[-4:-2] or blocks[-2:], blocks[1::2] or blocks]
+    # 4. sweep
+    with timed("sweep"):
+        sw_cfg = load_config(
+            SweepConfig,
+            CONFIGS / "sweep" / "tiny.yaml",
+            [
+                f"features={table.root}",
+                f"output={work / 'sweep'}",
+                f"storage={work / 'tune'}",
+                "name=demo-sweep",
+                f"num_samples={cfg.trials}",
+                f"head.epochs={cfg.head_epochs}",
+                f"grace_period={min(2, cfg.head_epochs)}",
+                f"tracking.uri={uri}",
+                f"tracking.experiment={cfg.experiment}",
+                f"seed={cfg.seed}",
+                f"search.timesteps={[[t] for t in table.meta['timesteps']] + [table.meta['timesteps']]}",
+                f"search.blocks={search_blocks}",
+            ],
+        )
+        sweep = run_sweep(sw_cfg)
+        run_ids["sweep"] = sweep.parent_run_id
+
+    # 5. predict the validation scenes
+    val_ids = set(manifest.scenes["val"])
+    val_images = [r.image for r in discover(inputs, labels.mask_template) if r.id in val_ids]
+    with timed("predict"):
+        pr_cfg = OmegaConf.structured(PredictConfig)
+        pr_cfg.head = sweep.best_head
+        pr_cfg.inputs = val_images
+        pr_cfg.output = str(work / "predictions")
+        pr_cfg.overwrite = True
+        pr_cfg.tracking.uri = uri
+        pr_cfg.tracking.experiment = cfg.experiment
+        pred = run_predict(pr_cfg)
+        run_ids["predict"] = pred.mlflow_run_id or ""
+
+    # 6. evaluate
+    with timed("evaluate"):
+        ev_cfg = OmegaConf.structured(EvaluateConfig)
+        ev_cfg.predictions = pred.output
+        ev_cfg.labels = labels
+        ev_cfg.tracking.uri = uri
+        ev_cfg.tracking.experiment = cfg.experiment
+        ev = run_evaluate(ev_cfg)
+        run_ids["evaluate"] = ev.mlflow_run_id or ""
+
+    demo_run = tracking.RunHandle.create(
+        uri,
+        cfg.experiment,
+        "demo",
+        {"rsdiff.stage": "demo", **{f"rsdiff.run.{k}": v for k, v in run_ids.items()}},
+    )
+    demo_run.log_params(tracking.config_params(cfg))
+    demo_run.log_params(
+        {
+            "data_description": described,
+            "checkpoint": pre.checkpoint,
+            "best_head": sweep.best_head,
+            "pretrain.device": "cpu",
+        }
+    )
+    demo_run.log_metrics(
+        {
+            **{f"seconds_{k}": v for k, v in stages.items()},
+            "seconds_total": sum(stages.values()),
+            "miou": ev.metrics["miou"],
+            "overall_accuracy": ev.metrics["overall_accuracy"],
+            "sweep_best_val_miou": sweep.best["best_val_miou"],
+        },
+        step=0,
+    )
+    if pred.scenes and pred.scenes[0].get("quicklook"):
+        import numpy as np
+        from PIL import Image
+
+        demo_run.log_image(np.array(Image.open(pred.scenes[0]["quicklook"])), "quicklook.png")
+    demo_run.log_dict(
+        {
+            "stages_seconds": stages,
+            "metrics": {k: ev.metrics[k] for k in ("miou", "overall_accuracy", "macro_f1", "iou", "f1")},
+        },
+        "demo.json",
+    )
+    demo_run.finish()
+    run_ids["demo"] = demo_run.run_id
+    (work / "demo.json").write_text(
+        json.dumps(
+            {"stages_seconds": stages, "run_ids": run_ids, "metrics": ev.output, "predictions": pred.output},
+            indent=1,
+        )
+    )
+    return DemoResult(ev.metrics, stages, pred.scenes, ev.output, uri, cfg.experiment, run_ids)

@@ -1,0 +1,226 @@
+"""``jobs/evaluate.py``: predicted class maps vs label masks -> confusion matrix, IoU, OA, F1.
+
+Reads a prediction run's ``predictions.json`` (which scene each map came from), finds each
+scene's label mask through ``labels.mask_template`` and compares them block by block (memory
+bounded by ``block_rows`` x width). Label classes default to the head's classes (their colours
+for colour masks, their values for index masks); given explicitly they are matched to the
+head's classes by name. Pixels that are nodata in the prediction or unlabeled in the mask are
+left out. Writes ``metrics.json`` (atomically), prints a table and logs an MLflow run with the
+confusion-matrix PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from omegaconf import MISSING
+
+from rsdiff import storage
+from rsdiff.config import redact, to_container
+from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy, parse_colour
+from rsdiff.data.scenes import SceneReader, SceneRef, mask_uri
+from rsdiff.errors import ConfigError, DataError
+from rsdiff.ingest import LabelConfig, build_classmap
+from rsdiff.metrics import ConfusionMatrix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateTracking:
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "rsdiff-evaluate"
+
+
+@dataclass
+class EvaluateConfig:
+    """Config of ``jobs/evaluate.py``."""
+
+    predictions: str = MISSING  # a jobs/predict.py output (holds predictions.json)
+    labels: LabelConfig = field(
+        default_factory=lambda: LabelConfig(mask_template="{dir}/../masks/{stem}.png")
+    )
+    output: str | None = None  # metrics JSON; default {predictions}/metrics.json
+    block_rows: int = 512
+    tracking: EvaluateTracking = field(default_factory=EvaluateTracking)
+
+
+@dataclass
+class EvaluateResult:
+    metrics: dict[str, Any]
+    output: str
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def _label_classmap(cfg: Any, head_classes: list[dict[str, Any]]) -> tuple[ClassMap, np.ndarray]:
+    """The mask's class map and a lookup ``mask id -> head id`` (IGNORE_INDEX where absent)."""
+    if cfg.labels.classes:
+        cm = build_classmap(cfg.labels)
+        assert cm is not None
+    else:
+        kind = MaskKind(cfg.labels.kind)
+        cm = ClassMap(
+            names=tuple(c["name"] for c in head_classes),
+            colours=tuple(parse_colour(c["colour"]) for c in head_classes),
+            values=tuple(int(c.get("value", c["id"])) for c in head_classes),
+            kind=kind,
+            ignore_colours=tuple(parse_colour(c) for c in cfg.labels.ignore_colours),
+            ignore_values=tuple(int(v) for v in cfg.labels.ignore_values),
+            unknown=UnknownPolicy(cfg.labels.unknown),
+        )
+    names = [c["name"] for c in head_classes]
+    missing = [n for n in cm.names if n not in names]
+    if missing:
+        raise ConfigError(
+            f"label classes {missing} are not classes of the head ({names}); fix labels.classes"
+        )
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    for i, n in enumerate(cm.names):
+        lut[i] = names.index(n)
+    return cm, lut
+
+
+def evaluate_scene(
+    record: dict[str, Any],
+    classmap: ClassMap,
+    lut: np.ndarray,
+    template: str,
+    num_classes: int,
+    block_rows: int,
+) -> ConfusionMatrix:
+    """Confusion matrix of one predicted scene against its mask (streamed in row blocks)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    ref = SceneRef(
+        record["scene"], record["image"], record.get("mask") or mask_uri(record["image"], template)
+    )
+    cm = ConfusionMatrix(num_classes)
+    with (
+        SceneReader(ref, classmap) as reader,
+        storage.local_copy(record["class_map"]) as pred_path,
+        rasterio.open(pred_path) as pred,
+    ):
+        if (pred.width, pred.height) != (reader.width, reader.height):
+            raise DataError(
+                f"prediction {storage.display(record['class_map'])} is {pred.width}x{pred.height} px but "
+                f"mask {storage.display(ref.mask or '')} is {reader.width}x{reader.height} px"
+            )
+        for r in range(0, reader.height, block_rows):
+            h = min(block_rows, reader.height - r)
+            p = pred.read(1, window=Window(0, r, reader.width, h))
+            labels = _read_label_rows(reader, r, h)
+            cm.update(p, lut[labels])
+    return cm
+
+
+def _read_label_rows(reader: SceneReader, row: int, rows: int) -> np.ndarray:
+    """``(rows, width)`` class ids of the mask."""
+    ids, _ = reader.read_labels(row, 0, rows, reader.width)
+    return ids
+
+
+def run_evaluate(cfg: Any) -> EvaluateResult:
+    """Evaluate a prediction run against label masks.
+
+    Raises:
+        RsdiffError: no predictions.json, missing masks, size mismatch, class names not in the head.
+    """
+    from rsdiff import tracking
+
+    pred_root = storage.absolute(str(cfg.predictions))
+    try:
+        summary = json.loads(storage.read_text(storage.join(pred_root, "predictions.json")))
+    except storage.NotFoundError as exc:
+        raise DataError(
+            f"no predictions.json at {storage.display(pred_root)}: pass the output folder of jobs/predict.py"
+        ) from exc
+    if not cfg.labels.mask_template:
+        raise ConfigError("labels.mask_template is not set: say where each scene's label mask is")
+    if cfg.block_rows < 16:
+        raise ConfigError("block_rows must be >= 16")
+    classes = summary["classes"]
+    names = [c["name"] for c in classes]
+    classmap, lut = _label_classmap(cfg, classes)
+    total = ConfusionMatrix(len(classes))
+    per_scene = {}
+    for record in summary["scenes"]:
+        cm = evaluate_scene(record, classmap, lut, cfg.labels.mask_template, len(classes), cfg.block_rows)
+        total.merge(cm)
+        per_scene[record["scene"]] = {
+            "miou": cm.miou(),
+            "overall_accuracy": cm.overall_accuracy(),
+            "pixels": int(cm.matrix.sum()),
+        }
+    if total.matrix.sum() == 0:
+        raise DataError("no pixel is both predicted and labeled: check labels.mask_template and the classes")
+    metrics = {
+        **total.summary(names),
+        "confusion_matrix": total.matrix.tolist(),
+        "classes": names,
+        "scenes": per_scene,
+        "predictions": pred_root,
+        "head": summary["head"],
+        "checkpoint": summary["checkpoint"],
+        "config": redact(to_container(cfg)),
+    }
+    out = storage.absolute(str(cfg.output)) if cfg.output else storage.join(pred_root, "metrics.json")
+    storage.write_text(out, json.dumps(metrics, indent=1))
+    run = None
+    uri = None
+    if cfg.tracking.enabled:
+        import matplotlib.pyplot as plt
+
+        uri = tracking.resolve_uri(cfg.tracking.uri)
+        run = tracking.RunHandle.create(
+            uri,
+            cfg.tracking.experiment,
+            f"evaluate-{len(per_scene)}-scenes",
+            {"rsdiff.stage": "evaluate", "rsdiff.head": storage.display(summary["head"])},
+        )
+        run.log_params(tracking.config_params(cfg))
+        flat = {
+            "miou": metrics["miou"],
+            "overall_accuracy": metrics["overall_accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "pixels": metrics["pixels"],
+        }
+        flat.update({f"iou_{n}": v for n, v in metrics["iou"].items() if v is not None})
+        flat.update({f"f1_{n}": v for n, v in metrics["f1"].items() if v is not None})
+        run.log_metrics(flat, step=0)
+        fig = total.plot(names)
+        run.log_figure(fig, "confusion_matrix.png")
+        plt.close(fig)
+        run.log_dict(metrics, "metrics.json")
+        run.client.log_text(run.run_id, format_metrics(metrics), "metrics.txt")
+        run.finish()
+    log.info(
+        "evaluate: mIoU %.3f OA %.3f over %d px -> %s",
+        metrics["miou"],
+        metrics["overall_accuracy"],
+        metrics["pixels"],
+        storage.display(out),
+    )
+    return EvaluateResult(metrics, out, run.run_id if run else None, uri)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A plain-text table: per-class IoU and F1, then mIoU, OA and macro F1."""
+
+    def num(v: float | None) -> str:
+        return "   -  " if v is None else f"{v:6.3f}"
+
+    lines = [f"{'class':<16} {'IoU':>6} {'F1':>6}"]
+    for n in metrics["classes"]:
+        lines.append(f"{n:<16} {num(metrics['iou'][n])} {num(metrics['f1'][n])}")
+    lines.append(f"{'mIoU':<16} {num(metrics['miou'])}")
+    lines.append(f"{'overall acc.':<16} {num(metrics['overall_accuracy'])}")
+    lines.append(f"{'macro F1':<16} {num(metrics['macro_f1'])}")
+    lines.append(f"pixels: {metrics['pixels']}")
+    return "\n".join(lines)

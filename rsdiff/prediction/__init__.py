@@ -1,0 +1,1 @@
+"""Whole-scene prediction: sliding windows, on-the-fly features, blending, COG outputs."""

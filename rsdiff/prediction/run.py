@@ -1,0 +1,264 @@
+"""``jobs/predict.py``: a head artifact + scenes -> georeferenced class maps, on Ray.
+
+Each scene is one Ray task (``cpus_per_scene``/``num_gpus`` each), so many scenes run in parallel
+across a cluster; a task loads the head and its checkpoint once per worker process. Outputs per
+scene under ``output``: ``{scene}.tif`` (class map COG), ``{scene}.proba.tif`` (optional),
+``{scene}.quicklook.png``; ``predictions.json`` lists them and is written last, so its presence
+marks a complete prediction run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from rsdiff import storage
+from rsdiff.config import redact, to_container
+from rsdiff.data.scenes import SceneRef, discover
+from rsdiff.errors import CheckpointError, ConfigError, DataError, RsdiffError
+from rsdiff.ingest import RayConfig
+from rsdiff.prediction.scene import SceneOutputs, WindowPlan
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "predictions.json"
+
+
+@dataclass
+class PredictTracking:
+    """MLflow: ``uri`` null = ``MLFLOW_TRACKING_URI`` or ``runs/mlflow.db``; ``enabled=false``: no run."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "rsdiff-predict"
+    quicklooks: int = 8  # quicklook PNGs logged as artifacts (the first N scenes)
+
+
+@dataclass
+class PredictConfig:
+    """Config of ``jobs/predict.py``."""
+
+    head: str = MISSING  # a head artifact (e.g. the sweep's {output}/best); it names its checkpoint
+    inputs: list[str] = MISSING  # scenes: globs, folders, files or s3:// prefixes (GeoTIFF, JPG, PNG)
+    output: str = "runs/predictions"
+    window: int | None = None  # px; default: the checkpoint's training tile size
+    overlap: int | None = None  # px shared by neighbouring windows; default window // 4
+    batch_size: int = 4  # windows per UNet pass
+    probabilities: bool = False  # also write {scene}.proba.tif (uint8, 255 = 1.0)
+    quicklook: bool = True
+    quicklook_size: int = 1024  # px, longest side
+    overwrite: bool = False
+    cpus_per_scene: float = 1.0
+    num_gpus: float = 0.0  # per scene task (1 on GPU clusters)
+    tracking: PredictTracking = field(default_factory=PredictTracking)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class PredictResult:
+    """What a prediction run produced."""
+
+    output: str
+    scenes: list[dict[str, Any]]
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def load_head_and_checkpoint(head_uri: str, device: str = "cpu") -> tuple[Any, Any]:
+    """``(TrainedHead, PretrainedDDPM)`` of a head artifact, with a clear error if its checkpoint is gone."""
+    from rsdiff.heads.fit import TrainedHead
+    from rsdiff.train.checkpoint import load_pretrained
+
+    head = TrainedHead.load(head_uri)
+    try:
+        ddpm = load_pretrained(head.checkpoint, device=device)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"head {storage.display(head_uri)} was fitted on features of checkpoint "
+            f"{storage.display(head.checkpoint)}, which cannot be loaded: {exc}. Restore that checkpoint "
+            "or fit a new head on features of an existing one"
+        ) from None
+    return head, ddpm
+
+
+def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
+    """The window geometry, validated against the UNet (size divisible by its downsampling)."""
+    size = int(cfg.window or ddpm.meta["image_size"])
+    factor = 2 ** (len(ddpm.meta["model"]["channel_mult"]) - 1)
+    overlap = int(cfg.overlap if cfg.overlap is not None else size // 4)
+    if size < factor or size % factor:
+        raise ConfigError(f"window={size} must be a positive multiple of {factor} (the UNet's downsampling)")
+    if not 0 <= overlap < size:
+        raise ConfigError(f"overlap={overlap} must be in [0, window={size})")
+    if cfg.batch_size < 1 or cfg.quicklook_size < 16:
+        raise ConfigError("batch_size must be >= 1 and quicklook_size >= 16")
+    return WindowPlan(size, overlap)
+
+
+def scene_outputs(cfg: Any, out: str, ref: SceneRef) -> SceneOutputs:
+    return SceneOutputs(
+        class_map=storage.join(out, f"{ref.id}.tif"),
+        probabilities=storage.join(out, f"{ref.id}.proba.tif") if cfg.probabilities else None,
+        quicklook=storage.join(out, f"{ref.id}.quicklook.png") if cfg.quicklook else None,
+    )
+
+
+_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def _predict_task(
+    head_uri: str, ref: SceneRef, plan: WindowPlan, outputs: SceneOutputs, opts: dict, counter: Any
+) -> dict[str, Any]:
+    """A Ray task: one scene. Raises RsdiffError subclasses unchanged (the driver reports them)."""
+    import torch
+
+    from rsdiff.features.extractor import FeatureExtractor
+    from rsdiff.prediction.scene import predict_scene
+
+    device = "cuda" if opts["num_gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    if (head_uri, device) not in _CACHE:
+        head, ddpm = load_head_and_checkpoint(head_uri, device)
+        _CACHE[(head_uri, device)] = (
+            head,
+            FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed),
+        )
+    head, extractor = _CACHE[(head_uri, device)]
+    record = predict_scene(
+        ref,
+        head,
+        extractor,
+        plan,
+        outputs,
+        opts["batch_size"],
+        opts["quicklook_size"],
+        on_windows=lambda n: counter.add.remote(windows=n),
+    )
+    counter.add.remote(scenes=1)
+    return record
+
+
+def run_predict(cfg: Any) -> PredictResult:
+    """Predict every scene of ``cfg.inputs`` with the head at ``cfg.head``.
+
+    Raises:
+        RsdiffError: missing head or checkpoint, no scenes, band/dtype mismatch, bad window,
+            unwritable output, existing predictions without ``overwrite``.
+    """
+    import ray
+
+    from rsdiff import tracking
+    from rsdiff.data.scenes import SceneReader
+    from rsdiff.prediction.blend import axis_origins
+    from rsdiff.prediction.scene import check_scene
+    from rsdiff.raytools import ProgressCounter, connect, wait_with_progress
+
+    t0 = time.perf_counter()
+    head_uri = storage.absolute(str(cfg.head))
+    head, ddpm = load_head_and_checkpoint(head_uri)
+    plan = window_plan(cfg, ddpm)
+    refs = discover(list(cfg.inputs))
+    out = storage.absolute(str(cfg.output))
+    if storage.exists(storage.join(out, SUMMARY)) and not cfg.overwrite:
+        raise DataError(f"{storage.display(out)} already holds predictions ({SUMMARY}); pass overwrite=true")
+    storage.check_writable(out)
+    from rsdiff.features.extractor import FeatureExtractor
+
+    extractor = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed)
+    windows_total = 0
+    for ref in refs:  # header checks before any work (S3 scenes are fetched for this)
+        with SceneReader(ref) as reader:
+            check_scene(reader, head, extractor)
+            windows_total += len(axis_origins(reader.height, plan.size, plan.stride)) * len(
+                axis_origins(reader.width, plan.size, plan.stride)
+            )
+    run = None
+    uri = None
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_uri(cfg.tracking.uri)
+        run = tracking.RunHandle.create(
+            uri,
+            cfg.tracking.experiment,
+            f"predict-{len(refs)}-scenes",
+            {"rsdiff.stage": "predict", "rsdiff.head": storage.display(head_uri)},
+        )
+        run.log_params(tracking.config_params(cfg))
+
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    counter = ProgressCounter.remote()
+    opts = {
+        "num_gpus": float(cfg.num_gpus),
+        "batch_size": int(cfg.batch_size),
+        "quicklook_size": int(cfg.quicklook_size),
+    }
+    task = ray.remote(_predict_task).options(
+        num_cpus=cfg.cpus_per_scene, num_gpus=cfg.num_gpus or None, max_retries=2, retry_exceptions=False
+    )
+    refs_out = [task.remote(head_uri, ref, plan, scene_outputs(cfg, out, ref), opts, counter) for ref in refs]
+    try:
+        records = wait_with_progress(refs_out, counter, windows_total, "windows", "predict", extra="scenes")
+    except Exception as exc:
+        for r in refs_out:
+            ray.cancel(r, force=False)
+        if run is not None:
+            run.finish("FAILED")
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, RsdiffError):
+            raise type(cause)(str(cause)) from None
+        raise
+    seconds = time.perf_counter() - t0
+    pixels = sum(r["width"] * r["height"] for r in records)
+    summary = {
+        "kind": "rsdiff-predictions",
+        "head": head_uri,
+        "checkpoint": head.checkpoint,
+        "classes": head.classes,
+        "timesteps": head.timesteps,
+        "blocks": head.blocks,
+        "window": plan.size,
+        "overlap": plan.overlap,
+        "scenes": records,
+        "seconds": seconds,
+        "config": redact(to_container(cfg)),
+    }
+    storage.write_text(storage.join(out, SUMMARY), json.dumps(summary, indent=1))
+    ungeo = [r["scene"] for r in records if not r["georeferenced"]]
+    if ungeo:
+        log.warning(
+            "%d scene(s) had no georeference; their maps are in pixel coordinates: %s", len(ungeo), ungeo[:5]
+        )
+    if run is not None:
+        run.log_metrics(
+            {
+                "scenes": len(records),
+                "pixels": pixels,
+                "seconds": seconds,
+                "pixels_per_second": pixels / max(seconds, 1e-9),
+            },
+            step=0,
+        )
+        run.log_dict(summary, SUMMARY)
+        for r in records[: cfg.tracking.quicklooks]:
+            if r["quicklook"]:
+                import io
+
+                import numpy as np
+                from PIL import Image
+
+                run.log_image(
+                    np.array(Image.open(io.BytesIO(storage.read_bytes(r["quicklook"])))),
+                    f"quicklooks/{r['scene']}.png",
+                )
+        run.finish()
+    log.info(
+        "predict: %d scene(s), %.1f Mpx in %.1f s -> %s",
+        len(records),
+        pixels / 1e6,
+        seconds,
+        storage.display(out),
+    )
+    return PredictResult(out, records, run.run_id if run else None, uri)

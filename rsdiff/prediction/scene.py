@@ -1,0 +1,203 @@
+"""Predicting one scene: sliding windows -> frozen-UNet features -> head -> blended class map.
+
+For each row of windows (``size`` px, ``overlap`` px shared with neighbours): windowed reads of
+the scene, normalisation with the checkpoint's band statistics, one UNet pass per selected
+timestep that stops after the deepest selected block, features for the head's exact
+(timestep, block) selection built chunk by chunk (``FeatureExtractor.dense_rows``), the head's
+class probabilities, and ramp-weighted blending (:mod:`rsdiff.prediction.blend`). Finished rows go
+straight to the GeoTIFF writer, so memory does not grow with the scene's height.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rsdiff import storage
+from rsdiff.data.scenes import SceneReader, SceneRef
+from rsdiff.errors import DataError
+from rsdiff.features.extractor import FeatureExtractor
+from rsdiff.heads.fit import TrainedHead
+from rsdiff.prediction.blend import RowBlender, axis_origins
+from rsdiff.prediction.writer import PredictionWriter, quicklook
+
+log = logging.getLogger(__name__)
+
+CHUNK_VALUES = 1 << 25  # feature values (B x D x rows x W) built at once: 128 MiB of float32
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Sliding-window geometry in px: ``size`` (multiple of the UNet's downsampling), ``overlap``."""
+
+    size: int
+    overlap: int
+
+    @property
+    def stride(self) -> int:
+        return self.size - self.overlap
+
+
+@dataclass(frozen=True)
+class SceneOutputs:
+    """Where one scene's products go."""
+
+    class_map: str
+    probabilities: str | None
+    quicklook: str | None
+
+
+def check_scene(reader: SceneReader, head: TrainedHead, extractor: FeatureExtractor) -> None:
+    """Fail with one message when a scene cannot feed the model (band count, dtype).
+
+    Raises:
+        DataError: the scene's bands or dtype differ from what the checkpoint was trained on.
+    """
+    meta = extractor.ddpm.meta
+    name = storage.display(reader.ref.image)
+    if reader.bands != extractor.in_channels:
+        raise DataError(
+            f"{name} has {reader.bands} band(s) but the model behind the head ({head.checkpoint}) was "
+            "pretrained on "
+            f"{extractor.in_channels} {meta['bands']}; predict scenes of the same sensor and band order"
+        )
+    if meta.get("dtype") and reader.dtype != meta["dtype"]:
+        raise DataError(
+            f"{name} is {reader.dtype} but the model was pretrained on {meta['dtype']} imagery; its band "
+            "statistics would not apply"
+        )
+
+
+def _read_window(reader: SceneReader, row: int, col: int, size: int) -> np.ndarray:
+    """``(C, size, size)`` source pixels, edge-padded where the scene is smaller than the window."""
+    from rasterio.windows import Window
+
+    h, w = min(size, reader.height - row), min(size, reader.width - col)
+    pixels = reader.ds.read(window=Window(col, row, w, h))
+    if (h, w) != (size, size):
+        pixels = np.pad(pixels, ((0, 0), (0, size - h), (0, size - w)), mode="edge")
+    return pixels
+
+
+@torch.no_grad()
+def _window_probs(extractor: FeatureExtractor, head: TrainedHead, x: torch.Tensor) -> np.ndarray:
+    """``(B, C_in, S, S)`` normalised windows -> ``(B, classes, S, S)`` float32 probabilities."""
+    b, _, s, _ = x.shape
+    acts = extractor.activations(x)
+    rows = max(1, min(s, CHUNK_VALUES // max(1, b * extractor.dim * s)))
+    out = torch.empty((b, head.num_classes, s, s), dtype=torch.float32)
+    for start in range(0, s, rows):
+        stop = min(s, start + rows)
+        feats = extractor.dense_rows(acts, (s, s), start, stop)  # (B, D, r, S)
+        flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        _, probs = head.predict(flat)
+        out[:, :, start:stop] = probs.float().view(b, stop - start, s, -1).permute(0, 3, 1, 2).cpu()
+    return out.numpy()
+
+
+def predict_scene(
+    ref: SceneRef,
+    head: TrainedHead,
+    extractor: FeatureExtractor,
+    plan: WindowPlan,
+    outputs: SceneOutputs,
+    batch_size: int = 4,
+    quicklook_size: int = 1024,
+    on_windows: Any = None,
+) -> dict[str, Any]:
+    """Predict ``ref`` and publish its class map (COG), optional probabilities and quicklook PNG.
+
+    Args:
+        on_windows: called with the number of windows done after each batch (progress).
+
+    Returns:
+        A JSON-able record: scene id, image, outputs, size, CRS, georeferenced, class pixel counts,
+        windows, seconds.
+    """
+    t0 = time.perf_counter()
+    device = extractor.device
+    head.module.to(device)
+    with SceneReader(ref) as reader:
+        check_scene(reader, head, extractor)
+        georef = reader.crs is not None
+        if not georef:
+            log.warning(
+                "%s has no georeference (CRS/transform): writing an un-georeferenced GeoTIFF",
+                storage.display(ref.image),
+            )
+        writer = PredictionWriter(
+            reader.height,
+            reader.width,
+            reader.ds.crs if georef else None,
+            reader.ds.transform if georef else None,
+            head.classes,
+            outputs.probabilities is not None,
+            {"rsdiff_checkpoint": storage.display(head.checkpoint), "rsdiff_scene": ref.id},
+        )
+        try:
+            blender = RowBlender(reader.height, reader.width, head.num_classes, plan.size, plan.overlap)
+            rows = axis_origins(reader.height, plan.size, plan.stride)
+            cols = axis_origins(reader.width, plan.size, plan.stride)
+            windows = 0
+            for i, r in enumerate(rows):
+                for j in range(0, len(cols), batch_size):
+                    batch_cols = cols[j : j + batch_size]
+                    pixels = np.stack([_read_window(reader, r, c, plan.size) for c in batch_cols])
+                    x = extractor.ddpm.normalizer.torch(
+                        torch.from_numpy(pixels.astype(np.float32)).to(device)
+                    )
+                    probs = _window_probs(extractor, head, x)
+                    for c, p in zip(batch_cols, probs):
+                        blender.add(r, c, p)
+                    windows += len(batch_cols)
+                    if on_windows is not None:
+                        on_windows(len(batch_cols))
+                upto = rows[i + 1] if i + 1 < len(rows) else reader.height
+                for first, blended in blender.release(upto):
+                    valid = reader.ds.dataset_mask(
+                        window=((first, first + blended.shape[1]), (0, reader.width))
+                    )
+                    writer.write_rows(first, blended, valid > 0)
+            writer.publish(outputs.class_map, outputs.probabilities)
+            class_pixels = writer.class_pixels.tolist()
+            if outputs.quicklook:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    picture = quicklook(
+                        reader.ds.name,
+                        writer.folder / "cog-class.tif",
+                        head.classes,
+                        extractor.ddpm.bands,
+                        quicklook_size,
+                    )
+                with storage.atomic_local_path(outputs.quicklook) as tmp:
+                    Image.fromarray(picture).save(tmp, format="PNG")
+        finally:
+            writer.close()
+        record = {
+            "scene": ref.id,
+            "image": ref.image,
+            "mask": ref.mask,
+            "class_map": outputs.class_map,
+            "probabilities": outputs.probabilities,
+            "width": reader.width,
+            "height": reader.height,
+            "bands": reader.bands,
+            "crs": reader.crs,
+            "transform": list(reader.ds.transform)[:6] if georef else None,
+            "georeferenced": georef,
+        }
+    record.update(
+        quicklook=outputs.quicklook,
+        class_pixels=dict(zip(head.class_names, class_pixels)),
+        windows=windows,
+        seconds=time.perf_counter() - t0,
+    )
+    return record

@@ -1,0 +1,207 @@
+"""Writing predictions as Cloud-Optimized GeoTIFFs (class map, optional probabilities) and quicklooks.
+
+Rows arrive top to bottom in bands of any height; they are buffered to whole 256-px block rows
+and written into a tiled, DEFLATE-compressed GeoTIFF in a temporary folder, then turned into a
+COG (internal overviews, nearest resampling) and published to the output URI in one step. Until
+``publish`` returns nothing exists at the output URIs, so a crash never leaves a partial map.
+
+- Class map: 1 band uint8, class ids ``0..C-1``, 255 = nodata (source nodata pixels), a colour
+  table from the class map, tags ``rsdiff_classes`` (JSON), ``rsdiff_head``, ``rsdiff_checkpoint``.
+- Probabilities: C bands uint8, ``round(255 * p)``, band descriptions = class names.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsdiff import storage
+from rsdiff.data.classmap import IGNORE_INDEX, parse_colour
+
+BLOCK = 256
+
+
+class PredictionWriter:
+    """Streams class ids (and optionally probabilities) of one scene into GeoTIFFs.
+
+    Args:
+        height, width: scene size (px).
+        crs, transform: the source's georeference (``None`` = not georeferenced).
+        classes: the head's classes (``id``, ``name``, ``colour``).
+        probabilities: also write the per-class probability raster.
+        tags: extra dataset tags (provenance).
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        crs: Any,
+        transform: Any,
+        classes: Sequence[dict[str, Any]],
+        probabilities: bool,
+        tags: dict[str, str],
+    ) -> None:
+        import rasterio
+
+        self.height, self.width = height, width
+        self.classes = list(classes)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rsdiff-predict-")
+        self.folder = Path(self._tmp.name)
+        geo = {"crs": crs, "transform": transform} if crs else {}
+        common = dict(
+            driver="GTiff",
+            height=height,
+            width=width,
+            tiled=True,
+            blockxsize=BLOCK,
+            blockysize=BLOCK,
+            compress="deflate",
+            **geo,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            self.cls = rasterio.open(
+                self.folder / "class.tif", "w", count=1, dtype="uint8", nodata=IGNORE_INDEX, **common
+            )
+            self.prob = (
+                rasterio.open(
+                    self.folder / "proba.tif", "w", count=len(self.classes), dtype="uint8", **common
+                )
+                if probabilities
+                else None
+            )
+        self.cls.set_band_description(1, "class")
+        self.cls.write_colormap(
+            1,
+            {
+                **{int(c["id"]): (*parse_colour(c["colour"]), 255) for c in self.classes},
+                IGNORE_INDEX: (0, 0, 0, 0),
+            },
+        )
+        self.cls.update_tags(rsdiff_classes=json.dumps(self.classes), **tags)
+        if self.prob is not None:
+            for i, c in enumerate(self.classes, start=1):
+                self.prob.set_band_description(i, str(c["name"]))
+            self.prob.update_tags(rsdiff_scale="probability = value / 255", **tags)
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._pending_rows = 0
+        self._next_row = 0
+        self.class_pixels = np.zeros(len(self.classes), np.int64)
+
+    def write_rows(self, first_row: int, probs: np.ndarray, valid: np.ndarray) -> None:
+        """Add rows from ``first_row`` on: ``(C, rows, width)`` probabilities, ``(rows, width)`` validity."""
+        if first_row != self._next_row + self._pending_rows:
+            raise ValueError(f"rows must arrive in order: got {first_row}, expected {self._next_row}")
+        ids = probs.argmax(0).astype(np.uint8)
+        ids[~valid] = IGNORE_INDEX
+        self.class_pixels += np.bincount(ids[valid], minlength=len(self.classes))[: len(self.classes)]
+        p8 = None
+        if self.prob is not None:
+            p8 = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
+            p8[:, ~valid] = 0
+        self._pending.append((ids, p8))
+        self._pending_rows += ids.shape[0]
+        if self._pending_rows >= BLOCK:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        from rasterio.windows import Window
+
+        if not self._pending:
+            return
+        ids = np.concatenate([p[0] for p in self._pending], 0)
+        probs = np.concatenate([p[1] for p in self._pending], 1) if self.prob is not None else None
+        n = ids.shape[0] if final else (ids.shape[0] // BLOCK) * BLOCK
+        window = Window(0, self._next_row, self.width, n)
+        self.cls.write(ids[None, :n], window=window)
+        if self.prob is not None and probs is not None:
+            self.prob.write(probs[:, :n], window=window)
+        self._next_row += n
+        rest_ids = ids[n:]
+        self._pending = [(rest_ids, probs[:, n:] if probs is not None else None)] if len(rest_ids) else []
+        self._pending_rows = len(rest_ids)
+
+    def publish(self, class_uri: str, proba_uri: str | None) -> None:
+        """Flush, convert to COG and publish atomically to the output URIs."""
+        from rasterio.shutil import copy
+
+        self._flush(final=True)
+        if self._next_row != self.height:
+            raise ValueError(f"wrote {self._next_row} of {self.height} rows")
+        self.cls.close()
+        if self.prob is not None:
+            self.prob.close()
+        outputs = [("class.tif", class_uri)] + ([("proba.tif", proba_uri)] if self.prob and proba_uri else [])
+        for name, uri in outputs:
+            cog = self.folder / f"cog-{name}"
+            resampling = "NEAREST" if name == "class.tif" else "AVERAGE"
+            copy(
+                self.folder / name,
+                cog,
+                driver="COG",
+                compress="DEFLATE",
+                blocksize=BLOCK,
+                overview_resampling=resampling,
+            )
+            storage.upload(cog, uri)
+
+    def close(self) -> None:
+        """Discard the temporary files (after ``publish`` or on failure)."""
+        for ds in (self.cls, self.prob):
+            if ds is not None and not ds.closed:
+                ds.close()
+        self._tmp.cleanup()
+
+
+def display_rgb(pixels: np.ndarray, valid: np.ndarray, band_names: Sequence[str]) -> np.ndarray:
+    """``(C, H, W)`` source pixels -> ``(H, W, 3)`` uint8 with a 2-98 % stretch per band.
+
+    Uses the bands named red/green/blue when present, else the first three (or one band as grey).
+    """
+    names = [n.lower() for n in band_names]
+    if {"red", "green", "blue"} <= set(names):
+        idx = [names.index("red"), names.index("green"), names.index("blue")]
+    else:
+        idx = [0, 1, 2] if pixels.shape[0] >= 3 else [0, 0, 0]
+    out = np.zeros((*pixels.shape[1:], 3), np.uint8)
+    for k, b in enumerate(idx):
+        band = pixels[b].astype(np.float32)
+        vals = band[valid] if valid.any() else band.ravel()
+        lo, hi = np.percentile(vals, [2, 98]) if vals.size else (0.0, 1.0)
+        out[..., k] = (np.clip((band - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    return out
+
+
+def quicklook(
+    image_path: str | Path,
+    class_path: str | Path,
+    classes: Sequence[dict[str, Any]],
+    band_names: Sequence[str],
+    max_size: int = 1024,
+) -> np.ndarray:
+    """``(h, w, 3)`` uint8 picture: the scene and the class map over it, side by side (``max_size`` px max).
+
+    Reads decimated views of both rasters (overviews where they exist), never the full scene.
+    """
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from rsdiff.viz import overlay, side_by_side
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(image_path) as src, rasterio.open(class_path) as cls:
+            scale = min(1.0, max_size / max(src.height, src.width))
+            shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+            pixels = src.read(out_shape=(src.count, *shape), resampling=Resampling.bilinear)
+            valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+            ids = cls.read(1, out_shape=shape, resampling=Resampling.nearest)
+    rgb = display_rgb(pixels, valid, band_names)
+    return side_by_side([rgb, overlay(rgb, ids, classes, alpha=0.5)])

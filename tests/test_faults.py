@@ -1,0 +1,344 @@
+"""Faults and bad input: what the user sees, and that nothing is lost or left looking complete.
+
+Worker SIGKILL and interrupted checkpoint writes are in ``test_pretrain.py``; this module holds
+the driver kill + resubmit, corrupt and truncated shards, S3 error bursts through a loopback
+proxy, a table of bad inputs across every job, and the credentials audit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import REPO, TEST_KEY_ID, TEST_SECRET, run_job
+from mlflow import MlflowClient
+from s3_fault_proxy import FaultyS3Proxy
+
+from rsdiff import storage
+from rsdiff.config import load_config
+from rsdiff.data.manifest import read_manifest
+from rsdiff.ingest import IngestConfig, run_ingest
+
+SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
+TINY_FAST = [
+    "--config", "configs/pretrain/tiny.yaml", "model.image_size=32", "data.batch_size=4",
+    "data.num_workers=0", "data.shuffle_buffer=8", "optim.warmup_steps=2", "tracking.log_every=5",
+    "tracking.sample_every=1000",
+]  # fmt: skip
+
+
+def _secrets_in(blob: bytes) -> list[str]:
+    return [s for s in (TEST_SECRET, TEST_KEY_ID) if s.encode() in blob]
+
+
+def _bucket_objects(bucket: str) -> dict[str, bytes]:
+    s3 = boto3.client("s3")
+    name = bucket[len("s3://") :]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name)
+        for o in page.get("Contents", [])
+    ]
+    return {k: s3.get_object(Bucket=name, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.fixture(scope="module")
+def shards(sample_scenes, tmp_path_factory, ray_cluster) -> str:
+    out = tmp_path_factory.mktemp("fault-shards") / "sample"
+    run_ingest(load_config(IngestConfig, SAMPLE, [f"inputs=[{sample_scenes}/images/*.tif]", f"output={out}"]))
+    return str(out)
+
+
+def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path, ray_cluster, mlflow_uri):
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    good = manifest["shards"]["train"][0]
+    (bad / "train-9998-00000.tar").write_bytes(os.urandom(20_000))  # not a tar at all
+    (bad / "train-9999-00000.tar").write_bytes((bad / good).read_bytes()[: (bad / good).stat().st_size // 2])
+    manifest["shards"]["train"] += ["train-9998-00000.tar", "train-9999-00000.tar"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_job(
+        "pretrain.py", *TINY_FAST, f"data.shards={bad}", "data.splits=[train]", "optim.max_steps=10",
+        "checkpoint.every_steps=10", f"run.storage={tmp_path / 'runs'}", "run.name=corrupt",
+        f"tracking.uri={mlflow_uri}", env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = json.loads(proc.stdout.strip().splitlines()[-1])["mlflow_run_id"]
+    errors = [m.value for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "skipped_shard_errors")]
+    assert errors and errors[-1] >= 2  # both bad shards were met, counted and skipped
+    assert (tmp_path / "runs" / "corrupt" / "checkpoint_00000010" / "model.pt").exists()
+
+
+def test_s3_error_bursts_are_retried_without_loss_or_duplicates(sample_scenes, bucket, s3_endpoint, tmp_path):
+    s3 = boto3.client("s3")
+    name = bucket[len("s3://") :]
+    for f in sorted(sample_scenes.rglob("*.tif")):
+        s3.upload_file(str(f), name, f"scenes/{f.relative_to(sample_scenes)}")
+    reference = run_ingest(
+        load_config(IngestConfig, SAMPLE, [f"inputs=[{bucket}/scenes/images/]", f"output={bucket}/clean"])
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with FaultyS3Proxy(s3_endpoint, every=3, burst=2, max_faults=40) as proxy:
+        env.update(AWS_ENDPOINT_URL=proxy.url, RSDIFF_S3_MAX_ATTEMPTS="6")
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "ingest.py"), "--config", str(SAMPLE),
+             f"inputs=[{bucket}/scenes/images/]", f"output={bucket}/through-faults", "ray.num_cpus=1"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        injected = dict(proxy.faults)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert injected["503"] >= 5 and injected["reset"] >= 5, injected
+    got = read_manifest(f"{bucket}/through-faults")
+    assert got.samples == reference.samples and got.band_stats == reference.band_stats
+    objects = _bucket_objects(bucket)
+    faulty = sorted(k for k in objects if k.startswith("through-faults/"))
+    clean = sorted(k for k in objects if k.startswith("clean/"))
+    assert [k.split("/", 1)[1] for k in faulty] == [
+        k.split("/", 1)[1] for k in clean
+    ]  # nothing extra, nothing lost
+    for k in faulty:
+        assert objects[k] == objects["clean/" + k.split("/", 1)[1]] or k.endswith("manifest.json")
+
+
+def test_killed_driver_resubmitted_resumes_from_the_s3_checkpoint(
+    shards, bucket, tmp_path, ray_cluster, mlflow_uri
+):
+    common = [
+        *TINY_FAST, f"data.shards={shards}", "checkpoint.every_steps=5", f"run.storage={bucket}/runs",
+        "run.name=driver-kill", f"tracking.uri={mlflow_uri}",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "pretrain.py"), *common, "optim.max_steps=400"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not storage.list_uris(f"{bucket}/runs/driver-kill", "rsdiff.json"):
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        time.sleep(1)
+    time.sleep(3)  # let Ray Train register the checkpoint it has just written
+    os.killpg(first.pid, signal.SIGKILL)
+    first_log = first.stdout.read().decode()
+    first.wait()
+    done = storage.list_uris(f"{bucket}/runs/driver-kill", "rsdiff.json")
+    assert done, "no checkpoint was written before the kill"
+    second = run_job("pretrain.py", *common, "optim.max_steps=20", env={"RAY_ADDRESS": env["RAY_ADDRESS"]})
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["step"] == 20 and result["checkpoint"].startswith(f"{bucket}/runs/driver-kill/")
+    started = [
+        m.value
+        for m in MlflowClient(mlflow_uri).get_metric_history(result["mlflow_run_id"], "started_at_step")
+    ]
+    assert started[0] == 0 and started[-1] >= 5, started  # the resubmitted job did not start over
+    # Nothing secret in the logs, the checkpoints in S3, or the MLflow store.
+    assert not _secrets_in((first_log + second.stdout + second.stderr).encode())
+    leaks = {k: _secrets_in(v) for k, v in _bucket_objects(bucket).items() if _secrets_in(v)}
+    assert not leaks, leaks
+    db = Path(mlflow_uri[len("sqlite:///") :])
+    assert not _secrets_in(db.read_bytes())
+    for f in db.parent.rglob("*"):
+        if f.is_file() and "mlartifacts" in f.parts:
+            assert not _secrets_in(f.read_bytes()), f
+
+
+def test_no_credentials_in_demo_outputs_logs_or_mlflow(sample_demo):
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == TEST_SECRET  # the demo ran with keys in its environment
+    leaks = [str(f) for f in sample_demo.rglob("*") if f.is_file() and _secrets_in(f.read_bytes())]
+    assert not leaks, leaks
+    client = MlflowClient(f"sqlite:///{sample_demo / 'mlflow.db'}")
+    for run in client.search_runs([client.get_experiment_by_name("rsdiff-demo").experiment_id]):
+        text = json.dumps({"p": run.data.params, "t": run.data.tags})
+        assert not _secrets_in(text.encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear message, exit status 2, no traceback, nothing that looks complete.
+
+
+def _run_job_inline(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run ``jobs/<script>`` in this process (as ``python jobs/<script> argv``): (exit code, stderr)."""
+    sys.path.insert(0, str(REPO / "jobs"))
+    old = sys.argv
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(str(REPO / "jobs" / script), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = old
+        sys.path.remove(str(REPO / "jobs"))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(sample_demo, sample_scenes, tmp_path_factory):
+    """Files the bad-input cases point at."""
+    import numpy as np
+    import rasterio
+
+    root = tmp_path_factory.mktemp("bad")
+    (root / "not-a-raster.tif").write_text("hello")
+    with rasterio.open(
+        root / "float.tif", "w", driver="GTiff", width=300, height=300, count=1, dtype="float32"
+    ) as d:
+        d.write(np.zeros((1, 300, 300), np.float32))
+    small = root / "small" / "images"
+    small.mkdir(parents=True)
+    shutil.copy(sample_scenes / "images" / "scene_00.tif", small / "a.tif")
+    ckpt = sorted((sample_demo / "ray" / "demo-pretrain").glob("checkpoint_*"))[-1]
+    broken = root / "broken-ckpt"
+    shutil.copytree(ckpt, broken)
+    (broken / "model.pt").write_bytes(b"not a torch file")
+    (root / "empty").mkdir()
+    return {"root": root, "demo": sample_demo, "scenes": sample_scenes, "ckpt": ckpt, "broken": broken}
+
+
+SMP = ["--config", "configs/ingest/sample.yaml"]
+SCN = "inputs=[{scenes}/images/*.tif]"
+CASES = [
+    # (job, argv, expected words in the message, path that must not exist afterwards)
+    ("ingest.py", [*SMP, SCN, "tile_sise=64"], "unknown config key 'tile_sise'", None),
+    ("ingest.py", [*SMP, "output={root}/o1"], "inputs", "{root}/o1"),
+    (
+        "ingest.py",
+        [*SMP, "inputs=[{root}/nothing/*.tif]", "output={root}/o2"],
+        "match no image file",
+        "{root}/o2/manifest.json",
+    ),
+    (
+        "ingest.py",
+        [*SMP, "inputs=[{root}/not-a-raster.tif]", "output={root}/o3"],
+        "not a readable raster",
+        "{root}/o3/manifest.json",
+    ),
+    ("ingest.py", ["inputs=[{root}/float.tif]", "output={root}/o4"], "dtype", "{root}/o4/manifest.json"),
+    ("ingest.py", [*SMP, SCN, "bands=[7]", "output={root}/o5"], "band", "{root}/o5/manifest.json"),
+    (
+        "ingest.py",
+        [*SMP, "inputs=[{root}/small/images/*.tif]", "output={root}/o6"],
+        "no label mask",
+        "{root}/o6/manifest.json",
+    ),
+    (
+        "ingest.py",
+        [*SMP, SCN, "tile_size=512", "output={root}/o7"],
+        "smaller than",
+        "{root}/o7/manifest.json",
+    ),
+    ("ingest.py", [*SMP, SCN, "output=s3://rsdiff-no-such-bucket/x"], "rsdiff-no-such-bucket", None),
+    ("ingest.py", ["--config", "configs/ingest/missing.yaml"], "does not exist", None),
+    ("pretrain.py", ["data.shards={root}/empty", "run.storage={root}/r1"], "no manifest.json", "{root}/r1"),
+    (
+        "pretrain.py",
+        ["data.shards={demo}/shards", "optim.max_steps=0", "run.storage={root}/r2"],
+        "optim.max_steps",
+        "{root}/r2",
+    ),
+    ("pretrain.py", ["data.shards={demo}/shards", "optim.lr=fast"], "optim.lr", None),
+    (
+        "pretrain.py",
+        ["data.shards={demo}/shards", "model.in_channels=3", "run.storage={root}/r3"],
+        "in_channels",
+        "{root}/r3",
+    ),
+    (
+        "extract.py",
+        ["checkpoint={root}/empty", "output={root}/f1"],
+        "no rsdiff checkpoint",
+        "{root}/f1/table.json",
+    ),
+    (
+        "extract.py",
+        ["checkpoint={broken}", "output={root}/f2"],
+        "cannot load weights",
+        "{root}/f2/table.json",
+    ),
+    (
+        "extract.py",
+        ["checkpoint={ckpt}", "blocks=[up9.res9]", "output={root}/f3"],
+        "up0.res0",
+        "{root}/f3/table.json",
+    ),
+    (
+        "extract.py",
+        ["checkpoint={ckpt}", "timesteps=[5000]", "output={root}/f4"],
+        "timesteps",
+        "{root}/f4/table.json",
+    ),
+    ("sweep.py", ["features={root}/empty", "output={root}/s1"], "feature table", "{root}/s1/best"),
+    (
+        "sweep.py",
+        ["features={demo}/features", "tracking.uri=http://127.0.0.1:9", "output={root}/s2"],
+        "unreachable",
+        "{root}/s2/best",
+    ),
+    (
+        "sweep.py",
+        ["features={demo}/features", "search.timesteps=[[7]]", "output={root}/s3"],
+        "7",
+        "{root}/s3/best",
+    ),
+    (
+        "predict.py",
+        ["head={root}/empty", "inputs=[{scenes}/images/scene_00.tif]", "output={root}/p1"],
+        "no head artifact",
+        "{root}/p1/predictions.json",
+    ),
+    (
+        "predict.py",
+        ["head={demo}/sweep/best", "inputs=[{root}/nothing.tif]", "output={root}/p2"],
+        "match no image",
+        "{root}/p2/predictions.json",
+    ),
+    (
+        "predict.py",
+        ["head={demo}/sweep/best", "inputs=[{scenes}/images/scene_00.tif]", "overlap=64", "output={root}/p3"],
+        "overlap=64",
+        "{root}/p3/predictions.json",
+    ),
+    ("evaluate.py", ["predictions={root}/empty"], "no predictions.json", "{root}/empty/metrics.json"),
+    (
+        "evaluate.py",
+        [
+            "predictions={demo}/predictions",
+            "labels.mask_template={dir}/missing/{stem}.png",
+            "output={root}/e1.json",
+        ],
+        "no label mask",
+        "{root}/e1.json",
+    ),
+    (
+        "label_efficiency.py",
+        ["features={demo}/features", "ks=[1000]", "output={root}/l1"],
+        "ks=",
+        "{root}/l1/results.json",
+    ),
+    ("demo.py", ["trials=0", "workdir={root}/d1"], "trials", "{root}/d1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("job", "argv", "needle", "absent"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
+def test_bad_input_gives_one_clear_message(job, argv, needle, absent, bad_inputs, capsys, ray_cluster):
+    fmt = {k: str(v) for k, v in bad_inputs.items()}
+    code, err = _run_job_inline(job, [a.format(**fmt) if "{dir}" not in a else a for a in argv], capsys)
+    assert code == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"rsdiff {job[:-3]}: error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    if absent:
+        assert not Path(absent.format(**fmt)).exists()

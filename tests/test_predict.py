@@ -1,0 +1,339 @@
+"""Whole-scene prediction, evaluation, the end-to-end demo and the label-efficiency report, driven
+through the job scripts and the library against a real local Ray, loopback S3 and sqlite MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from conftest import run_job
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from rsdiff.data.synthetic import write_scene
+from rsdiff.features.extractor import FeatureExtractor
+from rsdiff.heads.fit import HeadConfig, fit_head
+from rsdiff.prediction.run import PredictConfig, load_head_and_checkpoint, run_predict
+
+
+def _predict_cfg(head: str, inputs: list[str], output: str, *extra: str):
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(PredictConfig),
+        OmegaConf.from_dotlist([f"head={head}", f"output={output}", "tracking.enabled=false", *extra]),
+    )
+    cfg.inputs = inputs
+    return cfg
+
+
+def test_demo_chain_on_the_generated_sample(sample_demo):
+    work = sample_demo
+    out = (work / "stdout.txt").read_text()
+    assert "predicted GeoTIFF:" in out and "MLflow UI:" in out and "quicklook:" in out
+    metrics = json.loads((work / "predictions" / "metrics.json").read_text())
+    assert metrics["pixels"] > 0 and 0.0 <= metrics["miou"] <= 1.0
+    # A trained head on the generated land-cover pattern beats predicting the majority class.
+    cm = np.asarray(metrics["confusion_matrix"])
+    assert metrics["overall_accuracy"] > cm.sum(1).max() / cm.sum()
+    summary = json.loads((work / "predictions" / "predictions.json").read_text())
+    assert summary["scenes"] and all(Path(s["class_map"]).exists() for s in summary["scenes"])
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rsdiff-demo")
+    runs = client.search_runs([exp.experiment_id])
+    names = {r.info.run_name for r in runs}
+    stages = {r.data.tags.get("rsdiff.stage") for r in runs}
+    assert {"predict", "evaluate", "demo"} <= stages
+    assert "demo-pretrain" in names and "demo-sweep" in names
+    assert sum(r.data.tags.get("mlflow.parentRunId") is not None for r in runs) == 2  # sweep trials
+    demo = next(r for r in runs if r.data.tags.get("rsdiff.stage") == "demo")
+    assert demo.info.status == "FINISHED" and demo.data.metrics["miou"] == pytest.approx(metrics["miou"])
+    assert {"quicklook.png", "demo.json"} <= {a.path for a in client.list_artifacts(demo.info.run_id)}
+    evaluate = next(r for r in runs if r.data.tags.get("rsdiff.stage") == "evaluate")
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+
+
+def test_predicting_a_4band_uint16_geotiff_larger_than_the_window_into_s3(
+    sample_demo, bucket, tmp_path, ray_cluster
+):
+    scene = write_scene(
+        tmp_path, "big", height=300, width=280, seed=7, nodata_border=5, origin=(310000.0, 2810000.0)
+    )
+    out = f"{bucket}/maps"
+    result = run_predict(
+        _predict_cfg(
+            str(sample_demo / "sweep" / "best"),
+            [str(scene.image)],
+            out,
+            "window=64",
+            "overlap=16",
+            "probabilities=true",
+        )
+    )
+    assert [r["scene"] for r in result.scenes] == ["big"]
+    from rsdiff import storage
+
+    with (
+        storage.local_copy(f"{out}/big.tif") as cls_path,
+        storage.local_copy(f"{out}/big.proba.tif") as p_path,
+        rasterio.open(scene.image) as src,
+        rasterio.open(cls_path) as cls,
+        rasterio.open(p_path) as prob,
+    ):
+        assert cls.crs == src.crs and cls.transform == src.transform
+        assert (cls.width, cls.height) == (280, 300) and cls.count == 1 and cls.dtypes[0] == "uint8"
+        assert cls.profile["tiled"] and cls.compression.name == "deflate" and cls.overviews(1)
+        assert cls.nodata == 255 and cls.colormap(1)[0][:3] != (0, 0, 0)
+        classes = json.loads(cls.tags()["rsdiff_classes"])
+        assert [c["name"] for c in classes] == ["water", "land", "road", "building", "vegetation"]
+        ids = cls.read(1)
+        assert (ids[:5] == 255).all() and (ids[:, :5] == 255).all()  # the nodata border stays nodata
+        assert set(np.unique(ids[5:, 5:])) <= set(range(5))
+        assert prob.count == 5 and prob.descriptions[0] == "water" and prob.crs == src.crs
+        p = prob.read().astype(int)
+        assert np.abs(p[:, 5:, 5:].sum(0) - 255).max() <= 3  # probabilities sum to 1 (uint8 rounding)
+        assert (p.argmax(0)[5:, 5:] == ids[5:, 5:]).mean() > 0.99
+    assert storage.exists(f"{out}/big.quicklook.png") and storage.exists(f"{out}/predictions.json")
+
+
+def _ramp(size, overlap):
+    """The blending weights, written out independently of the library."""
+    w = np.array([min(1.0, (min(i, size - 1 - i) + 1) / (overlap + 1)) for i in range(size)])
+    return np.outer(w, w)
+
+
+def test_window_seams_do_not_change_the_argmax_of_a_constant_image(sample_demo, tmp_path, ray_cluster):
+    from rsdiff.data.synthetic import sample_labels, sample_pixels
+
+    head_uri = str(sample_demo / "sweep" / "best")
+    head, ddpm = load_head_and_checkpoint(head_uri)
+    extractor = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed)
+    h, w, size, overlap = 112, 136, 64, 32
+
+    def window_probs(value):
+        x = ddpm.normalizer.torch(
+            torch.from_numpy(np.broadcast_to(value[:, None, None], (1, 4, size, size)).copy())
+        )
+        _, probs = head.predict(extractor.dense(x)[0].flatten(1).T)
+        return probs.T.reshape(-1, size, size).numpy()
+
+    # A constant image of one class's typical pixel, for a class whose window centre is all that class
+    # (near the window's own edges the UNet sees padding and may say otherwise).
+    labels = sample_labels(160, 192, 1000)
+    pixels = sample_pixels(labels, 4, "uint16", 1000)
+    for c in range(5):
+        value = np.median(pixels[:, labels == c], axis=1).astype(np.uint16)
+        P = window_probs(value)
+        centre = P[:, size // 4 : -size // 4, size // 4 : -size // 4].argmax(0)
+        if (centre == c).all():
+            break
+    else:
+        raise AssertionError("no class has a uniform window centre on its constant image")
+    path = tmp_path / "constant.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=h,
+        width=w,
+        count=4,
+        dtype="uint16",
+        crs="EPSG:32640",
+        transform=rasterio.transform.from_origin(0, 0, 1, 1),
+    ) as dst:
+        dst.write(np.broadcast_to(value[:, None, None], (4, h, w)))
+    run_predict(
+        _predict_cfg(head_uri, [str(path)], str(tmp_path / "out"), f"window={size}", f"overlap={overlap}")
+    )
+    with rasterio.open(tmp_path / "out" / "constant.tif") as cls:
+        got = cls.read(1)
+    # Every window sees the same pixels, so its probabilities are the one map P; blend P by hand.
+    starts = lambda n: sorted({*range(0, n - size + 1, size - overlap), n - size})  # noqa: E731
+    num, den = np.zeros((P.shape[0], h, w)), np.zeros((h, w))
+    for r in starts(h):
+        for col in starts(w):
+            num[:, r : r + size, col : col + size] += P * _ramp(size, overlap)
+            den[r : r + size, col : col + size] += _ramp(size, overlap)
+    np.testing.assert_array_equal(got, (num / den).argmax(0))
+    # Away from the scene border the map is that one class: window edges leave no seam lines.
+    assert (got[size // 4 : -size // 4, size // 4 : -size // 4] == c).all()
+
+
+def test_a_jpg_without_georeference_gives_an_ungeoreferenced_map(dubai, dubai_table, tmp_path, ray_cluster):
+    from PIL import Image
+
+    head_cfg = OmegaConf.merge(
+        OmegaConf.structured(HeadConfig), {"epochs": 2, "width": 32, "batch_rows": 512}
+    )
+    head = fit_head(dubai_table, [100], ["up1.res1", "up2.res1"], head_cfg)
+    head_uri = head.save(str(tmp_path / "head"))
+    jpg = tmp_path / "scenes" / "crop.jpg"
+    jpg.parent.mkdir()
+    Image.open(dubai / "tile_2" / "images" / "image_part_001.jpg").crop((0, 0, 150, 110)).save(
+        jpg, quality=95
+    )
+    proc = run_job(
+        "predict.py",
+        f"head={head_uri}",
+        f"inputs=[{jpg}]",
+        f"output={tmp_path / 'out'}",
+        "tracking.enabled=false",
+        env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no georeference" in proc.stderr
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(tmp_path / "out" / "crop.tif") as cls:
+            assert cls.crs is None and (cls.width, cls.height) == (150, 110)
+            assert set(np.unique(cls.read(1))) <= set(range(5))
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert summary["scenes"][0]["georeferenced"] is False
+
+
+def test_evaluate_job_matches_a_hand_computed_confusion_matrix(
+    sample_demo, tmp_path, mlflow_uri, ray_cluster
+):
+    work = sample_demo
+    proc = run_job(
+        "evaluate.py",
+        f"predictions={work / 'predictions'}",
+        "labels.mask_template={dir}/../labels/{stem}.tif",
+        "labels.kind=index",
+        f"output={tmp_path / 'm.json'}",
+        f"tracking.uri={mlflow_uri}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mIoU" in proc.stdout and "vegetation" in proc.stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    summary = json.loads((work / "predictions" / "predictions.json").read_text())
+    cm = np.zeros((5, 5), np.int64)
+    for s in summary["scenes"]:
+        with (
+            rasterio.open(s["class_map"]) as p,
+            rasterio.open(Path(s["image"]).parent.parent / "labels" / Path(s["image"]).name) as t,
+        ):
+            pred, true = p.read(1).ravel().astype(int), t.read(1).ravel().astype(int)
+        keep = (pred != 255) & (true != 255)
+        np.add.at(cm, (true[keep], pred[keep]), 1)
+    assert metrics["confusion_matrix"] == cm.tolist()
+    iou = np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
+    assert metrics["miou"] == pytest.approx(np.nanmean(iou))
+    assert metrics["overall_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    run = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("rsdiff-evaluate").experiment_id]
+    )[0]
+    assert run.data.metrics["miou"] == pytest.approx(metrics["miou"])
+    assert {"confusion_matrix.png", "metrics.json", "metrics.txt"} <= {
+        a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)
+    }
+
+
+def test_label_efficiency_job_writes_table_and_plot(sample_demo, tmp_path, mlflow_uri):
+    work = sample_demo
+    proc = run_job(
+        "label_efficiency.py",
+        f"features={work / 'features'}",
+        f"selection={work / 'sweep' / 'best'}",
+        "ks=[1,2]",
+        "draws=2",
+        "unet.steps=20",
+        "unet.eval_every=10",
+        f"output={tmp_path / 'le'}",
+        f"tracking.uri={mlflow_uri}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| scratch_unet |" in proc.stdout
+    results = json.loads((tmp_path / "le" / "results.json").read_text())
+    runs = results["runs"]
+    assert len(runs) == 2 * 2 * 3
+    for k in (1, 2):
+        for d in (0, 1):
+            same = [r["images"] for r in runs if r["k"] == k and r["draw"] == d]
+            assert len(same) == 3 and all(s == same[0] for s in same) and len(same[0]) == k
+    assert all(0.0 <= r["miou"] <= 1.0 for r in runs)
+    assert (tmp_path / "le" / "label_efficiency.png").stat().st_size > 1000
+    assert "| residual |" in (tmp_path / "le" / "table.md").read_text()
+    client = MlflowClient(mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("rsdiff-label-efficiency").experiment_id])[0]
+    assert {"label_efficiency.png", "results.json", "table.md"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
+    hist = client.get_metric_history(run.info.run_id, "miou_scratch_unet_mean")
+    assert sorted(m.step for m in hist) == [1, 2]
+
+
+def test_predict_bad_inputs_fail_with_one_clear_message(sample_demo, tmp_path, ray_cluster):
+    import shutil
+
+    head = tmp_path / "head"
+    shutil.copytree(sample_demo / "sweep" / "best", head)
+    meta = json.loads((head / "head.json").read_text())
+    good = write_scene(tmp_path / "s", "ok", height=70, width=70).image
+    env = {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+    # 1. The head's checkpoint is gone.
+    meta_gone = {**meta, "checkpoint": str(tmp_path / "deleted" / "checkpoint_00000010")}
+    (head / "head.json").write_text(json.dumps(meta_gone))
+    proc = run_job("predict.py", f"head={head}", f"inputs=[{good}]", f"output={tmp_path / 'o1'}", env=env)
+    assert (
+        proc.returncode == 2
+        and "fitted on features of checkpoint" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
+    (head / "head.json").write_text(json.dumps(meta))
+
+    # 2. A scene with a different band count than the model's.
+    three = write_scene(tmp_path / "s3", "three", height=70, width=70, bands=3).image
+    proc = run_job("predict.py", f"head={head}", f"inputs=[{three}]", f"output={tmp_path / 'o2'}", env=env)
+    assert proc.returncode == 2 and "has 3 band(s)" in proc.stderr and "pretrained on 4" in proc.stderr
+    assert not (tmp_path / "o2" / "predictions.json").exists()
+
+    # 3. An output that cannot be written.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_job("predict.py", f"head={head}", f"inputs=[{good}]", f"output={blocker / 'maps'}", env=env)
+    assert proc.returncode == 2 and "a-file/maps" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_job(
+        "predict.py", f"head={head}", f"inputs=[{good}]", "output=s3://no-such-bucket-rsdiff/maps", env=env
+    )
+    assert proc.returncode == 2 and "no-such-bucket-rsdiff" in proc.stderr
+
+    # 4. No head artifact at all / a window the UNet cannot take.
+    proc = run_job("predict.py", f"head={tmp_path / 'nothing'}", f"inputs=[{good}]", env=env)
+    assert proc.returncode == 2 and "no head artifact" in proc.stderr
+    proc = run_job("predict.py", f"head={head}", f"inputs=[{good}]", "window=62", env=env)
+    assert proc.returncode == 2 and "window=62" in proc.stderr
+
+
+def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
+    work = tmp_path / "demo-dubai"
+    proc = run_job(
+        "demo.py",
+        f"data={dubai}",
+        "images=[tile_2/images/*.jpg]",
+        "labels_preset=configs/ingest/dubai.yaml",
+        f"workdir={work}",
+        "pretrain_steps=16",
+        "trials=2",
+        "head_epochs=3",
+        "max_images=32",
+        "pixels_per_class=16",
+        env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((work / "predictions" / "metrics.json").read_text())
+    assert metrics["classes"] == ["building", "land", "road", "vegetation", "water"] and metrics["pixels"] > 0
+    summary = json.loads((work / "predictions" / "predictions.json").read_text())
+    assert summary["scenes"] and all(not s["georeferenced"] for s in summary["scenes"])
+    for s in summary["scenes"]:
+        with rasterio.open(s["image"]) as src, rasterio.open(s["class_map"]) as cls:
+            assert (cls.width, cls.height) == (src.width, src.height)
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("rsdiff-demo").experiment_id])
+    assert {"predict", "evaluate", "demo"} <= {r.data.tags.get("rsdiff.stage") for r in runs}
