@@ -39,7 +39,7 @@ class DemoConfig:
     fresh: bool = False  # delete workdir first
     tile_size: int = 64
     val_fraction: float = 0.34
-    pretrain_steps: int = 300
+    pretrain_steps: int = 200
     batch_size: int = 8
     timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
     pixels_per_class: int = 64

@@ -26,15 +26,9 @@ from rsdiff.data.scenes import SceneReader, SceneRef, mask_uri
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.ingest import LabelConfig, build_classmap
 from rsdiff.metrics import ConfusionMatrix
+from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateTracking:
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "rsdiff-evaluate"
 
 
 @dataclass
@@ -47,7 +41,7 @@ class EvaluateConfig:
     )
     output: str | None = None  # metrics JSON; default {predictions}/metrics.json
     block_rows: int = 512
-    tracking: EvaluateTracking = field(default_factory=EvaluateTracking)
+    tracking: StageTracking = field(default_factory=lambda: StageTracking(experiment="rsdiff-evaluate"))
 
 
 @dataclass
@@ -172,19 +166,11 @@ def run_evaluate(cfg: Any) -> EvaluateResult:
     }
     out = storage.absolute(str(cfg.output)) if cfg.output else storage.join(pred_root, "metrics.json")
     storage.write_text(out, json.dumps(metrics, indent=1))
-    run = None
-    uri = None
-    if cfg.tracking.enabled:
+    tags = {"rsdiff.stage": "evaluate", "rsdiff.head": storage.display(summary["head"])}
+    run = tracking.start_stage_run(cfg.tracking, f"evaluate-{len(per_scene)}-scenes", tags, cfg)
+    if run is not None:
         import matplotlib.pyplot as plt
 
-        uri = tracking.resolve_uri(cfg.tracking.uri)
-        run = tracking.RunHandle.create(
-            uri,
-            cfg.tracking.experiment,
-            f"evaluate-{len(per_scene)}-scenes",
-            {"rsdiff.stage": "evaluate", "rsdiff.head": storage.display(summary["head"])},
-        )
-        run.log_params(tracking.config_params(cfg))
         flat = {
             "miou": metrics["miou"],
             "overall_accuracy": metrics["overall_accuracy"],
@@ -207,7 +193,7 @@ def run_evaluate(cfg: Any) -> EvaluateResult:
         metrics["pixels"],
         storage.display(out),
     )
-    return EvaluateResult(metrics, out, run.run_id if run else None, uri)
+    return EvaluateResult(metrics, out, run.run_id if run else None, run.uri if run else None)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -32,16 +32,10 @@ from rsdiff.config import redact, to_container
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.heads.fit import HeadConfig, HeadKind
 from rsdiff.heads.scratch_unet import ScratchUNetConfig
+from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)
 METHODS = ("residual", "ensemble", "scratch_unet")
-
-
-@dataclass
-class LETracking:
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "rsdiff-label-efficiency"
 
 
 @dataclass
@@ -60,7 +54,9 @@ class LabelEfficiencyConfig:
     ensemble: HeadConfig = field(default_factory=lambda: HeadConfig(kind=HeadKind.ensemble))
     unet: ScratchUNetConfig = field(default_factory=ScratchUNetConfig)
     output: str = "runs/label_efficiency"
-    tracking: LETracking = field(default_factory=LETracking)
+    tracking: StageTracking = field(
+        default_factory=lambda: StageTracking(experiment="rsdiff-label-efficiency")
+    )
 
 
 @dataclass
@@ -251,15 +247,10 @@ def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     storage.write_bytes(storage.join(out, "label_efficiency.png"), buf.getvalue())
     run_id = None
-    if cfg.tracking.enabled:
-        uri = tracking.resolve_uri(cfg.tracking.uri)
-        run = tracking.RunHandle.create(
-            uri,
-            cfg.tracking.experiment,
-            f"label-efficiency-k{'-'.join(map(str, ks))}",
-            {"rsdiff.stage": "label-efficiency"},
-        )
-        run.log_params(tracking.config_params(cfg))
+    run = tracking.start_stage_run(
+        cfg.tracking, f"label-efficiency-k{'-'.join(map(str, ks))}", {"rsdiff.stage": "label-efficiency"}, cfg
+    )
+    if run is not None:
         run.log_params(
             {"selection.timesteps": json.dumps(list(timesteps)), "selection.blocks": json.dumps(list(blocks))}
         )

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,22 @@ class RunHandle:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+@dataclass
+class StageTracking:
+    """MLflow for one job: ``uri`` null = ``MLFLOW_TRACKING_URI`` or ``runs/mlflow.db``;
+    ``enabled=false`` logs no run."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "rsdiff"
+
+
+def start_stage_run(t: Any, run_name: str, tags: dict[str, str], cfg: Any) -> RunHandle | None:
+    """A new run for a job's config ``cfg`` (params logged, secrets redacted); None when disabled."""
+    if not t.enabled:
+        return None
+    run = RunHandle.create(resolve_uri(t.uri), t.experiment, run_name, tags)
+    run.log_params(config_params(cfg))
+    return run

@@ -310,6 +310,7 @@ def test_predict_bad_inputs_fail_with_one_clear_message(sample_demo, tmp_path, r
     assert proc.returncode == 2 and "window=62" in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
     work = tmp_path / "demo-dubai"
     proc = run_job(

@@ -23,6 +23,7 @@ from rsdiff.data.scenes import SceneRef, discover
 from rsdiff.errors import CheckpointError, ConfigError, DataError, RsdiffError
 from rsdiff.ingest import RayConfig
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan
+from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,9 @@ SUMMARY = "predictions.json"
 
 
 @dataclass
-class PredictTracking:
-    """MLflow: ``uri`` null = ``MLFLOW_TRACKING_URI`` or ``runs/mlflow.db``; ``enabled=false``: no run."""
+class PredictTracking(StageTracking):
+    """MLflow (see :class:`StageTracking`), plus how many quicklooks to log."""
 
-    enabled: bool = True
-    uri: str | None = None
     experiment: str = "rsdiff-predict"
     quicklooks: int = 8  # quicklook PNGs logged as artifacts (the first N scenes)
 
@@ -176,17 +175,8 @@ def run_predict(cfg: Any) -> PredictResult:
             windows_total += len(axis_origins(reader.height, plan.size, plan.stride)) * len(
                 axis_origins(reader.width, plan.size, plan.stride)
             )
-    run = None
-    uri = None
-    if cfg.tracking.enabled:
-        uri = tracking.resolve_uri(cfg.tracking.uri)
-        run = tracking.RunHandle.create(
-            uri,
-            cfg.tracking.experiment,
-            f"predict-{len(refs)}-scenes",
-            {"rsdiff.stage": "predict", "rsdiff.head": storage.display(head_uri)},
-        )
-        run.log_params(tracking.config_params(cfg))
+    tags = {"rsdiff.stage": "predict", "rsdiff.head": storage.display(head_uri)}
+    run = tracking.start_stage_run(cfg.tracking, f"predict-{len(refs)}-scenes", tags, cfg)
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     counter = ProgressCounter.remote()
@@ -261,4 +251,4 @@ def run_predict(cfg: Any) -> PredictResult:
         seconds,
         storage.display(out),
     )
-    return PredictResult(out, records, run.run_id if run else None, uri)
+    return PredictResult(out, records, run.run_id if run else None, run.uri if run else None)
