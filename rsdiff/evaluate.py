@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,21 +97,23 @@ def evaluate_scene(
         record["scene"], record["image"], record.get("mask") or mask_uri(record["image"], template)
     )
     cm = ConfusionMatrix(num_classes)
-    with (
-        SceneReader(ref, classmap) as reader,
-        storage.local_copy(record["class_map"]) as pred_path,
-        rasterio.open(pred_path) as pred,
-    ):
-        if (pred.width, pred.height) != (reader.width, reader.height):
-            raise DataError(
-                f"prediction {storage.display(record['class_map'])} is {pred.width}x{pred.height} px but "
-                f"mask {storage.display(ref.mask or '')} is {reader.width}x{reader.height} px"
-            )
-        for r in range(0, reader.height, block_rows):
-            h = min(block_rows, reader.height - r)
-            p = pred.read(1, window=Window(0, r, reader.width, h))
-            labels = _read_label_rows(reader, r, h)
-            cm.update(p, lut[labels])
+    with warnings.catch_warnings():  # maps of JPG/PNG scenes carry no georeference, as expected
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with (
+            SceneReader(ref, classmap) as reader,
+            storage.local_copy(record["class_map"]) as pred_path,
+            rasterio.open(pred_path) as pred,
+        ):
+            if (pred.width, pred.height) != (reader.width, reader.height):
+                raise DataError(
+                    f"prediction {storage.display(record['class_map'])} is {pred.width}x{pred.height} px but "
+                    f"mask {storage.display(ref.mask or '')} is {reader.width}x{reader.height} px"
+                )
+            for r in range(0, reader.height, block_rows):
+                h = min(block_rows, reader.height - r)
+                p = pred.read(1, window=Window(0, r, reader.width, h))
+                labels = _read_label_rows(reader, r, h)
+                cm.update(p, lut[labels])
     return cm
 
 

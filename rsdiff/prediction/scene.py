@@ -30,7 +30,7 @@ from rsdiff.prediction.writer import PredictionWriter, quicklook
 
 log = logging.getLogger(__name__)
 
-CHUNK_VALUES = 1 << 25  # feature values (B x D x rows x W) built at once: 128 MiB of float32
+CHUNK_VALUES = 1 << 23  # feature values (B x D x rows x W) built at once: 32 MiB of float32
 
 
 @dataclass(frozen=True)

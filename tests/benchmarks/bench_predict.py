@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import rasterio
+import ray
 import torch
 from bench_features import PeakRSS, make_checkpoint
 from omegaconf import OmegaConf
@@ -67,6 +68,7 @@ def main() -> None:
             load_config(IngestConfig, REPO / "configs/ingest/sample.yaml",
                         [f"inputs=[{tmp / 'sample'}/images/*.tif]", f"output={shards}", "ray.num_cpus=2"])
         )  # fmt: skip
+        ray.shutdown()  # measure this process alone
         ckpt = make_checkpoint(shards, tmp / "ckpt")
         ddpm = load_pretrained(ckpt)
         blocks = [b for b in list_blocks(ddpm.model) if b.startswith("up")]
