@@ -10,10 +10,12 @@ uint16 GeoTIFF scenes with index masks. Re-running resumes: finished stages are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,16 +151,12 @@ def run_demo(cfg: Any) -> DemoResult:
     stages: dict[str, float] = {}
     run_ids: dict[str, str] = {}
 
-    def timed(name: str) -> Any:
-        class _T:
-            def __enter__(self) -> None:
-                self.t0 = time.perf_counter()
-                log.info("demo: --- %s ---", name)
-
-            def __exit__(self, *exc: object) -> None:
-                stages[name] = time.perf_counter() - self.t0
-
-        return _T()
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        log.info("demo: --- %s ---", name)
+        yield
+        stages[name] = time.perf_counter() - t0
 
     # 1. ingest
     shards = str(work / "shards")

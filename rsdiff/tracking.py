@@ -47,20 +47,59 @@ def _artifact_root(uri: str) -> str | None:
 def client(uri: str) -> Any:
     """An ``MlflowClient`` for ``uri``, checked to answer.
 
+    An ``http(s)://`` server is first probed with a few short requests, so a server that is down
+    fails in seconds rather than after MLflow's minutes of request retries.
+
     Raises:
         ConfigError: the tracking store cannot be reached or opened.
     """
     from mlflow import MlflowClient
 
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
     c = MlflowClient(tracking_uri=uri)
     try:
         c.search_experiments(max_results=1)
     except Exception as exc:
-        raise ConfigError(
-            f"MLflow tracking URI {uri!r} is unreachable ({type(exc).__name__}); start the server, "
-            "fix tracking.uri / MLFLOW_TRACKING_URI, or leave both unset for a local sqlite store"
-        ) from exc
+        raise _unreachable(uri, type(exc).__name__) from exc
     return c
+
+
+def _probe_server(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None:
+    """Raise :func:`_unreachable` unless the server at ``uri`` answers HTTP at all (any status)."""
+    import time
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    health = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], path=parts.path.rstrip("/") + "/health")
+    for attempt in range(attempts):
+        try:
+            urllib.request.urlopen(urllib.parse.urlunsplit(health), timeout=timeout_s).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered; MLflow's own request reports auth or path problems
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if attempt == attempts - 1:
+                raise _unreachable(uri, f"{type(reason).__name__} after {attempts} tries") from exc
+            time.sleep(0.5 * 2**attempt)
+
+
+def _unreachable(uri: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"MLflow tracking URI {_display_uri(uri)!r} is unreachable ({why}); start the server, "
+        "fix tracking.uri / MLFLOW_TRACKING_URI, or leave both unset for a local sqlite store"
+    )
+
+
+def _display_uri(uri: str) -> str:
+    """``uri`` without any ``user:password@`` part."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
 
 
 def experiment_id(c: Any, name: str, uri: str) -> str:

@@ -8,6 +8,7 @@ would to MinIO or AWS. Its environment is set before Ray starts so Ray workers i
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,10 +80,22 @@ def bucket(s3_endpoint: str) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite store with its schema created once (the migrations take seconds)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path: Path) -> str:
-    """A real MLflow tracking store (sqlite) for one test."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def mlflow_uri(tmp_path: Path, _empty_mlflow_db: Path) -> str:
+    """A real MLflow tracking store (sqlite) of one test's own: a copy of the empty store."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_db, db)
+    return f"sqlite:///{db}"
 
 
 @pytest.fixture(scope="session")

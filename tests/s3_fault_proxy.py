@@ -2,7 +2,9 @@
 
 After every ``every`` forwarded requests the next ``burst`` fail, alternating an S3 ``503
 SlowDown`` answer and a dropped connection (no response at all), until ``max_faults`` faults
-have been injected. Clients point ``AWS_ENDPOINT_URL`` at :attr:`url`.
+have been injected. Clients point ``AWS_ENDPOINT_URL`` at :attr:`url`. :attr:`faults_by_client`
+counts the faults by the client that met them, told apart by User-Agent: ``boto3`` (rsdiff's own
+reads and writes) and ``arrow`` (pyarrow's S3 filesystem, which Ray Train uses for checkpoints).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -27,6 +30,7 @@ class FaultyS3Proxy:
         self.lock = threading.Lock()
         self.seen = 0
         self.faults = {"503": 0, "reset": 0}
+        self.faults_by_client: Counter[str] = Counter()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,7 +54,7 @@ class FaultyS3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                fault = proxy._next_fault()
+                fault = proxy._next_fault(self.headers.get("User-Agent", ""))
                 if fault == "503":
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -81,12 +85,12 @@ class FaultyS3Proxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def _next_fault(self) -> str | None:
+    def _next_fault(self, user_agent: str) -> str | None:
         with self.lock:
             self.seen += 1
             injected = sum(self.faults.values())
@@ -95,6 +99,7 @@ class FaultyS3Proxy:
                 return None
             kind = "503" if injected % 2 == 0 else "reset"
             self.faults[kind] += 1
+            self.faults_by_client[_client(user_agent)] += 1
             return kind
 
     def __enter__(self) -> FaultyS3Proxy:
@@ -104,3 +109,22 @@ class FaultyS3Proxy:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that drop their side of a connection after a fault are expected, not errors."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+def _client(user_agent: str) -> str:
+    agent = user_agent.lower()
+    if "aws-sdk-cpp" in agent or "arrow" in agent:
+        return "arrow"
+    if "boto" in agent:
+        return "boto3"
+    return "other"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -33,7 +34,7 @@ SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
 TINY_FAST = [
     "--config", "configs/pretrain/tiny.yaml", "model.image_size=32", "data.batch_size=4",
     "data.num_workers=0", "data.shuffle_buffer=8", "optim.warmup_steps=2", "tracking.log_every=5",
-    "tracking.sample_every=1000",
+    "tracking.sample_every=1000", "tracking.sample_count=4", "tracking.sample_steps=4",
 ]  # fmt: skip
 
 
@@ -117,6 +118,50 @@ def test_s3_error_bursts_are_retried_without_loss_or_duplicates(
     for a, b in zip(got.shard_uris(), reference.shard_uris(), strict=True):
         for x, y in zip(iter_shard(a), iter_shard(b), strict=True):  # same samples, bit for bit
             assert x.key == y.key and (x.image == y.image).all() and (x.label == y.label).all()
+
+
+def test_pretraining_through_s3_error_bursts_keeps_each_checkpoint_once(
+    shards, bucket, s3_endpoint, tmp_path, mlflow_uri
+):
+    """Shard reads (boto3) and Ray Train's checkpoint uploads (pyarrow) both meet 503s and resets."""
+    s3 = boto3.client("s3")
+    name = bucket[len("s3://") :]
+    for f in sorted(Path(shards).rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), name, f"shards/{f.relative_to(shards)}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh Ray that sees the proxy
+    with FaultyS3Proxy(s3_endpoint, every=5, burst=1, max_faults=30) as proxy:
+        env.update(AWS_ENDPOINT_URL=proxy.url)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "pretrain.py"), *TINY_FAST, f"data.shards={bucket}/shards",
+             "optim.max_steps=20", "checkpoint.every_steps=5", "checkpoint.keep=10",
+             f"run.storage={bucket}/runs", "run.name=through-faults", f"tracking.uri={mlflow_uri}",
+             "ray.num_cpus=2"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        by_client = dict(proxy.faults_by_client)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert by_client.get("boto3", 0) >= 1 and by_client.get("arrow", 0) >= 3, by_client  # both clients hit
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 20 and result["checkpoint"].startswith(f"{bucket}/runs/through-faults/")
+    # Each checkpoint exactly once and complete: the same files in every checkpoint folder.
+    keys = [k.split("/", 2)[2] for k in _bucket_objects(bucket) if k.startswith("runs/through-faults/")]
+    files: dict[str, list[str]] = {}
+    for k in keys:
+        if re.fullmatch(r"checkpoint_\d{8}/.+", k) and not k.endswith("/"):  # not pyarrow's folder markers
+            folder, name = k.split("/", 1)
+            files.setdefault(folder, []).append(name)
+    assert sorted(files) == [f"checkpoint_{s:08d}" for s in (5, 10, 15, 20)], keys
+    assert all(sorted(v) == sorted(files["checkpoint_00000020"]) for v in files.values()), files
+    assert {"model.pt", "rsdiff.json"} <= set(files["checkpoint_00000020"]), files
+    from rsdiff.train.checkpoint import load_pretrained
+
+    assert load_pretrained(result["checkpoint"]).meta["step"] == 20
+    started = [
+        m.value
+        for m in MlflowClient(mlflow_uri).get_metric_history(result["mlflow_run_id"], "started_at_step")
+    ]
+    assert set(started) <= {0, 5, 10, 15}, started  # any restart came from a whole checkpoint
 
 
 @pytest.mark.slow

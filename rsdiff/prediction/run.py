@@ -9,13 +9,16 @@ marks a complete prediction run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from omegaconf import MISSING
+from PIL import Image
 
 from rsdiff import storage
 from rsdiff.config import redact, to_container
@@ -234,15 +237,8 @@ def run_predict(cfg: Any) -> PredictResult:
         run.log_dict(summary, SUMMARY)
         for r in records[: cfg.tracking.quicklooks]:
             if r["quicklook"]:
-                import io
-
-                import numpy as np
-                from PIL import Image
-
-                run.log_image(
-                    np.array(Image.open(io.BytesIO(storage.read_bytes(r["quicklook"])))),
-                    f"quicklooks/{r['scene']}.png",
-                )
+                picture = np.array(Image.open(io.BytesIO(storage.read_bytes(r["quicklook"]))))
+                run.log_image(picture, f"quicklooks/{r['scene']}.png")
         run.finish()
     log.info(
         "predict: %d scene(s), %.1f Mpx in %.1f s -> %s",
