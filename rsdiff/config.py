@@ -25,6 +25,22 @@ _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_
 REDACTED = "***"
 
 
+def _override_error(overrides: list[str], exc: Exception) -> ConfigError:
+    """One line naming the override YAML cannot read, with the usual fix (quoting)."""
+    bad = overrides
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError):
+            bad = [item]
+            break
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    return ConfigError(
+        f"cannot parse override {bad[0] if len(bad) == 1 else bad}: {problem}; values are YAML, so quote "
+        "one that holds [ ] { } , : or # (e.g. inputs=['scenes/s_0[1-4].tif'] or name='a: b')"
+    )
+
+
 def _quote_template(item: str) -> str:
     """``key={dir}/x.png`` is not YAML (a ``{`` opens a mapping): pass such values as plain strings."""
     import yaml
@@ -72,7 +88,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
         try:
             layers.append(OmegaConf.from_dotlist(overrides))
         except (OmegaConfBaseException, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+            raise _override_error(overrides, exc) from exc
     where = (
         " + ".join(([str(path)] if path is not None else []) + (["overrides"] if overrides else []))
         or "defaults"

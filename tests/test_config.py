@@ -55,6 +55,17 @@ def test_missing_and_malformed_preset(tmp_path):
         load_config(IngestConfig, bad)
 
 
+def test_unparseable_override_is_named_on_one_line_with_the_quoting_fix():
+    bad = "inputs=[scenes/s_0[1-4].tif]"  # YAML reads the glob's brackets as a nested list
+    with pytest.raises(ConfigError) as err:
+        load_config(IngestConfig, None, ["tile_size=64", bad])
+    message = str(err.value)
+    assert message.startswith(f"cannot parse override {bad}:") and "\n" not in message
+    assert "quote" in message and "tile_size" not in message
+    cfg = load_config(IngestConfig, None, ["tile_size=64", "inputs=['scenes/s_0[1-4].tif']"])
+    assert list(cfg.inputs) == ["scenes/s_0[1-4].tif"]
+
+
 def test_config_is_read_only():
     cfg = load_config(IngestConfig, None, ["inputs=[x]"])
     with pytest.raises(Exception):  # noqa: B017 - omegaconf's ReadonlyConfigError
