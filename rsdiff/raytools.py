@@ -28,8 +28,27 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # With its dashboard, the local Ray serves the State API that Ray Train's placement-group
+        # cleaner polls; its workers are told where (without the dashboard the cleaner warns every
+        # second, and can stall for its full timeout on a stale `ray start` address).
+        port = _free_port()
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            log_to_driver=True,
+        )
     log.info("ray: %s", ray.cluster_resources())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @ray.remote(num_cpus=0)

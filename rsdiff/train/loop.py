@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 import signal
@@ -28,6 +29,8 @@ from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet
 from rsdiff.train import checkpoint
 from rsdiff.train.stream import ShardStream
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float = 0.1) -> float:
@@ -142,9 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         tracker = RunHandle(config["tracking_uri"], config["run_id"])
         tracker.log_metrics({"started_at_step": start}, step=start)
-        print(
-            f"[rank 0] {'resuming from checkpoint at' if start else 'starting at'} step {start}", flush=True
-        )
+        log.info("[rank 0] %s step %d", "resuming from checkpoint at" if start else "starting at", start)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.perf.bf16 else contextlib.nullcontext()
     )
@@ -197,12 +198,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
             if done % cfg.tracking.sample_every == 0 or done == cfg.optim.max_steps:
                 _log_pictures(tracker, ema, noise_sched, x0[0].float(), cfg, done)
-        print(
-            f"[rank {rank}] step {done}/{cfg.optim.max_steps} loss {metrics['loss']:.4f} "
-            f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
-            f"data-wait {metrics['data_wait_fraction']:.0%}",
-            flush=True,
-        )
+        log.info(
+            "[rank %d] step %d/%d loss %.4f lr %.2e %.1f img/s data-wait %.0f%%",
+            rank, done, cfg.optim.max_steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
+            100 * metrics["data_wait_fraction"],
+        )  # fmt: skip
         if save:
             rng_states: list[Any] = [torch.get_rng_state()]
             if world > 1:
