@@ -132,7 +132,7 @@ def run_demo(cfg: Any) -> DemoResult:
     from rsdiff.ingest import IngestConfig, run_ingest
     from rsdiff.prediction.run import PredictConfig, run_predict
     from rsdiff.pretrain import PretrainConfig, run_pretrain
-    from rsdiff.raytools import connect
+    from rsdiff.raytools import connect, largest_node_cpus
     from rsdiff.sweep import SweepConfig, run_sweep
 
     if cfg.trials < 1 or cfg.pretrain_steps < 1 or cfg.head_epochs < 1:
@@ -187,7 +187,7 @@ def run_demo(cfg: Any) -> DemoResult:
         ingest_cfg.tile_size = cfg.tile_size
         ingest_cfg.val_fraction = cfg.val_fraction
         ingest_cfg.split_seed = cfg.seed
-        ingest_cfg.shard_max_mb = 64
+        ingest_cfg.shard_max_mb = 64.0
         if cfg.data is not None:
             ingest_cfg.band_names = ["red", "green", "blue"]
         if not storage.exists(storage.join(shards, "manifest.json")):
@@ -207,6 +207,8 @@ def run_demo(cfg: Any) -> DemoResult:
                 f"data.shards={shards}",
                 f"data.batch_size={cfg.batch_size}",
                 "data.num_workers=0",
+                # one CPU worker with a whole node's cores: torch's threads follow its CPU count
+                f"scaling.cpus_per_worker={largest_node_cpus()}",
                 f"optim.max_steps={cfg.pretrain_steps}",
                 f"optim.warmup_steps={max(1, cfg.pretrain_steps // 10)}",
                 f"checkpoint.every_steps={max(1, cfg.pretrain_steps // 3)}",

@@ -43,6 +43,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("ray: %s", ray.cluster_resources())
 
 
+def largest_node_cpus() -> int:
+    """CPUs of the biggest live node of the connected cluster (at least 1).
+
+    What one actor can ask for and still be placed without a new node.
+    """
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(max(cpus, default=1)))
+
+
 def _free_port() -> int:
     import socket
 

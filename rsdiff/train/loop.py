@@ -1,9 +1,9 @@
 """The DDPM training loop run by every Ray Train worker, top to bottom in one function.
 
 Per step: draw ``grad_accum`` micro-batches from the shard stream, noise them at random
-timesteps, regress the noise (MSE), clip, AdamW step, EMA update. Every ``log_every`` steps all
-ranks report metrics; every ``checkpoint.every_steps`` steps (and at the end) rank 0 also saves a
-checkpoint through ``ray.train.report``. Rank 0 logs to the MLflow run its driver opened.
+timesteps, regress the noise (MSE), clip, AdamW step, EMA update. Every ``log_every`` steps rank 0
+logs metrics to the MLflow run its driver opened; every ``checkpoint.every_steps`` steps (and at
+the end) rank 0 saves a checkpoint and all ranks hand it, with the metrics, to ``ray.train.report``.
 """
 
 from __future__ import annotations
@@ -224,8 +224,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     )
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:08d}")
-        else:
-            ray.train.report(metrics)
+        # Metrics between checkpoints go to MLflow only: Ray Train's report queue holds one result
+        # and its controller drains it about once a second, so a report per log step would stall
+        # fast steps for up to a second each.
         window_loss.zero_()
         window_steps, window_data, window_t0 = 0, 0.0, time.perf_counter()
 
