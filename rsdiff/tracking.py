@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from rsdiff import storage
 from rsdiff.config import flatten, redact, to_container
 from rsdiff.errors import ConfigError
 
@@ -69,14 +70,12 @@ def _probe_server(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None:
     """Raise :func:`_unreachable` unless the server at ``uri`` answers HTTP at all (any status)."""
     import time
     import urllib.error
-    import urllib.parse
     import urllib.request
 
-    parts = urllib.parse.urlsplit(uri)
-    health = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], path=parts.path.rstrip("/") + "/health")
+    health = storage.display(uri).rstrip("/") + "/health"
     for attempt in range(attempts):
         try:
-            urllib.request.urlopen(urllib.parse.urlunsplit(health), timeout=timeout_s).close()
+            urllib.request.urlopen(health, timeout=timeout_s).close()
             return
         except urllib.error.HTTPError:
             return  # it answered; MLflow's own request reports auth or path problems
@@ -89,17 +88,9 @@ def _probe_server(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None:
 
 def _unreachable(uri: str, why: str) -> ConfigError:
     return ConfigError(
-        f"MLflow tracking URI {_display_uri(uri)!r} is unreachable ({why}); start the server, "
+        f"MLflow tracking URI {storage.display(uri)!r} is unreachable ({why}); start the server, "
         "fix tracking.uri / MLFLOW_TRACKING_URI, or leave both unset for a local sqlite store"
     )
-
-
-def _display_uri(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part."""
-    scheme, sep, rest = uri.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
 
 
 def experiment_id(c: Any, name: str, uri: str) -> str:
