@@ -115,6 +115,7 @@ def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: fit a head on the chosen channels, report val mIoU per epoch, log to MLflow."""
     from ray import tune
 
+    from rsdiff.devices import pick_device
     from rsdiff.tracking import RunHandle
 
     table = FeatureTable.open(config["_features"])
@@ -140,7 +141,8 @@ def _trial(config: dict[str, Any]) -> None:
                          "val_overall_accuracy": m["val_overall_accuracy"]}, step=epoch)  # fmt: skip
         tune.report({"val_miou": m["val_miou"], "train_loss": m["train_loss"], "epoch": epoch})
 
-    head = fit_head(table, config["timesteps"], config["blocks"], head_cfg, on_epoch=on_epoch)
+    device = pick_device(config["_gpus"])  # the GPU Tune reserved for this trial, if any
+    head = fit_head(table, config["timesteps"], config["blocks"], head_cfg, on_epoch=on_epoch, device=device)
     head.save(storage.join(config["_out"], "trials", trial_id))
     run.log_metrics(
         {
@@ -183,6 +185,7 @@ def run_sweep(cfg: Any) -> SweepResult:
         _uri=uri,
         _experiment=cfg.tracking.experiment,
         _out=out,
+        _gpus=float(cfg.gpus_per_trial),
     )
     connect(cfg.ray.address, cfg.ray.num_cpus)
     trainable = tune.with_resources(_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})

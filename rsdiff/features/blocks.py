@@ -63,7 +63,8 @@ def block_channels(model: torch.nn.Module, in_channels: int, size: int) -> dict[
     ]
     try:
         p = next(model.parameters())
-        model(torch.zeros(1, in_channels, size, size, device=p.device, dtype=p.dtype), torch.tensor([0]))
+        x = torch.zeros(1, in_channels, size, size, device=p.device, dtype=p.dtype)
+        model(x, torch.zeros(1, device=p.device, dtype=torch.long))  # timestep on the model's device
     finally:
         for h in handles:
             h.remove()

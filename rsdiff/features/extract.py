@@ -48,6 +48,7 @@ class ExtractConfig:
     batch_size: int = 8
     concurrency: int = 1  # actors, each holding one frozen UNet
     num_gpus: float = 0.0  # per actor (1 on GPU clusters)
+    precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
     overwrite: bool = False
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -76,14 +77,13 @@ class FeatureActor:
     """A Ray Data callable class: one frozen UNet per actor; a batch of tiles in, part summaries out."""
 
     def __init__(self, checkpoint: str, timesteps: list[int], blocks: list[str], cfg: dict[str, Any]) -> None:
-        import torch
 
+        from rsdiff.devices import pick_device
         from rsdiff.features.extractor import FeatureExtractor
         from rsdiff.train.checkpoint import load_pretrained
 
-        device = "cuda" if torch.cuda.is_available() and cfg["num_gpus"] > 0 else "cpu"
-        self.ddpm = load_pretrained(checkpoint, device=device)
-        self.extractor = FeatureExtractor(self.ddpm, timesteps, blocks, cfg["noise_seed"])
+        self.ddpm = load_pretrained(checkpoint, device=pick_device(cfg["num_gpus"]))
+        self.extractor = FeatureExtractor(self.ddpm, timesteps, blocks, cfg["noise_seed"], cfg["precision"])
         self.cfg = cfg
         self.num_classes = int(cfg["num_classes"])
 
@@ -178,7 +178,7 @@ def run_extract(cfg: Any) -> FeatureTable:
 
     ddpm = load_pretrained(str(cfg.checkpoint))
     extractor = FeatureExtractor(
-        ddpm, list(cfg.timesteps), list(cfg.blocks) or _decoder_blocks(ddpm), cfg.noise_seed
+        ddpm, list(cfg.timesteps), list(cfg.blocks) or _decoder_blocks(ddpm), cfg.noise_seed, cfg.precision
     )
     shards = str(cfg.shards or ddpm.meta.get("shards") or "")
     if not shards:
@@ -220,6 +220,7 @@ def run_extract(cfg: Any) -> FeatureTable:
         "noise_seed": int(cfg.noise_seed),
         "sample_seed": int(cfg.sample_seed),
         "num_gpus": float(cfg.num_gpus),
+        "precision": str(cfg.precision),
     }
     datasets = []
     for split in splits:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from rsdiff.devices import Precision, autocast, autocast_dtype
 from rsdiff.diffusion.schedule import fixed_noise
 from rsdiff.errors import ConfigError
 from rsdiff.features.blocks import block_channels, block_modules, resolve_blocks
@@ -34,10 +35,17 @@ class FeatureExtractor:
         timesteps: diffusion steps ``0 <= t < T``.
         blocks: block names or indexes (see :mod:`rsdiff.features.blocks`).
         noise_seed: seed of the fixed noise shared by every image.
+        precision: ``auto`` (bf16 autocast on CUDA where supported), ``fp32`` or ``bf16``;
+            activations are returned as float32 either way.
     """
 
     def __init__(
-        self, ddpm: PretrainedDDPM, timesteps: Sequence[int], blocks: Sequence[str | int], noise_seed: int = 0
+        self,
+        ddpm: PretrainedDDPM,
+        timesteps: Sequence[int],
+        blocks: Sequence[str | int],
+        noise_seed: int = 0,
+        precision: Precision | str = Precision.auto,
     ) -> None:
         self.ddpm = ddpm
         self.model = ddpm.model
@@ -48,6 +56,7 @@ class FeatureExtractor:
         self.timesteps = sorted({int(t) for t in timesteps})
         self.blocks = resolve_blocks(self.model, blocks)
         self.noise_seed = noise_seed
+        self.amp_dtype = autocast_dtype(precision, self.device)
         self.in_channels = int(ddpm.meta["in_channels"])
         shapes = block_channels(self.model, self.in_channels, int(ddpm.meta["image_size"]))
         self.index = ChannelIndex.build(self.timesteps, self.blocks, {b: shapes[b][0] for b in self.blocks})
@@ -90,7 +99,8 @@ class FeatureExtractor:
                 for b in self.blocks
             ]
             try:
-                self.model(xt, tt)
+                with autocast(self.device, self.amp_dtype):
+                    self.model(xt, tt)
             except _Stop:
                 pass
             finally:

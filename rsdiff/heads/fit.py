@@ -12,7 +12,7 @@ import copy
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rsdiff import storage
+from rsdiff import devices, storage
 from rsdiff.config import to_container
 from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX
@@ -181,14 +181,49 @@ def evaluate(
     std: torch.Tensor,
     images: set[str] | None = None,
 ) -> ConfusionMatrix:
-    """Confusion matrix of ``head`` over the rows of ``split`` (streamed)."""
+    """Confusion matrix of ``head`` over the rows of ``split`` (streamed, on ``mean``'s device)."""
     cm = ConfusionMatrix(table.num_classes)
     head.eval()
     with torch.no_grad():
         for x, y in table.iter_batches(split, channels, batch_rows=8192, images=images):
-            pred, _ = head.predict((torch.from_numpy(x) - mean) / std)
+            pred, _ = head.predict((torch.from_numpy(x).to(mean.device).float() - mean) / std)
             cm.update(pred, y)
     return cm
+
+
+def train_epoch(
+    head: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    input_noise: float = 0.0,
+    gen: torch.Generator | None = None,
+) -> tuple[torch.Tensor, int]:
+    """One pass over ``(x (N, D) fp16/fp32, y (N,) uint8)`` batches on the device of ``mean``.
+
+    Rows are standardised with ``mean``/``std`` (``(D,)`` tensors), optionally jittered with
+    Gaussian noise of std ``input_noise`` drawn from ``gen`` (a generator on that device).
+    Returns ``(summed loss x rows (0-d tensor on the device), rows)``; no host sync per batch.
+    """
+    device = mean.device
+    head.train()
+    total, n = torch.zeros((), device=device), 0
+    for x, y in batches:
+        if len(y) < 2:  # BatchNorm needs two rows
+            continue
+        xb = (torch.from_numpy(x).to(device).float() - mean) / std
+        if input_noise > 0:
+            xb = xb + input_noise * torch.randn(xb.shape, generator=gen, device=device)
+        yb = torch.from_numpy(y.astype(np.int64)).to(device)
+        loss = head.loss(xb, yb, weight, IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach() * len(y)
+        n += len(y)
+    return total, n
 
 
 def fit_head(
@@ -200,6 +235,7 @@ def fit_head(
     val_split: str = "val",
     val_images: set[str] | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainedHead:
     """Train a head on the selected channels of the table's ``train`` rows.
 
@@ -210,6 +246,8 @@ def fit_head(
         train_images: restrict training to these image ids (label-efficiency runs).
         val_split, val_images: rows that pick the best epoch (early stopping on their mIoU).
         on_epoch: called after each epoch with ``(epoch, metrics)`` (Ray Tune reports here).
+        device: where the head, its batches and the feature standardisation live (a sweep trial
+            with a GPU passes ``cuda``). The returned head is moved back to the CPU.
 
     Raises:
         ConfigError / DataError: unknown timesteps/blocks, no training rows, bad hyperparameters.
@@ -226,47 +264,31 @@ def fit_head(
         raise DataError(
             "no labeled training rows for the head (check train_images / the table's train split)"
         )
-    mean = torch.from_numpy(stats.mean.astype(np.float32))
-    std = torch.from_numpy(np.maximum(stats.std, 1e-6).astype(np.float32))
+    device = torch.device(device)
+    mean = torch.from_numpy(stats.mean.astype(np.float32)).to(device)
+    std = torch.from_numpy(np.maximum(stats.std, 1e-6).astype(np.float32)).to(device)
     weight = None
     if ClassWeighting(cfg.class_weighting) is ClassWeighting.balanced:
         freq = counts / counts.sum()
         w = np.where(counts > 0, 1.0 / np.maximum(freq, 1e-12), 0.0)
-        weight = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+        weight = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=device)
     has_val = bool(table.parts(val_split))
-    head = build_head(cfg, len(channels), table.num_classes)
+    head = build_head(cfg, len(channels), table.num_classes).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = devices.generator(device, cfg.seed)
     best: tuple[float, int, dict[str, Any]] = (-1.0, -1, {})
     history = []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        head.train()
-        total, n = 0.0, 0
-        for x, y in table.iter_batches(
-            "train",
-            channels,
-            batch_rows=cfg.batch_rows,
-            shuffle=True,
-            seed=cfg.seed + epoch,
-            images=train_images,
-        ):
-            if len(y) < 2:  # BatchNorm needs two rows
-                continue
-            xb = (torch.from_numpy(x) - mean) / std
-            if cfg.input_noise > 0:
-                xb = xb + cfg.input_noise * torch.randn(xb.shape, generator=gen)
-            loss = head.loss(xb, torch.from_numpy(y), weight, IGNORE_INDEX)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(y)
-            n += len(y)
+        batches = table.iter_batches(
+            "train", channels, cfg.batch_rows, shuffle=True, seed=cfg.seed + epoch, images=train_images
+        )
+        total, n = train_epoch(head, opt, batches, mean, std, weight, cfg.input_noise, gen)
         split = val_split if has_val else "train"
         cm = evaluate(head, table, split, channels, mean, std, val_images if has_val else train_images)
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": total / max(n, 1),
+            "train_loss": float(total) / max(n, 1),
             "val_miou": cm.miou(),
             "val_overall_accuracy": cm.overall_accuracy(),
             "epoch_seconds": time.perf_counter() - t0,
@@ -284,12 +306,12 @@ def fit_head(
                      val_images if has_val else train_images)  # fmt: skip
     summary = final.summary(table.class_names)
     return TrainedHead(
-        module=head,
+        module=head.cpu(),
         config=to_container(cfg),
         timesteps=sorted(int(t) for t in timesteps),
         blocks=[b for b in table.index.blocks if b in set(blocks)],
-        mean=mean.numpy(),
-        std=std.numpy(),
+        mean=mean.cpu().numpy(),
+        std=std.cpu().numpy(),
         classes=list(table.meta["classes"]),
         checkpoint=str(table.meta["checkpoint"]),
         noise_seed=int(table.meta.get("noise_seed", 0)),

@@ -57,6 +57,7 @@ class PredictConfig:
     overwrite: bool = False
     cpus_per_scene: float = 1.0
     num_gpus: float = 0.0  # per scene task (1 on GPU clusters)
+    precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
     tracking: PredictTracking = field(default_factory=PredictTracking)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -71,7 +72,7 @@ class PredictResult:
     tracking_uri: str | None
 
 
-def load_head_and_checkpoint(head_uri: str, device: str = "cpu") -> tuple[Any, Any]:
+def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, Any]:
     """``(TrainedHead, PretrainedDDPM)`` of a head artifact, with a clear error if its checkpoint is gone."""
     from rsdiff.heads.fit import TrainedHead
     from rsdiff.train.checkpoint import load_pretrained
@@ -117,19 +118,19 @@ def _predict_task(
     head_uri: str, ref: SceneRef, plan: WindowPlan, outputs: SceneOutputs, opts: dict, counter: Any
 ) -> dict[str, Any]:
     """A Ray task: one scene. Raises RsdiffError subclasses unchanged (the driver reports them)."""
-    import torch
-
+    from rsdiff.devices import pick_device
     from rsdiff.features.extractor import FeatureExtractor
     from rsdiff.prediction.scene import predict_scene
 
-    device = "cuda" if opts["num_gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    if (head_uri, device) not in _CACHE:
+    device = pick_device(opts["num_gpus"])
+    key = (head_uri, str(device), opts["precision"])
+    if key not in _CACHE:
         head, ddpm = load_head_and_checkpoint(head_uri, device)
-        _CACHE[(head_uri, device)] = (
+        _CACHE[key] = (
             head,
-            FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed),
+            FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, opts["precision"]),
         )
-    head, extractor = _CACHE[(head_uri, device)]
+    head, extractor = _CACHE[key]
     record = predict_scene(
         ref,
         head,
@@ -170,7 +171,7 @@ def run_predict(cfg: Any) -> PredictResult:
     storage.check_writable(out)
     from rsdiff.features.extractor import FeatureExtractor
 
-    extractor = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed)
+    extractor = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, cfg.precision)
     windows_total = 0
     for ref in refs:  # header checks before any work (S3 scenes are fetched for this)
         with SceneReader(ref) as reader:
@@ -185,6 +186,7 @@ def run_predict(cfg: Any) -> PredictResult:
     counter = ProgressCounter.remote()
     opts = {
         "num_gpus": float(cfg.num_gpus),
+        "precision": str(cfg.precision),
         "batch_size": int(cfg.batch_size),
         "quicklook_size": int(cfg.quicklook_size),
     }

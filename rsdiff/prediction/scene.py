@@ -87,19 +87,23 @@ def _read_window(reader: SceneReader, row: int, col: int, size: int) -> np.ndarr
 
 
 @torch.no_grad()
-def _window_probs(extractor: FeatureExtractor, head: TrainedHead, x: torch.Tensor) -> np.ndarray:
-    """``(B, C_in, S, S)`` normalised windows -> ``(B, classes, S, S)`` float32 probabilities."""
+def window_probabilities(extractor: FeatureExtractor, head: TrainedHead, x: torch.Tensor) -> torch.Tensor:
+    """``(B, C_in, S, S)`` normalised windows -> ``(B, classes, S, S)`` float32 probabilities.
+
+    Computed on the extractor's device, a chunk of rows at a time (memory bounded by
+    ``CHUNK_VALUES``); the result stays on that device.
+    """
     b, _, s, _ = x.shape
     acts = extractor.activations(x)
     rows = max(1, min(s, CHUNK_VALUES // max(1, b * extractor.dim * s)))
-    out = torch.empty((b, head.num_classes, s, s), dtype=torch.float32)
+    out = torch.empty((b, head.num_classes, s, s), dtype=torch.float32, device=extractor.device)
     for start in range(0, s, rows):
         stop = min(s, start + rows)
         feats = extractor.dense_rows(acts, (s, s), start, stop)  # (B, D, r, S)
         flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         _, probs = head.predict(flat)
-        out[:, :, start:stop] = probs.float().view(b, stop - start, s, -1).permute(0, 3, 1, 2).cpu()
-    return out.numpy()
+        out[:, :, start:stop] = probs.float().view(b, stop - start, s, -1).permute(0, 3, 1, 2)
+    return out
 
 
 def predict_scene(
@@ -153,7 +157,7 @@ def predict_scene(
                     x = extractor.ddpm.normalizer.torch(
                         torch.from_numpy(pixels.astype(np.float32)).to(device)
                     )
-                    probs = _window_probs(extractor, head, x)
+                    probs = window_probabilities(extractor, head, x).cpu().numpy()
                     for c, p in zip(batch_cols, probs):
                         blender.add(r, c, p)
                     windows += len(batch_cols)

@@ -1,7 +1,10 @@
 """The DDPM training loop run by every Ray Train worker, top to bottom in one function.
 
-Per step: draw ``grad_accum`` micro-batches from the shard stream, noise them at random
-timesteps, regress the noise (MSE), clip, AdamW step, EMA update. Every ``log_every`` steps rank 0
+Per step (:func:`train_step`): draw ``grad_accum`` micro-batches from the shard stream, noise them
+at random timesteps, regress the noise (MSE), clip, AdamW step, EMA update. Noise and timesteps
+come from a generator on the training device, seeded per rank; its state, the CPU and CUDA
+default generators' states are saved per rank in every checkpoint and restored on resume, so an
+interrupted run draws the same noise as an uninterrupted one. Every ``log_every`` steps rank 0
 logs metrics to the MLflow run its driver opened; every ``checkpoint.every_steps`` steps (and at
 the end) rank 0 saves a checkpoint and all ranks hand it, with the metrics, to ``ray.train.report``.
 """
@@ -16,6 +19,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from rsdiff import devices
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.sampling import ddim_sample, denoise_strip, grid, to_rgb
 from rsdiff.diffusion.schedule import make_scheduler
@@ -43,11 +48,77 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float = 0.1) ->
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """``ema = decay * ema + (1 - decay) * model`` for parameters (one fused ``_foreach_lerp_``,
+    ``ema`` kept in the model's memory format); buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    noise_sched: Any,
+    x0: torch.Tensor,
+    gen: torch.Generator | None,
+    timesteps: int,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE of ``model`` on ``(B, C, H, W)`` images ``x0`` in [-1, 1].
+
+    Noise and timesteps (uniform in ``[0, timesteps)``) are drawn from ``gen`` on ``x0``'s device.
+    """
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, timesteps, (x0.shape[0],), generator=gen, device=x0.device)
+    xt = noise_sched.add_noise(x0, noise, t)
+    with devices.autocast(x0.device, amp_dtype):
+        pred = model(xt, t).sample
+    return F.mse_loss(pred.float(), noise)
+
+
+def train_step(
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    lr_sched: Any,
+    next_batch: Callable[[], torch.Tensor],
+    noise_sched: Any,
+    gen: torch.Generator | None,
+    *,
+    timesteps: int,
+    grad_accum: int = 1,
+    grad_clip: float = 1.0,
+    ema_decay: float = 0.999,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimiser step over ``grad_accum`` micro-batches from ``next_batch()``.
+
+    Everything is made on the device of ``model``'s parameters. Returns ``(loss, grad_norm,
+    data_wait_s)``: the mean micro-batch loss and the pre-clip gradient norm as 0-d tensors on
+    that device (no host sync here), and the seconds spent waiting for batches.
+    """
+    device = next(model.parameters()).device
+    is_ddp = hasattr(model, "no_sync")
+    model.train()
+    total = torch.zeros((), device=device)
+    waited = 0.0
+    for micro in range(grad_accum):
+        t_wait = time.perf_counter()
+        x0 = next_batch().to(device, non_blocking=True)
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        waited += time.perf_counter() - t_wait
+        sync = model.no_sync() if is_ddp and micro < grad_accum - 1 else contextlib.nullcontext()
+        with sync:
+            loss = diffusion_loss(model, noise_sched, x0, gen, timesteps, amp_dtype) / grad_accum
+            loss.backward()
+        total += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    lr_sched.step()
+    ema_update(ema, _unwrap(model), ema_decay)
+    return total, grad_norm, waited
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -89,15 +160,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         **{k: tuple(v) if isinstance(v, list) else v for k, v in data["normalization"].items()}
     )
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_unet(cfg.model, in_channels, size)
-    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.optim.max_steps)
     )
+    channels_last = cuda and cfg.perf.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cuda:
+        devices.enable_tf32()
+    ema = copy.deepcopy(model).requires_grad_(False).to(device)  # same memory format as the model
     start, rng = 0, None
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
@@ -108,15 +184,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["lr_schedule"])
         start, rng = int(state["step"]), state.get("rng")
-    if isinstance(rng, list) and len(rng) == world:
-        torch.set_rng_state(rng[rank])  # continue each rank's noise stream exactly
-    else:  # fresh start, or resumed with another world size: distinct, reproducible per rank
-        torch.manual_seed(cfg.seed * 1000 + rank * 100_003 + start)
+    # Distinct, reproducible streams per rank; on resume (same world size) each rank continues
+    # its own streams exactly, whatever the loader setup below draws.
+    run_seed = cfg.seed * 1000 + rank * 100_003 + start
+    torch.manual_seed(run_seed)
+    gen = devices.generator(device, run_seed)
+    rank_rng = rng[rank] if isinstance(rng, list) and len(rng) == world else None
+    if isinstance(rank_rng, torch.Tensor):  # checkpoints before per-device generators: CPU state only
+        rank_rng = {"cpu": rank_rng}
 
-    if cuda and cfg.perf.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    ema.to(device)
     if cfg.perf.compile:
         model = torch.compile(model)
     noise_sched = make_scheduler(cfg.diffusion)
@@ -137,8 +214,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         num_workers=cfg.data.num_workers,
         pin_memory=cuda,
         persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(run_seed),  # leaves the default generator alone
     )
     batches = iter(loader)
+    if rank_rng is not None:
+        devices.set_rng_state(rank_rng, gen, device)
     tracker = None
     if rank == 0 and config.get("run_id"):
         from rsdiff.tracking import RunHandle
@@ -146,35 +226,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker = RunHandle(config["tracking_uri"], config["run_id"])
         tracker.log_metrics({"started_at_step": start}, step=start)
         log.info("[rank 0] %s step %d", "resuming from checkpoint at" if start else "starting at", start)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.perf.bf16 else contextlib.nullcontext()
-    )
-    accum = cfg.optim.grad_accum
-    is_ddp = hasattr(model, "no_sync")
+    amp_dtype = devices.autocast_dtype("bf16" if cfg.perf.bf16 else "fp32", device) if cuda else None
 
     window_loss = torch.zeros((), device=device)
     window_steps, window_data, window_t0 = 0, 0.0, time.perf_counter()
+    x0_last: list[torch.Tensor] = []
+
+    def next_batch() -> torch.Tensor:
+        x = next(batches)
+        x0_last[:] = [x[0]]
+        return x
+
     for step in range(start, cfg.optim.max_steps):
-        model.train()
-        for micro in range(accum):
-            t_wait = time.perf_counter()
-            x0 = next(batches).to(device, non_blocking=True)
-            if cuda and cfg.perf.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            window_data += time.perf_counter() - t_wait
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, cfg.diffusion.timesteps, (x0.shape[0],), device=device)
-            xt = noise_sched.add_noise(x0, noise, t)
-            sync = model.no_sync() if is_ddp and micro < accum - 1 else contextlib.nullcontext()
-            with sync, autocast:
-                loss = F.mse_loss(model(xt, t).sample.float(), noise) / accum
-            loss.backward()
-            window_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        ema_update(ema, _unwrap(model), cfg.optim.ema_decay)
+        loss, grad_norm, waited = train_step(
+            model, ema, opt, sched, next_batch, noise_sched, gen,
+            timesteps=cfg.diffusion.timesteps, grad_accum=cfg.optim.grad_accum, grad_clip=cfg.optim.grad_clip,
+            ema_decay=cfg.optim.ema_decay, amp_dtype=amp_dtype, channels_last=channels_last,
+        )  # fmt: skip
+        window_loss += loss
+        window_data += waited
         done = step + 1
         window_steps += 1
         _inject_fault(cfg, done, rank)
@@ -190,24 +260,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "loss": float(window_loss) / window_steps,
             "lr": sched.get_last_lr()[0],
             "grad_norm": float(grad_norm),
-            "images_per_s": window_steps * accum * cfg.data.batch_size * world / elapsed,
+            "images_per_s": window_steps * cfg.optim.grad_accum * cfg.data.batch_size * world / elapsed,
             "data_wait_fraction": window_data / elapsed,
             "skipped_shard_errors": stream.errors,
         }
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
             if done % cfg.tracking.sample_every == 0 or done == cfg.optim.max_steps:
-                _log_pictures(tracker, ema, noise_sched, x0[0].float(), cfg, done)
+                _log_pictures(tracker, ema, noise_sched, x0_last[0].float(), cfg, done)
         log.info(
             "[rank %d] step %d/%d loss %.4f lr %.2e %.1f img/s data-wait %.0f%%",
             rank, done, cfg.optim.max_steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
             100 * metrics["data_wait_fraction"],
         )  # fmt: skip
         if save:
-            rng_states: list[Any] = [torch.get_rng_state()]
+            rng_states: list[Any] = [devices.rng_state(gen, device)]
             if world > 1:
                 rng_states = [None] * world
-                torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
+                torch.distributed.all_gather_object(rng_states, devices.rng_state(gen, device))
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -217,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "optimizer": opt.state_dict(),
                         "lr_schedule": sched.state_dict(),
                         "step": done,
-                        "rng": rng_states,  # every rank's torch RNG state
+                        "rng": rng_states,  # per rank: CPU, CUDA and noise-generator states
                     }
                     checkpoint.save(
                         Path(tmp), state, {**config["meta"], "step": done, "run_id": config.get("run_id")}
