@@ -188,8 +188,6 @@ def run_demo(cfg: Any) -> DemoResult:
         ingest_cfg.val_fraction = cfg.val_fraction
         ingest_cfg.split_seed = cfg.seed
         ingest_cfg.shard_max_mb = 64.0
-        if cfg.data is not None:
-            ingest_cfg.band_names = ["red", "green", "blue"]
         if not storage.exists(storage.join(shards, "manifest.json")):
             run_ingest(ingest_cfg)
     manifest = read_manifest(shards)

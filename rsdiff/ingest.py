@@ -158,10 +158,11 @@ def _validate(cfg: IngestConfig) -> None:
         raise ConfigError(f"bands={list(cfg.bands)} must be non-empty 1-based band indexes")
 
 
-def _probe(ref: SceneRef, cfg: IngestConfig) -> tuple[int, str]:
-    """Band count and dtype of the first scene: the contract every other scene must meet."""
+def _probe(ref: SceneRef, cfg: IngestConfig) -> tuple[int, str, list[str]]:
+    """Band count, dtype and kept band names of the first scene: the contract every other scene
+    must meet. Names come from ``band_names``, else from the scene (see ``SceneReader.band_names``)."""
     with SceneReader(ref) as reader:
-        count, dtype = reader.bands, reader.dtype
+        count, dtype, names = reader.bands, reader.dtype, reader.band_names
     if cfg.bands is not None and max(cfg.bands) > count:
         raise DataError(
             f"scene {storage.display(ref.image)} has {count} band(s) but bands={list(cfg.bands)} asks "
@@ -170,7 +171,9 @@ def _probe(ref: SceneRef, cfg: IngestConfig) -> tuple[int, str]:
     n = len(cfg.bands) if cfg.bands is not None else count
     if cfg.band_names is not None and len(cfg.band_names) != n:
         raise ConfigError(f"band_names has {len(cfg.band_names)} names for {n} band(s)")
-    return count, dtype
+    if cfg.band_names is not None:
+        return count, dtype, list(cfg.band_names)
+    return count, dtype, [names[b - 1] for b in cfg.bands] if cfg.bands is not None else names
 
 
 def run_ingest(cfg: IngestConfig) -> Manifest:
@@ -195,7 +198,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         for old in storage.list_uris(out, ".tar"):
             storage.delete(old)
     storage.check_writable(out)
-    band_count, dtype = _probe(refs[0], cfg)
+    band_count, dtype, band_names = _probe(refs[0], cfg)
     splits = split_scenes(refs, cfg.val_fraction, cfg.split_seed)
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
@@ -221,7 +224,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         if isinstance(cause, RsdiffError):
             raise type(cause)(str(cause)) from None
         raise
-    manifest = _merge(results, cfg, classmap, band_count, dtype, out)
+    manifest = _merge(results, cfg, classmap, band_count, dtype, band_names, out)
     write_manifest(out, manifest)
     seconds = time.perf_counter() - t0
     log.info(
@@ -254,6 +257,7 @@ def _merge(
     classmap: ClassMap | None,
     band_count: int,
     dtype: str,
+    band_names: list[str],
     out: str,
 ) -> Manifest:
     stats = BandStats(len(cfg.bands) if cfg.bands is not None else band_count)
@@ -277,9 +281,8 @@ def _merge(
             f"every tile was dropped as nodata (max_nodata_fraction={cfg.max_nodata_fraction}); "
             "raise max_nodata_fraction or check the scenes' nodata value"
         )
-    kept = list(cfg.bands) if cfg.bands is not None else list(range(1, band_count + 1))
     return Manifest(
-        bands=list(cfg.band_names) if cfg.band_names else [f"band_{b}" for b in kept],
+        bands=band_names,
         dtype=dtype,
         tile_size=cfg.tile_size,
         stride=cfg.stride or cfg.tile_size,
@@ -315,9 +318,7 @@ def _ingest_chunk(
     class_pixels = np.zeros(classmap.num_classes, np.int64) if classmap else None
     dropped = unknown = kept = 0
     done: list[str] = []
-    with ShardWriter(
-        cfg["output"].rstrip("/"), f"{split}-{index:04d}", int(cfg["shard_max_mb"] * 2**20)
-    ) as w:
+    with ShardWriter(out, f"{split}-{index:04d}", int(cfg["shard_max_mb"] * 2**20)) as w:
         for ref in scenes:
             n_before = kept
             with SceneReader(ref, classmap) as reader:

@@ -117,13 +117,13 @@ def dubai() -> Path:
 
 
 def run_job(
-    script: str, *args: str, env: dict | None = None, timeout: float = 600
+    script: str, *args: str, env: dict | None = None, timeout: float = 600, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
-    """Run ``python jobs/<script> args...`` from the repo root, capturing output."""
+    """Run ``python jobs/<script> args...`` (from the repo root unless ``cwd``), capturing output."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / script), *args],
-        cwd=REPO,
+        cwd=cwd,
         env=full_env,
         capture_output=True,
         text=True,

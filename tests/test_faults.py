@@ -293,6 +293,12 @@ CASES = [
         "{root}/o7/manifest.json",
     ),
     ("ingest.py", [*SMP, SCN, "output=s3://rsdiff-no-such-bucket/x"], "rsdiff-no-such-bucket", None),
+    (
+        "ingest.py",
+        [*SMP, "inputs=[{scenes}/images/scene_00.tif,{root}/missing.tif]", "output={root}/o8"],
+        "missing.tif does not exist",
+        "{root}/o8/manifest.json",
+    ),
     ("ingest.py", ["--config", "configs/ingest/missing.yaml"], "does not exist", None),
     ("pretrain.py", ["data.shards={root}/empty", "run.storage={root}/r1"], "no manifest.json", "{root}/r1"),
     (
@@ -354,8 +360,18 @@ CASES = [
     (
         "predict.py",
         ["head={demo}/sweep/best", "inputs=[{root}/nothing.tif]", "output={root}/p2"],
-        "match no image",
+        "nothing.tif does not exist",
         "{root}/p2/predictions.json",
+    ),
+    (  # an explicit file that does not exist is an error even when another input matches
+        "predict.py",
+        [
+            "head={demo}/sweep/best",
+            "inputs=[{scenes}/images/scene_00.tif,{root}/gone.tif]",
+            "output={root}/p4",
+        ],
+        "gone.tif does not exist",
+        "{root}/p4/predictions.json",
     ),
     (
         "predict.py",

@@ -4,6 +4,7 @@ rasterio and the loopback S3 server."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,6 +238,45 @@ def test_job_script_reports_one_line_and_exit_2(sample_scenes, tmp_path, ray_add
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_a_driver_in_another_directory_writes_where_its_manifest_says(sample_scenes, tmp_path, ray_address):
+    """A relative ``output`` means the driver's folder, whatever the Ray workers' working directory."""
+    import os
+    import shutil
+    import uuid
+
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    rel = f"rsdiff-cwd-{uuid.uuid4().hex[:8]}"
+    workers_dir = Path(os.getcwd()) / rel  # the session's Ray workers run in the pytest folder
+    try:
+        proc = run_job(
+            "ingest.py", "--config", str(SAMPLE_PRESET), f"inputs=[{sample_scenes}/images/*.tif]",
+            f"output={rel}", env=ray_address, cwd=driver,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        manifest = read_manifest(str(driver / rel))
+        uris = manifest.shard_uris()
+        assert uris and all(Path(u).is_file() and Path(u).parent == driver / rel for u in uris)
+        assert sum(1 for u in uris for _ in iter_shard(u)) == sum(manifest.samples.values())
+        assert not workers_dir.exists()
+    finally:
+        shutil.rmtree(workers_dir, ignore_errors=True)
+
+
+def test_band_names_come_from_the_scene_when_not_given(tmp_path, ray_cluster):
+    from rasterio.enums import ColorInterp
+
+    write_scene(tmp_path / "src", "described", height=64, width=64, bands=4, seed=2)
+    with rasterio.open(tmp_path / "src/images/described.tif", "r+") as ds:
+        ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.undefined]
+        ds.set_band_description(4, "nir")
+    src = f"inputs=[{tmp_path}/src/images/*.tif]"
+    cfg = load_config(IngestConfig, None, [src, f"output={tmp_path}/out", "tile_size=32"])
+    assert run_ingest(cfg).bands == ["red", "green", "blue", "nir"]
+    cfg = load_config(IngestConfig, None, [src, f"output={tmp_path}/out2", "tile_size=32", "bands=[4,1]"])
+    assert run_ingest(cfg).bands == ["nir", "red"]
 
 
 def test_errors_are_rsdiff_errors():

@@ -58,12 +58,22 @@ def mask_uri(image_uri: str, template: str) -> str:
 def discover(inputs: Sequence[str], mask_template: str | None = None) -> list[SceneRef]:
     """Expand globs/folders/prefixes/files into scenes, sorted and de-duplicated.
 
+    A pattern with wildcards may match nothing (others may); an explicit file, folder or prefix
+    must hold at least one image.
+
     Raises:
-        DataError: when the inputs match no image file.
+        DataError: an explicit input that does not exist or holds no image, or inputs that
+            together match no image file.
     """
     images: list[str] = []
     for pattern in inputs:
         matched = [u for u in storage.glob(str(pattern)) if u.lower().endswith(IMAGE_SUFFIXES)]
+        if not matched and not any(ch in str(pattern) for ch in "*?["):
+            raise DataError(
+                f"input {storage.display(str(pattern))} "
+                + ("is not an image file" if storage.glob(str(pattern)) else "does not exist")
+                + f" ({', '.join(IMAGE_SUFFIXES)}); fix or remove it from the inputs"
+            )
         images += matched
     images = sorted({storage.absolute(u) for u in images})
     if mask_template:
@@ -181,6 +191,21 @@ class SceneReader:
     @property
     def dtype(self) -> str:
         return str(self.ds.dtypes[0])
+
+    @property
+    def band_names(self) -> list[str]:
+        """A name per band: its description if the file has one, else its colour interpretation
+        (``red``, ``green``, ``blue``, ``gray``, ...), else ``band_{i}`` (1-based)."""
+        names = []
+        for i, (desc, interp) in enumerate(zip(self.ds.descriptions, self.ds.colorinterp), start=1):
+            kind = interp.name.lower()
+            if desc:
+                names.append(str(desc))
+            elif kind in {"red", "green", "blue", "alpha", "gray"}:
+                names.append(kind)
+            else:
+                names.append(f"band_{i}")
+        return names if len(set(names)) == len(names) else [f"band_{i}" for i in range(1, len(names) + 1)]
 
     @property
     def crs(self) -> str | None:
