@@ -3,8 +3,10 @@
 Each (rank, loader worker) slot owns a disjoint share of the shards per epoch (a seeded shuffle,
 then ``rank``-strided, then ``worker``-strided). A slot with no share (fewer shards than slots)
 draws random shards instead, so the stream never runs dry: the loop stops at ``max_steps`` and
-every rank runs the same number of steps. Unreadable or truncated shards are skipped, logged and
-counted in :attr:`ShardStream.errors` (shared across loader processes).
+every rank runs the same number of steps. Unreadable or truncated shards and malformed samples are
+skipped, logged and counted in :attr:`ShardStream.errors` (shared across loader processes); a slot
+whose shards of an epoch gave nothing reads another readable shard instead, and the stream fails
+only when no shard is readable.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import io
 import logging
 import multiprocessing as mp
 import random
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import numpy as np
@@ -97,29 +99,50 @@ class ShardStream(IterableDataset):
         log.warning("skipping unreadable shard data (%s): %s", type(exc).__name__, str(exc)[:200])
         return True
 
+    def _read_shard(self, uri: str, bad: set[str]) -> Generator[dict[str, Any], None, int]:
+        """Yield the raw samples of one shard; returns how many. A shard that fails before giving
+        any sample is added to ``bad``; errors are counted either way."""
+        errors_before = self.errors
+        try:
+            stream = storage.open_stream(uri)
+        except Exception as exc:
+            self._handler(exc)
+            bad.add(uri)
+            return 0
+        with self._shards_read.get_lock():
+            self._shards_read.value += 1
+        n = 0
+        try:
+            files = tar_file_expander([{"url": uri, "stream": stream}], handler=self._handler)
+            for sample in group_by_keys(files, handler=self._handler):
+                n += 1
+                yield sample
+        finally:
+            stream.close()
+        if n == 0 and self.errors > errors_before:
+            bad.add(uri)
+        return n
+
     def _raw_samples(self) -> Iterator[dict[str, Any]]:
+        slot, _ = self._slot()
+        bad: set[str] = set()
         epoch = 0
         while True:
             yielded = 0
             for uri in self.shard_order(epoch):
-                try:
-                    stream = storage.open_stream(uri)
-                except Exception as exc:
-                    self._handler(exc)
-                    continue
-                with self._shards_read.get_lock():
-                    self._shards_read.value += 1
-                try:
-                    files = tar_file_expander([{"url": uri, "stream": stream}], handler=self._handler)
-                    for sample in group_by_keys(files, handler=self._handler):
-                        yielded += 1
-                        yield sample
-                finally:
-                    stream.close()
+                yielded += yield from self._read_shard(uri, bad)
+            if not yielded:  # this slot's shards were unreadable: resample from the readable ones
+                candidates = [u for u in self.shards if u not in bad]
+                random.Random(self.seed * 7919 + epoch * 104_729 + slot + 1).shuffle(candidates)
+                for uri in candidates:
+                    yielded = yield from self._read_shard(uri, bad)
+                    if yielded:
+                        break
             if not yielded:
                 raise DataError(
-                    f"none of the shards {[storage.display(u) for u in self.shard_order(epoch)][:4]} gave a "
-                    f"readable sample ({self.errors} errors); check the shards and their URI"
+                    f"none of the {len(self.shards)} shards (e.g. "
+                    f"{[storage.display(u) for u in self.shards][:3]}) gave a readable sample "
+                    f"({self.errors} errors); check the shards and their URI"
                 )
             epoch += 1
 
@@ -130,6 +153,11 @@ class ShardStream(IterableDataset):
         for raw in self._raw_samples():
             try:
                 tile = np.load(io.BytesIO(raw["tile.npy"]), allow_pickle=False)
+                if tile.ndim != 3 or tile.shape[0] != len(self.normalizer.mean):
+                    raise DataError(
+                        f"sample {raw.get('__key__')} of {raw.get('__url__')}: tile.npy has shape "
+                        f"{tile.shape}, expected ({len(self.normalizer.mean)}, H, W)"
+                    )
             except Exception as exc:
                 self._handler(exc)
                 continue

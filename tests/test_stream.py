@@ -1,0 +1,63 @@
+"""The pretraining shard stream (``rsdiff.train.stream.ShardStream``) on real WebDataset shards:
+unreadable shards and malformed samples are skipped and counted, never fatal while any shard is
+readable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rsdiff.data.normalize import Normalizer
+from rsdiff.data.shards import Sample, ShardWriter
+from rsdiff.errors import DataError
+from rsdiff.train.stream import ShardStream
+
+pytestmark = pytest.mark.unit
+NORM = Normalizer((100.0,) * 4, (10.0,) * 4)
+
+
+def _shard(folder, prefix: str, n: int, bad_sample: bool = False) -> str:
+    rng = np.random.default_rng(len(prefix))
+    with ShardWriter(str(folder), prefix, 1 << 30) as w:
+        for i in range(n):
+            tile = rng.integers(50, 150, (4, 16, 16), dtype=np.uint16)
+            if bad_sample and i == 1:
+                tile = tile[0]  # a 2-D tile: malformed
+            w.write(Sample(f"s/{prefix}_{i}", tile, None, {}))
+    return w.shards[0].uri
+
+
+def _loader(stream: ShardStream, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(stream, batch_size=4, num_workers=workers)
+
+
+def test_a_slot_whose_shard_is_corrupt_reads_another(tmp_path):
+    good = _shard(tmp_path, "good", 12)
+    corrupt = tmp_path / "corrupt-00000.tar"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(30_000))
+    # Two loader slots, two shards: one slot's whole share (and its resample) is the corrupt one.
+    for seed in range(4):
+        stream = ShardStream([good, str(corrupt)], 0, 1, NORM, 16, shuffle_buffer=0, augment=False, seed=seed)
+        batches = iter(_loader(stream, workers=2))
+        for _ in range(12):
+            assert next(batches).shape == (4, 4, 16, 16)
+        assert stream.errors >= 1
+
+
+def test_malformed_samples_are_skipped_and_counted(tmp_path):
+    shard = _shard(tmp_path, "mixed", 9, bad_sample=True)
+    stream = ShardStream([shard], 0, 1, NORM, 16, shuffle_buffer=0, augment=False)
+    batches = iter(_loader(stream, workers=0))
+    got = [next(batches) for _ in range(4)]  # 8 good samples per pass, 16 needed: two passes
+    assert all(b.shape == (4, 4, 16, 16) for b in got)
+    assert stream.errors == 2
+
+
+def test_no_readable_shard_is_one_clear_error(tmp_path):
+    bad = [tmp_path / f"bad-{i}.tar" for i in range(2)]
+    for i, b in enumerate(bad):
+        b.write_bytes(np.random.default_rng(i).bytes(5000))
+    stream = ShardStream([str(b) for b in bad], 0, 1, NORM, 16, shuffle_buffer=0)
+    with pytest.raises(DataError, match=r"none of the 2 shards .* gave a readable sample"):
+        next(iter(_loader(stream, workers=0)))
