@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import io
 import logging
 import os
 import random
@@ -138,6 +139,7 @@ def _is_transient(exc: BaseException) -> bool:
         ClientError,
         ConnectionClosedError,
         EndpointConnectionError,
+        IncompleteReadError,
         ReadTimeoutError,
         ResponseStreamingError,
     )
@@ -153,6 +155,7 @@ def _is_transient(exc: BaseException) -> bool:
         | ConnectionClosedError
         | ReadTimeoutError
         | ResponseStreamingError
+        | IncompleteReadError
         | ProtocolError
         | ConnectionError,
     )
@@ -181,6 +184,8 @@ def _translate(exc: BaseException, uri: str, action: str) -> StorageError:
                 f"cannot {action} {where}: bucket {bucket!r} does not exist at {endpoint()}. "
                 "Create it or fix the URI."
             )
+        if code in {"PreconditionFailed", "412"}:
+            return StorageError(f"cannot {action} {where}: the object was replaced while it was being read")
         if code in {"NoSuchKey", "404", "NotFound"}:
             return NotFoundError(f"cannot {action} {where}: no such object")
         if code in {"AccessDenied", "403", "AllAccessDisabled"}:
@@ -201,6 +206,11 @@ def _translate(exc: BaseException, uri: str, action: str) -> StorageError:
     return StorageError(f"cannot {action} {where}: {type(exc).__name__}: {exc}")
 
 
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1-based): exponential with jitter, at most 8 s."""
+    return min(8.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
+
+
 def retrying(fn: Callable[[], T], uri: str, action: str) -> T:
     """Run ``fn`` with exponential backoff on transient S3 errors; translate the rest."""
     attempts = max_attempts()
@@ -211,7 +221,7 @@ def retrying(fn: Callable[[], T], uri: str, action: str) -> T:
             raise
         except Exception as exc:
             if attempt < attempts and _is_transient(exc):
-                delay = min(8.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
+                delay = _backoff(attempt)
                 log.warning(
                     "transient error on %s %s (%s), retry %d/%d in %.1fs",
                     action,
@@ -247,11 +257,75 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+class S3ObjectStream(io.RawIOBase):
+    """A read-only stream over one S3 object that survives connections cut mid-body.
+
+    A transient error (or an early end) while reading the body re-opens the object with a ranged
+    GET from the byte reached, pinned to the first response's ETag (``If-Match``), so a replaced
+    object fails instead of mixing two versions. Up to ``RSDIFF_S3_MAX_ATTEMPTS`` tries per
+    position; :attr:`resumes` counts the re-opens.
+    """
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+        self.uri = uri
+        self.bucket, self.key = split_s3(uri)
+        self.pos = 0
+        self.resumes = 0
+        self.etag: str | None = None
+        self.size = 0
+        self._body = self._open()
+
+    def _open(self) -> Any:
+        extra = {"Range": f"bytes={self.pos}-", "IfMatch": self.etag} if self.etag else {}
+        resp = retrying(
+            lambda: s3_client().get_object(Bucket=self.bucket, Key=self.key, **extra), self.uri, "read"
+        )
+        if self.etag is None:
+            self.etag, self.size = resp.get("ETag"), int(resp["ContentLength"])
+        return resp["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self.size - self.pos)
+        if want <= 0:
+            return 0
+        attempts = max_attempts()
+        for attempt in range(1, attempts + 1):
+            try:
+                chunk = self._body.read(want)
+                if not chunk:
+                    raise ConnectionError(f"body ended at byte {self.pos} of {self.size}")
+                buffer[: len(chunk)] = chunk
+                self.pos += len(chunk)
+                return len(chunk)
+            except Exception as exc:
+                if attempt == attempts or not _is_transient(exc):
+                    raise _translate(exc, self.uri, "read") from exc
+                log.warning(
+                    "read of %s cut at byte %d (%s): resuming with a ranged GET, retry %d/%d",
+                    display(self.uri), self.pos, type(exc).__name__, attempt, attempts - 1,
+                )  # fmt: skip
+                with contextlib.suppress(Exception):
+                    self._body.close()
+                time.sleep(_backoff(attempt))
+                self.resumes += 1
+                self._body = self._open()
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
+        super().close()
+
+
 def open_stream(uri: str) -> IO[bytes]:
-    """A binary stream over the object (S3 objects are streamed, not downloaded first)."""
+    """A buffered binary stream over the object. S3 objects are streamed, not downloaded first, and
+    a connection cut mid-body resumes where it stopped (:class:`S3ObjectStream`)."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        return retrying(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"], uri, "read")
+        return io.BufferedReader(S3ObjectStream(uri), buffer_size=1 << 20)
     try:
         return open(_local(uri), "rb")
     except OSError as exc:

@@ -1,14 +1,17 @@
 """A loopback HTTP proxy in front of the S3 server that fails requests in bursts.
 
-After every ``every`` forwarded requests the next ``burst`` fail, alternating an S3 ``503
-SlowDown`` answer and a dropped connection (no response at all), until ``max_faults`` faults
-have been injected. Clients point ``AWS_ENDPOINT_URL`` at :attr:`url`. :attr:`faults_by_client`
+After every ``every`` forwarded requests the next ``burst`` fail, cycling through ``kinds``: an
+S3 ``503 SlowDown`` answer, a dropped connection (no response at all), or a body cut mid-way
+(``cut``: the real status and headers, then half of the body, then the connection closes; only
+GETs with a body are cut, other requests in a ``cut`` slot pass untouched), until ``max_faults``
+faults have been injected. Clients point ``AWS_ENDPOINT_URL`` at :attr:`url`. :attr:`faults_by_client`
 counts the faults by the client that met them, told apart by User-Agent: ``boto3`` (rsdiff's own
 reads and writes) and ``arrow`` (pyarrow's S3 filesystem, which Ray Train uses for checkpoints).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import threading
@@ -24,12 +27,19 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connectio
 
 
 class FaultyS3Proxy:
-    def __init__(self, upstream: str, every: int = 3, burst: int = 2, max_faults: int = 40) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        every: int = 3,
+        burst: int = 2,
+        max_faults: int = 40,
+        kinds: tuple[str, ...] = ("503", "reset"),
+    ) -> None:
         self.upstream = urlparse(upstream)
-        self.every, self.burst, self.max_faults = every, burst, max_faults
+        self.every, self.burst, self.max_faults, self.kinds = every, burst, max_faults, kinds
         self.lock = threading.Lock()
         self.seen = 0
-        self.faults = {"503": 0, "reset": 0}
+        self.faults = {"503": 0, "reset": 0, "cut": 0}
         self.faults_by_client: Counter[str] = Counter()
         proxy = self
 
@@ -79,9 +89,16 @@ class FaultyS3Proxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                conn.close()
+                if fault == "cut" and self.command == "GET" and len(data) >= 2:
+                    proxy._record("cut", self.headers.get("User-Agent", ""))
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -97,10 +114,15 @@ class FaultyS3Proxy:
             phase = (self.seen - 1) % (self.every + self.burst)
             if injected >= self.max_faults or phase < self.every:
                 return None
-            kind = "503" if injected % 2 == 0 else "reset"
+            kind = self.kinds[injected % len(self.kinds)]
+            if kind != "cut":  # a cut is counted when a body is really cut
+                self._record(kind, user_agent, locked=True)
+            return kind
+
+    def _record(self, kind: str, user_agent: str, locked: bool = False) -> None:
+        with contextlib.nullcontext() if locked else self.lock:
             self.faults[kind] += 1
             self.faults_by_client[_client(user_agent)] += 1
-            return kind
 
     def __enter__(self) -> FaultyS3Proxy:
         self.thread.start()
