@@ -471,6 +471,15 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def delete_tree(prefix: str) -> None:
+    """Delete everything under a folder/prefix (nothing happens when it is absent)."""
+    if is_s3(prefix):
+        for uri in list_uris(prefix):  # list_uris treats the prefix as a folder
+            delete(uri)
+    else:
+        shutil.rmtree(_local(prefix), ignore_errors=True)
+
+
 def delete(uri: str) -> None:
     """Remove an object/file (no error if it is already gone)."""
     if is_s3(uri):

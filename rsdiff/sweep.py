@@ -6,11 +6,16 @@ ASHA scheduler stops weak trials early. MLflow gets one parent run per sweep (co
 space, ranked summary, a plot of mIoU per timestep/block choice, the best trial's confusion
 matrix) and one child run per trial (its choices as filterable params, metric curves, per-class
 IoU). The best head is saved with its channel selection and checkpoint URI as one artifact.
-Re-running the same ``name`` with the same ``storage`` restores an interrupted sweep.
+Re-running the same ``name`` with the same ``storage`` restores an interrupted sweep, but only
+when everything that decides its results (features, search space, head settings, sample count,
+scheduler, seed) is unchanged: each experiment folder holds ``rsdiff-sweep.json`` with those
+settings and their digest, and a mismatch is one error naming what changed (``fresh=true``
+deletes the old experiment and starts over).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,6 +35,9 @@ from rsdiff.ingest import RayConfig
 log = logging.getLogger(__name__)
 
 HEAD_KEYS = ("kind", "width", "depth", "lr", "dropout", "input_noise", "class_weighting")
+SWEEP_SPEC = "rsdiff-sweep.json"  # in the experiment folder: the settings that decide its results
+RESULT_KEYS = ("search", "head", "num_samples", "scheduler", "grace_period", "reduction_factor", "seed",
+               "time_budget_s")  # fmt: skip
 
 
 @dataclass
@@ -75,6 +83,7 @@ class SweepConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     time_budget_s: float | None = None
+    fresh: bool = False  # delete an existing experiment of this name and start over
     scheduler: Scheduler = Scheduler.asha
     grace_period: int = 2  # epochs every trial runs before ASHA may stop it
     reduction_factor: int = 2
@@ -109,6 +118,43 @@ def validate(cfg: Any, table: FeatureTable) -> None:
         raise ConfigError("num_samples, max_concurrent_trials and head.epochs must be >= 1")
     if cfg.grace_period > cfg.head.epochs:
         raise ConfigError(f"grace_period={cfg.grace_period} exceeds head.epochs={cfg.head.epochs}")
+
+
+def sweep_spec(cfg: Any, table: FeatureTable) -> dict[str, Any]:
+    """The settings that decide a sweep's results, with their SHA-256 digest under ``digest``."""
+    plain = to_container(cfg)
+    spec: dict[str, Any] = {"features": table.root, **{k: plain[k] for k in RESULT_KEYS}}
+    spec["digest"] = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    return spec
+
+
+def check_same_spec(experiment: str, spec: dict[str, Any]) -> None:
+    """Refuse to resume the experiment at ``experiment`` with other settings than it started with.
+
+    Raises:
+        ConfigError: no spec recorded there, or a different one; the message names the changed
+            settings and says to pick a new ``name`` or pass ``fresh=true``.
+    """
+    where = storage.display(experiment)
+    fix = "pick a new name=... or pass fresh=true to delete it and start over"
+    try:
+        old = json.loads(storage.read_text(storage.join(experiment, SWEEP_SPEC)))
+    except (storage.NotFoundError, ValueError):
+        raise ConfigError(
+            f"{where} holds a Ray Tune experiment without a readable {SWEEP_SPEC} (not started by this "
+            f"rsdiff version); {fix}"
+        ) from None
+    if old.get("digest") == spec["digest"]:
+        return
+    changed = sorted(k for k in spec if k != "digest" and old.get(k) != spec[k])
+    detail = []
+    for k in changed:
+        if isinstance(spec[k], dict) and isinstance(old.get(k), dict):
+            keys = sorted(j for j in {*spec[k], *old[k]} if spec[k].get(j) != old[k].get(j))
+            detail += [f"{k}.{j}" for j in keys]
+        else:
+            detail.append(k)
+    raise ConfigError(f"sweep {where} was started with other settings (changed: {', '.join(detail)}); {fix}")
 
 
 def _trial(config: dict[str, Any]) -> None:
@@ -165,14 +211,26 @@ def run_sweep(cfg: Any) -> SweepResult:
 
     table = FeatureTable.open(str(cfg.features))
     validate(cfg, table)
+    spec = sweep_spec(cfg, table)
+    storage_path, filesystem = storage_for_ray(str(cfg.storage))
+    experiment_path = storage.join(storage_path, str(cfg.name))
+    experiment_uri = storage.join(storage.absolute(str(cfg.storage)), str(cfg.name))
+    if cfg.fresh:
+        storage.delete_tree(experiment_uri)
+    restore = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+    if restore:
+        check_same_spec(experiment_uri, spec)
     uri = tracking.resolve_uri(cfg.tracking.uri)
     out = storage.absolute(str(cfg.output))
     storage.check_writable(out)
     sweep_key = storage.display(storage.join(str(cfg.storage), str(cfg.name)))
-    parent, resumed = tracking.RunHandle.find_or_create(
-        uri, cfg.tracking.experiment, str(cfg.name),
-        tags={"rsdiff.stage": "sweep", "rsdiff.sweep": sweep_key}, match_tag="rsdiff.sweep",
-    )  # fmt: skip
+    tags = {"rsdiff.stage": "sweep", "rsdiff.sweep": sweep_key}
+    if restore:
+        parent, resumed = tracking.RunHandle.find_or_create(
+            uri, cfg.tracking.experiment, str(cfg.name), tags=tags, match_tag="rsdiff.sweep"
+        )
+    else:  # a new experiment gets a new parent run
+        parent, resumed = tracking.RunHandle.create(uri, cfg.tracking.experiment, str(cfg.name), tags), False
     if not resumed:
         parent.log_params(tracking.config_params(cfg))
         parent.log_dict(to_container(cfg.search), "search_space.json")
@@ -198,14 +256,13 @@ def run_sweep(cfg: Any) -> SweepResult:
         if Scheduler(cfg.scheduler) is Scheduler.asha
         else FIFOScheduler()
     )
-    storage_path, filesystem = storage_for_ray(str(cfg.storage))
-    experiment_path = storage.join(storage_path, str(cfg.name))
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+    if restore:
         log.info("resuming sweep %s", experiment_path)
         tuner = tune.Tuner.restore(
             experiment_path, trainable, resume_errored=True, storage_filesystem=filesystem
         )
     else:
+        storage.write_text(storage.join(experiment_uri, SWEEP_SPEC), json.dumps(spec, indent=1, default=str))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,

@@ -133,3 +133,25 @@ def test_unreachable_tracking_uri(dubai_table, tmp_path):
     proc = run_job("sweep.py", *args)
     assert proc.returncode == 2 and "is unreachable" in proc.stderr and "Traceback" not in proc.stderr
     assert "hunter2" not in proc.stderr
+
+
+def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
+    dubai_table, tmp_path, mlflow_uri, ray_cluster
+):
+    small = ["name=respec", "scheduler=fifo", "num_samples=1", "head.epochs=1", "grace_period=1"]
+    first = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
+    again = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))  # same settings: restored
+    assert again.parent_run_id == first.parent_run_id and again.best["trial_id"] == first.best["trial_id"]
+    for extra, needle in [
+        (["num_samples=2"], "changed: num_samples"),
+        (["search.width=[16]"], "changed: search.width"),
+        (["head.dropout=0.3", "seed=5"], "changed: head.dropout, seed"),
+    ]:
+        with pytest.raises(ConfigError, match="was started with other settings") as err:
+            run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small, *extra))
+        assert needle in str(err.value) and "fresh=true" in str(err.value)
+    fresh = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small, "num_samples=2", "fresh=true"))
+    assert fresh.parent_run_id != first.parent_run_id and len(fresh.trials) == 2
+    (tmp_path / "tune" / "respec" / "rsdiff-sweep.json").unlink()  # state rsdiff did not describe
+    with pytest.raises(ConfigError, match=r"without a readable rsdiff-sweep\.json"):
+        run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small, "num_samples=2"))
