@@ -342,3 +342,27 @@ def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rsdiff-demo").experiment_id])
     assert {"predict", "evaluate", "demo"} <= {r.data.tags.get("rsdiff.stage") for r in runs}
+
+
+@pytest.mark.slow
+def test_demo_on_a_folder_of_four_band_geotiffs(tmp_path, ray_cluster):
+    """``data=`` works for any band count: the demo takes band names from the scenes."""
+    from rsdiff.data.synthetic import write_sample_dataset
+
+    write_sample_dataset(tmp_path / "data", scenes=4)  # 4-band uint16 GeoTIFFs + index masks
+    work = tmp_path / "demo-4band"
+    proc = run_job(
+        "demo.py", f"data={tmp_path / 'data'}", "labels_preset=configs/ingest/sample.yaml",
+        f"workdir={work}", "pretrain_steps=2", "batch_size=4", "trials=1", "head_epochs=1",
+        "max_images=8", "pixels_per_class=8",
+        env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    assert len(manifest["bands"]) == 4 and manifest["dtype"] == "uint16"
+    summary = json.loads((work / "predictions" / "predictions.json").read_text())
+    assert summary["scenes"] and all(s["georeferenced"] and s["bands"] == 4 for s in summary["scenes"])
+    for s in summary["scenes"]:
+        with rasterio.open(s["image"]) as src, rasterio.open(s["class_map"]) as cls:
+            assert cls.crs == src.crs and cls.transform == src.transform
+    assert json.loads((work / "predictions" / "metrics.json").read_text())["pixels"] > 0
