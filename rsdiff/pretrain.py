@@ -23,6 +23,7 @@ from rsdiff.diffusion.schedule import DiffusionConfig
 from rsdiff.diffusion.unet import ModelConfig, build_unet, num_params, unet_kwargs
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.ingest import RayConfig
+from rsdiff.train.memory import estimate_training_memory
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class ScalingCfg:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # GPU family every rank needs (Ray's accelerator_type, e.g. A100, H100, A10G); null = any GPU.
+    # Presets whose estimated memory exceeds a 24 GB card set it so the autoscaler picks big nodes.
+    accelerator_type: str | None = None
 
 
 @dataclass
@@ -94,7 +98,7 @@ class RunCfg:
 
 @dataclass
 class PerfConfig:
-    """GPU speed paths (ignored on CPU)."""
+    """Speed paths: bf16 autocast, TF32 and channels_last apply on CUDA only; compile anywhere."""
 
     bf16: bool = True
     channels_last: bool = True
@@ -198,6 +202,11 @@ def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
         unet_kwargs(cfg.model, bands, size)
     except ValueError as exc:
         raise ConfigError(f"model config: {exc}") from exc
+    estimate = estimate_training_memory(cfg.model, bands, size, cfg.data.batch_size)
+    log.info(
+        "model: %.1fM parameters; estimated %.1f GiB per %s rank (weights, optimiser, EMA, bf16 activations)",
+        estimate.params / 1e6, estimate.total_gib, "GPU" if cfg.scaling.use_gpu else "training",
+    )  # fmt: skip
     facts = {
         "shards": shards,
         "in_channels": bands,
@@ -207,9 +216,22 @@ def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
     return manifest, facts
 
 
+def scaling_config(scaling: ScalingCfg) -> Any:
+    """Ray Train's ``ScalingConfig``: one rank per worker with ``cpus_per_worker`` CPUs and, on GPU
+    clusters, one GPU of ``accelerator_type`` (any GPU when null)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=scaling.num_workers,
+        use_gpu=scaling.use_gpu,
+        resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        accelerator_type=scaling.accelerator_type if scaling.use_gpu else None,
+    )
+
+
 def run_pretrain(cfg: Any) -> PretrainResult:
     """Train (or resume) the DDPM described by ``cfg`` on Ray Train; returns the final checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from rsdiff import tracking
@@ -262,14 +284,7 @@ def run_pretrain(cfg: Any) -> PretrainResult:
             "run_id": handle.run_id,
             "tracking_uri": uri,
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={
-                "CPU": cfg.scaling.cpus_per_worker,
-                **({"GPU": 1} if cfg.scaling.use_gpu else {}),
-            },
-        ),
+        scaling_config=scaling_config(cfg.scaling),
         run_config=RunConfig(
             name=str(cfg.run.name),
             storage_path=storage_path,

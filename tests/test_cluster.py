@@ -26,6 +26,59 @@ def _pinned_ray() -> str:
     return next(d for d in deps if d.startswith("ray[")).split("==")[1]
 
 
+GPU_MEMORY_GIB = {"g5.2xlarge": 24, "p4de.24xlarge": 80}  # per GPU: A10G, A100 80GB
+
+
+def test_cluster_nodes_install_the_torch_the_tests_ran_with():
+    import re
+
+    import torch
+
+    tested = torch.__version__.split("+")[0]
+    ci_pin = re.search(r'"torch==([^"]+)"', (REPO / ".ci" / "run").read_text()).group(1)
+    assert ci_pin == tested
+    setup = " ".join(yaml.safe_load(AWS.read_text())["setup_commands"])
+    assert f'"torch=={tested}"' in setup and "-e /home/ray/rsdiff" in setup
+    spec = yaml.safe_load(KUBERAY.read_text())["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        args = group["template"]["spec"]["containers"][0]["args"][0]
+        assert f"'torch=={tested}'" in args and "'rsdiff @ https://" in args, args
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS, ids=lambda p: p.name)
+def test_gpu_presets_land_on_nodes_with_enough_gpu_memory(preset):
+    """Every node type a preset's ranks may be placed on has more GPU memory than one rank needs
+    (rsdiff's estimate, RGB input); presets that outgrow a 24 GB card say which GPU they need."""
+    from rsdiff.train.memory import estimate_training_memory
+
+    cfg = load_config(PretrainConfig, preset)
+    need = estimate_training_memory(cfg.model, 3, cfg.model.image_size, cfg.data.batch_size).total_gib
+    launcher = yaml.safe_load(AWS.read_text())
+    accel = cfg.scaling.accelerator_type
+    hosts = {
+        name: t["node_config"]["InstanceType"]
+        for name, t in launcher["available_node_types"].items()
+        if t["resources"].get("GPU", 0) >= 1
+        and t["resources"].get("CPU", 0) >= cfg.scaling.cpus_per_worker
+        and (accel is None or t["resources"].get(f"accelerator_type:{accel}", 0) > 0)
+    }
+    assert hosts, f"no node type offers accelerator_type={accel}"
+    for name, instance in hosts.items():
+        assert GPU_MEMORY_GIB[instance] > need, f"{preset.name} needs ~{need:.1f} GiB; {name} has less"
+
+
+def test_pretraining_asks_ray_for_the_accelerator_type():
+    """The preset's accelerator_type reaches Ray Train as a resource request of every rank."""
+    from rsdiff.pretrain import scaling_config
+
+    big = load_config(PretrainConfig, REPO / "configs/pretrain/adm256-c256.yaml").scaling
+    small = load_config(PretrainConfig, REPO / "configs/pretrain/adm256.yaml").scaling
+    wants = scaling_config(big)._resources_per_worker_not_none
+    assert wants["GPU"] == 1 and wants["CPU"] == 8 and wants.get("accelerator_type:A100", 0) > 0
+    assert not [k for k in scaling_config(small)._resources_per_worker_not_none if k.startswith("accel")]
+
+
 def test_launcher_yaml_matches_rays_schema_and_pins():
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     cfg = yaml.safe_load(AWS.read_text())

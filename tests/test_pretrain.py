@@ -188,6 +188,42 @@ def test_an_interrupted_run_draws_the_same_noise_as_an_uninterrupted_one(tmp_pat
     assert len(set(expect.values())) == 8  # the loss really moves from step to step
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction(
+    local_shards, tmp_path, ray_cluster, mlflow_uri
+):
+    """``perf.compile=true`` (inductor, on the CPU here): same losses and features as eager
+    training within float tolerance, and a checkpoint with plain keys that extraction loads.
+
+    The learning rate is tiny: AdamW's first steps are nearly sign(gradient), so float-level
+    differences in near-zero gradients would otherwise move weights by a whole step."""
+    from rsdiff.features.extractor import FeatureExtractor
+    from rsdiff.train.checkpoint import load_state
+
+    common = [
+        f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "optim.max_steps=3",
+        "checkpoint.every_steps=3", "tracking.log_every=1", "tracking.sample_every=1000",
+        f"tracking.uri={mlflow_uri}", "data.num_workers=0", "data.shuffle_buffer=0", "optim.lr=1e-5",
+    ]  # fmt: skip
+    eager = run_pretrain(_cfg(*common, "run.name=eager"))
+    compiled = run_pretrain(_cfg(*common, "run.name=compiled", "perf.compile=true"))
+    from pathlib import Path
+
+    state = load_state(Path(compiled.checkpoint))
+    assert not [k for part in ("model", "ema") for k in state[part] if "_orig_mod" in k or "module." in k]
+    for (s1, a), (s2, b) in zip(
+        _history(mlflow_uri, eager.mlflow_run_id, "loss"),
+        _history(mlflow_uri, compiled.mlflow_run_id, "loss"),
+    ):
+        assert s1 == s2 and b == pytest.approx(a, rel=1e-3)
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    feats = [
+        FeatureExtractor(load_pretrained(r.checkpoint), [50, 250], ["up1.res1", "up2.res1"]).dense(x)
+        for r in (eager, compiled)
+    ]
+    assert ((feats[1] - feats[0]).norm() / feats[0].norm()).item() < 1e-3
+
+
 @pytest.mark.parametrize(
     ("overrides", "error", "needle"),
     [
