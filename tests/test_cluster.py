@@ -16,6 +16,8 @@ from conftest import REPO
 from rsdiff.config import load_config
 from rsdiff.pretrain import PretrainConfig
 
+pytestmark = pytest.mark.unit
+
 AWS = REPO / "cluster" / "aws.yaml"
 KUBERAY = REPO / "cluster" / "kuberay-pretrain.yaml"
 GPU_PRESETS = sorted((REPO / "configs" / "pretrain").glob("adm256*.yaml"))

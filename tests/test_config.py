@@ -8,6 +8,8 @@ from rsdiff.config import flatten, load_config, redact, to_container
 from rsdiff.errors import ConfigError
 from rsdiff.ingest import IngestConfig
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 DUBAI_PRESET = REPO / "configs" / "ingest" / "dubai.yaml"
 
