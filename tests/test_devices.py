@@ -160,3 +160,34 @@ def test_rng_state_round_trip_restores_the_noise_stream():
     devices.set_rng_state(saved, gen, cpu)
     got = (torch.randn(4, generator=gen), torch.rand(2))
     torch.testing.assert_close(got, expect)
+
+
+def _pretrain_cfg():
+    from rsdiff.config import load_config
+    from rsdiff.pretrain import PretrainConfig
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    return load_config(PretrainConfig, repo / "configs/pretrain/tiny.yaml", [f"model.image_size={SIZE}"])
+
+
+@pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")  # meta holds no values
+def test_resumed_optimizer_state_lives_beside_the_weights():
+    """A checkpoint saved on one device and resumed on another: AdamW's moments must follow the
+    weights (they did not when the state was loaded before the model moved to the GPU)."""
+    from rsdiff.train.loop import init_training
+
+    cfg = _pretrain_cfg()
+    sched = make_scheduler(cfg.diffusion)
+    batch = lambda: torch.rand(2, BANDS, SIZE, SIZE) * 2 - 1  # noqa: E731
+    cpu = torch.device("cpu")
+    model, ema, opt, lr, _ = init_training(cfg, BANDS, SIZE, cpu)
+    train_step(model, ema, opt, lr, batch, sched, devices.generator(cpu, 0), timesteps=1000)
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+             "lr_schedule": lr.state_dict(), "step": 1}  # fmt: skip
+
+    model, ema, opt, lr, step = init_training(cfg, BANDS, SIZE, META, state)
+    assert step == 1 and lr.last_epoch == 1
+    moments = [t for s in opt.state.values() for t in s.values() if t.dim() > 0]
+    assert moments and all(t.device == META for t in moments)
+    loss, _, _ = train_step(model, ema, opt, lr, batch, sched, devices.generator(META, 0), timesteps=1000)
+    assert loss.device == META and all(p.device == META for p in ema.parameters())

@@ -121,6 +121,35 @@ def train_step(
     return total, grad_norm, waited
 
 
+def init_training(
+    cfg: Any, in_channels: int, size: int, device: torch.device, state: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, Any, int]:
+    """``(model, ema, optimizer, lr_schedule, step)`` on ``device``, resumed from ``state`` if given.
+
+    The model moves to ``device`` (channels_last on CUDA when ``perf.channels_last``) *before* the
+    optimiser is built and its state loaded, so AdamW's moments live beside the weights. Every
+    rank starts from the same weights (seeded with ``cfg.seed``).
+    """
+    torch.manual_seed(cfg.seed)
+    model = build_unet(cfg.model, in_channels, size).to(device)
+    if device.type == "cuda" and cfg.perf.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.optim.max_steps)
+    )
+    ema = copy.deepcopy(model).requires_grad_(False)  # same device and memory format as the model
+    if state is None:
+        return model, ema, opt, sched, 0
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["lr_schedule"])
+    return model, ema, opt, sched, int(state["step"])
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)  # DDP
@@ -160,30 +189,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         **{k: tuple(v) if isinstance(v, list) else v for k, v in data["normalization"].items()}
     )
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_unet(cfg.model, in_channels, size)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.optim.max_steps)
-    )
-    channels_last = cuda and cfg.perf.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     if cuda:
         devices.enable_tf32()
-    ema = copy.deepcopy(model).requires_grad_(False).to(device)  # same memory format as the model
-    start, rng = 0, None
+    state = None
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
             state = checkpoint.load_state(Path(d))
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_schedule"])
-        start, rng = int(state["step"]), state.get("rng")
+    model, ema, opt, sched, start = init_training(cfg, in_channels, size, device, state)
+    channels_last = cuda and cfg.perf.channels_last
+    rng = state.get("rng") if state is not None else None
     # Distinct, reproducible streams per rank; on resume (same world size) each rank continues
     # its own streams exactly, whatever the loader setup below draws.
     run_seed = cfg.seed * 1000 + rank * 100_003 + start
