@@ -263,7 +263,7 @@ class S3ObjectStream(io.RawIOBase):
     A transient error (or an early end) while reading the body re-opens the object with a ranged
     GET from the byte reached, pinned to the first response's ETag (``If-Match``), so a replaced
     object fails instead of mixing two versions. Up to ``RSDIFF_S3_MAX_ATTEMPTS`` tries per
-    position; :attr:`resumes` counts the re-opens.
+    position, each logged as a warning.
     """
 
     def __init__(self, uri: str) -> None:
@@ -271,7 +271,6 @@ class S3ObjectStream(io.RawIOBase):
         self.uri = uri
         self.bucket, self.key = split_s3(uri)
         self.pos = 0
-        self.resumes = 0
         self.etag: str | None = None
         self.size = 0
         self._body = self._open()
@@ -311,7 +310,6 @@ class S3ObjectStream(io.RawIOBase):
                 with contextlib.suppress(Exception):
                     self._body.close()
                 time.sleep(_backoff(attempt))
-                self.resumes += 1
                 self._body = self._open()
         raise AssertionError("unreachable")
 

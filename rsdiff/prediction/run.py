@@ -111,7 +111,7 @@ def scene_outputs(cfg: Any, out: str, ref: SceneRef) -> SceneOutputs:
     )
 
 
-_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
+_CACHE: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (head, device, precision) -> loaded
 
 
 def _predict_task(
