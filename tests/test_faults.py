@@ -146,7 +146,7 @@ def test_s3_bodies_cut_mid_read_resume_without_loss_or_repeats(shards, bucket, s
             got = [(s.key, s.image.tobytes()) for u in uris for s in iter_shard(u)]
             stream = ShardStream(uris, 0, 1, norm, 64, shuffle_buffer=0, augment=False)
             stream_iter = iter(stream)
-            tiles = [next(stream_iter).numpy() for _ in range(len(clean))]
+            tiles = [next(stream_iter)["x"].numpy() for _ in range(len(clean))]
         finally:
             os.environ["AWS_ENDPOINT_URL"] = saved
             storage._client_for_pid.cache_clear()

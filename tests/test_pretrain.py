@@ -144,48 +144,30 @@ def test_rerunning_a_job_name_resumes(local_shards, tmp_path, ray_cluster, mlflo
     assert [v for _, v in _history(mlflow_uri, second.mlflow_run_id, "started_at_step")] == [0, 20]
 
 
-def _symmetric_scene(folder) -> str:
-    """A 4-band scene of identical 32 px tiles, each unchanged by flips and 90-degree rotations:
-    whatever order or augmentation the stream picks, every batch is the same, so a run's losses
-    depend only on the weights, the optimiser and the noise/timestep draws."""
-    import numpy as np
-    import rasterio
-    from rasterio.transform import from_origin
-
-    k = np.minimum(np.arange(32), 31 - np.arange(32))
-    tile = np.stack([(7 * (k[:, None] ** 2 + k[None, :] ** 2) + 300 * b) % 4000 + 100 for b in range(4)])
-    image = np.tile(tile, (1, 4, 4)).astype(np.uint16)
-    folder.mkdir(parents=True)
-    path = folder / "symmetric.tif"
-    profile = {"driver": "GTiff", "height": 128, "width": 128, "count": 4, "dtype": "uint16",
-               "crs": "EPSG:32640", "transform": from_origin(300000, 2800000, 0.5, 0.5)}  # fmt: skip
-    with rasterio.open(path, "w", **profile) as ds:
-        ds.write(image)
-    return str(path)
-
-
-def test_an_interrupted_run_draws_the_same_noise_as_an_uninterrupted_one(tmp_path, ray_cluster, mlflow_uri):
-    scene = _symmetric_scene(tmp_path / "scene")
-    shards = str(tmp_path / "shards")
-    run_ingest(load_config(IngestConfig, None, [f"inputs=[{scene}]", f"output={shards}", "tile_size=32"]))
+def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
+    local_shards, tmp_path, ray_cluster, mlflow_uri
+):
+    """Two ranks, two loader workers each, shuffled and augmented tiles: a run that fails at step 5
+    and restarts from checkpoint 3 (mid-way through its loaders' round-robin) logs exactly the
+    losses of the uninterrupted run. Each rank's data position, noise and CPU generator states
+    come back from the checkpoint."""
     common = [
-        f"data.shards={shards}", f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=2",
-        "optim.max_steps=8", "checkpoint.every_steps=4", "tracking.log_every=1",
+        f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=2",
+        "data.num_workers=2", "optim.max_steps=8", "checkpoint.every_steps=3", "tracking.log_every=1",
         "tracking.sample_every=1000", f"tracking.uri={mlflow_uri}",
     ]  # fmt: skip
     straight = run_pretrain(_cfg(*common, "run.name=straight"))
     resumed = run_pretrain(
-        _cfg(*common, "run.name=interrupted", "debug.fault=raise", "debug.fault_step=6", "debug.fault_rank=1",
+        _cfg(*common, "run.name=interrupted", "debug.fault=raise", "debug.fault_step=5", "debug.fault_rank=1",
              f"debug.fault_marker={tmp_path / 'fault.marker'}")
     )  # fmt: skip
     assert (tmp_path / "fault.marker").exists()
-    assert [v for _, v in _history(mlflow_uri, resumed.mlflow_run_id, "started_at_step")] == [0, 4]
+    assert [v for _, v in _history(mlflow_uri, resumed.mlflow_run_id, "started_at_step")] == [0, 3]
     expect = dict(_history(mlflow_uri, straight.mlflow_run_id, "loss"))
     got = dict(_history(mlflow_uri, resumed.mlflow_run_id, "loss"))  # the last value logged per step
     assert sorted(got) == sorted(expect) == list(range(1, 9))
-    for step in range(5, 9):  # steps run again after the restart from checkpoint 4
-        assert got[step] == pytest.approx(expect[step], rel=1e-5), (step, got, expect)
-    assert len(set(expect.values())) == 8  # the loss really moves from step to step
+    for step in range(4, 9):  # steps run again after the restart from checkpoint 3
+        assert got[step] == pytest.approx(expect[step], rel=1e-6), (step, got, expect)
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ def test_a_slot_whose_shard_is_corrupt_reads_another(tmp_path):
         stream = ShardStream([good, str(corrupt)], 0, 1, NORM, 16, shuffle_buffer=0, augment=False, seed=seed)
         batches = iter(_loader(stream, workers=2))
         for _ in range(12):
-            assert next(batches).shape == (4, 4, 16, 16)
+            assert next(batches)["x"].shape == (4, 4, 16, 16)
         assert stream.errors >= 1
 
 
@@ -50,7 +50,7 @@ def test_malformed_samples_are_skipped_and_counted(tmp_path):
     stream = ShardStream([shard], 0, 1, NORM, 16, shuffle_buffer=0, augment=False)
     batches = iter(_loader(stream, workers=0))
     got = [next(batches) for _ in range(4)]  # 8 good samples per pass, 16 needed: two passes
-    assert all(b.shape == (4, 4, 16, 16) for b in got)
+    assert all(b["x"].shape == (4, 4, 16, 16) for b in got)
     assert stream.errors == 2
 
 
@@ -61,3 +61,24 @@ def test_no_readable_shard_is_one_clear_error(tmp_path):
     stream = ShardStream([str(b) for b in bad], 0, 1, NORM, 16, shuffle_buffer=0)
     with pytest.raises(DataError, match=r"none of the 2 shards .* gave a readable sample"):
         next(iter(_loader(stream, workers=0)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_continues_at_the_exact_sample(tmp_path, workers):
+    """Consume part of a shuffled, augmented stream, then start a new one from the recorded
+    positions: it yields exactly what the first stream would have yielded next, across an
+    epoch boundary, with the loader's workers resuming their round-robin at the right slot."""
+    shards = [_shard(tmp_path, f"p{i}", 7) for i in range(3)]
+    tile = 12  # random 12 px crops of the 16 px tiles
+    make = lambda **kw: ShardStream(shards, 0, 1, NORM, tile, shuffle_buffer=5, seed=3, **kw)  # noqa: E731
+    straight = iter(_loader(make(), workers))
+    expected = [next(straight) for _ in range(14)]  # 56 samples: several epochs of every slot
+    for cut in (1, 3, 6):
+        positions = {}
+        for batch in expected[:cut]:
+            positions = ShardStream.positions_after(positions, batch)
+        resumed = iter(_loader(make(resume=positions, first_slot=cut % max(1, workers)), workers))
+        for want in expected[cut:]:
+            got = next(resumed)
+            assert torch.equal(got["x"], want["x"]) and torch.equal(got["index"], want["index"])
+    assert len({int(e) for b in expected for e in b["epoch"]}) >= 3

@@ -3,8 +3,9 @@
 Per step (:func:`train_step`): draw ``grad_accum`` micro-batches from the shard stream, noise them
 at random timesteps, regress the noise (MSE), clip, AdamW step, EMA update. Noise and timesteps
 come from a generator on the training device, seeded per rank; its state, the CPU and CUDA
-default generators' states are saved per rank in every checkpoint and restored on resume, so an
-interrupted run draws the same noise as an uninterrupted one. Every ``log_every`` steps rank 0
+default generators' states and each data slot's stream position are saved per rank in every
+checkpoint and restored on resume, so an interrupted run sees the same batches and draws the same
+noise as an uninterrupted one. Every ``log_every`` steps rank 0
 logs metrics to the MLflow run its driver opened; every ``checkpoint.every_steps`` steps (and at
 the end) rank 0 saves a checkpoint and all ranks hand it, with the metrics, to ``ray.train.report``.
 """
@@ -33,7 +34,7 @@ from rsdiff.diffusion.sampling import ddim_sample, denoise_strip, grid, to_rgb
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet
 from rsdiff.train import checkpoint
-from rsdiff.train.stream import ShardStream
+from rsdiff.train.stream import ShardStream, StreamPosition
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = torch.compile(model)
     noise_sched = make_scheduler(cfg.diffusion)
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)
+    workers = max(1, cfg.data.num_workers)
+    saved = state.get("stream") if state is not None else None
+    mine = saved[rank] if isinstance(saved, list) and len(saved) == world else None
+    if mine is not None and mine["workers"] == workers:  # continue at the exact sample
+        stream_seed, first_slot = int(mine["seed"]), int(mine["next_slot"])
+        positions = {int(k): StreamPosition(*v) for k, v in mine["positions"].items()}
+    else:  # fresh, or the world size / loader workers changed: a new seeded order
+        if state is not None:
+            log.warning("[rank %d] data stream restarts in a new order (no matching stream position)", rank)
+        stream_seed, first_slot, positions = cfg.seed + 7919 * start, 0, {}
     stream = ShardStream(
         data["shards"],
         rank,
@@ -221,7 +232,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         size,
         shuffle_buffer=cfg.data.shuffle_buffer,
         augment=cfg.data.augment,
-        seed=cfg.seed + 7919 * start,
+        seed=stream_seed,
+        resume=positions,
+        first_slot=first_slot,
     )
     loader = torch.utils.data.DataLoader(
         stream,
@@ -246,11 +259,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window_loss = torch.zeros((), device=device)
     window_steps, window_data, window_t0 = 0, 0.0, time.perf_counter()
     x0_last: list[torch.Tensor] = []
+    consumed = 0  # batches taken from the loader (its workers take turns, in order)
 
     def next_batch() -> torch.Tensor:
-        x = next(batches)
-        x0_last[:] = [x[0]]
-        return x
+        nonlocal positions, consumed
+        batch = next(batches)
+        positions = ShardStream.positions_after(positions, batch)
+        consumed += 1
+        x0_last[:] = [batch["x"][0]]
+        return batch["x"]
 
     for step in range(start, cfg.optim.max_steps):
         loss, grad_norm, waited = train_step(
@@ -289,10 +306,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             100 * metrics["data_wait_fraction"],
         )  # fmt: skip
         if save:
-            rng_states: list[Any] = [devices.rng_state(gen, device)]
+            here = {
+                "rng": devices.rng_state(gen, device),
+                "stream": {
+                    "seed": stream_seed,
+                    "workers": workers,
+                    "next_slot": (first_slot + consumed) % workers,
+                    "positions": {k: [p.epoch, p.consumed] for k, p in positions.items()},
+                },
+            }
+            ranks: list[Any] = [here]
             if world > 1:
-                rng_states = [None] * world
-                torch.distributed.all_gather_object(rng_states, devices.rng_state(gen, device))
+                ranks = [None] * world
+                torch.distributed.all_gather_object(ranks, here)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -302,7 +328,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "optimizer": opt.state_dict(),
                         "lr_schedule": sched.state_dict(),
                         "step": done,
-                        "rng": rng_states,  # per rank: CPU, CUDA and noise-generator states
+                        "rng": [r["rng"] for r in ranks],  # per rank: CPU, CUDA, noise generators
+                        "stream": [r["stream"] for r in ranks],  # per rank: where each slot stands
                     }
                     checkpoint.save(
                         Path(tmp), state, {**config["meta"], "step": done, "run_id": config.get("run_id")}

@@ -1,4 +1,5 @@
-"""The training data stream: WebDataset shards split by rank and DataLoader worker, resampled.
+"""The training data stream: WebDataset shards split by rank and DataLoader worker, resampled,
+resumable at the exact sample.
 
 Each (rank, loader worker) slot owns a disjoint share of the shards per epoch (a seeded shuffle,
 then ``rank``-strided, then ``worker``-strided). A slot with no share (fewer shards than slots)
@@ -16,6 +17,7 @@ import logging
 import multiprocessing as mp
 import random
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,25 @@ from rsdiff.errors import DataError
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StreamPosition:
+    """Where one (rank, loader worker) slot's stream stands: ``consumed`` samples of ``epoch`` used."""
+
+    epoch: int = 0
+    consumed: int = 0
+
+
 class ShardStream(IterableDataset):
-    """Endless stream of normalised, augmented ``(C, size, size)`` float32 tiles.
+    """Endless, resumable stream of normalised, augmented tiles.
+
+    Items are dicts: ``x`` ``(C, size, size)`` float32, plus ``slot``, ``epoch`` and ``index`` (the
+    sample's place in its slot's epoch), so a consumer can record how far each slot was read
+    (:meth:`positions_after`) and a new stream can continue exactly there (``resume``).
+
+    A slot's epoch is a deterministic function of ``(seed, slot, epoch)``: its shard order, the
+    shuffle buffer (emptied at the end of each epoch) and the augmentation draws. Resuming
+    re-reads the current epoch up to the position (decoding, but not normalising or augmenting,
+    the skipped samples), so the cost is bounded by one epoch of a slot's shards.
 
     Args:
         shards: shard URIs (local or s3://).
@@ -41,6 +60,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples held for shuffling (0 = none).
         augment: random flips and 90-degree rotations (overhead imagery has no "up").
         seed: base seed; the stream differs per rank, worker, epoch and ``seed``.
+        resume: ``{slot: StreamPosition}`` to continue from (slots not named start at epoch 0).
+        first_slot: the slot DataLoader worker 0 plays; worker ``w`` plays slot
+            ``(first_slot + w) % workers`` of this rank, so that after a resume the loader's
+            round-robin over workers continues with the slot whose batch was next.
     """
 
     def __init__(
@@ -53,6 +76,8 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 256,
         augment: bool = True,
         seed: int = 0,
+        resume: dict[int, StreamPosition] | None = None,
+        first_slot: int = 0,
     ) -> None:
         super().__init__()
         if not shards:
@@ -64,6 +89,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.augment = augment
         self.seed = seed
+        self.resume = dict(resume or {})
+        self.first_slot = first_slot
         self._errors = mp.Value("i", 0)
         self._shards_read = mp.Value("i", 0)
 
@@ -80,7 +107,15 @@ class ShardStream(IterableDataset):
     def _slot(self) -> tuple[int, int]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers
+        return self.rank * workers + (worker + self.first_slot) % workers, self.world_size * workers
+
+    @staticmethod
+    def positions_after(
+        positions: dict[int, StreamPosition], batch: dict[str, torch.Tensor]
+    ) -> dict[int, StreamPosition]:
+        """``positions`` updated with a consumed batch (one slot's samples, in stream order)."""
+        slot = int(batch["slot"][-1])
+        return {**positions, slot: StreamPosition(int(batch["epoch"][-1]), int(batch["index"][-1]) + 1)}
 
     def shard_order(self, epoch: int) -> list[str]:
         """The shards this slot reads in ``epoch`` (never empty)."""
@@ -123,62 +158,86 @@ class ShardStream(IterableDataset):
             bad.add(uri)
         return n
 
-    def _raw_samples(self) -> Iterator[dict[str, Any]]:
+    def _raw_epoch(self, epoch: int, bad: set[str]) -> Iterator[dict[str, Any]]:
+        """The raw samples of this slot's ``epoch``; a slot whose shards were all unreadable reads
+        another readable shard instead. Raises DataError when no shard is readable."""
         slot, _ = self._slot()
-        bad: set[str] = set()
-        epoch = 0
-        while True:
-            yielded = 0
-            for uri in self.shard_order(epoch):
-                yielded += yield from self._read_shard(uri, bad)
-            if not yielded:  # this slot's shards were unreadable: resample from the readable ones
-                candidates = [u for u in self.shards if u not in bad]
-                random.Random(self.seed * 7919 + epoch * 104_729 + slot + 1).shuffle(candidates)
-                for uri in candidates:
-                    yielded = yield from self._read_shard(uri, bad)
-                    if yielded:
-                        break
-            if not yielded:
-                raise DataError(
-                    f"none of the {len(self.shards)} shards (e.g. "
-                    f"{[storage.display(u) for u in self.shards][:3]}) gave a readable sample "
-                    f"({self.errors} errors); check the shards and their URI"
-                )
-            epoch += 1
+        yielded = 0
+        for uri in self.shard_order(epoch):
+            yielded += yield from self._read_shard(uri, bad)
+        if not yielded:
+            candidates = [u for u in self.shards if u not in bad]
+            random.Random(self.seed * 7919 + epoch * 104_729 + slot + 1).shuffle(candidates)
+            for uri in candidates:
+                yielded = yield from self._read_shard(uri, bad)
+                if yielded:
+                    break
+        if not yielded:
+            raise DataError(
+                f"none of the {len(self.shards)} shards (e.g. "
+                f"{[storage.display(u) for u in self.shards][:3]}) gave a readable sample "
+                f"({self.errors} errors); check the shards and their URI"
+            )
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        slot, _ = self._slot()
-        rng = np.random.default_rng([self.seed, slot])
+    def _tiles(self, epoch: int, bad: set[str], rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """This slot's tiles of ``epoch`` in shuffled order (the buffer is emptied at the end)."""
+        expect = len(self.normalizer.mean)
         buffer: list[np.ndarray] = []
-        for raw in self._raw_samples():
+        for raw in self._raw_epoch(epoch, bad):
             try:
                 tile = np.load(io.BytesIO(raw["tile.npy"]), allow_pickle=False)
-                if tile.ndim != 3 or tile.shape[0] != len(self.normalizer.mean):
+                if tile.ndim != 3 or tile.shape[0] != expect:
                     raise DataError(
                         f"sample {raw.get('__key__')} of {raw.get('__url__')}: tile.npy has shape "
-                        f"{tile.shape}, expected ({len(self.normalizer.mean)}, H, W)"
+                        f"{tile.shape}, expected ({expect}, H, W)"
                     )
             except Exception as exc:
                 self._handler(exc)
                 continue
             if self.shuffle_buffer <= 1:
-                yield self._prepare(tile, rng)
-                continue
-            if len(buffer) < self.shuffle_buffer:
+                yield tile
+            elif len(buffer) < self.shuffle_buffer:
                 buffer.append(tile)
-                continue
-            i = int(rng.integers(len(buffer)))
-            buffer[i], tile = tile, buffer[i]
-            yield self._prepare(tile, rng)
+            else:
+                i = int(rng.integers(len(buffer)))
+                buffer[i], tile = tile, buffer[i]
+                yield tile
+        for i in rng.permutation(len(buffer)):
+            yield buffer[i]
 
-    def _prepare(self, tile: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        _, h, w = tile.shape
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, _ = self._slot()
+        start = self.resume.get(slot, StreamPosition())
+        epoch, skip = start.epoch, start.consumed
+        bad: set[str] = set()
+        while True:
+            rng = np.random.default_rng([self.seed, slot, epoch])
+            for index, tile in enumerate(self._tiles(epoch, bad, rng)):
+                crop, turns, flip = self._augmentation(tile.shape, rng)  # drawn for skipped tiles too
+                if index >= skip:
+                    x = self._prepare(tile, crop, turns, flip)
+                    yield {"x": x, "slot": slot, "epoch": epoch, "index": index}
+            epoch, skip = epoch + 1, 0
+
+    def _augmentation(
+        self, shape: tuple[int, ...], rng: np.random.Generator
+    ) -> tuple[tuple[int, int] | None, int, bool]:
+        """The random crop origin (None when the tile is the crop size), quarter turns and flip."""
+        _, h, w = shape
+        crop = None
         if h > self.size or w > self.size:
-            r, c = int(rng.integers(h - self.size + 1)), int(rng.integers(w - self.size + 1))
+            crop = (int(rng.integers(h - self.size + 1)), int(rng.integers(w - self.size + 1)))
+        if not self.augment:
+            return crop, 0, False
+        return crop, int(rng.integers(4)), bool(rng.random() < 0.5)
+
+    def _prepare(
+        self, tile: np.ndarray, crop: tuple[int, int] | None, turns: int, flip: bool
+    ) -> torch.Tensor:
+        if crop is not None:
+            r, c = crop
             tile = tile[:, r : r + self.size, c : c + self.size]
-        x = self.normalizer(tile)
-        if self.augment:
-            x = np.rot90(x, int(rng.integers(4)), axes=(1, 2))
-            if rng.random() < 0.5:
-                x = x[:, :, ::-1]
+        x = np.rot90(self.normalizer(tile), turns, axes=(1, 2))
+        if flip:
+            x = x[:, :, ::-1]
         return torch.from_numpy(np.ascontiguousarray(x))

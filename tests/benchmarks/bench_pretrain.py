@@ -57,7 +57,7 @@ def plain_loop(cfg, shards: list[str], manifest, steps: int, warmup: int) -> flo
     for step in range(warmup + steps):
         if step == warmup:
             t0 = time.perf_counter()
-        x0 = next(it)
+        x0 = next(it)["x"]
         noise = torch.randn_like(x0)
         t = torch.randint(0, cfg.diffusion.timesteps, (x0.shape[0],))
         loss = F.mse_loss(model(sched.add_noise(x0, noise, t), t).sample, noise)
