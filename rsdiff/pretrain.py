@@ -107,7 +107,8 @@ class PerfConfig:
 
 @dataclass
 class DebugConfig:
-    """Test-only fault injection: fail once at ``fault_step`` on ``fault_rank`` (marker file = once)."""
+    """Test-only fault injection: fail once at ``fault_step`` on ``fault_rank`` (marker file = once).
+    ``kill`` first waits until Ray Train has registered the latest checkpoint."""
 
     fault: str = "none"  # none | raise | kill
     fault_step: int = 0
@@ -245,6 +246,7 @@ def run_pretrain(cfg: Any) -> PretrainResult:
     storage.check_writable(storage.join(str(cfg.run.storage), str(cfg.run.name)))
     uri = tracking.resolve_uri(cfg.tracking.uri)
     plain = to_container(cfg)
+    plain["run"]["storage"] = storage.absolute(str(cfg.run.storage))  # workers run in other folders
     run_key = f"{storage.display(storage.join(str(cfg.run.storage), str(cfg.run.name)))}"
     handle, resumed = tracking.RunHandle.find_or_create(
         uri,

@@ -166,8 +166,30 @@ def _inject_fault(cfg: Any, step: int, rank: int) -> None:
         return
     marker.write_text(f"fault at step {step}")
     if d.fault == "kill":
+        _wait_until_registered(cfg, step - step % cfg.checkpoint.every_steps)
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+
+
+def _wait_until_registered(cfg: Any, step: int, timeout_s: float = 30.0) -> None:
+    """Test hook helper: wait until Ray Train's controller has registered checkpoint ``step``.
+
+    The controller collects reports every couple of seconds; a worker killed before that loses
+    the queued report, and the restart comes from the checkpoint before. The fault tests kill
+    after registration so that what they check (restart from the *latest* checkpoint) is
+    deterministic. Registration shows in the run's ``checkpoint_manager_snapshot.json``.
+    """
+    if step <= 0:
+        return
+    from rsdiff import storage
+
+    snapshot = storage.join(str(cfg.run.storage), str(cfg.run.name), "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if f"checkpoint_{step:08d}" in storage.read_text(snapshot):
+                return
+        time.sleep(0.2)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
