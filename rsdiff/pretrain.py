@@ -20,7 +20,7 @@ from rsdiff.config import redact, to_container
 from rsdiff.data.manifest import Manifest, read_manifest
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.schedule import DiffusionConfig
-from rsdiff.diffusion.unet import ModelConfig, build_unet, num_params, unet_kwargs
+from rsdiff.diffusion.unet import ModelConfig, unet_kwargs
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.ingest import RayConfig
 from rsdiff.train.memory import estimate_training_memory
@@ -213,6 +213,7 @@ def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
         "in_channels": bands,
         "image_size": size,
         "normalization": Normalizer.from_stats(manifest.band_stats, cfg.data.norm_scale).to_json(),
+        "num_params": estimate.params,
     }
     return manifest, facts
 
@@ -255,13 +256,11 @@ def run_pretrain(cfg: Any) -> PretrainResult:
         tags={"rsdiff.stage": "pretrain", "rsdiff.run": run_key},
         match_tag="rsdiff.run",
     )
-    model = build_unet(cfg.model, facts["in_channels"], facts["image_size"])
     if not resumed:
         handle.log_params(tracking.config_params(cfg))
         handle.log_params(
-            {"model.num_params": str(num_params(model)), "data.bands": json.dumps(manifest.bands)}
+            {"model.num_params": str(facts["num_params"]), "data.bands": json.dumps(manifest.bands)}
         )
-    del model
     meta = {
         "config": redact(plain),
         "model": plain["model"],

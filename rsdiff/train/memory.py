@@ -46,7 +46,8 @@ def estimate_training_memory(
 ) -> MemoryEstimate:
     """The :class:`MemoryEstimate` for one rank training ``model_cfg`` on ``(batch_size, in_channels,
     image_size, image_size)`` batches (one micro-batch: gradient accumulation does not add to it)."""
-    model = build_unet(model_cfg, in_channels, image_size).to("meta")
+    with torch.device("meta"):  # built without allocating or initialising weights
+        model = build_unet(model_cfg, in_channels, image_size)
     outputs = [0]
 
     def count(module: torch.nn.Module, _inputs: Any, output: Any) -> None:
