@@ -1,15 +1,41 @@
-"""What every job script shares: argv -> config, logging, and one clear line per user error."""
+"""What every job script shares: argv -> config, logging, and one clear line per failure.
+
+Exit status: 0 success, 2 a user error (bad config, data, URI, full disk, unwritable store),
+130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM. Either signal stops the job at once
+and says what was kept; the stage code has already marked its MLflow run KILLED.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from rsdiff.config import load_config, to_yaml
-from rsdiff.errors import RsdiffError
+from rsdiff.errors import RsdiffError, Terminated, describe_os_error
+
+# What a stopped job leaves behind (nothing half-written ever looks complete).
+KEPT = {
+    "ingest": "no manifest.json was written, so the output does not look complete; re-run to start over",
+    "pretrain": "every complete checkpoint is kept in run.storage/run.name; re-run the command to resume",
+    "extract": "no table.json was written, so the output does not look complete; re-run to start over",
+    "sweep": "finished trials are kept; re-run the same command to continue the sweep",
+    "predict": "maps finished so far are kept, but no predictions.json; re-run with overwrite=true",
+    "evaluate": "no metrics.json was written",
+    "label_efficiency": "no results.json was written; re-run to start over",
+    "demo": "each finished stage's outputs are kept in workdir; re-run the same command to go on",
+}
+
+
+_received: list[int] = []  # SIGTERM seen (Ray's blocking calls re-raise it as a plain KeyboardInterrupt)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    raise Terminated(signum)
 
 
 def run_job(
@@ -17,7 +43,7 @@ def run_job(
 ) -> int:
     """Parse ``[--config PRESET.yaml] [key=value ...]``, build the config and call ``run(cfg)``.
 
-    Returns the process exit code: 0 on success, 2 on a user error (bad config, data, URI).
+    Returns the process exit code (see the module docstring).
     """
     parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=doc)
     parser.add_argument("--config", help="YAML preset (configs/...)")
@@ -27,6 +53,7 @@ def run_job(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cfg = load_config(schema, args.config, args.overrides)
         if args.print_config:
@@ -36,4 +63,16 @@ def run_job(
     except RsdiffError as exc:
         print(f"rsdiff {name}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through Terminated
+        signum = exc.signum if isinstance(exc, Terminated) else _received[-1] if _received else signal.SIGINT
+        print(f"rsdiff {name}: stopped by {signal.Signals(signum).name}; {KEPT[name]}", file=sys.stderr)
+        return 128 + int(signum)
+    except OSError as exc:
+        message = describe_os_error(exc)
+        if message is None:
+            raise
+        print(f"rsdiff {name}: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

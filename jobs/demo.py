@@ -12,13 +12,14 @@ import sys
 
 from _cli import run_job
 
+from rsdiff.config import redact_uri
 from rsdiff.demo import DemoConfig, run_demo
 from rsdiff.evaluate import format_metrics
 
 
 def _run(cfg: DemoConfig) -> None:
     result = run_demo(cfg)
-    store = result.tracking_uri
+    store = redact_uri(result.tracking_uri)  # no password on the terminal
     print("\n" + format_metrics(result.metrics))
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.stages.items()))
     first = result.predictions[0]

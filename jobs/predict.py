@@ -13,6 +13,7 @@ import sys
 
 from _cli import run_job
 
+from rsdiff.config import redact_uri
 from rsdiff.prediction.run import PredictConfig, run_predict
 
 
@@ -27,7 +28,7 @@ def _run(cfg: PredictConfig) -> None:
                     for r in result.scenes
                 ],
                 "mlflow_run_id": result.mlflow_run_id,
-                "tracking_uri": result.tracking_uri,
+                "tracking_uri": redact_uri(result.tracking_uri),
             }
         )
     )

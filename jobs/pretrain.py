@@ -10,6 +10,7 @@ import sys
 
 from _cli import run_job
 
+from rsdiff.config import redact_uri
 from rsdiff.pretrain import PretrainConfig, run_pretrain
 
 
@@ -22,7 +23,7 @@ def _run(cfg: PretrainConfig) -> None:
                 "step": result.step,
                 "loss": result.metrics.get("loss"),
                 "mlflow_run_id": result.mlflow_run_id,
-                "tracking_uri": result.tracking_uri,
+                "tracking_uri": redact_uri(result.tracking_uri),
             }
         )
     )

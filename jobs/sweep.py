@@ -12,13 +12,22 @@ import sys
 
 from _cli import run_job
 
+from rsdiff.config import redact_uri
 from rsdiff.sweep import SweepConfig, run_sweep
 
 
 def _run(cfg: SweepConfig) -> None:
     result = run_sweep(cfg)
     summary = {"best_head": result.best_head, "best_val_miou": result.best["best_val_miou"]}
-    print(json.dumps({**summary, "parent_run_id": result.parent_run_id, "tracking_uri": result.tracking_uri}))
+    print(
+        json.dumps(
+            {
+                **summary,
+                "parent_run_id": result.parent_run_id,
+                "tracking_uri": redact_uri(result.tracking_uri),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

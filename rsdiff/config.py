@@ -129,12 +129,24 @@ def to_container(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
+# ``scheme://user:password@host`` -> ``scheme://user:***@host`` (a password inside a URI).
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@")
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``."""
+    return _URI_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+
+
 def redact(obj: Any) -> Any:
-    """Copy of a nested dict/list with values under secret-looking keys replaced by ``***``."""
+    """Copy of a nested dict/list with values under secret-looking keys replaced by ``***`` and
+    passwords inside URIs (``http://user:pw@host``) masked."""
     if isinstance(obj, Mapping):
         return {k: (REDACTED if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_uri(obj)
     return obj
 
 
@@ -153,3 +165,25 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML with secrets redacted."""
     return OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg))))
+
+
+def require(
+    key: str,
+    value: float | int | None,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> None:
+    """Raise :class:`ConfigError` naming ``key``, its value and the valid range unless ``value`` is a
+    finite number within the bounds (``gt`` > , ``ge`` >= , ``lt`` < , ``le`` <=)."""
+    import math
+
+    lo = f"({gt:g}" if gt is not None else f"[{ge:g}" if ge is not None else "(-inf"
+    hi = f"{lt:g})" if lt is not None else f"{le:g}]" if le is not None else "inf)"
+    ok = isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (gt is None or value > gt) and (ge is None or value >= ge)  # type: ignore[operator]
+    ok = ok and (lt is None or value < lt) and (le is None or value <= le)  # type: ignore[operator]
+    if not ok:
+        raise ConfigError(f"{key}={value} is out of range: it must be a number in {lo}, {hi}")

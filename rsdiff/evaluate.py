@@ -5,8 +5,11 @@ scene's label mask through ``labels.mask_template`` and compares them block by b
 bounded by ``block_rows`` x width). Label classes default to the head's classes (their colours
 for colour masks, their values for index masks); given explicitly they are matched to the
 head's classes by name. Pixels that are nodata in the prediction or unlabeled in the mask are
-left out. Writes ``metrics.json`` (atomically), prints a table and logs an MLflow run with the
-confusion-matrix PNG.
+left out. Every map must carry the prediction run id that ``predictions.json`` records (an
+interrupted ``overwrite`` could otherwise leave a mix of two runs), and outputs are resolved
+relative to the folder read (a copied folder scores its own maps). The MLflow run is opened before
+the work and ``metrics.json`` is written last (atomically), after MLflow has everything, so a
+failed job never leaves a complete-looking result.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from rsdiff.data.scenes import SceneReader, SceneRef, mask_uri
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.ingest import LabelConfig, build_classmap
 from rsdiff.metrics import ConfusionMatrix
+from rsdiff.prediction.run import resolve_output
 from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)
@@ -88,8 +92,13 @@ def evaluate_scene(
     template: str,
     num_classes: int,
     block_rows: int,
+    run_id: str | None = None,
 ) -> ConfusionMatrix:
-    """Confusion matrix of one predicted scene against its mask (streamed in row blocks)."""
+    """Confusion matrix of one predicted scene against its mask (streamed in row blocks).
+
+    ``record["class_map"]`` is the map's URI; with ``run_id`` the map must carry that prediction
+    run id in its tags (else :class:`DataError`).
+    """
     import rasterio
     from rasterio.windows import Window
 
@@ -104,6 +113,12 @@ def evaluate_scene(
             storage.local_copy(record["class_map"]) as pred_path,
             rasterio.open(pred_path) as pred,
         ):
+            if run_id is not None and pred.tags().get("rsdiff_prediction_run") != run_id:
+                raise DataError(
+                    f"map {storage.display(record['class_map'])} was not written by the prediction run its "
+                    "predictions.json names (a mix of two runs, e.g. an interrupted overwrite); re-run "
+                    "jobs/predict.py with overwrite=true"
+                )
             if (pred.width, pred.height) != (reader.width, reader.height):
                 raise DataError(
                     f"prediction {storage.display(record['class_map'])} is {pred.width}x{pred.height} px but "
@@ -138,6 +153,10 @@ def run_evaluate(cfg: Any) -> EvaluateResult:
         raise DataError(
             f"no predictions.json at {storage.display(pred_root)}: pass the output folder of jobs/predict.py"
         ) from exc
+    except ValueError as exc:
+        raise DataError(
+            f"predictions.json at {storage.display(pred_root)} is not valid JSON: {exc}"
+        ) from None
     if not cfg.labels.mask_template:
         raise ConfigError("labels.mask_template is not set: say where each scene's label mask is")
     if cfg.block_rows < 16:
@@ -145,49 +164,45 @@ def run_evaluate(cfg: Any) -> EvaluateResult:
     classes = summary["classes"]
     names = [c["name"] for c in classes]
     classmap, lut = _label_classmap(cfg, classes)
-    total = ConfusionMatrix(len(classes))
-    per_scene = {}
+    run_id = summary.get("run_id")  # None: written by an rsdiff before run ids
+    records = []
     for record in summary["scenes"]:
-        cm = evaluate_scene(record, classmap, lut, cfg.labels.mask_template, len(classes), cfg.block_rows)
-        total.merge(cm)
-        per_scene[record["scene"]] = {
-            "miou": cm.miou(),
-            "overall_accuracy": cm.overall_accuracy(),
-            "pixels": int(cm.matrix.sum()),
-        }
-    if total.matrix.sum() == 0:
-        raise DataError("no pixel is both predicted and labeled: check labels.mask_template and the classes")
-    metrics = {
-        **total.summary(names),
-        "confusion_matrix": total.matrix.tolist(),
-        "classes": names,
-        "scenes": per_scene,
-        "predictions": pred_root,
-        "head": summary["head"],
-        "checkpoint": summary["checkpoint"],
-        "config": redact(to_container(cfg)),
-    }
-    out = storage.absolute(str(cfg.output)) if cfg.output else storage.join(pred_root, "metrics.json")
-    storage.write_text(out, json.dumps(metrics, indent=1))
+        records.append({**record, "class_map": resolve_output(pred_root, str(record["class_map"]))})
     tags = {"rsdiff.stage": "evaluate", "rsdiff.head": storage.display(summary["head"])}
-    run = tracking.start_stage_run(cfg.tracking, f"evaluate-{len(per_scene)}-scenes", tags, cfg)
-    if run is not None:
-        import matplotlib.pyplot as plt
-
-        flat = {
-            "miou": metrics["miou"],
-            "overall_accuracy": metrics["overall_accuracy"],
-            "macro_f1": metrics["macro_f1"],
-            "pixels": metrics["pixels"],
+    run = tracking.start_stage_run(cfg.tracking, f"evaluate-{len(records)}-scenes", tags, cfg)
+    with tracking.ends_run(run):
+        total = ConfusionMatrix(len(classes))
+        per_scene = {}
+        for record in records:
+            cm = evaluate_scene(
+                record, classmap, lut, cfg.labels.mask_template, len(classes), cfg.block_rows, run_id
+            )
+            total.merge(cm)
+            per_scene[record["scene"]] = {
+                "miou": cm.miou(),
+                "overall_accuracy": cm.overall_accuracy(),
+                "pixels": int(cm.matrix.sum()),
+            }
+        if total.matrix.sum() == 0:
+            raise DataError(
+                "no pixel is both predicted and labeled: check labels.mask_template and the classes"
+            )
+        metrics = {
+            **total.summary(names),
+            "confusion_matrix": total.matrix.tolist(),
+            "classes": names,
+            "scenes": per_scene,
+            "predictions": pred_root,
+            "prediction_run": run_id,
+            "head": summary["head"],
+            "checkpoint": summary["checkpoint"],
+            "config": redact(to_container(cfg)),
         }
-        flat.update({f"iou_{n}": v for n, v in metrics["iou"].items() if v is not None})
-        flat.update({f"f1_{n}": v for n, v in metrics["f1"].items() if v is not None})
-        run.log_metrics(flat, step=0)
-        fig = total.plot(names)
-        run.log_figure(fig, "confusion_matrix.png")
-        plt.close(fig)
-        run.log_dict(metrics, "metrics.json")
-        run.client.log_text(run.run_id, format_metrics(metrics), "metrics.txt")
+        out = storage.absolute(str(cfg.output)) if cfg.output else storage.join(pred_root, "metrics.json")
+        if run is not None:
+            _log_run(run, metrics, total, names)
+        storage.write_text(out, json.dumps(metrics, indent=1))  # published last
+    if run is not None:
         run.finish()
     log.info(
         "evaluate: mIoU %.3f OA %.3f over %d px -> %s",
@@ -197,6 +212,26 @@ def run_evaluate(cfg: Any) -> EvaluateResult:
         storage.display(out),
     )
     return EvaluateResult(metrics, out, run.run_id if run else None, run.uri if run else None)
+
+
+def _log_run(run: Any, metrics: dict[str, Any], total: ConfusionMatrix, names: list[str]) -> None:
+    """Metrics, per-scene mIoU, the confusion-matrix PNG and the metrics JSON/text into ``run``."""
+    import matplotlib.pyplot as plt
+
+    flat = {
+        "miou": metrics["miou"],
+        "overall_accuracy": metrics["overall_accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "pixels": metrics["pixels"],
+    }
+    flat.update({f"iou_{n}": v for n, v in metrics["iou"].items() if v is not None})
+    flat.update({f"f1_{n}": v for n, v in metrics["f1"].items() if v is not None})
+    run.log_metrics(flat, step=0)
+    fig = total.plot(names)
+    run.log_figure(fig, "confusion_matrix.png")
+    plt.close(fig)
+    run.log_dict(metrics, "metrics.json")
+    run.client.log_text(run.run_id, format_metrics(metrics), "metrics.txt")
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ import ray
 from omegaconf import MISSING
 
 from rsdiff import storage
-from rsdiff.config import to_container
+from rsdiff.config import require, to_container
 from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy, parse_colour
 from rsdiff.data.manifest import MANIFEST_NAME, Manifest, write_manifest
@@ -52,6 +52,9 @@ class LabelConfig:
     ignore_colours: list[str] = field(default_factory=list)
     ignore_values: list[int] = field(default_factory=list)
     unknown: UnknownPolicy = UnknownPolicy.ignore
+    # Above this fraction of label pixels matching no class, ingest warns loudly (a JPEG-compressed
+    # colour mask, wrong colours or values); none matching at all is an error.
+    warn_unknown_fraction: float = 0.05
 
 
 @dataclass
@@ -150,10 +153,10 @@ def _validate(cfg: IngestConfig) -> None:
         raise ConfigError(f"tile_size={cfg.tile_size} is too small (>= 8)")
     if cfg.stride is not None and not 0 < cfg.stride <= cfg.tile_size:
         raise ConfigError(f"stride={cfg.stride} must be in (0, tile_size={cfg.tile_size}]")
-    if not 0.0 <= cfg.max_nodata_fraction <= 1.0:
-        raise ConfigError(f"max_nodata_fraction={cfg.max_nodata_fraction} must be in [0, 1]")
-    if cfg.shard_max_mb <= 0:
-        raise ConfigError(f"shard_max_mb={cfg.shard_max_mb} must be > 0")
+    require("max_nodata_fraction", cfg.max_nodata_fraction, ge=0, le=1)
+    require("labels.warn_unknown_fraction", cfg.labels.warn_unknown_fraction, ge=0, le=1)
+    require("val_fraction", cfg.val_fraction, ge=0, lt=1)
+    require("shard_max_mb", cfg.shard_max_mb, gt=0)
     if cfg.bands is not None and (not cfg.bands or min(cfg.bands) < 1):
         raise ConfigError(f"bands={list(cfg.bands)} must be non-empty 1-based band indexes")
 
@@ -218,6 +221,10 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         results: list[ChunkResult] = wait_with_progress(
             refs_out, counter, total=len(refs), unit="scenes", desc="ingest", extra="tiles"
         )
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: stop every task now; no manifest is written
+        for ref in refs_out:
+            ray.cancel(ref, force=True)
+        raise
     except Exception as exc:
         _cleanup_after_failure(refs_out)
         cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else exc
@@ -251,6 +258,23 @@ def _cleanup_after_failure(refs_out: list[ray.ObjectRef]) -> None:
                 storage.delete(uri)
 
 
+def _check_labels(class_pixels: int, unknown: int, cfg: IngestConfig) -> None:
+    """Refuse labels of which no pixel matched a class; warn loudly when many did not."""
+    hint = (
+        f"check labels.classes and labels.kind={MaskKind(cfg.labels.kind).value}: colour masks must hold "
+        "the exact class colours (JPEG compression changes them; use PNG or index masks)"
+    )
+    if class_pixels == 0:
+        raise DataError(f"no label pixel matched a class ({unknown} matched none); {hint}")
+    fraction = unknown / (class_pixels + unknown)
+    if fraction > cfg.labels.warn_unknown_fraction:
+        log.warning(
+            "%.2f%% of the label pixels (%d) match no class and are ignored "
+            "(labels.warn_unknown_fraction=%g); %s",
+            100 * fraction, unknown, cfg.labels.warn_unknown_fraction, hint,
+        )  # fmt: skip
+
+
 def _merge(
     results: list[ChunkResult],
     cfg: IngestConfig,
@@ -281,6 +305,13 @@ def _merge(
             f"every tile was dropped as nodata (max_nodata_fraction={cfg.max_nodata_fraction}); "
             "raise max_nodata_fraction or check the scenes' nodata value"
         )
+    if stats.count.sum() == 0:
+        raise DataError(
+            "the kept tiles hold no valid pixel (every pixel is nodata); lower max_nodata_fraction "
+            "or check the scenes' nodata value and masks"
+        )
+    if class_pixels is not None:
+        _check_labels(int(class_pixels.sum()), dropped["unknown_label_pixels"], cfg)
     return Manifest(
         bands=band_names,
         dtype=dtype,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rsdiff import storage
-from rsdiff.config import redact, to_container
+from rsdiff.config import redact, require, to_container
 from rsdiff.data.manifest import Manifest, read_manifest
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.schedule import DiffusionConfig
@@ -167,17 +167,8 @@ def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
     """Check everything that can be checked before workers start; return the manifest and data facts."""
     if cfg.debug.fault not in {"none", "raise", "kill"}:
         raise ConfigError(f"debug.fault={cfg.debug.fault!r} must be none, raise or kill")
-    for key, value in {
-        "optim.max_steps": cfg.optim.max_steps,
-        "optim.grad_accum": cfg.optim.grad_accum,
-        "data.batch_size": cfg.data.batch_size,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "checkpoint.keep": cfg.checkpoint.keep,
-        "tracking.log_every": cfg.tracking.log_every,
-        "scaling.num_workers": cfg.scaling.num_workers,
-    }.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
+    check_numbers(cfg)
+    storage.check_name(cfg.run.name, "run.name")
     if not str(cfg.data.shards).strip():
         raise ConfigError("data.shards is empty: give the ingest output folder or s3:// prefix")
     manifest = read_manifest(str(cfg.data.shards))
@@ -218,6 +209,40 @@ def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
     return manifest, facts
 
 
+def check_numbers(cfg: Any) -> None:
+    """Every numeric setting within its valid range, on the driver before any work (a bad value
+    otherwise fails inside the workers after all restarts, or silently ruins the weights)."""
+    for key, value in {
+        "optim.max_steps": cfg.optim.max_steps,
+        "optim.grad_accum": cfg.optim.grad_accum,
+        "data.batch_size": cfg.data.batch_size,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "tracking.log_every": cfg.tracking.log_every,
+        "scaling.num_workers": cfg.scaling.num_workers,
+    }.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    o = cfg.optim
+    require("optim.lr", o.lr, gt=0, le=1)
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas={list(o.betas)} must hold two numbers (e.g. [0.9, 0.999])")
+    for i, beta in enumerate(o.betas):
+        require(f"optim.betas[{i}]", beta, ge=0, lt=1)
+    require("optim.weight_decay", o.weight_decay, ge=0)
+    require("optim.warmup_steps", o.warmup_steps, ge=0, lt=o.max_steps)
+    require("optim.grad_clip", o.grad_clip, gt=0)
+    require("optim.ema_decay", o.ema_decay, ge=0, lt=1)
+    require("data.norm_scale", cfg.data.norm_scale, gt=0)
+    require("data.shuffle_buffer", cfg.data.shuffle_buffer, ge=0)
+    require("data.num_workers", cfg.data.num_workers, ge=0)
+    require("scaling.cpus_per_worker", cfg.scaling.cpus_per_worker, gt=0)
+    require("run.max_failures", cfg.run.max_failures, ge=-1)
+    require("diffusion.timesteps", cfg.diffusion.timesteps, ge=2)
+    for key in ("sample_every", "sample_count", "sample_steps"):
+        require(f"tracking.{key}", getattr(cfg.tracking, key), ge=1)
+
+
 def scaling_config(scaling: ScalingCfg) -> Any:
     """Ray Train's ``ScalingConfig``: one rank per worker with ``cpus_per_worker`` CPUs and, on GPU
     clusters, one GPU of ``accelerator_type`` (any GPU when null)."""
@@ -232,7 +257,28 @@ def scaling_config(scaling: ScalingCfg) -> Any:
 
 
 def run_pretrain(cfg: Any) -> PretrainResult:
-    """Train (or resume) the DDPM described by ``cfg`` on Ray Train; returns the final checkpoint."""
+    """Train (or resume) the DDPM described by ``cfg`` on Ray Train; returns the final checkpoint.
+
+    The run folder ``{run.storage}/{run.name}`` is leased for the whole run (:mod:`rsdiff.lease`):
+    a second live job with the same name is refused instead of mixing checkpoints and MLflow logs.
+    """
+    from rsdiff.lease import Lease
+
+    storage.check_name(cfg.run.name, "run.name")
+    check_numbers(cfg)
+    if str(cfg.data.shards) == SAMPLE_SHARDS:
+        from rsdiff.raytools import connect
+
+        connect(cfg.ray.address, cfg.ray.num_cpus)
+        ensure_sample_shards(SAMPLE_SHARDS)
+    manifest, facts = validate(cfg)
+    folder = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
+    storage.check_writable(folder)  # the very folder Ray Train writes checkpoints into
+    with Lease(folder, f"run.name={cfg.run.name} in {storage.display(str(cfg.run.storage))}"):
+        return _fit(cfg, manifest, facts)
+
+
+def _fit(cfg: Any, manifest: Manifest, facts: dict[str, Any]) -> PretrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -240,11 +286,6 @@ def run_pretrain(cfg: Any) -> PretrainResult:
     from rsdiff.raytools import connect, storage_for_ray
     from rsdiff.train.checkpoint import read_meta
 
-    if str(cfg.data.shards) == SAMPLE_SHARDS:
-        connect(cfg.ray.address, cfg.ray.num_cpus)
-        ensure_sample_shards(SAMPLE_SHARDS)
-    manifest, facts = validate(cfg)
-    storage.check_writable(storage.join(str(cfg.run.storage), str(cfg.run.name)))
     uri = tracking.resolve_uri(cfg.tracking.uri)
     plain = to_container(cfg)
     plain["run"]["storage"] = storage.absolute(str(cfg.run.storage))  # workers run in other folders
@@ -294,21 +335,17 @@ def run_pretrain(cfg: Any) -> PretrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
     )
-    try:
+    with tracking.ends_run(handle):
         result = trainer.fit()
-    except BaseException:
-        handle.finish("FAILED")
-        raise
-    if result.checkpoint is None:
-        handle.finish("FAILED")
-        raise RuntimeError("training finished without a checkpoint")
-    ckpt_uri = (
-        f"s3://{result.checkpoint.path}"
-        if storage.is_s3(str(cfg.run.storage))
-        else str(result.checkpoint.path)
-    )
-    step = int(read_meta(ckpt_uri)["step"])
-    handle.set_tags({"rsdiff.checkpoint": ckpt_uri})
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        ckpt_uri = (
+            f"s3://{result.checkpoint.path}"
+            if storage.is_s3(str(cfg.run.storage))
+            else str(result.checkpoint.path)
+        )
+        step = int(read_meta(ckpt_uri)["step"])
+        handle.set_tags({"rsdiff.checkpoint": ckpt_uri})
     handle.finish("FINISHED")
     return PretrainResult(ckpt_uri, step, dict(result.metrics or {}), handle.run_id, uri)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,25 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    with _keeping_sigterm_handler():
+        _init(address, num_cpus)
+    log.info("ray: %s", ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` installs its own SIGTERM handler (it logs and exits 1); keep the job's, which
+    stops the job like Ctrl-C does and says what was kept."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(address: str | None, num_cpus: int | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -40,7 +62,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
             log_to_driver=True,
         )
-    log.info("ray: %s", ray.cluster_resources())
 
 
 def largest_node_cpus() -> int:
@@ -66,6 +87,7 @@ class ProgressCounter:
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        self._notes: dict[str, list[str]] = {}
 
     def add(self, **counts: int) -> None:
         for key, value in counts.items():
@@ -73,6 +95,15 @@ class ProgressCounter:
 
     def get(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def note(self, key: str, text: str, keep: int = 20) -> None:
+        """Keep up to ``keep`` example texts under ``key`` (e.g. which shard was damaged)."""
+        examples = self._notes.setdefault(key, [])
+        if len(examples) < keep:
+            examples.append(text)
+
+    def notes(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self._notes.items()}
 
 
 def wait_with_progress(

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -492,3 +493,21 @@ def check_writable(uri: str) -> None:
     probe = join(uri, f".rsdiff-write-probe-{uuid.uuid4().hex}")
     write_bytes(probe, b"")
     delete(probe)
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(value: str, key: str) -> str:
+    """``value`` if it is a safe single folder name (letters, digits, ``._-``, no ``..``), else
+    :class:`~rsdiff.errors.ConfigError` naming ``key``. Names become paths under a storage root; a
+    name with ``/``, ``..`` or a leading ``/`` would put the run outside that root."""
+    from rsdiff.errors import ConfigError
+
+    text = str(value)
+    if not _SAFE_NAME.fullmatch(text) or ".." in text:
+        raise ConfigError(
+            f"{key}={text!r} is not a plain name: use 1-128 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (no '/', no '..'); it becomes a folder under the storage root"
+        )
+    return text

@@ -6,11 +6,16 @@ ASHA scheduler stops weak trials early. MLflow gets one parent run per sweep (co
 space, ranked summary, a plot of mIoU per timestep/block choice, the best trial's confusion
 matrix) and one child run per trial (its choices as filterable params, metric curves, per-class
 IoU). The best head is saved with its channel selection and checkpoint URI as one artifact.
-Re-running the same ``name`` with the same ``storage`` restores an interrupted sweep, but only
-when everything that decides its results (features, search space, head settings, sample count,
-scheduler, seed) is unchanged: each experiment folder holds ``rsdiff-sweep.json`` with those
-settings and their digest, and a mismatch is one error naming what changed (``fresh=true``
-deletes the old experiment and starts over).
+
+The trials' settings are drawn by rsdiff from ``seed`` (``draw_samples``), and every trial keeps
+a JSON record of its epochs in ``{storage}/{name}/trials/``. Re-running the same ``name`` with the
+same ``storage`` continues an interrupted sweep from those records: samples that finished or were
+stopped early are not run again, the rest run in a new Ray Tune experiment. Ray Tune's own state
+(``tuner.pkl``, pickled experiment state) is never restored, because unpickling a file from shared
+storage would run whatever code it holds. A re-run only continues when everything that decides
+the results (features, search space, head settings, sample count, scheduler, seed) is unchanged:
+``rsdiff-sweep.json`` holds those settings and their digest, and a mismatch is one error naming
+what changed (``fresh=true`` deletes the old experiment and starts over).
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import MISSING, OmegaConf
 
 from rsdiff import storage
-from rsdiff.config import to_container
+from rsdiff.config import require, to_container
 from rsdiff.errors import ConfigError
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.fit import HeadConfig, TrainedHead, fit_head
@@ -36,6 +43,9 @@ log = logging.getLogger(__name__)
 
 HEAD_KEYS = ("kind", "width", "depth", "lr", "dropout", "input_noise", "class_weighting")
 SWEEP_SPEC = "rsdiff-sweep.json"  # in the experiment folder: the settings that decide its results
+TRIALS = "trials"  # in the experiment folder: rsdiff's JSON record of each sample
+STATUSES = ("running", "finished", "stopped_early", "error")
+DONE = ("finished", "stopped_early")  # samples a re-run does not run again
 RESULT_KEYS = ("search", "head", "num_samples", "scheduler", "grace_period", "reduction_factor", "seed",
                "time_budget_s")  # fmt: skip
 
@@ -157,39 +167,97 @@ def check_same_spec(experiment: str, spec: dict[str, Any]) -> None:
     raise ConfigError(f"sweep {where} was started with other settings (changed: {', '.join(detail)}); {fix}")
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One Tune trial: fit a head on the chosen channels, report val mIoU per epoch, log to MLflow."""
+def draw_samples(space: dict[str, list[Any]], num_samples: int, seed: int) -> list[dict[str, Any]]:
+    """The sweep's ``num_samples`` trial settings, one choice per dimension each, drawn from
+    ``seed`` (the same list on every run, so a re-run knows which samples are already done)."""
+    rng = np.random.default_rng(seed)
+    return [{k: v[int(rng.integers(len(v)))] for k, v in space.items()} for _ in range(num_samples)]
+
+
+def trial_id(sample: int) -> str:
+    """The stable id of sample ``sample`` (its head folder and MLflow run name use it)."""
+    return f"s{sample:04d}"
+
+
+def _record_uri(experiment: str, sample: int) -> str:
+    return storage.join(experiment, TRIALS, f"{trial_id(sample)}.json")
+
+
+def _write_record(experiment: str, record: dict[str, Any]) -> None:
+    storage.write_text(
+        _record_uri(experiment, record["sample"]), json.dumps(record, indent=1, allow_nan=False)
+    )
+
+
+def read_records(experiment: str, num_samples: int) -> dict[int, dict[str, Any]]:
+    """rsdiff's own trial records of an experiment (plain JSON), by sample index.
+
+    Raises:
+        ConfigError: a record that is not one rsdiff wrote (unparsable, wrong fields or index).
+    """
+    records: dict[int, dict[str, Any]] = {}
+    for uri in storage.list_uris(storage.join(experiment, TRIALS), ".json"):
+        try:
+            rec = json.loads(storage.read_text(uri))
+            sample = rec["sample"]
+            ok = (
+                isinstance(sample, int)
+                and 0 <= sample < num_samples
+                and storage.name(uri) == f"{trial_id(sample)}.json"
+                and rec["status"] in STATUSES
+                and all(isinstance(h.get("val_miou"), int | float) for h in rec["history"])
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"{storage.display(uri)} is not a trial record this sweep wrote; delete it (that trial runs "
+                "again) or pass fresh=true"
+            )
+        records[sample] = rec
+    return records
+
+
+def _trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
+    """One Tune trial: fit a head on the sample's channels, report val mIoU per epoch, log to MLflow,
+    and keep rsdiff's own record of it (JSON) in the experiment folder after every epoch."""
     from ray import tune
 
     from rsdiff.devices import pick_device
     from rsdiff.tracking import RunHandle
 
-    table = FeatureTable.open(config["_features"])
+    sample = int(config["sample"])
+    choice = shared["samples"][sample]
+    tid = trial_id(sample)
+    table = FeatureTable.open(shared["features"])
     head_cfg = OmegaConf.merge(
-        OmegaConf.structured(HeadConfig), config["_head"], {k: config[k] for k in HEAD_KEYS}
+        OmegaConf.structured(HeadConfig), shared["head"], {k: choice[k] for k in HEAD_KEYS}
     )
-    trial_id = tune.get_context().get_trial_id()
-    tags = {"mlflow.parentRunId": config["_parent"], "rsdiff.stage": "sweep-trial", "rsdiff.trial": trial_id}
-    run = RunHandle.create(config["_uri"], config["_experiment"], run_name=f"trial-{trial_id}", tags=tags)
-    channels = table.index.select(config["timesteps"], config["blocks"])
+    tags = {"mlflow.parentRunId": shared["parent"], "rsdiff.stage": "sweep-trial", "rsdiff.trial": tid}
+    run = RunHandle.create(shared["uri"], shared["experiment"], run_name=f"trial-{tid}", tags=tags)
+    channels = table.index.select(choice["timesteps"], choice["blocks"])
     run.log_params(
         {
-            "timesteps": json.dumps(sorted(config["timesteps"])),
-            "blocks": json.dumps(config["blocks"]),
+            "timesteps": json.dumps(sorted(choice["timesteps"])),
+            "blocks": json.dumps(choice["blocks"]),
             "n_channels": str(len(channels)),
-            "trial_id": trial_id,
-            **{k: str(config[k]) for k in HEAD_KEYS},
+            "trial_id": tid,
+            **{k: str(choice[k]) for k in HEAD_KEYS},
         }
     )
+    record: dict[str, Any] = {"sample": sample, "trial_id": tid, "status": "running", "history": [],
+                              "mlflow_run_id": run.run_id}  # fmt: skip
 
     def on_epoch(epoch: int, m: dict[str, Any]) -> None:
         run.log_metrics({"val_miou": m["val_miou"], "train_loss": m["train_loss"],
                          "val_overall_accuracy": m["val_overall_accuracy"]}, step=epoch)  # fmt: skip
+        record["history"].append({"epoch": epoch, "val_miou": float(m["val_miou"])})
+        _write_record(shared["experiment_uri"], record)
         tune.report({"val_miou": m["val_miou"], "train_loss": m["train_loss"], "epoch": epoch})
 
-    device = pick_device(config["_gpus"])  # the GPU Tune reserved for this trial, if any
-    head = fit_head(table, config["timesteps"], config["blocks"], head_cfg, on_epoch=on_epoch, device=device)
-    head.save(storage.join(config["_out"], "trials", trial_id))
+    device = pick_device(shared["gpus"])  # the GPU Tune reserved for this trial, if any
+    head = fit_head(table, choice["timesteps"], choice["blocks"], head_cfg, on_epoch=on_epoch, device=device)
+    head.save(storage.join(shared["out"], "trials", tid))
     run.log_metrics(
         {
             "best_val_miou": head.metrics["miou"],
@@ -197,11 +265,65 @@ def _trial(config: dict[str, Any]) -> None:
         },
         step=head.metrics["epochs_run"],
     )
+    _write_record(shared["experiment_uri"], {**record, "status": "finished"})
     run.finish("FINISHED")
 
 
+def _search_numbers(cfg: Any) -> None:
+    """Every numeric setting of the sweep in range, before any trial starts."""
+    for value in cfg.search.lr:
+        require("search.lr[...]", value, gt=0, le=1)
+    for value in cfg.search.dropout:
+        require("search.dropout[...]", value, ge=0, lt=1)
+    for value in cfg.search.input_noise:
+        require("search.input_noise[...]", value, ge=0)
+    for key in ("width", "depth"):
+        for value in getattr(cfg.search, key):
+            require(f"search.{key}[...]", value, ge=1)
+    require("head.lr", cfg.head.lr, gt=0, le=1)
+    require("head.dropout", cfg.head.dropout, ge=0, lt=1)
+    require("head.weight_decay", cfg.head.weight_decay, ge=0)
+    for key in ("batch_rows", "patience", "members"):
+        require(f"head.{key}", getattr(cfg.head, key), ge=1)
+    require("cpus_per_trial", cfg.cpus_per_trial, gt=0)
+    require("gpus_per_trial", cfg.gpus_per_trial, ge=0)
+    require("reduction_factor", cfg.reduction_factor, ge=2)
+    if cfg.time_budget_s is not None:
+        require("time_budget_s", cfg.time_budget_s, gt=0)
+
+
 def run_sweep(cfg: Any) -> SweepResult:
-    """Run (or resume) the sweep; save the best head under ``cfg.output/best``."""
+    """Run (or continue) the sweep; save the best head under ``cfg.output/best``.
+
+    Nothing Ray Tune pickled is ever read back: a re-run continues from rsdiff's own JSON trial
+    records (``{storage}/{name}/trials/``), running only the samples not yet finished or stopped
+    early, in a new Tune experiment (``{storage}/{name}/tune-<time>``, kept for its logs only).
+    """
+    from rsdiff import tracking
+    from rsdiff.lease import Lease
+
+    storage.check_name(cfg.name, "name")
+    table = FeatureTable.open(str(cfg.features))
+    validate(cfg, table)
+    _search_numbers(cfg)
+    spec = sweep_spec(cfg, table)
+    experiment_uri = storage.join(storage.absolute(str(cfg.storage)), str(cfg.name))
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.client(uri)  # an unusable tracking store fails before anything is written
+    out = storage.absolute(str(cfg.output))
+    storage.check_writable(out)
+    storage.check_writable(experiment_uri)
+    with Lease(experiment_uri, f"sweep name={cfg.name} in {storage.display(str(cfg.storage))}"):
+        if cfg.fresh:
+            _clear(experiment_uri)
+        return _run_sweep(cfg, table, spec, experiment_uri, out, uri)
+
+
+def _run_sweep(
+    cfg: Any, table: FeatureTable, spec: dict[str, Any], experiment_uri: str, out: str, uri: str
+) -> SweepResult:
+    import time
+
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -209,20 +331,13 @@ def run_sweep(cfg: Any) -> SweepResult:
     from rsdiff import tracking
     from rsdiff.raytools import connect, storage_for_ray
 
-    table = FeatureTable.open(str(cfg.features))
-    validate(cfg, table)
-    spec = sweep_spec(cfg, table)
-    storage_path, filesystem = storage_for_ray(str(cfg.storage))
-    experiment_path = storage.join(storage_path, str(cfg.name))
-    experiment_uri = storage.join(storage.absolute(str(cfg.storage)), str(cfg.name))
-    if cfg.fresh:
-        storage.delete_tree(experiment_uri)
-    restore = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+    spec_uri = storage.join(experiment_uri, SWEEP_SPEC)
+    restore = bool(_contents(experiment_uri))
     if restore:
         check_same_spec(experiment_uri, spec)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    out = storage.absolute(str(cfg.output))
-    storage.check_writable(out)
+    samples = draw_samples(to_container(cfg.search), int(cfg.num_samples), int(cfg.seed))
+    records = read_records(experiment_uri, len(samples)) if restore else {}
+    remaining = [i for i in range(len(samples)) if records.get(i, {}).get("status") not in DONE]
     sweep_key = storage.display(storage.join(str(cfg.storage), str(cfg.name)))
     tags = {"rsdiff.stage": "sweep", "rsdiff.sweep": sweep_key}
     if restore:
@@ -231,101 +346,143 @@ def run_sweep(cfg: Any) -> SweepResult:
         )
     else:  # a new experiment gets a new parent run
         parent, resumed = tracking.RunHandle.create(uri, cfg.tracking.experiment, str(cfg.name), tags), False
+        storage.write_text(spec_uri, json.dumps(spec, indent=1, default=str))
     if not resumed:
         parent.log_params(tracking.config_params(cfg))
         parent.log_dict(to_container(cfg.search), "search_space.json")
-    space = to_container(cfg.search)
-    param_space: dict[str, Any] = {k: tune.choice(v) for k, v in space.items()}
-    param_space.update(
-        _features=table.root,
-        _head=to_container(cfg.head),
-        _parent=parent.run_id,
-        _uri=uri,
-        _experiment=cfg.tracking.experiment,
-        _out=out,
-        _gpus=float(cfg.gpus_per_trial),
-    )
-    connect(cfg.ray.address, cfg.ray.num_cpus)
-    trainable = tune.with_resources(_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    # max_t one past the last epoch: ASHA stops a trial that reaches max_t at that very report,
-    # before the trial could save its head; trials that run every epoch must end on their own.
-    scheduler = (
-        ASHAScheduler(
-            max_t=cfg.head.epochs + 1, grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor
-        )
-        if Scheduler(cfg.scheduler) is Scheduler.asha
-        else FIFOScheduler()
-    )
-    if restore:
-        log.info("resuming sweep %s", experiment_path)
-        tuner = tune.Tuner.restore(
-            experiment_path, trainable, resume_errored=True, storage_filesystem=filesystem
-        )
-    else:
-        storage.write_text(storage.join(experiment_uri, SWEEP_SPEC), json.dumps(spec, indent=1, default=str))
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric="val_miou",
-                mode="max",
-                scheduler=scheduler,
-                search_alg=BasicVariantGenerator(
-                    random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials
+    with tracking.ends_run(parent):
+        if remaining:
+            log.info("sweep %s: %d of %d samples to run", sweep_key, len(remaining), len(samples))
+            shared = {
+                "samples": samples,
+                "features": table.root,
+                "head": to_container(cfg.head),
+                "parent": parent.run_id,
+                "uri": uri,  # may hold a password: passed through the object store, never persisted
+                "experiment": cfg.tracking.experiment,
+                "experiment_uri": experiment_uri,
+                "out": out,
+                "gpus": float(cfg.gpus_per_trial),
+            }
+            connect(cfg.ray.address, cfg.ray.num_cpus)
+            trainable = tune.with_resources(
+                tune.with_parameters(_trial, shared=shared),
+                {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
+            )
+            # max_t one past the last epoch: ASHA stops a trial that reaches max_t at that very report,
+            # before the trial could save its head; trials that run every epoch must end on their own.
+            scheduler = (
+                ASHAScheduler(
+                    max_t=cfg.head.epochs + 1,
+                    grace_period=cfg.grace_period,
+                    reduction_factor=cfg.reduction_factor,
+                )
+                if Scheduler(cfg.scheduler) is Scheduler.asha
+                else FIFOScheduler()
+            )
+            storage_path, filesystem = storage_for_ray(experiment_uri)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"sample": tune.grid_search(remaining)},
+                tune_config=tune.TuneConfig(
+                    metric="val_miou",
+                    mode="max",
+                    scheduler=scheduler,
+                    search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials),
+                    time_budget_s=cfg.time_budget_s,
                 ),
-                num_samples=cfg.num_samples,
-                time_budget_s=cfg.time_budget_s,
-            ),
-            run_config=tune.RunConfig(
-                name=str(cfg.name), storage_path=storage_path, storage_filesystem=filesystem
-            ),
+                run_config=tune.RunConfig(
+                    name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=storage_path,
+                    storage_filesystem=filesystem,
+                ),
+            )  # fmt: skip
+            grid = tuner.fit()
+            _mark_ended(grid, experiment_uri, len(samples))
+        trials = _collect(samples, read_records(experiment_uri, len(samples)), out)
+        _close_children(uri, parent.run_id, trials)
+        finished = [t for t in trials if t["head"]]
+        if not finished:
+            raise ConfigError("no trial finished; raise time_budget_s or check the trial errors above")
+        best = finished[0]
+        head = TrainedHead.load(best["head"])
+        best_uri = head.save(storage.join(out, "best"))
+        _log_summary(parent, trials, best, head)
+        _log_overlay(parent, head, table)
+        storage.write_text(
+            storage.join(out, "summary.json"), json.dumps({"best": best, "trials": trials}, indent=1)
         )
-    try:
-        grid = tuner.fit()
-        trials = _collect(grid, out, int(cfg.head.epochs))
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    _close_children(uri, parent.run_id, trials)
-    finished = [t for t in trials if t["head"]]
-    if not finished:
-        parent.finish("FAILED")
-        raise ConfigError("no trial finished; raise time_budget_s or check the trial errors above")
-    best = finished[0]
-    head = TrainedHead.load(best["head"])
-    best_uri = head.save(storage.join(out, "best"))
-    _log_summary(parent, trials, best, head)
-    _log_overlay(parent, head, table)
-    storage.write_text(
-        storage.join(out, "summary.json"), json.dumps({"best": best, "trials": trials}, indent=1)
-    )
     parent.finish("FINISHED")
     print(format_table(trials))
     return SweepResult(best_uri, best, trials, parent.run_id, uri)
 
 
-def _collect(grid: Any, out: str, max_epochs: int) -> list[dict[str, Any]]:
-    """Trials ranked by their best val mIoU, best first."""
-    trials = []
-    for r in grid:
-        if r.config is None:
+def _contents(experiment: str) -> list[str]:
+    """Everything in the experiment folder but the lease (and write probes)."""
+    from rsdiff.lease import LEASE
+
+    return [
+        u for u in storage.list_uris(experiment)
+        if storage.name(u) != LEASE and not storage.name(u).startswith(".rsdiff-write-probe")
+    ]  # fmt: skip
+
+
+def _clear(experiment: str) -> None:
+    """``fresh=true``: delete the old experiment, keeping this job's lease."""
+    if storage.is_s3(experiment):
+        for uri in _contents(experiment):
+            storage.delete(uri)
+        return
+    from rsdiff.lease import LEASE
+
+    folder = Path(experiment)
+    for child in folder.iterdir() if folder.is_dir() else []:
+        if child.name == LEASE:
             continue
-        hist = r.metrics_dataframe
-        best = float(hist["val_miou"].max()) if hist is not None and "val_miou" in hist else float("nan")
-        epochs = int(r.metrics.get("epoch", 0)) if r.metrics else 0
-        trial_id = r.metrics.get("trial_id") if r.metrics else None
-        head_uri = storage.join(out, "trials", str(trial_id))
-        has_head = storage.exists(storage.join(head_uri, "head.json"))
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _mark_ended(grid: Any, experiment: str, num_samples: int) -> None:
+    """Record how this attempt's unfinished trials ended: stopped early by the scheduler (done, not
+    run again) or failed (run again by the next invocation)."""
+    records = read_records(experiment, num_samples)
+    for r in grid:
+        if r.config is None or "sample" not in r.config:
+            continue
+        sample = int(r.config["sample"])
+        rec = records.get(sample, {"sample": sample, "trial_id": trial_id(sample), "history": []})
+        if rec.get("status") == "finished":
+            continue
+        if r.error is None:
+            rec["status"] = "stopped_early"
+        else:
+            rec.update(status="error", error=str(r.error)[:200])
+        _write_record(experiment, rec)
+
+
+def _collect(
+    samples: list[dict[str, Any]], records: dict[int, dict[str, Any]], out: str
+) -> list[dict[str, Any]]:
+    """Trials ranked by their best val mIoU, best first (samples never run are left out)."""
+    trials = []
+    for sample, rec in records.items():
+        history = [h["val_miou"] for h in rec["history"]]
+        best = float(max(history)) if history else float("nan")
+        head_uri = storage.join(out, "trials", trial_id(sample))
+        has_head = rec["status"] == "finished" and storage.exists(storage.join(head_uri, "head.json"))
+        choice = samples[sample]
         trials.append(
             {
-                "trial_id": trial_id,
-                "timesteps": sorted(r.config["timesteps"]),
-                "blocks": list(r.config["blocks"]),
-                **{k: r.config[k] for k in HEAD_KEYS},
+                "trial_id": trial_id(sample),
+                "timesteps": sorted(choice["timesteps"]),
+                "blocks": list(choice["blocks"]),
+                **{k: choice[k] for k in HEAD_KEYS},
                 "best_val_miou": best,
-                "epochs": epochs,
-                "stopped_early": not has_head and r.error is None and epochs < max_epochs,
-                "error": str(r.error)[:200] if r.error else None,
+                "epochs": len(history),
+                "stopped_early": rec["status"] == "stopped_early",
+                "error": rec.get("error"),
                 "head": head_uri if has_head else None,
             }
         )

@@ -8,6 +8,7 @@ resume logging into the run its driver created.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -31,7 +32,13 @@ def resolve_uri(uri: str | None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri[len("sqlite:///") :]).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"MLflow tracking store {uri!r} cannot be created: {path.parent} is not a folder "
+                f"({exc.strerror}); point tracking.uri at a writable place"
+            ) from None
         uri = f"sqlite:///{path}"
     elif "://" not in uri:
         uri = str(Path(uri).absolute())
@@ -58,12 +65,36 @@ def client(uri: str) -> Any:
 
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
-    c = MlflowClient(tracking_uri=uri)
+    _check_local_store(uri)
     try:
+        c = MlflowClient(tracking_uri=uri)
         c.search_experiments(max_results=1)
     except Exception as exc:
-        raise _unreachable(uri, type(exc).__name__) from exc
+        if uri.startswith(("http://", "https://")):
+            raise _unreachable(uri, type(exc).__name__) from exc
+        raise ConfigError(
+            f"MLflow tracking store {storage.display(uri)!r} cannot be opened ({type(exc).__name__}): "
+            "point tracking.uri at an MLflow store (e.g. sqlite:///runs/mlflow.db) or leave it unset"
+        ) from exc
     return c
+
+
+def _check_local_store(uri: str) -> None:
+    """A local store must be writable before any work starts (a run is recorded at the end too)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        target = path if path.exists() else path.parent
+    elif "://" not in uri or uri.startswith("file://"):
+        target = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+        while not target.exists() and target != target.parent:
+            target = target.parent
+    else:
+        return
+    if not os.access(target, os.W_OK):
+        raise ConfigError(
+            f"MLflow tracking store {storage.display(uri)!r} is not writable ({target} is read-only for "
+            "this user): fix its permissions or point tracking.uri elsewhere"
+        )
 
 
 def _probe_server(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None:
@@ -140,15 +171,13 @@ class RunHandle:
             run_id = found[0].info.run_id
             c.update_run(run_id, status="RUNNING")
             return cls(uri, run_id), True
-        run = c.create_run(exp, run_name=run_name, tags=tags)
-        return cls(uri, run.info.run_id), False
+        return cls(uri, _create_run(c, exp, run_name, tags, uri)), False
 
     @classmethod
     def create(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> RunHandle:
         """Start a new run (a child run when ``tags`` holds ``mlflow.parentRunId``)."""
         c = client(uri)
-        run = c.create_run(experiment_id(c, experiment, uri), run_name=run_name, tags=tags)
-        return cls(uri, run.info.run_id)
+        return cls(uri, _create_run(c, experiment_id(c, experiment, uri), run_name, tags, uri))
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -196,6 +225,31 @@ class RunHandle:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _create_run(c: Any, experiment: str, run_name: str, tags: dict[str, str], uri: str) -> str:
+    """A new run's id; a store that refuses the write is one clear error."""
+    try:
+        return c.create_run(experiment, run_name=run_name, tags=tags).info.run_id
+    except Exception as exc:
+        raise ConfigError(
+            f"MLflow tracking store {storage.display(uri)!r} refused to record a run "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); make it "
+            "writable or point tracking.uri elsewhere"
+        ) from exc
+
+
+@contextlib.contextmanager
+def ends_run(run: RunHandle | None):
+    """Inside the block, an exception ends ``run`` as KILLED (Ctrl-C, SIGTERM) or FAILED, then
+    propagates; a run is never left RUNNING by a job that stopped."""
+    try:
+        yield run
+    except BaseException as exc:
+        if run is not None:
+            with contextlib.suppress(Exception):
+                run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 @dataclass

@@ -3,6 +3,7 @@ real MLflow store and read back through ``MlflowClient``."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -155,3 +156,42 @@ def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
     (tmp_path / "tune" / "respec" / "rsdiff-sweep.json").unlink()  # state rsdiff did not describe
     with pytest.raises(ConfigError, match=r"without a readable rsdiff-sweep\.json"):
         run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small, "num_samples=2"))
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
+    dubai_table, tmp_path, mlflow_uri, ray_cluster
+):
+    """Whoever can write the sweep storage (a shared S3 prefix) must not get to run code on the driver."""
+    import pickle
+
+    small = ["name=trust", "scheduler=fifo", "num_samples=2", "head.epochs=1", "grace_period=1"]
+    first = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
+    experiment = tmp_path / "tune" / "trust"
+    marker = tmp_path / "pwned"
+    poison = pickle.dumps(_Payload(str(marker)))
+    for folder in [experiment, *experiment.glob("tune-*")]:  # every file Tune would unpickle on restore
+        for name in ("tuner.pkl", "trainable.pkl", "search_gen_state-x.pkl"):
+            (folder / name).write_bytes(poison)
+    # An interrupted sample: its record says running, so the re-run runs it again (from scratch).
+    record = experiment / "trials" / "s0001.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running"}))
+    again = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
+    assert not marker.exists()
+    assert again.parent_run_id == first.parent_run_id
+    assert sorted(t["trial_id"] for t in again.trials) == ["s0000", "s0001"]
+    assert json.loads(record.read_text())["status"] == "finished"
+    assert len(list(experiment.glob("tune-*"))) == 2  # a new Tune experiment ran only the unfinished one
+    # A record rsdiff did not write is refused with one line, not trusted.
+    record.write_text(json.dumps({"sample": 7, "status": "finished", "history": []}))
+    with pytest.raises(ConfigError, match=r"s0001\.json is not a trial record this sweep wrote"):
+        run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))

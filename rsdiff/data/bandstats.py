@@ -61,11 +61,16 @@ class BandStats:
         """Population standard deviation per band."""
         return np.sqrt(self.m2 / np.where(self.count > 0, self.count, 1.0))
 
-    def to_json(self) -> dict[str, list[float]]:
+    def to_json(self) -> dict[str, list[float | None]]:
+        """Plain lists; a statistic of a band with no pixel (infinite min/max) is None."""
+
+        def plain(a: np.ndarray) -> list[float | None]:
+            return [float(v) if np.isfinite(v) else None for v in a]
+
         return {
             "count": self.count.tolist(),
-            "mean": self.mean.tolist(),
-            "std": self.std.tolist(),
-            "min": self.min.tolist(),
-            "max": self.max.tolist(),
+            "mean": plain(self.mean),
+            "std": plain(self.std),
+            "min": plain(self.min),
+            "max": plain(self.max),
         }

@@ -57,7 +57,7 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("root")
-        return json.dumps(data, indent=2)
+        return json.dumps(data, indent=2, allow_nan=False)  # standard JSON: no NaN/Infinity
 
 
 def write_manifest(out_uri: str, manifest: Manifest) -> str:

@@ -10,6 +10,7 @@ number of images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -154,13 +155,48 @@ class FeatureActor:
         }
 
 
-def _read_tiles(item: dict[str, Any]) -> list[dict[str, Any]]:
-    """All labeled tiles of one shard as Ray Data rows."""
-    return [
-        {"key": s.key, "split": item["split"], "image": s.image, "label": s.label}
-        for s in iter_shard(item["shard"])
-        if s.label is not None
-    ]
+def _read_tiles(item: dict[str, Any], counter: Any, bands: int, size: int) -> list[dict[str, Any]]:
+    """All labeled tiles of one shard as Ray Data rows.
+
+    A malformed sample (wrong array shape, undecodable) is skipped, and an unreadable shard ends
+    with the samples read before the damage; both are counted on ``counter`` (``bad_samples``,
+    ``bad_shards``) with the shard named, never silently lost.
+    """
+    shard = item["shard"]
+    rows: list[dict[str, Any]] = []
+
+    def bad(kind: str, why: str) -> None:
+        counter.add.remote(**{kind: 1})
+        counter.note.remote(kind, f"{storage.display(shard)}: {why}")
+        log.warning(
+            "extract: skipping %s of %s: %s", kind.replace("_", " ")[:-1], storage.display(shard), why
+        )
+
+    try:
+        for s in iter_shard(shard):
+            if s.label is None:
+                continue
+            image, label = np.asarray(s.image), np.asarray(s.label)
+            if image.ndim != 3 or image.shape != (bands, size, size) or label.shape != (size, size):
+                bad("bad_samples", f"sample {s.key} has tile {image.shape} and label {label.shape}, "
+                    f"expected ({bands}, {size}, {size}) and ({size}, {size})")  # fmt: skip
+                continue
+            rows.append({"key": s.key, "split": item["split"], "image": image, "label": label})
+    except Exception as exc:  # truncated or corrupt tar, undecodable sample, flaky store
+        bad("bad_shards", f"unreadable after {len(rows)} samples ({type(exc).__name__}: {str(exc)[:120]})")
+    return rows
+
+
+def actor_resources(cluster_cpus: float, concurrency: int) -> tuple[float, float]:
+    """CPUs per feature actor and per shard-reading task.
+
+    One CPU each when the cluster has room for every actor plus a reader; on a smaller cluster
+    (a 1-vCPU machine) fractions, so the actors never hold every CPU while the reads that feed
+    them wait forever. An empty cluster (autoscaling from zero) keeps whole CPUs so nodes launch.
+    """
+    if cluster_cpus <= 0 or cluster_cpus >= concurrency + 1:
+        return 1.0, 1.0
+    return cluster_cpus / (2 * concurrency), cluster_cpus / 2
 
 
 def run_extract(cfg: Any) -> FeatureTable:
@@ -222,10 +258,17 @@ def run_extract(cfg: Any) -> FeatureTable:
         "num_gpus": float(cfg.num_gpus),
         "precision": str(cfg.precision),
     }
+    from rsdiff.raytools import ProgressCounter
+
+    counter = ProgressCounter.remote()
+    actor_cpus, read_cpus = actor_resources(ray.cluster_resources().get("CPU", 0), int(cfg.concurrency))
+    read = functools.partial(
+        _read_tiles, counter=counter, bands=manifest.num_bands, size=int(manifest.tile_size)
+    )
     datasets = []
     for split in splits:
         ds = ray.data.from_items([{"shard": u, "split": split} for u in manifest.shard_uris(split)]).flat_map(
-            _read_tiles
+            read, num_cpus=read_cpus
         )
         datasets.append(ds.limit(cfg.max_images) if cfg.max_images else ds)
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -240,6 +283,7 @@ def run_extract(cfg: Any) -> FeatureTable:
         batch_size=cfg.batch_size,
         batch_format="numpy",
         concurrency=cfg.concurrency,
+        num_cpus=actor_cpus,
         num_gpus=cfg.num_gpus or None,
     )
     try:
@@ -261,6 +305,14 @@ def run_extract(cfg: Any) -> FeatureTable:
         if s["part"]
     ]
     skipped = int(sum(int(s["skipped"]) for s in summaries))
+    counts, notes = ray.get(counter.get.remote()), ray.get(counter.notes.remote())
+    damaged = {k: int(counts.get(k, 0)) for k in ("bad_samples", "bad_shards")}
+    if any(damaged.values()):
+        log.warning(
+            "extract: skipped %d malformed sample(s) and %d unreadable shard(s), e.g. %s",
+            damaged["bad_samples"], damaged["bad_shards"],
+            "; ".join(notes.get("bad_samples", [])[:2] + notes.get("bad_shards", [])[:2]),
+        )  # fmt: skip
     if not parts:
         raise DataError(f"no image in {storage.display(shards)} splits {splits} has a labeled pixel")
     meta = {
@@ -280,6 +332,9 @@ def run_extract(cfg: Any) -> FeatureTable:
         "tile_size": manifest.tile_size,
         "parts": sorted(parts, key=lambda p: (p["split"], p["name"])),
         "skipped_images_without_labels": skipped,
+        "skipped_bad_samples": damaged["bad_samples"],
+        "skipped_bad_shards": damaged["bad_shards"],
+        "damage_examples": notes.get("bad_samples", [])[:5] + notes.get("bad_shards", [])[:5],
         "config": redact(to_container(cfg)),
     }
     storage.write_text(storage.join(out, TABLE_META), json.dumps(meta, indent=1))

@@ -30,6 +30,7 @@ from rsdiff.features.table import FeatureTable
 from rsdiff.heads.ensemble import DDPMSegEnsembleHead
 from rsdiff.heads.residual import ResidualMLPHead
 from rsdiff.metrics import ConfusionMatrix
+from rsdiff.weights import load_module_state, load_weights
 
 HEAD_WEIGHTS = "head.pt"
 HEAD_META = "head.json"
@@ -141,14 +142,25 @@ class TrainedHead:
             raise CheckpointError(
                 f"no head artifact at {storage.display(uri)} (needs {HEAD_META} and {HEAD_WEIGHTS})"
             ) from exc
-        if meta.get("kind") != "rsdiff-head":
+        except ValueError as exc:
+            raise CheckpointError(f"{storage.display(uri)}/{HEAD_META} is not valid JSON: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("kind") != "rsdiff-head":
             raise CheckpointError(f"{storage.display(uri)} is not an rsdiff head artifact")
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        weights = storage.join(uri, HEAD_WEIGHTS)
+        state = load_weights(blob, weights)
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.merge(OmegaConf.structured(HeadConfig), meta["config"])
-        module = build_head(cfg, int(meta["in_dim"]), len(meta["classes"]))
-        module.load_state_dict(state["state"])
+        try:
+            cfg = OmegaConf.merge(OmegaConf.structured(HeadConfig), meta["config"])
+            module = build_head(cfg, int(meta["in_dim"]), len(meta["classes"]))
+        except Exception as exc:
+            raise CheckpointError(
+                f"{storage.display(uri)}/{HEAD_META} does not describe a head rsdiff can build "
+                f"({type(exc).__name__}); re-create the artifact"
+            ) from None
+        load_module_state(module, state.get("state"), weights)
+        if not all(isinstance(state.get(k), torch.Tensor) for k in ("mean", "std")):
+            raise CheckpointError(f"{storage.display(weights)} lacks the feature mean/std of the head")
         module.eval()
         return cls(
             module=module,

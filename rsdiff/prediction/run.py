@@ -3,8 +3,12 @@
 Each scene is one Ray task (``cpus_per_scene``/``num_gpus`` each), so many scenes run in parallel
 across a cluster; a task loads the head and its checkpoint once per worker process. Outputs per
 scene under ``output``: ``{scene}.tif`` (class map COG), ``{scene}.proba.tif`` (optional),
-``{scene}.quicklook.png``; ``predictions.json`` lists them and is written last, so its presence
-marks a complete prediction run.
+``{scene}.quicklook.png``; ``predictions.json`` lists them (paths relative to ``output``, so a
+copied or moved folder stays whole) and is written last, after MLflow, so its presence marks a
+complete prediction run. Each run has an id, tagged into every map it writes
+(``rsdiff_prediction_run``) and recorded in ``predictions.json``; ``overwrite=true`` removes the
+old ``predictions.json`` before any map is replaced, so an interrupted overwrite never leaves a
+mix of old and new maps that looks complete.
 """
 
 from __future__ import annotations
@@ -103,11 +107,46 @@ def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
     return WindowPlan(size, overlap)
 
 
-def scene_outputs(cfg: Any, out: str, ref: SceneRef) -> SceneOutputs:
+def scene_outputs(cfg: Any, out: str, ref: SceneRef, run_id: str = "") -> SceneOutputs:
     return SceneOutputs(
         class_map=storage.join(out, f"{ref.id}.tif"),
         probabilities=storage.join(out, f"{ref.id}.proba.tif") if cfg.probabilities else None,
         quicklook=storage.join(out, f"{ref.id}.quicklook.png") if cfg.quicklook else None,
+        run_id=run_id,
+    )
+
+
+OUTPUT_KEYS = ("class_map", "probabilities", "quicklook")
+
+
+def relative_record(record: dict[str, Any], out: str) -> dict[str, Any]:
+    """``record`` with its output paths relative to the prediction folder ``out``."""
+    rel = dict(record)
+    for key in OUTPUT_KEYS:
+        if rel.get(key):
+            rel[key] = rel[key][len(out) :].lstrip("/") if rel[key].startswith(out + "/") else rel[key]
+    return rel
+
+
+def resolve_output(folder: str, value: str, key: str = "class_map") -> str:
+    """The URI of an output named in ``folder``'s ``predictions.json`` (relative names resolve
+    against ``folder``).
+
+    Raises:
+        DataError: an absolute path or URI outside ``folder`` (a moved folder of an older rsdiff,
+            or an edited file): it would score maps other than the ones in the folder.
+    """
+    if not (storage.is_s3(value) or value.startswith("/") or "://" in value):
+        if ".." in value.split("/"):
+            raise DataError(
+                f"{SUMMARY} in {storage.display(folder)} names {key} {value!r} outside the folder"
+            )
+        return storage.join(folder, value)
+    if value.startswith(folder.rstrip("/") + "/"):
+        return value
+    raise DataError(
+        f"{SUMMARY} in {storage.display(folder)} names {key} {storage.display(value)}, outside that folder "
+        "(written by an older rsdiff and moved, or edited); re-run jobs/predict.py into this folder"
     )
 
 
@@ -152,13 +191,13 @@ def run_predict(cfg: Any) -> PredictResult:
         RsdiffError: missing head or checkpoint, no scenes, band/dtype mismatch, bad window,
             unwritable output, existing predictions without ``overwrite``.
     """
-    import ray
+
+    import uuid
 
     from rsdiff import tracking
     from rsdiff.data.scenes import SceneReader
     from rsdiff.prediction.blend import axis_origins
     from rsdiff.prediction.scene import check_scene
-    from rsdiff.raytools import ProgressCounter, connect, wait_with_progress
 
     t0 = time.perf_counter()
     head_uri = storage.absolute(str(cfg.head))
@@ -169,6 +208,8 @@ def run_predict(cfg: Any) -> PredictResult:
     if storage.exists(storage.join(out, SUMMARY)) and not cfg.overwrite:
         raise DataError(f"{storage.display(out)} already holds predictions ({SUMMARY}); pass overwrite=true")
     storage.check_writable(out)
+    if cfg.tracking.enabled:
+        tracking.client(tracking.resolve_uri(cfg.tracking.uri))  # a bad store fails before any work
     from rsdiff.features.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, cfg.precision)
@@ -179,8 +220,34 @@ def run_predict(cfg: Any) -> PredictResult:
             windows_total += len(axis_origins(reader.height, plan.size, plan.stride)) * len(
                 axis_origins(reader.width, plan.size, plan.stride)
             )
-    tags = {"rsdiff.stage": "predict", "rsdiff.head": storage.display(head_uri)}
+    run_id = uuid.uuid4().hex
+    # From here on the folder no longer holds a complete prediction: the old marker goes first.
+    storage.delete(storage.join(out, SUMMARY))
+    tags = {
+        "rsdiff.stage": "predict",
+        "rsdiff.head": storage.display(head_uri),
+        "rsdiff.prediction_run": run_id,
+    }
     run = tracking.start_stage_run(cfg.tracking, f"predict-{len(refs)}-scenes", tags, cfg)
+    with tracking.ends_run(run):
+        return _predict_all(cfg, refs, head, head_uri, plan, out, run, run_id, windows_total, t0)
+
+
+def _predict_all(
+    cfg: Any,
+    refs: list[SceneRef],
+    head: Any,
+    head_uri: str,
+    plan: WindowPlan,
+    out: str,
+    run: Any,
+    run_id: str,
+    windows_total: int,
+    t0: float,
+) -> PredictResult:
+    import ray
+
+    from rsdiff.raytools import ProgressCounter, connect, wait_with_progress
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     counter = ProgressCounter.remote()
@@ -193,14 +260,14 @@ def run_predict(cfg: Any) -> PredictResult:
     task = ray.remote(_predict_task).options(
         num_cpus=cfg.cpus_per_scene, num_gpus=cfg.num_gpus or None, max_retries=2, retry_exceptions=False
     )
-    refs_out = [task.remote(head_uri, ref, plan, scene_outputs(cfg, out, ref), opts, counter) for ref in refs]
+    refs_out = [
+        task.remote(head_uri, ref, plan, scene_outputs(cfg, out, ref, run_id), opts, counter) for ref in refs
+    ]
     try:
         records = wait_with_progress(refs_out, counter, windows_total, "windows", "predict", extra="scenes")
-    except Exception as exc:
+    except BaseException as exc:  # a failed scene, Ctrl-C or SIGTERM: stop the other scenes too
         for r in refs_out:
-            ray.cancel(r, force=False)
-        if run is not None:
-            run.finish("FAILED")
+            ray.cancel(r, force=True)
         cause = getattr(exc, "cause", None)
         if isinstance(cause, RsdiffError):
             raise type(cause)(str(cause)) from None
@@ -209,6 +276,7 @@ def run_predict(cfg: Any) -> PredictResult:
     pixels = sum(r["width"] * r["height"] for r in records)
     summary = {
         "kind": "rsdiff-predictions",
+        "run_id": run_id,
         "head": head_uri,
         "checkpoint": head.checkpoint,
         "classes": head.classes,
@@ -216,11 +284,10 @@ def run_predict(cfg: Any) -> PredictResult:
         "blocks": head.blocks,
         "window": plan.size,
         "overlap": plan.overlap,
-        "scenes": records,
+        "scenes": [relative_record(r, out) for r in records],
         "seconds": seconds,
         "config": redact(to_container(cfg)),
     }
-    storage.write_text(storage.join(out, SUMMARY), json.dumps(summary, indent=1))
     ungeo = [r["scene"] for r in records if not r["georeferenced"]]
     if ungeo:
         log.warning(
@@ -241,6 +308,8 @@ def run_predict(cfg: Any) -> PredictResult:
             if r["quicklook"]:
                 picture = np.array(Image.open(io.BytesIO(storage.read_bytes(r["quicklook"]))))
                 run.log_image(picture, f"quicklooks/{r['scene']}.png")
+    storage.write_text(storage.join(out, SUMMARY), json.dumps(summary, indent=1))  # published last
+    if run is not None:
         run.finish()
     log.info(
         "predict: %d scene(s), %.1f Mpx in %.1f s -> %s",

@@ -52,6 +52,7 @@ class SceneOutputs:
     class_map: str
     probabilities: str | None
     quicklook: str | None
+    run_id: str = ""  # the prediction run's id, tagged into each map (evaluate checks it)
 
 
 def check_scene(reader: SceneReader, head: TrainedHead, extractor: FeatureExtractor) -> None:
@@ -143,7 +144,11 @@ def predict_scene(
             reader.ds.transform if georef else None,
             head.classes,
             outputs.probabilities is not None,
-            {"rsdiff_checkpoint": storage.display(head.checkpoint), "rsdiff_scene": ref.id},
+            {
+                "rsdiff_checkpoint": storage.display(head.checkpoint),
+                "rsdiff_scene": ref.id,
+                "rsdiff_prediction_run": outputs.run_id,
+            },
         )
         try:
             blender = RowBlender(reader.height, reader.width, head.num_classes, plan.size, plan.overlap)

@@ -8,7 +8,6 @@ URI. ``model.pt`` holds only tensors and plain containers and is always loaded w
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet
 from rsdiff.errors import CheckpointError
+from rsdiff.weights import load_module_state, load_weights
 
 WEIGHTS = "model.pt"
 META = "rsdiff.json"
@@ -37,8 +37,15 @@ def save(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
 
 
 def load_state(directory: Path) -> dict[str, Any]:
-    """The training state saved by :func:`save` (weights-only unpickling)."""
-    return torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+    """The training state saved by :func:`save` (weights-only unpickling).
+
+    Raises:
+        CheckpointError: missing, corrupt or refused ``model.pt``.
+    """
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {WEIGHTS}")
+    return load_weights(path.read_bytes(), str(path))
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -83,19 +90,14 @@ class PretrainedDDPM:
 def load_pretrained(uri: str, device: str | torch.device = "cpu", ema: bool = True) -> PretrainedDDPM:
     """Load a checkpoint's (EMA) model, noise schedule and normalisation from its URI."""
     meta = read_meta(uri)
+    weights = storage.join(uri, WEIGHTS)
     try:
-        state = torch.load(
-            io.BytesIO(storage.read_bytes(storage.join(uri, WEIGHTS))), map_location="cpu", weights_only=True
-        )
+        state = load_weights(storage.read_bytes(weights), weights)
     except storage.NotFoundError as exc:
         raise CheckpointError(f"checkpoint {storage.display(uri)} has {META} but no {WEIGHTS}") from exc
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot load weights of {storage.display(uri)}: {type(exc).__name__}: {exc}"
-        ) from exc
     model_cfg = OmegaConf.create(meta["model"])
     model = build_unet(model_cfg, int(meta["in_channels"]), int(meta["image_size"]))
-    model.load_state_dict(state["ema" if ema else "model"])
+    load_module_state(model, state.get("ema" if ema else "model"), weights)
     model.eval().requires_grad_(False).to(device)
     return PretrainedDDPM(
         model=model,

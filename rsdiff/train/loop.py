@@ -192,6 +192,45 @@ def _wait_until_registered(cfg: Any, step: int, timeout_s: float = 30.0) -> None
         time.sleep(0.2)
 
 
+def resume_state(cfg: Any, latest: Any) -> dict[str, Any] | None:
+    """The training state to resume from: Ray Train's latest checkpoint, or, when that one cannot
+    be loaded (corrupt or truncated ``model.pt``), the newest earlier complete checkpoint in the run
+    folder. None when the run starts fresh.
+
+    Raises:
+        CheckpointError: no checkpoint of the run can be loaded.
+    """
+    from rsdiff import storage
+    from rsdiff.errors import CheckpointError
+
+    if latest is None:
+        return None
+    try:
+        with latest.as_directory() as d:
+            return checkpoint.load_state(Path(d))
+    except CheckpointError as exc:
+        log.warning("the latest checkpoint cannot be loaded (%s); trying the earlier ones", exc)
+    run_dir = storage.join(str(cfg.run.storage), str(cfg.run.name))
+    broken = storage.name(str(latest.path))
+    folders = sorted({storage.parent(u) for u in storage.list_uris(run_dir, checkpoint.META)}, reverse=True)
+    for folder in folders:
+        if storage.name(folder) == broken or not storage.name(folder).startswith("checkpoint_"):
+            continue
+        with tempfile.TemporaryDirectory(prefix="rsdiff-resume-") as tmp:
+            try:
+                storage.download(storage.join(folder, checkpoint.WEIGHTS), Path(tmp) / checkpoint.WEIGHTS)
+                state = checkpoint.load_state(Path(tmp))
+            except (CheckpointError, storage.NotFoundError) as exc:
+                log.warning("checkpoint %s cannot be loaded either (%s)", storage.display(folder), exc)
+                continue
+        log.warning("resuming from %s instead of the unreadable %s", storage.display(folder), broken)
+        return state
+    raise CheckpointError(
+        f"no checkpoint of {storage.display(run_dir)} can be loaded (the latest, {broken}, is corrupt); "
+        "delete the run folder to start over or pick another run.name"
+    )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point.
 
@@ -214,11 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if cuda:
         devices.enable_tf32()
-    state = None
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = checkpoint.load_state(Path(d))
+    state = resume_state(cfg, ray.train.get_checkpoint())
     model, ema, opt, sched, start = init_training(cfg, in_channels, size, device, state)
     channels_last = cuda and cfg.perf.channels_last
     rng = state.get("rng") if state is not None else None

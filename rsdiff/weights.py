@@ -1,0 +1,47 @@
+"""Loading ``torch.save`` files from storage without trusting them.
+
+Every weights file rsdiff reads (checkpoints' ``model.pt``, heads' ``head.pt``) goes through
+:func:`load_weights`: ``torch.load(weights_only=True)``, which refuses anything but tensors and
+plain containers, so a crafted file cannot run code. A file that fails is one clear error naming
+it; torch's own message is not relayed, because its advice for a refused file ("retry with
+``weights_only=False``") is exactly what must not be done with a file of unknown origin.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+
+from rsdiff import storage
+from rsdiff.errors import CheckpointError
+
+
+def load_weights(blob: bytes, uri: str) -> dict[str, Any]:
+    """The tensors/containers saved in ``blob`` (read from ``uri``, named in errors).
+
+    Raises:
+        CheckpointError: corrupt, truncated, not a torch file, or holding other objects.
+    """
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot load weights of {storage.display(uri)} ({type(exc).__name__}): it is corrupt, truncated "
+            "or holds objects other than tensors (rsdiff never unpickles those); re-create it with rsdiff"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{storage.display(uri)} does not hold an rsdiff weights dictionary")
+    return state
+
+
+def load_module_state(module: torch.nn.Module, state: Any, uri: str) -> None:
+    """``module.load_state_dict(state)`` with a mismatch reported as one line naming ``uri``."""
+    try:
+        module.load_state_dict(state)
+    except Exception as exc:
+        raise CheckpointError(
+            f"weights in {storage.display(uri)} do not fit the model its metadata describes "
+            f"({type(exc).__name__}); the files of that artifact do not belong together, re-create it"
+        ) from None

@@ -1,0 +1,344 @@
+"""Hostile stores and unlucky stops: what a signal, a second writer, a moved or mixed prediction
+folder, a corrupt checkpoint, damaged shards and a password in a URI do to each job.
+
+Signals are sent the way a terminal sends Ctrl-C: to the job's whole process group, with SIGINT
+not ignored.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run_job
+from mlflow import MlflowClient
+
+from rsdiff import storage
+from rsdiff.config import load_config, redact, to_yaml
+from rsdiff.errors import DataError, describe_os_error
+from rsdiff.lease import LEASE, Lease, LeaseHeld
+
+SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
+TINY_FAST = [
+    "--config", "configs/pretrain/tiny.yaml", "model.image_size=32", "data.batch_size=4",
+    "data.num_workers=0", "data.shuffle_buffer=8", "optim.warmup_steps=2", "tracking.log_every=5",
+    "tracking.sample_every=1000", "tracking.sample_count=4", "tracking.sample_steps=4",
+]  # fmt: skip
+
+
+def _start(script: str, *args: str, env: dict | None = None, log: Path) -> subprocess.Popen:
+    """``python jobs/<script>`` in its own process group (as a shell runs a foreground job)."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / script), *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def _ctrl_c_when(proc: subprocess.Popen, log: Path, marker: str, timeout: float = 300) -> float:
+    """Wait until ``marker`` shows in the job's stderr, then SIGINT its process group; returns the
+    seconds the job took to exit after the signal."""
+    deadline = time.time() + timeout
+    while marker not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"{marker!r} never showed: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.time()
+    proc.wait(timeout=120)
+    return time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def big_scenes(tmp_path_factory) -> Path:
+    """Scenes large enough that ingest and predict are still working when Ctrl-C arrives."""
+    from rsdiff.data.synthetic import write_sample_dataset
+
+    folder = tmp_path_factory.mktemp("big")
+    write_sample_dataset(folder, scenes=6, height=768, width=768)
+    return folder
+
+
+def _one_error_line(err: str, job: str, text: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"rsdiff {job}: ")]
+    assert len(lines) == 1 and text in lines[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_ctrl_c_stops_ingest_at_once_with_one_line_and_no_manifest(big_scenes, tmp_path):
+    """A fresh local Ray, as a user's terminal session has; the whole group gets SIGINT."""
+    log = tmp_path / "stderr.txt"
+    out = tmp_path / "shards"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "ingest.py"), "--config", str(SAMPLE),
+         f"inputs=[{big_scenes}/images/*.tif]", f"output={out}", "ray.num_cpus=2", "parallelism=6"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    seconds = _ctrl_c_when(proc, log, "ingest:")
+    err = log.read_text()
+    assert proc.returncode == 130, err[-3000:]
+    assert seconds < 30, seconds
+    _one_error_line(err, "ingest", "stopped by SIGINT; no manifest.json was written")
+    assert not (out / "manifest.json").exists()
+
+
+def test_ctrl_c_stops_predict_marks_the_run_killed_and_drops_the_old_marker(
+    sample_demo, big_scenes, tmp_path, mlflow_uri, ray_address
+):
+    """An interrupted ``overwrite=true`` leaves no predictions.json beside a mix of old and new maps."""
+    out = tmp_path / "maps"
+    shutil.copytree(sample_demo / "predictions", out)  # a complete earlier prediction run
+    assert (out / "predictions.json").exists()
+    log = tmp_path / "stderr.txt"
+    proc = _start(
+        "predict.py", f"head={sample_demo / 'sweep' / 'best'}", f"inputs=[{big_scenes}/images/*.tif]",
+        f"output={out}", "overwrite=true", f"tracking.uri={mlflow_uri}", env=ray_address, log=log,
+    )  # fmt: skip
+    seconds = _ctrl_c_when(proc, log, "predict:")
+    err = log.read_text()
+    assert proc.returncode == 130 and seconds < 30, (seconds, err[-3000:])
+    _one_error_line(err, "predict", "stopped by SIGINT")
+    assert not (out / "predictions.json").exists()
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("rsdiff-predict").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    proc = run_job("evaluate.py", f"predictions={out}", f"tracking.uri={mlflow_uri}")
+    assert proc.returncode == 2 and "no predictions.json" in proc.stderr
+
+
+def test_sigterm_stops_a_job_like_ctrl_c(sample_demo, big_scenes, tmp_path, mlflow_uri, ray_address):
+    log = tmp_path / "stderr.txt"
+    proc = _start(
+        "predict.py", f"head={sample_demo / 'sweep' / 'best'}", f"inputs=[{big_scenes}/images/*.tif]",
+        f"output={tmp_path / 'maps'}", f"tracking.uri={mlflow_uri}", env=ray_address, log=log,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while "predict:" not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what `kill` and most schedulers send
+    proc.wait(timeout=60)
+    assert proc.returncode == 143, log.read_text()[-3000:]
+    _one_error_line(log.read_text(), "predict", "stopped by SIGTERM")
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("rsdiff-predict").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction folders: relative, moved, mixed.
+
+
+def _predict(head, scenes, out, *extra):
+    from rsdiff.prediction.run import PredictConfig, run_predict
+
+    return run_predict(
+        load_config(
+            PredictConfig,
+            None,
+            [f"head={head}", f"inputs=['{scenes}']", f"output={out}", "tracking.enabled=false", *extra],
+        )
+    )
+
+
+def _evaluate(folder, **kw):
+    from rsdiff.evaluate import EvaluateConfig, run_evaluate
+
+    args = [f"predictions={folder}", "labels.mask_template={dir}/../labels/{stem}.tif", "labels.kind=index",
+            "tracking.enabled=false", *[f"{k}={v}" for k, v in kw.items()]]  # fmt: skip
+    return run_evaluate(load_config(EvaluateConfig, None, args))
+
+
+def test_prediction_folders_move_whole_and_refuse_a_mix_of_runs(
+    sample_demo, sample_scenes, tmp_path, ray_cluster
+):
+    head = sample_demo / "sweep" / "best"
+    scenes = f"{sample_scenes}/images/scene_0[01].tif"
+    first = _predict(head, scenes, tmp_path / "a", "tracking.uri=http://user:hunter2@127.0.0.1:9")
+    _predict(head, scenes, tmp_path / "b")
+    summary = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    assert summary["run_id"] and all(s["class_map"] == f"{s['scene']}.tif" for s in summary["scenes"])
+    assert "hunter2" not in (tmp_path / "a" / "predictions.json").read_text()  # the password never lands
+    reference = _evaluate(tmp_path / "a").metrics
+
+    # Moved: the folder scores its own maps (the original is gone).
+    (tmp_path / "a").rename(tmp_path / "moved")
+    moved = _evaluate(tmp_path / "moved", output=tmp_path / "m.json").metrics
+    assert moved["miou"] == reference["miou"] and moved["predictions"] == str(tmp_path / "moved")
+
+    # Mixed: one map from another run beside this run's predictions.json is refused.
+    shutil.copy(tmp_path / "b" / "scene_01.tif", tmp_path / "moved" / "scene_01.tif")
+    with pytest.raises(DataError, match="not written by the prediction run"):
+        _evaluate(tmp_path / "moved", output=tmp_path / "mix.json")
+    assert not (tmp_path / "mix.json").exists()
+
+    # A predictions.json naming maps outside its folder (older rsdiff, moved; or edited) is refused.
+    summary["scenes"][0]["class_map"] = str(Path(first.output) / "scene_00.tif")
+    (tmp_path / "b" / "predictions.json").write_text(json.dumps(summary))
+    with pytest.raises(DataError, match="outside that folder"):
+        _evaluate(tmp_path / "b", output=tmp_path / "out.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per run: leases.
+
+
+def test_a_live_lease_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_path, bucket):
+    for folder in (str(tmp_path / "run"), f"{bucket}/runs/run"):
+        first = Lease(folder, "run.name=run", ttl_s=60)
+        first.acquire()
+        with pytest.raises(LeaseHeld, match=r"run\.name=run is in use by another live job"):
+            Lease(folder, "run.name=run").acquire()
+        first.release()
+        with Lease(folder, "run.name=run"):  # free again
+            pass
+        assert not storage.exists(storage.join(folder, LEASE))
+        # Stale: the holder's heartbeat is older than the TTL (another host that went away).
+        old = {"owner": "x", "host": "elsewhere", "pid": 1, "started": 0, "heartbeat": time.time() - 600}
+        storage.write_text(storage.join(folder, LEASE), json.dumps(old))
+        with Lease(folder, "run.name=run", ttl_s=60) as taken:
+            assert json.loads(storage.read_text(storage.join(folder, LEASE)))["owner"] == taken.owner
+        # Dead: a process of this host that no longer exists (a killed driver resubmitted at once).
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+        gone = {"owner": "y", "host": socket.gethostname(), "pid": int(dead.stdout), "started": 0,
+                "heartbeat": time.time()}  # fmt: skip
+        storage.write_text(storage.join(folder, LEASE), json.dumps(gone))
+        with Lease(folder, "run.name=run"):
+            pass
+
+
+def test_heartbeat_keeps_the_lease_live_and_notices_a_takeover(tmp_path):
+    folder = str(tmp_path / "run")
+    with Lease(folder, "x", ttl_s=0.8) as lease:
+        time.sleep(1.5)  # longer than the TTL: only the heartbeat keeps it live
+        with pytest.raises(LeaseHeld):
+            Lease(folder, "x", ttl_s=0.8).acquire()
+        (Path(folder) / LEASE).write_text(json.dumps({"owner": "thief", "heartbeat": time.time() + 60}))
+        time.sleep(0.6)
+        assert lease.lost
+
+
+def test_pretraining_refuses_a_run_name_another_live_job_holds(sample_demo, tmp_path, capsys):
+    from test_faults import _run_job_inline
+
+    folder = tmp_path / "runs" / "busy"
+    folder.mkdir(parents=True)
+    live = {"owner": "z", "host": "other-host", "pid": 4242, "started": time.time(), "heartbeat": time.time()}
+    (folder / LEASE).write_text(json.dumps(live))
+    argv = [f"data.shards={sample_demo / 'shards'}", f"run.storage={tmp_path / 'runs'}", "run.name=busy"]
+    code, err = _run_job_inline("pretrain.py", argv, capsys)
+    assert code == 2
+    _one_error_line(err, "pretrain", "run.name=busy in ")
+    assert "host other-host, pid 4242" in err and not list(folder.glob("checkpoint_*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and shards that went bad.
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_complete_one(
+    sample_demo, tmp_path, mlflow_uri, ray_address
+):
+    common = [*TINY_FAST, f"data.shards={sample_demo / 'shards'}", "checkpoint.every_steps=5",
+              "checkpoint.keep=5", f"run.storage={tmp_path / 'runs'}", "run.name=rot",
+              f"tracking.uri={mlflow_uri}"]  # fmt: skip
+    first = run_job("pretrain.py", *common, "optim.max_steps=10", env=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = tmp_path / "runs" / "rot" / "checkpoint_00000010" / "model.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated: bit rot, a partial copy
+    second = run_job("pretrain.py", *common, "optim.max_steps=15", env=ray_address)
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["step"] == 15
+    started = [
+        m.value
+        for m in MlflowClient(mlflow_uri).get_metric_history(result["mlflow_run_id"], "started_at_step")
+    ]
+    assert started == [0, 5], started  # the second run fell back to step 5, not to scratch
+
+
+def test_extract_on_one_cpu_skips_damaged_samples_and_names_their_shard(sample_demo, tmp_path):
+    """One CPU in Ray (a 1-vCPU machine): the feature actor must not starve the shard reads."""
+    import webdataset as wds
+
+    from rsdiff.data.shards import encode_sample, iter_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_demo / "shards", shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    good = next(iter_shard(str(shards / manifest["shards"]["train"][0])))
+    flat = io.BytesIO()
+    np.save(flat, good.image[0], allow_pickle=False)  # a 2-D tile: malformed
+    with wds.TarWriter(str(shards / "train-bad-00000.tar"), encoder=False) as tar:
+        tar.write({**encode_sample(good), "__key__": "flat", "tile.npy": flat.getvalue()})
+        tar.write({**encode_sample(good), "__key__": "fine"})
+    manifest["shards"]["train"].append("train-bad-00000.tar")
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "extract.py"), "--config", "configs/extract/tiny.yaml",
+         f"checkpoint={sorted((sample_demo / 'ray' / 'demo-pretrain').glob('checkpoint_0*'))[-1]}",
+         f"shards={shards}", f"output={tmp_path / 'features'}", "pixels_per_class=8", "ray.num_cpus=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "features" / "table.json").read_text())
+    assert meta["skipped_bad_samples"] == 1 and meta["skipped_bad_shards"] == 0
+    assert "train-bad-00000.tar: sample flat" in meta["damage_examples"][0]
+    assert "train-bad-00000.tar" in proc.stderr  # the warning names the shard
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces, at the unit level.
+
+
+@pytest.mark.unit
+def test_passwords_in_uris_are_masked_everywhere_a_config_goes():
+    from rsdiff.prediction.run import PredictConfig
+
+    cfg = load_config(
+        PredictConfig, None, ["head=h", "inputs=[x]", "tracking.uri=https://me:hunter2@mlflow:5000"]
+    )
+    assert "hunter2" not in to_yaml(cfg) and "https://me:***@mlflow:5000" in to_yaml(cfg)
+    assert redact({"a": ["s3://b/k", "http://u:p@h/x"]}) == {"a": ["s3://b/k", "http://u:***@h/x"]}
+    from rsdiff.tracking import config_params
+
+    assert "hunter2" not in json.dumps(config_params(cfg))
+
+
+@pytest.mark.unit
+def test_os_errors_a_user_can_fix_become_one_line(tmp_path):
+    with pytest.raises(OSError) as full, open("/dev/full", "wb") as f:  # a real ENOSPC
+        f.write(b"x" * 10)
+        f.flush()
+    assert describe_os_error(full.value).startswith("no space left on the device")
+    assert describe_os_error(PermissionError(13, "Permission denied", "/x/y")).startswith(
+        "permission denied on /x/y"
+    )
+    assert describe_os_error(OSError(5, "EIO")) is None  # not the user's to fix: a traceback, as a bug
+
+
+@pytest.mark.unit
+def test_names_that_would_leave_their_root_are_refused():
+    from rsdiff.errors import ConfigError
+
+    for bad in ("../x", "/abs", "a/b", "..", "", ".hidden", "a..b", "x" * 129, "a b"):
+        with pytest.raises(ConfigError, match="not a plain name"):
+            storage.check_name(bad, "run.name")
+    assert storage.check_name("pretrain-tiny_2.v1", "run.name") == "pretrain-tiny_2.v1"
