@@ -133,8 +133,10 @@ def to_container(cfg: Any) -> dict[str, Any]:
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@")
 
 
-def redact_uri(text: str) -> str:
+def redact_uri(text: str | None) -> str | None:
     """``text`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``."""
+    if text is None:
+        return None
     return _URI_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
 
 

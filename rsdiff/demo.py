@@ -5,7 +5,8 @@ scenes) -> evaluate, with a local Ray, local storage under ``workdir`` and one M
 that holds each stage's runs plus a ``demo`` run summarising them. With ``data`` (a folder of
 image/mask pairs such as dubai-aerial) it uses that; without it generates six small 4-band
 uint16 GeoTIFF scenes with index masks. Re-running resumes: finished stages are reused
-(pretraining resumes from its checkpoint, the sweep is restored); ``fresh=true`` starts over.
+(pretraining resumes from its checkpoint, the sweep continues from its trial records);
+``fresh=true`` starts over.
 """
 
 from __future__ import annotations

@@ -264,8 +264,11 @@ def _check_labels(class_pixels: int, unknown: int, cfg: IngestConfig) -> None:
         f"check labels.classes and labels.kind={MaskKind(cfg.labels.kind).value}: colour masks must hold "
         "the exact class colours (JPEG compression changes them; use PNG or index masks)"
     )
-    if class_pixels == 0:
+    if class_pixels == 0 and unknown > 0:
         raise DataError(f"no label pixel matched a class ({unknown} matched none); {hint}")
+    if class_pixels == 0:
+        log.warning("every label pixel is an ignore colour/value: these shards can pretrain, not fit a head")
+        return
     fraction = unknown / (class_pixels + unknown)
     if fraction > cfg.labels.warn_unknown_fraction:
         log.warning(

@@ -164,6 +164,8 @@ def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
         timesteps = list(cfg.timesteps) or table.index.timesteps
         blocks = list(cfg.blocks) or table.index.blocks
     table.index.select(list(timesteps), list(blocks))  # validates the selection
+    if cfg.tracking.enabled:
+        tracking.client(tracking.resolve_uri(cfg.tracking.uri))  # a bad store fails before the work
     ks = sorted({int(k) for k in cfg.ks})
     train_px = _pixels_by_image(table, "train")
     val_px = _pixels_by_image(table, "val")
@@ -236,7 +238,6 @@ def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
         "table": table_md,
         "config": redact(to_container(cfg)),
     }
-    storage.write_text(storage.join(out, "results.json"), json.dumps(results, indent=1))
     storage.write_text(storage.join(out, "table.md"), table_md + "\n")
     fig = _plot(rows, ks)
     import io
@@ -250,20 +251,36 @@ def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
     run = tracking.start_stage_run(
         cfg.tracking, f"label-efficiency-k{'-'.join(map(str, ks))}", {"rsdiff.stage": "label-efficiency"}, cfg
     )
+    with tracking.ends_run(run):
+        if run is not None:
+            _log_run(run, rows, ks, timesteps, blocks, fig, results, table_md)
+        # results.json marks a complete report: written last, after MLflow has everything
+        storage.write_text(storage.join(out, "results.json"), json.dumps(results, indent=1))
     if run is not None:
-        run.log_params(
-            {"selection.timesteps": json.dumps(list(timesteps)), "selection.blocks": json.dumps(list(blocks))}
-        )
-        for m in METHODS:
-            for k in ks:
-                v = [r["miou"] for r in rows if r["method"] == m and r["k"] == k]
-                run.log_metrics(
-                    {f"miou_{m}_mean": float(np.mean(v)), f"miou_{m}_std": float(np.std(v))}, step=k
-                )
-        run.log_figure(fig, "label_efficiency.png")
-        run.log_dict(results, "results.json")
-        run.client.log_text(run.run_id, table_md + "\n", "table.md")
         run.finish()
         run_id = run.run_id
     plt.close(fig)
     return LabelEfficiencyResult(rows, table_md, out, run_id)
+
+
+def _log_run(
+    run: Any,
+    rows: list[dict[str, Any]],
+    ks: list[int],
+    timesteps: list[int],
+    blocks: list[str],
+    fig: Any,
+    results: dict[str, Any],
+    table_md: str,
+) -> None:
+    """Selection, mean/std mIoU per method and k, the plot, results and table into ``run``."""
+    run.log_params(
+        {"selection.timesteps": json.dumps(list(timesteps)), "selection.blocks": json.dumps(list(blocks))}
+    )
+    for m in METHODS:
+        for k in ks:
+            v = [r["miou"] for r in rows if r["method"] == m and r["k"] == k]
+            run.log_metrics({f"miou_{m}_mean": float(np.mean(v)), f"miou_{m}_std": float(np.std(v))}, step=k)
+    run.log_figure(fig, "label_efficiency.png")
+    run.log_dict(results, "results.json")
+    run.client.log_text(run.run_id, table_md + "\n", "table.md")

@@ -230,7 +230,7 @@ def check_numbers(cfg: Any) -> None:
     for i, beta in enumerate(o.betas):
         require(f"optim.betas[{i}]", beta, ge=0, lt=1)
     require("optim.weight_decay", o.weight_decay, ge=0)
-    require("optim.warmup_steps", o.warmup_steps, ge=0, lt=o.max_steps)
+    require("optim.warmup_steps", o.warmup_steps, ge=0, le=o.max_steps)
     require("optim.grad_clip", o.grad_clip, gt=0)
     require("optim.ema_decay", o.ema_decay, ge=0, lt=1)
     require("data.norm_scale", cfg.data.norm_scale, gt=0)

@@ -116,6 +116,16 @@ def dubai() -> Path:
     return DUBAI
 
 
+class PicklePayload:
+    """Unpickling this calls ``open(path, "w")``: a file that appears proves code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def run_job(
     script: str, *args: str, env: dict | None = None, timeout: float = 600, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:

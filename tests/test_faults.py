@@ -22,7 +22,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from conftest import REPO, TEST_KEY_ID, TEST_SECRET, run_job
+from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job
 from mlflow import MlflowClient
 from s3_fault_proxy import FaultyS3Proxy
 
@@ -314,22 +314,12 @@ def bad_inputs(sample_demo, sample_scenes, tmp_path_factory):
     # A head whose weights file is a pickle that runs code when unpickled without weights_only.
     poisoned = root / "poisoned-head"
     shutil.copytree(sample_demo / "sweep" / "best", poisoned)
-    (poisoned / "head.pt").write_bytes(pickle.dumps(_Payload(str(root / "pwned"))))
+    (poisoned / "head.pt").write_bytes(pickle.dumps(PicklePayload(str(root / "pwned"))))
     (root / "not-a-db.db").write_text("this is not an MLflow store")
     return {
         "root": root, "demo": sample_demo, "scenes": sample_scenes, "ckpt": ckpt, "broken": broken,
         "poisoned": poisoned,
     }  # fmt: skip
-
-
-class _Payload:
-    """Unpickling this calls ``open(path, "w")``: code execution, were the file ever trusted."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 SMP = ["--config", "configs/ingest/sample.yaml"]

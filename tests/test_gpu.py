@@ -86,8 +86,8 @@ def test_resume_on_gpu_continues_each_ranks_noise_and_data(sample_demo, tmp_path
     common = [
         f"data.shards={sample_demo / 'shards'}", f"run.storage={tmp_path / 'runs'}", "scaling.use_gpu=true",
         f"scaling.num_workers={workers}", "data.num_workers=2", "data.batch_size=8", "optim.max_steps=8",
-        "checkpoint.every_steps=3", "tracking.log_every=1", "tracking.sample_every=1000",
-        f"tracking.uri={mlflow_uri}", "perf.bf16=false",
+        "optim.warmup_steps=2", "checkpoint.every_steps=3", "tracking.log_every=1",
+        "tracking.sample_every=1000", f"tracking.uri={mlflow_uri}", "perf.bf16=false",
     ]  # fmt: skip
     tiny = REPO / "configs/pretrain/tiny.yaml"
     straight = run_pretrain(load_config(PretrainConfig, tiny, [*common, "run.name=a"]))

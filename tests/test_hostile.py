@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_job
 from mlflow import MlflowClient
+from test_faults import TINY_FAST, _run_job_inline
 
 from rsdiff import storage
 from rsdiff.config import load_config, redact, to_yaml
@@ -29,11 +30,6 @@ from rsdiff.errors import DataError, describe_os_error
 from rsdiff.lease import LEASE, Lease, LeaseHeld
 
 SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
-TINY_FAST = [
-    "--config", "configs/pretrain/tiny.yaml", "model.image_size=32", "data.batch_size=4",
-    "data.num_workers=0", "data.shuffle_buffer=8", "optim.warmup_steps=2", "tracking.log_every=5",
-    "tracking.sample_every=1000", "tracking.sample_count=4", "tracking.sample_steps=4",
-]  # fmt: skip
 
 
 def _start(script: str, *args: str, env: dict | None = None, log: Path) -> subprocess.Popen:
@@ -235,8 +231,6 @@ def test_heartbeat_keeps_the_lease_live_and_notices_a_takeover(tmp_path):
 
 
 def test_pretraining_refuses_a_run_name_another_live_job_holds(sample_demo, tmp_path, capsys):
-    from test_faults import _run_job_inline
-
     folder = tmp_path / "runs" / "busy"
     folder.mkdir(parents=True)
     live = {"owner": "z", "host": "other-host", "pid": 4242, "started": time.time(), "heartbeat": time.time()}

@@ -281,3 +281,37 @@ def test_band_names_come_from_the_scene_when_not_given(tmp_path, ray_cluster):
 
 def test_errors_are_rsdiff_errors():
     assert issubclass(DataError, RsdiffError) and issubclass(StorageError, RsdiffError)
+
+
+def test_many_unknown_label_pixels_warn_loudly_and_json_stays_standard(
+    sample_scenes, tmp_path, ray_cluster, caplog
+):
+    """A mask where a fifth of the pixels match no class (as in a JPEG-compressed colour mask)."""
+    import logging
+    import shutil
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    shutil.copy(sample_scenes / "images" / "scene_00.tif", tmp_path / "images" / "a.tif")
+    with rasterio.open(sample_scenes / "labels" / "scene_00.tif") as src:
+        profile, mask = src.profile, src.read(1)
+    mask[: mask.shape[0] // 5] = 7  # no such class
+    with rasterio.open(tmp_path / "labels" / "a.tif", "w", **profile) as dst:
+        dst.write(mask[None])
+    cfg = load_config(
+        IngestConfig,
+        SAMPLE_PRESET,
+        [
+            f"inputs=[{tmp_path}/images/a.tif]",
+            f"output={tmp_path / 'out'}",
+            "labels.unknown=ignore",
+            "val_fraction=0",
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger="rsdiff.ingest"):
+        manifest = run_ingest(cfg)
+    warned = [r.getMessage() for r in caplog.records if "match no class" in r.getMessage()]
+    assert len(warned) == 1 and "labels.warn_unknown_fraction=0.05" in warned[0], caplog.text
+    assert manifest.dropped["unknown_label_pixels"] > 0
+    text = (tmp_path / "out" / "manifest.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))

@@ -39,7 +39,10 @@ def test_demo_chain_on_the_generated_sample(sample_demo):
     cm = np.asarray(metrics["confusion_matrix"])
     assert metrics["overall_accuracy"] > cm.sum(1).max() / cm.sum()
     summary = json.loads((work / "predictions" / "predictions.json").read_text())
-    assert summary["scenes"] and all(Path(s["class_map"]).exists() for s in summary["scenes"])
+    # Maps are named relative to the folder (a moved folder stays whole).
+    assert summary["scenes"] and all(
+        (work / "predictions" / s["class_map"]).exists() for s in summary["scenes"]
+    )
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rsdiff-demo")
     runs = client.search_runs([exp.experiment_id])
@@ -217,7 +220,7 @@ def test_evaluate_job_matches_a_hand_computed_confusion_matrix(
     cm = np.zeros((5, 5), np.int64)
     for s in summary["scenes"]:
         with (
-            rasterio.open(s["class_map"]) as p,
+            rasterio.open(work / "predictions" / s["class_map"]) as p,
             rasterio.open(Path(s["image"]).parent.parent / "labels" / Path(s["image"]).name) as t,
         ):
             pred, true = p.read(1).ravel().astype(int), t.read(1).ravel().astype(int)
@@ -337,7 +340,7 @@ def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
     summary = json.loads((work / "predictions" / "predictions.json").read_text())
     assert summary["scenes"] and all(not s["georeferenced"] for s in summary["scenes"])
     for s in summary["scenes"]:
-        with rasterio.open(s["image"]) as src, rasterio.open(s["class_map"]) as cls:
+        with rasterio.open(s["image"]) as src, rasterio.open(work / "predictions" / s["class_map"]) as cls:
             assert (cls.width, cls.height) == (src.width, src.height)
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rsdiff-demo").experiment_id])
@@ -363,6 +366,6 @@ def test_demo_on_a_folder_of_four_band_geotiffs(tmp_path, ray_cluster):
     summary = json.loads((work / "predictions" / "predictions.json").read_text())
     assert summary["scenes"] and all(s["georeferenced"] and s["bands"] == 4 for s in summary["scenes"])
     for s in summary["scenes"]:
-        with rasterio.open(s["image"]) as src, rasterio.open(s["class_map"]) as cls:
+        with rasterio.open(s["image"]) as src, rasterio.open(work / "predictions" / s["class_map"]) as cls:
             assert cls.crs == src.crs and cls.transform == src.transform
     assert json.loads((work / "predictions" / "metrics.json").read_text())["pixels"] > 0

@@ -184,8 +184,9 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction
 
     common = [
         f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "optim.max_steps=3",
-        "checkpoint.every_steps=3", "tracking.log_every=1", "tracking.sample_every=1000",
-        f"tracking.uri={mlflow_uri}", "data.num_workers=0", "data.shuffle_buffer=0", "optim.lr=1e-5",
+        "optim.warmup_steps=2", "checkpoint.every_steps=3", "tracking.log_every=1",
+        "tracking.sample_every=1000", f"tracking.uri={mlflow_uri}", "data.num_workers=0",
+        "data.shuffle_buffer=0", "optim.lr=1e-5",
     ]  # fmt: skip
     eager = run_pretrain(_cfg(*common, "run.name=eager"))
     compiled = run_pretrain(_cfg(*common, "run.name=compiled", "perf.compile=true"))

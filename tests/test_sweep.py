@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, free_port, run_job
+from conftest import REPO, PicklePayload, free_port, run_job
 from mlflow import MlflowClient
 
 from rsdiff.config import load_config
@@ -158,16 +158,6 @@ def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
         run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small, "num_samples=2"))
 
 
-class _Payload:
-    """Unpickling this creates a file: proof that code ran."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
     dubai_table, tmp_path, mlflow_uri, ray_cluster
 ):
@@ -178,7 +168,7 @@ def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
     first = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
     experiment = tmp_path / "tune" / "trust"
     marker = tmp_path / "pwned"
-    poison = pickle.dumps(_Payload(str(marker)))
+    poison = pickle.dumps(PicklePayload(str(marker)))
     for folder in [experiment, *experiment.glob("tune-*")]:  # every file Tune would unpickle on restore
         for name in ("tuner.pkl", "trainable.pkl", "search_gen_state-x.pkl"):
             (folder / name).write_bytes(poison)

@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import MISSING
 
 from rsdiff import storage
-from rsdiff.config import redact, to_container
+from rsdiff.config import redact, require, to_container
 from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
@@ -230,8 +230,11 @@ def run_extract(cfg: Any) -> FeatureTable:
             f"shards have {manifest.num_bands} band(s) {manifest.bands} but the checkpoint's model takes "
             f"{ddpm.meta['in_channels']} {ddpm.meta['bands']}"
         )
-    if cfg.pixels_per_class < 1 or cfg.batch_size < 1 or cfg.concurrency < 1:
-        raise ConfigError("pixels_per_class, batch_size and concurrency must be >= 1")
+    for key in ("pixels_per_class", "batch_size", "concurrency"):
+        require(key, getattr(cfg, key), ge=1)
+    require("num_gpus", cfg.num_gpus, ge=0)
+    if cfg.max_images is not None:
+        require("max_images", cfg.max_images, ge=1)
     splits = [s for s in cfg.splits if manifest.shard_uris(s)]
     if not splits:
         raise DataError(

@@ -25,7 +25,7 @@ from omegaconf import MISSING
 from PIL import Image
 
 from rsdiff import storage
-from rsdiff.config import redact, to_container
+from rsdiff.config import redact, require, to_container
 from rsdiff.data.scenes import SceneRef, discover
 from rsdiff.errors import CheckpointError, ConfigError, DataError, RsdiffError
 from rsdiff.ingest import RayConfig
@@ -104,6 +104,8 @@ def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
         raise ConfigError(f"overlap={overlap} must be in [0, window={size})")
     if cfg.batch_size < 1 or cfg.quicklook_size < 16:
         raise ConfigError("batch_size must be >= 1 and quicklook_size >= 16")
+    require("cpus_per_scene", cfg.cpus_per_scene, gt=0)
+    require("num_gpus", cfg.num_gpus, ge=0)
     return WindowPlan(size, overlap)
 
 
