@@ -452,6 +452,8 @@ def _mark_ended(grid: Any, experiment: str, num_samples: int) -> None:
         if r.config is None or "sample" not in r.config:
             continue
         sample = int(r.config["sample"])
+        if sample not in records and r.error is None:
+            continue  # never started (e.g. time_budget_s ran out): the next run runs it
         rec = records.get(sample, {"sample": sample, "trial_id": trial_id(sample), "history": []})
         if rec.get("status") == "finished":
             continue

@@ -185,3 +185,26 @@ def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
     record.write_text(json.dumps({"sample": 7, "status": "finished", "history": []}))
     with pytest.raises(ConfigError, match=r"s0001\.json is not a trial record this sweep wrote"):
         run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
+
+
+@pytest.mark.unit
+def test_how_trials_ended_is_recorded_so_a_rerun_runs_only_the_unfinished(tmp_path):
+    """Finished and stopped-early samples are done; failed ones, and ones the time budget never
+    started (no record at all), run again."""
+    from types import SimpleNamespace
+
+    from rsdiff.sweep import _mark_ended, _write_record, read_records
+
+    exp = str(tmp_path / "exp")
+    for sample, status in [(0, "finished"), (1, "running"), (2, "running")]:
+        _write_record(exp, {"sample": sample, "trial_id": f"s{sample:04d}", "status": status,
+                            "history": [{"epoch": 1, "val_miou": 0.5}]})  # fmt: skip
+    grid = [
+        SimpleNamespace(config={"sample": 0}, error=None),
+        SimpleNamespace(config={"sample": 1}, error=None),  # stopped by the scheduler
+        SimpleNamespace(config={"sample": 2}, error=RuntimeError("boom")),
+        SimpleNamespace(config={"sample": 3}, error=None),  # never started
+    ]
+    _mark_ended(grid, exp, 4)
+    status = {k: v["status"] for k, v in read_records(exp, 4).items()}
+    assert status == {0: "finished", 1: "stopped_early", 2: "error"}
