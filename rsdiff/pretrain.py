@@ -164,11 +164,10 @@ def ensure_sample_shards(shards: str) -> None:
 
 
 def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
-    """Check everything that can be checked before workers start; return the manifest and data facts."""
+    """Check the data against the config before workers start (after :func:`check_numbers` and the
+    run name); return the manifest and data facts."""
     if cfg.debug.fault not in {"none", "raise", "kill"}:
         raise ConfigError(f"debug.fault={cfg.debug.fault!r} must be none, raise or kill")
-    check_numbers(cfg)
-    storage.check_name(cfg.run.name, "run.name")
     if not str(cfg.data.shards).strip():
         raise ConfigError("data.shards is empty: give the ingest output folder or s3:// prefix")
     manifest = read_manifest(str(cfg.data.shards))
