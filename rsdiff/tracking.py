@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rsdiff import storage
-from rsdiff.config import flatten, redact, to_container
+from rsdiff.config import flatten, redact, redact_uri, to_container
 from rsdiff.errors import ConfigError
 
 DEFAULT_STORE = "runs/mlflow.db"
@@ -232,10 +232,10 @@ def _create_run(c: Any, experiment: str, run_name: str, tags: dict[str, str], ur
     try:
         return c.create_run(experiment, run_name=run_name, tags=tags).info.run_id
     except Exception as exc:
+        first = redact_uri(str(exc).splitlines()[0][:200]) if str(exc) else ""  # may quote the URI
         raise ConfigError(
             f"MLflow tracking store {storage.display(uri)!r} refused to record a run "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); make it "
-            "writable or point tracking.uri elsewhere"
+            f"({type(exc).__name__}: {first}); make it writable or point tracking.uri elsewhere"
         ) from exc
 
 
