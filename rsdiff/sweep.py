@@ -253,7 +253,8 @@ def _trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
                          "val_overall_accuracy": m["val_overall_accuracy"]}, step=epoch)  # fmt: skip
         record["history"].append({"epoch": epoch, "val_miou": float(m["val_miou"])})
         _write_record(shared["experiment_uri"], record)
-        tune.report({"val_miou": m["val_miou"], "train_loss": m["train_loss"], "epoch": epoch})
+        if epoch < head_cfg.epochs:  # the last epoch is reported after the head is saved (below)
+            tune.report({"val_miou": m["val_miou"], "train_loss": m["train_loss"], "epoch": epoch})
 
     device = pick_device(shared["gpus"])  # the GPU Tune reserved for this trial, if any
     head = fit_head(table, choice["timesteps"], choice["blocks"], head_cfg, on_epoch=on_epoch, device=device)
@@ -267,6 +268,11 @@ def _trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     )
     _write_record(shared["experiment_uri"], {**record, "status": "finished"})
     run.finish("FINISHED")
+    # ASHA may stop a trial at any report, the last epoch's too (a rung can fall on it): report
+    # that one only now, when the head, its record and its MLflow run are complete.
+    if record["history"] and record["history"][-1]["epoch"] == head_cfg.epochs:
+        last = record["history"][-1]
+        tune.report({"val_miou": last["val_miou"], "epoch": last["epoch"]})
 
 
 def _search_numbers(cfg: Any) -> None:
