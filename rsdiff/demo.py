@@ -23,8 +23,9 @@ from typing import Any
 
 from rsdiff import storage
 from rsdiff.config import load_config
+from rsdiff.data.labels import LabelConfig
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.ingest import LabelConfig, RayConfig
+from rsdiff.raytools import RayConfig
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

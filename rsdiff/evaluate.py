@@ -26,9 +26,9 @@ from omegaconf import MISSING
 from rsdiff import storage
 from rsdiff.config import redact, to_container
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy, parse_colour
+from rsdiff.data.labels import LabelConfig, build_classmap
 from rsdiff.data.scenes import SceneReader, SceneRef, mask_uri
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.ingest import LabelConfig, build_classmap
 from rsdiff.metrics import ConfusionMatrix
 from rsdiff.prediction.run import resolve_output
 from rsdiff.tracking import StageTracking

@@ -22,47 +22,16 @@ from omegaconf import MISSING
 from rsdiff import storage
 from rsdiff.config import require, to_container
 from rsdiff.data.bandstats import BandStats
-from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy, parse_colour
+from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind
+from rsdiff.data.labels import LabelConfig, build_classmap
 from rsdiff.data.manifest import MANIFEST_NAME, Manifest, write_manifest
 from rsdiff.data.scenes import SceneReader, SceneRef, discover
 from rsdiff.data.shards import Sample, ShardWriter
 from rsdiff.data.tiling import tile_origins
 from rsdiff.errors import ConfigError, DataError, RsdiffError
-from rsdiff.raytools import ProgressCounter, connect, wait_with_progress
+from rsdiff.raytools import ProgressCounter, RayConfig, connect, wait_with_progress
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ClassConfig:
-    """One class: its name and its mask colour (colour masks) or value (index masks)."""
-
-    name: str = MISSING
-    colour: str | None = None
-    value: int | None = None
-
-
-@dataclass
-class LabelConfig:
-    """Where label masks are and how they encode classes. No ``mask_template`` = unlabeled imagery."""
-
-    mask_template: str | None = None  # e.g. "{dir}/../masks/{stem}.png"
-    kind: MaskKind = MaskKind.colour
-    classes: list[ClassConfig] = field(default_factory=list)
-    ignore_colours: list[str] = field(default_factory=list)
-    ignore_values: list[int] = field(default_factory=list)
-    unknown: UnknownPolicy = UnknownPolicy.ignore
-    # Above this fraction of label pixels matching no class, ingest warns loudly (a JPEG-compressed
-    # colour mask, wrong colours or values); none matching at all is an error.
-    warn_unknown_fraction: float = 0.05
-
-
-@dataclass
-class RayConfig:
-    """Which Ray cluster to use: ``address`` null = ``RAY_ADDRESS`` if set, else a local one."""
-
-    address: str | None = None
-    num_cpus: int | None = None
 
 
 @dataclass
@@ -96,43 +65,6 @@ class ChunkResult:
     dropped_nodata: int
     unknown_label_pixels: int
     class_pixels: np.ndarray | None
-
-
-def build_classmap(labels: LabelConfig) -> ClassMap | None:
-    """The class map a label config describes (None for unlabeled imagery)."""
-    if not labels.mask_template:
-        return None
-    kind = MaskKind(labels.kind)
-    names, colours, values = [], [], []
-    for i, c in enumerate(labels.classes):
-        names.append(c.name)
-        if kind is MaskKind.colour:
-            if c.colour is None:
-                raise ConfigError(f"labels.classes[{i}] ({c.name}) needs a colour for kind=colour masks")
-            colours.append(parse_colour(c.colour))
-            values.append(i)
-        else:
-            if c.value is None:
-                raise ConfigError(f"labels.classes[{i}] ({c.name}) needs a value for kind=index masks")
-            colours.append(_palette(i))
-            values.append(int(c.value))
-    return ClassMap(
-        names=tuple(names),
-        colours=tuple(colours),
-        values=tuple(values),
-        kind=kind,
-        ignore_colours=tuple(parse_colour(c) for c in labels.ignore_colours),
-        ignore_values=tuple(int(v) for v in labels.ignore_values),
-        unknown=UnknownPolicy(labels.unknown),
-    )
-
-
-def _palette(i: int) -> tuple[int, int, int]:
-    """A distinct display colour for class ``i`` of an index mask."""
-    import matplotlib
-
-    r, g, b, _ = matplotlib.colormaps["tab10"](i % 10)
-    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def split_scenes(refs: list[SceneRef], val_fraction: float, seed: int) -> dict[str, list[SceneRef]]:

@@ -22,7 +22,7 @@ from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.schedule import DiffusionConfig
 from rsdiff.diffusion.unet import ModelConfig, unet_kwargs
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.ingest import RayConfig
+from rsdiff.raytools import RayConfig
 from rsdiff.train.memory import estimate_training_memory
 
 log = logging.getLogger(__name__)

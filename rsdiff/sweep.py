@@ -37,7 +37,7 @@ from rsdiff.config import require, to_container
 from rsdiff.errors import ConfigError
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.fit import HeadConfig, TrainedHead, fit_head
-from rsdiff.ingest import RayConfig
+from rsdiff.raytools import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -570,10 +570,9 @@ def _log_overlay(parent: Any, head: TrainedHead, table: FeatureTable) -> None:
 
     from rsdiff.data.manifest import read_manifest
     from rsdiff.data.shards import iter_shard
-    from rsdiff.diffusion.sampling import to_rgb
     from rsdiff.features.extractor import FeatureExtractor
     from rsdiff.train.checkpoint import load_pretrained
-    from rsdiff.viz import overlay, side_by_side
+    from rsdiff.viz import model_rgb, overlay, side_by_side
 
     manifest = read_manifest(str(table.meta["shards"]))
     shards = manifest.shard_uris("val") or manifest.shard_uris("train")
@@ -583,7 +582,7 @@ def _log_overlay(parent: Any, head: TrainedHead, table: FeatureTable) -> None:
     feats = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed).dense(x)[0]
     pred, _ = head.predict(feats.flatten(1).T)
     pred = pred.view(tile.image.shape[1:]).numpy().astype(np.uint8)
-    rgb = to_rgb(x)[0]
+    rgb = model_rgb(x)[0]
     truth = tile.label if tile.label is not None else np.full(pred.shape, 255, np.uint8)
     picture = side_by_side([rgb, overlay(rgb, truth, head.classes), overlay(rgb, pred, head.classes)])
     scale = max(1, 256 // picture.shape[0])

@@ -1,4 +1,4 @@
-"""Pictures a person would rather look at: class maps over imagery."""
+"""Pictures a person would rather look at: display RGB from imagery, class maps over it, grids."""
 
 from __future__ import annotations
 
@@ -7,22 +7,43 @@ from typing import Any
 
 import numpy as np
 
-from rsdiff.data.classmap import IGNORE_INDEX, parse_colour
+from rsdiff.data.classmap import IGNORE_INDEX, colour_lut
 
 
-def palette(classes: Sequence[dict[str, Any]]) -> np.ndarray:
-    """``(256, 3)`` uint8 colour per class id (the class map's colours; ignore stays black)."""
-    lut = np.zeros((256, 3), np.uint8)
-    for c in classes:
-        lut[int(c["id"])] = parse_colour(c["colour"])
-    return lut
+def rgb_bands(band_names: Sequence[str], count: int) -> list[int]:
+    """The three band indexes (0-based) to show as red, green, blue: the bands named red/green/blue
+    when all three are present, else the first three (one band is shown as grey)."""
+    names = [n.lower() for n in band_names]
+    if {"red", "green", "blue"} <= set(names):
+        return [names.index("red"), names.index("green"), names.index("blue")]
+    return [0, 1, 2] if count >= 3 else [0, 0, 0]
+
+
+def display_rgb(pixels: np.ndarray, valid: np.ndarray, band_names: Sequence[str]) -> np.ndarray:
+    """``(C, H, W)`` source pixels -> ``(H, W, 3)`` uint8 with a 2-98 % stretch per band over the
+    ``(H, W)`` bool ``valid`` pixels (see :func:`rgb_bands` for which bands)."""
+    out = np.zeros((*pixels.shape[1:], 3), np.uint8)
+    for k, b in enumerate(rgb_bands(band_names, pixels.shape[0])):
+        band = pixels[b].astype(np.float32)
+        vals = band[valid] if valid.any() else band.ravel()
+        lo, hi = np.percentile(vals, [2, 98]) if vals.size else (0.0, 1.0)
+        out[..., k] = (np.clip((band - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    return out
+
+
+def model_rgb(x: Any, band_names: Sequence[str] = ()) -> np.ndarray:
+    """``(B, C, H, W)`` model-space tensor or array in [-1, 1] -> ``(B, H, W, 3)`` uint8 display
+    images, no stretch (the model's normalisation already spans [-1, 1])."""
+    x = np.asarray(x.float().cpu().numpy() if hasattr(x, "cpu") else x, np.float32)
+    x = x[:, rgb_bands(band_names, x.shape[1])]
+    return ((x.transpose(0, 2, 3, 1) + 1) * 127.5).clip(0, 255).astype(np.uint8)
 
 
 def overlay(
     rgb: np.ndarray, labels: np.ndarray, classes: Sequence[dict[str, Any]], alpha: float = 0.5
 ) -> np.ndarray:
     """Blend ``(H, W)`` class ids over an ``(H, W, 3)`` uint8 image; ignore pixels stay untouched."""
-    colours = palette(classes)[labels].astype(np.float32)
+    colours = colour_lut(classes)[labels].astype(np.float32)
     out = rgb.astype(np.float32)
     mask = labels != IGNORE_INDEX
     out[mask] = (1 - alpha) * out[mask] + alpha * colours[mask]
@@ -40,3 +61,16 @@ def side_by_side(images: Sequence[np.ndarray], pad: int = 4) -> np.ndarray:
         if i < len(images) - 1:
             parts.append(np.full((h, pad, 3), 255, np.uint8))
     return np.concatenate(parts, 1)
+
+
+def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile ``(B, H, W, 3)`` uint8 images into one ``(rows*(H+pad)+pad, cols*(W+pad)+pad, 3)`` picture."""
+    b, h, w, _ = images.shape
+    cols = cols or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / cols))
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y : y + h, x : x + w] = img
+    return out

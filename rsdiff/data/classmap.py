@@ -50,6 +50,23 @@ def colour_hex(rgb: Sequence[int]) -> str:
     return "#{:02X}{:02X}{:02X}".format(*rgb)
 
 
+def default_colour(i: int) -> tuple[int, int, int]:
+    """A distinct display colour for class ``i`` when the config names none (index masks)."""
+    import matplotlib
+
+    r, g, b, _ = matplotlib.colormaps["tab10"](i % 10)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def colour_lut(classes: Sequence[dict]) -> np.ndarray:
+    """``(256, 3)`` uint8 display colour per class id from a class list as stored in manifests and
+    head artifacts (``[{"id", "name", "colour"}, ...]``); ignore and unused ids stay black."""
+    lut = np.zeros((256, 3), np.uint8)
+    for c in classes:
+        lut[int(c["id"])] = parse_colour(c["colour"])
+    return lut
+
+
 def _pack(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) uint8 -> (...) int32 key ``r<<16 | g<<8 | b``."""
     rgb = rgb.astype(np.int32)

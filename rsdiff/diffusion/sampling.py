@@ -1,10 +1,9 @@
-"""Sampling from a trained denoiser and pictures of it: DDIM sample grids, denoising strips."""
+"""Sampling from a trained denoiser: DDIM samples and denoising strips (pictures: rsdiff.viz)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 
@@ -43,24 +42,3 @@ def denoise_strip(
     abar = scheduler.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
     x0_hat = ((xt - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
     return xt.clamp(-1, 1), x0_hat
-
-
-def to_rgb(x: torch.Tensor, rgb_bands: tuple[int, int, int] = (0, 1, 2)) -> np.ndarray:
-    """``(B, C, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` uint8 display images (first three bands)."""
-    x = x.float().cpu()
-    x = x[:, list(rgb_bands)] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
-    return ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-
-
-def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile ``(B, H, W, 3)`` uint8 images into one ``(rows*(H+pad), cols*(W+pad), 3)`` picture."""
-    b, h, w, _ = images.shape
-    cols = cols or int(np.ceil(np.sqrt(b)))
-    rows = int(np.ceil(b / cols))
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
-            img
-        )
-    return out

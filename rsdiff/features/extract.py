@@ -27,7 +27,7 @@ from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
 from rsdiff.errors import ConfigError, DataError, RsdiffError
 from rsdiff.features.table import KIND, TABLE_META, FeatureTable, write_part
-from rsdiff.ingest import RayConfig
+from rsdiff.raytools import RayConfig
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from rsdiff import storage
 from rsdiff.config import redact, require, to_container
 from rsdiff.data.scenes import SceneRef, discover
 from rsdiff.errors import CheckpointError, ConfigError, DataError, RsdiffError
-from rsdiff.ingest import RayConfig
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan
+from rsdiff.raytools import RayConfig
 from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)

@@ -160,25 +160,6 @@ class PredictionWriter:
         self._tmp.cleanup()
 
 
-def display_rgb(pixels: np.ndarray, valid: np.ndarray, band_names: Sequence[str]) -> np.ndarray:
-    """``(C, H, W)`` source pixels -> ``(H, W, 3)`` uint8 with a 2-98 % stretch per band.
-
-    Uses the bands named red/green/blue when present, else the first three (or one band as grey).
-    """
-    names = [n.lower() for n in band_names]
-    if {"red", "green", "blue"} <= set(names):
-        idx = [names.index("red"), names.index("green"), names.index("blue")]
-    else:
-        idx = [0, 1, 2] if pixels.shape[0] >= 3 else [0, 0, 0]
-    out = np.zeros((*pixels.shape[1:], 3), np.uint8)
-    for k, b in enumerate(idx):
-        band = pixels[b].astype(np.float32)
-        vals = band[valid] if valid.any() else band.ravel()
-        lo, hi = np.percentile(vals, [2, 98]) if vals.size else (0.0, 1.0)
-        out[..., k] = (np.clip((band - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
-    return out
-
-
 def quicklook(
     image_path: str | Path,
     class_path: str | Path,
@@ -193,7 +174,7 @@ def quicklook(
     import rasterio
     from rasterio.enums import Resampling
 
-    from rsdiff.viz import overlay, side_by_side
+    from rsdiff.viz import display_rgb, overlay, side_by_side
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)

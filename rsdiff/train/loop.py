@@ -30,11 +30,12 @@ from omegaconf import OmegaConf
 
 from rsdiff import devices
 from rsdiff.data.normalize import Normalizer
-from rsdiff.diffusion.sampling import ddim_sample, denoise_strip, grid, to_rgb
+from rsdiff.diffusion.sampling import ddim_sample, denoise_strip
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet
 from rsdiff.train import checkpoint
 from rsdiff.train.stream import ShardStream, StreamPosition
+from rsdiff.viz import grid, model_rgb
 
 log = logging.getLogger(__name__)
 
@@ -407,8 +408,8 @@ def _log_pictures(
     ema.eval()
     shape = (cfg.tracking.sample_count, x0.shape[0], x0.shape[1], x0.shape[2])
     samples = ddim_sample(ema, sched, shape, cfg.tracking.sample_steps, seed=cfg.seed)
-    tracker.log_image(grid(to_rgb(samples)), f"samples/step_{step:08d}.png")
+    tracker.log_image(grid(model_rgb(samples)), f"samples/step_{step:08d}.png")
     ts = [int(cfg.diffusion.timesteps * f) for f in (0.05, 0.15, 0.25, 0.5, 0.75)]
     xt, x0_hat = denoise_strip(ema, sched, x0, ts, seed=cfg.seed)
     rows = torch.cat([x0.unsqueeze(0).cpu(), xt.cpu(), x0.unsqueeze(0).cpu(), x0_hat.cpu()])
-    tracker.log_image(grid(to_rgb(rows), cols=len(ts) + 1), f"denoising/step_{step:08d}.png")
+    tracker.log_image(grid(model_rgb(rows), cols=len(ts) + 1), f"denoising/step_{step:08d}.png")
