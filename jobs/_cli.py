@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from rsdiff.config import load_config, to_yaml
+from rsdiff.config import load_config, preset, to_yaml
 from rsdiff.errors import RsdiffError, Terminated, describe_os_error
 
 # What a stopped job leaves behind (nothing half-written ever looks complete).
@@ -26,6 +26,7 @@ KEPT = {
     "predict": "maps finished so far are kept, but no predictions.json; re-run with overwrite=true",
     "evaluate": "no metrics.json was written",
     "label_efficiency": "no results.json was written; re-run to start over",
+    "make_sample": "no manifest.json was written, so the output does not look complete; re-run to start over",
     "demo": "each finished stage's outputs are kept in workdir; re-run the same command to go on",
 }
 
@@ -46,7 +47,9 @@ def run_job(
     Returns the process exit code (see the module docstring).
     """
     parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=doc)
-    parser.add_argument("--config", help="YAML preset (configs/...)")
+    parser.add_argument(
+        "--config", help="YAML file, or the name of a preset shipped with rsdiff (e.g. tiny; see configs/)"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides such as tile_size=128")
     args = parser.parse_args(argv)
@@ -55,7 +58,8 @@ def run_job(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        cfg = load_config(schema, args.config, args.overrides)
+        path = preset(name, args.config) if args.config is not None else None
+        cfg = load_config(schema, path, args.overrides)
         if args.print_config:
             print(to_yaml(cfg))
             return 0

@@ -1,7 +1,7 @@
 """Pretrain an unconditional DDPM on WebDataset shards with Ray Train (DDP, EMA, checkpoints, MLflow).
 
-python jobs/pretrain.py                                   # embedded default: sample data, local Ray
-python jobs/pretrain.py --config configs/pretrain/tiny.yaml data.shards=s3://bucket/shards
+python jobs/make_sample.py && python jobs/pretrain.py    # the built-in sample shards, local Ray
+python jobs/pretrain.py --config tiny data.shards=s3://bucket/shards
 ray job submit --working-dir . -- python jobs/pretrain.py --config configs/pretrain/adm256.yaml ...
 """
 

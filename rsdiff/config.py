@@ -1,12 +1,15 @@
 """Structured configs: dataclass schemas + YAML presets + CLI dotlist overrides.
 
 Each job declares a dataclass schema (``IngestConfig``, ``PretrainConfig``, ...). A run's config
-is ``schema defaults <- YAML preset <- dotlist overrides``; because the schema is a structured
-OmegaConf config, a misspelt key or a wrong type is an error that names the key.
+is ``schema defaults <- YAML preset <- dotlist overrides``, merged and checked by OmegaConf (a
+misspelt key or a wrong type is an error that names the key) and returned as a real instance of the
+schema: library code reads typed attributes, never string keys. :func:`build` does the same for a
+config stored as JSON (head artifacts, checkpoint sidecars) or composed in code (the demo).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -55,26 +58,60 @@ def _quote_template(item: str) -> str:
         return f"{key}='{value.replace(chr(39), chr(39) * 2)}'"
 
 
+PRESETS = "rsdiff.configs"  # the repository's configs/ folder, shipped inside the package
+
+
+def preset(job: str, given: str | Path) -> Path:
+    """The YAML file ``given`` names for ``job``: an existing file as is, else a preset shipped with
+    rsdiff, by name (``tiny``), by ``<job>/<name>`` or by its repository path
+    (``configs/pretrain/tiny.yaml``), so presets work from any folder and from a non-editable
+    install.
+
+    Raises:
+        ConfigError: neither a file nor a preset; the message lists the job's presets.
+    """
+    from importlib.resources import files
+
+    p = Path(given)
+    if p.is_file():
+        return p
+    parts = list(p.with_suffix("").parts if p.suffix in (".yaml", ".yml") else p.parts)
+    if parts[:1] == ["configs"]:
+        parts = parts[1:]
+    if len(parts) == 1:
+        parts = [job, parts[0]]
+    root = files(PRESETS)
+    if len(parts) == 2 and root.joinpath(parts[0], f"{parts[1]}.yaml").is_file():
+        return Path(str(root.joinpath(parts[0], f"{parts[1]}.yaml")))
+    folder = root.joinpath(job)
+    found = folder.iterdir() if folder.is_dir() else []
+    names = sorted(f.name[:-5] for f in found if f.name.endswith(".yaml"))
+    raise ConfigError(
+        f"config {str(given)!r} is neither a file nor a preset of {job}; its presets: {names} "
+        f"(e.g. --config {names[0] if names else 'PATH.yaml'})"
+    )
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Build a config object of type ``schema``.
 
     Args:
         schema: the job's dataclass schema.
-        path: optional YAML preset (``configs/...``) merged over the schema's defaults.
+        path: optional YAML file merged over the schema's defaults (see :func:`preset` to find a
+            shipped preset by name).
         overrides: dotlist entries such as ``tile_size=128`` or ``model.channels=64``.
 
     Returns:
-        An instance of ``schema`` (an OmegaConf-backed object, read-only afterwards).
+        An instance of ``schema`` (nested dataclasses, enums as enum members, lists as lists).
 
     Raises:
         ConfigError: unknown key, wrong type, invalid enum value, unreadable YAML, malformed override.
     """
-    base = OmegaConf.structured(schema)
-    layers: list[DictConfig] = []
+    layers: list[Any] = []
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML preset from configs/")
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file or a preset name")
         try:
             layers.append(OmegaConf.load(p))
         except Exception as exc:  # yaml.YAMLError and friends
@@ -93,6 +130,27 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
         " + ".join(([str(path)] if path is not None else []) + (["overrides"] if overrides else []))
         or "defaults"
     )
+    return _merge(schema, layers, where)
+
+
+def build(schema: type[T], *layers: Any) -> T:
+    """An instance of ``schema`` from its defaults with ``layers`` merged over them in order.
+
+    A layer is a mapping (e.g. a config read back from JSON, or ``{"seed": 3}``) or a dataclass
+    instance. The same checks as :func:`load_config` apply: an unknown key or a wrong type raises
+    :class:`ConfigError` naming the key.
+    """
+    return _merge(schema, [_as_layer(x) for x in layers], "given values")
+
+
+def _as_layer(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return OmegaConf.structured(obj)
+    return obj
+
+
+def _merge(schema: type[T], layers: list[Any], where: str) -> T:
+    base = OmegaConf.structured(schema)
     try:
         merged = OmegaConf.merge(base, *layers)
         OmegaConf.resolve(merged)
@@ -111,8 +169,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
         raise ConfigError(
             f"config key(s) {missing} must be set (in the YAML preset or as key=value overrides)"
         )
-    OmegaConf.set_readonly(merged, True)
-    return merged  # type: ignore[return-value]
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def _valid_keys(base: DictConfig, full_key: str) -> list[str]:
@@ -123,10 +180,11 @@ def _valid_keys(base: DictConfig, full_key: str) -> list[str]:
 
 
 def to_container(cfg: Any) -> dict[str, Any]:
-    """A plain-dict copy of a config (enums as their values)."""
+    """A plain, JSON-ready dict copy of a config dataclass (enums as their values)."""
     if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig):
         return dict(cfg)
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+    node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 # ``scheme://user:password@host`` -> ``scheme://user:***@host`` (a password inside a URI).

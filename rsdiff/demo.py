@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from rsdiff import storage
-from rsdiff.config import load_config
+from rsdiff.config import build, load_config, preset
 from rsdiff.data.labels import LabelConfig
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.raytools import RayConfig
 
 log = logging.getLogger(__name__)
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -67,28 +66,26 @@ class DemoResult:
     run_ids: dict[str, str]
 
 
-def _labels_for(cfg: Any) -> tuple[list[str], LabelConfig | Any, str]:
-    """``(inputs, labels, description)`` of the demo's data."""
-    from omegaconf import OmegaConf
-
+def _labels_for(cfg: DemoConfig) -> tuple[list[str], LabelConfig | None, str]:
+    """``(inputs, labels, description)`` of the demo's data (no labels: the generated sample's)."""
     if cfg.data is None:
         return [], None, "generated sample (6 scenes, 4-band uint16 GeoTIFF, index masks)"
     root = storage.absolute(str(cfg.data))
     inputs = [storage.join(root, g) for g in cfg.images]
     labels = cfg.labels
     if cfg.labels_preset:
-        preset = OmegaConf.load(cfg.labels_preset)
-        if "labels" not in preset:
+        from rsdiff.ingest import IngestConfig
+
+        path = preset("ingest", cfg.labels_preset)
+        labels = load_config(IngestConfig, path, ["inputs=[unused]"]).labels
+        if not labels.mask_template and not labels.classes:
             raise ConfigError(f"labels_preset {cfg.labels_preset} has no `labels` section")
-        labels = OmegaConf.merge(OmegaConf.structured(LabelConfig), preset.labels)
     if not labels.mask_template:
-        labels = OmegaConf.merge(
-            OmegaConf.structured(LabelConfig), labels, {"mask_template": "{dir}/../masks/{stem}.png"}
-        )
+        labels = build(LabelConfig, labels, {"mask_template": "{dir}/../masks/{stem}.png"})
     return inputs, labels, f"{storage.display(root)}"
 
 
-def discover_colour_classes(inputs: list[str], labels: Any, limit: int = 24) -> list[dict[str, str]]:
+def discover_colour_classes(inputs: list[str], labels: LabelConfig, limit: int = 24) -> list[dict[str, str]]:
     """Classes named after the colours found in the masks (for a folder with no class list).
 
     Raises:
@@ -122,10 +119,12 @@ def discover_colour_classes(inputs: list[str], labels: Any, limit: int = 24) -> 
     return [{"name": f"class_{h[1:].lower()}", "colour": h} for h in sorted(counts)]
 
 
-def run_demo(cfg: Any) -> DemoResult:
-    """Run the whole chain; returns the evaluation metrics and where everything is."""
-    from omegaconf import OmegaConf
+def run_demo(cfg: DemoConfig) -> DemoResult:
+    """Run the whole chain; returns the evaluation metrics and where everything is.
 
+    Each stage's config is its shipped preset with the demo's choices merged over it (typed, and
+    checked like a user's overrides), never a string of overrides.
+    """
     from rsdiff import tracking
     from rsdiff.data.manifest import read_manifest
     from rsdiff.data.scenes import discover
@@ -170,10 +169,10 @@ def run_demo(cfg: Any) -> DemoResult:
             if not (scene_dir / "images").exists():
                 write_sample_dataset(scene_dir, scenes=6)
             inputs = [str(scene_dir / "images" / "*.tif")]
-            ingest_cfg = load_config(IngestConfig, CONFIGS / "ingest" / "sample.yaml", [f"inputs={inputs}"])
-            labels = ingest_cfg.labels
+            base = load_config(IngestConfig, preset("ingest", "sample"), [f"inputs={inputs}"])
+            labels = base.labels
         else:
-            ingest_cfg = OmegaConf.structured(IngestConfig)
+            base = IngestConfig(inputs=inputs)
             if not labels.classes:
                 found = discover_colour_classes(inputs, labels)
                 log.warning(
@@ -181,15 +180,21 @@ def run_demo(cfg: Any) -> DemoResult:
                     len(found),
                     [c["colour"] for c in found],
                 )
-                labels = OmegaConf.merge(labels, {"classes": found})
-            ingest_cfg.labels = labels
-        OmegaConf.set_readonly(ingest_cfg, False)
-        ingest_cfg.inputs = inputs
-        ingest_cfg.output = shards
-        ingest_cfg.tile_size = cfg.tile_size
-        ingest_cfg.val_fraction = cfg.val_fraction
-        ingest_cfg.split_seed = cfg.seed
-        ingest_cfg.shard_max_mb = 64.0
+                labels = build(LabelConfig, labels, {"classes": found})
+        ingest_cfg = build(
+            IngestConfig,
+            base,
+            {
+                "inputs": inputs,
+                "labels": labels,
+                "output": shards,
+                "tile_size": cfg.tile_size,
+                "val_fraction": cfg.val_fraction,
+                "split_seed": cfg.seed,
+                "shard_max_mb": 64.0,
+                "ray": cfg.ray,
+            },
+        )
         if not storage.exists(storage.join(shards, "manifest.json")):
             run_ingest(ingest_cfg)
     manifest = read_manifest(shards)
@@ -200,69 +205,69 @@ def run_demo(cfg: Any) -> DemoResult:
 
     # 2. pretrain
     with timed("pretrain"):
-        pre_cfg = load_config(
+        steps = cfg.pretrain_steps
+        pre_cfg = build(
             PretrainConfig,
-            CONFIGS / "pretrain" / "tiny.yaml",
-            [
-                f"data.shards={shards}",
-                f"data.batch_size={cfg.batch_size}",
-                "data.num_workers=0",
+            load_config(PretrainConfig, preset("pretrain", "tiny")),
+            {
+                "data": {"shards": shards, "batch_size": cfg.batch_size, "num_workers": 0},
                 # one CPU worker with a whole node's cores: torch's threads follow its CPU count
-                f"scaling.cpus_per_worker={largest_node_cpus()}",
-                f"optim.max_steps={cfg.pretrain_steps}",
-                f"optim.warmup_steps={max(1, cfg.pretrain_steps // 10)}",
-                f"checkpoint.every_steps={max(1, cfg.pretrain_steps // 3)}",
-                f"tracking.log_every={max(1, cfg.pretrain_steps // 20)}",
-                f"tracking.sample_every={cfg.pretrain_steps}",
-                "tracking.sample_steps=10",
-                f"model.image_size={cfg.tile_size}",
-                f"run.storage={work / 'ray'}",
-                "run.name=demo-pretrain",
-                f"tracking.uri={uri}",
-                f"tracking.experiment={cfg.experiment}",
-                f"seed={cfg.seed}",
-            ],
-        )
+                "scaling": {"cpus_per_worker": largest_node_cpus()},
+                "optim": {"max_steps": steps, "warmup_steps": max(1, steps // 10)},
+                "checkpoint": {"every_steps": max(1, steps // 3)},
+                "tracking": {
+                    "log_every": max(1, steps // 20), "sample_every": steps, "sample_steps": 10,
+                    "uri": uri, "experiment": cfg.experiment,
+                },
+                "model": {"image_size": cfg.tile_size},
+                "run": {"storage": str(work / "ray"), "name": "demo-pretrain"},
+                "seed": cfg.seed,
+                "ray": cfg.ray,
+            },
+        )  # fmt: skip
         pre = run_pretrain(pre_cfg)
         run_ids["pretrain"] = pre.mlflow_run_id
 
     # 3. extract
     with timed("extract"):
-        ext_cfg = load_config(
+        ext_cfg = build(
             ExtractConfig,
-            CONFIGS / "extract" / "tiny.yaml",
-            [
-                f"checkpoint={pre.checkpoint}",
-                f"shards={shards}",
-                f"output={work / 'features'}",
-                "overwrite=true",
-                f"timesteps={list(cfg.timesteps)}",
-                f"pixels_per_class={cfg.pixels_per_class}",
-                f"max_images={'null' if cfg.max_images is None else cfg.max_images}",
-            ],
+            load_config(ExtractConfig, preset("extract", "tiny")),
+            {
+                "checkpoint": pre.checkpoint,
+                "shards": shards,
+                "output": str(work / "features"),
+                "overwrite": True,
+                "timesteps": list(cfg.timesteps),
+                "pixels_per_class": cfg.pixels_per_class,
+                "max_images": cfg.max_images,
+                "ray": cfg.ray,
+            },
         )
         table = run_extract(ext_cfg)
     blocks = table.meta["blocks"]
     search_blocks = [blocks[-2:], blocks[-4:-2] or blocks[-2:], blocks[1::2] or blocks]
     # 4. sweep
     with timed("sweep"):
-        sw_cfg = load_config(
+        sw_cfg = build(
             SweepConfig,
-            CONFIGS / "sweep" / "tiny.yaml",
-            [
-                f"features={table.root}",
-                f"output={work / 'sweep'}",
-                f"storage={work / 'tune'}",
-                "name=demo-sweep",
-                f"num_samples={cfg.trials}",
-                f"head.epochs={cfg.head_epochs}",
-                f"grace_period={min(2, cfg.head_epochs)}",
-                f"tracking.uri={uri}",
-                f"tracking.experiment={cfg.experiment}",
-                f"seed={cfg.seed}",
-                f"search.timesteps={[[t] for t in table.meta['timesteps']] + [table.meta['timesteps']]}",
-                f"search.blocks={search_blocks}",
-            ],
+            load_config(SweepConfig, preset("sweep", "tiny")),
+            {
+                "features": table.root,
+                "output": str(work / "sweep"),
+                "storage": str(work / "tune"),
+                "name": "demo-sweep",
+                "num_samples": cfg.trials,
+                "head": {"epochs": cfg.head_epochs},
+                "grace_period": min(2, cfg.head_epochs),
+                "tracking": {"uri": uri, "experiment": cfg.experiment},
+                "seed": cfg.seed,
+                "search": {
+                    "timesteps": [[t] for t in table.meta["timesteps"]] + [table.meta["timesteps"]],
+                    "blocks": search_blocks,
+                },
+                "ray": cfg.ray,
+            },
         )
         sweep = run_sweep(sw_cfg)
         run_ids["sweep"] = sweep.parent_run_id
@@ -271,23 +276,30 @@ def run_demo(cfg: Any) -> DemoResult:
     val_ids = set(manifest.scenes["val"])
     val_images = [r.image for r in discover(inputs, labels.mask_template) if r.id in val_ids]
     with timed("predict"):
-        pr_cfg = OmegaConf.structured(PredictConfig)
-        pr_cfg.head = sweep.best_head
-        pr_cfg.inputs = val_images
-        pr_cfg.output = str(work / "predictions")
-        pr_cfg.overwrite = True
-        pr_cfg.tracking.uri = uri
-        pr_cfg.tracking.experiment = cfg.experiment
+        pr_cfg = build(
+            PredictConfig,
+            {
+                "head": sweep.best_head,
+                "inputs": val_images,
+                "output": str(work / "predictions"),
+                "overwrite": True,
+                "tracking": {"uri": uri, "experiment": cfg.experiment},
+                "ray": cfg.ray,
+            },
+        )
         pred = run_predict(pr_cfg)
         run_ids["predict"] = pred.mlflow_run_id or ""
 
     # 6. evaluate
     with timed("evaluate"):
-        ev_cfg = OmegaConf.structured(EvaluateConfig)
-        ev_cfg.predictions = pred.output
-        ev_cfg.labels = labels
-        ev_cfg.tracking.uri = uri
-        ev_cfg.tracking.experiment = cfg.experiment
+        ev_cfg = build(
+            EvaluateConfig,
+            {
+                "predictions": pred.output,
+                "labels": labels,
+                "tracking": {"uri": uri, "experiment": cfg.experiment},
+            },
+        )
         ev = run_evaluate(ev_cfg)
         run_ids["evaluate"] = ev.mlflow_run_id or ""
 

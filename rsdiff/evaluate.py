@@ -30,7 +30,7 @@ from rsdiff.data.labels import LabelConfig, build_classmap
 from rsdiff.data.scenes import SceneReader, SceneRef, mask_uri
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.metrics import ConfusionMatrix
-from rsdiff.prediction.run import resolve_output
+from rsdiff.prediction.summary import read_summary, resolve_output
 from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)
@@ -147,16 +147,7 @@ def run_evaluate(cfg: Any) -> EvaluateResult:
     from rsdiff import tracking
 
     pred_root = storage.absolute(str(cfg.predictions))
-    try:
-        summary = json.loads(storage.read_text(storage.join(pred_root, "predictions.json")))
-    except storage.NotFoundError as exc:
-        raise DataError(
-            f"no predictions.json at {storage.display(pred_root)}: pass the output folder of jobs/predict.py"
-        ) from exc
-    except ValueError as exc:
-        raise DataError(
-            f"predictions.json at {storage.display(pred_root)} is not valid JSON: {exc}"
-        ) from None
+    summary = read_summary(pred_root)
     if not cfg.labels.mask_template:
         raise ConfigError("labels.mask_template is not set: say where each scene's label mask is")
     if cfg.block_rows < 16:

@@ -28,8 +28,8 @@ from rsdiff.data.manifest import MANIFEST_NAME, Manifest, write_manifest
 from rsdiff.data.scenes import SceneReader, SceneRef, discover
 from rsdiff.data.shards import Sample, ShardWriter
 from rsdiff.data.tiling import tile_origins
-from rsdiff.errors import ConfigError, DataError, RsdiffError
-from rsdiff.raytools import ProgressCounter, RayConfig, connect, wait_with_progress
+from rsdiff.errors import ConfigError, DataError
+from rsdiff.raytools import ProgressCounter, RayConfig, connect, user_error, wait_with_progress
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,8 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         raise
     except Exception as exc:
         _cleanup_after_failure(refs_out)
-        cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else exc
-        if isinstance(cause, RsdiffError):
-            raise type(cause)(str(cause)) from None
+        if (err := user_error(exc)) is not None:
+            raise err from None
         raise
     manifest = _merge(results, cfg, classmap, band_count, dtype, band_names, out)
     write_manifest(out, manifest)

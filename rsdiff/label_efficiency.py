@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from rsdiff import storage
-from rsdiff.config import redact, to_container
+from rsdiff.config import build, redact, to_container
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.heads.fit import HeadConfig, HeadKind
+from rsdiff.heads.artifact import HeadConfig, HeadKind
 from rsdiff.heads.scratch_unet import ScratchUNetConfig
 from rsdiff.tracking import StageTracking
 
@@ -148,7 +148,8 @@ def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
 
     from rsdiff import tracking
     from rsdiff.features.table import FeatureTable
-    from rsdiff.heads.fit import TrainedHead, fit_head
+    from rsdiff.heads.artifact import TrainedHead
+    from rsdiff.heads.fit import fit_head
     from rsdiff.heads.scratch_unet import fit_scratch_unet, sparse_labels
     from rsdiff.train.checkpoint import load_pretrained
 
@@ -159,7 +160,7 @@ def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
     if cfg.selection:
         sel = TrainedHead.load(str(cfg.selection))
         timesteps, blocks = sel.timesteps, sel.blocks
-        head_cfg = OmegaConf.merge(OmegaConf.structured(HeadConfig), sel.config, {"kind": "residual"})
+        head_cfg = build(HeadConfig, sel.config, {"kind": "residual"})
     else:
         timesteps = list(cfg.timesteps) or table.index.timesteps
         blocks = list(cfg.blocks) or table.index.blocks
@@ -190,9 +191,7 @@ def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
         images = draw_images(pool, k, d, cfg.seed)
         for method, hc in (("residual", head_cfg), ("ensemble", cfg.ensemble)):
             t0 = time.perf_counter()
-            hc = OmegaConf.merge(
-                OmegaConf.structured(HeadConfig), hc, {"input_noise": cfg.input_noise, "seed": cfg.seed + d}
-            )
+            hc = build(HeadConfig, hc, {"input_noise": cfg.input_noise, "seed": cfg.seed + d})
             fitted = fit_head(table, timesteps, blocks, hc, train_images=set(images), val_split="val")
             rows.append(
                 {
@@ -210,7 +209,7 @@ def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
         train_y = torch.from_numpy(
             np.stack([sparse_labels(tuple(size), *train_px[i]) for i in images])
         ).long()
-        ucfg = OmegaConf.merge(OmegaConf.structured(ScratchUNetConfig), cfg.unet, {"seed": cfg.seed + d})
+        ucfg = build(ScratchUNetConfig, cfg.unet, {"seed": cfg.seed + d})
         miou, facts = fit_scratch_unet(
             train_x, train_y, val_x, val_pixels, table.num_classes, ucfg, cfg.input_noise
         )

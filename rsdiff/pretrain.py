@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rsdiff import storage
@@ -23,38 +22,19 @@ from rsdiff.diffusion.schedule import DiffusionConfig
 from rsdiff.diffusion.unet import ModelConfig, unet_kwargs
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.raytools import RayConfig
+from rsdiff.train.config import (
+    SAMPLE_SHARDS,
+    CheckpointCfg,
+    DataConfig,
+    OptimConfig,
+    PerfConfig,
+    StepHook,
+    TrackingConfig,
+    TrainPlan,
+)
 from rsdiff.train.memory import estimate_training_memory
 
 log = logging.getLogger(__name__)
-
-SAMPLE_SHARDS = "runs/shards/sample"  # the embedded default: generated scenes, ingested on first use
-
-
-@dataclass
-class DataConfig:
-    """Which shards to train on and how to feed them."""
-
-    shards: str = SAMPLE_SHARDS  # ingest output folder or s3:// prefix (holds manifest.json)
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])  # pretraining needs no labels
-    batch_size: int = 8  # per worker
-    num_workers: int = 2  # DataLoader processes per Ray worker
-    shuffle_buffer: int = 256
-    augment: bool = True
-    norm_scale: float = 2.0  # x -> clip((x - mean) / (norm_scale * std), -1, 1)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup and cosine decay; iteration-based."""
-
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_steps: int = 200
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float = 0.99
 
 
 @dataclass
@@ -70,50 +50,12 @@ class ScalingCfg:
 
 
 @dataclass
-class CheckpointCfg:
-    every_steps: int = 100
-    keep: int = 3
-
-
-@dataclass
-class TrackingConfig:
-    """MLflow: ``uri`` null = ``MLFLOW_TRACKING_URI`` or the local sqlite store ``runs/mlflow.db``."""
-
-    uri: str | None = None
-    experiment: str = "rsdiff-pretrain"
-    log_every: int = 20
-    sample_every: int = 100
-    sample_count: int = 16
-    sample_steps: int = 25
-
-
-@dataclass
 class RunCfg:
     """Where the run lives: ``{storage}/{name}`` holds Ray Train's checkpoints (local or s3://)."""
 
     name: str = "pretrain-tiny"
     storage: str = "runs/ray"
     max_failures: int = 2
-
-
-@dataclass
-class PerfConfig:
-    """Speed paths: bf16 autocast, TF32 and channels_last apply on CUDA only; compile anywhere."""
-
-    bf16: bool = True
-    channels_last: bool = True
-    compile: bool = False
-
-
-@dataclass
-class DebugConfig:
-    """Test-only fault injection: fail once at ``fault_step`` on ``fault_rank`` (marker file = once).
-    ``kill`` first waits until Ray Train has registered the latest checkpoint."""
-
-    fault: str = "none"  # none | raise | kill
-    fault_step: int = 0
-    fault_rank: int = 0
-    fault_marker: str = ""
 
 
 @dataclass
@@ -129,7 +71,6 @@ class PretrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunCfg = field(default_factory=RunCfg)
     perf: PerfConfig = field(default_factory=PerfConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     seed: int = 0
 
@@ -145,31 +86,17 @@ class PretrainResult:
     tracking_uri: str
 
 
-def ensure_sample_shards(shards: str) -> None:
-    """Generate and ingest the built-in sample scenes at ``shards`` if nothing is there yet."""
-    if storage.exists(storage.join(shards, "manifest.json")):
-        return
-    import tempfile
-
-    from rsdiff.config import load_config
-    from rsdiff.data.synthetic import write_sample_dataset
-    from rsdiff.ingest import IngestConfig, run_ingest
-
-    preset = Path(__file__).resolve().parents[1] / "configs" / "ingest" / "sample.yaml"
-    log.info("no shards at %s: generating the built-in sample scenes and ingesting them", shards)
-    with tempfile.TemporaryDirectory(prefix="rsdiff-sample-") as tmp:
-        write_sample_dataset(Path(tmp), scenes=12, height=256, width=256)
-        overrides = [f"inputs=[{tmp}/images/*.tif]", f"output={shards}"]
-        run_ingest(load_config(IngestConfig, preset if preset.exists() else None, overrides))
-
-
-def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
+def validate(cfg: PretrainConfig) -> tuple[Manifest, dict[str, Any]]:
     """Check the data against the config before workers start (after :func:`check_numbers` and the
     run name); return the manifest and data facts."""
-    if cfg.debug.fault not in {"none", "raise", "kill"}:
-        raise ConfigError(f"debug.fault={cfg.debug.fault!r} must be none, raise or kill")
     if not str(cfg.data.shards).strip():
         raise ConfigError("data.shards is empty: give the ingest output folder or s3:// prefix")
+    made = storage.exists(storage.join(SAMPLE_SHARDS, "manifest.json"))
+    if str(cfg.data.shards) == SAMPLE_SHARDS and not made:
+        raise DataError(
+            f"no shards at {SAMPLE_SHARDS} (the default data.shards): make the built-in sample first with "
+            "`python jobs/make_sample.py`, or set data.shards to an ingest output folder or s3:// prefix"
+        )
     manifest = read_manifest(str(cfg.data.shards))
     shards = [u for split in cfg.data.splits for u in manifest.shard_uris(split)]
     if not shards:
@@ -208,7 +135,7 @@ def validate(cfg: Any) -> tuple[Manifest, dict[str, Any]]:
     return manifest, facts
 
 
-def check_numbers(cfg: Any) -> None:
+def check_numbers(cfg: PretrainConfig) -> None:
     """Every numeric setting within its valid range, on the driver before any work (a bad value
     otherwise fails inside the workers after all restarts, or silently ruins the weights)."""
     for key, value in {
@@ -255,29 +182,29 @@ def scaling_config(scaling: ScalingCfg) -> Any:
     )
 
 
-def run_pretrain(cfg: Any) -> PretrainResult:
+def run_pretrain(cfg: PretrainConfig, *, after_step: StepHook | None = None) -> PretrainResult:
     """Train (or resume) the DDPM described by ``cfg`` on Ray Train; returns the final checkpoint.
 
     The run folder ``{run.storage}/{run.name}`` is leased for the whole run (:mod:`rsdiff.lease`):
     a second live job with the same name is refused instead of mixing checkpoints and MLflow logs.
+
+    ``after_step(step, rank, plan)`` runs on every rank after each optimiser step (see
+    :class:`~rsdiff.train.config.TrainPlan`); it must pickle. The fault tests use it.
     """
     from rsdiff.lease import Lease
 
     storage.check_name(cfg.run.name, "run.name")
     check_numbers(cfg)
-    if str(cfg.data.shards) == SAMPLE_SHARDS:
-        from rsdiff.raytools import connect
-
-        connect(cfg.ray.address, cfg.ray.num_cpus)
-        ensure_sample_shards(SAMPLE_SHARDS)
     manifest, facts = validate(cfg)
     folder = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
     storage.check_writable(folder)  # the very folder Ray Train writes checkpoints into
     with Lease(folder, f"run.name={cfg.run.name} in {storage.display(str(cfg.run.storage))}"):
-        return _fit(cfg, manifest, facts)
+        return _fit(cfg, manifest, facts, after_step)
 
 
-def _fit(cfg: Any, manifest: Manifest, facts: dict[str, Any]) -> PretrainResult:
+def _fit(
+    cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any], after_step: StepHook | None
+) -> PretrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -287,7 +214,7 @@ def _fit(cfg: Any, manifest: Manifest, facts: dict[str, Any]) -> PretrainResult:
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     plain = to_container(cfg)
-    plain["run"]["storage"] = storage.absolute(str(cfg.run.storage))  # workers run in other folders
+    run_dir = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
     run_key = f"{storage.display(storage.join(str(cfg.run.storage), str(cfg.run.name)))}"
     handle, resumed = tracking.RunHandle.find_or_create(
         uri,
@@ -314,17 +241,30 @@ def _fit(cfg: Any, manifest: Manifest, facts: dict[str, Any]) -> PretrainResult:
         "classes": manifest.classes,
         "shards": storage.absolute(str(cfg.data.shards)),
     }
+    plan = TrainPlan(
+        model=cfg.model,
+        diffusion=cfg.diffusion,
+        optim=cfg.optim,
+        data=cfg.data,
+        perf=cfg.perf,
+        tracking=cfg.tracking,
+        checkpoint=cfg.checkpoint,
+        seed=cfg.seed,
+        run_dir=run_dir,  # absolute: workers run in other folders
+        shards=facts["shards"],
+        in_channels=facts["in_channels"],
+        image_size=facts["image_size"],
+        normalizer=Normalizer.from_json(facts["normalization"]),
+        meta=meta,
+        run_id=handle.run_id,
+        tracking_uri=uri,
+        after_step=after_step,
+    )
     connect(cfg.ray.address, cfg.ray.num_cpus)
     storage_path, filesystem = storage_for_ray(str(cfg.run.storage))
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
-        train_loop_config={
-            "cfg": plain,
-            "data": facts,
-            "meta": meta,
-            "run_id": handle.run_id,
-            "tracking_uri": uri,
-        },
+        train_loop_config={"plan": plan},
         scaling_config=scaling_config(cfg.scaling),
         run_config=RunConfig(
             name=str(cfg.run.name),
@@ -352,4 +292,4 @@ def _fit(cfg: Any, manifest: Manifest, facts: dict[str, Any]) -> PretrainResult:
 def _train_loop(config: dict[str, Any]) -> None:
     from rsdiff.train.loop import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    train_loop_per_worker(config["plan"])

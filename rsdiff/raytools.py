@@ -138,6 +138,18 @@ def wait_with_progress(
     return ray.get(list(refs))
 
 
+def user_error(exc: BaseException) -> BaseException | None:
+    """The rsdiff error (bad input a user can fix) a Ray task or Ray Data failure ``exc`` carries,
+    re-made on the driver without Ray's remote traceback (the job prints one line); None when it
+    carries none, and the caller re-raises ``exc`` as it is."""
+    from rsdiff.errors import RsdiffError
+
+    cause = exc if isinstance(exc, RsdiffError) else getattr(exc, "cause", None)
+    if isinstance(cause, RsdiffError):
+        return type(cause)(str(cause))
+    return None
+
+
 def storage_for_ray(uri: str) -> tuple[str, Any]:
     """``RunConfig(storage_path, storage_filesystem)`` for a local path or s3:// URI.
 

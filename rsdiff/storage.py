@@ -12,7 +12,6 @@ completes). Credentials never appear in messages or logs.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import io
 import logging
@@ -362,6 +361,43 @@ def list_uris(prefix: str, suffix: str = "") -> list[str]:
     return sorted(str(p) for p in root.rglob(f"*{suffix}") if p.is_file())
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A regex with the semantics of Python's ``glob(recursive=True)`` for an S3 key pattern: ``*``,
+    ``?`` and ``[..]`` stay within one path segment and do not match a leading ``.``; ``**`` as a
+    whole segment matches zero or more segments."""
+    out, i, n = [], 0, len(pattern)
+    start = True  # at the start of a path segment
+    while i < n:
+        if pattern.startswith("**/", i) and start:
+            out.append(r"(?:(?!\.)[^/]+/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i) and start and i + 2 == n:
+            out.append(r"(?:(?!\.)[^/]+(?:/(?!\.)[^/]+)*)?")
+            i += 2
+            continue
+        ch = pattern[i]
+        if ch == "*":
+            out.append(r"(?!\.)[^/]*" if start else r"[^/]*")
+        elif ch == "?":
+            out.append(r"(?!\.)[^/]" if start else r"[^/]")
+        elif ch == "[":
+            first = i + 2 if pattern[i + 1 : i + 2] == "!" else i + 1
+            j = pattern.find("]", first + 1)  # a "]" first in the set is a member, as in fnmatch
+            if j < 0:
+                out.append(re.escape(ch))
+            else:
+                body = pattern[i + 1 : j].replace("\\", "\\\\")
+                out.append(f"(?!/)[{'^' + body[1:] if body.startswith('!') else body}]")
+                i, start = j + 1, False
+                continue
+        else:
+            out.append(re.escape(ch))
+        start = ch == "/"
+        i += 1
+    return re.compile("".join(out))
+
+
 def glob(pattern: str) -> list[str]:
     """Expand a glob (``*``, ``?``, ``[..]``; ``**`` for any depth) on local disk or S3, sorted."""
     if not any(ch in pattern for ch in "*?["):
@@ -374,10 +410,8 @@ def glob(pattern: str) -> list[str]:
     if is_s3(pattern):
         literal = pattern[: min(pattern.index(ch) for ch in "*?[" if ch in pattern)]
         root = literal.rsplit("/", 1)[0]
-        regex = fnmatch.translate(pattern.replace("**/", "*").replace("**", "*"))
-        import re
-
-        return [u for u in list_uris(root) if re.match(regex, u)]
+        regex = glob_regex(pattern)
+        return [u for u in list_uris(root) if regex.fullmatch(u)]
     import glob as _glob
 
     return sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))

@@ -116,6 +116,18 @@ def dubai() -> Path:
     return DUBAI
 
 
+def wait_for(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0.2) -> None:
+    """Poll ``condition()`` until it is true; fail naming ``what`` after ``timeout_s`` (a bound for a
+    hung run, not a timing the test checks)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
 class PicklePayload:
     """Unpickling this calls ``open(path, "w")``: a file that appears proves code ran."""
 

@@ -4,9 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from rsdiff.config import flatten, load_config, redact, to_container
+from rsdiff.config import build, flatten, load_config, preset, redact, to_container
+from rsdiff.data.classmap import MaskKind, UnknownPolicy
+from rsdiff.data.labels import ClassConfig, LabelConfig
 from rsdiff.errors import ConfigError
 from rsdiff.ingest import IngestConfig
+from rsdiff.raytools import RayConfig
 
 pytestmark = pytest.mark.unit
 
@@ -68,10 +71,32 @@ def test_unparseable_override_is_named_on_one_line_with_the_quoting_fix():
     assert list(cfg.inputs) == ["scenes/s_0[1-4].tif"]
 
 
-def test_config_is_read_only():
-    cfg = load_config(IngestConfig, None, ["inputs=[x]"])
-    with pytest.raises(Exception):  # noqa: B017 - omegaconf's ReadonlyConfigError
-        cfg.tile_size = 3
+def test_configs_are_real_dataclass_instances():
+    cfg = load_config(IngestConfig, DUBAI_PRESET, ["inputs=[a/*.jpg]"])
+    assert type(cfg) is IngestConfig and type(cfg.labels) is LabelConfig and type(cfg.ray) is RayConfig
+    assert type(cfg.labels.classes[0]) is ClassConfig and type(cfg.inputs) is list
+    assert cfg.labels.kind is MaskKind.colour
+
+
+def test_build_merges_typed_layers_and_checks_them_like_overrides():
+    base = load_config(IngestConfig, DUBAI_PRESET, ["inputs=[a/*.jpg]"])
+    cfg = build(IngestConfig, base, {"tile_size": 32, "labels": {"unknown": "error"}})
+    assert cfg.tile_size == 32 and cfg.labels.unknown is UnknownPolicy.error
+    assert cfg.labels.classes == base.labels.classes and base.tile_size != 32  # base untouched
+    with pytest.raises(ConfigError, match="unknown config key 'tile_sise'"):
+        build(IngestConfig, base, {"tile_sise": 32})
+    with pytest.raises(ConfigError, match="bad value for config key 'tile_size'"):
+        build(IngestConfig, base, {"tile_size": "big"})
+
+
+def test_presets_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = preset("pretrain", "tiny")
+    assert tiny.read_text() == (REPO / "configs" / "pretrain" / "tiny.yaml").read_text()
+    assert preset("pretrain", "configs/pretrain/adm256.yaml").name == "adm256.yaml"
+    assert preset("demo", "ingest/dubai").name == "dubai.yaml"
+    with pytest.raises(ConfigError, match=r"neither a file nor a preset of sweep; its presets: \['tiny'\]"):
+        preset("sweep", "huge")
 
 
 def test_secrets_are_redacted_and_flattened():

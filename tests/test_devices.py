@@ -19,7 +19,8 @@ from rsdiff.diffusion.unet import ModelConfig, build_unet
 from rsdiff.errors import ConfigError
 from rsdiff.features.blocks import block_channels
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.fit import HeadConfig, TrainedHead, build_head, train_epoch
+from rsdiff.heads.artifact import HeadConfig, TrainedHead, build_head
+from rsdiff.heads.fit import train_epoch
 from rsdiff.prediction.scene import window_probabilities
 from rsdiff.train.checkpoint import PretrainedDDPM
 from rsdiff.train.loop import ema_update, train_step
@@ -180,12 +181,12 @@ def test_resumed_optimizer_state_lives_beside_the_weights():
     sched = make_scheduler(cfg.diffusion)
     batch = lambda: torch.rand(2, BANDS, SIZE, SIZE) * 2 - 1  # noqa: E731
     cpu = torch.device("cpu")
-    model, ema, opt, lr, _ = init_training(cfg, BANDS, SIZE, cpu)
+    model, ema, opt, lr, _ = init_training(cfg.model, cfg.optim, BANDS, SIZE, cpu)
     train_step(model, ema, opt, lr, batch, sched, devices.generator(cpu, 0), timesteps=1000)
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
              "lr_schedule": lr.state_dict(), "step": 1}  # fmt: skip
 
-    model, ema, opt, lr, step = init_training(cfg, BANDS, SIZE, META, state)
+    model, ema, opt, lr, step = init_training(cfg.model, cfg.optim, BANDS, SIZE, META, state)
     assert step == 1 and lr.last_epoch == 1
     moments = [t for s in opt.state.values() for t in s.values() if t.dim() > 0]
     assert moments and all(t.device == META for t in moments)

@@ -16,13 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
-from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job
+from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job, wait_for
 from mlflow import MlflowClient
 from s3_fault_proxy import FaultyS3Proxy
 
@@ -31,6 +30,7 @@ from rsdiff.config import load_config
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
 from rsdiff.ingest import IngestConfig, run_ingest
+from rsdiff.train.checkpoint import load_pretrained
 
 SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
 TINY_FAST = [
@@ -80,7 +80,8 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path, 
     run_id = json.loads(proc.stdout.strip().splitlines()[-1])["mlflow_run_id"]
     errors = [m.value for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "skipped_shard_errors")]
     assert errors and errors[-1] >= 2  # both bad shards were met, counted and skipped
-    assert (tmp_path / "runs" / "corrupt" / "checkpoint_00000010" / "model.pt").exists()
+    ckpt = load_pretrained(str(tmp_path / "runs" / "corrupt" / "checkpoint_00000010"))
+    assert ckpt.meta["step"] == 10 and ckpt.bands == manifest["bands"]
 
 
 def test_s3_error_bursts_are_retried_without_loss_or_duplicates(
@@ -194,8 +195,6 @@ def test_pretraining_through_s3_error_bursts_keeps_each_checkpoint_once(
     assert sorted(files) == [f"checkpoint_{s:08d}" for s in (5, 10, 15, 20)], keys
     assert all(sorted(v) == sorted(files["checkpoint_00000020"]) for v in files.values()), files
     assert {"model.pt", "rsdiff.json"} <= set(files["checkpoint_00000020"]), files
-    from rsdiff.train.checkpoint import load_pretrained
-
     assert load_pretrained(result["checkpoint"]).meta["step"] == 20
     started = [
         m.value
@@ -217,11 +216,13 @@ def test_killed_driver_resubmitted_resumes_from_the_s3_checkpoint(
         [sys.executable, str(REPO / "jobs" / "pretrain.py"), *common, "optim.max_steps=400"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and not storage.list_uris(f"{bucket}/runs/driver-kill", "rsdiff.json"):
+    snapshot = f"{bucket}/runs/driver-kill/checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:  # Ray Train has recorded a checkpoint the resubmitted job can find
         assert first.poll() is None, first.stdout.read().decode()[-3000:]
-        time.sleep(1)
-    time.sleep(3)  # let Ray Train register the checkpoint it has just written
+        return storage.exists(snapshot) and "checkpoint_000000" in storage.read_text(snapshot)
+
+    wait_for(registered, "a registered checkpoint of the first job", timeout_s=300)
     os.killpg(first.pid, signal.SIGKILL)
     first_log = first.stdout.read().decode()
     first.wait()
@@ -361,19 +362,29 @@ CASES = [
         "missing.tif does not exist",
         "{root}/o8/manifest.json",
     ),
-    ("ingest.py", ["--config", "configs/ingest/missing.yaml"], "does not exist", None),
+    (
+        "ingest.py",
+        ["--config", "configs/ingest/missing.yaml"],
+        "is neither a file nor a preset of ingest; its presets: ['dubai', 'sample']",
+        None,
+    ),
     ("pretrain.py", ["data.shards={root}/empty", "run.storage={root}/r1"], "no manifest.json", "{root}/r1"),
     (
         "pretrain.py",
         ["data.shards={demo}/shards", "optim.max_steps=0", "run.storage={root}/r2"],
-        "optim.max_steps",
+        "optim.max_steps=0 must be >= 1",
         "{root}/r2",
     ),
-    ("pretrain.py", ["data.shards={demo}/shards", "optim.lr=fast"], "optim.lr", None),
+    (
+        "pretrain.py",
+        ["data.shards={demo}/shards", "optim.lr=fast"],
+        "bad value for config key 'optim.lr'",
+        None,
+    ),
     (
         "pretrain.py",
         ["data.shards={demo}/shards", "model.in_channels=3", "run.storage={root}/r3"],
-        "in_channels",
+        "model.in_channels=3 but the shards",
         "{root}/r3",
     ),
     (
@@ -391,26 +402,26 @@ CASES = [
     (
         "extract.py",
         ["checkpoint={ckpt}", "blocks=[up9.res9]", "output={root}/f3"],
-        "up0.res0",
+        "unknown block 'up9.res9'; valid blocks: ['up0.res0'",
         "{root}/f3/table.json",
     ),
     (
         "extract.py",
         ["checkpoint={ckpt}", "timesteps=[5000]", "output={root}/f4"],
-        "timesteps",
+        "timesteps [5000]: each must be in [0, 999]",
         "{root}/f4/table.json",
     ),
-    ("sweep.py", ["features={root}/empty", "output={root}/s1"], "feature table", "{root}/s1/best"),
+    ("sweep.py", ["features={root}/empty", "output={root}/s1"], "no table.json at", "{root}/s1/best"),
     (
         "sweep.py",
         ["features={demo}/features", "tracking.uri=http://127.0.0.1:9", "output={root}/s2"],
-        "unreachable",
+        "MLflow tracking URI 'http://127.0.0.1:9' is unreachable",
         "{root}/s2/best",
     ),
     (
         "sweep.py",
         ["features={demo}/features", "search.timesteps=[[7]]", "output={root}/s3"],
-        "7",
+        "not in the extracted features: timesteps [7]",
         "{root}/s3/best",
     ),
     (
@@ -455,10 +466,15 @@ CASES = [
     (
         "label_efficiency.py",
         ["features={demo}/features", "ks=[1000]", "output={root}/l1"],
-        "ks=",
+        "ks=[1000] must be in [1, ",
         "{root}/l1/results.json",
     ),
-    ("demo.py", ["trials=0", "workdir={root}/d1"], "trials", "{root}/d1"),
+    (
+        "demo.py",
+        ["trials=0", "workdir={root}/d1"],
+        "trials, pretrain_steps and head_epochs must be >= 1",
+        "{root}/d1",
+    ),
     # Names become folders under a storage root: nothing may escape it.
     (
         "pretrain.py",

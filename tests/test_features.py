@@ -19,7 +19,8 @@ from rsdiff.features.blocks import block_channels, list_blocks
 from rsdiff.features.extract import ExtractConfig, run_extract
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.features.table import FeatureTable, read_part
-from rsdiff.heads.fit import HeadConfig, TrainedHead, fit_head
+from rsdiff.heads.artifact import HeadConfig, TrainedHead
+from rsdiff.heads.fit import fit_head
 from rsdiff.ingest import IngestConfig, run_ingest
 from rsdiff.metrics import ConfusionMatrix
 from rsdiff.train.checkpoint import load_pretrained
@@ -135,9 +136,15 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     assert cm.miou() == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert cm.overall_accuracy() == pytest.approx(4 / 6)
     np.testing.assert_allclose(cm.f1(), [2 / 4, 4 / 5, 2 / 3])
-    assert ConfusionMatrix(4).iou().tolist() == [None] * 0 or np.isnan(ConfusionMatrix(4).iou()).all()
-    fig = cm.plot(["a", "b", "c"])
-    assert fig.axes
+    empty = ConfusionMatrix(4)
+    assert empty.iou().shape == (4,) and np.isnan(empty.iou()).all() and empty.miou() == 0.0
+    fig = cm.plot(["a", "b", "c"], title="val")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"] and ax.get_title() == "val"
+    # Row-normalised shares over counts, row by row (true class), as the matrix above.
+    cells = [t.get_text().split("\n") for t in ax.texts]
+    assert cells == [["0.50", "1"], ["0.50", "1"], ["0.00", "0"], ["0.00", "0"], ["1.00", "2"],
+                     ["0.00", "0"], ["0.50", "1"], ["0.00", "0"], ["0.50", "1"]]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import rasterio
 import torch
 from conftest import REPO
 from omegaconf import OmegaConf
+from step_faults import FailOnce
 
 from rsdiff.config import load_config
 from rsdiff.data.synthetic import write_scene
@@ -91,9 +92,8 @@ def test_resume_on_gpu_continues_each_ranks_noise_and_data(sample_demo, tmp_path
     ]  # fmt: skip
     tiny = REPO / "configs/pretrain/tiny.yaml"
     straight = run_pretrain(load_config(PretrainConfig, tiny, [*common, "run.name=a"]))
-    fault = ["debug.fault=raise", "debug.fault_step=5", f"debug.fault_rank={workers - 1}",
-             f"debug.fault_marker={tmp_path / 'marker'}"]  # fmt: skip
-    resumed = run_pretrain(load_config(PretrainConfig, tiny, [*common, "run.name=b", *fault]))
+    fault = FailOnce(5, workers - 1, tmp_path / "marker")
+    resumed = run_pretrain(load_config(PretrainConfig, tiny, [*common, "run.name=b"]), after_step=fault)
     from mlflow import MlflowClient
 
     def losses(run_id):

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from rsdiff.data.synthetic import write_scene
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.fit import HeadConfig, fit_head
+from rsdiff.heads.artifact import HeadConfig
+from rsdiff.heads.fit import fit_head
 from rsdiff.prediction.run import PredictConfig, load_head_and_checkpoint, run_predict
 
 
@@ -34,15 +35,17 @@ def test_demo_chain_on_the_generated_sample(sample_demo):
     out = (work / "stdout.txt").read_text()
     assert "predicted GeoTIFF:" in out and "MLflow UI:" in out and "quicklook:" in out
     metrics = json.loads((work / "predictions" / "metrics.json").read_text())
-    assert metrics["pixels"] > 0 and 0.0 <= metrics["miou"] <= 1.0
+    iou = [v for v in metrics["iou"].values() if v is not None]
+    assert metrics["pixels"] > 0 and metrics["miou"] == pytest.approx(sum(iou) / len(iou))
     # A trained head on the generated land-cover pattern beats predicting the majority class.
     cm = np.asarray(metrics["confusion_matrix"])
     assert metrics["overall_accuracy"] > cm.sum(1).max() / cm.sum()
     summary = json.loads((work / "predictions" / "predictions.json").read_text())
     # Maps are named relative to the folder (a moved folder stays whole).
-    assert summary["scenes"] and all(
-        (work / "predictions" / s["class_map"]).exists() for s in summary["scenes"]
-    )
+    assert summary["scenes"]
+    for s in summary["scenes"]:
+        with rasterio.open(work / "predictions" / s["class_map"]) as m, rasterio.open(s["image"]) as src:
+            assert (m.crs, m.transform, m.shape) == (src.crs, src.transform, src.shape)
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rsdiff-demo")
     runs = client.search_runs([exp.experiment_id])
@@ -98,7 +101,16 @@ def test_predicting_a_4band_uint16_geotiff_larger_than_the_window_into_s3(
         p = prob.read().astype(int)
         assert np.abs(p[:, 5:, 5:].sum(0) - 255).max() <= 3  # probabilities sum to 1 (uint8 rounding)
         assert (p.argmax(0)[5:, 5:] == ids[5:, 5:]).mean() > 0.99
-    assert storage.exists(f"{out}/big.quicklook.png") and storage.exists(f"{out}/predictions.json")
+    assert storage.exists(f"{out}/predictions.json")
+    from PIL import Image
+
+    with storage.local_copy(f"{out}/big.quicklook.png") as q:
+        look = np.asarray(Image.open(q).convert("RGB")).astype(int)
+    assert look.shape == (300, 280 + 4 + 280, 3)  # the scene | the map over it, full size
+    scene_panel, map_panel = look[:, :280], look[:, 284:]
+    assert scene_panel[5:, 5:].std() > 10  # the stretched scene, not a blank
+    assert (map_panel[:5] == scene_panel[:5]).all()  # nodata: no class drawn over it
+    assert np.abs(map_panel[5:, 5:] - scene_panel[5:, 5:]).mean() > 10  # class colours drawn elsewhere
 
 
 def _ramp(size, overlap):

@@ -5,6 +5,8 @@ import pytest
 from rsdiff import storage
 from rsdiff.errors import StorageError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path):
@@ -66,3 +68,24 @@ def test_unreachable_endpoint_is_retried_then_named(s3_endpoint, monkeypatch):
     finally:
         monkeypatch.undo()
         storage._client_for_pid.cache_clear()
+
+
+GLOB_TREE = ["a/x.tar", "a/y.tar", "a/.hidden.tar", "a/sub/deep.tar", "a/sub/more/deeper.tar", "b/z.tar",
+             "b/z.json", "top.tar"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["a/*.tar", "*/*.tar", "*.tar", "**/*.tar", "a/**/*.tar", "a/**", "a/?.tar", "a/[xy].tar", "a/[!x].tar",
+     "a/sub/*/*.tar", "*/z.*", "a/*/deep.tar"],
+)  # fmt: skip
+def test_s3_globs_match_exactly_what_local_globs_match(pattern, bucket, tmp_path):
+    """``*``/``?``/``[..]`` stay inside one folder and skip hidden names, ``**`` crosses folders: on
+    S3 as on disk (an S3 ``*`` that crossed folders would ingest scenes nobody asked for)."""
+    local, remote = str(tmp_path / "tree"), f"{bucket}/tree"
+    for key in GLOB_TREE:
+        storage.write_bytes(storage.join(local, key), b"x")
+        storage.write_bytes(storage.join(remote, key), b"x")
+    want = [u[len(local) + 1 :] for u in storage.glob(storage.join(local, pattern))]
+    got = [u[len(remote) + 1 :] for u in storage.glob(storage.join(remote, pattern))]
+    assert got == want and want, (pattern, got, want)

@@ -14,6 +14,7 @@ from rsdiff.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+KIND = "rsdiff-manifest"
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Manifest:
     ignore_index: int = 255
     class_pixels: list[int] | None = None
     format: int = FORMAT_VERSION
+    kind: str = KIND
     inputs: list[str] = field(default_factory=list)
     root: str = field(default="", compare=False)
 
@@ -73,21 +75,18 @@ def read_manifest(shards_uri: str) -> Manifest:
     Raises:
         DataError: no manifest there (ingest missing or incomplete) or an unreadable one.
     """
-    uri = storage.join(shards_uri, MANIFEST_NAME)
+    from rsdiff.artifacts import read_sidecar
+
+    data = read_sidecar(
+        shards_uri, MANIFEST_NAME, kind=KIND, max_format=FORMAT_VERSION, error=DataError,
+        what="ingest output", legacy_without_kind=True,
+        missing_hint="run jobs/ingest.py with output=<that URI> first, or fix the shards URI",
+    )  # fmt: skip
+    data.pop("root", None)
     try:
-        text = storage.read_text(uri)
-    except storage.NotFoundError as exc:
-        raise DataError(
-            f"no {MANIFEST_NAME} at {storage.display(shards_uri)}: it is not a complete ingest output. "
-            "Run jobs/ingest.py with output=<that URI> first, or fix the shards URI."
-        ) from exc
-    try:
-        data = json.loads(text)
-        data.pop("root", None)
         manifest = Manifest(**data)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"{storage.display(uri)} is not an rsdiff manifest: {exc}") from exc
-    if manifest.format > FORMAT_VERSION:
-        raise DataError(f"{storage.display(uri)} has format {manifest.format}; upgrade rsdiff to read it")
+    except TypeError as exc:
+        where = storage.display(storage.join(shards_uri, MANIFEST_NAME))
+        raise DataError(f"{where} is not an rsdiff manifest: {exc}") from None
     manifest.root = storage.absolute(shards_uri)
     return manifest

@@ -26,6 +26,12 @@ class Normalizer:
         std = tuple(max(float(s), 1e-6) for s in band_stats["std"])
         return cls(tuple(float(m) for m in band_stats["mean"]), std, float(scale))
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Normalizer:
+        """The inverse of :meth:`to_json` (``{"mean": [...], "std": [...], "scale": s}``)."""
+        return cls(tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"]),
+                   float(data.get("scale", 2.0)))  # fmt: skip
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``(C, H, W)`` source dtype -> ``(C, H, W)`` float32 in [-1, 1]."""
         mean = np.asarray(self.mean, np.float32)[:, None, None]

@@ -13,11 +13,17 @@ def tile_origins(height: int, width: int, size: int, stride: int | None = None) 
     stride = stride or size
     if height < size or width < size:
         raise ValueError(f"scene {height}x{width} is smaller than the tile size {size}")
+    return [(r, c) for r in axis_origins(height, size, stride) for c in axis_origins(width, size, stride)]
 
-    def axis(n: int) -> list[int]:
-        starts = list(range(0, n - size + 1, stride))
-        if starts[-1] != n - size:
-            starts.append(n - size)
-        return starts
 
-    return [(r, c) for r in axis(height) for c in axis(width)]
+def axis_origins(n: int, size: int, stride: int) -> list[int]:
+    """Window starts along an axis of ``n`` px: ``0, stride, ...``, the last ending at ``n``.
+
+    An axis shorter than the window gets one window at 0 (prediction pads the read).
+    """
+    if n <= size:
+        return [0]
+    starts = list(range(0, n - size + 1, stride))
+    if starts[-1] != n - size:
+        starts.append(n - size)
+    return starts

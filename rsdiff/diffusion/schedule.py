@@ -25,7 +25,9 @@ class DiffusionConfig:
 
 
 def make_scheduler(cfg: Any) -> Any:
-    """A ``DDPMScheduler`` for the config (epsilon prediction, no sample clipping at train time)."""
+    """A ``DDPMScheduler`` for the config: epsilon prediction. ``clip_sample=True`` acts only when
+    sampling (each step's ``x0`` estimate is clipped to the data range [-1, 1]; DDIM sampling
+    inherits it); training and feature extraction only noise (``add_noise``), which never clips."""
     from diffusers import DDPMScheduler
 
     name = "linear" if BetaSchedule(cfg.schedule) is BetaSchedule.linear else "squaredcos_cap_v2"
@@ -35,11 +37,6 @@ def make_scheduler(cfg: Any) -> Any:
         prediction_type="epsilon",
         clip_sample=True,
     )
-
-
-def q_sample(scheduler: Any, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` for ``(B, C, H, W)`` x0 and ``(B,)`` int t."""
-    return scheduler.add_noise(x0, noise, t)
 
 
 def fixed_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

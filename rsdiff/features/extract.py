@@ -25,9 +25,9 @@ from rsdiff.config import redact, require, to_container
 from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
-from rsdiff.errors import ConfigError, DataError, RsdiffError
-from rsdiff.features.table import KIND, TABLE_META, FeatureTable, write_part
-from rsdiff.raytools import RayConfig
+from rsdiff.errors import ConfigError, DataError
+from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, write_part
+from rsdiff.raytools import RayConfig, user_error
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +292,8 @@ def run_extract(cfg: Any) -> FeatureTable:
     try:
         summaries = ds.take_all()
     except Exception as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, RsdiffError):
-            raise type(cause)(str(cause)) from None
+        if (err := user_error(exc)) is not None:
+            raise err from None
         raise
     parts = [
         {
@@ -320,7 +319,7 @@ def run_extract(cfg: Any) -> FeatureTable:
         raise DataError(f"no image in {storage.display(shards)} splits {splits} has a labeled pixel")
     meta = {
         "kind": KIND,
-        "format": 1,
+        "format": FORMAT_VERSION,
         "checkpoint": storage.absolute(str(cfg.checkpoint)),
         "shards": storage.absolute(shards),
         "dim": extractor.dim,

@@ -1,11 +1,12 @@
 """Multi-timestep, multi-block features of a frozen DDPM (DDPM-Seg's representation).
 
-For each selected timestep ``t``: ``x_t = q_sample(x0, t, noise)`` with ``noise`` fixed by a seed
-(the same noise for every image), one UNet pass that stops after the deepest selected block, and
-the blocks' activations read by forward hooks. Activations are bilinearly upsampled to the input
-resolution and concatenated in :class:`ChannelIndex` order (timestep-major, blocks in forward
-order). ``sample`` reads the upsampled values only at given pixels (``grid_sample`` with the same
-bilinear rule as ``F.interpolate``), so the full ``(D, H, W)`` volume is never built for training.
+For each selected timestep ``t``: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` with
+``noise`` fixed by a seed (the same noise for every image), one UNet pass that stops after the
+deepest selected block, and the blocks' activations read by forward hooks. Activations are
+bilinearly upsampled to the input resolution and concatenated in :class:`ChannelIndex` order
+(timestep-major, blocks in forward order). ``sample`` reads the upsampled values only at given
+pixels (``grid_sample`` with the same bilinear rule as ``F.interpolate``), so the full
+``(D, H, W)`` volume is never built for training.
 """
 
 from __future__ import annotations

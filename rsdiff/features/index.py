@@ -70,16 +70,6 @@ class ChannelIndex:
         parts = [np.arange(r.start, r.stop) for r in self.ranges if (r.timestep, r.block) in want]
         return np.concatenate(parts)
 
-    def subset(self, timesteps: Sequence[int], blocks: Sequence[str]) -> ChannelIndex:
-        """The index of the selected channels, renumbered from 0."""
-        want = {(int(t), b) for t in timesteps for b in blocks}
-        kept = [r for r in self.ranges if (r.timestep, r.block) in want]
-        return ChannelIndex.build(
-            sorted({r.timestep for r in kept}),
-            [b for b in self.blocks if any(r.block == b for r in kept)],
-            {r.block: r.stop - r.start for r in kept},
-        )
-
     def to_json(self) -> list[dict]:
         return [asdict(r) for r in self.ranges]
 

@@ -13,7 +13,6 @@ Readers stream part by part, so memory is bounded by a few parts whatever the ta
 from __future__ import annotations
 
 import io
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from rsdiff.features.index import ChannelIndex
 
 TABLE_META = "table.json"
 KIND = "rsdiff-features"
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -80,15 +80,12 @@ class FeatureTable:
         Raises:
             DataError: no ``table.json`` there (extraction missing or incomplete).
         """
-        try:
-            meta = json.loads(storage.read_text(storage.join(uri, TABLE_META)))
-        except storage.NotFoundError as exc:
-            raise DataError(
-                f"no feature table at {storage.display(uri)} (no {TABLE_META}); run jobs/extract.py with "
-                "output=<that URI> first"
-            ) from exc
-        if meta.get("kind") != KIND:
-            raise DataError(f"{storage.display(uri)} is not an rsdiff feature table")
+        from rsdiff.artifacts import read_sidecar
+
+        meta = read_sidecar(
+            uri, TABLE_META, kind=KIND, max_format=FORMAT_VERSION, error=DataError, what="feature table",
+            missing_hint="run jobs/extract.py with output=<that URI> first",
+        )  # fmt: skip
         return cls(storage.absolute(uri), meta)
 
     @property

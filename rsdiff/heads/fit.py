@@ -1,187 +1,30 @@
-"""Fitting a pixel head on a feature table, and the self-contained head artifact prediction loads.
+"""Fitting a pixel head on a feature table.
 
 ``fit_head`` streams the table (never all rows in RAM): one pass for per-channel mean/std and
-class counts, then epochs of shuffled mini-batches with early stopping on validation mIoU. The
-resulting :class:`TrainedHead` carries its channel selection (timesteps, blocks), feature
-standardisation, classes and the checkpoint URI it depends on.
+class counts, then epochs of shuffled mini-batches with early stopping on validation mIoU. It
+returns a :class:`~rsdiff.heads.artifact.TrainedHead` (the artifact prediction loads, defined
+apart from this trainer).
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from rsdiff import devices, storage
+from rsdiff import devices
 from rsdiff.config import to_container
 from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX
-from rsdiff.errors import CheckpointError, ConfigError, DataError
+from rsdiff.errors import ConfigError, DataError
 from rsdiff.features.table import FeatureTable
-from rsdiff.heads.ensemble import DDPMSegEnsembleHead
-from rsdiff.heads.residual import ResidualMLPHead
+from rsdiff.heads.artifact import ClassWeighting, TrainedHead, build_head
 from rsdiff.metrics import ConfusionMatrix
-from rsdiff.weights import load_module_state, load_weights
-
-HEAD_WEIGHTS = "head.pt"
-HEAD_META = "head.json"
-
-
-class HeadKind(Enum):
-    residual = "residual"  # rsdiff's residual MLP with channel re-weighting
-    ensemble = "ensemble"  # DDPM-Seg's 10-member MLP ensemble
-
-
-class ClassWeighting(Enum):
-    none = "none"
-    balanced = "balanced"  # weight_c ~ 1 / frequency_c, normalised to mean 1
-
-
-@dataclass
-class HeadConfig:
-    """Head architecture and training."""
-
-    kind: HeadKind = HeadKind.residual
-    width: int = 256
-    depth: int = 2
-    dropout: float = 0.1
-    gate: bool = True
-    members: int = 10  # ensemble only
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 20
-    batch_rows: int = 2048
-    patience: int = 4  # epochs without a better val mIoU before stopping
-    input_noise: float = 0.0  # std of Gaussian noise added to standardised features while training
-    class_weighting: ClassWeighting = ClassWeighting.none
-    seed: int = 0
-
-
-def build_head(cfg: Any, in_dim: int, num_classes: int) -> nn.Module:
-    """A fresh head for ``in_dim`` features and ``num_classes`` classes."""
-    torch.manual_seed(cfg.seed)
-    if HeadKind(cfg.kind) is HeadKind.ensemble:
-        return DDPMSegEnsembleHead(in_dim, num_classes, members=cfg.members, seed=cfg.seed)
-    return ResidualMLPHead(
-        in_dim, num_classes, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout, gate=cfg.gate
-    )
-
-
-@dataclass
-class TrainedHead:
-    """A fitted head with everything prediction needs besides the pretraining checkpoint."""
-
-    module: nn.Module
-    config: dict[str, Any]
-    timesteps: list[int]
-    blocks: list[str]
-    mean: np.ndarray  # (D,) float32, feature standardisation
-    std: np.ndarray  # (D,)
-    classes: list[dict[str, Any]]
-    checkpoint: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    noise_seed: int = 0
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c["name"] for c in self.classes]
-
-    def standardise(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, D)`` raw features -> standardised."""
-        mean = torch.as_tensor(self.mean, device=x.device)
-        std = torch.as_tensor(self.std, device=x.device)
-        return (x.float() - mean) / std
-
-    @torch.no_grad()
-    def predict(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, D)`` raw features -> ``(labels (N,), probabilities (N, C))``."""
-        self.module.eval()
-        return self.module.predict(self.standardise(features))
-
-    def save(self, uri: str) -> str:
-        """Write ``head.pt`` and ``head.json`` under ``uri`` (atomically each); returns ``uri``."""
-        buf = io.BytesIO()
-        torch.save({"state": self.module.state_dict(), "mean": torch.from_numpy(self.mean),
-                    "std": torch.from_numpy(self.std)}, buf)  # fmt: skip
-        storage.write_bytes(storage.join(uri, HEAD_WEIGHTS), buf.getvalue())
-        meta = {
-            "kind": "rsdiff-head",
-            "format": 1,
-            "config": self.config,
-            "in_dim": int(self.mean.shape[0]),
-            "timesteps": self.timesteps,
-            "blocks": self.blocks,
-            "classes": self.classes,
-            "checkpoint": self.checkpoint,
-            "noise_seed": self.noise_seed,
-            "metrics": self.metrics,
-        }
-        storage.write_text(storage.join(uri, HEAD_META), json.dumps(meta, indent=1, default=_jsonable))
-        return uri
-
-    @classmethod
-    def load(cls, uri: str) -> TrainedHead:
-        """Load a head artifact (weights-only unpickling)."""
-        try:
-            meta = json.loads(storage.read_text(storage.join(uri, HEAD_META)))
-            blob = storage.read_bytes(storage.join(uri, HEAD_WEIGHTS))
-        except storage.NotFoundError as exc:
-            raise CheckpointError(
-                f"no head artifact at {storage.display(uri)} (needs {HEAD_META} and {HEAD_WEIGHTS})"
-            ) from exc
-        except ValueError as exc:
-            raise CheckpointError(f"{storage.display(uri)}/{HEAD_META} is not valid JSON: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("kind") != "rsdiff-head":
-            raise CheckpointError(f"{storage.display(uri)} is not an rsdiff head artifact")
-        weights = storage.join(uri, HEAD_WEIGHTS)
-        state = load_weights(blob, weights)
-        from omegaconf import OmegaConf
-
-        try:
-            cfg = OmegaConf.merge(OmegaConf.structured(HeadConfig), meta["config"])
-            module = build_head(cfg, int(meta["in_dim"]), len(meta["classes"]))
-        except Exception as exc:
-            raise CheckpointError(
-                f"{storage.display(uri)}/{HEAD_META} does not describe a head rsdiff can build "
-                f"({type(exc).__name__}); re-create the artifact"
-            ) from None
-        load_module_state(module, state.get("state"), weights)
-        if not all(isinstance(state.get(k), torch.Tensor) for k in ("mean", "std")):
-            raise CheckpointError(f"{storage.display(weights)} lacks the feature mean/std of the head")
-        module.eval()
-        return cls(
-            module=module,
-            config=meta["config"],
-            timesteps=meta["timesteps"],
-            blocks=meta["blocks"],
-            mean=state["mean"].numpy(),
-            std=state["std"].numpy(),
-            classes=meta["classes"],
-            checkpoint=meta["checkpoint"],
-            metrics=meta.get("metrics", {}),
-            noise_seed=int(meta.get("noise_seed", 0)),
-        )
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
 
 
 def evaluate(

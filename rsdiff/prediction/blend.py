@@ -18,19 +18,6 @@ from collections.abc import Iterator
 import numpy as np
 
 
-def axis_origins(n: int, size: int, stride: int) -> list[int]:
-    """Window starts along an axis of ``n`` px: ``0, stride, ...``, the last ending at ``n``.
-
-    A scene shorter than the window gets one window at 0 (the caller pads the read).
-    """
-    if n <= size:
-        return [0]
-    starts = list(range(0, n - size + 1, stride))
-    if starts[-1] != n - size:
-        starts.append(n - size)
-    return starts
-
-
 def ramp(size: int, overlap: int) -> np.ndarray:
     """``(size, size)`` float32 weights: 1 inside, falling linearly to ``1/(overlap+1)`` at the edge."""
     d = np.minimum(np.arange(size), np.arange(size)[::-1]).astype(np.float32)

@@ -27,14 +27,15 @@ from PIL import Image
 from rsdiff import storage
 from rsdiff.config import redact, require, to_container
 from rsdiff.data.scenes import SceneRef, discover
-from rsdiff.errors import CheckpointError, ConfigError, DataError, RsdiffError
+from rsdiff.errors import CheckpointError, ConfigError, DataError
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan
+from rsdiff.prediction.summary import FORMAT_VERSION as SUMMARY_FORMAT
+from rsdiff.prediction.summary import KIND as SUMMARY_KIND
+from rsdiff.prediction.summary import SUMMARY, relative_record
 from rsdiff.raytools import RayConfig
 from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)
-
-SUMMARY = "predictions.json"
 
 
 @dataclass
@@ -78,7 +79,7 @@ class PredictResult:
 
 def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, Any]:
     """``(TrainedHead, PretrainedDDPM)`` of a head artifact, with a clear error if its checkpoint is gone."""
-    from rsdiff.heads.fit import TrainedHead
+    from rsdiff.heads.artifact import TrainedHead
     from rsdiff.train.checkpoint import load_pretrained
 
     head = TrainedHead.load(head_uri)
@@ -115,40 +116,6 @@ def scene_outputs(cfg: Any, out: str, ref: SceneRef, run_id: str = "") -> SceneO
         probabilities=storage.join(out, f"{ref.id}.proba.tif") if cfg.probabilities else None,
         quicklook=storage.join(out, f"{ref.id}.quicklook.png") if cfg.quicklook else None,
         run_id=run_id,
-    )
-
-
-OUTPUT_KEYS = ("class_map", "probabilities", "quicklook")
-
-
-def relative_record(record: dict[str, Any], out: str) -> dict[str, Any]:
-    """``record`` with its output paths relative to the prediction folder ``out``."""
-    rel = dict(record)
-    for key in OUTPUT_KEYS:
-        if rel.get(key):
-            rel[key] = rel[key][len(out) :].lstrip("/") if rel[key].startswith(out + "/") else rel[key]
-    return rel
-
-
-def resolve_output(folder: str, value: str, key: str = "class_map") -> str:
-    """The URI of an output named in ``folder``'s ``predictions.json`` (relative names resolve
-    against ``folder``).
-
-    Raises:
-        DataError: an absolute path or URI outside ``folder`` (a moved folder of an older rsdiff,
-            or an edited file): it would score maps other than the ones in the folder.
-    """
-    if not (storage.is_s3(value) or value.startswith("/") or "://" in value):
-        if ".." in value.split("/"):
-            raise DataError(
-                f"{SUMMARY} in {storage.display(folder)} names {key} {value!r} outside the folder"
-            )
-        return storage.join(folder, value)
-    if value.startswith(folder.rstrip("/") + "/"):
-        return value
-    raise DataError(
-        f"{SUMMARY} in {storage.display(folder)} names {key} {storage.display(value)}, outside that folder "
-        "(written by an older rsdiff and moved, or edited); re-run jobs/predict.py into this folder"
     )
 
 
@@ -198,7 +165,7 @@ def run_predict(cfg: Any) -> PredictResult:
 
     from rsdiff import tracking
     from rsdiff.data.scenes import SceneReader
-    from rsdiff.prediction.blend import axis_origins
+    from rsdiff.data.tiling import axis_origins
     from rsdiff.prediction.scene import check_scene
 
     t0 = time.perf_counter()
@@ -249,7 +216,7 @@ def _predict_all(
 ) -> PredictResult:
     import ray
 
-    from rsdiff.raytools import ProgressCounter, connect, wait_with_progress
+    from rsdiff.raytools import ProgressCounter, connect, user_error, wait_with_progress
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     counter = ProgressCounter.remote()
@@ -270,14 +237,14 @@ def _predict_all(
     except BaseException as exc:  # a failed scene, Ctrl-C or SIGTERM: stop the other scenes too
         for r in refs_out:
             ray.cancel(r, force=True)
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, RsdiffError):
-            raise type(cause)(str(cause)) from None
+        if (err := user_error(exc)) is not None:
+            raise err from None
         raise
     seconds = time.perf_counter() - t0
     pixels = sum(r["width"] * r["height"] for r in records)
     summary = {
-        "kind": "rsdiff-predictions",
+        "kind": SUMMARY_KIND,
+        "format": SUMMARY_FORMAT,
         "run_id": run_id,
         "head": head_uri,
         "checkpoint": head.checkpoint,

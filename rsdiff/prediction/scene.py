@@ -22,10 +22,11 @@ from PIL import Image
 
 from rsdiff import storage
 from rsdiff.data.scenes import SceneReader, SceneRef
+from rsdiff.data.tiling import axis_origins
 from rsdiff.errors import DataError
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.fit import TrainedHead
-from rsdiff.prediction.blend import RowBlender, axis_origins
+from rsdiff.heads.artifact import TrainedHead
+from rsdiff.prediction.blend import RowBlender
 from rsdiff.prediction.writer import PredictionWriter, quicklook
 
 log = logging.getLogger(__name__)

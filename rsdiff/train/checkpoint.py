@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from rsdiff import storage
+from rsdiff.artifacts import read_sidecar
+from rsdiff.config import build
 from rsdiff.data.normalize import Normalizer
-from rsdiff.diffusion.schedule import make_scheduler
-from rsdiff.diffusion.unet import build_unet
-from rsdiff.errors import CheckpointError
+from rsdiff.diffusion.schedule import DiffusionConfig, make_scheduler
+from rsdiff.diffusion.unet import ModelConfig, build_unet
+from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.weights import load_module_state, load_weights
 
 WEIGHTS = "model.pt"
@@ -54,22 +55,10 @@ def read_meta(uri: str) -> dict[str, Any]:
     Raises:
         CheckpointError: missing, or not an rsdiff checkpoint.
     """
-    try:
-        meta = json.loads(storage.read_text(storage.join(uri, META)))
-    except storage.NotFoundError as exc:
-        raise CheckpointError(
-            f"no rsdiff checkpoint at {storage.display(uri)} (no {META}); pass the checkpoint folder printed "
-            "by jobs/pretrain.py (…/checkpoint_NNNNNNNN)"
-        ) from exc
-    except ValueError as exc:
-        raise CheckpointError(f"{storage.display(uri)}/{META} is not valid JSON: {exc}") from exc
-    if meta.get("kind") != KIND:
-        raise CheckpointError(
-            f"{storage.display(uri)} is not an rsdiff DDPM checkpoint (kind={meta.get('kind')})"
-        )
-    if int(meta.get("format", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{storage.display(uri)} was written by a newer rsdiff; upgrade to load it")
-    return meta
+    return read_sidecar(
+        uri, META, kind=KIND, max_format=FORMAT_VERSION, error=CheckpointError, what="DDPM checkpoint",
+        missing_hint="pass the checkpoint folder printed by jobs/pretrain.py (…/checkpoint_NNNNNNNN)",
+    )  # fmt: skip
 
 
 @dataclass
@@ -95,16 +84,18 @@ def load_pretrained(uri: str, device: str | torch.device = "cpu", ema: bool = Tr
         state = load_weights(storage.read_bytes(weights), weights)
     except storage.NotFoundError as exc:
         raise CheckpointError(f"checkpoint {storage.display(uri)} has {META} but no {WEIGHTS}") from exc
-    model_cfg = OmegaConf.create(meta["model"])
+    try:
+        model_cfg = build(ModelConfig, meta["model"])
+        diffusion_cfg = build(DiffusionConfig, meta["diffusion"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {storage.display(uri)}/{META}: {exc}") from None
     model = build_unet(model_cfg, int(meta["in_channels"]), int(meta["image_size"]))
     load_module_state(model, state.get("ema" if ema else "model"), weights)
     model.eval().requires_grad_(False).to(device)
     return PretrainedDDPM(
         model=model,
-        scheduler=make_scheduler(OmegaConf.create(meta["diffusion"])),
-        normalizer=Normalizer(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["normalization"].items()}
-        ),
+        scheduler=make_scheduler(diffusion_cfg),
+        normalizer=Normalizer.from_json(meta["normalization"]),
         meta=meta,
         uri=uri,
     )

@@ -16,8 +16,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,14 +24,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from rsdiff import devices
-from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.sampling import ddim_sample, denoise_strip
 from rsdiff.diffusion.schedule import make_scheduler
-from rsdiff.diffusion.unet import build_unet
+from rsdiff.diffusion.unet import ModelConfig, build_unet
 from rsdiff.train import checkpoint
+from rsdiff.train.config import OptimConfig, TrainPlan
 from rsdiff.train.stream import ShardStream, StreamPosition
 from rsdiff.viz import grid, model_rgb
 
@@ -124,23 +121,31 @@ def train_step(
 
 
 def init_training(
-    cfg: Any, in_channels: int, size: int, device: torch.device, state: dict[str, Any] | None = None
+    model_cfg: ModelConfig,
+    optim: OptimConfig,
+    in_channels: int,
+    size: int,
+    device: torch.device,
+    state: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    channels_last: bool = False,
 ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, Any, int]:
     """``(model, ema, optimizer, lr_schedule, step)`` on ``device``, resumed from ``state`` if given.
 
-    The model moves to ``device`` (channels_last on CUDA when ``perf.channels_last``) *before* the
+    The model moves to ``device`` (channels_last on CUDA when ``channels_last``) *before* the
     optimiser is built and its state loaded, so AdamW's moments live beside the weights. Every
-    rank starts from the same weights (seeded with ``cfg.seed``).
+    rank starts from the same weights (seeded with ``seed``). ``size`` is the crop side in px.
     """
-    torch.manual_seed(cfg.seed)
-    model = build_unet(cfg.model, in_channels, size).to(device)
-    if device.type == "cuda" and cfg.perf.channels_last:
+    torch.manual_seed(seed)
+    model = build_unet(model_cfg, in_channels, size).to(device)
+    if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        model.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.optim.max_steps)
+        opt, lambda s: lr_factor(s, optim.warmup_steps, optim.max_steps)
     )
     ema = copy.deepcopy(model).requires_grad_(False)  # same device and memory format as the model
     if state is None:
@@ -157,43 +162,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DDP
 
 
-def _inject_fault(cfg: Any, step: int, rank: int) -> None:
-    """Test hook: fail once (``raise`` or SIGKILL) at ``debug.fault_step`` on ``debug.fault_rank``."""
-    d = cfg.debug
-    if d.fault == "none" or step != d.fault_step or rank != d.fault_rank:
-        return
-    marker = Path(d.fault_marker)
-    if marker.exists():
-        return
-    marker.write_text(f"fault at step {step}")
-    if d.fault == "kill":
-        _wait_until_registered(cfg, step - step % cfg.checkpoint.every_steps)
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected fault at step {step} on rank {rank}")
-
-
-def _wait_until_registered(cfg: Any, step: int, timeout_s: float = 30.0) -> None:
-    """Test hook helper: wait until Ray Train's controller has registered checkpoint ``step``.
-
-    The controller collects reports every couple of seconds; a worker killed before that loses
-    the queued report, and the restart comes from the checkpoint before. The fault tests kill
-    after registration so that what they check (restart from the *latest* checkpoint) is
-    deterministic. Registration shows in the run's ``checkpoint_manager_snapshot.json``.
-    """
-    if step <= 0:
-        return
-    from rsdiff import storage
-
-    snapshot = storage.join(str(cfg.run.storage), str(cfg.run.name), "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if f"checkpoint_{step:08d}" in storage.read_text(snapshot):
-                return
-        time.sleep(0.2)
-
-
-def resume_state(cfg: Any, latest: Any) -> dict[str, Any] | None:
+def resume_state(run_dir: str, latest: Any) -> dict[str, Any] | None:
     """The training state to resume from: Ray Train's latest checkpoint, or, when that one cannot
     be loaded (corrupt or truncated ``model.pt``), the newest earlier complete checkpoint in the run
     folder. None when the run starts fresh.
@@ -211,7 +180,6 @@ def resume_state(cfg: Any, latest: Any) -> dict[str, Any] | None:
             return checkpoint.load_state(Path(d))
     except CheckpointError as exc:
         log.warning("the latest checkpoint cannot be loaded (%s); trying the earlier ones", exc)
-    run_dir = storage.join(str(cfg.run.storage), str(cfg.run.name))
     broken = storage.name(str(latest.path))
     folders = sorted({storage.parent(u) for u in storage.list_uris(run_dir, checkpoint.META)}, reverse=True)
     for folder in folders:
@@ -232,35 +200,29 @@ def resume_state(cfg: Any, latest: Any) -> dict[str, Any] | None:
     )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point.
-
-    ``config``: ``cfg`` (resolved PretrainConfig as a dict), ``data`` (shard URIs, bands, size,
-    normalisation), ``meta`` (what checkpoints record), ``run_id``/``tracking_uri`` (MLflow).
-    """
+def train_loop_per_worker(plan: TrainPlan) -> None:
+    """Ray Train entry point: train as ``plan`` says (see :class:`~rsdiff.train.config.TrainPlan`)."""
     import ray.train
     import ray.train.torch
 
-    cfg = OmegaConf.create(config["cfg"])
-    data = config["data"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
-    in_channels, size = int(data["in_channels"]), int(data["image_size"])
-    normalizer = Normalizer(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in data["normalization"].items()}
-    )
+    in_channels, size = plan.in_channels, plan.image_size
 
     if cuda:
         devices.enable_tf32()
-    state = resume_state(cfg, ray.train.get_checkpoint())
-    model, ema, opt, sched, start = init_training(cfg, in_channels, size, device, state)
-    channels_last = cuda and cfg.perf.channels_last
+    state = resume_state(plan.run_dir, ray.train.get_checkpoint())
+    model, ema, opt, sched, start = init_training(
+        plan.model, plan.optim, in_channels, size, device, state, seed=plan.seed,
+        channels_last=plan.perf.channels_last,
+    )  # fmt: skip
+    channels_last = cuda and plan.perf.channels_last
     rng = state.get("rng") if state is not None else None
     # Distinct, reproducible streams per rank; on resume (same world size) each rank continues
     # its own streams exactly, whatever the loader setup below draws.
-    run_seed = cfg.seed * 1000 + rank * 100_003 + start
+    run_seed = plan.seed * 1000 + rank * 100_003 + start
     torch.manual_seed(run_seed)
     gen = devices.generator(device, run_seed)
     rank_rng = rng[rank] if isinstance(rng, list) and len(rng) == world else None
@@ -268,11 +230,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rank_rng = {"cpu": rank_rng}
 
     model = ray.train.torch.prepare_model(model)
-    if cfg.perf.compile:
+    if plan.perf.compile:
         model = torch.compile(model)
-    noise_sched = make_scheduler(cfg.diffusion)
+    noise_sched = make_scheduler(plan.diffusion)
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)
-    workers = max(1, cfg.data.num_workers)
+    workers = max(1, plan.data.num_workers)
     saved = state.get("stream") if state is not None else None
     mine = saved[rank] if isinstance(saved, list) and len(saved) == world else None
     if mine is not None and mine["workers"] == workers:  # continue at the exact sample
@@ -281,38 +243,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:  # fresh, or the world size / loader workers changed: a new seeded order
         if state is not None:
             log.warning("[rank %d] data stream restarts in a new order (no matching stream position)", rank)
-        stream_seed, first_slot, positions = cfg.seed + 7919 * start, 0, {}
+        stream_seed, first_slot, positions = plan.seed + 7919 * start, 0, {}
     stream = ShardStream(
-        data["shards"],
+        plan.shards,
         rank,
         world,
-        normalizer,
+        plan.normalizer,
         size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        augment=cfg.data.augment,
+        shuffle_buffer=plan.data.shuffle_buffer,
+        augment=plan.data.augment,
         seed=stream_seed,
         resume=positions,
         first_slot=first_slot,
     )
     loader = torch.utils.data.DataLoader(
         stream,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
+        batch_size=plan.data.batch_size,
+        num_workers=plan.data.num_workers,
         pin_memory=cuda,
-        persistent_workers=cfg.data.num_workers > 0,
+        persistent_workers=plan.data.num_workers > 0,
         generator=torch.Generator().manual_seed(run_seed),  # leaves the default generator alone
     )
     batches = iter(loader)
     if rank_rng is not None:
         devices.set_rng_state(rank_rng, gen, device)
     tracker = None
-    if rank == 0 and config.get("run_id"):
+    if rank == 0 and plan.run_id:
         from rsdiff.tracking import RunHandle
 
-        tracker = RunHandle(config["tracking_uri"], config["run_id"])
+        tracker = RunHandle(plan.tracking_uri, plan.run_id)
         tracker.log_metrics({"started_at_step": start}, step=start)
         log.info("[rank 0] %s step %d", "resuming from checkpoint at" if start else "starting at", start)
-    amp_dtype = devices.autocast_dtype("bf16" if cfg.perf.bf16 else "fp32", device) if cuda else None
+    amp_dtype = devices.autocast_dtype("bf16" if plan.perf.bf16 else "fp32", device) if cuda else None
 
     window_loss = torch.zeros((), device=device)
     window_steps, window_data, window_t0 = 0, 0.0, time.perf_counter()
@@ -327,20 +289,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         x0_last[:] = [batch["x"][0]]
         return batch["x"]
 
-    for step in range(start, cfg.optim.max_steps):
+    for step in range(start, plan.optim.max_steps):
         loss, grad_norm, waited = train_step(
             model, ema, opt, sched, next_batch, noise_sched, gen,
-            timesteps=cfg.diffusion.timesteps, grad_accum=cfg.optim.grad_accum, grad_clip=cfg.optim.grad_clip,
-            ema_decay=cfg.optim.ema_decay, amp_dtype=amp_dtype, channels_last=channels_last,
+            timesteps=plan.diffusion.timesteps, grad_accum=plan.optim.grad_accum,
+            grad_clip=plan.optim.grad_clip, ema_decay=plan.optim.ema_decay, amp_dtype=amp_dtype,
+            channels_last=channels_last,
         )  # fmt: skip
         window_loss += loss
         window_data += waited
         done = step + 1
         window_steps += 1
-        _inject_fault(cfg, done, rank)
+        if plan.after_step is not None:
+            plan.after_step(done, rank, plan)
 
-        save = done % cfg.checkpoint.every_steps == 0 or done == cfg.optim.max_steps
-        if done % cfg.tracking.log_every and not save:
+        save = done % plan.checkpoint.every_steps == 0 or done == plan.optim.max_steps
+        if done % plan.tracking.log_every and not save:
             continue
         if world > 1:
             torch.distributed.all_reduce(window_loss, op=torch.distributed.ReduceOp.AVG)
@@ -350,17 +314,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "loss": float(window_loss) / window_steps,
             "lr": sched.get_last_lr()[0],
             "grad_norm": float(grad_norm),
-            "images_per_s": window_steps * cfg.optim.grad_accum * cfg.data.batch_size * world / elapsed,
+            "images_per_s": window_steps * plan.optim.grad_accum * plan.data.batch_size * world / elapsed,
             "data_wait_fraction": window_data / elapsed,
             "skipped_shard_errors": stream.errors,
         }
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
-            if done % cfg.tracking.sample_every == 0 or done == cfg.optim.max_steps:
-                _log_pictures(tracker, ema, noise_sched, x0_last[0].float(), cfg, done)
+            if done % plan.tracking.sample_every == 0 or done == plan.optim.max_steps:
+                _log_pictures(tracker, ema, noise_sched, x0_last[0].float(), plan, done)
         log.info(
             "[rank %d] step %d/%d loss %.4f lr %.2e %.1f img/s data-wait %.0f%%",
-            rank, done, cfg.optim.max_steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
+            rank, done, plan.optim.max_steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
             100 * metrics["data_wait_fraction"],
         )  # fmt: skip
         if save:
@@ -389,9 +353,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "rng": [r["rng"] for r in ranks],  # per rank: CPU, CUDA, noise generators
                         "stream": [r["stream"] for r in ranks],  # per rank: where each slot stands
                     }
-                    checkpoint.save(
-                        Path(tmp), state, {**config["meta"], "step": done, "run_id": config.get("run_id")}
-                    )
+                    checkpoint.save(Path(tmp), state, {**plan.meta, "step": done, "run_id": plan.run_id})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:08d}")
         # Metrics between checkpoints go to MLflow only: Ray Train's report queue holds one result
@@ -402,14 +364,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _log_pictures(
-    tracker: Any, ema: torch.nn.Module, sched: Any, x0: torch.Tensor, cfg: Any, step: int
+    tracker: Any, ema: torch.nn.Module, sched: Any, x0: torch.Tensor, plan: TrainPlan, step: int
 ) -> None:
     """A DDIM sample grid from the EMA model and a denoising strip of one training tile."""
     ema.eval()
-    shape = (cfg.tracking.sample_count, x0.shape[0], x0.shape[1], x0.shape[2])
-    samples = ddim_sample(ema, sched, shape, cfg.tracking.sample_steps, seed=cfg.seed)
+    shape = (plan.tracking.sample_count, x0.shape[0], x0.shape[1], x0.shape[2])
+    samples = ddim_sample(ema, sched, shape, plan.tracking.sample_steps, seed=plan.seed)
     tracker.log_image(grid(model_rgb(samples)), f"samples/step_{step:08d}.png")
-    ts = [int(cfg.diffusion.timesteps * f) for f in (0.05, 0.15, 0.25, 0.5, 0.75)]
-    xt, x0_hat = denoise_strip(ema, sched, x0, ts, seed=cfg.seed)
+    ts = [int(plan.diffusion.timesteps * f) for f in (0.05, 0.15, 0.25, 0.5, 0.75)]
+    xt, x0_hat = denoise_strip(ema, sched, x0, ts, seed=plan.seed)
     rows = torch.cat([x0.unsqueeze(0).cpu(), xt.cpu(), x0.unsqueeze(0).cpu(), x0_hat.cpu()])
     tracker.log_image(grid(model_rgb(rows), cols=len(ts) + 1), f"denoising/step_{step:08d}.png")

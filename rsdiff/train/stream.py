@@ -92,17 +92,11 @@ class ShardStream(IterableDataset):
         self.resume = dict(resume or {})
         self.first_slot = first_slot
         self._errors = mp.Value("i", 0)
-        self._shards_read = mp.Value("i", 0)
 
     @property
     def errors(self) -> int:
         """Shards (or members) skipped as unreadable/corrupt so far, across loader workers."""
         return int(self._errors.value)
-
-    @property
-    def shards_read(self) -> int:
-        """Shards opened so far, across loader workers."""
-        return int(self._shards_read.value)
 
     def _slot(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -144,8 +138,6 @@ class ShardStream(IterableDataset):
             self._handler(exc)
             bad.add(uri)
             return 0
-        with self._shards_read.get_lock():
-            self._shards_read.value += 1
         n = 0
         try:
             files = tar_file_expander([{"url": uri, "stream": stream}], handler=self._handler)

@@ -36,7 +36,8 @@ from rsdiff.diffusion.unet import build_unet
 from rsdiff.features.extract import ExtractConfig, _image_rng, run_extract, sample_pixels
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.features.table import write_part
-from rsdiff.heads.fit import HeadConfig, fit_head
+from rsdiff.heads.artifact import HeadConfig
+from rsdiff.heads.fit import fit_head
 from rsdiff.ingest import IngestConfig, run_ingest
 from rsdiff.pretrain import PretrainConfig
 from rsdiff.train import checkpoint

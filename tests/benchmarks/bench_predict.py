@@ -33,7 +33,7 @@ from rsdiff.data.scenes import SceneRef
 from rsdiff.data.synthetic import write_sample_dataset, write_scene
 from rsdiff.features.blocks import list_blocks
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.fit import HeadConfig, TrainedHead, build_head
+from rsdiff.heads.artifact import HeadConfig, TrainedHead, build_head
 from rsdiff.ingest import IngestConfig, run_ingest
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan, predict_scene
 from rsdiff.train.checkpoint import load_pretrained

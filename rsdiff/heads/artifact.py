@@ -1,0 +1,177 @@
+"""The head artifact prediction loads, apart from the code that trains it: the head config, how a
+head is built from it, and :class:`TrainedHead` (``head.pt`` weights + ``head.json`` sidecar).
+
+A :class:`TrainedHead` carries its channel selection (timesteps, blocks), feature
+standardisation, classes and the checkpoint URI it depends on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rsdiff import storage
+from rsdiff.artifacts import read_sidecar
+from rsdiff.config import build
+from rsdiff.errors import CheckpointError
+from rsdiff.heads.ensemble import DDPMSegEnsembleHead
+from rsdiff.heads.residual import ResidualMLPHead
+from rsdiff.weights import load_module_state, load_weights
+
+HEAD_KIND = "rsdiff-head"
+HEAD_FORMAT = 1
+
+HEAD_WEIGHTS = "head.pt"
+HEAD_META = "head.json"
+
+
+class HeadKind(Enum):
+    residual = "residual"  # rsdiff's residual MLP with channel re-weighting
+    ensemble = "ensemble"  # DDPM-Seg's 10-member MLP ensemble
+
+
+class ClassWeighting(Enum):
+    none = "none"
+    balanced = "balanced"  # weight_c ~ 1 / frequency_c, normalised to mean 1
+
+
+@dataclass
+class HeadConfig:
+    """Head architecture and training."""
+
+    kind: HeadKind = HeadKind.residual
+    width: int = 256
+    depth: int = 2
+    dropout: float = 0.1
+    gate: bool = True
+    members: int = 10  # ensemble only
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    epochs: int = 20
+    batch_rows: int = 2048
+    patience: int = 4  # epochs without a better val mIoU before stopping
+    input_noise: float = 0.0  # std of Gaussian noise added to standardised features while training
+    class_weighting: ClassWeighting = ClassWeighting.none
+    seed: int = 0
+
+
+def build_head(cfg: Any, in_dim: int, num_classes: int) -> nn.Module:
+    """A fresh head for ``in_dim`` features and ``num_classes`` classes."""
+    torch.manual_seed(cfg.seed)
+    if HeadKind(cfg.kind) is HeadKind.ensemble:
+        return DDPMSegEnsembleHead(in_dim, num_classes, members=cfg.members, seed=cfg.seed)
+    return ResidualMLPHead(
+        in_dim, num_classes, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout, gate=cfg.gate
+    )
+
+
+@dataclass
+class TrainedHead:
+    """A fitted head with everything prediction needs besides the pretraining checkpoint."""
+
+    module: nn.Module
+    config: dict[str, Any]
+    timesteps: list[int]
+    blocks: list[str]
+    mean: np.ndarray  # (D,) float32, feature standardisation
+    std: np.ndarray  # (D,)
+    classes: list[dict[str, Any]]
+    checkpoint: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    noise_seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.classes]
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` raw features -> standardised."""
+        mean = torch.as_tensor(self.mean, device=x.device)
+        std = torch.as_tensor(self.std, device=x.device)
+        return (x.float() - mean) / std
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, D)`` raw features -> ``(labels (N,), probabilities (N, C))``."""
+        self.module.eval()
+        return self.module.predict(self.standardise(features))
+
+    def save(self, uri: str) -> str:
+        """Write ``head.pt`` and ``head.json`` under ``uri`` (atomically each); returns ``uri``."""
+        buf = io.BytesIO()
+        torch.save({"state": self.module.state_dict(), "mean": torch.from_numpy(self.mean),
+                    "std": torch.from_numpy(self.std)}, buf)  # fmt: skip
+        storage.write_bytes(storage.join(uri, HEAD_WEIGHTS), buf.getvalue())
+        meta = {
+            "kind": HEAD_KIND,
+            "format": HEAD_FORMAT,
+            "config": self.config,
+            "in_dim": int(self.mean.shape[0]),
+            "timesteps": self.timesteps,
+            "blocks": self.blocks,
+            "classes": self.classes,
+            "checkpoint": self.checkpoint,
+            "noise_seed": self.noise_seed,
+            "metrics": self.metrics,
+        }
+        storage.write_text(storage.join(uri, HEAD_META), json.dumps(meta, indent=1, default=_jsonable))
+        return uri
+
+    @classmethod
+    def load(cls, uri: str) -> TrainedHead:
+        """Load a head artifact (weights-only unpickling)."""
+        meta = read_sidecar(
+            uri, HEAD_META, kind=HEAD_KIND, max_format=HEAD_FORMAT, error=CheckpointError,
+            what="head artifact", missing_hint="pass the head folder a sweep or fit saved (…/best_head)",
+        )  # fmt: skip
+        weights = storage.join(uri, HEAD_WEIGHTS)
+        try:
+            blob = storage.read_bytes(weights)
+        except storage.NotFoundError as exc:
+            raise CheckpointError(
+                f"head artifact {storage.display(uri)} has {HEAD_META} but no {HEAD_WEIGHTS}"
+            ) from exc
+        state = load_weights(blob, weights)
+        try:
+            cfg = build(HeadConfig, meta["config"])
+            module = build_head(cfg, int(meta["in_dim"]), len(meta["classes"]))
+        except Exception as exc:
+            raise CheckpointError(
+                f"{storage.display(uri)}/{HEAD_META} does not describe a head rsdiff can build "
+                f"({type(exc).__name__}); re-create the artifact"
+            ) from None
+        load_module_state(module, state.get("state"), weights)
+        if not all(isinstance(state.get(k), torch.Tensor) for k in ("mean", "std")):
+            raise CheckpointError(f"{storage.display(weights)} lacks the feature mean/std of the head")
+        module.eval()
+        return cls(
+            module=module,
+            config=meta["config"],
+            timesteps=meta["timesteps"],
+            blocks=meta["blocks"],
+            mean=state["mean"].numpy(),
+            std=state["std"].numpy(),
+            classes=meta["classes"],
+            checkpoint=meta["checkpoint"],
+            metrics=meta.get("metrics", {}),
+            noise_seed=int(meta.get("noise_seed", 0)),
+        )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

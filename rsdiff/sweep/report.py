@@ -1,0 +1,134 @@
+"""What a sweep reports: trials ranked from their records, the plain-text table, and the parent
+MLflow run's summary, plots and validation overlay."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from rsdiff import storage
+from rsdiff.features.table import FeatureTable
+from rsdiff.heads.artifact import TrainedHead
+from rsdiff.sweep.records import trial_id
+from rsdiff.sweep.space import HEAD_KEYS
+
+
+def collect(
+    samples: list[dict[str, Any]], records: dict[int, dict[str, Any]], out: str
+) -> list[dict[str, Any]]:
+    """Trials ranked by their best val mIoU, best first (samples never run are left out)."""
+    trials = []
+    for sample, rec in records.items():
+        history = [h["val_miou"] for h in rec["history"]]
+        best = float(max(history)) if history else float("nan")
+        head_uri = storage.join(out, "trials", trial_id(sample))
+        has_head = rec["status"] == "finished" and storage.exists(storage.join(head_uri, "head.json"))
+        choice = samples[sample]
+        trials.append(
+            {
+                "trial_id": trial_id(sample),
+                "timesteps": sorted(choice["timesteps"]),
+                "blocks": list(choice["blocks"]),
+                **{k: choice[k] for k in HEAD_KEYS},
+                "best_val_miou": best,
+                "epochs": len(history),
+                "stopped_early": rec["status"] == "stopped_early",
+                "error": rec.get("error"),
+                "head": head_uri if has_head else None,
+            }
+        )
+    return sorted(trials, key=lambda t: -(t["best_val_miou"] if np.isfinite(t["best_val_miou"]) else -1))
+
+
+def close_children(uri: str, parent_id: str, trials: list[dict[str, Any]]) -> None:
+    """Child runs of trials the scheduler stopped never finish themselves: mark them KILLED."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    run = c.get_run(parent_id)
+    children = c.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+    stopped = {t["trial_id"] for t in trials if t["stopped_early"]}
+    for child in children:
+        if child.info.status == "RUNNING":
+            status = "KILLED" if child.data.tags.get("rsdiff.trial") in stopped else "FAILED"
+            c.set_terminated(child.info.run_id, status=status)
+
+
+def format_table(trials: list[dict[str, Any]]) -> str:
+    """A ranked plain-text table of trials."""
+    head = (
+        f"{'rank':>4}  {'val mIoU':>8}  {'epochs':>6}  {'timesteps':<16} {'blocks':<34} "
+        f"{'kind':<8} {'width':>5} {'lr':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for i, t in enumerate(trials, 1):
+        lines.append(
+            f"{i:>4}  {t['best_val_miou']:>8.4f}  {t['epochs']:>6}  {json.dumps(t['timesteps']):<16} "
+            f"{json.dumps(t['blocks']):<34} {t['kind']:<8} {t['width']:>5} {t['lr']:>8.1e}"
+            + ("  (stopped early)" if t["stopped_early"] else "")
+        )
+    return "\n".join(lines)
+
+
+def log_summary(parent: Any, trials: list[dict[str, Any]], best: dict[str, Any], head: TrainedHead) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rsdiff.metrics import ConfusionMatrix
+
+    parent.log_metrics({"best_val_miou": best["best_val_miou"], "trials": len(trials)}, step=0)
+    parent.log_params({f"best.{k}": json.dumps(v) if isinstance(v, list) else str(v)
+                       for k, v in best.items() if k not in {"head", "error", "stopped_early"}})  # fmt: skip
+    parent.set_tags({"rsdiff.best_head": best["head"] or ""})
+    parent.log_dict({"trials": trials}, "summary.json")
+    parent.client.log_text(parent.run_id, format_table(trials), "summary.txt")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key in zip(axes, ("timesteps", "blocks")):
+        groups: dict[str, float] = {}
+        for t in trials:
+            if np.isfinite(t["best_val_miou"]):
+                label = json.dumps(t[key]).replace('"', "")
+                groups[label] = max(groups.get(label, 0.0), t["best_val_miou"])
+        names = sorted(groups, key=groups.get)
+        ax.barh(names, [groups[n] for n in names], color="#4C72B0")
+        ax.set_xlabel("best val mIoU")
+        ax.set_title(f"by {key}")
+    fig.tight_layout()
+    parent.log_figure(fig, "miou_by_choice.png")
+    plt.close(fig)
+    cm = ConfusionMatrix(head.num_classes)
+    cm.matrix = np.asarray(head.metrics["confusion_matrix"], np.int64)
+    fig = cm.plot(head.class_names, title=f"best trial {best['trial_id']}: val mIoU {cm.miou():.3f}")
+    parent.log_figure(fig, "best_confusion_matrix.png")
+    plt.close(fig)
+
+
+def log_overlay(parent: Any, head: TrainedHead, table: FeatureTable) -> None:
+    """Image | ground truth | best head's prediction on the first validation tile, as a PNG."""
+    import torch
+
+    from rsdiff.data.manifest import read_manifest
+    from rsdiff.data.shards import iter_shard
+    from rsdiff.features.extractor import FeatureExtractor
+    from rsdiff.train.checkpoint import load_pretrained
+    from rsdiff.viz import model_rgb, overlay, side_by_side
+
+    manifest = read_manifest(str(table.meta["shards"]))
+    shards = manifest.shard_uris("val") or manifest.shard_uris("train")
+    tile = next(iter_shard(shards[0]))
+    ddpm = load_pretrained(head.checkpoint)
+    x = torch.from_numpy(ddpm.normalizer(tile.image))[None]
+    feats = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed).dense(x)[0]
+    pred, _ = head.predict(feats.flatten(1).T)
+    pred = pred.view(tile.image.shape[1:]).numpy().astype(np.uint8)
+    rgb = model_rgb(x)[0]
+    truth = tile.label if tile.label is not None else np.full(pred.shape, 255, np.uint8)
+    picture = side_by_side([rgb, overlay(rgb, truth, head.classes), overlay(rgb, pred, head.classes)])
+    scale = max(1, 256 // picture.shape[0])
+    parent.log_image(np.kron(picture, np.ones((scale, scale, 1), np.uint8)), "val_overlay.png")

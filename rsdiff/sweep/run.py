@@ -1,0 +1,194 @@
+"""Running (or continuing) a sweep: the lease, the Tune experiment of the samples still to run,
+and the best head."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rsdiff import storage
+from rsdiff.config import to_container
+from rsdiff.errors import ConfigError
+from rsdiff.features.table import FeatureTable
+from rsdiff.heads.artifact import TrainedHead
+from rsdiff.sweep.records import DONE, mark_ended, read_records
+from rsdiff.sweep.report import close_children, collect, format_table, log_overlay, log_summary
+from rsdiff.sweep.space import (
+    SWEEP_SPEC,
+    Scheduler,
+    check_numbers,
+    check_same_spec,
+    draw_samples,
+    sweep_spec,
+    validate,
+)
+from rsdiff.sweep.trial import TrialContext, run_trial
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    """The outcome of a sweep."""
+
+    best_head: str  # URI of the best head artifact
+    best: dict[str, Any]
+    trials: list[dict[str, Any]]  # ranked, best first
+    parent_run_id: str
+    tracking_uri: str
+
+
+def run_sweep(cfg: Any) -> SweepResult:
+    """Run (or continue) the sweep; save the best head under ``cfg.output/best``.
+
+    Nothing Ray Tune pickled is ever read back: a re-run continues from rsdiff's own JSON trial
+    records (``{storage}/{name}/trials/``), running only the samples not yet finished or stopped
+    early, in a new Tune experiment (``{storage}/{name}/tune-<time>``, kept for its logs only).
+    """
+    from rsdiff import tracking
+    from rsdiff.lease import Lease
+
+    storage.check_name(cfg.name, "name")
+    table = FeatureTable.open(str(cfg.features))
+    validate(cfg, table)
+    check_numbers(cfg)
+    spec = sweep_spec(cfg, table)
+    experiment_uri = storage.join(storage.absolute(str(cfg.storage)), str(cfg.name))
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.client(uri)  # an unusable tracking store fails before anything is written
+    out = storage.absolute(str(cfg.output))
+    storage.check_writable(out)
+    storage.check_writable(experiment_uri)
+    with Lease(experiment_uri, f"sweep name={cfg.name} in {storage.display(str(cfg.storage))}"):
+        if cfg.fresh:
+            _clear(experiment_uri)
+        return _run_sweep(cfg, table, spec, experiment_uri, out, uri)
+
+
+def _run_sweep(
+    cfg: Any, table: FeatureTable, spec: dict[str, Any], experiment_uri: str, out: str, uri: str
+) -> SweepResult:
+    import time
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from rsdiff import tracking
+    from rsdiff.raytools import connect, storage_for_ray
+
+    spec_uri = storage.join(experiment_uri, SWEEP_SPEC)
+    restore = bool(_contents(experiment_uri))
+    if restore:
+        check_same_spec(experiment_uri, spec)
+    samples = draw_samples(to_container(cfg.search), int(cfg.num_samples), int(cfg.seed))
+    records = read_records(experiment_uri, len(samples)) if restore else {}
+    remaining = [i for i in range(len(samples)) if records.get(i, {}).get("status") not in DONE]
+    sweep_key = storage.display(storage.join(str(cfg.storage), str(cfg.name)))
+    tags = {"rsdiff.stage": "sweep", "rsdiff.sweep": sweep_key}
+    if restore:
+        parent, resumed = tracking.RunHandle.find_or_create(
+            uri, cfg.tracking.experiment, str(cfg.name), tags=tags, match_tag="rsdiff.sweep"
+        )
+    else:  # a new experiment gets a new parent run
+        parent, resumed = tracking.RunHandle.create(uri, cfg.tracking.experiment, str(cfg.name), tags), False
+        storage.write_text(spec_uri, json.dumps(spec, indent=1, default=str))
+    if not resumed:
+        parent.log_params(tracking.config_params(cfg))
+        parent.log_dict(to_container(cfg.search), "search_space.json")
+    with tracking.ends_run(parent):
+        if remaining:
+            log.info("sweep %s: %d of %d samples to run", sweep_key, len(remaining), len(samples))
+            context = TrialContext(
+                samples=samples,
+                features=table.root,
+                head=cfg.head,
+                parent_run_id=parent.run_id,
+                tracking_uri=uri,  # may hold a password: passed through the object store, never persisted
+                experiment=cfg.tracking.experiment,
+                experiment_uri=experiment_uri,
+                out=out,
+                gpus=float(cfg.gpus_per_trial),
+            )
+            connect(cfg.ray.address, cfg.ray.num_cpus)
+            trainable = tune.with_resources(
+                tune.with_parameters(run_trial, context=context),
+                {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
+            )
+            # max_t one past the last epoch: ASHA stops a trial that reaches max_t at that very report,
+            # before the trial could save its head; trials that run every epoch must end on their own.
+            scheduler = (
+                ASHAScheduler(
+                    max_t=cfg.head.epochs + 1,
+                    grace_period=cfg.grace_period,
+                    reduction_factor=cfg.reduction_factor,
+                )
+                if Scheduler(cfg.scheduler) is Scheduler.asha
+                else FIFOScheduler()
+            )
+            storage_path, filesystem = storage_for_ray(experiment_uri)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"sample": tune.grid_search(remaining)},
+                tune_config=tune.TuneConfig(
+                    metric="val_miou",
+                    mode="max",
+                    scheduler=scheduler,
+                    search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials),
+                    time_budget_s=cfg.time_budget_s,
+                ),
+                run_config=tune.RunConfig(
+                    name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=storage_path,
+                    storage_filesystem=filesystem,
+                ),
+            )  # fmt: skip
+            grid = tuner.fit()
+            mark_ended(grid, experiment_uri, len(samples))
+        trials = collect(samples, read_records(experiment_uri, len(samples)), out)
+        close_children(uri, parent.run_id, trials)
+        finished = [t for t in trials if t["head"]]
+        if not finished:
+            raise ConfigError("no trial finished; raise time_budget_s or check the trial errors above")
+        best = finished[0]
+        head = TrainedHead.load(best["head"])
+        best_uri = head.save(storage.join(out, "best"))
+        log_summary(parent, trials, best, head)
+        log_overlay(parent, head, table)
+        storage.write_text(
+            storage.join(out, "summary.json"), json.dumps({"best": best, "trials": trials}, indent=1)
+        )
+    parent.finish("FINISHED")
+    print(format_table(trials))
+    return SweepResult(best_uri, best, trials, parent.run_id, uri)
+
+
+def _contents(experiment: str) -> list[str]:
+    """Everything in the experiment folder but the lease (and write probes)."""
+    from rsdiff.lease import LEASE
+
+    return [
+        u for u in storage.list_uris(experiment)
+        if storage.name(u) != LEASE and not storage.name(u).startswith(".rsdiff-write-probe")
+    ]  # fmt: skip
+
+
+def _clear(experiment: str) -> None:
+    """``fresh=true``: delete the old experiment, keeping this job's lease."""
+    if storage.is_s3(experiment):
+        for uri in _contents(experiment):
+            storage.delete(uri)
+        return
+    from rsdiff.lease import LEASE
+
+    folder = Path(experiment)
+    for child in folder.iterdir() if folder.is_dir() else []:
+        if child.name == LEASE:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

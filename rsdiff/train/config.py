@@ -1,0 +1,100 @@
+"""What a training worker is told: the training sub-configs and the :class:`TrainPlan` that
+carries them, with the data facts the driver checked, to every Ray Train worker.
+
+``PretrainConfig`` (``rsdiff.pretrain``) composes these with the driver-only settings (run name,
+scaling, Ray); workers never see the whole job config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rsdiff.data.normalize import Normalizer
+from rsdiff.diffusion.schedule import DiffusionConfig
+from rsdiff.diffusion.unet import ModelConfig
+
+SAMPLE_SHARDS = "runs/shards/sample"  # where ``jobs/make_sample.py`` puts the built-in sample
+
+
+@dataclass
+class DataConfig:
+    """Which shards to train on and how to feed them."""
+
+    shards: str = SAMPLE_SHARDS  # ingest output folder or s3:// prefix (holds manifest.json)
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])  # pretraining needs no labels
+    batch_size: int = 8  # per worker
+    num_workers: int = 2  # DataLoader processes per Ray worker
+    shuffle_buffer: int = 256
+    augment: bool = True
+    norm_scale: float = 2.0  # x -> clip((x - mean) / (norm_scale * std), -1, 1)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay; iteration-based."""
+
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_steps: int = 200
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.99
+
+
+@dataclass
+class CheckpointCfg:
+    every_steps: int = 100
+    keep: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: ``uri`` null = ``MLFLOW_TRACKING_URI`` or the local sqlite store ``runs/mlflow.db``."""
+
+    uri: str | None = None
+    experiment: str = "rsdiff-pretrain"
+    log_every: int = 20
+    sample_every: int = 100
+    sample_count: int = 16
+    sample_steps: int = 25
+
+
+@dataclass
+class PerfConfig:
+    """Speed paths: bf16 autocast, TF32 and channels_last apply on CUDA only; compile anywhere."""
+
+    bf16: bool = True
+    channels_last: bool = True
+    compile: bool = False
+
+
+StepHook = Callable[[int, int, "TrainPlan"], None]
+
+
+@dataclass
+class TrainPlan:
+    """Everything one Ray Train worker needs, typed; built by the driver after its checks."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    optim: OptimConfig
+    data: DataConfig
+    perf: PerfConfig
+    tracking: TrackingConfig
+    checkpoint: CheckpointCfg
+    seed: int
+    run_dir: str  # absolute {run.storage}/{run.name}: Ray Train's checkpoints live here
+    shards: list[str]  # shard URIs of the chosen splits
+    in_channels: int
+    image_size: int  # px, square crops
+    normalizer: Normalizer
+    meta: dict[str, Any]  # what every checkpoint's sidecar records
+    run_id: str | None = None  # MLflow run rank 0 logs into (None: no tracking)
+    tracking_uri: str | None = None
+    # Called on every rank after each optimiser step as ``after_step(step, rank, plan)`` (1-based
+    # step). Not a config setting: library callers (the fault tests) install it; it must pickle.
+    after_step: StepHook | None = None

@@ -1,0 +1,61 @@
+"""Fault injection for the pretraining tests: a ``run_pretrain(after_step=...)`` hook that fails
+one rank once, by exception or by SIGKILL of its worker process.
+
+The hook is pickled by value (Ray workers do not have ``tests/`` on their path).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.cloudpickle
+
+
+@dataclass
+class FailOnce:
+    """Fail once at ``step`` on ``rank``: ``kind="raise"`` raises, ``kind="kill"`` SIGKILLs the
+    worker after Ray Train has registered the checkpoint before ``step`` (so the restart point is
+    deterministic). ``marker`` (a file) records that it fired, across restarts."""
+
+    step: int
+    rank: int
+    marker: Path
+    kind: str = "raise"
+
+    def __call__(self, step: int, rank: int, plan) -> None:
+        if step != self.step or rank != self.rank or self.marker.exists():
+            return
+        self.marker.write_text(f"fault at step {step}")
+        if self.kind == "kill":
+            _wait_until_registered(plan.run_dir, step - step % plan.checkpoint.every_steps)
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+
+
+def _wait_until_registered(run_dir: str, step: int, timeout_s: float = 60.0) -> None:
+    """Wait until Ray Train's controller has registered checkpoint ``step``: it collects reports
+    every couple of seconds, and a worker killed before that loses the queued report (the restart
+    would come from the checkpoint before). Registration shows in the run's
+    ``checkpoint_manager_snapshot.json``."""
+    from rsdiff import storage
+
+    if step <= 0:
+        return
+    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if f"checkpoint_{step:08d}" in storage.read_text(snapshot):
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"checkpoint {step} was not registered in {snapshot} within {timeout_s:.0f} s")
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -1,0 +1,103 @@
+"""The package layout the README describes: no stage module imports another stage's module, the
+library never reads files by its repository path, and presets ship inside the package."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rsdiff"
+# One module (or package) per pipeline stage; each has a job script under jobs/.
+STAGES = {
+    "rsdiff.ingest", "rsdiff.pretrain", "rsdiff.features.extract", "rsdiff.sweep", "rsdiff.prediction.run",
+    "rsdiff.evaluate", "rsdiff.label_efficiency", "rsdiff.sample", "rsdiff.demo",
+}  # fmt: skip
+COMPOSERS = {"rsdiff.demo": "runs every stage", "rsdiff.sample": "runs ingest on generated scenes"}
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _stage(module: str) -> str | None:
+    return next((s for s in STAGES if module == s or module.startswith(s + ".")), None)
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("rsdiff")}
+
+
+def test_no_module_imports_another_stages_module():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = _module(path)
+        if me in COMPOSERS:
+            continue
+        for imported in _imports(path):
+            stage = _stage(imported)
+            if stage is not None and stage != _stage(me):
+                bad.append(f"{me} imports {imported}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_library_never_reads_files_by_its_repository_path():
+    bad = [
+        f"{_module(p)}: {line.strip()}"
+        for p in sorted(PACKAGE.rglob("*.py"))
+        for line in p.read_text().splitlines()
+        if "__file__" in line and ("parents[" in line or ".parent" in line)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.unit
+def test_a_non_editable_install_ships_the_presets(tmp_path):
+    """Built as a wheel and installed elsewhere, rsdiff finds its presets by name and every job's
+    ``--config <preset>`` resolves from an unrelated folder (no repository beside it)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = PACKAGE.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(repo)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    wheel = next(tmp_path.glob("rsdiff-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(n for n in names if n.startswith("rsdiff/configs/") and n.endswith(".yaml"))
+    presets = (repo / "configs").rglob("*.yaml")
+    expected = sorted(f"rsdiff/configs/{p.relative_to(repo / 'configs')}" for p in presets)
+    assert shipped == expected and "rsdiff/sweep/run.py" in names
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
+    subprocess.run(pip, check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    where = subprocess.run([sys.executable, "-c", "import rsdiff; print(rsdiff.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    assert where.stdout.startswith(str(site))
+    cases = [("pretrain", "tiny", "max_steps: 300"), ("sweep", "tiny", "num_samples"),
+             ("extract", "tiny", "pixels_per_class"), ("ingest", "dubai", "name: water")]  # fmt: skip
+    for job, name, needle in cases:
+        proc = subprocess.run(
+            [sys.executable, str(repo / "jobs" / f"{job}.py"), "--config", name, "--print-config",
+             *(["inputs=[x]"] if job == "ingest" else []), *(["features=x"] if job == "sweep" else []),
+             *(["checkpoint=x", "shards=x"] if job == "extract" else [])],
+            cwd=elsewhere, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0 and needle in proc.stdout, (job, proc.stderr[-2000:])
