@@ -101,13 +101,7 @@ def discover_colour_classes(inputs: list[str], labels: LabelConfig, limit: int =
     dummy = ClassMap(names=("x",), colours=((1, 2, 3),), values=(0,))
     for ref in refs:
         with SceneReader(ref, dummy) as reader:
-            raw = reader.mask_ds.read()
-            if raw.shape[0] == 1:
-                cmap = reader.mask_ds.colormap(1)
-                lut = np.array([cmap.get(i, (0, 0, 0, 0))[:3] for i in range(256)], np.uint8)
-                rgb = lut[raw[0]]
-            else:
-                rgb = np.moveaxis(raw[:3], 0, -1)
+            rgb = reader.mask_rgb()
             uniq, n = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)
             for c, k in zip(uniq, n):
                 counts[colour_hex(c)] = counts.get(colour_hex(c), 0) + int(k)

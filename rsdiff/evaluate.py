@@ -57,7 +57,7 @@ class EvaluateResult:
     tracking_uri: str | None
 
 
-def _label_classmap(cfg: Any, head_classes: list[dict[str, Any]]) -> tuple[ClassMap, np.ndarray]:
+def _label_classmap(cfg: EvaluateConfig, head_classes: list[dict[str, Any]]) -> tuple[ClassMap, np.ndarray]:
     """The mask's class map and a lookup ``mask id -> head id`` (IGNORE_INDEX where absent)."""
     if cfg.labels.classes:
         cm = build_classmap(cfg.labels)
@@ -138,7 +138,7 @@ def _read_label_rows(reader: SceneReader, row: int, rows: int) -> np.ndarray:
     return ids
 
 
-def run_evaluate(cfg: Any) -> EvaluateResult:
+def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Evaluate a prediction run against label masks.
 
     Raises:

@@ -138,7 +138,7 @@ def _plot(rows: list[dict[str, Any]], ks: list[int]) -> Any:
     return fig
 
 
-def run_label_efficiency(cfg: Any) -> LabelEfficiencyResult:
+def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
     """Run every (k, draw, method) and write the table, plot and per-run JSON.
 
     Raises:

@@ -50,9 +50,10 @@ def make_sample(cfg: SampleConfig) -> Manifest:
         raise ConfigError(
             f"{storage.display(out)} already holds shards; pass overwrite=true to make them again"
         )
-    ingest = load_config(IngestConfig, preset("ingest", "sample"), [])
     with tempfile.TemporaryDirectory(prefix="rsdiff-sample-") as tmp:
         log.info("writing %d generated %d px scenes and ingesting them into %s", cfg.scenes, cfg.size, out)
         write_sample_dataset(Path(tmp), scenes=cfg.scenes, height=cfg.size, width=cfg.size)
-        where = {"inputs": [f"{tmp}/images/*.tif"], "output": out, "overwrite": cfg.overwrite}
-        return run_ingest(build(IngestConfig, ingest, where, {"ray": cfg.ray}))
+        ingest = load_config(IngestConfig, preset("ingest", "sample"), [f"inputs=[{tmp}/images/*.tif]"])
+        return run_ingest(
+            build(IngestConfig, ingest, {"output": out, "overwrite": cfg.overwrite, "ray": cfg.ray})
+        )

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from rsdiff.ingest import IngestConfig, run_ingest
 from rsdiff.pretrain import PretrainConfig, run_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-DUBAI = REPO.parent / "shared" / "data" / "dubai-aerial"
+# RSDIFF_TEST_DUBAI points elsewhere (e.g. at nothing, to run the suite as a fresh clone would).
+DUBAI = Path(os.environ.get("RSDIFF_TEST_DUBAI", REPO.parent / "shared" / "data" / "dubai-aerial"))
 TEST_KEY_ID = "AKIARSDIFFTESTKEY0001"
 TEST_SECRET = "rsdiffTestSecretKeyDoNotLeak0123456789abc"
 
@@ -160,24 +162,51 @@ def ray_address(ray_cluster) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# A tiny DDPM on dubai-aerial tiles and its feature table, shared by the feature and sweep tests.
+# A tiny DDPM on labeled tiles and its feature table, shared by the feature, head and sweep tests.
+# They use dubai-aerial's tile_1 where it is present, else the generated sample, so a fresh clone
+# without ../shared still exercises extraction, heads and sweeps.
+
+
+@dataclass(frozen=True)
+class LabeledSource:
+    """Labeled scenes to ingest: ``preset`` + ``inputs`` cut them; ``unlabel`` is the override list
+    that makes every class pixel an ignore pixel (for the "no labeled pixel" case)."""
+
+    name: str
+    preset: Path
+    inputs: str
+    bands: int
+    unlabel: tuple[str, ...]
 
 
 @pytest.fixture(scope="session")
-def dubai_ckpt(dubai, tmp_path_factory, ray_cluster) -> tuple[str, str]:
-    """A tiny DDPM briefly pretrained on 64 px tiles of dubai-aerial tile_1: (checkpoint, shards)."""
-    root = tmp_path_factory.mktemp("dubai")
+def labeled_source(tmp_path_factory: pytest.TempPathFactory) -> LabeledSource:
+    if (DUBAI / "classes.json").exists():
+        ignore = "['#3C1098','#8429F6','#6EC1E4','#FEDD3A','#E2A929','#9B9B9B','#000000']"
+        return LabeledSource(
+            "dubai-aerial tile_1", REPO / "configs/ingest/dubai.yaml", f"{DUBAI}/tile_1/images/*.jpg", 3,
+            (f"labels.ignore_colours={ignore}", "labels.classes=[{name: x, colour: '#010203'}]"),
+        )  # fmt: skip
+    from rsdiff.data.synthetic import write_sample_dataset
+
+    folder = tmp_path_factory.mktemp("labeled-sample")
+    write_sample_dataset(folder, scenes=9, height=128, width=128)
+    return LabeledSource(
+        "generated sample", REPO / "configs/ingest/sample.yaml", f"{folder}/images/*.tif", 4,
+        ("labels.ignore_values=[0,1,2,3,4,255]", "labels.classes=[{name: x, value: 200}]"),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def labeled_ckpt(labeled_source, tmp_path_factory, ray_cluster) -> tuple[str, str]:
+    """A tiny DDPM briefly pretrained on 64 px labeled tiles: (checkpoint, shards)."""
+    root = tmp_path_factory.mktemp("labeled")
     shards = str(root / "shards")
     run_ingest(
         load_config(
             IngestConfig,
-            REPO / "configs/ingest/dubai.yaml",
-            [
-                f"inputs=[{dubai}/tile_1/images/*.jpg]",
-                f"output={shards}",
-                "tile_size=64",
-                "val_fraction=0.34",
-            ],
+            labeled_source.preset,
+            [f"inputs=[{labeled_source.inputs}]", f"output={shards}", "tile_size=64", "val_fraction=0.34"],
         )
     )
     cfg = load_config(
@@ -203,11 +232,11 @@ def extract_features(ckpt, shards, output, *extra):
 
 
 @pytest.fixture(scope="session")
-def dubai_table(dubai_ckpt, s3_endpoint, ray_cluster) -> FeatureTable:
+def labeled_table(labeled_ckpt, s3_endpoint, ray_cluster) -> FeatureTable:
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="rsdiff-features")
-    ckpt, shards = dubai_ckpt
+    ckpt, shards = labeled_ckpt
     return extract_features(ckpt, shards, "s3://rsdiff-features/table")
 
 

@@ -10,9 +10,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from rsdiff import devices
+from rsdiff.config import build, to_container
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.schedule import DiffusionConfig, make_scheduler
 from rsdiff.diffusion.unet import ModelConfig, build_unet
@@ -34,10 +34,10 @@ SIZE, BANDS = 32, 4
 def _ddpm(device: torch.device, seed: int = 0) -> PretrainedDDPM:
     """A tiny randomly initialised DDPM on ``device``, shaped like a loaded checkpoint."""
     torch.manual_seed(seed)
-    model = build_unet(OmegaConf.structured(ModelConfig), BANDS, SIZE).eval().requires_grad_(False)
+    model = build_unet(ModelConfig(), BANDS, SIZE).eval().requires_grad_(False)
     return PretrainedDDPM(
         model=model.to(device),
-        scheduler=make_scheduler(OmegaConf.structured(DiffusionConfig)),
+        scheduler=make_scheduler(DiffusionConfig()),
         normalizer=Normalizer((0.0,) * BANDS, (1.0,) * BANDS),
         meta={"in_channels": BANDS, "image_size": SIZE, "bands": [f"b{i}" for i in range(BANDS)]},
         uri="memory://tiny",
@@ -45,10 +45,10 @@ def _ddpm(device: torch.device, seed: int = 0) -> PretrainedDDPM:
 
 
 def _head(in_dim: int, device: torch.device, kind: str = "residual") -> TrainedHead:
-    cfg = OmegaConf.merge(OmegaConf.structured(HeadConfig), {"kind": kind, "width": 32, "members": 3})
+    cfg = build(HeadConfig, {"kind": kind, "width": 32, "members": 3})
     return TrainedHead(
         module=build_head(cfg, in_dim, 3).to(device),
-        config=OmegaConf.to_container(cfg),
+        config=to_container(cfg),
         timesteps=[10, 100],
         blocks=["up1.res0", "up2.res1"],
         mean=np.zeros(in_dim, np.float32),
@@ -84,11 +84,11 @@ def test_whole_window_prediction_on_meta(kind):
 
 
 def test_training_step_and_ema_on_meta():
-    model = build_unet(OmegaConf.structured(ModelConfig), BANDS, SIZE).to(META)
+    model = build_unet(ModelConfig(), BANDS, SIZE).to(META)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    sched = make_scheduler(OmegaConf.structured(DiffusionConfig))
+    sched = make_scheduler(DiffusionConfig())
     loss, grad_norm, _ = train_step(
         model, ema, opt, lr, lambda: torch.zeros(2, BANDS, SIZE, SIZE), sched, devices.generator(META, 0),
         timesteps=1000, grad_accum=2,
@@ -139,7 +139,7 @@ def test_asking_for_a_gpu_without_cuda_is_one_clear_error():
 
 def test_fused_ema_update_follows_the_formula_and_keeps_memory_format():
     torch.manual_seed(0)
-    model = build_unet(OmegaConf.structured(ModelConfig), BANDS, SIZE).to(memory_format=torch.channels_last)
+    model = build_unet(ModelConfig(), BANDS, SIZE).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     with torch.no_grad():

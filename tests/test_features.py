@@ -1,5 +1,6 @@
 """Frozen features with Ray Data (``run_extract`` / ``jobs/extract.py``), the heads and metrics,
-on dubai-aerial tiles, a real local Ray and the loopback S3 server."""
+on labeled tiles (dubai-aerial's where present, else the generated sample), a real local Ray and
+the loopback S3 server."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, extract_features, run_job
-from omegaconf import OmegaConf
 
-from rsdiff.config import load_config
+from rsdiff.config import build, load_config
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
 from rsdiff.errors import CheckpointError, ConfigError, DataError
@@ -28,13 +28,13 @@ from rsdiff.train.checkpoint import load_pretrained
 EXTRACT = REPO / "configs" / "extract" / "tiny.yaml"
 
 
-def test_extraction_to_s3_and_channel_index(dubai_ckpt, dubai_table):
-    table = dubai_table
+def test_extraction_to_s3_and_channel_index(labeled_ckpt, labeled_table):
+    table = labeled_table
     assert table.root == "s3://rsdiff-features/table"
-    ddpm = load_pretrained(dubai_ckpt[0])
+    ddpm = load_pretrained(labeled_ckpt[0])
     decoder = [b for b in list_blocks(ddpm.model) if b.startswith("up")]
     assert table.meta["blocks"] == decoder and table.meta["timesteps"] == [10, 100]
-    shapes = block_channels(ddpm.model, 3, 64)
+    shapes = block_channels(ddpm.model, int(ddpm.meta["in_channels"]), 64)
     ranges = table.index.ranges
     assert [(r.timestep, r.block) for r in ranges] == [(t, b) for t in (10, 100) for b in decoder]
     assert all(r.stop - r.start == shapes[r.block][0] for r in ranges)
@@ -42,7 +42,7 @@ def test_extraction_to_s3_and_channel_index(dubai_ckpt, dubai_table):
     assert table.meta["dim"] == ranges[-1].stop
     part = read_part(table.root, table.parts("train")[0]["name"])
     assert part["features"].dtype == np.float16 and part["features"].shape[1] == table.meta["dim"]
-    assert part["labels"].dtype == np.uint8 and (part["labels"] < 5).all()
+    assert part["labels"].dtype == np.uint8 and (part["labels"] < table.num_classes).all()
     assert table.rows("train") > 0 and table.rows("val") > 0
     # stratified cap: at most pixels_per_class rows per class per image
     for img in set(part["image"].tolist()):
@@ -51,11 +51,11 @@ def test_extraction_to_s3_and_channel_index(dubai_ckpt, dubai_table):
 
 
 def test_same_pixels_give_identical_features_and_subsets_match_direct_extraction(
-    dubai_ckpt, dubai_table, tmp_path
+    labeled_ckpt, labeled_table, tmp_path
 ):
-    ckpt, shards = dubai_ckpt
+    ckpt, shards = labeled_ckpt
     again = extract_features(ckpt, shards, tmp_path / "again")
-    first = {p["name"]: read_part(dubai_table.root, p["name"]) for p in dubai_table.parts("train")}
+    first = {p["name"]: read_part(labeled_table.root, p["name"]) for p in labeled_table.parts("train")}
     second = {p["name"]: read_part(again.root, p["name"]) for p in again.parts("train")}
 
     def by_pixel(parts):
@@ -76,7 +76,7 @@ def test_same_pixels_give_identical_features_and_subsets_match_direct_extraction
     ddpm = load_pretrained(ckpt)
     sub_t, sub_b = [100], ["up1.res0", "up2.res1"]
     direct = FeatureExtractor(ddpm, sub_t, sub_b)
-    channels = dubai_table.index.select(sub_t, sub_b)
+    channels = labeled_table.index.select(sub_t, sub_b)
     assert len(channels) == direct.dim
     manifest = read_manifest(shards)
     tiles = {s.key: s for u in manifest.shard_uris("train") for s in iter_shard(u)}
@@ -98,30 +98,32 @@ def _majority_miou(table: FeatureTable) -> float:
 
 
 @pytest.mark.parametrize("kind", ["residual", "ensemble"])
-def test_heads_beat_the_majority_baseline_and_reload(dubai_table, tmp_path, kind):
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(HeadConfig),
+def test_heads_beat_the_majority_baseline_and_reload(labeled_table, tmp_path, kind):
+    cfg = build(
+        HeadConfig,
         {"kind": kind, "epochs": 8, "width": 64, "depth": 1, "members": 4, "batch_rows": 256, "lr": 3e-3,
          "input_noise": 0.05, "class_weighting": "none"},
     )  # fmt: skip
     epochs = []
     head = fit_head(
-        dubai_table, [10, 100], dubai_table.index.blocks, cfg, on_epoch=lambda e, m: epochs.append(m)
+        labeled_table, [10, 100], labeled_table.index.blocks, cfg, on_epoch=lambda e, m: epochs.append(m)
     )
-    baseline = _majority_miou(dubai_table)
+    baseline = _majority_miou(labeled_table)
     assert head.metrics["miou"] > baseline + 0.03, (head.metrics["miou"], baseline)
     assert head.metrics["validated_on"] == "val" and len(epochs) == head.metrics["epochs_run"]
     head.save(str(tmp_path / "head"))
     loaded = TrainedHead.load(str(tmp_path / "head"))
     x, _ = next(
-        dubai_table.iter_batches("val", dubai_table.index.select([10, 100], dubai_table.index.blocks))
+        labeled_table.iter_batches("val", labeled_table.index.select([10, 100], labeled_table.index.blocks))
     )
     a, pa = head.predict(torch.from_numpy(x))
     b, pb = loaded.predict(torch.from_numpy(x))
     assert torch.equal(a, b) and torch.allclose(pa, pb)
     if kind == "ensemble":
         u = loaded.module.uncertainty(loaded.standardise(torch.from_numpy(x)))
-        assert u.shape == (len(x),) and (u >= 0).all() and (u <= np.log(5) + 1e-5).all()
+        assert (
+            u.shape == (len(x),) and (u >= 0).all() and (u <= np.log(labeled_table.num_classes) + 1e-5).all()
+        )
 
 
 def test_metrics_match_a_hand_computed_confusion_matrix():
@@ -159,8 +161,8 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
         ("shards={nolabels}", DataError, "no labeled pixel"),
     ],
 )
-def test_extract_bad_inputs(dubai_ckpt, unlabeled_shards, tmp_path, override, error, needle):
-    ckpt, shards = dubai_ckpt
+def test_extract_bad_inputs(labeled_ckpt, unlabeled_shards, tmp_path, override, error, needle):
+    ckpt, shards = labeled_ckpt
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "rsdiff.json").write_text('{"kind": "something-else"}')
@@ -176,36 +178,28 @@ def test_extract_bad_inputs(dubai_ckpt, unlabeled_shards, tmp_path, override, er
 
 
 @pytest.fixture(scope="session")
-def unlabeled_shards(dubai, tmp_path_factory, ray_cluster) -> dict[str, str]:
-    """3-band shards without labels, and shards whose masks hold only ignore colours."""
-    import shutil
+def unlabeled_shards(labeled_source, tmp_path_factory, ray_cluster) -> dict[str, str]:
+    """Shards of the labeled scenes ingested without labels, and with every class ignored."""
+    import glob
 
     root = tmp_path_factory.mktemp("nolabels")
+    src = labeled_source
+    one = sorted(glob.glob(src.inputs))[0]  # one scene is enough
+    run_ingest(
+        load_config(IngestConfig, None, [f"inputs=[{one}]", f"output={root / 'unlabeled'}", "tile_size=64"])
+    )
     run_ingest(
         load_config(
-            IngestConfig, None,
-            [f"inputs=[{dubai}/tile_1/images/image_part_001.jpg]", f"output={root / 'unlabeled'}",
-             "tile_size=64"],
-        )
-    )  # fmt: skip
-    (root / "src/images").mkdir(parents=True)
-    (root / "src/masks").mkdir(parents=True)
-    shutil.copy(dubai / "tile_1/images/image_part_001.jpg", root / "src/images/a.jpg")
-    shutil.copy(dubai / "tile_1/masks/image_part_001.png", root / "src/masks/a.png")
-    run_ingest(
-        load_config(
-            IngestConfig, REPO / "configs/ingest/dubai.yaml",
-            [f"inputs=[{root}/src/images/*.jpg]", f"output={root / 'nolabels'}", "tile_size=64",
-             "val_fraction=0",
-             "labels.ignore_colours=['#3C1098','#8429F6','#6EC1E4','#FEDD3A','#E2A929','#9B9B9B','#000000']",
-             "labels.classes=[{name: x, colour: '#010203'}]"],
+            IngestConfig, src.preset,
+            [f"inputs=[{one}]", f"output={root / 'nolabels'}", "tile_size=64", "val_fraction=0",
+             *src.unlabel],
         )
     )  # fmt: skip
     return {"unlabeled": str(root / "unlabeled"), "nolabels": str(root / "nolabels")}
 
 
-def test_extract_job_lists_blocks_on_error(dubai_ckpt, tmp_path, ray_address):
-    ckpt, shards = dubai_ckpt
+def test_extract_job_lists_blocks_on_error(labeled_ckpt, tmp_path, ray_address):
+    ckpt, shards = labeled_ckpt
     proc = run_job(
         "extract.py", "--config", str(EXTRACT), f"checkpoint={ckpt}", f"shards={shards}",
         f"output={tmp_path}", "blocks=[decoder.5]", env=ray_address,

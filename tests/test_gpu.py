@@ -11,10 +11,9 @@ import pytest
 import rasterio
 import torch
 from conftest import REPO
-from omegaconf import OmegaConf
 from step_faults import FailOnce
 
-from rsdiff.config import load_config
+from rsdiff.config import build, load_config
 from rsdiff.data.synthetic import write_scene
 from rsdiff.prediction.run import PredictConfig, run_predict
 from rsdiff.pretrain import PretrainConfig, run_pretrain
@@ -49,12 +48,12 @@ def test_prediction_on_gpu_matches_cpu(sample_demo, tmp_path, precision, agree):
     scene = write_scene(tmp_path, "g", height=150, width=170, seed=3)
     maps = {}
     for device, gpus in (("cpu", 0), ("gpu", 1)):
-        cfg = OmegaConf.merge(
-            OmegaConf.structured(PredictConfig),
+        cfg = build(
+            PredictConfig,
             {"head": str(sample_demo / "sweep" / "best"), "output": str(tmp_path / device), "num_gpus": gpus,
-             "precision": precision if gpus else "fp32", "tracking": {"enabled": False}},
+             "precision": precision if gpus else "fp32", "tracking": {"enabled": False},
+             "inputs": [str(scene.image)]},
         )  # fmt: skip
-        cfg.inputs = [str(scene.image)]
         run_predict(cfg)
         with rasterio.open(tmp_path / device / "g.tif") as ds:
             maps[device] = ds.read(1)

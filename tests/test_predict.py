@@ -12,8 +12,8 @@ import rasterio
 import torch
 from conftest import run_job
 from mlflow import MlflowClient
-from omegaconf import OmegaConf
 
+from rsdiff.config import build, load_config
 from rsdiff.data.synthetic import write_scene
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.heads.artifact import HeadConfig
@@ -21,13 +21,11 @@ from rsdiff.heads.fit import fit_head
 from rsdiff.prediction.run import PredictConfig, load_head_and_checkpoint, run_predict
 
 
-def _predict_cfg(head: str, inputs: list[str], output: str, *extra: str):
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(PredictConfig),
-        OmegaConf.from_dotlist([f"head={head}", f"output={output}", "tracking.enabled=false", *extra]),
+def _predict_cfg(head: str, inputs: list[str], output: str, *extra: str) -> PredictConfig:
+    cfg = load_config(
+        PredictConfig, None, [f"head={head}", f"output={output}", "tracking.enabled=false", *extra]
     )
-    cfg.inputs = inputs
-    return cfg
+    return build(PredictConfig, cfg, {"inputs": inputs})
 
 
 def test_demo_chain_on_the_generated_sample(sample_demo):
@@ -179,13 +177,11 @@ def test_window_seams_do_not_change_the_argmax_of_a_constant_image(sample_demo, 
     assert (interior == c).mean() >= purity - 0.01, ((interior == c).mean(), purity)
 
 
-def test_a_jpg_without_georeference_gives_an_ungeoreferenced_map(dubai, dubai_table, tmp_path, ray_cluster):
+def test_a_jpg_without_georeference_gives_an_ungeoreferenced_map(dubai, labeled_table, tmp_path, ray_cluster):
     from PIL import Image
 
-    head_cfg = OmegaConf.merge(
-        OmegaConf.structured(HeadConfig), {"epochs": 2, "width": 32, "batch_rows": 512}
-    )
-    head = fit_head(dubai_table, [100], ["up1.res1", "up2.res1"], head_cfg)
+    head_cfg = build(HeadConfig, {"epochs": 2, "width": 32, "batch_rows": 512})
+    head = fit_head(labeled_table, [100], ["up1.res1", "up2.res1"], head_cfg)
     head_uri = head.save(str(tmp_path / "head"))
     jpg = tmp_path / "scenes" / "crop.jpg"
     jpg.parent.mkdir()

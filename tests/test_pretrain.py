@@ -10,6 +10,7 @@ from step_faults import FailOnce
 
 from rsdiff import storage
 from rsdiff.config import load_config
+from rsdiff.data.manifest import read_manifest
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.ingest import IngestConfig, run_ingest
 from rsdiff.pretrain import PretrainConfig, run_pretrain
@@ -305,3 +306,24 @@ def test_ray_job_submit_to_a_local_head(local_shards, tmp_path):
     finally:
         head.terminate()
         head.wait(timeout=120)
+
+
+def test_pretraining_never_makes_data_itself_and_says_how_to(tmp_path, monkeypatch, mlflow_uri):
+    monkeypatch.chdir(tmp_path)  # no runs/shards/sample here
+    cfg = _cfg(f"tracking.uri={mlflow_uri}")
+    assert cfg.data.shards == "runs/shards/sample"
+    with pytest.raises(DataError, match=r"no shards at runs/shards/sample .*python jobs/make_sample.py"):
+        run_pretrain(cfg)
+    assert list(tmp_path.iterdir()) == [tmp_path / "mlflow.db"]  # nothing was generated
+
+
+def test_make_sample_job_writes_the_shards_pretraining_reads(tmp_path, ray_address):
+    out = tmp_path / "sample"
+    proc = run_job("make_sample.py", f"output={out}", "scenes=3", "size=64", env=ray_address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(str(out))
+    assert manifest.bands == ["red", "green", "blue", "nir"] and manifest.tile_size == 64
+    assert sum(manifest.samples.values()) == 3 and set(manifest.samples) == {"train", "val"}
+    assert manifest.labeled
+    again = run_job("make_sample.py", f"output={out}", "scenes=3", "size=64", env=ray_address)
+    assert again.returncode == 2 and "already holds shards; pass overwrite=true" in again.stderr

@@ -1,5 +1,6 @@
-"""The Ray Tune sweep (``run_sweep`` / ``jobs/sweep.py``) over dubai-aerial features, tracked in a
-real MLflow store and read back through ``MlflowClient``."""
+"""The Ray Tune sweep (``run_sweep`` / ``jobs/sweep.py``) over the labeled test table (dubai-aerial's
+features where present, else the generated sample's), tracked in a real MLflow store and read back
+through ``MlflowClient``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from rsdiff.heads.fit import evaluate
 from rsdiff.sweep import SweepConfig, run_sweep
 
 SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
-SEARCH = [  # choices that exist in the shared dubai feature table (t in {10, 100})
+SEARCH = [  # choices that exist in the labeled test table (t in {10, 100})
     "search.timesteps=[[10],[100],[10,100]]",
     "search.blocks=[[up1.res0],[up2.res1],[up1.res1,up2.res1]]",
 ]
@@ -47,9 +48,9 @@ def _cfg(table, tmp_path, mlflow_uri, *extra):
 
 
 def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
-    dubai_table, tmp_path, mlflow_uri, ray_cluster
+    labeled_table, tmp_path, mlflow_uri, ray_cluster
 ):
-    result = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, "name=fifo", "scheduler=fifo"))
+    result = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, "name=fifo", "scheduler=fifo"))
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -74,14 +75,14 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     ranked = [t["best_val_miou"] for t in result.trials]
     assert ranked == sorted(ranked, reverse=True)
     head = TrainedHead.load(result.best_head)
-    assert head.timesteps == result.best["timesteps"] and head.checkpoint == dubai_table.meta["checkpoint"]
-    channels = dubai_table.index.select(head.timesteps, head.blocks)
+    assert head.timesteps == result.best["timesteps"] and head.checkpoint == labeled_table.meta["checkpoint"]
+    channels = labeled_table.index.select(head.timesteps, head.blocks)
     mean, std = torch.from_numpy(head.mean), torch.from_numpy(head.std)
-    cm = evaluate(head.module, dubai_table, "val", channels, mean, std)
+    cm = evaluate(head.module, labeled_table, "val", channels, mean, std)
     assert cm.miou() == pytest.approx(result.best["best_val_miou"], abs=1e-9)
 
     # Re-running the same sweep name restores it: nothing is trained again, same parent run.
-    again = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, "name=fifo", "scheduler=fifo"))
+    again = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, "name=fifo", "scheduler=fifo"))
     assert again.parent_run_id == result.parent_run_id
     assert [t["trial_id"] for t in again.trials] == [t["trial_id"] for t in result.trials]
     children_again = client.search_runs(
@@ -90,9 +91,9 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     assert len(children_again) == 4
 
 
-def test_asha_stops_weak_trials_early(dubai_table, tmp_path, mlflow_uri, ray_cluster):
+def test_asha_stops_weak_trials_early(labeled_table, tmp_path, mlflow_uri, ray_cluster):
     result = run_sweep(
-        _cfg(dubai_table, tmp_path, mlflow_uri, "name=asha", "scheduler=asha", "num_samples=8",
+        _cfg(labeled_table, tmp_path, mlflow_uri, "name=asha", "scheduler=asha", "num_samples=8",
              "head.epochs=8", "grace_period=1", "reduction_factor=2")
     )  # fmt: skip
     stopped = [t for t in result.trials if t["stopped_early"]]
@@ -117,29 +118,29 @@ def test_asha_stops_weak_trials_early(dubai_table, tmp_path, mlflow_uri, ray_clu
         (["grace_period=9"], "grace_period=9 exceeds head.epochs=4"),
     ],
 )
-def test_bad_search_space(dubai_table, tmp_path, mlflow_uri, extra, needle):
+def test_bad_search_space(labeled_table, tmp_path, mlflow_uri, extra, needle):
     with pytest.raises(ConfigError) as err:
-        run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *extra))
+        run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *extra))
     assert needle in str(err.value)
 
 
-def test_unreachable_tracking_uri(dubai_table, tmp_path):
+def test_unreachable_tracking_uri(labeled_table, tmp_path):
     uri = f"http://user:hunter2@127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ConfigError, match=r"MLflow tracking URI .* is unreachable") as err:
-        run_sweep(_cfg(dubai_table, tmp_path, uri))
+        run_sweep(_cfg(labeled_table, tmp_path, uri))
     assert "hunter2" not in str(err.value)
-    args = ["--config", str(SWEEP), f"features={dubai_table.root}", f"tracking.uri={uri}", *SEARCH]
+    args = ["--config", str(SWEEP), f"features={labeled_table.root}", f"tracking.uri={uri}", *SEARCH]
     proc = run_job("sweep.py", *args, timeout=120)  # a few short probes, not MLflow's minutes of retries
     assert proc.returncode == 2 and "is unreachable" in proc.stderr and "Traceback" not in proc.stderr
     assert "hunter2" not in proc.stderr
 
 
 def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
-    dubai_table, tmp_path, mlflow_uri, ray_cluster
+    labeled_table, tmp_path, mlflow_uri, ray_cluster
 ):
     small = ["name=respec", "scheduler=fifo", "num_samples=1", "head.epochs=1", "grace_period=1"]
-    first = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
-    again = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))  # same settings: restored
+    first = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
+    again = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))  # same settings: restored
     assert again.parent_run_id == first.parent_run_id and again.best["trial_id"] == first.best["trial_id"]
     for extra, needle in [
         (["num_samples=2"], "changed: num_samples"),
@@ -147,23 +148,23 @@ def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
         (["head.dropout=0.3", "seed=5"], "changed: head.dropout, seed"),
     ]:
         with pytest.raises(ConfigError, match="was started with other settings") as err:
-            run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small, *extra))
+            run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, *extra))
         assert needle in str(err.value) and "fresh=true" in str(err.value)
-    fresh = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small, "num_samples=2", "fresh=true"))
+    fresh = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=2", "fresh=true"))
     assert fresh.parent_run_id != first.parent_run_id and len(fresh.trials) == 2
     (tmp_path / "tune" / "respec" / "rsdiff-sweep.json").unlink()  # state rsdiff did not describe
     with pytest.raises(ConfigError, match=r"without a readable rsdiff-sweep\.json"):
-        run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small, "num_samples=2"))
+        run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=2"))
 
 
 def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
-    dubai_table, tmp_path, mlflow_uri, ray_cluster
+    labeled_table, tmp_path, mlflow_uri, ray_cluster
 ):
     """Whoever can write the sweep storage (a shared S3 prefix) must not get to run code on the driver."""
     import pickle
 
     small = ["name=trust", "scheduler=fifo", "num_samples=2", "head.epochs=1", "grace_period=1"]
-    first = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
+    first = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
     experiment = tmp_path / "tune" / "trust"
     marker = tmp_path / "pwned"
     poison = pickle.dumps(PicklePayload(str(marker)))
@@ -173,7 +174,7 @@ def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
     # An interrupted sample: its record says running, so the re-run runs it again (from scratch).
     record = experiment / "trials" / "s0001.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running"}))
-    again = run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
+    again = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
     assert not marker.exists()
     assert again.parent_run_id == first.parent_run_id
     assert sorted(t["trial_id"] for t in again.trials) == ["s0000", "s0001"]
@@ -182,7 +183,7 @@ def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
     # A record rsdiff did not write is refused with one line, not trusted.
     record.write_text(json.dumps({"sample": 7, "status": "finished", "history": []}))
     with pytest.raises(ConfigError, match=r"s0001\.json is not a trial record this sweep wrote"):
-        run_sweep(_cfg(dubai_table, tmp_path, mlflow_uri, *small))
+        run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
 
 
 @pytest.mark.unit

@@ -249,18 +249,28 @@ class SceneReader:
             if self.mask_ds.nodata is not None:
                 ids[raw[0] == self.mask_ds.nodata] = IGNORE_INDEX
             return ids, unknown
-        if raw.shape[0] == 1:
-            try:
-                cmap = self.mask_ds.colormap(1)
-            except ValueError as exc:
-                raise DataError(
-                    f"{where} has one band and no colour table; use labels.kind=index for class-id masks"
-                ) from exc
-            lut = np.zeros((256, 3), np.uint8)
-            for k, rgba in cmap.items():
-                if k < 256:
-                    lut[k] = rgba[:3]
-            rgb = lut[raw[0]]
-        else:
-            rgb = np.moveaxis(raw[:3], 0, -1)
-        return self.classmap.encode(rgb, where)
+        return self.classmap.encode(self.mask_rgb(raw, where), where)
+
+    def mask_rgb(self, raw: np.ndarray | None = None, where: str | None = None) -> np.ndarray:
+        """``(H, W, 3)`` uint8 colours of a colour mask: the ``(bands, H, W)`` ``raw`` read from it
+        (default: the whole mask), its palette applied when it has one band and a colour table.
+
+        Raises:
+            DataError: a one-band mask without a colour table (a class-id mask: ``labels.kind=index``).
+        """
+        assert self.mask_ds is not None
+        raw = self.mask_ds.read() if raw is None else raw
+        if raw.shape[0] > 1:
+            return np.moveaxis(raw[:3], 0, -1)
+        try:
+            cmap = self.mask_ds.colormap(1)
+        except ValueError as exc:
+            what = where or f"mask {storage.display(self.ref.mask or '')}"
+            raise DataError(
+                f"{what} has one band and no colour table; use labels.kind=index for class-id masks"
+            ) from exc
+        lut = np.zeros((256, 3), np.uint8)
+        for k, rgba in cmap.items():
+            if k < 256:
+                lut[k] = rgba[:3]
+        return lut[raw[0]]

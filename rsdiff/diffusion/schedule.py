@@ -24,7 +24,7 @@ class DiffusionConfig:
     schedule: BetaSchedule = BetaSchedule.linear
 
 
-def make_scheduler(cfg: Any) -> Any:
+def make_scheduler(cfg: DiffusionConfig) -> Any:
     """A ``DDPMScheduler`` for the config: epsilon prediction. ``clip_sample=True`` acts only when
     sampling (each step's ``x0`` estimate is clipped to the data range [-1, 1]; DDIM sampling
     inherits it); training and feature extraction only noise (``add_noise``), which never clips."""

@@ -28,7 +28,7 @@ class ModelConfig:
     norm_groups: int = 8
 
 
-def unet_kwargs(cfg: Any, in_channels: int, image_size: int) -> dict[str, Any]:
+def unet_kwargs(cfg: ModelConfig, in_channels: int, image_size: int) -> dict[str, Any]:
     """The ``UNet2DModel`` constructor arguments a model config describes."""
     levels = len(cfg.channel_mult)
     if image_size % 2 ** (levels - 1):
@@ -53,7 +53,7 @@ def unet_kwargs(cfg: Any, in_channels: int, image_size: int) -> dict[str, Any]:
     }
 
 
-def build_unet(cfg: Any, in_channels: int, image_size: int) -> torch.nn.Module:
+def build_unet(cfg: ModelConfig, in_channels: int, image_size: int) -> torch.nn.Module:
     """A freshly initialised UNet for ``in_channels``-band images of ``image_size`` px."""
     from diffusers import UNet2DModel
 

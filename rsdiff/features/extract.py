@@ -74,19 +74,36 @@ def _image_rng(key: str, seed: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+@dataclass(frozen=True)
+class ActorPlan:
+    """What every feature actor is told (resolved and checked on the driver)."""
+
+    checkpoint: str
+    timesteps: list[int]
+    blocks: list[str]  # resolved block names
+    output: str  # absolute table folder
+    num_classes: int
+    pixels_per_class: int
+    noise_seed: int
+    sample_seed: int
+    num_gpus: float
+    precision: str
+
+
 class FeatureActor:
     """A Ray Data callable class: one frozen UNet per actor; a batch of tiles in, part summaries out."""
 
-    def __init__(self, checkpoint: str, timesteps: list[int], blocks: list[str], cfg: dict[str, Any]) -> None:
-
+    def __init__(self, plan: ActorPlan) -> None:
         from rsdiff.devices import pick_device
         from rsdiff.features.extractor import FeatureExtractor
         from rsdiff.train.checkpoint import load_pretrained
 
-        self.ddpm = load_pretrained(checkpoint, device=pick_device(cfg["num_gpus"]))
-        self.extractor = FeatureExtractor(self.ddpm, timesteps, blocks, cfg["noise_seed"], cfg["precision"])
-        self.cfg = cfg
-        self.num_classes = int(cfg["num_classes"])
+        self.ddpm = load_pretrained(plan.checkpoint, device=pick_device(plan.num_gpus))
+        self.extractor = FeatureExtractor(
+            self.ddpm, plan.timesteps, plan.blocks, plan.noise_seed, plan.precision
+        )
+        self.plan = plan
+        self.num_classes = plan.num_classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -107,8 +124,8 @@ class FeatureActor:
                 r, c = sample_pixels(
                     batch["label"][i],
                     self.num_classes,
-                    self.cfg["pixels_per_class"],
-                    _image_rng(key, self.cfg["sample_seed"]),
+                    self.plan.pixels_per_class,
+                    _image_rng(key, self.plan.sample_seed),
                 )
                 if len(r):
                     rows.append(r)
@@ -131,7 +148,7 @@ class FeatureActor:
             )
             labels = [batch["label"][i][r, c] for i, r, c in zip(keep, rows, cols)]
             info = write_part(
-                self.cfg["output"],
+                self.plan.output,
                 split,
                 {
                     "features": torch.cat(feats).half().cpu().numpy(),
@@ -199,7 +216,7 @@ def actor_resources(cluster_cpus: float, concurrency: int) -> tuple[float, float
     return cluster_cpus / (2 * concurrency), cluster_cpus / 2
 
 
-def run_extract(cfg: Any) -> FeatureTable:
+def run_extract(cfg: ExtractConfig) -> FeatureTable:
     """Extract the configured features into a table at ``cfg.output``; returns it opened.
 
     Raises:
@@ -252,15 +269,18 @@ def run_extract(cfg: Any) -> FeatureTable:
     storage.check_writable(out)
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
-    actor_cfg = {
-        "output": out,
-        "num_classes": len(manifest.classes or []),
-        "pixels_per_class": int(cfg.pixels_per_class),
-        "noise_seed": int(cfg.noise_seed),
-        "sample_seed": int(cfg.sample_seed),
-        "num_gpus": float(cfg.num_gpus),
-        "precision": str(cfg.precision),
-    }
+    plan = ActorPlan(
+        checkpoint=str(cfg.checkpoint),
+        timesteps=extractor.timesteps,
+        blocks=extractor.blocks,
+        output=out,
+        num_classes=len(manifest.classes or []),
+        pixels_per_class=int(cfg.pixels_per_class),
+        noise_seed=int(cfg.noise_seed),
+        sample_seed=int(cfg.sample_seed),
+        num_gpus=float(cfg.num_gpus),
+        precision=str(cfg.precision),
+    )
     from rsdiff.raytools import ProgressCounter
 
     counter = ProgressCounter.remote()
@@ -277,12 +297,7 @@ def run_extract(cfg: Any) -> FeatureTable:
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     ds = ds.map_batches(
         FeatureActor,
-        fn_constructor_kwargs={
-            "checkpoint": str(cfg.checkpoint),
-            "timesteps": extractor.timesteps,
-            "blocks": extractor.blocks,
-            "cfg": actor_cfg,
-        },
+        fn_constructor_kwargs={"plan": plan},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         concurrency=cfg.concurrency,

@@ -62,7 +62,7 @@ class HeadConfig:
     seed: int = 0
 
 
-def build_head(cfg: Any, in_dim: int, num_classes: int) -> nn.Module:
+def build_head(cfg: HeadConfig, in_dim: int, num_classes: int) -> nn.Module:
     """A fresh head for ``in_dim`` features and ``num_classes`` classes."""
     torch.manual_seed(cfg.seed)
     if HeadKind(cfg.kind) is HeadKind.ensemble:

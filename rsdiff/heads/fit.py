@@ -23,7 +23,7 @@ from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.features.table import FeatureTable
-from rsdiff.heads.artifact import ClassWeighting, TrainedHead, build_head
+from rsdiff.heads.artifact import ClassWeighting, HeadConfig, TrainedHead, build_head
 from rsdiff.metrics import ConfusionMatrix
 
 
@@ -85,7 +85,7 @@ def fit_head(
     table: FeatureTable,
     timesteps: Sequence[int],
     blocks: Sequence[str],
-    cfg: Any,
+    cfg: HeadConfig,
     train_images: set[str] | None = None,
     val_split: str = "val",
     val_images: set[str] | None = None,

@@ -106,7 +106,7 @@ def fit_scratch_unet(
     val_x: torch.Tensor,
     val_pixels: list[tuple[np.ndarray, ...]],
     num_classes: int,
-    cfg: Any,
+    cfg: ScratchUNetConfig,
     input_noise: float = 0.0,
 ) -> tuple[float, dict[str, Any]]:
     """Train a :class:`SmallUNet` on ``(N, C, H, W)`` tiles with ``(N, H, W)`` sparse labels.

@@ -94,7 +94,7 @@ def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, A
     return head, ddpm
 
 
-def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
+def window_plan(cfg: PredictConfig, ddpm: Any) -> WindowPlan:
     """The window geometry, validated against the UNet (size divisible by its downsampling)."""
     size = int(cfg.window or ddpm.meta["image_size"])
     factor = 2 ** (len(ddpm.meta["model"]["channel_mult"]) - 1)
@@ -110,7 +110,7 @@ def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
     return WindowPlan(size, overlap)
 
 
-def scene_outputs(cfg: Any, out: str, ref: SceneRef, run_id: str = "") -> SceneOutputs:
+def scene_outputs(cfg: PredictConfig, out: str, ref: SceneRef, run_id: str = "") -> SceneOutputs:
     return SceneOutputs(
         class_map=storage.join(out, f"{ref.id}.tif"),
         probabilities=storage.join(out, f"{ref.id}.proba.tif") if cfg.probabilities else None,
@@ -122,21 +122,31 @@ def scene_outputs(cfg: Any, out: str, ref: SceneRef, run_id: str = "") -> SceneO
 _CACHE: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (head, device, precision) -> loaded
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """How every scene task runs (from the predict config)."""
+
+    num_gpus: float  # per task
+    precision: str  # auto | fp32 | bf16
+    batch_size: int  # windows per UNet pass
+    quicklook_size: int  # px, longest side
+
+
 def _predict_task(
-    head_uri: str, ref: SceneRef, plan: WindowPlan, outputs: SceneOutputs, opts: dict, counter: Any
+    head_uri: str, ref: SceneRef, plan: WindowPlan, outputs: SceneOutputs, opts: TaskOptions, counter: Any
 ) -> dict[str, Any]:
     """A Ray task: one scene. Raises RsdiffError subclasses unchanged (the driver reports them)."""
     from rsdiff.devices import pick_device
     from rsdiff.features.extractor import FeatureExtractor
     from rsdiff.prediction.scene import predict_scene
 
-    device = pick_device(opts["num_gpus"])
-    key = (head_uri, str(device), opts["precision"])
+    device = pick_device(opts.num_gpus)
+    key = (head_uri, str(device), opts.precision)
     if key not in _CACHE:
         head, ddpm = load_head_and_checkpoint(head_uri, device)
         _CACHE[key] = (
             head,
-            FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, opts["precision"]),
+            FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, opts.precision),
         )
     head, extractor = _CACHE[key]
     record = predict_scene(
@@ -145,15 +155,15 @@ def _predict_task(
         extractor,
         plan,
         outputs,
-        opts["batch_size"],
-        opts["quicklook_size"],
+        opts.batch_size,
+        opts.quicklook_size,
         on_windows=lambda n: counter.add.remote(windows=n),
     )
     counter.add.remote(scenes=1)
     return record
 
 
-def run_predict(cfg: Any) -> PredictResult:
+def run_predict(cfg: PredictConfig) -> PredictResult:
     """Predict every scene of ``cfg.inputs`` with the head at ``cfg.head``.
 
     Raises:
@@ -203,7 +213,7 @@ def run_predict(cfg: Any) -> PredictResult:
 
 
 def _predict_all(
-    cfg: Any,
+    cfg: PredictConfig,
     refs: list[SceneRef],
     head: Any,
     head_uri: str,
@@ -220,12 +230,7 @@ def _predict_all(
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     counter = ProgressCounter.remote()
-    opts = {
-        "num_gpus": float(cfg.num_gpus),
-        "precision": str(cfg.precision),
-        "batch_size": int(cfg.batch_size),
-        "quicklook_size": int(cfg.quicklook_size),
-    }
+    opts = TaskOptions(float(cfg.num_gpus), str(cfg.precision), int(cfg.batch_size), int(cfg.quicklook_size))
     task = ray.remote(_predict_task).options(
         num_cpus=cfg.cpus_per_scene, num_gpus=cfg.num_gpus or None, max_retries=2, retry_exceptions=False
     )

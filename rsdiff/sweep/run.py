@@ -20,6 +20,7 @@ from rsdiff.sweep.report import close_children, collect, format_table, log_overl
 from rsdiff.sweep.space import (
     SWEEP_SPEC,
     Scheduler,
+    SweepConfig,
     check_numbers,
     check_same_spec,
     draw_samples,
@@ -42,7 +43,7 @@ class SweepResult:
     tracking_uri: str
 
 
-def run_sweep(cfg: Any) -> SweepResult:
+def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or continue) the sweep; save the best head under ``cfg.output/best``.
 
     Nothing Ray Tune pickled is ever read back: a re-run continues from rsdiff's own JSON trial
@@ -70,7 +71,7 @@ def run_sweep(cfg: Any) -> SweepResult:
 
 
 def _run_sweep(
-    cfg: Any, table: FeatureTable, spec: dict[str, Any], experiment_uri: str, out: str, uri: str
+    cfg: SweepConfig, table: FeatureTable, spec: dict[str, Any], experiment_uri: str, out: str, uri: str
 ) -> SweepResult:
     import time
 

@@ -81,7 +81,7 @@ class SweepConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def validate(cfg: Any, table: FeatureTable) -> None:
+def validate(cfg: SweepConfig, table: FeatureTable) -> None:
     """Every choice must exist in the extracted superset; nothing may be empty."""
     space = to_container(cfg.search)
     empty = [k for k, v in space.items() if not v]
@@ -98,7 +98,7 @@ def validate(cfg: Any, table: FeatureTable) -> None:
         raise ConfigError(f"grace_period={cfg.grace_period} exceeds head.epochs={cfg.head.epochs}")
 
 
-def check_numbers(cfg: Any) -> None:
+def check_numbers(cfg: SweepConfig) -> None:
     """Every numeric setting of the sweep in range, before any trial starts."""
     for value in cfg.search.lr:
         require("search.lr[...]", value, gt=0, le=1)
@@ -121,7 +121,7 @@ def check_numbers(cfg: Any) -> None:
         require("time_budget_s", cfg.time_budget_s, gt=0)
 
 
-def sweep_spec(cfg: Any, table: FeatureTable) -> dict[str, Any]:
+def sweep_spec(cfg: SweepConfig, table: FeatureTable) -> dict[str, Any]:
     """The settings that decide a sweep's results, with their SHA-256 digest under ``digest``."""
     plain = to_container(cfg)
     spec: dict[str, Any] = {"features": table.root, **{k: plain[k] for k in RESULT_KEYS}}

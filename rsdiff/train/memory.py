@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rsdiff.diffusion.unet import build_unet, num_params
+from rsdiff.diffusion.unet import ModelConfig, build_unet, num_params
 
 BYTES_PER_PARAM = 20  # weights + grads + AdamW exp_avg + exp_avg_sq + EMA, all fp32
 BYTES_PER_ACTIVATION = 2  # bf16 autocast
@@ -42,7 +42,7 @@ class MemoryEstimate:
 
 
 def estimate_training_memory(
-    model_cfg: Any, in_channels: int, image_size: int, batch_size: int
+    model_cfg: ModelConfig, in_channels: int, image_size: int, batch_size: int
 ) -> MemoryEstimate:
     """The :class:`MemoryEstimate` for one rank training ``model_cfg`` on ``(batch_size, in_channels,
     image_size, image_size)`` batches (one micro-batch: gradient accumulation does not add to it)."""

@@ -24,10 +24,9 @@ import numpy as np
 import psutil
 import ray
 import torch
-from omegaconf import OmegaConf
 
 from rsdiff import storage
-from rsdiff.config import load_config, to_container
+from rsdiff.config import build, load_config, to_container
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.normalize import Normalizer
 from rsdiff.data.shards import iter_shard
@@ -172,9 +171,7 @@ def main() -> None:
         extract = [f"checkpoint={ckpt}", f"shards={shards}", f"output={t / 'full'}"]
         full = run_extract(load_config(ExtractConfig, REPO / "configs/extract/tiny.yaml", extract))
         for kind in ("residual", "ensemble"):
-            cfg = OmegaConf.merge(
-                OmegaConf.structured(HeadConfig), {"kind": kind, "epochs": 5, "patience": 5}
-            )
+            cfg = build(HeadConfig, {"kind": kind, "epochs": 5, "patience": 5})
             t0 = time.perf_counter()
             head = fit_head(full, full.index.timesteps, full.index.blocks, cfg)
             out[f"p6_{kind}_seconds"] = time.perf_counter() - t0

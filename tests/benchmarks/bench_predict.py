@@ -25,9 +25,8 @@ import rasterio
 import ray
 import torch
 from bench_features import PeakRSS, make_checkpoint
-from omegaconf import OmegaConf
 
-from rsdiff.config import load_config
+from rsdiff.config import load_config, to_container
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.scenes import SceneRef
 from rsdiff.data.synthetic import write_sample_dataset, write_scene
@@ -73,10 +72,10 @@ def main() -> None:
         ddpm = load_pretrained(ckpt)
         blocks = [b for b in list_blocks(ddpm.model) if b.startswith("up")]
         extractor = FeatureExtractor(ddpm, [50, 150, 250], blocks)
-        cfg = OmegaConf.structured(HeadConfig)
+        cfg = HeadConfig()
         head = TrainedHead(
             module=build_head(cfg, extractor.dim, 5).eval(),
-            config=OmegaConf.to_container(cfg),
+            config=to_container(cfg),
             timesteps=extractor.timesteps,
             blocks=extractor.blocks,
             mean=np.zeros(extractor.dim, np.float32),
