@@ -133,6 +133,22 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
     return _merge(schema, layers, where)
 
 
+def load_section(schema: type[T], path: str | Path, key: str) -> T:
+    """The ``key`` section of the YAML file ``path`` as an instance of ``schema`` (e.g. the
+    ``labels`` of an ingest preset), checked like :func:`load_config`.
+
+    Raises:
+        ConfigError: unreadable file, no such section, or a bad key or value in it.
+    """
+    try:
+        data = OmegaConf.load(Path(path))
+    except Exception as exc:  # missing file, yaml.YAMLError and friends
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
+    if not isinstance(data, DictConfig) or key not in data:
+        raise ConfigError(f"config file {str(path)!r} has no `{key}` section")
+    return _merge(schema, [data[key]], f"{path}: {key}")
+
+
 def build(schema: type[T], *layers: Any) -> T:
     """An instance of ``schema`` from its defaults with ``layers`` merged over them in order.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rsdiff import storage
-from rsdiff.config import build, load_config, preset
+from rsdiff.config import build, load_config, load_section, preset
 from rsdiff.data.labels import LabelConfig
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.raytools import RayConfig
@@ -74,12 +74,7 @@ def _labels_for(cfg: DemoConfig) -> tuple[list[str], LabelConfig | None, str]:
     inputs = [storage.join(root, g) for g in cfg.images]
     labels = cfg.labels
     if cfg.labels_preset:
-        from rsdiff.ingest import IngestConfig
-
-        path = preset("ingest", cfg.labels_preset)
-        labels = load_config(IngestConfig, path, ["inputs=[unused]"]).labels
-        if not labels.mask_template and not labels.classes:
-            raise ConfigError(f"labels_preset {cfg.labels_preset} has no `labels` section")
+        labels = load_section(LabelConfig, preset("ingest", cfg.labels_preset), "labels")
     if not labels.mask_template:
         labels = build(LabelConfig, labels, {"mask_template": "{dir}/../masks/{stem}.png"})
     return inputs, labels, f"{storage.display(root)}"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rsdiff.config import build, flatten, load_config, preset, redact, to_container
+from rsdiff.config import build, flatten, load_config, load_section, preset, redact, to_container
 from rsdiff.data.classmap import MaskKind, UnknownPolicy
 from rsdiff.data.labels import ClassConfig, LabelConfig
 from rsdiff.errors import ConfigError
@@ -110,3 +110,15 @@ def test_secrets_are_redacted_and_flattened():
         "lr": 1e-3,
     }
     assert to_container(load_config(IngestConfig, None, ["inputs=[x]"]))["labels"]["kind"] == "colour"
+
+
+def test_a_section_of_a_preset_loads_as_its_own_schema(tmp_path):
+    labels = load_section(LabelConfig, DUBAI_PRESET, "labels")
+    assert type(labels) is LabelConfig and labels.kind is MaskKind.colour
+    assert [c.name for c in labels.classes][:2] == ["building", "land"]
+    with pytest.raises(ConfigError, match="has no `ray` section"):
+        load_section(RayConfig, DUBAI_PRESET, "ray")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("labels: {kind: colour, colours: 3}")
+    with pytest.raises(ConfigError, match="unknown config key 'colours'"):
+        load_section(LabelConfig, bad, "labels")

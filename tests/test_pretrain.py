@@ -139,6 +139,11 @@ def test_rerunning_a_job_name_resumes(local_shards, tmp_path, ray_cluster, mlflo
     assert read_meta(second.checkpoint)["step"] == 30
     assert second.mlflow_run_id == first.mlflow_run_id
     assert [v for _, v in _history(mlflow_uri, second.mlflow_run_id, "started_at_step")] == [0, 20]
+    from mlflow import MlflowClient
+
+    params = MlflowClient(mlflow_uri).get_run(second.mlflow_run_id).data.params
+    assert params["optim.max_steps"] == "20" and params["checkpoint.every_steps"] == "10"
+    assert not [k for k in params if k.startswith("debug.")]  # test hooks are not settings
 
 
 def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(

@@ -47,6 +47,8 @@ class OptimConfig:
 
 @dataclass
 class CheckpointCfg:
+    """How often rank 0 saves a checkpoint (and at the last step) and how many Ray Train keeps."""
+
     every_steps: int = 100
     keep: int = 3
 
