@@ -152,9 +152,10 @@ def load_section(schema: type[T], path: str | Path, key: str) -> T:
 def build(schema: type[T], *layers: Any) -> T:
     """An instance of ``schema`` from its defaults with ``layers`` merged over them in order.
 
-    A layer is a mapping (e.g. a config read back from JSON, or ``{"seed": 3}``) or a dataclass
-    instance. The same checks as :func:`load_config` apply: an unknown key or a wrong type raises
-    :class:`ConfigError` naming the key.
+    A layer is a mapping (e.g. a config read back from JSON, or ``{"seed": 3}``), a dataclass
+    instance, or the :class:`~pathlib.Path` of a YAML file (a preset, see :func:`preset`). Keys a
+    layer leaves unset may be set by a later one; the same checks as :func:`load_config` apply to
+    the result: an unknown key, a wrong type or a key left unset raises :class:`ConfigError`.
     """
     return _merge(schema, [_as_layer(x) for x in layers], "given values")
 
@@ -162,6 +163,11 @@ def build(schema: type[T], *layers: Any) -> T:
 def _as_layer(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return OmegaConf.structured(obj)
+    if isinstance(obj, Path):
+        try:
+            return OmegaConf.load(obj)
+        except Exception as exc:  # missing file, yaml.YAMLError and friends
+            raise ConfigError(f"config file {str(obj)!r} cannot be read: {exc}") from exc
     return obj
 
 

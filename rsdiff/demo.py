@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rsdiff import storage
-from rsdiff.config import build, load_config, load_section, preset
+from rsdiff.config import build, load_section, preset
 from rsdiff.data.labels import LabelConfig
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.raytools import RayConfig
@@ -158,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             if not (scene_dir / "images").exists():
                 write_sample_dataset(scene_dir, scenes=6)
             inputs = [str(scene_dir / "images" / "*.tif")]
-            base = load_config(IngestConfig, preset("ingest", "sample"), [f"inputs={inputs}"])
+            base = build(IngestConfig, preset("ingest", "sample"), {"inputs": inputs})
             labels = base.labels
         else:
             base = IngestConfig(inputs=inputs)
@@ -197,7 +197,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         steps = cfg.pretrain_steps
         pre_cfg = build(
             PretrainConfig,
-            load_config(PretrainConfig, preset("pretrain", "tiny")),
+            preset("pretrain", "tiny"),
             {
                 "data": {"shards": shards, "batch_size": cfg.batch_size, "num_workers": 0},
                 # one CPU worker with a whole node's cores: torch's threads follow its CPU count
@@ -221,7 +221,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     with timed("extract"):
         ext_cfg = build(
             ExtractConfig,
-            load_config(ExtractConfig, preset("extract", "tiny")),
+            preset("extract", "tiny"),
             {
                 "checkpoint": pre.checkpoint,
                 "shards": shards,
@@ -240,7 +240,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     with timed("sweep"):
         sw_cfg = build(
             SweepConfig,
-            load_config(SweepConfig, preset("sweep", "tiny")),
+            preset("sweep", "tiny"),
             {
                 "features": table.root,
                 "output": str(work / "sweep"),

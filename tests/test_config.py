@@ -122,3 +122,12 @@ def test_a_section_of_a_preset_loads_as_its_own_schema(tmp_path):
     bad.write_text("labels: {kind: colour, colours: 3}")
     with pytest.raises(ConfigError, match="unknown config key 'colours'"):
         load_section(LabelConfig, bad, "labels")
+
+
+def test_build_takes_a_preset_whose_required_keys_a_later_layer_sets():
+    from rsdiff.features.extract import ExtractConfig
+
+    cfg = build(ExtractConfig, preset("extract", "tiny"), {"checkpoint": "runs/ckpt", "timesteps": [5]})
+    assert type(cfg) is ExtractConfig and cfg.checkpoint == "runs/ckpt" and cfg.timesteps == [5]
+    with pytest.raises(ConfigError, match=r"\['checkpoint'\] must be set"):
+        build(ExtractConfig, preset("extract", "tiny"))
