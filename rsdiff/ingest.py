@@ -20,7 +20,7 @@ import ray
 from omegaconf import MISSING
 
 from rsdiff import storage
-from rsdiff.config import require, to_container
+from rsdiff.config import require
 from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind
 from rsdiff.data.labels import LabelConfig, build_classmap
@@ -52,6 +52,17 @@ class IngestConfig:
     overwrite: bool = False
     labels: LabelConfig = field(default_factory=LabelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass(frozen=True)
+class TilingPlan:
+    """How every ingest task cuts its scenes (from the ingest config)."""
+
+    tile_size: int  # px
+    stride: int | None  # px; None = tile_size
+    bands: list[int] | None  # 0-based band indexes to keep; None = all
+    max_nodata_fraction: float
+    shard_max_bytes: int
 
 
 @dataclass
@@ -142,10 +153,16 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     for split, scenes in splits.items():
         k = max(1, min(len(scenes), round(n_tasks * len(scenes) / len(refs))))
         jobs += [(split, i, scenes[i::k]) for i in range(k)]
-    plain_cfg = to_container(cfg)
+    plan = TilingPlan(
+        tile_size=int(cfg.tile_size),
+        stride=cfg.stride,
+        bands=[b - 1 for b in cfg.bands] if cfg.bands else None,
+        max_nodata_fraction=float(cfg.max_nodata_fraction),
+        shard_max_bytes=int(cfg.shard_max_mb * 2**20),
+    )
     counter = ProgressCounter.remote()
     refs_out = [
-        _ingest_chunk.remote(split, i, chunk, out, plain_cfg, classmap, band_count, dtype, counter)
+        _ingest_chunk.remote(split, i, chunk, out, plan, classmap, band_count, dtype, counter)
         for split, i, chunk in jobs
     ]
     t0 = time.perf_counter()
@@ -270,20 +287,19 @@ def _ingest_chunk(
     index: int,
     scenes: list[SceneRef],
     out: str,
-    cfg: dict[str, Any],
+    plan: TilingPlan,
     classmap: ClassMap | None,
     band_count: int,
     dtype: str,
     counter: Any,
 ) -> ChunkResult:
     """Tile ``scenes`` into shards ``{split}-{index:04d}-NNNNN.tar`` (a Ray task)."""
-    size = int(cfg["tile_size"])
-    bands = [b - 1 for b in cfg["bands"]] if cfg["bands"] else None
+    size, bands = plan.tile_size, plan.bands
     stats = BandStats(len(bands) if bands else band_count)
     class_pixels = np.zeros(classmap.num_classes, np.int64) if classmap else None
     dropped = unknown = kept = 0
     done: list[str] = []
-    with ShardWriter(out, f"{split}-{index:04d}", int(cfg["shard_max_mb"] * 2**20)) as w:
+    with ShardWriter(out, f"{split}-{index:04d}", plan.shard_max_bytes) as w:
         for ref in scenes:
             n_before = kept
             with SceneReader(ref, classmap) as reader:
@@ -299,12 +315,12 @@ def _ingest_chunk(
                         "lower tile_size or leave the scene out"
                     )
                 crs = reader.crs
-                for row, col in tile_origins(reader.height, reader.width, size, cfg["stride"]):
+                for row, col in tile_origins(reader.height, reader.width, size, plan.stride):
                     pixels, valid = reader.read(row, col, size)
                     if bands is not None:
                         pixels = pixels[bands]
                     nodata = 1.0 - float(valid.mean())
-                    if nodata > cfg["max_nodata_fraction"]:
+                    if nodata > plan.max_nodata_fraction:
                         dropped += 1
                         continue
                     label = None
