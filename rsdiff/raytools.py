@@ -144,7 +144,11 @@ def user_error(exc: BaseException) -> BaseException | None:
     carries none, and the caller re-raises ``exc`` as it is."""
     from rsdiff.errors import RsdiffError
 
-    cause = exc if isinstance(exc, RsdiffError) else getattr(exc, "cause", None)
+    # A task's RsdiffError comes back as Ray's RayTaskError(<that class>): an instance of both, whose
+    # message is the remote traceback. The original is its ``cause``.
+    cause = getattr(exc, "cause", None)
+    if not isinstance(cause, RsdiffError) and not isinstance(exc, ray.exceptions.RayError):
+        cause = exc
     if isinstance(cause, RsdiffError):
         return type(cause)(str(cause))
     return None

@@ -390,7 +390,7 @@ CASES = [
     (
         "extract.py",
         ["checkpoint={root}/empty", "output={root}/f1"],
-        "no rsdiff checkpoint",
+        "/empty: no DDPM checkpoint there; pass the checkpoint folder printed by jobs/pretrain.py",
         "{root}/f1/table.json",
     ),
     (
@@ -402,7 +402,7 @@ CASES = [
     (
         "extract.py",
         ["checkpoint={ckpt}", "blocks=[up9.res9]", "output={root}/f3"],
-        "unknown block 'up9.res9'; valid blocks: ['up0.res0'",
+        "unknown block 'up9.res9'; valid blocks: ['mid', 'up0.res0'",
         "{root}/f3/table.json",
     ),
     (

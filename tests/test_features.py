@@ -152,7 +152,7 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
 @pytest.mark.parametrize(
     ("override", "error", "needle"),
     [
-        ("checkpoint={tmp}/nothing", CheckpointError, "no rsdiff checkpoint at"),
+        ("checkpoint={tmp}/nothing", CheckpointError, "no rsdiff.json at"),
         ("checkpoint={fake}", CheckpointError, "is not an rsdiff DDPM checkpoint"),
         ("blocks=[up9.res0]", ConfigError, "unknown block 'up9.res0'; valid blocks: ['mid', 'up0.res0'"),
         ("blocks=[99]", ConfigError, "block index 99 is out of range"),

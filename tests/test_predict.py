@@ -12,8 +12,9 @@ import rasterio
 import torch
 from conftest import run_job
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
-from rsdiff.config import build, load_config
+from rsdiff.config import build
 from rsdiff.data.synthetic import write_scene
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.heads.artifact import HeadConfig
@@ -22,10 +23,8 @@ from rsdiff.prediction.run import PredictConfig, load_head_and_checkpoint, run_p
 
 
 def _predict_cfg(head: str, inputs: list[str], output: str, *extra: str) -> PredictConfig:
-    cfg = load_config(
-        PredictConfig, None, [f"head={head}", f"output={output}", "tracking.enabled=false", *extra]
-    )
-    return build(PredictConfig, cfg, {"inputs": inputs})
+    chosen = {"head": head, "inputs": inputs, "output": output, "tracking": {"enabled": False}}
+    return build(PredictConfig, chosen, OmegaConf.from_dotlist(list(extra)))
 
 
 def test_demo_chain_on_the_generated_sample(sample_demo):
