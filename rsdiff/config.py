@@ -107,15 +107,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
     Raises:
         ConfigError: unknown key, wrong type, invalid enum value, unreadable YAML, malformed override.
     """
-    layers: list[Any] = []
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file or a preset name")
-        try:
-            layers.append(OmegaConf.load(p))
-        except Exception as exc:  # yaml.YAMLError and friends
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    layers: list[Any] = [] if path is None else [_read_yaml(path)]
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
@@ -133,6 +125,17 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
     return _merge(schema, layers, where)
 
 
+def _read_yaml(path: str | Path) -> Any:
+    """The YAML file ``path`` as an OmegaConf node; one clear error when missing or malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file or a preset name")
+    try:
+        return OmegaConf.load(p)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+
+
 def load_section(schema: type[T], path: str | Path, key: str) -> T:
     """The ``key`` section of the YAML file ``path`` as an instance of ``schema`` (e.g. the
     ``labels`` of an ingest preset), checked like :func:`load_config`.
@@ -140,10 +143,7 @@ def load_section(schema: type[T], path: str | Path, key: str) -> T:
     Raises:
         ConfigError: unreadable file, no such section, or a bad key or value in it.
     """
-    try:
-        data = OmegaConf.load(Path(path))
-    except Exception as exc:  # missing file, yaml.YAMLError and friends
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
+    data = _read_yaml(path)
     if not isinstance(data, DictConfig) or key not in data:
         raise ConfigError(f"config file {str(path)!r} has no `{key}` section")
     return _merge(schema, [data[key]], f"{path}: {key}")
@@ -163,12 +163,7 @@ def build(schema: type[T], *layers: Any) -> T:
 def _as_layer(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return OmegaConf.structured(obj)
-    if isinstance(obj, Path):
-        try:
-            return OmegaConf.load(obj)
-        except Exception as exc:  # missing file, yaml.YAMLError and friends
-            raise ConfigError(f"config file {str(obj)!r} cannot be read: {exc}") from exc
-    return obj
+    return _read_yaml(obj) if isinstance(obj, Path) else obj
 
 
 def _merge(schema: type[T], layers: list[Any], where: str) -> T:
