@@ -66,14 +66,18 @@ def test_the_library_never_reads_files_by_its_repository_path():
 def test_a_non_editable_install_ships_the_presets(tmp_path):
     """Built as a wheel and installed elsewhere, rsdiff finds its presets by name and every job's
     ``--config <preset>`` resolves from an unrelated folder (no repository beside it)."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
     repo = PACKAGE.parent
+    source = tmp_path / "source"  # a copy: building leaves build/ and egg-info where it runs
+    skip = shutil.ignore_patterns(".*", "runs", "build", "*.egg-info", "__pycache__", "tests")
+    shutil.copytree(repo, source, ignore=skip)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(repo)],
+         str(source)],
         check=True, capture_output=True, cwd=tmp_path,
     )  # fmt: skip
     wheel = next(tmp_path.glob("rsdiff-*.whl"))
