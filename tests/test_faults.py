@@ -297,6 +297,10 @@ def bad_inputs(sample_demo, sample_scenes, tmp_path_factory):
     broken = root / "broken-ckpt"
     shutil.copytree(ckpt, broken)
     (broken / "model.pt").write_bytes(b"not a torch file")
+    (broken / "ema" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    broken_old = root / "broken-old-ckpt"  # written before checkpoints held ema/: model.pt is read
+    shutil.copytree(broken, broken_old)
+    shutil.rmtree(broken_old / "ema")
     (root / "empty").mkdir()
     # Labels whose every pixel matches no class (as a JPEG-compressed colour mask does).
     (root / "unk" / "images").mkdir(parents=True)
@@ -319,6 +323,7 @@ def bad_inputs(sample_demo, sample_scenes, tmp_path_factory):
     (root / "not-a-db.db").write_text("this is not an MLflow store")
     return {
         "root": root, "demo": sample_demo, "scenes": sample_scenes, "ckpt": ckpt, "broken": broken,
+        "broken_old": broken_old,
         "poisoned": poisoned,
     }  # fmt: skip
 
@@ -396,8 +401,14 @@ CASES = [
     (
         "extract.py",
         ["checkpoint={broken}", "output={root}/f2"],
-        "cannot load weights",
+        "cannot load weights of {broken}/ema/diffusion_pytorch_model.safetensors",
         "{root}/f2/table.json",
+    ),
+    (
+        "extract.py",
+        ["checkpoint={broken_old}", "output={root}/f2b"],
+        "cannot load weights of {broken_old}/model.pt",
+        "{root}/f2b/table.json",
     ),
     (
         "extract.py",
@@ -594,7 +605,7 @@ def test_bad_input_gives_one_clear_message(job, argv, needle, absent, bad_inputs
     assert code == 2, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.startswith(f"rsdiff {job[:-3]}: error:")]
     assert len(lines) == 1, err[-2000:]
-    assert needle in lines[0], lines[0]
+    assert needle.format(**fmt) in lines[0], lines[0]
     assert "Traceback" not in err and "weights_only=False" not in err
     if absent:
         assert not Path(absent.format(**fmt)).exists()

@@ -3,6 +3,7 @@ loopback S3 server and a real MLflow store."""
 
 from __future__ import annotations
 
+import boto3
 import pytest
 import torch
 from conftest import REPO, run_job, wait_for
@@ -15,6 +16,7 @@ from rsdiff.errors import ConfigError, DataError
 from rsdiff.ingest import IngestConfig, run_ingest
 from rsdiff.pretrain import PretrainConfig, run_pretrain
 from rsdiff.train.checkpoint import load_pretrained, read_meta
+from rsdiff.weights import load_weights
 
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 SAMPLE_PRESET = REPO / "configs" / "ingest" / "sample.yaml"
@@ -51,7 +53,9 @@ def _history(mlflow_uri, run_id, key):
     return [(m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, key)]
 
 
-def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(sample_scenes, bucket, ray_cluster, mlflow_uri):
+def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(
+    sample_scenes, bucket, ray_cluster, mlflow_uri, tmp_path
+):
     shards = _ingest(sample_scenes, f"{bucket}/shards")
     cfg = _cfg(
         f"data.shards={shards}",
@@ -91,7 +95,23 @@ def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(sample_scenes, bucket
     arts = {a.path for d in ("samples", "denoising") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"samples/step_00000040.png", "denoising/step_00000040.png"} <= arts
 
+    # The EMA inference artifact: a diffusers folder in S3 beside the training state.
+    ema = f"{result.checkpoint}/ema"
+    names = {storage.name(u) for u in storage.list_uris(ema)}
+    assert names == {"config.json", "diffusion_pytorch_model.safetensors", "rsdiff.json"}, names
+    for name in names:
+        storage.download(f"{ema}/{name}", tmp_path / "ema" / name)
+    from diffusers import UNet2DModel
+
+    state = load_weights(storage.read_bytes(f"{result.checkpoint}/model.pt"), "model.pt")
+    standalone = UNet2DModel.from_pretrained(tmp_path / "ema").state_dict()
+    assert standalone.keys() == state["ema"].keys()
+    assert all(torch.equal(standalone[k], state["ema"][k]) for k in standalone)
+    # Inference never reads the training state: it loads with model.pt gone.
+    bucket_name, key = storage.split_s3(f"{result.checkpoint}/model.pt")
+    boto3.client("s3").delete_object(Bucket=bucket_name, Key=key)
     ddpm = load_pretrained(result.checkpoint)
+    assert all(torch.equal(v, state["ema"][k]) for k, v in ddpm.model.state_dict().items())
     x = torch.zeros(2, 4, 32, 32)
     eps = ddpm.model(x, torch.tensor([10, 500])).sample
     assert eps.shape == x.shape and torch.isfinite(eps).all()

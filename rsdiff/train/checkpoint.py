@@ -1,14 +1,27 @@
-"""Self-describing checkpoints: weights + training state in ``model.pt``, facts in ``rsdiff.json``.
+"""Self-describing checkpoints: training state in ``model.pt``, facts in ``rsdiff.json``, and the
+EMA weights as an inference artifact of their own in ``ema/``.
 
-``rsdiff.json`` carries the resolved config (secrets redacted), the model and diffusion configs,
-the band order, dtype and normalisation, so extraction and prediction need only the checkpoint
-URI. ``model.pt`` holds only tensors and plain containers and is always loaded with
-``torch.load(weights_only=True)``.
+Layout of one checkpoint folder (local or ``s3://``)::
+
+    rsdiff.json                          resolved config (secrets redacted), model and diffusion
+                                         configs, band order, dtype, normalisation, step
+    model.pt                             training state: model, EMA, optimizer, LR schedule, RNG
+                                         and stream positions (what resuming needs; ~4x the weights)
+    ema/config.json                      diffusers ``UNet2DModel`` config
+    ema/diffusion_pytorch_model.safetensors   EMA weights, fp32
+    ema/rsdiff.json                      the same facts as above, ``kind: rsdiff-ddpm-ema``
+
+``ema/`` loads on its own with ``UNet2DModel.from_pretrained(<checkpoint>/ema)``; rsdiff's
+inference stages (extraction actors, prediction tasks, sweep overlays, label efficiency) read only
+it, never the optimizer state. Checkpoints written before ``ema/`` existed still load, from
+``model.pt``. ``model.pt`` holds only tensors and plain containers and is always loaded with
+``torch.load(weights_only=True)``; safetensors cannot hold code at all.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,21 +33,52 @@ from rsdiff.artifacts import read_sidecar
 from rsdiff.config import build
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.schedule import DiffusionConfig, make_scheduler
-from rsdiff.diffusion.unet import ModelConfig, build_unet
+from rsdiff.diffusion.unet import ModelConfig, build_unet, unet_kwargs
 from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.weights import load_module_state, load_weights
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.pt"
 META = "rsdiff.json"
 KIND = "rsdiff-ddpm"
 FORMAT_VERSION = 1
+EMA_DIR = "ema"
+EMA_KIND = "rsdiff-ddpm-ema"
+EMA_CONFIG = "config.json"  # diffusers' CONFIG_NAME
+EMA_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' SAFETENSORS_WEIGHTS_NAME
 
 
 def save(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write ``state`` (tensors/dicts/numbers) and ``meta`` (JSON) into a local checkpoint folder."""
+    """Write a local checkpoint folder: ``state`` (tensors/dicts/numbers) as ``model.pt``, ``meta``
+    as ``rsdiff.json``, and, when ``state`` has ``"ema"``, the EMA inference artifact ``ema/``
+    (``meta`` must then describe the model: ``model``, ``in_channels``, ``image_size``)."""
     directory.mkdir(parents=True, exist_ok=True)
+    if "ema" in state:
+        save_ema(directory / EMA_DIR, state["ema"], meta)
     torch.save(state, directory / WEIGHTS)
     (directory / META).write_text(json.dumps({"kind": KIND, "format": FORMAT_VERSION, **meta}, indent=2))
+
+
+def save_ema(directory: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write the EMA inference artifact: a diffusers ``UNet2DModel`` folder (``config.json`` +
+    safetensors, loadable by ``from_pretrained``) plus rsdiff's sidecar (bands, normalisation,
+    noise schedule, ...). ``weights`` is the EMA model's state dict (any device/memory format)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model_cfg = build(ModelConfig, meta["model"])
+    config = {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": diffusers.__version__,
+        **unet_kwargs(model_cfg, int(meta["in_channels"]), int(meta["image_size"])),
+    }
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+    save_file(tensors, str(directory / EMA_WEIGHTS), metadata={"format": "pt"})
+    (directory / EMA_CONFIG).write_text(json.dumps(config, indent=2))
+    sidecar = {**meta, "kind": EMA_KIND, "format": FORMAT_VERSION}
+    (directory / META).write_text(json.dumps(sidecar, indent=2))
 
 
 def load_state(directory: Path) -> dict[str, Any]:
@@ -76,21 +120,91 @@ class PretrainedDDPM:
         return list(self.meta["bands"])
 
 
+def ema_artifact(uri: str) -> str | None:
+    """The EMA inference artifact of ``uri``: ``{uri}/ema`` for a checkpoint folder, ``uri`` itself
+    when it is one; None for a checkpoint written before rsdiff stored it."""
+    for folder in (storage.join(uri, EMA_DIR), uri):
+        if storage.exists(storage.join(folder, META)) and storage.exists(storage.join(folder, EMA_CONFIG)):
+            return folder
+    return None
+
+
 def load_pretrained(uri: str, device: str | torch.device = "cpu", ema: bool = True) -> PretrainedDDPM:
-    """Load a checkpoint's (EMA) model, noise schedule and normalisation from its URI."""
+    """Load a checkpoint's (EMA) model, noise schedule and normalisation from its URI.
+
+    With ``ema`` (the default) only the EMA artifact ``ema/`` is read (about a quarter of
+    ``model.pt``'s bytes); a checkpoint without one (written by an older rsdiff) loads its EMA
+    weights from ``model.pt``. ``ema=False`` loads the raw model weights from ``model.pt``.
+
+    Raises:
+        CheckpointError: no checkpoint at ``uri``, or its files are missing, corrupt or disagree.
+    """
+    folder = ema_artifact(uri) if ema else None
+    if folder is not None:
+        return _load_ema(uri, folder, device)
     meta = read_meta(uri)
     weights = storage.join(uri, WEIGHTS)
+    if ema:
+        log.info("checkpoint %s has no %s/ artifact (an older rsdiff wrote it); reading its EMA weights "
+                 "from %s", storage.display(uri), EMA_DIR, WEIGHTS)  # fmt: skip
     try:
         state = load_weights(storage.read_bytes(weights), weights)
     except storage.NotFoundError as exc:
         raise CheckpointError(f"checkpoint {storage.display(uri)} has {META} but no {WEIGHTS}") from exc
-    try:
-        model_cfg = build(ModelConfig, meta["model"])
-        diffusion_cfg = build(DiffusionConfig, meta["diffusion"])
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {storage.display(uri)}/{META}: {exc}") from None
+    model_cfg, diffusion_cfg = _configs(uri, meta)
     model = build_unet(model_cfg, int(meta["in_channels"]), int(meta["image_size"]))
     load_module_state(model, state.get("ema" if ema else "model"), weights)
+    return _pretrained(model, diffusion_cfg, meta, uri, device)
+
+
+def _load_ema(uri: str, folder: str, device: str | torch.device) -> PretrainedDDPM:
+    from diffusers import UNet2DModel
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    meta = read_sidecar(
+        folder, META, kind=EMA_KIND, max_format=FORMAT_VERSION, error=CheckpointError,
+        what="EMA inference artifact", missing_hint="pass the checkpoint folder printed by jobs/pretrain.py",
+    )  # fmt: skip
+    _, diffusion_cfg = _configs(folder, meta)
+    config_uri = storage.join(folder, EMA_CONFIG)
+    try:
+        config = json.loads(storage.read_text(config_uri))
+        model = UNet2DModel.from_config(config)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{storage.display(config_uri)} is not a diffusers UNet2DModel config ({type(exc).__name__}); "
+            "the EMA artifact is damaged, re-create the checkpoint"
+        ) from None
+    if int(model.config.in_channels) != len(meta["bands"]):
+        raise CheckpointError(
+            f"{storage.display(folder)}: the model takes {model.config.in_channels} bands but its sidecar "
+            f"lists {len(meta['bands'])}; the files of that artifact do not belong together"
+        )
+    weights = storage.join(folder, EMA_WEIGHTS)
+    try:
+        state = load_safetensors(storage.read_bytes(weights))
+    except storage.NotFoundError as exc:
+        raise CheckpointError(f"EMA artifact {storage.display(folder)} has no {EMA_WEIGHTS}") from exc
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot load weights of {storage.display(weights)} ({type(exc).__name__}): it is corrupt or "
+            "truncated; re-create the checkpoint (or delete its ema/ folder to load model.pt instead)"
+        ) from None
+    load_module_state(model, state, weights)
+    return _pretrained(model, diffusion_cfg, meta, uri, device)
+
+
+def _configs(uri: str, meta: dict[str, Any]) -> tuple[ModelConfig, DiffusionConfig]:
+    try:
+        return build(ModelConfig, meta["model"]), build(DiffusionConfig, meta["diffusion"])
+    except (ConfigError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {storage.display(uri)}/{META}: {exc}") from None
+
+
+def _pretrained(
+    model: torch.nn.Module, diffusion_cfg: DiffusionConfig, meta: dict[str, Any], uri: str, device: Any
+) -> PretrainedDDPM:
     model.eval().requires_grad_(False).to(device)
     return PretrainedDDPM(
         model=model,

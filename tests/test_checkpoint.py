@@ -1,0 +1,105 @@
+"""The checkpoint layout: training state in ``model.pt``, the EMA weights as a diffusers folder in
+``ema/`` that loads on its own, and checkpoints written before ``ema/`` existed. No Ray: a tiny
+UNet saved through :func:`rsdiff.train.checkpoint.save` as the training loop does."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from rsdiff.config import to_container
+from rsdiff.diffusion.schedule import DiffusionConfig
+from rsdiff.diffusion.unet import ModelConfig, build_unet
+from rsdiff.errors import CheckpointError
+from rsdiff.train import checkpoint
+from rsdiff.train.checkpoint import load_pretrained
+
+pytestmark = pytest.mark.unit
+
+MODEL = ModelConfig(base_channels=16, channel_mult=[1, 2], attention_resolutions=[8], head_channels=8)
+
+
+def _meta() -> dict:
+    return {
+        "model": to_container(MODEL),
+        "diffusion": to_container(DiffusionConfig()),
+        "in_channels": 3,
+        "image_size": 16,
+        "normalization": {"mean": [100.0, 110.0, 120.0], "std": [30.0, 31.0, 32.0], "scale": 2.0},
+        "bands": ["red", "green", "blue"],
+        "dtype": "uint8",
+        "tile_size": 16,
+        "classes": [],
+        "step": 7,
+    }
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint whose model and EMA weights differ, with an optimizer state beside them."""
+    torch.manual_seed(0)
+    model = build_unet(MODEL, 3, 16)
+    ema = build_unet(MODEL, 3, 16).to(memory_format=torch.channels_last)  # as the loop keeps it on GPU
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2])).sample.square().mean().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": 7}
+    folder = tmp_path / "checkpoint_00000007"
+    checkpoint.save(folder, state, _meta())
+    return folder, state
+
+
+def _same(module: torch.nn.Module, weights: dict) -> bool:
+    own = module.state_dict()
+    return own.keys() == weights.keys() and all(torch.equal(own[k], weights[k].contiguous()) for k in own)
+
+
+def test_the_ema_artifact_is_a_diffusers_folder_holding_the_ema_weights(saved):
+    from diffusers import UNet2DModel
+
+    folder, state = saved
+    assert {p.name for p in (folder / "ema").iterdir()} == {
+        "config.json", "diffusion_pytorch_model.safetensors", "rsdiff.json"
+    }  # fmt: skip
+    standalone = UNet2DModel.from_pretrained(folder / "ema")
+    assert _same(standalone, state["ema"]) and not _same(standalone, state["model"])
+    assert standalone.config.in_channels == 3 and standalone.config.sample_size == 16
+    weights = (folder / "ema" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert weights < 0.4 * (folder / "model.pt").stat().st_size  # model + EMA + 2 Adam moments
+
+
+def test_inference_loads_only_the_artifact_never_the_training_state(saved):
+    folder, state = saved
+    (folder / "model.pt").unlink()
+    ddpm = load_pretrained(str(folder))
+    assert _same(ddpm.model, state["ema"]) and not ddpm.model.training
+    assert ddpm.bands == ["red", "green", "blue"] and ddpm.meta["step"] == 7
+    assert ddpm.normalizer.to_json()["mean"] == [100.0, 110.0, 120.0]
+    assert ddpm.scheduler.config.num_train_timesteps == DiffusionConfig().timesteps
+    same = load_pretrained(str(folder / "ema"))  # the artifact's own folder works as well
+    assert _same(same.model, state["ema"])
+
+
+def test_a_checkpoint_written_before_the_artifact_still_loads_from_model_pt(saved, caplog):
+    folder, state = saved
+    shutil.rmtree(folder / "ema")
+    with caplog.at_level(logging.INFO, logger="rsdiff.train.checkpoint"):
+        ddpm = load_pretrained(str(folder))
+    assert _same(ddpm.model, state["ema"])
+    assert "has no ema/ artifact" in caplog.text
+    raw = load_pretrained(str(folder), ema=False)
+    assert _same(raw.model, state["model"])
+
+
+def test_a_damaged_artifact_is_one_clear_error_naming_the_file(saved):
+    folder, _ = saved
+    weights = folder / "ema" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=f"cannot load weights of {weights} .*corrupt or truncated"):
+        load_pretrained(str(folder))
+    (folder / "ema" / "config.json").write_text('{"in_channels": 5, "sample_size": 16}')
+    with pytest.raises(CheckpointError, match="takes 5 bands but its sidecar lists 3"):
+        load_pretrained(str(folder))
