@@ -30,6 +30,8 @@ from omegaconf import MISSING
 from rsdiff import storage
 from rsdiff.config import build, redact, to_container
 from rsdiff.errors import ConfigError, DataError
+from rsdiff.features.cache import TableCacheConfig
+from rsdiff.features.cache import check_numbers as check_table_numbers
 from rsdiff.heads.artifact import HeadConfig, HeadKind
 from rsdiff.heads.scratch_unet import ScratchUNetConfig
 from rsdiff.tracking import StageTracking
@@ -53,6 +55,7 @@ class LabelEfficiencyConfig:
     head: HeadConfig = field(default_factory=HeadConfig)  # residual head (overridden by `selection`'s)
     ensemble: HeadConfig = field(default_factory=lambda: HeadConfig(kind=HeadKind.ensemble))
     unet: ScratchUNetConfig = field(default_factory=ScratchUNetConfig)
+    table: TableCacheConfig = field(default_factory=TableCacheConfig)  # how the draws read the table
     output: str = "runs/label_efficiency"
     tracking: StageTracking = field(
         default_factory=lambda: StageTracking(experiment="rsdiff-label-efficiency")
@@ -75,11 +78,9 @@ def draw_images(pool: list[str], k: int, draw: int, seed: int) -> list[str]:
 
 def _pixels_by_image(table: Any, split: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``image -> (rows, cols, labels)`` of the table's sampled pixels in ``split``."""
-    from rsdiff.features.table import read_part
-
     acc: dict[str, list[tuple[np.ndarray, ...]]] = {}
     for part in table.parts(split):
-        p = read_part(table.root, part["name"])
+        p = table.part(part["name"])
         for img in np.unique(p["image"]):
             sel = p["image"] == img
             acc.setdefault(str(img), []).append((p["rows"][sel], p["cols"][sel], p["labels"][sel]))
@@ -153,7 +154,8 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
     from rsdiff.heads.scratch_unet import fit_scratch_unet, sparse_labels
     from rsdiff.train.checkpoint import load_pretrained
 
-    table = FeatureTable.open(str(cfg.features))
+    check_table_numbers(cfg.table)
+    table = FeatureTable.open(str(cfg.features)).cached(cfg.table)
     if not table.parts("val"):
         raise DataError(f"feature table {storage.display(table.root)} has no val rows to score on")
     head_cfg = cfg.head
@@ -192,7 +194,8 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
         for method, hc in (("residual", head_cfg), ("ensemble", cfg.ensemble)):
             t0 = time.perf_counter()
             hc = build(HeadConfig, hc, {"input_noise": cfg.input_noise, "seed": cfg.seed + d})
-            fitted = fit_head(table, timesteps, blocks, hc, train_images=set(images), val_split="val")
+            fitted = fit_head(table, timesteps, blocks, hc, train_images=set(images), val_split="val",
+                              memory_mb=cfg.table.memory_mb)  # fmt: skip
             rows.append(
                 {
                     "method": method,

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from rsdiff.config import load_config
 from rsdiff.errors import ConfigError
 from rsdiff.heads.artifact import TrainedHead
-from rsdiff.heads.fit import evaluate
+from rsdiff.heads.fit import StreamedRows, evaluate
 from rsdiff.sweep import SweepConfig, run_sweep
 
 SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
@@ -78,7 +78,8 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     assert head.timesteps == result.best["timesteps"] and head.checkpoint == labeled_table.meta["checkpoint"]
     channels = labeled_table.index.select(head.timesteps, head.blocks)
     mean, std = torch.from_numpy(head.mean), torch.from_numpy(head.std)
-    cm = evaluate(head.module, labeled_table, "val", channels, mean, std)
+    val = StreamedRows(labeled_table, "val", channels, None)
+    cm = evaluate(head.module, val, labeled_table.num_classes, mean, std)
     assert cm.miou() == pytest.approx(result.best["best_val_miou"], abs=1e-9)
 
     # Re-running the same sweep name restores it: nothing is trained again, same parent run.

@@ -7,7 +7,10 @@ Layout at a local folder or ``s3://`` prefix::
     table.json               written last (its presence marks the table complete): channel index,
                              checkpoint URI, timesteps, blocks, classes, parts and row counts
 
-Readers stream part by part, so memory is bounded by a few parts whatever the table's size.
+Readers stream part by part, so memory is bounded by a few parts whatever the table's size, or
+load a split's selected channels at once (:meth:`FeatureTable.load`) when they fit in memory.
+:meth:`FeatureTable.cached` reads the parts from a node-local copy made once per node
+(:mod:`rsdiff.features.cache`) instead of from storage.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from rsdiff import storage
 from rsdiff.errors import DataError
+from rsdiff.features.cache import LocalTable, TableCacheConfig, local_copy
 from rsdiff.features.index import ChannelIndex
 
 TABLE_META = "table.json"
@@ -68,10 +72,19 @@ class FeatureTable:
 
     root: str
     meta: dict[str, Any]
+    local: LocalTable | None = None  # a node-local copy the parts are read from (see cached())
     index: ChannelIndex = field(init=False)
 
     def __post_init__(self) -> None:
         self.index = ChannelIndex.from_json(self.meta["channel_index"])
+
+    def cached(self, cfg: TableCacheConfig) -> FeatureTable:
+        """This table read from its node-local copy, made now if no process on this node made it
+        yet (``cfg.node_cache`` off, or too large for the cache: this table, read from storage)."""
+        if not cfg.node_cache or self.local is not None:
+            return self
+        local = local_copy(self.root, self.meta, cfg)
+        return self if local is None else FeatureTable(self.root, self.meta, local)
 
     @classmethod
     def open(cls, uri: str) -> FeatureTable:
@@ -139,12 +152,35 @@ class FeatureTable:
                 sel = order[j : j + batch_rows]
                 yield x[sel].astype(np.float32), y[sel].astype(np.int64)
 
+    def part(self, name: str) -> dict[str, np.ndarray]:
+        """The columns of one part (see the module docstring), from the node-local copy if any."""
+        if self.local is not None:
+            split = next(p["split"] for p in self.meta["parts"] if p["name"] == name)
+            return self.local.part(split, name)
+        return read_part(self.root, name)
+
+    def count_rows(self, split: str, images: set[str] | None = None) -> int:
+        """Rows of ``split`` (of those ``images``: exact with a node-local copy, else an upper bound)."""
+        if images is None or self.local is None:
+            return self.rows(split)
+        return int(np.isin(self.local.column(split, "image"), list(images)).sum())
+
+    def load(
+        self, split: str, channels: np.ndarray | None = None, images: set[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """All rows of ``split`` (of ``images``) at once: ``(features (n, d) float16, labels (n,) uint8)``
+        with ``d`` = the selected ``channels``; memory is ``n * d * 2`` bytes."""
+        loaded = [self._load(p["name"], channels, images) for p in self.parts(split)]
+        if not loaded:
+            raise DataError(f"feature table {storage.display(self.root)} has no rows for split {split!r}")
+        return np.concatenate([x for x, _ in loaded]), np.concatenate([y for _, y in loaded])
+
     def _load(
         self, name: str, channels: np.ndarray | None, images: set[str] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        part = read_part(self.root, name)
+        part = self.part(name)
         x, y = part["features"], part["labels"]
         if images is not None:
             keep = np.isin(part["image"], list(images))
             x, y = x[keep], y[keep]
-        return (x if channels is None else x[:, channels]), y
+        return np.asarray(x if channels is None else x[:, channels]), np.asarray(y)

@@ -1,16 +1,18 @@
 """Fitting a pixel head on a feature table.
 
-``fit_head`` streams the table (never all rows in RAM): one pass for per-channel mean/std and
-class counts, then epochs of shuffled mini-batches with early stopping on validation mIoU. It
-returns a :class:`~rsdiff.heads.artifact.TrainedHead` (the artifact prediction loads, defined
-apart from this trainer).
+``fit_head`` loads the selected channels of the training and validation rows into tensors on the
+head's device once when they fit ``memory_mb`` (fp16), and otherwise streams them from the table
+part by part on every pass. Then: one pass for per-channel mean/std and class counts, epochs of
+shuffled mini-batches, early stopping on validation mIoU. It returns a
+:class:`~rsdiff.heads.artifact.TrainedHead` (the artifact prediction loads, defined apart from this
+trainer).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,21 +29,56 @@ from rsdiff.heads.artifact import ClassWeighting, HeadConfig, TrainedHead, build
 from rsdiff.metrics import ConfusionMatrix
 
 
+class StreamedRows:
+    """Rows of one split read from the table on every pass: ``(x (n, d) fp16/fp32, y (n,))`` numpy
+    batches; memory is bounded by a few parts."""
+
+    def __init__(
+        self, table: FeatureTable, split: str, channels: np.ndarray, images: set[str] | None
+    ) -> None:
+        self.table, self.split, self.channels, self.images = table, split, channels, images
+
+    def batches(self, batch_rows: int, shuffle: bool = False, seed: int = 0) -> Iterator[tuple[Any, Any]]:
+        return self.table.iter_batches(self.split, self.channels, batch_rows, shuffle=shuffle, seed=seed,
+                                       images=self.images)  # fmt: skip
+
+
+class MemoryRows:
+    """Rows of one split held as tensors on ``device``: ``x (n, d)`` fp16 and ``y (n,)`` int64, read
+    from the table once; batches are index views (shuffled by a seeded permutation)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, device: torch.device) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16)).to(device)
+        self.y = torch.from_numpy(y.astype(np.int64)).to(device)
+
+    def batches(self, batch_rows: int, shuffle: bool = False, seed: int = 0) -> Iterator[tuple[Any, Any]]:
+        n = len(self.y)
+        if shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(self.x.device)
+            for j in range(0, n, batch_rows):
+                sel = order[j : j + batch_rows]
+                yield self.x[sel], self.y[sel]
+        else:
+            for j in range(0, n, batch_rows):
+                yield self.x[j : j + batch_rows], self.y[j : j + batch_rows]
+
+
+Rows = StreamedRows | MemoryRows
+
+
+def _tensor(a: Any, device: torch.device) -> torch.Tensor:
+    return (torch.from_numpy(a) if isinstance(a, np.ndarray) else a).to(device)
+
+
 def evaluate(
-    head: nn.Module,
-    table: FeatureTable,
-    split: str,
-    channels: np.ndarray,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    images: set[str] | None = None,
+    head: nn.Module, rows: Rows, num_classes: int, mean: torch.Tensor, std: torch.Tensor
 ) -> ConfusionMatrix:
-    """Confusion matrix of ``head`` over the rows of ``split`` (streamed, on ``mean``'s device)."""
-    cm = ConfusionMatrix(table.num_classes)
+    """Confusion matrix of ``head`` over ``rows`` (on ``mean``'s device)."""
+    cm = ConfusionMatrix(num_classes)
     head.eval()
     with torch.no_grad():
-        for x, y in table.iter_batches(split, channels, batch_rows=8192, images=images):
-            pred, _ = head.predict((torch.from_numpy(x).to(mean.device).float() - mean) / std)
+        for x, y in rows.batches(8192):
+            pred, _ = head.predict((_tensor(x, mean.device).float() - mean) / std)
             cm.update(pred, y)
     return cm
 
@@ -56,7 +93,8 @@ def train_epoch(
     input_noise: float = 0.0,
     gen: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """One pass over ``(x (N, D) fp16/fp32, y (N,) uint8)`` batches on the device of ``mean``.
+    """One pass over ``(x (N, D) fp16/fp32, y (N,) integer)`` batches (numpy arrays or tensors) on the
+    device of ``mean``.
 
     Rows are standardised with ``mean``/``std`` (``(D,)`` tensors), optionally jittered with
     Gaussian noise of std ``input_noise`` drawn from ``gen`` (a generator on that device).
@@ -68,10 +106,10 @@ def train_epoch(
     for x, y in batches:
         if len(y) < 2:  # BatchNorm needs two rows
             continue
-        xb = (torch.from_numpy(x).to(device).float() - mean) / std
+        xb = (_tensor(x, device).float() - mean) / std
         if input_noise > 0:
             xb = xb + input_noise * torch.randn(xb.shape, generator=gen, device=device)
-        yb = torch.from_numpy(y.astype(np.int64)).to(device)
+        yb = _tensor(y, device).long()
         loss = head.loss(xb, yb, weight, IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,6 +117,22 @@ def train_epoch(
         total += loss.detach() * len(y)
         n += len(y)
     return total, n
+
+
+def head_rows(
+    table: FeatureTable,
+    split: str,
+    channels: np.ndarray,
+    images: set[str] | None,
+    memory_mb: float,
+    device: torch.device,
+) -> Rows:
+    """The rows a head trains or validates on: in memory on ``device`` when the selected channels
+    of ``split`` (of ``images``) fit ``memory_mb`` as fp16, else streamed from the table."""
+    need = table.count_rows(split, images) * len(channels) * 2 / 2**20
+    if need <= memory_mb:
+        return MemoryRows(*table.load(split, channels, images), device)
+    return StreamedRows(table, split, channels, images)
 
 
 def fit_head(
@@ -91,11 +145,12 @@ def fit_head(
     val_images: set[str] | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     device: str | torch.device = "cpu",
+    memory_mb: float = 4096.0,
 ) -> TrainedHead:
     """Train a head on the selected channels of the table's ``train`` rows.
 
     Args:
-        table: an extracted feature table.
+        table: an extracted feature table (:meth:`FeatureTable.cached` to read a node-local copy).
         timesteps, blocks: the channel subset (must exist in the table's channel index).
         cfg: a :class:`HeadConfig`.
         train_images: restrict training to these image ids (label-efficiency runs).
@@ -103,6 +158,8 @@ def fit_head(
         on_epoch: called after each epoch with ``(epoch, metrics)`` (Ray Tune reports here).
         device: where the head, its batches and the feature standardisation live (a sweep trial
             with a GPU passes ``cuda``). The returned head is moved back to the CPU.
+        memory_mb: budget (MiB, per split) for holding the selected rows as fp16 tensors on
+            ``device``; above it the rows are streamed from the table on every pass.
 
     Raises:
         ConfigError / DataError: unknown timesteps/blocks, no training rows, bad hyperparameters.
@@ -110,16 +167,24 @@ def fit_head(
     if cfg.epochs < 1 or cfg.batch_rows < 1 or cfg.lr <= 0:
         raise ConfigError("head.epochs, head.batch_rows must be >= 1 and head.lr > 0")
     channels = table.index.select(list(timesteps), list(blocks))
+    device = torch.device(device)
+    has_val = bool(table.parts(val_split))
+    if not has_val:
+        val_split, val_images = "train", train_images
+    train = head_rows(table, "train", channels, train_images, memory_mb, device)
+    val = train if (val_split, val_images) == ("train", train_images) else head_rows(
+        table, val_split, channels, val_images, memory_mb, device
+    )  # fmt: skip
     stats = BandStats(len(channels))
     counts = np.zeros(table.num_classes, np.int64)
-    for x, y in table.iter_batches("train", channels, batch_rows=16384, images=train_images):
-        stats.update(x.T)
+    for x, y in train.batches(16384):
+        stats.update(np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, np.float32).T)
+        y = y.cpu().numpy() if isinstance(y, torch.Tensor) else y
         counts += np.bincount(y, minlength=table.num_classes)[: table.num_classes]
     if counts.sum() == 0:
         raise DataError(
             "no labeled training rows for the head (check train_images / the table's train split)"
         )
-    device = torch.device(device)
     mean = torch.from_numpy(stats.mean.astype(np.float32)).to(device)
     std = torch.from_numpy(np.maximum(stats.std, 1e-6).astype(np.float32)).to(device)
     weight = None
@@ -127,7 +192,6 @@ def fit_head(
         freq = counts / counts.sum()
         w = np.where(counts > 0, 1.0 / np.maximum(freq, 1e-12), 0.0)
         weight = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=device)
-    has_val = bool(table.parts(val_split))
     head = build_head(cfg, len(channels), table.num_classes).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = devices.generator(device, cfg.seed)
@@ -135,12 +199,9 @@ def fit_head(
     history = []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        batches = table.iter_batches(
-            "train", channels, cfg.batch_rows, shuffle=True, seed=cfg.seed + epoch, images=train_images
-        )
+        batches = train.batches(cfg.batch_rows, shuffle=True, seed=cfg.seed + epoch)
         total, n = train_epoch(head, opt, batches, mean, std, weight, cfg.input_noise, gen)
-        split = val_split if has_val else "train"
-        cm = evaluate(head, table, split, channels, mean, std, val_images if has_val else train_images)
+        cm = evaluate(head, val, table.num_classes, mean, std)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(total) / max(n, 1),
@@ -157,8 +218,7 @@ def fit_head(
         elif epoch - best[1] >= cfg.patience:
             break
     head.load_state_dict(best[2])
-    final = evaluate(head, table, val_split if has_val else "train", channels, mean, std,
-                     val_images if has_val else train_images)  # fmt: skip
+    final = evaluate(head, val, table.num_classes, mean, std)
     summary = final.summary(table.class_names)
     return TrainedHead(
         module=head.cpu(),
@@ -174,7 +234,7 @@ def fit_head(
             **{k: v for k, v in summary.items() if k != "pixels"},
             "best_epoch": best[1] + 1,
             "epochs_run": len(history),
-            "validated_on": val_split if has_val else "train",
+            "validated_on": val_split,
             "confusion_matrix": final.matrix.tolist(),
             "history": [{k: v for k, v in h.items() if k != "val_per_class_iou"} for h in history],
         },

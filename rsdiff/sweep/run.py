@@ -108,6 +108,7 @@ def _run_sweep(
                 samples=samples,
                 features=table.root,
                 head=cfg.head,
+                table=cfg.table,
                 parent_run_id=parent.run_id,
                 tracking_uri=uri,  # may hold a password: passed through the object store, never persisted
                 experiment=cfg.tracking.experiment,

@@ -15,6 +15,8 @@ from omegaconf import MISSING
 from rsdiff import storage
 from rsdiff.config import require, to_container
 from rsdiff.errors import ConfigError
+from rsdiff.features.cache import TableCacheConfig
+from rsdiff.features.cache import check_numbers as check_table_numbers
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import HeadConfig
 from rsdiff.raytools import RayConfig
@@ -67,6 +69,7 @@ class SweepConfig:
     storage: str = "runs/tune"
     search: SearchSpace = field(default_factory=SearchSpace)
     head: HeadConfig = field(default_factory=HeadConfig)  # fixed settings; epochs = max per trial
+    table: TableCacheConfig = field(default_factory=TableCacheConfig)  # how trials read the table
     num_samples: int = 8
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 1.0
@@ -119,6 +122,7 @@ def check_numbers(cfg: SweepConfig) -> None:
     require("reduction_factor", cfg.reduction_factor, ge=2)
     if cfg.time_budget_s is not None:
         require("time_budget_s", cfg.time_budget_s, gt=0)
+    check_table_numbers(cfg.table)
 
 
 def sweep_spec(cfg: SweepConfig, table: FeatureTable) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from rsdiff import storage
 from rsdiff.config import build
+from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import HeadConfig
 from rsdiff.heads.fit import fit_head
@@ -23,6 +24,7 @@ class TrialContext:
     samples: list[dict[str, Any]]  # the drawn trial settings, by sample index
     features: str  # feature table URI
     head: HeadConfig  # fixed head settings; a sample's choices override them
+    table: TableCacheConfig  # node-local copy and in-memory budget
     parent_run_id: str
     tracking_uri: str
     experiment: str  # MLflow experiment name
@@ -42,7 +44,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     sample = int(config["sample"])
     choice = context.samples[sample]
     tid = trial_id(sample)
-    table = FeatureTable.open(context.features)
+    table = FeatureTable.open(context.features).cached(context.table)  # once per node, then mapped
     head_cfg = build(HeadConfig, context.head, {k: choice[k] for k in HEAD_KEYS})
     tags = {"mlflow.parentRunId": context.parent_run_id, "rsdiff.stage": "sweep-trial", "rsdiff.trial": tid}
     run = RunHandle.create(context.tracking_uri, context.experiment, run_name=f"trial-{tid}", tags=tags)
@@ -68,7 +70,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
             tune.report({"val_miou": m["val_miou"], "train_loss": m["train_loss"], "epoch": epoch})
 
     device = pick_device(context.gpus)  # the GPU Tune reserved for this trial, if any
-    head = fit_head(table, choice["timesteps"], choice["blocks"], head_cfg, on_epoch=on_epoch, device=device)
+    head = fit_head(table, choice["timesteps"], choice["blocks"], head_cfg, on_epoch=on_epoch, device=device,
+                    memory_mb=context.table.memory_mb)  # fmt: skip
     head.save(storage.join(context.out, "trials", tid))
     run.log_metrics(
         {

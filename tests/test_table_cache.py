@@ -1,0 +1,136 @@
+"""The node-local feature-table copy and in-memory head training, on a small table written here
+(two Gaussian classes per split, no Ray). Sharing across processes on one node is checked with
+real processes racing to build the copy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rsdiff.config import build
+from rsdiff.errors import ConfigError
+from rsdiff.features import cache
+from rsdiff.features.cache import TableCacheConfig
+from rsdiff.features.index import ChannelIndex
+from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, read_part, write_part
+from rsdiff.heads.artifact import HeadConfig
+from rsdiff.heads.fit import MemoryRows, StreamedRows, fit_head, head_rows
+
+pytestmark = pytest.mark.unit
+
+DIM = 12
+
+
+def write_table(root: Path, seed: int = 0, parts_per_split: int = 3, rows: int = 200) -> FeatureTable:
+    """Parts of ``rows`` rows: class 1 shifts the first 6 channels by +1.5 sd; 5 images per part."""
+    rng = np.random.default_rng(seed)
+    infos = []
+    for split in ("train", "val"):
+        for p in range(parts_per_split):
+            y = rng.integers(0, 2, rows).astype(np.uint8)
+            x = rng.normal(size=(rows, DIM)).astype(np.float32)
+            x[:, :6] += 1.5 * y[:, None]
+            arrays = {
+                "features": x.astype(np.float16), "labels": y,
+                "image": np.array([f"{split}-img{p}-{i % 5}" for i in range(rows)]),
+                "rows": rng.integers(0, 64, rows).astype(np.int32),
+                "cols": rng.integers(0, 64, rows).astype(np.int32),
+            }  # fmt: skip
+            infos.append(dataclasses.asdict(write_part(str(root), split, arrays, 2)))
+    index = ChannelIndex.build([10, 50], ["up0.res0", "up1.res0"], {"up0.res0": 4, "up1.res0": 2})
+    meta = {
+        "kind": KIND, "format": FORMAT_VERSION, "checkpoint": "/nowhere/ckpt", "shards": "/nowhere/shards",
+        "dim": DIM, "timesteps": [10, 50], "blocks": ["up0.res0", "up1.res0"],
+        "channel_index": index.to_json(),
+        "classes": [{"name": "a", "id": 0}, {"name": "b", "id": 1}], "parts": infos,
+    }  # fmt: skip
+    (root / TABLE_META).write_text(json.dumps(meta))
+    return FeatureTable.open(str(root))
+
+
+def test_the_node_copy_holds_every_part_exactly(tmp_path):
+    table = write_table(tmp_path / "t")
+    local = table.cached(TableCacheConfig(cache_dir=str(tmp_path / "cache")))
+    assert local.local is not None and local.local.entry.parent == tmp_path / "cache"
+    for p in table.meta["parts"]:
+        want, got = read_part(table.root, p["name"]), local.part(p["name"])
+        for column, values in want.items():
+            assert np.array_equal(values, got[column]), (p["name"], column)
+    chans = table.index.select([50], ["up0.res0"])
+    for split in ("train", "val"):
+        a, b = table.load(split, chans, {f"{split}-img1-3"}), local.load(split, chans, {f"{split}-img1-3"})
+        assert a[0].shape == (40, 4) and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert local.count_rows("train", {"train-img0-0", "train-img2-4"}) == 80  # exact with a copy
+    assert table.count_rows("train", {"train-img0-0"}) == 600  # an upper bound without one
+    # The same table opened again maps the same entry; a re-extraction to the same URI gets a new one.
+    again = FeatureTable.open(table.root).cached(TableCacheConfig(cache_dir=str(tmp_path / "cache")))
+    assert again.local.entry == local.local.entry
+    write_table(tmp_path / "t", seed=1)
+    fresh = FeatureTable.open(table.root).cached(TableCacheConfig(cache_dir=str(tmp_path / "cache")))
+    assert fresh.local.entry != local.local.entry
+    assert not np.array_equal(fresh.load("train")[0], local.load("train")[0])
+
+
+def _copy_in_child(root: str, cache_dir: str, out: multiprocessing.Queue) -> None:
+    table = FeatureTable.open(root).cached(TableCacheConfig(cache_dir=cache_dir))
+    out.put((str(table.local.entry), float(table.load("train")[0].astype(np.float64).sum())))
+
+
+def test_processes_on_one_node_build_one_copy_and_share_it(tmp_path):
+    table = write_table(tmp_path / "t", parts_per_split=8, rows=2000)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_copy_in_child, args=(table.root, str(tmp_path / "c"), queue)) for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len({entry for entry, _ in results}) == 1 and len({s for _, s in results}) == 1
+    left = sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir())
+    # No half-built temporary folder beside it. Without the lock, all three would build a copy and
+    # two would fail to rename theirs onto the first (exit code 1 above).
+    assert left == [Path(results[0][0]).name]
+
+
+def test_the_least_recently_used_copy_is_evicted_and_a_too_large_table_is_read_from_storage(tmp_path):
+    first, second = write_table(tmp_path / "a"), write_table(tmp_path / "b", seed=2)
+    size = cache.table_bytes(first.meta)
+    cfg = TableCacheConfig(cache_dir=str(tmp_path / "c"), max_gb=1.2 * size / 2**30)
+    a = first.cached(cfg)
+    b = second.cached(cfg)  # both do not fit: a's copy goes
+    assert not a.local.entry.exists() and b.local.entry.exists()
+    assert np.array_equal(a.load("val")[0], first.load("val")[0])  # a mapped copy stays readable
+    small = TableCacheConfig(cache_dir=str(tmp_path / "d"), max_gb=0.5 * size / 2**30)
+    assert first.cached(small).local is None  # read from storage instead, with a warning
+    assert first.cached(TableCacheConfig(node_cache=False)).local is None
+
+
+def test_heads_train_in_memory_within_the_budget_and_stream_above_it(tmp_path):
+    table = write_table(tmp_path / "t").cached(TableCacheConfig(cache_dir=str(tmp_path / "c")))
+    chans = table.index.select([10, 50], ["up0.res0"])  # 8 channels x 600 rows x 2 bytes = 9.4 KiB
+    assert isinstance(head_rows(table, "train", chans, None, 1.0, "cpu"), MemoryRows)
+    assert isinstance(head_rows(table, "train", chans, None, 0.005, "cpu"), StreamedRows)
+    cfg = build(HeadConfig, {"kind": "residual", "epochs": 4, "patience": 4, "width": 32, "depth": 1})
+    in_memory = fit_head(table, [10, 50], ["up0.res0"], cfg, memory_mb=1.0)
+    streamed = fit_head(table, [10, 50], ["up0.res0"], cfg, memory_mb=0.0)
+    # The first 6 channels separate the classes: both paths learn it, to the same quality.
+    assert in_memory.metrics["miou"] > 0.6 and streamed.metrics["miou"] > 0.6
+    assert abs(in_memory.metrics["miou"] - streamed.metrics["miou"]) < 0.05
+    np.testing.assert_allclose(in_memory.mean, streamed.mean, rtol=1e-5)
+    np.testing.assert_allclose(in_memory.std, streamed.std, rtol=1e-4)
+
+
+def test_bad_cache_settings_name_the_setting():
+    with pytest.raises(ConfigError, match=r"table.memory_mb=-1 is out of range"):
+        cache.check_numbers(TableCacheConfig(memory_mb=-1))
+    with pytest.raises(ConfigError, match=r"table.max_gb=0 is out of range"):
+        cache.check_numbers(TableCacheConfig(max_gb=0))
