@@ -14,6 +14,7 @@ failed job never leaves a complete-looking result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -25,6 +26,7 @@ from omegaconf import MISSING
 
 from rsdiff import storage
 from rsdiff.config import redact, to_container
+from rsdiff.data import remote
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy, parse_colour
 from rsdiff.data.labels import LabelConfig, build_classmap
 from rsdiff.data.scenes import SceneReader, SceneRef, mask_uri
@@ -109,10 +111,10 @@ def evaluate_scene(
     with warnings.catch_warnings():  # maps of JPG/PNG scenes carry no georeference, as expected
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with (
-            SceneReader(ref, classmap) as reader,
-            storage.local_copy(record["class_map"]) as pred_path,
-            rasterio.open(pred_path) as pred,
+            SceneReader(ref, classmap, region=record.get("region")) as reader,
+            contextlib.ExitStack() as stack,
         ):
+            pred = remote.open_dataset(record["class_map"], stack)
             if run_id is not None and pred.tags().get("rsdiff_prediction_run") != run_id:
                 raise DataError(
                     f"map {storage.display(record['class_map'])} was not written by the prediction run its "
@@ -126,7 +128,12 @@ def evaluate_scene(
                 )
             for r in range(0, reader.height, block_rows):
                 h = min(block_rows, reader.height - r)
-                p = pred.read(1, window=Window(0, r, reader.width, h))
+                where = f"rows {r}..{r + h}"
+                p = remote.retrying_read(
+                    lambda r=r, h=h: pred.read(1, window=Window(0, r, reader.width, h)),
+                    record["class_map"],
+                    where,
+                )
                 labels = _read_label_rows(reader, r, h)
                 cm.update(p, lut[labels])
     return cm

@@ -206,7 +206,7 @@ def _translate(exc: BaseException, uri: str, action: str) -> StorageError:
     return StorageError(f"cannot {action} {where}: {type(exc).__name__}: {exc}")
 
 
-def _backoff(attempt: int) -> float:
+def backoff(attempt: int) -> float:
     """Seconds to wait before retry ``attempt`` (1-based): exponential with jitter, at most 8 s."""
     return min(8.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
 
@@ -221,7 +221,7 @@ def retrying(fn: Callable[[], T], uri: str, action: str) -> T:
             raise
         except Exception as exc:
             if attempt < attempts and _is_transient(exc):
-                delay = _backoff(attempt)
+                delay = backoff(attempt)
                 log.warning(
                     "transient error on %s %s (%s), retry %d/%d in %.1fs",
                     action,
@@ -309,7 +309,7 @@ class S3ObjectStream(io.RawIOBase):
                 )  # fmt: skip
                 with contextlib.suppress(Exception):
                     self._body.close()
-                time.sleep(_backoff(attempt))
+                time.sleep(backoff(attempt))
                 self._body = self._open()
         raise AssertionError("unreachable")
 

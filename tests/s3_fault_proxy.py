@@ -6,7 +6,9 @@ S3 ``503 SlowDown`` answer, a dropped connection (no response at all), or a body
 GETs with a body are cut, other requests in a ``cut`` slot pass untouched), until ``max_faults``
 faults have been injected. Clients point ``AWS_ENDPOINT_URL`` at :attr:`url`. :attr:`faults_by_client`
 counts the faults by the client that met them, told apart by User-Agent: ``boto3`` (rsdiff's own
-reads and writes) and ``arrow`` (pyarrow's S3 filesystem, which Ray Train uses for checkpoints).
+reads and writes), ``arrow`` (pyarrow's S3 filesystem, which Ray Train uses for checkpoints) and
+``gdal`` (rasterio's windowed reads). With ``max_faults=0`` it only counts: :attr:`requests` and
+:attr:`body_bytes` per ``(method, path)`` of every answer it forwarded.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class FaultyS3Proxy:
         self.seen = 0
         self.faults = {"503": 0, "reset": 0, "cut": 0}
         self.faults_by_client: Counter[str] = Counter()
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.body_bytes: Counter[tuple[str, str]] = Counter()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -83,6 +87,10 @@ class FaultyS3Proxy:
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                with proxy.lock:
+                    where = (self.command, urlparse(self.path).path)
+                    proxy.requests[where] += 1
+                    proxy.body_bytes[where] += len(data) if self.command != "HEAD" else 0
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP_HEADERS and k.lower() != "content-length":
@@ -149,4 +157,6 @@ def _client(user_agent: str) -> str:
         return "arrow"
     if "boto" in agent:
         return "boto3"
+    if "gdal" in agent:
+        return "gdal"
     return "other"

@@ -2,8 +2,8 @@
 
 A scene is one raster: a GeoTIFF (any band count, uint8/uint16, with CRS/transform/nodata) or a
 plain JPG/PNG (no georeference), optionally paired with a label mask of the same size found
-through a template such as ``{dir}/../masks/{stem}.png``. Reads are windowed: a scene is never
-loaded whole, so its size is bounded only by disk.
+through a template such as ``{dir}/../masks/{stem}.png``. Reads are windowed, also in S3 (through
+GDAL, see :mod:`rsdiff.data.remote`): a scene is never loaded or downloaded whole.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from rsdiff import storage
+from rsdiff.data import remote
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind
 from rsdiff.errors import DataError
 
@@ -109,24 +110,27 @@ def _common_prefix(paths: Sequence[str]) -> str:
 class SceneReader:
     """An open scene: header facts plus windowed reads of pixels, validity and labels.
 
-    Use as a context manager; S3 scenes are downloaded to a temporary file first so that
-    windowed reads hit local disk.
+    Use as a context manager. Scenes in S3 are read in place through GDAL
+    (:mod:`rsdiff.data.remote`): opening one reads its header only, and each window read fetches
+    the byte ranges under that window.
     """
 
-    def __init__(self, ref: SceneRef, classmap: ClassMap | None = None) -> None:
+    def __init__(
+        self, ref: SceneRef, classmap: ClassMap | None = None, region: Sequence[int] | None = None
+    ) -> None:
+        """``region``: ``[row, col, height, width]`` px of the scene to expose (clipped to the scene);
+        sizes, reads and transforms are then relative to it. None: the whole scene."""
         self.ref = ref
         self.classmap = classmap
+        self.region = None if region is None else [int(v) for v in region]
         self._stack = contextlib.ExitStack()
+        self.row0 = self.col0 = 0
 
     def __enter__(self) -> SceneReader:
-        import rasterio
-        from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+        from rasterio.errors import RasterioIOError
 
         try:
-            path = self._stack.enter_context(storage.local_copy(self.ref.image))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self.ds = self._stack.enter_context(rasterio.open(path))
+            self.ds = remote.open_dataset(self.ref.image, self._stack)
         except RasterioIOError as exc:
             self._stack.close()
             raise DataError(
@@ -150,10 +154,7 @@ class SceneReader:
         self.mask_ds = None
         if self.ref.mask is not None:
             try:
-                mpath = self._stack.enter_context(storage.local_copy(self.ref.mask))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    self.mask_ds = self._stack.enter_context(rasterio.open(mpath))
+                self.mask_ds = remote.open_dataset(self.ref.mask, self._stack)
             except storage.NotFoundError as exc:
                 self._stack.close()
                 raise DataError(
@@ -171,18 +172,55 @@ class SceneReader:
                     f"mask {storage.display(self.ref.mask)} is {self.mask_ds.width}x{self.mask_ds.height} px "
                     f"but its image {storage.display(self.ref.image)} is {self.ds.width}x{self.ds.height} px"
                 )
+        if self.region is not None:
+            self._clip_region()
         return self
+
+    def _clip_region(self) -> None:
+        assert self.region is not None
+        if len(self.region) != 4 or self.region[2] < 1 or self.region[3] < 1:
+            self._stack.close()
+            raise DataError(
+                f"region {self.region} must be [row, col, height, width] px, height and width >= 1"
+            )
+        row, col, h, w = self.region
+        r0, c0 = max(0, row), max(0, col)
+        r1, c1 = min(self.ds.height, row + h), min(self.ds.width, col + w)
+        if r1 <= r0 or c1 <= c0:
+            self._stack.close()
+            raise DataError(
+                f"region {self.region} lies outside {storage.display(self.ref.image)} "
+                f"({self.ds.width}x{self.ds.height} px); give [row, col, height, width] inside it"
+            )
+        self.region = [r0, c0, r1 - r0, c1 - c0]
+        self.row0, self.col0 = r0, c0
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
     @property
     def width(self) -> int:
-        return int(self.ds.width)
+        """Width in px (of the region, if one was given)."""
+        return int(self.region[3] if self.region else self.ds.width)
 
     @property
     def height(self) -> int:
-        return int(self.ds.height)
+        """Height in px (of the region, if one was given)."""
+        return int(self.region[2] if self.region else self.ds.height)
+
+    @property
+    def transform(self) -> Any:
+        """The affine transform of the exposed area (the region's, if one was given)."""
+        from rasterio.windows import Window, transform
+
+        if not self.region:
+            return self.ds.transform
+        return transform(Window(self.col0, self.row0, self.width, self.height), self.ds.transform)
+
+    def _window(self, row: int, col: int, height: int, width: int) -> Any:
+        from rasterio.windows import Window
+
+        return Window(self.col0 + col, self.row0 + row, width, height)
 
     @property
     def bands(self) -> int:
@@ -216,33 +254,42 @@ class SceneReader:
         """The affine transform of a window as 6 GDAL-order numbers ``(a, b, c, d, e, f)``."""
         if not self.ds.crs:
             return None
-        from rasterio.windows import Window, transform
+        from rasterio.windows import transform
 
-        t = transform(Window(col, row, size, size), self.ds.transform)
+        t = transform(self._window(row, col, size, size), self.ds.transform)
         return [t.a, t.b, t.c, t.d, t.e, t.f]
 
-    def read(self, row: int, col: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels and validity of one window.
+    def read(
+        self, row: int, col: int, size: int, width: int | None = None, mask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pixels and validity of one ``size`` x ``width`` (default square) window.
 
         Returns:
-            ``(pixels, valid)``: ``(C, size, size)`` in the source dtype, ``(size, size)`` bool
-            (False where nodata, alpha=0 or outside the dataset mask).
+            ``(pixels, valid)``: ``(C, size, width)`` in the source dtype, ``(size, width)`` bool
+            (False where nodata, alpha=0 or outside the dataset mask; None without ``mask``).
         """
-        from rasterio.windows import Window
-
-        w = Window(col, row, size, size)
-        pixels = self.ds.read(window=w)
-        valid = self.ds.dataset_mask(window=w) > 0
+        w = self._window(row, col, size, width or size)
+        where = f"window (row={self.row0 + row}, col={self.col0 + col}, {size} px)"
+        pixels = remote.retrying_read(lambda: self.ds.read(window=w), self.ref.image, where)
+        if not mask:
+            return pixels, None
+        valid = remote.retrying_read(lambda: self.ds.dataset_mask(window=w), self.ref.image, where) > 0
         return pixels, valid
+
+    def valid(self, row: int, height: int) -> np.ndarray:
+        """``(height, width)`` bool validity of whole rows ``row .. row + height``."""
+        w = self._window(row, 0, height, self.width)
+        where = f"rows {self.row0 + row}..{self.row0 + row + height}"
+        return remote.retrying_read(lambda: self.ds.dataset_mask(window=w), self.ref.image, where) > 0
 
     def read_labels(self, row: int, col: int, size: int, width: int | None = None) -> tuple[np.ndarray, int]:
         """Class ids of a ``size`` x ``width`` (default square) window: uint8 (IGNORE_INDEX = no label),
         and the count of pixels with an unknown colour/value."""
-        from rasterio.windows import Window
-
         assert self.mask_ds is not None and self.classmap is not None
-        w = Window(col, row, width or size, size)
-        raw = self.mask_ds.read(window=w)
+        w = self._window(row, col, size, width or size)
+        raw = remote.retrying_read(
+            lambda: self.mask_ds.read(window=w), self.ref.mask or "", f"window (row={row}, col={col})"
+        )
         where = f"mask {storage.display(self.ref.mask or '')} window (row={row}, col={col})"
         if self.classmap.kind is MaskKind.index:
             ids, unknown = self.classmap.encode(raw[0], where)

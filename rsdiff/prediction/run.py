@@ -63,6 +63,7 @@ class PredictConfig:
     cpus_per_scene: float = 1.0
     num_gpus: float = 0.0  # per scene task (1 on GPU clusters)
     precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
+    region: list[int] | None = None  # [row, col, height, width] px of every scene to predict; null = all
     tracking: PredictTracking = field(default_factory=PredictTracking)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -130,6 +131,7 @@ class TaskOptions:
     precision: str  # auto | fp32 | bf16
     batch_size: int  # windows per UNet pass
     quicklook_size: int  # px, longest side
+    region: list[int] | None = None  # [row, col, height, width] px of each scene; None: all of it
 
 
 def _predict_task(
@@ -158,6 +160,7 @@ def _predict_task(
         opts.batch_size,
         opts.quicklook_size,
         on_windows=lambda n: counter.add.remote(windows=n),
+        region=opts.region,
     )
     counter.add.remote(scenes=1)
     return record
@@ -193,8 +196,8 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
 
     extractor = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, cfg.precision)
     windows_total = 0
-    for ref in refs:  # header checks before any work (S3 scenes are fetched for this)
-        with SceneReader(ref) as reader:
+    for ref in refs:  # header checks before any work (S3 scenes: their headers only)
+        with SceneReader(ref, region=cfg.region) as reader:
             check_scene(reader, head, extractor)
             windows_total += len(axis_origins(reader.height, plan.size, plan.stride)) * len(
                 axis_origins(reader.width, plan.size, plan.stride)
@@ -230,7 +233,10 @@ def _predict_all(
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     counter = ProgressCounter.remote()
-    opts = TaskOptions(float(cfg.num_gpus), str(cfg.precision), int(cfg.batch_size), int(cfg.quicklook_size))
+    opts = TaskOptions(
+        float(cfg.num_gpus), str(cfg.precision), int(cfg.batch_size), int(cfg.quicklook_size),
+        None if cfg.region is None else [int(v) for v in cfg.region],
+    )  # fmt: skip
     task = ray.remote(_predict_task).options(
         num_cpus=cfg.cpus_per_scene, num_gpus=cfg.num_gpus or None, max_retries=2, retry_exceptions=False
     )

@@ -78,11 +78,10 @@ def check_scene(reader: SceneReader, head: TrainedHead, extractor: FeatureExtrac
 
 
 def _read_window(reader: SceneReader, row: int, col: int, size: int) -> np.ndarray:
-    """``(C, size, size)`` source pixels, edge-padded where the scene is smaller than the window."""
-    from rasterio.windows import Window
-
+    """``(C, size, size)`` source pixels, edge-padded where the scene (or region) is smaller than the
+    window."""
     h, w = min(size, reader.height - row), min(size, reader.width - col)
-    pixels = reader.ds.read(window=Window(col, row, w, h))
+    pixels, _ = reader.read(row, col, h, w, mask=False)
     if (h, w) != (size, size):
         pixels = np.pad(pixels, ((0, 0), (0, size - h), (0, size - w)), mode="edge")
     return pixels
@@ -117,11 +116,14 @@ def predict_scene(
     batch_size: int = 4,
     quicklook_size: int = 1024,
     on_windows: Any = None,
+    region: list[int] | None = None,
 ) -> dict[str, Any]:
     """Predict ``ref`` and publish its class map (COG), optional probabilities and quicklook PNG.
 
     Args:
         on_windows: called with the number of windows done after each batch (progress).
+        region: ``[row, col, height, width]`` px of the scene to predict (an area of interest;
+            only the windows covering it are read); None: the whole scene.
 
     Returns:
         A JSON-able record: scene id, image, outputs, size, CRS, georeferenced, class pixel counts,
@@ -130,7 +132,7 @@ def predict_scene(
     t0 = time.perf_counter()
     device = extractor.device
     head.module.to(device)
-    with SceneReader(ref) as reader:
+    with SceneReader(ref, region=region) as reader:
         check_scene(reader, head, extractor)
         georef = reader.crs is not None
         if not georef:
@@ -142,7 +144,7 @@ def predict_scene(
             reader.height,
             reader.width,
             reader.ds.crs if georef else None,
-            reader.ds.transform if georef else None,
+            reader.transform if georef else None,
             head.classes,
             outputs.probabilities is not None,
             {
@@ -171,21 +173,19 @@ def predict_scene(
                         on_windows(len(batch_cols))
                 upto = rows[i + 1] if i + 1 < len(rows) else reader.height
                 for first, blended in blender.release(upto):
-                    valid = reader.ds.dataset_mask(
-                        window=((first, first + blended.shape[1]), (0, reader.width))
-                    )
-                    writer.write_rows(first, blended, valid > 0)
+                    writer.write_rows(first, blended, reader.valid(first, blended.shape[1]))
             writer.publish(outputs.class_map, outputs.probabilities)
             class_pixels = writer.class_pixels.tolist()
             if outputs.quicklook:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     picture = quicklook(
-                        reader.ds.name,
+                        reader.ds,
                         writer.folder / "cog-class.tif",
                         head.classes,
                         extractor.ddpm.bands,
                         quicklook_size,
+                        window=reader.region,
                     )
                 with storage.atomic_local_path(outputs.quicklook) as tmp:
                     Image.fromarray(picture).save(tmp, format="PNG")
@@ -201,8 +201,9 @@ def predict_scene(
             "height": reader.height,
             "bands": reader.bands,
             "crs": reader.crs,
-            "transform": list(reader.ds.transform)[:6] if georef else None,
+            "transform": list(reader.transform)[:6] if georef else None,
             "georeferenced": georef,
+            "region": reader.region,
         }
     record.update(
         quicklook=outputs.quicklook,

@@ -161,28 +161,37 @@ class PredictionWriter:
 
 
 def quicklook(
-    image_path: str | Path,
+    image: Any,
     class_path: str | Path,
     classes: Sequence[dict[str, Any]],
     band_names: Sequence[str],
     max_size: int = 1024,
+    window: Sequence[int] | None = None,
 ) -> np.ndarray:
     """``(h, w, 3)`` uint8 picture: the scene and the class map over it, side by side (``max_size`` px max).
 
-    Reads decimated views of both rasters (overviews where they exist), never the full scene.
+    ``image`` is the scene's open rasterio dataset (local or S3) or a path; ``window`` the
+    ``[row, col, height, width]`` of it that the class map covers (None: all of it). Reads
+    decimated views of both rasters (overviews where they exist), never the full scene.
     """
+    import contextlib
+
     import rasterio
     from rasterio.enums import Resampling
+    from rasterio.windows import Window
 
     from rsdiff.viz import display_rgb, overlay, side_by_side
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(image_path) as src, rasterio.open(class_path) as cls:
-            scale = min(1.0, max_size / max(src.height, src.width))
-            shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
-            pixels = src.read(out_shape=(src.count, *shape), resampling=Resampling.bilinear)
-            valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
-            ids = cls.read(1, out_shape=shape, resampling=Resampling.nearest)
+        src = image if hasattr(image, "read") else stack.enter_context(rasterio.open(image))
+        cls = stack.enter_context(rasterio.open(class_path))
+        row, col, height, width = window or (0, 0, src.height, src.width)
+        win = Window(col, row, width, height)
+        scale = min(1.0, max_size / max(height, width))
+        shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+        pixels = src.read(window=win, out_shape=(src.count, *shape), resampling=Resampling.bilinear)
+        valid = src.dataset_mask(window=win, out_shape=shape, resampling=Resampling.nearest) > 0
+        ids = cls.read(1, out_shape=shape, resampling=Resampling.nearest)
     rgb = display_rgb(pixels, valid, band_names)
     return side_by_side([rgb, overlay(rgb, ids, classes, alpha=0.5)])
