@@ -5,12 +5,15 @@ through ``MlflowClient``."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from conftest import REPO, PicklePayload, free_port, run_job
 from mlflow import MlflowClient
+from s3_fault_proxy import FaultyS3Proxy
 
+from rsdiff import storage
 from rsdiff.config import load_config
 from rsdiff.errors import ConfigError
 from rsdiff.heads.artifact import TrainedHead
@@ -24,27 +27,27 @@ SEARCH = [  # choices that exist in the labeled test table (t in {10, 100})
 ]
 
 
+def _overrides(table, tmp_path, mlflow_uri, *extra):
+    return [
+        f"features={table.root}",
+        f"output={tmp_path / 'out'}",
+        f"storage={tmp_path / 'tune'}",
+        f"tracking.uri={mlflow_uri}",
+        *SEARCH,
+        "search.width=[32,64]",
+        "search.depth=[1]",
+        "search.lr=[1e-3,3e-3]",
+        "head.epochs=4",
+        "head.patience=10",
+        "head.batch_rows=256",
+        "num_samples=4",
+        "max_concurrent_trials=2",
+        *extra,
+    ]
+
+
 def _cfg(table, tmp_path, mlflow_uri, *extra):
-    return load_config(
-        SweepConfig,
-        SWEEP,
-        [
-            f"features={table.root}",
-            f"output={tmp_path / 'out'}",
-            f"storage={tmp_path / 'tune'}",
-            f"tracking.uri={mlflow_uri}",
-            *SEARCH,
-            "search.width=[32,64]",
-            "search.depth=[1]",
-            "search.lr=[1e-3,3e-3]",
-            "head.epochs=4",
-            "head.patience=10",
-            "head.batch_rows=256",
-            "num_samples=4",
-            "max_concurrent_trials=2",
-            *extra,
-        ],
-    )
+    return load_config(SweepConfig, SWEEP, _overrides(table, tmp_path, mlflow_uri, *extra))
 
 
 def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
@@ -105,6 +108,24 @@ def test_asha_stops_weak_trials_early(labeled_table, tmp_path, mlflow_uri, ray_c
         [MlflowClient(mlflow_uri).get_run(result.parent_run_id).info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")}  # fmt: skip
     assert "KILLED" in statuses and "RUNNING" not in statuses
+
+
+def test_trials_read_the_table_from_storage_once_per_node(labeled_table, s3_endpoint, tmp_path, mlflow_uri):
+    """Four trials of four epochs on an S3 table, through a counting proxy, on a fresh Ray of its
+    own (one node): every part is fetched exactly once, into the node's cache, and mapped from there
+    by every trial (each trial, epoch and validation pass used to fetch every part again)."""
+    args = [f"--config={SWEEP}", *_overrides(labeled_table, tmp_path, mlflow_uri), "ray.num_cpus=2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with FaultyS3Proxy(s3_endpoint, max_faults=0) as proxy:
+        env.update(AWS_ENDPOINT_URL=proxy.url, RSDIFF_CACHE_DIR=str(tmp_path / "node-cache"))
+        proc = run_job("sweep.py", *args, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "tune").glob("*/trials/s*.json"))) == 4  # four trial records
+    bucket, key = storage.split_s3(labeled_table.root)
+    fetched = {p: n for (method, p), n in proxy.requests.items() if method == "GET" and "/parts/" in p}
+    want = {f"/{bucket}/{key}/parts/{p['name']}" for p in labeled_table.meta["parts"]}
+    assert set(fetched) == want and set(fetched.values()) == {1}, fetched
+    assert len([d for d in (tmp_path / "node-cache").iterdir() if d.is_dir()]) == 1
 
 
 @pytest.mark.parametrize(

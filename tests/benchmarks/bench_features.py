@@ -1,13 +1,18 @@
 """Feature extraction and heads, as ratios against peers in the same process. Prints one JSON line.
 
 P3: images/s of the Ray Data extraction (1 actor, 1 CPU) vs a plain in-process loop with the same
-    frozen UNet, sampling and part writing (torch limited to 1 thread).
+    frozen UNet, sampling and part writing (torch limited to 1 thread), in steady state: the
+    marginal rate between a 64- and a 512-image run, so the actor start-up (reported apart) cancels.
 P4: peak RSS (driver + all Ray workers) of the extraction at 8 vs 64 labeled images.
 P5: bytes stored per labeled image vs DDPM-Seg's in-RAM layout (D x H x W float32 per image).
-P6: training time of the residual head vs the 10-member DDPM-Seg ensemble on the same rows, with
-    both val mIoUs.
+P6: training time of the residual head vs the 10-member DDPM-Seg ensemble on the same rows and
+    epochs (both in memory, as fit_head holds them within table.memory_mb), with both val mIoUs;
+    for the default residual head and a small one (width 128, depth 1, no channel gate).
+P9: sweep throughput in trials per hour on one S3 table (loopback) and search space: trials
+    reading a node-local copy and training from in-memory rows vs streaming every pass from S3
+    (table.node_cache=false table.memory_mb=0, rsdiff's behaviour before), same process.
 
-    python tests/benchmarks/bench_features.py
+    python tests/benchmarks/bench_features.py [--images 512] [--trials 6]
 
 Throughput does not depend on the weights, so the checkpoint is a freshly initialised tiny UNet.
 """
@@ -15,6 +20,7 @@ Throughput does not depend on the weights, so the checkpoint is a freshly initia
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import threading
 import time
@@ -32,6 +38,7 @@ from rsdiff.data.normalize import Normalizer
 from rsdiff.data.shards import iter_shard
 from rsdiff.data.synthetic import write_sample_dataset
 from rsdiff.diffusion.unet import build_unet
+from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.extract import ExtractConfig, _image_rng, run_extract, sample_pixels
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.features.table import write_part
@@ -135,24 +142,59 @@ def plain_extract(ckpt: str, shards: str, out: str, images: int, batch: int = 8)
     return len(tiles) / (time.perf_counter() - t0)
 
 
+def sweep_trials_per_hour(table_uri: str, tmp: Path, trials: int, before: bool) -> float:
+    """Trials per hour of a FIFO sweep of ``trials`` samples (2 at a time) over ``table_uri``."""
+    from rsdiff.sweep import SweepConfig, run_sweep
+
+    tag = "before" if before else "after"
+    overrides = [
+        f"features={table_uri}", f"output={tmp / tag}", f"storage={tmp / 'tune'}", f"name=bench-{tag}",
+        f"tracking.uri=sqlite:///{tmp / 'sweep.db'}", "scheduler=fifo", f"num_samples={trials}",
+        "max_concurrent_trials=2", "head.epochs=5", "head.patience=5", "search.width=[128,256]",
+        "search.depth=[1,2]", f"table.cache_dir={tmp / 'node-cache'}",
+        *(["table.node_cache=false", "table.memory_mb=0"] if before else []),
+    ]  # fmt: skip
+    cfg = load_config(SweepConfig, REPO / "configs/sweep/tiny.yaml", overrides)
+    t0 = time.perf_counter()
+    run_sweep(cfg)
+    return trials / (time.perf_counter() - t0) * 3600
+
+
 def main() -> None:
+    import argparse
+
+    from _loopback_s3 import start_moto
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=512, help="P3's long run (>= 512 for steady state)")
+    parser.add_argument("--trials", type=int, default=6, help="P9's trials per sweep")
+    args = parser.parse_args()
+    start_moto("bench")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out: dict[str, object] = {"bench": "features", "cpus": 2, "tile": 64}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        write_sample_dataset(t / "scenes", scenes=12, height=256, width=256)
+        scenes = max(12, math.ceil(args.images / 16 / 0.8) + 2)  # 16 tiles per scene, 20% to val
+        write_sample_dataset(t / "scenes", scenes=scenes, height=256, width=256)
         shards = str(t / "shards")
-        ingest = [f"inputs=[{t}/scenes/images/*.tif]", f"output={shards}", "val_fraction=0.34"]
+        ingest = [f"inputs=[{t}/scenes/images/*.tif]", f"output={shards}", "val_fraction=0.2"]
         run_ingest(load_config(IngestConfig, REPO / "configs/ingest/sample.yaml", ingest))
         ckpt = make_checkpoint(shards, t / "ckpt")
         ray_extract(ckpt, shards, str(t / "warm"), 8)  # warm caches and imports
         _, rss8, _ = ray_extract(ckpt, shards, str(t / "f8"), 8)
         r64, rss64, table = ray_extract(ckpt, shards, str(t / "f64"), 64)
-        plain = plain_extract(ckpt, shards, str(t / "plain"), 64)
+        r_long, _, _ = ray_extract(ckpt, shards, str(t / "flong"), args.images)
+        t64, t_long = 64 / r64, args.images / r_long
+        steady = (args.images - 64) / (t_long - t64)
+        plain = plain_extract(ckpt, shards, str(t / "plain"), args.images)
         out.update(
-            p3_ray_data_images_per_s=r64,
+            p3_images=args.images,
+            p3_ray_data_steady_images_per_s=steady,
+            p3_ray_data_startup_s=t64 - 64 / steady,
+            p3_ray_data_images_per_s_incl_startup=r_long,
             p3_plain_images_per_s=plain,
-            p3_ratio=r64 / plain,
+            p3_ratio=steady / plain,
+            p3_ratio_incl_startup=r_long / plain,
             p4_peak_rss_mb_8=rss8 / 2**20,
             p4_peak_rss_mb_64=rss64 / 2**20,
             p4_ratio=rss64 / rss8,
@@ -167,16 +209,28 @@ def main() -> None:
             p5_ratio=stored / images / ddpmseg,
             p5_ratio_at_256px_same_rows=stored / images / (table.meta["dim"] * 256 * 256 * 4),
         )
-        # P6 on the full table (train + val) of a freshly extracted superset.
-        extract = [f"checkpoint={ckpt}", f"shards={shards}", f"output={t / 'full'}"]
+        # P6 and P9 on a train + val table of 192 images per split, written to (loopback) S3.
+        extract = [f"checkpoint={ckpt}", f"shards={shards}", "output=s3://bench/full", "max_images=192"]
         full = run_extract(load_config(ExtractConfig, REPO / "configs/extract/tiny.yaml", extract))
-        for kind in ("residual", "ensemble"):
-            cfg = build(HeadConfig, {"kind": kind, "epochs": 5, "patience": 5})
+        out["p6_rows"] = full.rows("train")
+        local = full.cached(TableCacheConfig(cache_dir=str(t / "p6-cache")))
+        heads = {
+            "residual": {"kind": "residual"},  # the defaults: width 256, depth 2, channel gate
+            "residual_small": {"kind": "residual", "width": 128, "depth": 1, "gate": False},
+            "ensemble": {"kind": "ensemble"},
+        }
+        for name, settings in heads.items():
+            cfg = build(HeadConfig, {**settings, "epochs": 5, "patience": 5})
             t0 = time.perf_counter()
-            head = fit_head(full, full.index.timesteps, full.index.blocks, cfg)
-            out[f"p6_{kind}_seconds"] = time.perf_counter() - t0
-            out[f"p6_{kind}_val_miou"] = head.metrics["miou"]
-        out["p6_time_ratio_residual_vs_ensemble"] = out["p6_residual_seconds"] / out["p6_ensemble_seconds"]
+            head = fit_head(local, full.index.timesteps, full.index.blocks, cfg)
+            out[f"p6_{name}_seconds"] = time.perf_counter() - t0
+            out[f"p6_{name}_val_miou"] = head.metrics["miou"]
+        for name in ("residual", "residual_small"):
+            out[f"p6_time_ratio_{name}_vs_ensemble"] = out[f"p6_{name}_seconds"] / out["p6_ensemble_seconds"]
+        before = sweep_trials_per_hour(full.root, t, args.trials, before=True)
+        after = sweep_trials_per_hour(full.root, t, args.trials, before=False)
+        out.update(p9_trials=args.trials, p9_trials_per_hour_before=before, p9_trials_per_hour_after=after,
+                   p9_ratio=after / before)  # fmt: skip
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}))
 
 
