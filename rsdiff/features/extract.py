@@ -1,6 +1,6 @@
 """Feature extraction with Ray Data: labeled tiles -> frozen-UNet features at sampled pixels.
 
-``shards -> flat_map(read tiles) -> map_batches(FeatureActor, concurrency=k)``: each actor holds
+``shards -> flat_map(read tiles) -> map_batches(FeatureActor, ActorPoolStrategy(size=k))``: each actor holds
 one frozen UNet (one GPU each on a cluster), normalises a batch of tiles, samples labeled pixels
 per image (stratified by class, capped), reads the superset of timesteps x blocks at those
 pixels, and writes one fp16 part per batch straight to storage. The driver only collects part
@@ -300,7 +300,7 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         fn_constructor_kwargs={"plan": plan},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=cfg.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=int(cfg.concurrency)),
         num_cpus=actor_cpus,
         num_gpus=cfg.num_gpus or None,
     )

@@ -89,15 +89,22 @@ def training_and_ema_artifact(tmp: Path) -> dict:
     }
 
 
-def adm256_mfu(batch: int = 32, steps: int = 20) -> dict:
-    """G2: images/s and MFU of one compiled bf16 training step of the adm256 preset."""
+def adm256_mfu(
+    batch: int = 32,
+    steps: int = 20,
+    preset: str | Path = REPO / "configs/pretrain/adm256.yaml",
+    compile: bool = True,
+) -> dict:
+    """G2: images/s and MFU of one bf16 training step (channels_last, fused AdamW, compiled unless
+    ``compile`` is off) of a pretraining preset's model (default ``adm256``), 3 bands."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = load_section(ModelConfig, REPO / "configs/pretrain/adm256.yaml", "model")
-    model = build_unet(cfg, 3, 256).cuda().to(memory_format=torch.channels_last)
+    cfg = load_section(ModelConfig, preset, "model")
+    size = cfg.image_size or 256
+    model = build_unet(cfg, 3, size).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fast = torch.compile(model)
-    x = torch.randn(batch, 3, 256, 256, device="cuda").contiguous(memory_format=torch.channels_last)
+    fast = torch.compile(model) if compile else model
+    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (batch,), device="cuda")
 
     def step() -> None:
@@ -121,6 +128,8 @@ def adm256_mfu(batch: int = 32, steps: int = 20) -> dict:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
     return {
+        "g2_preset": Path(preset).name,
+        "g2_compiled": compile,
         "g2_params_m": num_params(model) / 1e6,
         "g2_batch": batch,
         "g2_images_per_s": batch / dt,

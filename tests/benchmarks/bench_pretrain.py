@@ -127,50 +127,6 @@ def _raw_tar_rate(shards: list[str], n: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
-def gpu_mfu(preset: str, batch: int, steps: int) -> dict:
-    """Images/s and MFU of one bf16 training step of ``preset`` on the current CUDA device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = load_config(PretrainConfig, preset, ["run.storage=/tmp"])
-    size = cfg.model.image_size or 256
-    model = build_unet(cfg.model, 3, size).cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fast = torch.compile(model) if cfg.perf.compile else model
-    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
-    t = torch.randint(0, 1000, (batch,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.mse_loss(fast(x, t).sample.float(), x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as fc, torch.autocast("cuda", dtype=torch.bfloat16):
-        F.mse_loss(model(x, t).sample.float(), x).backward()
-    opt.zero_grad(set_to_none=True)
-    flops = fc.get_total_flops()
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    name = torch.cuda.get_device_name()
-    peak = 989e12 if "H100" in name else 989e12 if "H200" in name else float("nan")  # dense bf16
-    return {
-        "device": name,
-        "preset": Path(preset).name,
-        "params_m": num_params(model) / 1e6,
-        "batch": batch,
-        "images_per_s": batch / dt,
-        "tflops_per_step": flops / 1e12,
-        "mfu": flops / dt / peak,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=60)
@@ -180,7 +136,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     if args.gpu:
-        print(json.dumps({"bench": "pretrain_gpu", **gpu_mfu(args.preset, args.batch, args.steps)}))
+        from bench_gpu import adm256_mfu  # one GPU step benchmark, shared with bench_gpu.py G2
+
+        result = adm256_mfu(args.batch, args.steps, args.preset)
+        print(json.dumps({"bench": "pretrain_gpu", "device": torch.cuda.get_device_name(), **result}))
         return
     import ray
 
