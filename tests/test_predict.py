@@ -110,6 +110,41 @@ def test_predicting_a_4band_uint16_geotiff_larger_than_the_window_into_s3(
     assert np.abs(map_panel[5:, 5:] - scene_panel[5:, 5:]).mean() > 10  # class colours drawn elsewhere
 
 
+def test_a_region_of_a_scene_in_s3_is_predicted_and_evaluated_by_window(
+    sample_demo, bucket, tmp_path, mlflow_uri, ray_cluster
+):
+    """``region=[row, col, height, width]`` on a scene and mask in S3: the map covers the region
+    (clipped at the scene's edge) with the region's transform, and evaluate scores the mask
+    under it: its confusion matrix equals one computed by hand from the map and the mask window."""
+    import boto3
+
+    scene = write_scene(tmp_path / "src", "roi", height=200, width=240, seed=11, origin=(320000.0, 2820000.0))
+    name = bucket[len("s3://") :]
+    for kind, path in (("images", scene.image), ("labels", scene.labels)):
+        boto3.client("s3").upload_file(str(path), name, f"scenes/{kind}/roi.tif")
+    out = tmp_path / "maps"
+    cfg = _predict_cfg(str(sample_demo / "sweep" / "best"), [f"{bucket}/scenes/images/roi.tif"], str(out),
+                       "region=[40,100,96,500]")  # fmt: skip
+    result = run_predict(cfg)
+    assert result.scenes[0]["region"] == [40, 100, 96, 140]  # clipped at the scene's right edge
+    with rasterio.open(scene.image) as src, rasterio.open(out / "roi.tif") as cls:
+        assert (cls.height, cls.width) == (96, 140) and cls.crs == src.crs
+        assert cls.transform == src.window_transform(((40, 136), (100, 240)))
+        ids = cls.read(1)
+    with rasterio.open(scene.labels) as lab:
+        true = lab.read(1, window=((40, 136), (100, 240))).astype(int)
+    cm = np.zeros((5, 5), np.int64)
+    keep = (ids != 255) & (true != 255)
+    np.add.at(cm, (true[keep], ids[keep].astype(int)), 1)
+    proc = run_job(
+        "evaluate.py", f"predictions={out}", "labels.mask_template={dir}/../labels/{stem}.tif",
+        "labels.kind=index", f"output={tmp_path / 'm.json'}", f"tracking.uri={mlflow_uri}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "m.json").read_text())["confusion_matrix"] == cm.tolist()
+    assert cm.sum() == 96 * 140
+
+
 def _ramp(size, overlap):
     """The blending weights, written out independently of the library."""
     w = np.array([min(1.0, (min(i, size - 1 - i) + 1) / (overlap + 1)) for i in range(size)])

@@ -55,7 +55,11 @@ def write_table(root: Path, seed: int = 0, parts_per_split: int = 3, rows: int =
 
 def test_the_node_copy_holds_every_part_exactly(tmp_path):
     table = write_table(tmp_path / "t")
+    stale = tmp_path / "cache" / f"{cache.table_key(table.root, table.meta)}.tmp-killed"
+    stale.mkdir(parents=True)  # what a build killed midway leaves
+    (stale / "train.features.npy").write_bytes(b"half")
     local = table.cached(TableCacheConfig(cache_dir=str(tmp_path / "cache")))
+    assert not stale.exists()
     assert local.local is not None and local.local.entry.parent == tmp_path / "cache"
     for p in table.meta["parts"]:
         want, got = read_part(table.root, p["name"]), local.part(p["name"])

@@ -52,6 +52,7 @@ def gdal_options() -> dict[str, str]:
         "GDAL_HTTP_MAX_RETRY": "2",
         "GDAL_HTTP_RETRY_DELAY": "0.5",
         "VSI_CACHE": "TRUE",
+        "RSDIFF_S3_ENV": "YES",  # marks rsdiff's environment (GDAL ignores unknown options)
     }
     url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if url:
@@ -112,7 +113,7 @@ def _env_active() -> bool:
     """True inside an :func:`s3_env` (GDAL's S3 endpoint set for this thread)."""
     import rasterio
 
-    return rasterio.env.hasenv() and "GDAL_DISABLE_READDIR_ON_OPEN" in rasterio.env.getenv()
+    return rasterio.env.hasenv() and rasterio.env.getenv().get("RSDIFF_S3_ENV") == "YES"
 
 
 def retrying_read(fn: Callable[[], T], uri: str, what: str) -> T:

@@ -118,6 +118,8 @@ def local_copy(root: str, meta: dict, cfg: TableCacheConfig) -> LocalTable | Non
         if (entry / PARTS).is_file():
             os.utime(entry)  # most recently used
             return LocalTable(entry)
+        for stale in cache.glob(f"{key}.tmp-*"):  # a build killed midway (we hold its key's lock)
+            shutil.rmtree(stale, ignore_errors=True)
         free = shutil.disk_usage(cache).free
         if need > cfg.max_gb * 2**30 or need > 0.9 * free:
             log.warning(
