@@ -121,8 +121,9 @@ def test_a_store_that_keeps_failing_is_named_with_the_window(scenes, proxy, monk
     """The HEAD and the header pass; every read after them fails: one error naming the window."""
     monkeypatch.setenv("RSDIFF_S3_MAX_ATTEMPTS", "2")
     uri, _, _ = scenes["tiled"]
-    with SceneReader(SceneRef("s", uri)) as reader, pytest.raises(
-        StorageError, match=rf"cannot read window \(row=256, col=0, 128 px\) of {uri} from S3"
+    with (
+        SceneReader(SceneRef("s", uri)) as reader,
+        pytest.raises(StorageError, match=rf"cannot read window \(row=256, col=0, 128 px\) of {uri} from S3"),
     ):
         reader.read(256, 0, 128)
 
