@@ -62,7 +62,7 @@ def test_the_ema_artifact_is_a_diffusers_folder_holding_the_ema_weights(saved):
 
     folder, state = saved
     assert {p.name for p in (folder / "ema").iterdir()} == {
-        "config.json", "diffusion_pytorch_model.safetensors", "rsdiff.json"
+        "config.json", "diffusion_pytorch_model.safetensors", "rsdiff-ema.json"
     }  # fmt: skip
     standalone = UNet2DModel.from_pretrained(folder / "ema")
     assert _same(standalone, state["ema"]) and not _same(standalone, state["model"])

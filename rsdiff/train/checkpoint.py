@@ -9,7 +9,7 @@ Layout of one checkpoint folder (local or ``s3://``)::
                                          and stream positions (what resuming needs; ~4x the weights)
     ema/config.json                      diffusers ``UNet2DModel`` config
     ema/diffusion_pytorch_model.safetensors   EMA weights, fp32
-    ema/rsdiff.json                      the same facts as above, ``kind: rsdiff-ddpm-ema``
+    ema/rsdiff-ema.json                  the same facts as above, ``kind: rsdiff-ddpm-ema``
 
 ``ema/`` loads on its own with ``UNet2DModel.from_pretrained(<checkpoint>/ema)``; rsdiff's
 inference stages (extraction actors, prediction tasks, sweep overlays, label efficiency) read only
@@ -47,6 +47,7 @@ EMA_DIR = "ema"
 EMA_KIND = "rsdiff-ddpm-ema"
 EMA_CONFIG = "config.json"  # diffusers' CONFIG_NAME
 EMA_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' SAFETENSORS_WEIGHTS_NAME
+EMA_META = "rsdiff-ema.json"  # not rsdiff.json: listing a run's rsdiff.json finds its checkpoints only
 
 
 def save(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -78,7 +79,7 @@ def save_ema(directory: Path, weights: dict[str, torch.Tensor], meta: dict[str, 
     save_file(tensors, str(directory / EMA_WEIGHTS), metadata={"format": "pt"})
     (directory / EMA_CONFIG).write_text(json.dumps(config, indent=2))
     sidecar = {**meta, "kind": EMA_KIND, "format": FORMAT_VERSION}
-    (directory / META).write_text(json.dumps(sidecar, indent=2))
+    (directory / EMA_META).write_text(json.dumps(sidecar, indent=2))
 
 
 def load_state(directory: Path) -> dict[str, Any]:
@@ -124,7 +125,9 @@ def ema_artifact(uri: str) -> str | None:
     """The EMA inference artifact of ``uri``: ``{uri}/ema`` for a checkpoint folder, ``uri`` itself
     when it is one; None for a checkpoint written before rsdiff stored it."""
     for folder in (storage.join(uri, EMA_DIR), uri):
-        if storage.exists(storage.join(folder, META)) and storage.exists(storage.join(folder, EMA_CONFIG)):
+        if storage.exists(storage.join(folder, EMA_META)) and storage.exists(
+            storage.join(folder, EMA_CONFIG)
+        ):
             return folder
     return None
 
@@ -163,7 +166,7 @@ def _load_ema(uri: str, folder: str, device: str | torch.device) -> PretrainedDD
     from safetensors.torch import load as load_safetensors
 
     meta = read_sidecar(
-        folder, META, kind=EMA_KIND, max_format=FORMAT_VERSION, error=CheckpointError,
+        folder, EMA_META, kind=EMA_KIND, max_format=FORMAT_VERSION, error=CheckpointError,
         what="EMA inference artifact", missing_hint="pass the checkpoint folder printed by jobs/pretrain.py",
     )  # fmt: skip
     _, diffusion_cfg = _configs(folder, meta)
