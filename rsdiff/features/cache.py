@@ -12,7 +12,7 @@ Layout of one entry::
 
     {split}.features.npy   (N, D) float16     {split}.labels.npy  (N,) uint8
     {split}.image.npy      (N,) unicode ids    {split}.rows.npy / .cols.npy  (N,) int32
-    parts.json             part name -> [start, end) row range in its split's arrays
+    parts.json             part name -> [split, start, end): its rows in that split's arrays
 
 The entry is built under a temporary name and renamed into place, under an exclusive ``flock`` on
 ``{key}.lock``, so concurrent processes build it once and nobody maps a half-written copy. Entries
@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("features", "labels", "image", "rows", "cols")
 PARTS = "parts.json"
+LAYOUT = 1  # of an entry's files; part of its key, so a new layout never maps an old entry
 
 
 @dataclass
@@ -79,7 +81,7 @@ def cache_root(cfg: TableCacheConfig) -> Path:
 
 def table_key(root: str, meta: dict) -> str:
     """A digest of the table's URI and its ``table.json``: a new extraction gets a new key."""
-    text = json.dumps({"uri": storage.absolute(root), "meta": meta}, sort_keys=True)
+    text = json.dumps({"uri": storage.absolute(root), "meta": meta, "layout": LAYOUT}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -147,7 +149,7 @@ def _build(root: str, meta: dict, out: Path) -> None:
     """Concatenate each split's parts into one ``.npy`` per column (features written in place)."""
     from rsdiff.features.table import read_part
 
-    ranges: dict[str, list[int]] = {}
+    ranges: dict[str, list[Any]] = {}
     dim = int(meta["dim"])
     for split in sorted({p["split"] for p in meta["parts"]}):
         parts = [p for p in meta["parts"] if p["split"] == split]
@@ -161,7 +163,7 @@ def _build(root: str, meta: dict, out: Path) -> None:
             feats[at : at + n] = arrays["features"]
             for c in columns:
                 columns[c].append(arrays[c])
-            ranges[p["name"]] = [at, at + n]
+            ranges[p["name"]] = [split, at, at + n]
             at += n
         feats.flush()
         del feats
@@ -193,7 +195,7 @@ class LocalTable:
 
     def __init__(self, entry: Path) -> None:
         self.entry = entry
-        self.ranges: dict[str, list[int]] = json.loads((entry / PARTS).read_text())
+        self.ranges: dict[str, list[Any]] = json.loads((entry / PARTS).read_text())
         self._maps = {
             tuple(f.name.split(".")[:2]): np.load(f, mmap_mode="r") for f in sorted(entry.glob("*.npy"))
         }
@@ -202,7 +204,7 @@ class LocalTable:
         """A whole column of ``split`` (memory-mapped)."""
         return self._maps[split, name]
 
-    def part(self, split: str, name: str) -> dict[str, np.ndarray]:
+    def part(self, name: str) -> dict[str, np.ndarray]:
         """The columns of one part, as :func:`~rsdiff.features.table.read_part` returns them."""
-        start, end = self.ranges[name]
+        split, start, end = self.ranges[name]
         return {c: self.column(split, c)[start:end] for c in COLUMNS}

@@ -154,10 +154,7 @@ class FeatureTable:
 
     def part(self, name: str) -> dict[str, np.ndarray]:
         """The columns of one part (see the module docstring), from the node-local copy if any."""
-        if self.local is not None:
-            split = next(p["split"] for p in self.meta["parts"] if p["name"] == name)
-            return self.local.part(split, name)
-        return read_part(self.root, name)
+        return self.local.part(name) if self.local is not None else read_part(self.root, name)
 
     def count_rows(self, split: str, images: set[str] | None = None) -> int:
         """Rows of ``split`` (of those ``images``: exact with a node-local copy, else an upper bound)."""
