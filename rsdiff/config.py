@@ -166,8 +166,38 @@ def _as_layer(obj: Any) -> Any:
     return _read_yaml(obj) if isinstance(obj, Path) else obj
 
 
+# Config keys that are Python keywords: a dataclass field cannot be named ``from``, so the schema
+# says ``from_`` and configs, overrides and everything written back say ``from`` (``init.from=...``).
+KEYWORD_KEYS = {"from": "from_"}
+
+
+def _rename_keys(obj: Any, names: Mapping[str, str]) -> Any:
+    if isinstance(obj, Mapping):
+        return {names.get(k, k) if isinstance(k, str) else k: _rename_keys(v, names) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rename_keys(v, names) for v in obj]
+    return obj
+
+
+def _has_key(obj: Any, keys: Iterable[str]) -> bool:
+    if isinstance(obj, Mapping):
+        return any(k in keys or _has_key(v, keys) for k, v in obj.items())
+    return isinstance(obj, list) and any(_has_key(v, keys) for v in obj)
+
+
+def _keyword_layer(layer: Any) -> Any:
+    """``layer`` with keyword keys (``from``) renamed to the schema's field names (``from_``)."""
+    if isinstance(layer, DictConfig):
+        plain = OmegaConf.to_container(layer, resolve=False)
+        return OmegaConf.create(_rename_keys(plain, KEYWORD_KEYS)) if _has_key(plain, KEYWORD_KEYS) else layer
+    if isinstance(layer, Mapping) and _has_key(layer, KEYWORD_KEYS):
+        return _rename_keys(layer, KEYWORD_KEYS)
+    return layer
+
+
 def _merge(schema: type[T], layers: list[Any], where: str) -> T:
     base = OmegaConf.structured(schema)
+    layers = [_keyword_layer(x) for x in layers]
     try:
         merged = OmegaConf.merge(base, *layers)
         OmegaConf.resolve(merged)
@@ -193,7 +223,8 @@ def _valid_keys(base: DictConfig, full_key: str) -> list[str]:
     """The keys that exist next to ``full_key`` in the schema (for error messages)."""
     parent = full_key.rpartition(".")[0]
     node = OmegaConf.select(base, parent) if parent else base
-    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+    back = {v: k for k, v in KEYWORD_KEYS.items()}
+    return sorted(back.get(str(k), str(k)) for k in node) if isinstance(node, DictConfig) else []
 
 
 def to_container(cfg: Any) -> dict[str, Any]:
@@ -201,7 +232,8 @@ def to_container(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig):
         return dict(cfg)
     node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+    plain = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return _rename_keys(plain, {v: k for k, v in KEYWORD_KEYS.items()})  # type: ignore[return-value]
 
 
 # ``scheme://user:password@host`` -> ``scheme://user:***@host`` (a password inside a URI).

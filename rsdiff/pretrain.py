@@ -5,10 +5,16 @@ and its manifest, band count against the model config, sizes, the checkpoint sto
 MLflow store. Re-running with the same ``run.name`` and ``run.storage`` resumes from the latest
 checkpoint (Ray Train restores its checkpoint manager from storage) and keeps logging into the
 same MLflow run.
+
+``init.from=...`` starts a new run from existing weights (an ADM ``.pt``, a diffusers folder or an
+rsdiff checkpoint, :mod:`rsdiff.diffusion.sources`): the model's architecture is then the source's,
+the weights are band-adapted to the shards, and the optimizer starts fresh. Resuming a run always
+continues from its own latest checkpoint; ``init`` applies only to a run's first start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,7 +24,9 @@ from rsdiff import storage
 from rsdiff.config import redact, require, to_container
 from rsdiff.data.manifest import Manifest, read_manifest
 from rsdiff.data.normalize import Normalizer
+from rsdiff.diffusion.bands import band_rule
 from rsdiff.diffusion.schedule import DiffusionConfig
+from rsdiff.diffusion.sources import InitConfig, SourceWeights, check_diffusion, load_source
 from rsdiff.diffusion.unet import ModelConfig, unet_kwargs
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.raytools import RayConfig
@@ -64,6 +72,7 @@ class PretrainConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)  # start from existing weights (init.from=...)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingCfg = field(default_factory=ScalingCfg)
@@ -86,9 +95,26 @@ class PretrainResult:
     tracking_uri: str
 
 
-def validate(cfg: PretrainConfig) -> tuple[Manifest, dict[str, Any]]:
-    """Check the data against the config before workers start (after :func:`check_numbers` and the
-    run name); return the manifest and data facts."""
+def read_init(cfg: PretrainConfig) -> SourceWeights | None:
+    """Read ``init.from`` on the driver (before any worker starts, so a bad file fails here) and
+    make the run's model config the source's architecture (keeping ``model.image_size``)."""
+    if not cfg.init.from_:
+        return None
+    source = load_source(str(cfg.init.from_), cfg.init)
+    cfg.model = dataclasses.replace(source.model, in_channels=None, image_size=cfg.model.image_size)
+    check_diffusion(source, cfg.diffusion, "this run")
+    log.info(
+        "init: %s weights from %s (sha256 %s…); the model's architecture is theirs (%d levels x %s channels, "
+        "%d res blocks), model.* settings other than image_size are not used",
+        source.kind.value, storage.display(source.uri), source.sha256[:12], len(source.model.channel_mult),
+        source.model.base_channels, source.model.num_res_blocks,
+    )  # fmt: skip
+    return source
+
+
+def validate(cfg: PretrainConfig, source: SourceWeights | None = None) -> tuple[Manifest, dict[str, Any]]:
+    """Check the data against the config before workers start (after :func:`check_numbers`, the
+    run name and :func:`read_init`); return the manifest and data facts."""
     if not str(cfg.data.shards).strip():
         raise ConfigError("data.shards is empty: give the ingest output folder or s3:// prefix")
     made = storage.exists(storage.join(SAMPLE_SHARDS, "manifest.json"))
@@ -107,6 +133,7 @@ def validate(cfg: PretrainConfig) -> tuple[Manifest, dict[str, Any]]:
     if not storage.exists(shards[0]):
         raise DataError(f"shard {storage.display(shards[0])} listed in the manifest is missing")
     bands = manifest.num_bands
+    rule = band_rule(source.in_channels, bands, cfg.init.band_map) if source is not None else None
     if cfg.model.in_channels is not None and cfg.model.in_channels != bands:
         raise ConfigError(
             f"model.in_channels={cfg.model.in_channels} but the shards at "
@@ -131,6 +158,7 @@ def validate(cfg: PretrainConfig) -> tuple[Manifest, dict[str, Any]]:
         "image_size": size,
         "normalization": Normalizer.from_stats(manifest.band_stats, cfg.data.norm_scale).to_json(),
         "num_params": estimate.params,
+        "init": source.provenance(rule) if source is not None else None,
     }
     return manifest, facts
 
@@ -195,7 +223,10 @@ def run_pretrain(cfg: PretrainConfig, *, after_step: StepHook | None = None) -> 
 
     storage.check_name(cfg.run.name, "run.name")
     check_numbers(cfg)
-    manifest, facts = validate(cfg)
+    require("init.new_band_scale", cfg.init.new_band_scale, ge=0)
+    source = read_init(cfg)
+    manifest, facts = validate(cfg, source)
+    del source  # workers read it again; the driver need not hold the weights during training
     folder = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
     storage.check_writable(folder)  # the very folder Ray Train writes checkpoints into
     with Lease(folder, f"run.name={cfg.run.name} in {storage.display(str(cfg.run.storage))}"):
@@ -228,6 +259,9 @@ def _fit(
         handle.log_params(
             {"model.num_params": str(facts["num_params"]), "data.bands": json.dumps(manifest.bands)}
         )
+        if facts["init"]:
+            handle.set_tags({f"rsdiff.init.{k}": json.dumps(v) if isinstance(v, list) else str(v)
+                             for k, v in facts["init"].items()})  # fmt: skip
     meta = {
         "config": redact(plain),
         "model": plain["model"],
@@ -240,6 +274,7 @@ def _fit(
         "tile_size": manifest.tile_size,
         "classes": manifest.classes,
         "shards": storage.absolute(str(cfg.data.shards)),
+        "init": facts["init"],
     }
     plan = TrainPlan(
         model=cfg.model,
@@ -259,6 +294,7 @@ def _fit(
         run_id=handle.run_id,
         tracking_uri=uri,
         after_step=after_step,
+        init=cfg.init if cfg.init.from_ else None,
     )
     connect(cfg.ray.address, cfg.ray.num_cpus)
     storage_path, filesystem = storage_for_ray(str(cfg.run.storage))

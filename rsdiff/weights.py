@@ -18,8 +18,9 @@ from rsdiff import storage
 from rsdiff.errors import CheckpointError
 
 
-def load_weights(blob: bytes, uri: str) -> dict[str, Any]:
-    """The tensors/containers saved in ``blob`` (read from ``uri``, named in errors).
+def load_weights(blob: bytes, uri: str, fix: str = "re-create it with rsdiff") -> dict[str, Any]:
+    """The tensors/containers saved in ``blob`` (read from ``uri``, named in errors; ``fix`` says
+    what to do about a file that fails).
 
     Raises:
         CheckpointError: corrupt, truncated, not a torch file, or holding other objects.
@@ -29,10 +30,10 @@ def load_weights(blob: bytes, uri: str) -> dict[str, Any]:
     except Exception as exc:
         raise CheckpointError(
             f"cannot load weights of {storage.display(uri)} ({type(exc).__name__}): it is corrupt, truncated "
-            "or holds objects other than tensors (rsdiff never unpickles those); re-create it with rsdiff"
+            f"or holds objects other than tensors (rsdiff never unpickles those); {fix}"
         ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{storage.display(uri)} does not hold an rsdiff weights dictionary")
+        raise CheckpointError(f"{storage.display(uri)} does not hold a weights dictionary (name -> tensor)")
     return state
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from rsdiff.diffusion.unet import epsilon
+
 
 @torch.no_grad()
 def ddim_sample(
@@ -20,7 +22,7 @@ def ddim_sample(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen).to(device)
     for t in ddim.timesteps:
-        eps = model(x, t.to(device).expand(shape[0])).sample
+        eps = epsilon(model(x, t.to(device).expand(shape[0])).sample, shape[1])
         x = ddim.step(eps, t, x).prev_sample
     return x.clamp(-1, 1)
 
@@ -38,7 +40,7 @@ def denoise_strip(
     x0 = x0.to(device).unsqueeze(0).expand(len(timesteps), *x0.shape)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     xt = scheduler.add_noise(x0, noise, t)
-    eps = model(xt, t).sample
+    eps = epsilon(model(xt, t).sample, xt.shape[1])
     abar = scheduler.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
     x0_hat = ((xt - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
     return xt.clamp(-1, 1), x0_hat

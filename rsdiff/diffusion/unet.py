@@ -1,8 +1,16 @@
 """The denoiser: an ADM-family UNet (diffusers' ``UNet2DModel``) built from a config.
 
-Input and output are ``(B, C, H, W)`` images scaled to about [-1, 1]; the output is the predicted
-noise epsilon. Attention is placed ADM-style at the feature resolutions listed in
-``attention_resolutions`` (in pixels, e.g. ``[32, 16, 8]`` for 256 px inputs).
+Input is a ``(B, C, H, W)`` image scaled to about [-1, 1]; the output is the predicted noise
+epsilon, ``(B, C, H, W)``, or ``(B, 2C, H, W)`` for ``learn_sigma`` models (epsilon, then the
+variance interpolation of improved DDPM; :func:`epsilon` takes the first half). Attention is placed
+ADM-style at the feature resolutions listed in ``attention_resolutions`` (in pixels, e.g.
+``[32, 16, 8]`` for 256 px inputs), or at explicit ``attention_levels``.
+
+Every OpenAI guided-diffusion ``UNetModel`` whose attention layers share one head width maps onto
+this model exactly (``rsdiff.diffusion.adm``): ``resblock_updown`` (residual blocks that resample),
+``scale_shift_norm`` (ADM's adaptive group norm; off = the timestep embedding is added),
+``learn_sigma`` and ``mid_attention_norm`` (ADM normalises the input of the bottleneck's attention;
+models rsdiff trained from scratch before these options existed do not, so it is off by default).
 """
 
 from __future__ import annotations
@@ -26,6 +34,13 @@ class ModelConfig:
     head_channels: int = 32
     dropout: float = 0.0
     norm_groups: int = 8
+    # Decoder/encoder levels (0 = full resolution) with attention; null = from attention_resolutions.
+    # Converted checkpoints set it, so attention stays where it was trained whatever the crop size.
+    attention_levels: list[int] | None = None
+    resblock_updown: bool = False
+    scale_shift_norm: bool = True
+    learn_sigma: bool = False  # 2C outputs: epsilon and the variance interpolation (ignored in training)
+    mid_attention_norm: bool = False
 
 
 def unet_kwargs(cfg: ModelConfig, in_channels: int, image_size: int) -> dict[str, Any]:
@@ -36,21 +51,41 @@ def unet_kwargs(cfg: ModelConfig, in_channels: int, image_size: int) -> dict[str
     channels = [int(cfg.base_channels * m) for m in cfg.channel_mult]
     if any(c % cfg.norm_groups for c in channels):
         raise ValueError(f"channels {channels} must be divisible by norm_groups={cfg.norm_groups}")
-    resolutions = [image_size // 2**i for i in range(levels)]
-    attn = [r in set(cfg.attention_resolutions) for r in resolutions]
-    return {
+    if cfg.attention_levels is not None:
+        bad = [level for level in cfg.attention_levels if not 0 <= level < levels]
+        if bad:
+            raise ValueError(f"attention_levels {bad} out of range for {levels} levels (0..{levels - 1})")
+        attn = [i in set(cfg.attention_levels) for i in range(levels)]
+    else:
+        resolutions = [image_size // 2**i for i in range(levels)]
+        attn = [r in set(cfg.attention_resolutions) for r in resolutions]
+    attn_heads = [c for c, a in zip(channels, attn) if a] + [channels[-1]]  # + the bottleneck's
+    if any(c % cfg.head_channels for c in attn_heads):
+        raise ValueError(
+            f"attention channels {attn_heads} must be divisible by head_channels={cfg.head_channels}"
+        )
+    down, up = "DownBlock2D", "UpBlock2D"
+    if cfg.resblock_updown:
+        down, up = "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"
+    kwargs: dict[str, Any] = {
         "sample_size": image_size,
         "in_channels": in_channels,
-        "out_channels": in_channels,
+        "out_channels": 2 * in_channels if cfg.learn_sigma else in_channels,
         "block_out_channels": tuple(channels),
         "layers_per_block": cfg.num_res_blocks,
-        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        "down_block_types": tuple("AttnDownBlock2D" if a else down for a in attn),
+        "up_block_types": tuple("AttnUpBlock2D" if a else up for a in reversed(attn)),
         "attention_head_dim": cfg.head_channels,
         "norm_num_groups": cfg.norm_groups,
         "dropout": cfg.dropout,
-        "resnet_time_scale_shift": "scale_shift",  # ADM's adaptive group norm
+        # ADM's adaptive group norm, or the timestep embedding added before the second norm
+        "resnet_time_scale_shift": "scale_shift" if cfg.scale_shift_norm else "default",
     }
+    if cfg.resblock_updown:  # the attention levels' blocks resample with residual blocks too
+        kwargs["downsample_type"] = kwargs["upsample_type"] = "resnet"
+    if cfg.mid_attention_norm:
+        kwargs["attn_norm_num_groups"] = cfg.norm_groups
+    return kwargs
 
 
 def build_unet(cfg: ModelConfig, in_channels: int, image_size: int) -> torch.nn.Module:
@@ -60,6 +95,67 @@ def build_unet(cfg: ModelConfig, in_channels: int, image_size: int) -> torch.nn.
     return UNet2DModel(**unet_kwargs(cfg, in_channels, image_size))
 
 
+def epsilon(output: torch.Tensor, channels: int) -> torch.Tensor:
+    """The epsilon prediction in a model ``output`` for ``channels``-band input: the output itself,
+    or its first half for ``learn_sigma`` models (``(B, 2C, H, W)``: epsilon, then the variance
+    interpolation, which rsdiff neither trains nor samples with)."""
+    return output[:, :channels] if output.shape[1] == 2 * channels else output
+
+
 def num_params(model: torch.nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_config_from_diffusers(config: dict[str, Any]) -> tuple[ModelConfig, int]:
+    """``(ModelConfig, in_channels)`` reproducing a diffusers ``UNet2DModel`` ``config`` (its
+    ``config.json``) exactly: every setting of the config is compared with the model rsdiff builds
+    from the result, so a folder using anything rsdiff's configs do not express is refused.
+
+    Raises:
+        ValueError: the config uses a layout rsdiff's model cannot express; the message names the
+            first setting that differs from what rsdiff would build.
+    """
+    from diffusers import UNet2DModel
+
+    full = dict(UNet2DModel.from_config(config, return_unused_kwargs=False).config)  # defaults filled
+    channels = [int(c) for c in full["block_out_channels"]]
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise ValueError(f"block_out_channels {channels} are not multiples of the first level's width")
+    attn = [t.startswith("Attn") for t in full["down_block_types"]]
+    in_channels = int(full["in_channels"])
+    out = int(full["out_channels"])
+    if out not in (in_channels, 2 * in_channels):
+        raise ValueError(f"out_channels={out} must be in_channels={in_channels} (or twice it, learn_sigma)")
+    head = full.get("attention_head_dim") or channels[-1]
+    cfg = ModelConfig(
+        in_channels=in_channels,
+        base_channels=base,
+        channel_mult=[c // base for c in channels],
+        num_res_blocks=int(full["layers_per_block"]),
+        attention_levels=[i for i, a in enumerate(attn) if a],
+        head_channels=int(head),
+        dropout=float(full.get("dropout", 0.0)),
+        norm_groups=int(full["norm_num_groups"]),
+        resblock_updown="Resnet" in "".join(full["down_block_types"])
+        or full.get("downsample_type") == "resnet",
+        scale_shift_norm=full["resnet_time_scale_shift"] == "scale_shift",
+        learn_sigma=out == 2 * in_channels,
+        mid_attention_norm=full.get("attn_norm_num_groups") is not None,
+    )
+    try:
+        ours = dict(UNet2DModel(**unet_kwargs(cfg, in_channels, int(full["sample_size"] or 64))).config)
+    except ValueError as exc:
+        raise ValueError(f"not a layout rsdiff builds: {exc}") from None
+    for key, value in full.items():
+        if key.startswith("_") or key == "sample_size":
+            continue
+        mine = ours.get(key)
+        if _norm(mine) != _norm(value):
+            raise ValueError(f"{key}={value!r} differs from what rsdiff builds ({mine!r})")
+    return cfg, in_channels
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, list | tuple) else value

@@ -25,7 +25,9 @@ from rsdiff.config import redact, require, to_container
 from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
+from rsdiff.diffusion.sources import SourceOptions
 from rsdiff.errors import ConfigError, DataError
+from rsdiff.features.blocks import BlockNumbering
 from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, write_part
 from rsdiff.raytools import RayConfig, user_error
 
@@ -36,12 +38,18 @@ log = logging.getLogger(__name__)
 class ExtractConfig:
     """Config of ``jobs/extract.py``."""
 
-    checkpoint: str = MISSING  # a pretraining checkpoint folder (local or s3://)
+    # a pretraining checkpoint folder, or existing weights: an ADM .pt (flags in source.adm /
+    # source.adm_flags) or a diffusers UNet2DModel folder (local or s3://)
+    checkpoint: str = MISSING
     shards: str | None = None  # labeled ingest output; null = the shards the checkpoint was trained on
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     output: str = "runs/features"
     timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
-    blocks: list[str] = field(default_factory=list)  # names or indexes; empty = every decoder block
+    blocks: list[str] = field(default_factory=list)  # names or integers; empty = every decoder block
+    block_numbering: BlockNumbering = (
+        BlockNumbering.rsdiff
+    )  # integers: rsdiff's indexes | ddpm_seg output_blocks
+    source: SourceOptions = field(default_factory=SourceOptions)  # reading an ADM .pt / diffusers folder
     pixels_per_class: int = 64  # cap of sampled pixels per class per image
     max_images: int | None = None  # per split
     noise_seed: int = 0
@@ -229,10 +237,16 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
     from rsdiff.raytools import connect
     from rsdiff.train.checkpoint import load_pretrained
 
-    ddpm = load_pretrained(str(cfg.checkpoint))
+    out = storage.absolute(str(cfg.output))
+    exists = storage.exists(storage.join(out, TABLE_META))
+    if exists and not cfg.overwrite:
+        raise DataError(f"{storage.display(out)} already holds a feature table; pass overwrite=true")
+    checkpoint = _checkpoint(cfg, out)
+    ddpm = load_pretrained(checkpoint)
     extractor = FeatureExtractor(
-        ddpm, list(cfg.timesteps), list(cfg.blocks) or _decoder_blocks(ddpm), cfg.noise_seed, cfg.precision
-    )
+        ddpm, list(cfg.timesteps), list(cfg.blocks) or _decoder_blocks(ddpm), cfg.noise_seed, cfg.precision,
+        numbering=cfg.block_numbering,
+    )  # fmt: skip
     shards = str(cfg.shards or ddpm.meta.get("shards") or "")
     if not shards:
         raise ConfigError("shards is not set and the checkpoint does not record its shards")
@@ -259,10 +273,7 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         )
     if sum(manifest.class_pixels or []) == 0:
         raise DataError(f"the labels at {storage.display(shards)} have no labeled pixel (all ignore/unknown)")
-    out = storage.absolute(str(cfg.output))
-    if storage.exists(storage.join(out, TABLE_META)):
-        if not cfg.overwrite:
-            raise DataError(f"{storage.display(out)} already holds a feature table; pass overwrite=true")
+    if exists:
         storage.delete(storage.join(out, TABLE_META))
         for old in storage.list_uris(storage.join(out, "parts")):
             storage.delete(old)
@@ -270,7 +281,7 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     plan = ActorPlan(
-        checkpoint=str(cfg.checkpoint),
+        checkpoint=checkpoint,
         timesteps=extractor.timesteps,
         blocks=extractor.blocks,
         output=out,
@@ -335,7 +346,8 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
     meta = {
         "kind": KIND,
         "format": FORMAT_VERSION,
-        "checkpoint": storage.absolute(str(cfg.checkpoint)),
+        "checkpoint": storage.absolute(checkpoint),
+        "source": ddpm.meta.get("init"),  # where the weights came from, when imported or initialised
         "shards": storage.absolute(shards),
         "dim": extractor.dim,
         "timesteps": extractor.timesteps,
@@ -364,6 +376,28 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         ", ".join(f"{s}: {sum(p['images'] for p in table.parts(s))} images" for s in splits),
     )
     return table
+
+
+def _checkpoint(cfg: ExtractConfig, out: str) -> str:
+    """The rsdiff checkpoint to extract with: ``cfg.checkpoint`` itself, or, for an ADM ``.pt`` or a
+    diffusers folder, that model imported (band-adapted, with the shards' normalisation) as an
+    inference artifact at ``{output}/model``, which the table then names as its checkpoint."""
+    from rsdiff.diffusion.sources import SourceKind, detect_kind, import_model, load_source
+
+    uri = str(cfg.checkpoint)
+    kind, _ = detect_kind(uri)
+    if kind is SourceKind.rsdiff:
+        return uri
+    if not cfg.shards:
+        raise ConfigError(
+            f"checkpoint={storage.display(uri)} is an {kind.value} model, which does not record the "
+            "imagery it "
+            "was trained on: set shards= to the labeled ingest output"
+        )
+    manifest = read_manifest(str(cfg.shards))
+    dest = import_model(load_source(uri, cfg.source), cfg.source, manifest, storage.join(out, "model"))
+    log.info("extract: imported %s (%s) as %s", storage.display(uri), kind.value, storage.display(dest))
+    return dest
 
 
 def _decoder_blocks(ddpm: Any) -> list[str]:

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from rsdiff.devices import Precision, autocast, autocast_dtype
 from rsdiff.diffusion.schedule import fixed_noise
 from rsdiff.errors import ConfigError
-from rsdiff.features.blocks import block_channels, block_modules, resolve_blocks
+from rsdiff.features.blocks import (
+    BlockNumbering,
+    block_channels,
+    block_modules,
+    ddpm_seg_blocks,
+    resolve_blocks,
+)
 from rsdiff.features.index import ChannelIndex
 from rsdiff.train.checkpoint import PretrainedDDPM
 
@@ -34,10 +40,11 @@ class FeatureExtractor:
     Args:
         ddpm: a loaded checkpoint (EMA weights, frozen).
         timesteps: diffusion steps ``0 <= t < T``.
-        blocks: block names or indexes (see :mod:`rsdiff.features.blocks`).
+        blocks: block names or integers (see :mod:`rsdiff.features.blocks`).
         noise_seed: seed of the fixed noise shared by every image.
         precision: ``auto`` (bf16 autocast on CUDA where supported), ``fp32`` or ``bf16``;
             activations are returned as float32 either way.
+        numbering: what integers in ``blocks`` mean (rsdiff's indexes or DDPM-Seg's output_blocks).
     """
 
     def __init__(
@@ -47,6 +54,7 @@ class FeatureExtractor:
         blocks: Sequence[str | int],
         noise_seed: int = 0,
         precision: Precision | str = Precision.auto,
+        numbering: BlockNumbering | str = BlockNumbering.rsdiff,
     ) -> None:
         self.ddpm = ddpm
         self.model = ddpm.model
@@ -55,13 +63,16 @@ class FeatureExtractor:
         if bad or not timesteps:
             raise ConfigError(f"timesteps {list(timesteps)}: each must be in [0, {T - 1}] (and at least one)")
         self.timesteps = sorted({int(t) for t in timesteps})
-        self.blocks = resolve_blocks(self.model, blocks)
+        self.blocks = resolve_blocks(self.model, blocks, numbering)
         self.noise_seed = noise_seed
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.in_channels = int(ddpm.meta["in_channels"])
         shapes = block_channels(self.model, self.in_channels, int(ddpm.meta["image_size"]))
-        self.index = ChannelIndex.build(self.timesteps, self.blocks, {b: shapes[b][0] for b in self.blocks})
-        self._modules = block_modules(self.model)
+        ddpm_seg = {name: k for k, name in ddpm_seg_blocks(self.model).items()}
+        self.index = ChannelIndex.build(
+            self.timesteps, self.blocks, {b: shapes[b][0] for b in self.blocks}, ddpm_seg
+        )
+        self._modules = block_modules(self.model, upsamplers=True)
         self._noise: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property

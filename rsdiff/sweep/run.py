@@ -13,6 +13,7 @@ from typing import Any
 from rsdiff import storage
 from rsdiff.config import to_container
 from rsdiff.errors import ConfigError
+from rsdiff.features.blocks import BlockNumbering
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import TrainedHead
 from rsdiff.sweep.records import DONE, mark_ended, read_records
@@ -55,6 +56,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
     storage.check_name(cfg.name, "name")
     table = FeatureTable.open(str(cfg.features))
+    numbering = BlockNumbering(cfg.block_numbering).value
+    cfg.search.blocks = [table.index.block_names(choice, numbering) for choice in cfg.search.blocks]
     validate(cfg, table)
     check_numbers(cfg)
     spec = sweep_spec(cfg, table)

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 from rsdiff import storage
 from rsdiff.config import require, to_container
 from rsdiff.errors import ConfigError
+from rsdiff.features.blocks import BlockNumbering
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.cache import check_numbers as check_table_numbers
 from rsdiff.features.table import FeatureTable
@@ -68,6 +69,8 @@ class SweepConfig:
     name: str = "sweep-tiny"  # Tune experiment name; the same name resumes
     storage: str = "runs/tune"
     search: SearchSpace = field(default_factory=SearchSpace)
+    # integers in search.blocks: ddpm_seg = guided-diffusion's output_blocks numbers (DDPM-Seg's configs)
+    block_numbering: BlockNumbering = BlockNumbering.rsdiff
     head: HeadConfig = field(default_factory=HeadConfig)  # fixed settings; epochs = max per trial
     table: TableCacheConfig = field(default_factory=TableCacheConfig)  # how trials read the table
     num_samples: int = 8

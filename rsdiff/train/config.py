@@ -13,6 +13,7 @@ from typing import Any
 
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.schedule import DiffusionConfig
+from rsdiff.diffusion.sources import InitConfig
 from rsdiff.diffusion.unet import ModelConfig
 
 SAMPLE_SHARDS = "runs/shards/sample"  # where ``jobs/make_sample.py`` puts the built-in sample
@@ -100,3 +101,4 @@ class TrainPlan:
     # Called on every rank after each optimiser step as ``after_step(step, rank, plan)`` (1-based
     # step). Not a config setting: library callers (the fault tests) install it; it must pickle.
     after_step: StepHook | None = None
+    init: InitConfig | None = None  # weights a fresh run starts from (not used when resuming)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rsdiff import devices
 from rsdiff.diffusion.sampling import ddim_sample, denoise_strip
 from rsdiff.diffusion.schedule import make_scheduler
-from rsdiff.diffusion.unet import ModelConfig, build_unet
+from rsdiff.diffusion.unet import ModelConfig, build_unet, epsilon
 from rsdiff.train import checkpoint
 from rsdiff.train.config import OptimConfig, TrainPlan
 from rsdiff.train.stream import ShardStream, StreamPosition
@@ -70,7 +70,7 @@ def diffusion_loss(
     t = torch.randint(0, timesteps, (x0.shape[0],), generator=gen, device=x0.device)
     xt = noise_sched.add_noise(x0, noise, t)
     with devices.autocast(x0.device, amp_dtype):
-        pred = model(xt, t).sample
+        pred = epsilon(model(xt, t).sample, x0.shape[1])
     return F.mse_loss(pred.float(), noise)
 
 
@@ -130,15 +130,20 @@ def init_training(
     *,
     seed: int = 0,
     channels_last: bool = False,
+    initial: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, Any, int]:
-    """``(model, ema, optimizer, lr_schedule, step)`` on ``device``, resumed from ``state`` if given.
+    """``(model, ema, optimizer, lr_schedule, step)`` on ``device``, resumed from ``state`` if given,
+    else starting from the weights ``initial`` (model and EMA alike) if given.
 
     The model moves to ``device`` (channels_last on CUDA when ``channels_last``) *before* the
     optimiser is built and its state loaded, so AdamW's moments live beside the weights. Every
     rank starts from the same weights (seeded with ``seed``). ``size`` is the crop side in px.
     """
     torch.manual_seed(seed)
-    model = build_unet(model_cfg, in_channels, size).to(device)
+    model = build_unet(model_cfg, in_channels, size)
+    if state is None and initial is not None:
+        model.load_state_dict(initial)
+    model = model.to(device)
     if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(
@@ -214,10 +219,16 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
     if cuda:
         devices.enable_tf32()
     state = resume_state(plan.run_dir, ray.train.get_checkpoint())
+    initial = None
+    if state is None and plan.init is not None:  # a fresh run from existing weights
+        from rsdiff.diffusion.sources import load_source
+
+        initial, _ = load_source(str(plan.init.from_), plan.init).adapted(in_channels, plan.init)
     model, ema, opt, sched, start = init_training(
         plan.model, plan.optim, in_channels, size, device, state, seed=plan.seed,
-        channels_last=plan.perf.channels_last,
+        channels_last=plan.perf.channels_last, initial=initial,
     )  # fmt: skip
+    del initial
     channels_last = cuda and plan.perf.channels_last
     rng = state.get("rng") if state is not None else None
     # Distinct, reproducible streams per rank; on resume (same world size) each rank continues

@@ -1,0 +1,296 @@
+"""Starting from existing weights: OpenAI guided-diffusion ADM files converted exactly (against the
+reference ``guided_diffusion`` package), diffusers folders, band adaptation, DDPM-Seg's block
+numbers, and one clear error for each kind of bad input. No Ray, no download: the reference models
+are built here with random weights."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from rsdiff.config import load_config, to_container
+from rsdiff.diffusion import adm
+from rsdiff.diffusion.bands import adapt_bands, band_rule
+from rsdiff.diffusion.sources import SourceKind, SourceOptions, load_source
+from rsdiff.diffusion.unet import ModelConfig, build_unet, epsilon, unet_kwargs
+from rsdiff.errors import CheckpointError, ConfigError
+from rsdiff.features.blocks import block_modules, ddpm_seg_blocks, list_blocks, resolve_blocks
+from rsdiff.pretrain import PretrainConfig
+from tests.conftest import PicklePayload
+
+pytestmark = pytest.mark.unit
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the reference's deprecated torch.cuda.amp decorators
+    from guided_diffusion.script_util import create_model
+
+# Small ADM networks covering the flags that change the layout (all at 32 px, 32 base channels:
+# guided-diffusion's group norm needs multiples of 32 channels).
+FLAG_SETS = {
+    "head-channels": dict(channel_mult="1,2", num_res_blocks=1, attention_resolutions="16",
+                          num_head_channels=32, use_scale_shift_norm=True),
+    "learn-sigma-updown": dict(channel_mult="1,2,2", num_res_blocks=2, attention_resolutions="16,8",
+                               num_head_channels=16, learn_sigma=True, resblock_updown=True,
+                               use_scale_shift_norm=True),
+    "num-heads-new-order-no-scale-shift": dict(channel_mult="1,2", num_res_blocks=1,
+                                               attention_resolutions="16", num_heads=2,
+                                               use_new_attention_order=True, use_scale_shift_norm=False),
+    "updown-dropout-legacy-heads": dict(channel_mult="1,1,2", num_res_blocks=2, attention_resolutions="8",
+                                        num_heads=4, dropout=0.1, resblock_updown=True,
+                                        use_scale_shift_norm=False),
+}  # fmt: skip
+
+
+def _reference(flags: dict, seed: int = 0) -> torch.nn.Module:
+    """guided-diffusion's UNetModel with random weights everywhere (its zero-initialised output
+    convolutions would otherwise hide mapping errors)."""
+    torch.manual_seed(seed)
+    model = create_model(image_size=32, num_channels=32, **flags)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    return model.eval()
+
+
+def _converted(flags: dict, state: dict) -> torch.nn.Module:
+    f = adm.AdmFlags(image_size=32, num_channels=32, **flags)
+    model = build_unet(adm.model_config(f), 3, 32)
+    model.load_state_dict(adm.convert(state, f, "ref.pt"))
+    return model.eval()
+
+
+def _hooked(modules: dict, run) -> dict:
+    found = {}
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _i, o, k=k: found.__setitem__(k, o[0] if isinstance(o, tuple) else o)
+        )
+        for k, m in modules.items()
+    ]
+    try:
+        with torch.no_grad():
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return {"out": out, **found}
+
+
+@pytest.mark.parametrize("name", list(FLAG_SETS))
+def test_a_converted_adm_model_matches_the_reference_output_and_output_blocks(name):
+    flags = FLAG_SETS[name]
+    ref = _reference(flags)
+    ours = _converted(flags, ref.state_dict())
+    numbered = ddpm_seg_blocks(ours)
+    assert sorted(numbered) == list(range(len(ref.output_blocks)))
+    ours_modules = block_modules(ours, upsamplers=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for t in (0, 10, 250, 999):
+        tt = torch.full((2,), t)
+        a = _hooked({k: ref.output_blocks[k] for k in numbered}, lambda tt=tt: ref(x, tt))
+        b = _hooked({k: ours_modules[n] for k, n in numbered.items()}, lambda tt=tt: ours(x, tt).sample)
+        assert a["out"].shape == b["out"].shape
+        torch.testing.assert_close(b["out"], a["out"], atol=1e-4, rtol=0)
+        for k in numbered:
+            assert a[k].shape == b[k].shape, (k, numbered[k])
+            torch.testing.assert_close(
+                b[k], a[k], atol=1e-4, rtol=0, msg=f"output_blocks[{k}] = {numbered[k]}"
+            )
+
+
+def test_guided_diffusion_model_flags_line_parses_as_pasted():
+    line = ("--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 256 "
+            "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
+            "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
+            "--use_scale_shift_norm True")  # fmt: skip
+    flags = adm.parse_flags(line)
+    cfg = adm.model_config(flags)
+    assert cfg.channel_mult == [1, 1, 2, 2, 4, 4] and cfg.attention_levels == [3, 4, 5]
+    assert cfg.head_channels == 64 and cfg.learn_sigma and cfg.resblock_updown and cfg.mid_attention_norm
+    kwargs = unet_kwargs(cfg, 3, 256)
+    assert kwargs["out_channels"] == 6 and kwargs["down_block_types"][3] == "AttnDownBlock2D"
+    with pytest.raises(ConfigError, match="unknown ADM flag --num_chanels"):
+        adm.parse_flags("--num_chanels 64")
+    with pytest.raises(ConfigError, match="must be True or False"):
+        adm.parse_flags("--learn_sigma maybe")
+
+
+def test_adm_layouts_rsdiff_cannot_represent_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="one head width"):
+        adm.model_config(adm.AdmFlags(image_size=32, num_channels=32, channel_mult="1,2", num_heads=2,
+                                      attention_resolutions="32,16"))  # fmt: skip
+    with pytest.raises(ConfigError, match="512 px model"):
+        adm.model_config(adm.AdmFlags(image_size=512))
+    with pytest.raises(ConfigError, match="class-conditional"):
+        adm.model_config(adm.AdmFlags(class_cond=True))
+
+
+def _save_adm(tmp_path, flags: dict, name: str = "adm.pt") -> tuple:
+    ref = _reference(flags)
+    path = tmp_path / name
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def _options(flags: dict, **extra) -> SourceOptions:
+    line = " ".join(f"--{k} {v}" for k, v in {"image_size": 32, "num_channels": 32, **flags}.items())
+    return SourceOptions(adm_flags=line, **extra)
+
+
+def test_flags_that_do_not_match_the_file_name_the_first_mismatching_key_and_shapes(tmp_path):
+    flags = FLAG_SETS["head-channels"]
+    _, path = _save_adm(tmp_path, flags)
+    with pytest.raises(CheckpointError) as exc:
+        load_source(str(path), _options({**flags, "num_channels": 64}))
+    msg = str(exc.value)
+    assert "\n" not in msg and "adm.pt" in msg
+    assert "time_embed.0.weight has shape (128, 32)" in msg and "flags give (256, 64)" in msg
+    no_attention = adm.AdmFlags(image_size=32, num_channels=32, **{**flags, "attention_resolutions": ""})
+    with pytest.raises(
+        CheckpointError, match=r"has no output_blocks\.1\.1\.conv\.weight, which the ADM flags"
+    ):
+        load_source(str(path), SourceOptions(adm=no_attention))
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "extra_head.weight": torch.zeros(3)}, path)
+    with pytest.raises(
+        CheckpointError, match=r"has extra_head\.weight \(and 0 more keys\) that the ADM flags"
+    ):
+        load_source(str(path), _options(flags))
+    with pytest.raises(
+        CheckpointError,
+        match=r"has no input_blocks\.2\.0\.in_layers\.0\.weight, which the ADM flags describe",
+    ):
+        load_source(str(path), _options({**flags, "num_res_blocks": 2}))
+
+
+def test_a_file_with_pickled_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"time_embed.0.weight": PicklePayload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_source(str(path), _options(FLAG_SETS["head-channels"]))
+    assert not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_source(str(tmp_path / "junk.pt"), _options(FLAG_SETS["head-channels"]))
+
+
+def test_missing_paths_and_folders_without_a_config_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_source(str(tmp_path / "nope.pt"))
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"folder without config\.json"):
+        load_source(str(folder))
+
+
+def test_a_diffusers_folder_round_trips_and_foreign_layouts_are_refused(tmp_path):
+    flags = FLAG_SETS["learn-sigma-updown"]
+    ref, path = _save_adm(tmp_path, flags)
+    source = load_source(str(path), _options(flags))
+    assert source.kind is SourceKind.adm and len(source.sha256) == 64
+    model = build_unet(source.model, 3, 32).eval()
+    model.load_state_dict(source.state)
+    model.save_pretrained(tmp_path / "unet")
+    again = load_source(str(tmp_path / "unet"))
+    assert again.kind is SourceKind.diffusers and again.model == source.model
+    reloaded = build_unet(again.model, 3, 32).eval()
+    reloaded.load_state_dict(again.state)
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([300])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, t).sample, ref(x, t), atol=1e-4, rtol=0)
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text(
+        json.dumps({**config, "time_embedding_type": "fourier"})
+    )
+    (tmp_path / "foreign" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    with pytest.raises(CheckpointError, match=r"time_embedding_type='fourier' differs"):
+        load_source(str(tmp_path / "foreign"))
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_band_adaptation_keeps_rgb_outputs_on_rgb_input(learn_sigma):
+    cfg = ModelConfig(base_channels=32, channel_mult=[1, 2], attention_levels=[1], head_channels=32,
+                      norm_groups=32, learn_sigma=learn_sigma)  # fmt: skip
+    torch.manual_seed(0)
+    rgb = build_unet(cfg, 3, 32).eval()
+    with torch.no_grad():
+        for p in rgb.parameters():
+            p.normal_(0, 0.05)
+    rule = band_rule(3, 4, None)
+    assert rule == [0, 1, 2, "mean"]
+    state = adapt_bands(rgb.state_dict(), 3, rule)
+    rgbn = build_unet(cfg, 4, 32).eval()
+    rgbn.load_state_dict(state)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 500])
+    with torch.no_grad():
+        want = epsilon(rgb(x, t).sample, 3)
+        got = epsilon(rgbn(torch.cat([x, torch.zeros(2, 1, 32, 32)], 1), t).sample, 4)
+    torch.testing.assert_close(got[:, :3], want, atol=1e-5, rtol=0)
+    w = rgb.state_dict()["conv_in.weight"]
+    torch.testing.assert_close(state["conv_in.weight"][:, 3], w.mean(1))
+    torch.testing.assert_close(state["conv_out.weight"][3], rgb.state_dict()["conv_out.weight"][:3].mean(0))
+    if learn_sigma:  # the variance rows are mapped like the epsilon rows
+        assert state["conv_out.weight"].shape[0] == 8
+        torch.testing.assert_close(state["conv_out.weight"][4:7], rgb.state_dict()["conv_out.weight"][3:6])
+    gray = adapt_bands(rgb.state_dict(), 3, band_rule(3, 1, ["mean"]))
+    assert gray["conv_in.weight"].shape[1] == 1
+    zeroed = adapt_bands(rgb.state_dict(), 3, band_rule(3, 4, ["2", "1", "0", "zero"]))
+    assert torch.equal(zeroed["conv_in.weight"][:, 0], w[:, 2]) and not zeroed["conv_in.weight"][:, 3].any()
+
+
+def test_band_maps_that_do_not_fit_are_one_clear_error():
+    with pytest.raises(ConfigError, match="give band_map"):
+        band_rule(3, 1, None)
+    with pytest.raises(ConfigError, match="out of range"):
+        band_rule(3, 3, ["0", "1", "3"])
+    with pytest.raises(ConfigError, match="2 entries but the imagery has 3 bands"):
+        band_rule(3, 3, ["0", "1"])
+    with pytest.raises(ConfigError, match="must be a source band index, mean or zero"):
+        band_rule(3, 3, ["0", "1", "nir"])
+
+
+def test_ddpm_seg_numbers_name_rsdiff_blocks():
+    cfg = ModelConfig(base_channels=32, channel_mult=[1, 2, 2], num_res_blocks=2, attention_levels=[2],
+                      head_channels=32, norm_groups=32)  # fmt: skip
+    model = build_unet(cfg, 3, 32)
+    numbered = ddpm_seg_blocks(model)
+    # 3 levels x 3 units; the last unit of the two coarser levels ends with their upsampler
+    assert numbered == {0: "up0.res0", 1: "up0.res1", 2: "up0.upsample", 3: "up1.res0", 4: "up1.res1",
+                        5: "up1.upsample", 6: "up2.res0", 7: "up2.res1", 8: "up2.res2"}  # fmt: skip
+    assert resolve_blocks(model, ["5", "6", "7", "8"], "ddpm_seg") == ["up1.upsample", "up2.res0", "up2.res1",
+                                                                      "up2.res2"]  # fmt: skip
+    assert resolve_blocks(model, ["5"]) == [list_blocks(model)[5]]  # rsdiff's own indexes are unchanged
+    with pytest.raises(ConfigError, match=r"output_blocks 0\.\.8"):
+        resolve_blocks(model, ["9"], "ddpm_seg")
+
+
+def test_init_from_is_written_from_in_configs_and_what_is_logged():
+    cfg = load_config(PretrainConfig, None, ["init.from=s3://bucket/adm.pt", "init.band_map=[0,1,2,mean]"])
+    assert cfg.init.from_ == "s3://bucket/adm.pt" and cfg.init.band_map == ["0", "1", "2", "mean"]
+    plain = to_container(cfg)
+    assert plain["init"]["from"] == "s3://bucket/adm.pt" and "from_" not in plain["init"]
+    with pytest.raises(ConfigError, match=r"valid keys at that level: \[.*'from'"):
+        load_config(PretrainConfig, None, ["init.form=x"])
+
+
+def test_the_training_loss_of_a_learn_sigma_model_uses_the_epsilon_half():
+    from rsdiff.diffusion.schedule import DiffusionConfig, make_scheduler
+    from rsdiff.train.loop import diffusion_loss
+
+    cfg = ModelConfig(base_channels=32, channel_mult=[1, 2], attention_levels=[], head_channels=32,
+                      norm_groups=32, learn_sigma=True)  # fmt: skip
+    model = build_unet(cfg, 3, 16)
+    sched = make_scheduler(DiffusionConfig())
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss = diffusion_loss(model, sched, x0, torch.Generator().manual_seed(0), 1000)
+    loss.backward()
+    grad = model.conv_out.weight.grad
+    assert grad[:3].abs().sum() > 0 and grad[3:].abs().sum() == 0  # the variance half gets no gradient
