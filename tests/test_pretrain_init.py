@@ -1,0 +1,223 @@
+"""Two-step pretraining end to end, through the job scripts on the session's Ray: an OpenAI
+guided-diffusion ADM file in (loopback) S3 -> ``jobs/pretrain.py init.from=...`` on Ray Train ->
+``jobs/extract.py`` with DDPM-Seg's block numbers -> ``jobs/sweep.py`` -> ``jobs/predict.py``;
+and features straight from the ADM file, without pretraining."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from mlflow.tracking import MlflowClient
+
+from rsdiff import storage
+from rsdiff.diffusion import adm
+from rsdiff.features.table import FeatureTable
+from rsdiff.train.checkpoint import load_pretrained, read_meta
+from tests.conftest import REPO, run_job
+
+pytestmark = pytest.mark.slow
+
+FLAGS = (
+    "--image_size 64 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 --attention_resolutions 16 "
+    "--num_head_channels 32 --learn_sigma True --resblock_updown True --use_scale_shift_norm True "
+    "--diffusion_steps 1000 --noise_schedule linear"
+)
+
+
+@pytest.fixture(scope="module")
+def adm_file(tmp_path_factory):
+    """A small ADM (learn_sigma, residual up/down) with random weights, saved as guided-diffusion does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from guided_diffusion.script_util import create_model
+
+    torch.manual_seed(0)
+    model = create_model(
+        image_size=64,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2,2",
+        attention_resolutions="16",
+        num_head_channels=32,
+        learn_sigma=True,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("adm") / "adm-64.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
+    adm_file, labeled_ckpt, labeled_source, bucket, tmp_path, mlflow_uri, ray_address
+):
+    _, shards = labeled_ckpt
+    uri = f"{bucket}/models/adm-64.pt"
+    storage.upload(adm_file, uri)
+    proc = run_job(
+        "pretrain.py",
+        f"--config={REPO}/configs/pretrain/tiny.yaml",
+        f"data.shards={shards}",
+        f"init.from={uri}",
+        f"init.adm_flags='{FLAGS}'",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "optim.max_steps=4",
+        "optim.warmup_steps=1",
+        "optim.lr=1e-5",
+        "checkpoint.every_steps=4",
+        "tracking.log_every=2",
+        "tracking.sample_every=1000",
+        f"run.storage={tmp_path / 'runs'}",
+        f"tracking.uri={mlflow_uri}",
+        env=ray_address,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "init: adm weights from s3://" in proc.stderr
+    ckpt = sorted(glob.glob(str(tmp_path / "runs" / "pretrain-tiny" / "checkpoint_0*")))[-1]
+    meta = read_meta(ckpt)
+    digest = hashlib.sha256(adm_file.read_bytes()).hexdigest()
+    bands = labeled_source.bands
+    assert meta["init"]["kind"] == "adm" and meta["init"]["sha256"] == digest and meta["init"]["uri"] == uri
+    assert meta["init"]["band_map"] == ["0", "1", "2", *(["mean"] * (bands - 3))]
+    assert (
+        meta["model"]["learn_sigma"]
+        and meta["model"]["resblock_updown"]
+        and meta["model"]["attention_levels"] == [2]
+    )
+    run = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("rsdiff-pretrain").experiment_id]
+    )[0]
+    assert run.data.tags["rsdiff.init.sha256"] == digest and run.data.params["init.from"] == uri
+
+    # Training started from the converted weights: after 4 tiny steps the EMA is still theirs.
+    ddpm = load_pretrained(ckpt)
+    assert ddpm.model.config.out_channels == 2 * bands
+    converted = adm.convert(torch.load(adm_file, weights_only=True), adm.parse_flags(FLAGS), "adm")
+    ema = ddpm.model.state_dict()
+    for key in ("time_embedding.linear_1.weight", "up_blocks.2.resnets.1.conv2.weight"):
+        assert torch.allclose(ema[key], converted[key], atol=1e-3), key
+    torch.testing.assert_close(ema["conv_in.weight"][:, :3], converted["conv_in.weight"], atol=1e-3, rtol=0)
+
+    table_uri = tmp_path / "features"
+    proc = run_job(
+        "extract.py",
+        f"--config={REPO}/configs/extract/tiny.yaml",
+        f"checkpoint={ckpt}",
+        f"shards={shards}",
+        f"output={table_uri}",
+        "block_numbering=ddpm_seg",
+        "blocks=[3,4,5]",
+        "timesteps=[10,100]",
+        "max_images=12",
+        "pixels_per_class=16",
+        "batch_size=4",
+        env=ray_address,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = FeatureTable.open(str(table_uri))
+    # output_blocks 3..5 of a 3-level, 1-res-block ADM: level 1's upsampler, then the finest level
+    assert table.meta["blocks"] == ["up1.upsample", "up2.res0", "up2.res1"]
+    assert {(r["block"], r["ddpm_seg"]) for r in table.meta["channel_index"]} == {
+        ("up1.upsample", 3),
+        ("up2.res0", 4),
+        ("up2.res1", 5),
+    }
+    assert table.meta["source"]["sha256"] == digest
+
+    proc = run_job(
+        "sweep.py",
+        f"--config={REPO}/configs/sweep/tiny.yaml",
+        f"features={table_uri}",
+        f"output={tmp_path / 'sweep'}",
+        "name=init-e2e",
+        f"storage={tmp_path / 'tune'}",
+        "block_numbering=ddpm_seg",
+        "search.blocks=[[4,5],[3,5]]",
+        "search.timesteps=[[10],[10,100]]",
+        "num_samples=2",
+        "head.epochs=2",
+        "grace_period=1",
+        "scheduler=fifo",
+        f"tracking.uri={mlflow_uri}",
+        env=ray_address,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = json.loads(storage.read_text(str(tmp_path / "sweep" / "best" / "head.json")))
+    assert set(best["blocks"]) <= {"up1.upsample", "up2.res0", "up2.res1"}
+
+    scene = sorted(glob.glob(labeled_source.inputs))[0]
+    proc = run_job(
+        "predict.py",
+        f"head={tmp_path / 'sweep' / 'best'}",
+        f"inputs=[{scene}]",
+        f"output={tmp_path / 'maps'}",
+        "tracking.enabled=false",
+        env=ray_address,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "maps" / "predictions.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        class_map = tmp_path / "maps" / summary["scenes"][0]["class_map"]
+        with rasterio.open(scene) as src, rasterio.open(class_map) as out:
+            assert (out.width, out.height) == (src.width, src.height)
+            assert out.crs == src.crs and out.transform == src.transform
+            assert set(np.unique(out.read(1))) <= set(range(len(table.meta["classes"])))
+
+
+def test_features_straight_from_an_adm_file_without_pretraining(
+    adm_file, labeled_ckpt, tmp_path, ray_address
+):
+    _, shards = labeled_ckpt
+    out = tmp_path / "off-the-shelf"
+    proc = run_job(
+        "extract.py",
+        f"--config={REPO}/configs/extract/tiny.yaml",
+        f"checkpoint={adm_file}",
+        f"source.adm_flags='{FLAGS}'",
+        f"shards={shards}",
+        f"output={out}",
+        "block_numbering=ddpm_seg",
+        "blocks=[4,5]",
+        "timesteps=[50]",
+        "max_images=8",
+        "pixels_per_class=8",
+        "batch_size=4",
+        env=ray_address,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = FeatureTable.open(str(out))
+    assert table.meta["checkpoint"] == str(out / "model") and table.meta["source"]["kind"] == "adm"
+    imported = load_pretrained(table.meta["checkpoint"])  # an inference artifact like any checkpoint's ema/
+    assert imported.meta["init"]["sha256"] == hashlib.sha256(adm_file.read_bytes()).hexdigest()
+    assert table.rows("train") > 0 and table.meta["blocks"] == ["up2.res0", "up2.res1"]
+
+    proc = run_job(
+        "extract.py",
+        f"--config={REPO}/configs/extract/tiny.yaml",
+        f"checkpoint={adm_file}",
+        f"output={tmp_path / 'x'}",
+    )
+    assert proc.returncode == 2 and "set shards=" in proc.stderr and "Traceback" not in proc.stderr
+    empty = tmp_path / "empty-folder"
+    (empty / "unet").mkdir(parents=True)
+    (empty / "unet" / "weights.bin").write_bytes(b"x")
+    proc = run_job(
+        "pretrain.py",
+        f"--config={REPO}/configs/pretrain/tiny.yaml",
+        f"data.shards={shards}",
+        f"init.from={empty}",
+    )
+    assert proc.returncode == 2 and "is a folder without config.json" in proc.stderr
