@@ -6,7 +6,12 @@
         checkpoint=s3://bucket/runs/x/checkpoint_00002000 shards=s3://bucket/labeled \\
         output=s3://bucket/features concurrency=4 num_gpus=1
 
-An unknown block name fails with the list of valid names (mid, up0.res0, ...).
+    python jobs/extract.py --config configs/extract/tiny.yaml checkpoint=/models/adm.pt \\
+        source.adm_flags='--image_size 64 --num_channels 128 ...' shards=runs/shards/dubai \\
+        block_numbering=ddpm_seg 'blocks=[5,6,7,8,12]'
+
+An unknown block name fails with the list of valid names (mid, up0.res0, ...). With
+block_numbering=ddpm_seg, integers are guided-diffusion's output_blocks numbers (DDPM-Seg's).
 """
 
 import json
