@@ -58,6 +58,17 @@ def adm_file(tmp_path_factory):
     return path
 
 
+def _extract_ddpm_seg(env, checkpoint, shards, out, blocks, timesteps, *extra) -> FeatureTable:
+    """``jobs/extract.py`` with DDPM-Seg's block numbers; the table it wrote."""
+    proc = run_job(
+        "extract.py", f"--config={REPO}/configs/extract/tiny.yaml", f"checkpoint={checkpoint}",
+        f"shards={shards}", f"output={out}", "block_numbering=ddpm_seg", f"blocks={blocks}",
+        f"timesteps={timesteps}", "pixels_per_class=16", "batch_size=4", *extra, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return FeatureTable.open(str(out))
+
+
 def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
     adm_file, labeled_ckpt, labeled_source, bucket, tmp_path, mlflow_uri, ray_address
 ):
@@ -111,22 +122,7 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
     torch.testing.assert_close(ema["conv_in.weight"][:, :3], converted["conv_in.weight"], atol=1e-3, rtol=0)
 
     table_uri = tmp_path / "features"
-    proc = run_job(
-        "extract.py",
-        f"--config={REPO}/configs/extract/tiny.yaml",
-        f"checkpoint={ckpt}",
-        f"shards={shards}",
-        f"output={table_uri}",
-        "block_numbering=ddpm_seg",
-        "blocks=[3,4,5]",
-        "timesteps=[10,100]",
-        "max_images=12",
-        "pixels_per_class=16",
-        "batch_size=4",
-        env=ray_address,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = FeatureTable.open(str(table_uri))
+    table = _extract_ddpm_seg(ray_address, ckpt, shards, table_uri, "[3,4,5]", "[10,100]", "max_images=12")
     # output_blocks 3..5 of a 3-level, 1-res-block ADM: level 1's upsampler, then the finest level
     assert table.meta["blocks"] == ["up1.upsample", "up2.res0", "up2.res1"]
     assert {(r["block"], r["ddpm_seg"]) for r in table.meta["channel_index"]} == {
@@ -182,23 +178,9 @@ def test_features_straight_from_an_adm_file_without_pretraining(
 ):
     _, shards = labeled_ckpt
     out = tmp_path / "off-the-shelf"
-    proc = run_job(
-        "extract.py",
-        f"--config={REPO}/configs/extract/tiny.yaml",
-        f"checkpoint={adm_file}",
-        f"source.adm_flags='{FLAGS}'",
-        f"shards={shards}",
-        f"output={out}",
-        "block_numbering=ddpm_seg",
-        "blocks=[4,5]",
-        "timesteps=[50]",
-        "max_images=8",
-        "pixels_per_class=8",
-        "batch_size=4",
-        env=ray_address,
+    table = _extract_ddpm_seg(
+        ray_address, adm_file, shards, out, "[4,5]", "[50]", "max_images=8", f"source.adm_flags='{FLAGS}'"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = FeatureTable.open(str(out))
     assert table.meta["checkpoint"] == str(out / "model") and table.meta["source"]["kind"] == "adm"
     imported = load_pretrained(table.meta["checkpoint"])  # an inference artifact like any checkpoint's ema/
     assert imported.meta["init"]["sha256"] == hashlib.sha256(adm_file.read_bytes()).hexdigest()
