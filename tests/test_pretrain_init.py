@@ -9,6 +9,7 @@ import glob
 import hashlib
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,40 @@ def test_features_straight_from_an_adm_file_without_pretraining(
         f"init.from={empty}",
     )
     assert proc.returncode == 2 and "is a folder without config.json" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["rsdiff", "diffusers"])
+def test_continuing_an_rsdiff_checkpoint_or_a_diffusers_folder_on_other_imagery(
+    kind, labeled_ckpt, tmp_path, mlflow_uri, ray_cluster
+):
+    """Weights only: the run starts at step 0 with a fresh optimizer and the source's EMA weights."""
+    import shutil
+
+    from rsdiff.config import load_config
+    from rsdiff.pretrain import PretrainConfig, run_pretrain
+    from rsdiff.train.checkpoint import load_state
+
+    ckpt, shards = labeled_ckpt
+    source = ckpt
+    if kind == "diffusers":  # the EMA artifact without rsdiff's sidecar: a plain diffusers folder
+        source = str(tmp_path / "unet")
+        shutil.copytree(f"{ckpt}/ema", source, ignore=shutil.ignore_patterns("rsdiff-ema.json"))
+    cfg = load_config(
+        PretrainConfig, REPO / "configs/pretrain/tiny.yaml",
+        [f"data.shards={shards}", f"init.from={source}", "data.batch_size=4", "data.num_workers=0",
+         "optim.max_steps=2", "optim.warmup_steps=1", "optim.lr=1e-6", "checkpoint.every_steps=2",
+         "tracking.sample_every=1000", f"run.storage={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri}"],
+    )  # fmt: skip
+    result = run_pretrain(cfg)
+    assert result.step == 2  # a new run: not the source's step + 2
+    meta = read_meta(result.checkpoint)
+    weights = f"{ckpt}/ema/diffusion_pytorch_model.safetensors"
+    assert meta["init"]["kind"] == kind and meta["init"]["sha256"] != ""
+    if kind == "rsdiff":
+        assert meta["init"]["sha256"] == hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+        assert meta["init"]["source_bands"] == read_meta(ckpt)["bands"]
+    state = load_state(Path(result.checkpoint))
+    assert int(state["optimizer"]["state"][0]["step"]) == 2  # AdamW's moments are this run's own
+    before = load_pretrained(ckpt).model.state_dict()
+    after = state["model"]
+    assert all(torch.allclose(after[k], before[k], atol=1e-4) for k in before)
