@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-steps", type=int, default=15)
     args = ap.parse_args()
     import torch
 
@@ -118,6 +120,7 @@ def main() -> None:
             worst["blocks_abs"] = max(worst["blocks_abs"], float((a[k] - b[k]).abs().max()))
             worst["blocks_rel"] = max(worst["blocks_rel"], float((a[k] - b[k]).norm() / a[k].norm()))
     del ref
+    train = continued_training(source, flags.image_size, device, args)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ddpm = PretrainedDDPM(
@@ -165,9 +168,51 @@ def main() -> None:
                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
                 if device.type == "cuda"
                 else None,
+                **train,
             }
         )
     )
+
+
+def continued_training(source, size: int, device, args) -> dict:
+    """rsdiff's training step started from the converted weights (``init_training(initial=...)``),
+    bf16 autocast + channels_last on the GPU, the learn_sigma model's epsilon half trained."""
+    import torch
+
+    from rsdiff.config import build
+    from rsdiff.diffusion.schedule import make_scheduler
+    from rsdiff.train.config import OptimConfig
+    from rsdiff.train.loop import init_training, train_step
+
+    cuda = device.type == "cuda"
+    optim = build(OptimConfig, {"lr": 1e-5, "max_steps": 1000, "warmup_steps": 0})
+    model, ema, opt, sched, _ = init_training(
+        source.model, optim, 3, size, device, seed=0, channels_last=cuda, initial=source.state
+    )
+    started = bool(torch.equal(model.conv_in.weight.detach().cpu(), source.state["conv_in.weight"]))
+    noise = make_scheduler(build(type(source.diffusion), source.diffusion))
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch = torch.rand(args.train_batch if cuda else 1, 3, size, size, device=device) * 2 - 1
+    steps = args.train_steps if cuda else 2
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        if step == 3 and cuda:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        loss, _, _ = train_step(model, ema, opt, sched, lambda: batch, noise, gen, timesteps=1000,
+                                ema_decay=0.9999, amp_dtype=torch.bfloat16 if cuda else None,
+                                channels_last=cuda)  # fmt: skip
+        losses.append(float(loss))
+    if cuda:
+        torch.cuda.synchronize()
+    timed = steps - 3 if cuda else steps
+    return {
+        "train_started_from_converted_weights": started,
+        "train_losses_finite": all(l == l and abs(l) < 1e6 for l in losses),  # noqa: E741
+        "train_loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+        "train_images_per_s_bf16_eager": round(timed * batch.shape[0] / (time.perf_counter() - t0), 1),
+        "train_batch": batch.shape[0],
+    }
 
 
 if __name__ == "__main__":
