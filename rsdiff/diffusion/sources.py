@@ -66,9 +66,8 @@ class SourceOptions:
 class InitConfig(SourceOptions):
     """``jobs/pretrain.py``'s ``init``: start training from existing weights (``init.from=...``)."""
 
-    from_: str | None = (
-        None  # written `from` in configs; an ADM .pt, a diffusers folder or an rsdiff checkpoint
-    )
+    # written `from` in configs (init.from=...): an ADM .pt, a diffusers folder or an rsdiff checkpoint
+    from_: str | None = None
 
 
 @dataclass
