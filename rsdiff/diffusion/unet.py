@@ -6,8 +6,9 @@ variance interpolation of improved DDPM; :func:`epsilon` takes the first half). 
 ADM-style at the feature resolutions listed in ``attention_resolutions`` (in pixels, e.g.
 ``[32, 16, 8]`` for 256 px inputs), or at explicit ``attention_levels``.
 
-Every OpenAI guided-diffusion ``UNetModel`` whose attention layers share one head width maps onto
-this model exactly (``rsdiff.diffusion.adm``): ``resblock_updown`` (residual blocks that resample),
+Every unconditional OpenAI guided-diffusion ``UNetModel`` with whole channel multipliers from 1 and one
+head width in all attention layers maps onto this model exactly (``rsdiff.diffusion.adm``):
+``resblock_updown`` (residual blocks that resample),
 ``scale_shift_norm`` (ADM's adaptive group norm; off = the timestep embedding is added),
 ``learn_sigma`` and ``mid_attention_norm`` (ADM normalises the input of the bottleneck's attention;
 models rsdiff trained from scratch before these options existed do not, so it is off by default).
