@@ -183,6 +183,8 @@ def test_missing_paths_and_folders_without_a_config_are_named(tmp_path):
         load_source(str(tmp_path / "nope.pt"))
     folder = tmp_path / "weights-only"
     folder.mkdir()
+    with pytest.raises(CheckpointError, match="is an empty folder"):
+        load_source(str(folder))
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
     with pytest.raises(CheckpointError, match=r"folder without config\.json"):
         load_source(str(folder))

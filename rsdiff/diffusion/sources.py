@@ -117,6 +117,11 @@ def detect_kind(uri: str) -> tuple[SourceKind, str]:
     if storage.exists(uri) and (storage.is_s3(uri) or Path(uri).is_file()):  # a file, not a folder
         return SourceKind.adm, uri
     inside = storage.list_uris(uri)
+    if not inside and not storage.is_s3(uri) and Path(uri).is_dir():
+        raise CheckpointError(
+            f"{storage.display(uri)} is an empty folder: give an ADM .pt file, a diffusers UNet2DModel "
+            "folder or an rsdiff checkpoint folder"
+        )
     if inside:
         names = sorted({storage.name(u) for u in inside})[:8]
         raise CheckpointError(

@@ -26,7 +26,7 @@ from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
 from rsdiff.diffusion.sources import SourceOptions
-from rsdiff.errors import ConfigError, DataError
+from rsdiff.errors import CheckpointError, ConfigError, DataError
 from rsdiff.features.blocks import BlockNumbering
 from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, write_part
 from rsdiff.raytools import RayConfig, user_error
@@ -385,7 +385,10 @@ def _checkpoint(cfg: ExtractConfig, out: str) -> str:
     from rsdiff.diffusion.sources import SourceKind, detect_kind, import_model, load_source
 
     uri = str(cfg.checkpoint)
-    kind, _ = detect_kind(uri)
+    try:
+        kind, _ = detect_kind(uri)
+    except CheckpointError:  # nothing rsdiff recognises: loading it as a checkpoint names what is missing
+        return uri
     if kind is SourceKind.rsdiff:
         return uri
     if not cfg.shards:
