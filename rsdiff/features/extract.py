@@ -46,9 +46,8 @@ class ExtractConfig:
     output: str = "runs/features"
     timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
     blocks: list[str] = field(default_factory=list)  # names or integers; empty = every decoder block
-    block_numbering: BlockNumbering = (
-        BlockNumbering.rsdiff
-    )  # integers: rsdiff's indexes | ddpm_seg output_blocks
+    # what integers in `blocks` mean: rsdiff's indexes | ddpm_seg = guided-diffusion's output_blocks
+    block_numbering: BlockNumbering = BlockNumbering.rsdiff
     source: SourceOptions = field(default_factory=SourceOptions)  # reading an ADM .pt / diffusers folder
     pixels_per_class: int = 64  # cap of sampled pixels per class per image
     max_images: int | None = None  # per split
@@ -393,9 +392,8 @@ def _checkpoint(cfg: ExtractConfig, out: str) -> str:
         return uri
     if not cfg.shards:
         raise ConfigError(
-            f"checkpoint={storage.display(uri)} is an {kind.value} model, which does not record the "
-            "imagery it "
-            "was trained on: set shards= to the labeled ingest output"
+            f"checkpoint={storage.display(uri)} holds {kind.value} weights, which do not record the imagery "
+            "they were trained on: set shards= to the labeled ingest output"
         )
     manifest = read_manifest(str(cfg.shards))
     dest = import_model(load_source(uri, cfg.source), cfg.source, manifest, storage.join(out, "model"))
