@@ -50,6 +50,21 @@ def overlay(
     return out.clip(0, 255).astype(np.uint8)
 
 
+# Stops of a dark-to-bright heat ramp (black, purple, red, orange, pale yellow): perceptually
+# ordered, readable in greyscale, and distinct from the class colours.
+HEAT_STOPS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+
+
+def heat(values: np.ndarray, valid: np.ndarray, vmax: float) -> np.ndarray:
+    """``(H, W)`` values in ``[0, vmax]`` -> ``(H, W, 3)`` uint8 heat colours; invalid pixels white."""
+    t = np.clip(np.nan_to_num(values.astype(np.float32) / max(vmax, 1e-12)), 0, 1) * (len(HEAT_STOPS) - 1)
+    lo = np.minimum(t.astype(int), len(HEAT_STOPS) - 2)
+    frac = (t - lo)[..., None]
+    out = HEAT_STOPS[lo] * (1 - frac) + HEAT_STOPS[lo + 1] * frac
+    out[~valid] = 255
+    return out.round().astype(np.uint8)
+
+
 def side_by_side(images: Sequence[np.ndarray], pad: int = 4) -> np.ndarray:
     """Join ``(H, W, 3)`` uint8 pictures left to right with white gaps."""
     h = max(i.shape[0] for i in images)

@@ -22,6 +22,7 @@ from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.heads.artifact import HeadConfig, TrainedHead, build_head
 from rsdiff.heads.fit import train_epoch
 from rsdiff.prediction.scene import window_probabilities
+from rsdiff.prediction.uncertainty import PixelOutputs
 from rsdiff.train.checkpoint import PretrainedDDPM
 from rsdiff.train.loop import ema_update, train_step
 
@@ -81,6 +82,12 @@ def test_whole_window_prediction_on_meta(kind):
     head = _head(ex.dim, META, kind)
     probs = window_probabilities(ex, head, torch.zeros(2, BANDS, SIZE, SIZE, device=META))
     assert probs.device == META and probs.shape == (2, 3, SIZE, SIZE)
+    # With uncertainty and tile descriptors (suggestions): mutual information from the ensemble's
+    # members or MC dropout samples of the residual head, and the descriptor projection.
+    outputs = PixelOutputs(head, mutual_information=True, mc_samples=2 if kind == "residual" else 0,
+                           descriptor_dims=4)  # fmt: skip
+    both = window_probabilities(ex, head, torch.zeros(2, BANDS, SIZE, SIZE, device=META), outputs)
+    assert both.device == META and both.shape == (2, 3 + 1 + 4, SIZE, SIZE)
 
 
 def test_training_step_and_ema_on_meta():

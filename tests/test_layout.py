@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rsdiff"
 # One module (or package) per pipeline stage; each has a job script under jobs/.
 STAGES = {
     "rsdiff.ingest", "rsdiff.pretrain", "rsdiff.features.extract", "rsdiff.sweep", "rsdiff.prediction.run",
-    "rsdiff.evaluate", "rsdiff.label_efficiency", "rsdiff.sample", "rsdiff.demo",
+    "rsdiff.evaluate", "rsdiff.label_efficiency", "rsdiff.sample", "rsdiff.demo", "rsdiff.suggest.run",
 }  # fmt: skip
 COMPOSERS = {"rsdiff.demo": "runs every stage", "rsdiff.sample": "runs ingest on generated scenes"}
 

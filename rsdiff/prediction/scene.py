@@ -27,7 +27,9 @@ from rsdiff.errors import DataError
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.heads.artifact import TrainedHead
 from rsdiff.prediction.blend import RowBlender
+from rsdiff.prediction.uncertainty import BAND_NAMES, Measure, PixelOutputs, entropy
 from rsdiff.prediction.writer import PredictionWriter, quicklook
+from rsdiff.suggest.tiles import TileOptions, TileScorer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class SceneOutputs:
     probabilities: str | None
     quicklook: str | None
     run_id: str = ""  # the prediction run's id, tagged into each map (evaluate checks it)
+    uncertainty: str | None = None  # the float32 uncertainty raster (with UncertaintyOptions)
 
 
 def check_scene(reader: SceneReader, head: TrainedHead, extractor: FeatureExtractor) -> None:
@@ -88,23 +91,48 @@ def _read_window(reader: SceneReader, row: int, col: int, size: int) -> np.ndarr
 
 
 @torch.no_grad()
-def window_probabilities(extractor: FeatureExtractor, head: TrainedHead, x: torch.Tensor) -> torch.Tensor:
-    """``(B, C_in, S, S)`` normalised windows -> ``(B, classes, S, S)`` float32 probabilities.
+def window_probabilities(
+    extractor: FeatureExtractor, head: TrainedHead, x: torch.Tensor, outputs: PixelOutputs | None = None
+) -> torch.Tensor:
+    """``(B, C_in, S, S)`` normalised windows -> ``(B, channels, S, S)`` float32: the class
+    probabilities, then whatever else ``outputs`` computes per pixel (mutual information,
+    descriptors; see :class:`PixelOutputs`; None: probabilities only).
 
     Computed on the extractor's device, a chunk of rows at a time (memory bounded by
     ``CHUNK_VALUES``); the result stays on that device.
     """
+    outputs = outputs or PixelOutputs(head)
     b, _, s, _ = x.shape
     acts = extractor.activations(x)
     rows = max(1, min(s, CHUNK_VALUES // max(1, b * extractor.dim * s)))
-    out = torch.empty((b, head.num_classes, s, s), dtype=torch.float32, device=extractor.device)
+    out = torch.empty((b, outputs.channels, s, s), dtype=torch.float32, device=extractor.device)
     for start in range(0, s, rows):
         stop = min(s, start + rows)
         feats = extractor.dense_rows(acts, (s, s), start, stop)  # (B, D, r, S)
         flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        _, probs = head.predict(flat)
-        out[:, :, start:stop] = probs.float().view(b, stop - start, s, -1).permute(0, 3, 1, 2)
+        values = outputs(flat)
+        out[:, :, start:stop] = values.view(b, stop - start, s, -1).permute(0, 3, 1, 2)
     return out
+
+
+@dataclass(frozen=True)
+class UncertaintyOptions:
+    """Whether and how a scene's uncertainty is computed (``jobs/predict.py uncertainty=true``, or a
+    suggestion run).
+
+    ``mutual_information``: also the members' disagreement (ensemble, or ``mc_samples`` dropout
+    samples of a residual head).
+    """
+
+    mutual_information: bool = False
+    mc_samples: int = 0
+    seed: int = 0
+
+    @property
+    def bands(self) -> list[str]:
+        """Band names of the uncertainty raster."""
+        names = [BAND_NAMES[Measure.entropy]]
+        return [*names, BAND_NAMES[Measure.mutual_information]] if self.mutual_information else names
 
 
 def predict_scene(
@@ -117,21 +145,39 @@ def predict_scene(
     quicklook_size: int = 1024,
     on_windows: Any = None,
     region: list[int] | None = None,
+    uncertainty: UncertaintyOptions | None = None,
+    tiles: TileOptions | None = None,
 ) -> dict[str, Any]:
-    """Predict ``ref`` and publish its class map (COG), optional probabilities and quicklook PNG.
+    """Predict ``ref`` and publish its class map (COG), optional probabilities, uncertainty raster
+    and quicklook PNG.
 
     Args:
         on_windows: called with the number of windows done after each batch (progress).
         region: ``[row, col, height, width]`` px of the scene to predict (an area of interest;
             only the windows covering it are read); None: the whole scene.
+        uncertainty: compute per-pixel uncertainty (written to ``outputs.uncertainty`` when set,
+            and shown in the quicklook); None: none.
+        tiles: also summarise the uncertainty per candidate tile (suggestions); needs
+            ``uncertainty`` with mutual information when ``tiles.measure`` is mutual information.
 
     Returns:
         A JSON-able record: scene id, image, outputs, size, CRS, georeferenced, class pixel counts,
-        windows, seconds.
+        windows, seconds; with ``tiles`` also ``tiles``: the :class:`TileStats` of the scene (not
+        JSON-able; the caller turns them into candidates).
     """
     t0 = time.perf_counter()
     device = extractor.device
     head.module.to(device)
+    unc = uncertainty or (UncertaintyOptions() if tiles else None)
+    if tiles and tiles.measure is Measure.mutual_information and not (unc and unc.mutual_information):
+        raise ValueError("tiles scored by mutual information need mutual_information=True uncertainty")
+    pixel_outputs = PixelOutputs(
+        head,
+        mutual_information=bool(unc and unc.mutual_information),
+        mc_samples=unc.mc_samples if unc else 0,
+        descriptor_dims=tiles.descriptor_dims if tiles else 0,
+        seed=unc.seed if unc else 0,
+    )
     with SceneReader(ref, region=region) as reader:
         check_scene(reader, head, extractor)
         georef = reader.crs is not None
@@ -152,9 +198,15 @@ def predict_scene(
                 "rsdiff_scene": ref.id,
                 "rsdiff_prediction_run": outputs.run_id,
             },
+            uncertainty=unc.bands if unc and outputs.uncertainty else None,
+        )
+        scorer = (
+            TileScorer(reader.height, reader.width, tiles.size, tiles.quantile, tiles.descriptor_dims)
+            if tiles
+            else None
         )
         try:
-            blender = RowBlender(reader.height, reader.width, head.num_classes, plan.size, plan.overlap)
+            blender = RowBlender(reader.height, reader.width, pixel_outputs.channels, plan.size, plan.overlap)
             rows = axis_origins(reader.height, plan.size, plan.stride)
             cols = axis_origins(reader.width, plan.size, plan.stride)
             windows = 0
@@ -165,7 +217,7 @@ def predict_scene(
                     x = extractor.ddpm.normalizer.torch(
                         torch.from_numpy(pixels.astype(np.float32)).to(device)
                     )
-                    probs = window_probabilities(extractor, head, x).cpu().numpy()
+                    probs = window_probabilities(extractor, head, x, pixel_outputs).cpu().numpy()
                     for c, p in zip(batch_cols, probs):
                         blender.add(r, c, p)
                     windows += len(batch_cols)
@@ -173,8 +225,9 @@ def predict_scene(
                         on_windows(len(batch_cols))
                 upto = rows[i + 1] if i + 1 < len(rows) else reader.height
                 for first, blended in blender.release(upto):
-                    writer.write_rows(first, blended, reader.valid(first, blended.shape[1]))
-            writer.publish(outputs.class_map, outputs.probabilities)
+                    _write_band(first, blended, reader.valid(first, blended.shape[1]), pixel_outputs,
+                                writer, scorer, tiles)  # fmt: skip
+            writer.publish(outputs.class_map, outputs.probabilities, outputs.uncertainty)
             class_pixels = writer.class_pixels.tolist()
             if outputs.quicklook:
                 with warnings.catch_warnings():
@@ -186,6 +239,7 @@ def predict_scene(
                         extractor.ddpm.bands,
                         quicklook_size,
                         window=reader.region,
+                        uncertainty_path=writer.folder / "cog-uncertainty.tif" if writer.unc else None,
                     )
                 with storage.atomic_local_path(outputs.quicklook) as tmp:
                     Image.fromarray(picture).save(tmp, format="PNG")
@@ -197,6 +251,7 @@ def predict_scene(
             "mask": ref.mask,
             "class_map": outputs.class_map,
             "probabilities": outputs.probabilities,
+            "uncertainty": outputs.uncertainty,
             "width": reader.width,
             "height": reader.height,
             "bands": reader.bands,
@@ -211,4 +266,30 @@ def predict_scene(
         windows=windows,
         seconds=time.perf_counter() - t0,
     )
+    if scorer is not None:
+        record["tiles"] = scorer.finish()
     return record
+
+
+def _write_band(
+    first: int,
+    blended: np.ndarray,
+    valid: np.ndarray,
+    pixel_outputs: PixelOutputs,
+    writer: PredictionWriter,
+    scorer: TileScorer | None,
+    tiles: TileOptions | None,
+) -> None:
+    """Hand one band of blended rows ``(channels, rows, width)`` to the writer and the tile scorer."""
+    c = pixel_outputs.head.num_classes
+    probs = blended[:c]
+    bands = None
+    if writer.unc is not None or scorer is not None:
+        ent = entropy(torch.from_numpy(probs), dim=0).numpy()
+        mi_at = pixel_outputs.mi_channel
+        bands = np.stack([ent] + ([blended[mi_at]] if mi_at is not None else []))
+    writer.write_rows(first, probs, valid, bands if writer.unc is not None else None)
+    if scorer is not None and tiles is not None and bands is not None:
+        measure = bands[1] if tiles.measure is Measure.mutual_information else bands[0]
+        desc = blended[pixel_outputs.descriptor_slice] if tiles.descriptor_dims else None
+        scorer.add_rows(first, measure, valid, desc)

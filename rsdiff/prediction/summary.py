@@ -15,7 +15,7 @@ KIND = "rsdiff-predictions"
 FORMAT_VERSION = 1
 
 
-OUTPUT_KEYS = ("class_map", "probabilities", "quicklook")
+OUTPUT_KEYS = ("class_map", "probabilities", "uncertainty", "quicklook")
 
 
 def relative_record(record: dict[str, Any], out: str) -> dict[str, Any]:

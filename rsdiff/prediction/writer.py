@@ -8,6 +8,9 @@ COG (internal overviews, nearest resampling) and published to the output URI in 
 - Class map: 1 band uint8, class ids ``0..C-1``, 255 = nodata (source nodata pixels), a colour
   table from the class map, tags ``rsdiff_classes`` (JSON), ``rsdiff_head``, ``rsdiff_checkpoint``.
 - Probabilities: C bands uint8, ``round(255 * p)``, band descriptions = class names.
+- Uncertainty: float32 bands in nats (``entropy_nats``, then ``mutual_information_nats`` where the
+  head has members), NaN = nodata, tag ``rsdiff_max_entropy`` (``log C``, the value of a uniform
+  distribution) so a viewer can scale it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class PredictionWriter:
         classes: the head's classes (``id``, ``name``, ``colour``).
         probabilities: also write the per-class probability raster.
         tags: extra dataset tags (provenance).
+        uncertainty: band names of the float32 uncertainty raster (None: no such raster).
     """
 
     def __init__(
@@ -47,7 +51,10 @@ class PredictionWriter:
         classes: Sequence[dict[str, Any]],
         probabilities: bool,
         tags: dict[str, str],
+        uncertainty: Sequence[str] | None = None,
     ) -> None:
+        import math
+
         import rasterio
 
         self.height, self.width = height, width
@@ -77,6 +84,15 @@ class PredictionWriter:
                 if probabilities
                 else None
             )
+            bands = len(uncertainty or [])
+            nan = float("nan")
+            self.unc = (
+                rasterio.open(
+                    self.folder / "uncertainty.tif", "w", count=bands, dtype="float32", nodata=nan, **common
+                )
+                if uncertainty
+                else None
+            )
         self.cls.set_band_description(1, "class")
         self.cls.write_colormap(
             1,
@@ -90,13 +106,22 @@ class PredictionWriter:
             for i, c in enumerate(self.classes, start=1):
                 self.prob.set_band_description(i, str(c["name"]))
             self.prob.update_tags(rsdiff_scale="probability = value / 255", **tags)
-        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        if self.unc is not None:
+            for i, band in enumerate(uncertainty or [], start=1):
+                self.unc.set_band_description(i, band)
+            self.unc.update_tags(
+                rsdiff_units="nats", rsdiff_max_entropy=f"{math.log(len(self.classes)):.6f}", **tags
+            )
+        self._pending: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
         self._pending_rows = 0
         self._next_row = 0
         self.class_pixels = np.zeros(len(self.classes), np.int64)
 
-    def write_rows(self, first_row: int, probs: np.ndarray, valid: np.ndarray) -> None:
-        """Add rows from ``first_row`` on: ``(C, rows, width)`` probabilities, ``(rows, width)`` validity."""
+    def write_rows(
+        self, first_row: int, probs: np.ndarray, valid: np.ndarray, uncertainty: np.ndarray | None = None
+    ) -> None:
+        """Add rows from ``first_row`` on: ``(C, rows, width)`` probabilities, ``(rows, width)`` validity
+        and, with an uncertainty raster, its ``(U, rows, width)`` values."""
         if first_row != self._next_row + self._pending_rows:
             raise ValueError(f"rows must arrive in order: got {first_row}, expected {self._next_row}")
         ids = probs.argmax(0).astype(np.uint8)
@@ -106,7 +131,13 @@ class PredictionWriter:
         if self.prob is not None:
             p8 = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
             p8[:, ~valid] = 0
-        self._pending.append((ids, p8))
+        unc = None
+        if self.unc is not None:
+            if uncertainty is None:
+                raise ValueError("this writer has an uncertainty raster: pass its rows")
+            unc = uncertainty.astype(np.float32, copy=True)
+            unc[:, ~valid] = np.nan
+        self._pending.append((ids, p8, unc))
         self._pending_rows += ids.shape[0]
         if self._pending_rows >= BLOCK:
             self._flush(final=False)
@@ -118,17 +149,24 @@ class PredictionWriter:
             return
         ids = np.concatenate([p[0] for p in self._pending], 0)
         probs = np.concatenate([p[1] for p in self._pending], 1) if self.prob is not None else None
+        unc = np.concatenate([p[2] for p in self._pending], 1) if self.unc is not None else None
         n = ids.shape[0] if final else (ids.shape[0] // BLOCK) * BLOCK
         window = Window(0, self._next_row, self.width, n)
         self.cls.write(ids[None, :n], window=window)
         if self.prob is not None and probs is not None:
             self.prob.write(probs[:, :n], window=window)
+        if self.unc is not None and unc is not None:
+            self.unc.write(unc[:, :n], window=window)
         self._next_row += n
         rest_ids = ids[n:]
-        self._pending = [(rest_ids, probs[:, n:] if probs is not None else None)] if len(rest_ids) else []
+        self._pending = (
+            [(rest_ids, probs[:, n:] if probs is not None else None, unc[:, n:] if unc is not None else None)]
+            if len(rest_ids)
+            else []
+        )
         self._pending_rows = len(rest_ids)
 
-    def publish(self, class_uri: str, proba_uri: str | None) -> None:
+    def publish(self, class_uri: str, proba_uri: str | None, uncertainty_uri: str | None = None) -> None:
         """Flush, convert to COG and publish atomically to the output URIs."""
         from rasterio.shutil import copy
 
@@ -136,9 +174,12 @@ class PredictionWriter:
         if self._next_row != self.height:
             raise ValueError(f"wrote {self._next_row} of {self.height} rows")
         self.cls.close()
-        if self.prob is not None:
-            self.prob.close()
+        for ds in (self.prob, self.unc):
+            if ds is not None:
+                ds.close()
         outputs = [("class.tif", class_uri)] + ([("proba.tif", proba_uri)] if self.prob and proba_uri else [])
+        if self.unc is not None and uncertainty_uri:
+            outputs.append(("uncertainty.tif", uncertainty_uri))
         for name, uri in outputs:
             cog = self.folder / f"cog-{name}"
             resampling = "NEAREST" if name == "class.tif" else "AVERAGE"
@@ -154,7 +195,7 @@ class PredictionWriter:
 
     def close(self) -> None:
         """Discard the temporary files (after ``publish`` or on failure)."""
-        for ds in (self.cls, self.prob):
+        for ds in (self.cls, self.prob, self.unc):
             if ds is not None and not ds.closed:
                 ds.close()
         self._tmp.cleanup()
@@ -167,12 +208,15 @@ def quicklook(
     band_names: Sequence[str],
     max_size: int = 1024,
     window: Sequence[int] | None = None,
+    uncertainty_path: str | Path | None = None,
 ) -> np.ndarray:
-    """``(h, w, 3)`` uint8 picture: the scene and the class map over it, side by side (``max_size`` px max).
+    """``(h, w, 3)`` uint8 picture: the scene and the class map over it, side by side (``max_size`` px max),
+    and with ``uncertainty_path`` a third panel: band 1 of that raster (entropy) as heat colours,
+    black = certain, pale yellow = ``log C`` (uniform).
 
     ``image`` is the scene's open rasterio dataset (local or S3) or a path; ``window`` the
     ``[row, col, height, width]`` of it that the class map covers (None: all of it). Reads
-    decimated views of both rasters (overviews where they exist), never the full scene.
+    decimated views of the rasters (overviews where they exist), never the full scene.
     """
     import contextlib
 
@@ -180,7 +224,7 @@ def quicklook(
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
-    from rsdiff.viz import display_rgb, overlay, side_by_side
+    from rsdiff.viz import display_rgb, heat, overlay, side_by_side
 
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -193,5 +237,15 @@ def quicklook(
         pixels = src.read(window=win, out_shape=(src.count, *shape), resampling=Resampling.bilinear)
         valid = src.dataset_mask(window=win, out_shape=shape, resampling=Resampling.nearest) > 0
         ids = cls.read(1, out_shape=shape, resampling=Resampling.nearest)
+        unc = None
+        if uncertainty_path is not None:
+            unc = stack.enter_context(rasterio.open(uncertainty_path)).read(
+                1, out_shape=shape, resampling=Resampling.average
+            )
     rgb = display_rgb(pixels, valid, band_names)
-    return side_by_side([rgb, overlay(rgb, ids, classes, alpha=0.5)])
+    panels = [rgb, overlay(rgb, ids, classes, alpha=0.5)]
+    if unc is not None:
+        import math
+
+        panels.append(heat(unc, valid & np.isfinite(unc), math.log(max(2, len(classes)))))
+    return side_by_side(panels)

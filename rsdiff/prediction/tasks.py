@@ -1,0 +1,164 @@
+"""Whole-scene prediction on Ray, shared by the jobs that predict scenes (``jobs/predict.py``,
+``jobs/suggest.py``): loading a head with its checkpoint, the window geometry, header checks, and
+one Ray task per scene.
+
+A task loads the head and its checkpoint once per worker process and runs
+:func:`~rsdiff.prediction.scene.predict_scene` with the run's :class:`TaskOptions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rsdiff import storage
+from rsdiff.config import require
+from rsdiff.data.scenes import SceneRef
+from rsdiff.errors import CheckpointError, ConfigError
+from rsdiff.prediction.scene import SceneOutputs, UncertaintyOptions, WindowPlan
+from rsdiff.raytools import RayConfig
+from rsdiff.suggest.tiles import TileOptions
+
+
+def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, Any]:
+    """``(TrainedHead, PretrainedDDPM)`` of a head artifact, with a clear error if its checkpoint is gone."""
+    from rsdiff.heads.artifact import TrainedHead
+    from rsdiff.train.checkpoint import load_pretrained
+
+    head = TrainedHead.load(head_uri)
+    try:
+        ddpm = load_pretrained(head.checkpoint, device=device)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"head {storage.display(head_uri)} was fitted on features of checkpoint "
+            f"{storage.display(head.checkpoint)}, which cannot be loaded: {exc}. Restore that checkpoint "
+            "or fit a new head on features of an existing one"
+        ) from None
+    return head, ddpm
+
+
+def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
+    """The window geometry of a config with ``window``, ``overlap``, ``batch_size``,
+    ``cpus_per_scene`` and ``num_gpus`` (predict's, suggest's), validated against the UNet (size
+    divisible by its downsampling)."""
+    size = int(cfg.window or ddpm.meta["image_size"])
+    factor = 2 ** (len(ddpm.meta["model"]["channel_mult"]) - 1)
+    overlap = int(cfg.overlap if cfg.overlap is not None else size // 4)
+    if size < factor or size % factor:
+        raise ConfigError(f"window={size} must be a positive multiple of {factor} (the UNet's downsampling)")
+    if not 0 <= overlap < size:
+        raise ConfigError(f"overlap={overlap} must be in [0, window={size})")
+    require("batch_size", cfg.batch_size, ge=1)
+    require("cpus_per_scene", cfg.cpus_per_scene, gt=0)
+    require("num_gpus", cfg.num_gpus, ge=0)
+    return WindowPlan(size, overlap)
+
+
+_CACHE: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (head, device, precision) -> loaded
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """How every scene task runs (from the predict or suggest config)."""
+
+    num_gpus: float  # per task
+    precision: str  # auto | fp32 | bf16
+    batch_size: int  # windows per UNet pass
+    quicklook_size: int  # px, longest side
+    region: list[int] | None = None  # [row, col, height, width] px of each scene; None: all of it
+    uncertainty: UncertaintyOptions | None = None  # per-pixel uncertainty; None: none
+    tiles: TileOptions | None = None  # per-tile uncertainty statistics (suggestions)
+
+
+def _predict_task(
+    head_uri: str, ref: SceneRef, plan: WindowPlan, outputs: SceneOutputs, opts: TaskOptions, counter: Any
+) -> dict[str, Any]:
+    """A Ray task: one scene. Raises RsdiffError subclasses unchanged (the driver reports them)."""
+    from rsdiff.devices import pick_device
+    from rsdiff.features.extractor import FeatureExtractor
+    from rsdiff.prediction.scene import predict_scene
+
+    device = pick_device(opts.num_gpus)
+    key = (head_uri, str(device), opts.precision)
+    if key not in _CACHE:
+        head, ddpm = load_head_and_checkpoint(head_uri, device)
+        _CACHE[key] = (
+            head,
+            FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, opts.precision),
+        )
+    head, extractor = _CACHE[key]
+    record = predict_scene(
+        ref,
+        head,
+        extractor,
+        plan,
+        outputs,
+        opts.batch_size,
+        opts.quicklook_size,
+        on_windows=lambda n: counter.add.remote(windows=n),
+        region=opts.region,
+        uncertainty=opts.uncertainty,
+        tiles=opts.tiles,
+    )
+    counter.add.remote(scenes=1)
+    return record
+
+
+def predict_scenes(
+    head_uri: str,
+    refs: list[SceneRef],
+    plan: WindowPlan,
+    outputs: list[SceneOutputs],
+    opts: TaskOptions,
+    cpus_per_scene: float,
+    ray_cfg: RayConfig,
+    windows_total: int,
+    desc: str = "predict",
+) -> list[dict[str, Any]]:
+    """One Ray task per scene (``cpus_per_scene`` CPUs, ``opts.num_gpus`` GPUs each), with a
+    progress bar over ``windows_total`` windows; returns the scenes' records in ``refs`` order.
+
+    A failed scene, Ctrl-C or SIGTERM cancels the other scenes; a scene's RsdiffError is raised on
+    the driver as itself (one line for the job to print).
+    """
+    import ray
+
+    from rsdiff.raytools import ProgressCounter, connect, user_error, wait_with_progress
+
+    connect(ray_cfg.address, ray_cfg.num_cpus)
+    counter = ProgressCounter.remote()
+    task = ray.remote(_predict_task).options(
+        num_cpus=cpus_per_scene, num_gpus=opts.num_gpus or None, max_retries=2, retry_exceptions=False
+    )
+    refs_out = [task.remote(head_uri, ref, plan, o, opts, counter) for ref, o in zip(refs, outputs)]
+    try:
+        return wait_with_progress(refs_out, counter, windows_total, "windows", desc, extra="scenes")
+    except BaseException as exc:  # a failed scene, Ctrl-C or SIGTERM: stop the other scenes too
+        for r in refs_out:
+            ray.cancel(r, force=True)
+        if (err := user_error(exc)) is not None:
+            raise err from None
+        raise
+
+
+def count_windows(
+    refs: list[SceneRef], plan: WindowPlan, head: Any, extractor: Any, region: Any = None
+) -> int:
+    """Check every scene's header against the model (band count, dtype; S3 scenes: their headers
+    only) and count the windows predicting them takes.
+
+    Raises:
+        DataError: a scene that cannot feed the model.
+    """
+    from rsdiff.data.scenes import SceneReader
+    from rsdiff.data.tiling import axis_origins
+    from rsdiff.prediction.scene import check_scene
+
+    total = 0
+    for ref in refs:
+        with SceneReader(ref, region=region) as reader:
+            check_scene(reader, head, extractor)
+            total += len(axis_origins(reader.height, plan.size, plan.stride)) * len(
+                axis_origins(reader.width, plan.size, plan.stride)
+            )
+    return total

@@ -1,0 +1,1 @@
+"""What to label next: per-tile uncertainty of unlabeled scenes, ranked and kept apart."""
