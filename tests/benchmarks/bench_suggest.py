@@ -19,7 +19,9 @@ Protocol:
 - Round 0: ``--start`` labeled scenes drawn per seed (both strategies share them and the first head).
   Each of ``--rounds`` rounds: fit the head (``--head``, default DDPM-Seg's 10-member ensemble) on
   all revealed labels -> pick ``--budget`` unlabeled tiles -> reveal them -> refit.
-- ``uncertainty`` picks with rsdiff's suggestion code: per-pixel scores from
+- ``uncertainty`` (or ``<measure>[/quantile][/nodiv]``, e.g. ``entropy``,
+  ``mutual_information/nodiv``: without the feature-similarity rule) picks with rsdiff's
+  suggestion code: per-pixel scores from
   :class:`~rsdiff.prediction.uncertainty.PixelOutputs` (``--measure``), aggregated per tile
   (``--aggregate``: mean or the 0.9 quantile), ranked by :func:`~rsdiff.suggest.rank.rank_tiles`
   with its default feature-space diversity. Scores come from a uniform grid of pixels (every
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -135,6 +138,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default: next to --out)")
+    ap.add_argument(
+        "--merge", type=Path, nargs="*", help="earlier result JSONs whose other strategies to report"
+    )
     args = ap.parse_args()
     if not args.data.is_dir():
         sys.exit(f"no dubai-aerial data at {args.data}: pass --data")
@@ -178,7 +184,6 @@ def main() -> None:
     head_cfg = build(
         HeadConfig, {"kind": args.head, "epochs": args.epochs, "patience": 4, "input_noise": 0.1}
     )
-    measure = Measure(args.measure)
 
     def fit(labeled: set[tuple[str, int, int]], seed: int):
         ids = set().union(*(units[u] for u in labeled))
@@ -191,7 +196,9 @@ def main() -> None:
         """Labeled px: the label tiles' areas inside their scenes (whole scenes at round 0)."""
         return sum(len(units[u]) for u in labeled) * 64 * 64
 
-    def score_tiles(head, candidates: list[tuple[str, int, int]], seed: int) -> list[Candidate]:
+    def score_tiles(
+        head, candidates: list[tuple[str, int, int]], seed: int, measure: Measure, aggregate: str
+    ) -> list[Candidate]:
         check_measure(head, measure, 0)
         outputs = PixelOutputs(head, mutual_information=measure is Measure.mutual_information,
                                descriptor_dims=16, seed=seed)  # fmt: skip
@@ -218,11 +225,23 @@ def main() -> None:
                 if not sel.any():
                     continue
                 v = value[sel]
-                sc = float(v.mean() if args.aggregate == "mean" else np.quantile(v, 0.9))
+                sc = float(v.mean() if aggregate == "mean" else np.quantile(v, 0.9))
                 out.append(Candidate(s, r, c, args.tile, args.tile, sc, desc[sel].mean(0)))
         return out
 
+    def rule(name: str) -> tuple[Measure, str, float | None] | None:
+        """A strategy name -> (measure, aggregate, max_similarity); None for random picks.
+        ``uncertainty``: --measure/--aggregate/--max-similarity; else ``<measure>[/quantile][/nodiv]``."""
+        if name == "random":
+            return None
+        if name == "uncertainty":
+            return Measure(args.measure), args.aggregate, args.max_similarity
+        parts = name.split("/")
+        agg = "quantile" if "quantile" in parts else "mean"
+        return Measure(parts[0]), agg, None if "nodiv" in parts else args.max_similarity
+
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    rules = {s: rule(s) for s in strategies}
     runs = []
     for seed in range(args.seeds):
         rng = np.random.default_rng([seed, 17])
@@ -237,10 +256,11 @@ def main() -> None:
             pick_rng = np.random.default_rng([seed, 29])
             for _ in range(args.rounds):
                 cands = sorted(u for u in units if u not in labeled)
-                if strategy == "random":
+                if (how := rules[strategy]) is None:
                     chosen = [cands[i] for i in pick_rng.choice(len(cands), size=args.budget, replace=False)]
                 else:
-                    picks = rank_tiles(score_tiles(head, cands, seed), args.budget, 0.0, args.max_similarity)
+                    scored = score_tiles(head, cands, seed, how[0], how[1])
+                    picks = rank_tiles(scored, args.budget, 0.0, how[2])
                     chosen = [(p.candidate.scene, p.candidate.row, p.candidate.col) for p in picks]
                 labeled |= set(chosen)
                 head, miou = fit(labeled, seed)
@@ -249,6 +269,11 @@ def main() -> None:
                                   "test_miou": miou}), file=sys.stderr)  # fmt: skip
             runs.append({"seed": seed, "strategy": strategy, "start_scenes": start, "curve": curve,
                          "seconds": time.perf_counter() - t3 + fit0_s})  # fmt: skip
+    for earlier in args.merge or []:  # runs of strategies measured before, on the same seeds
+        for r in json.loads(earlier.read_text())["runs"]:
+            if r["strategy"] not in strategies and r["seed"] < args.seeds:
+                runs.append(r)
+    strategies += sorted({r["strategy"] for r in runs} - set(strategies))
     summary: dict[str, Any] = {}
     for s in strategies:
         curves = np.array([[m for _, m in r["curve"]] for r in runs if r["strategy"] == s])
@@ -279,7 +304,9 @@ def main() -> None:
         "label_tiles": len(units),
         "test_tiles": ["tile_8"],
         "checkpoint": checkpoint.replace(str(work), "{workdir}"),
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {
+            k: os.path.relpath(v, REPO) if isinstance(v, Path) else str(v) for k, v in vars(args).items()
+        },
     }
     print(json.dumps({"bench": line["bench"], "summary": summary, "verdict": verdict}))
     out = args.out or work / "suggest.json"
