@@ -86,6 +86,8 @@ def test_a_non_editable_install_ships_the_presets(tmp_path):
     presets = (repo / "configs").rglob("*.yaml")
     expected = sorted(f"rsdiff/configs/{p.relative_to(repo / 'configs')}" for p in presets)
     assert shipped == expected and "rsdiff/sweep/run.py" in names
+    modules = sorted(str(p.relative_to(repo)) for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+    assert [m for m in modules if m not in names] == []  # every subpackage is listed in pyproject
     site = tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
     subprocess.run(pip, check=True, capture_output=True)

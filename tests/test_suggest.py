@@ -95,7 +95,7 @@ def test_rank_tiles_orders_by_score_and_keeps_picks_apart():
 
 
 @pytest.mark.unit
-def test_uncertainty_measures_and_footprints():
+def test_uncertainty_measures_and_footprints(tmp_path):
     p = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
     assert entropy(p).tolist() == pytest.approx([0.0, math.log(3)], abs=1e-6)
     agree = torch.tensor([[0.5, 0.5], [0.5, 0.5]])[:, None]  # two members, one pixel, both 50/50
@@ -111,6 +111,16 @@ def test_uncertainty_measures_and_footprints():
     fc = feature_collections([entry, {**entry, "crs": None, "transform": None}])
     assert list(fc) == [SAMPLE_CRS] and len(fc[SAMPLE_CRS]["features"]) == 1
     assert fc[SAMPLE_CRS]["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32640"
+    # GDAL's OGR (what QGIS reads GeoJSON with) places it in the scene's CRS, on the window's bounds.
+    import pyogrio
+    from rasterio.windows import Window, bounds
+
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps(fc[SAMPLE_CRS]))
+    info = pyogrio.read_info(path)
+    assert info["crs"] == SAMPLE_CRS and info["features"] == 1 and "rank" in list(info["fields"])
+    _, box = pyogrio.read_bounds(path)
+    assert box[:, 0].tolist() == list(bounds(Window(20, 10, 32, 64), t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,3 +342,34 @@ def test_a_residual_head_gives_entropy_alone_or_with_mc_dropout(sample_demo, tmp
     np.testing.assert_allclose(plain[0][0], mc[0][0], atol=1e-6)  # entropy of the same distribution
     mi = mc[0][1]
     assert (mi >= 0).all() and mi.max() > 0 and (mi <= mc[0][0] + 1e-4).all()
+
+
+def test_suggest_reads_scenes_from_s3_and_writes_its_outputs_there(ambiguous, bucket, tmp_path, ray_address):
+    import boto3
+
+    from rsdiff import storage
+
+    s3 = boto3.client("s3")
+    name = bucket.removeprefix("s3://").split("/")[0]
+    s3.upload_file(str(ambiguous["scenes"] / "unlabeled.tif"), name, "scenes/unlabeled.tif")
+    out = f"{bucket}/suggestions"
+    proc = run_job(
+        "suggest.py", f"head={ambiguous['head']}", f"inputs=[{bucket}/scenes/]", f"output={out}", "tile=64",
+        "budget=2", "min_distance=64", "window=64", "tracking.enabled=false", env=ray_address,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(storage.read_text(f"{out}/suggestions.json"))
+    assert doc["measure"] == "mutual_information"  # the ensemble's default
+    assert [e["rank"] for e in doc["suggestions"]] == [1, 2] and doc["geojson"] == ["suggestions.geojson"]
+    for rel in (
+        "suggestions.geojson",
+        "contact_sheet.png",
+        "maps/unlabeled.tif",
+        "maps/unlabeled.uncertainty.tif",
+    ):
+        assert storage.exists(f"{out}/{rel}"), rel
+    with storage.local_copy(f"{out}/maps/unlabeled.uncertainty.tif") as path, rasterio.open(path) as unc:
+        assert unc.count == 2 and unc.crs.to_epsg() == 32640
+        first = doc["suggestions"][0]
+        r, c, h, w = first["window"]
+        assert unc.read(2)[r : r + h, c : c + w].mean() == pytest.approx(first["score"], rel=1e-4)

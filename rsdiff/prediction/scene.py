@@ -6,6 +6,10 @@ timestep that stops after the deepest selected block, features for the head's ex
 (timestep, block) selection built chunk by chunk (``FeatureExtractor.dense_rows``), the head's
 class probabilities, and ramp-weighted blending (:mod:`rsdiff.prediction.blend`). Finished rows go
 straight to the GeoTIFF writer, so memory does not grow with the scene's height.
+
+With uncertainty, each window also carries its per-pixel mutual information (and, for
+suggestions, tile descriptors) as extra channels blended with the same weights; the entropy is
+computed from the blended class distribution, the one the map is drawn from.
 """
 
 from __future__ import annotations
