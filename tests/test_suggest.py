@@ -373,3 +373,6 @@ def test_suggest_reads_scenes_from_s3_and_writes_its_outputs_there(ambiguous, bu
         first = doc["suggestions"][0]
         r, c, h, w = first["window"]
         assert unc.read(2)[r : r + h, c : c + w].mean() == pytest.approx(first["score"], rel=1e-4)
+    again = run_job("suggest.py", f"head={ambiguous['head']}", f"inputs=[{bucket}/scenes/]", f"output={out}",
+                    "tracking.enabled=false", env=ray_address)  # fmt: skip
+    assert again.returncode == 2 and "already holds suggestions" in again.stderr.strip().splitlines()[-1]
