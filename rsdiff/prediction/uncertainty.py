@@ -146,12 +146,17 @@ class PixelOutputs:
         head = self.head
         head.module.eval()
         x = head.standardise(features)
-        _, probs = head.module.predict(x)
-        parts = [probs.float()]
+        members = None
         if self.mutual_information:
             members = member_probabilities(head, x, self.mc_samples, self.seed)
             if members is None:
                 raise ConfigError("mutual information asked of a head without members")
+        # The ensemble's prediction is its members' mean (one forward pass serves both); MC dropout
+        # samples never change the map, which stays the deterministic pass.
+        ensemble = HeadKind(head.config.get("kind", "residual")) is HeadKind.ensemble
+        probs = members.mean(0) if ensemble and members is not None else head.module.predict(x)[1].float()
+        parts = [probs]
+        if members is not None:
             parts.append(mutual_information(members)[:, None])
         if self._projection is not None:
             parts.append(x.float() @ self._projection.to(x.device))
