@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from rsdiff.config import load_config, preset, to_yaml
+from rsdiff.config import load_config, preset, preset_names, preview_yaml, sections
 from rsdiff.errors import RsdiffError, Terminated, describe_os_error
 
 # What a stopped job leaves behind (nothing half-written ever looks complete).
@@ -39,20 +41,66 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
+def _epilog(name: str, schema: type) -> str:
+    """The config sections, required keys and shipped presets, for ``--help``."""
+    required, nested, plain = [], [], []
+    for key, what in sections(schema):
+        if what.endswith("required"):
+            required.append(f"  {key:<18} {what.rsplit(',', 1)[0]}")
+        elif key.endswith(".*"):
+            nested.append(f"  {key:<18} {_plain_rst(what)}")
+        else:
+            plain.append(key)
+    names = preset_names(name)
+    lines = ["required keys:", *(required or ["  (none)"]), "config sections:", *nested]
+    lines += [
+        "other keys:",
+        *textwrap.wrap(", ".join(plain), 96, initial_indent="  ", subsequent_indent="  "),
+    ]
+    lines += [
+        "presets (--config NAME): " + (", ".join(names) if names else "none shipped; pass a YAML file"),
+        f"all keys with their values: python jobs/{name}.py --print-config",
+    ]
+    return "\n".join(lines)
+
+
+def _plain_rst(text: str) -> str:
+    """A docstring line without reST markup (``x`` and :class:`X` read as x and X)."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+
 def run_job(
     name: str, doc: str, schema: type, run: Callable[[Any], Any], argv: list[str] | None = None
 ) -> int:
-    """Parse ``[--config PRESET.yaml] [key=value ...]``, build the config and call ``run(cfg)``.
+    """Parse ``[--config PRESET] [--print-config] [key=value ...]``, build the config and call ``run(cfg)``.
 
-    Returns the process exit code (see the module docstring).
+    ``schema`` must import without torch or Ray (``--help`` answers before either loads); ``run``
+    imports the stage. Returns the process exit code (see the module docstring).
     """
-    parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=doc)
-    parser.add_argument(
-        "--config", help="YAML file, or the name of a preset shipped with rsdiff (e.g. tiny; see configs/)"
+    parser = argparse.ArgumentParser(
+        prog=f"jobs/{name}.py",
+        description=doc,
+        epilog=_epilog(name, schema),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--config", help="a YAML file, or the name of a preset shipped with rsdiff (listed below)"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (required keys not yet given show as ???) and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="dotlist overrides such as tile_size=128")
     args = parser.parse_args(argv)
+    if args.print_config:
+        try:
+            path = preset(name, args.config) if args.config is not None else None
+            print(preview_yaml(schema, path, args.overrides), end="")
+        except RsdiffError as exc:
+            print(f"rsdiff {name}: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -60,9 +108,6 @@ def run_job(
     try:
         path = preset(name, args.config) if args.config is not None else None
         cfg = load_config(schema, path, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg))
-            return 0
         run(cfg)
     except RsdiffError as exc:
         print(f"rsdiff {name}: error: {exc}", file=sys.stderr)

@@ -19,10 +19,12 @@ import sys
 
 from _cli import run_job
 
-from rsdiff.features.extract import ExtractConfig, run_extract
+from rsdiff.features.config import ExtractConfig
 
 
 def _run(cfg: ExtractConfig) -> None:
+    from rsdiff.features.extract import run_extract  # heavy (torch, Ray): only once the config is read
+
     table = run_extract(cfg)
     splits = sorted({p["split"] for p in table.meta["parts"]})
     print(

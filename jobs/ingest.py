@@ -8,10 +8,12 @@ import sys
 
 from _cli import run_job
 
-from rsdiff.ingest import IngestConfig, run_ingest
+from rsdiff.data.ingest_config import IngestConfig
 
 
 def _run(cfg: IngestConfig) -> None:
+    from rsdiff.ingest import run_ingest  # heavy (torch, Ray): only once the config is read
+
     manifest = run_ingest(cfg)
     print(
         json.dumps(

@@ -14,10 +14,12 @@ import sys
 from _cli import run_job
 
 from rsdiff.config import redact_uri
-from rsdiff.prediction.run import PredictConfig, run_predict
+from rsdiff.prediction.config import PredictConfig
 
 
 def _run(cfg: PredictConfig) -> None:
+    from rsdiff.prediction.run import run_predict  # heavy (torch, Ray): only once the config is read
+
     result = run_predict(cfg)
     print(
         json.dumps(

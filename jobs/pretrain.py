@@ -17,10 +17,12 @@ import sys
 from _cli import run_job
 
 from rsdiff.config import redact_uri
-from rsdiff.pretrain import PretrainConfig, run_pretrain
+from rsdiff.train.config import PretrainConfig
 
 
 def _run(cfg: PretrainConfig) -> None:
+    from rsdiff.pretrain import run_pretrain  # heavy (torch, Ray): only once the config is read
+
     result = run_pretrain(cfg)
     print(
         json.dumps(

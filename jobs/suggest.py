@@ -15,10 +15,12 @@ import sys
 
 from _cli import run_job
 
-from rsdiff.suggest.run import SuggestConfig, run_suggest
+from rsdiff.suggest.config import SuggestConfig
 
 
 def _run(cfg: SuggestConfig) -> None:
+    from rsdiff.suggest.run import run_suggest  # heavy (torch, Ray): only once the config is read
+
     result = run_suggest(cfg)
     print(
         json.dumps(

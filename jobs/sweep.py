@@ -13,10 +13,12 @@ import sys
 from _cli import run_job
 
 from rsdiff.config import redact_uri
-from rsdiff.sweep import SweepConfig, run_sweep
+from rsdiff.sweep.config import SweepConfig
 
 
 def _run(cfg: SweepConfig) -> None:
+    from rsdiff.sweep.run import run_sweep  # heavy (torch, Ray): only once the config is read
+
     result = run_sweep(cfg)
     summary = {"best_head": result.best_head, "best_val_miou": result.best["best_val_miou"]}
     print(

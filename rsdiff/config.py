@@ -83,9 +83,7 @@ def preset(job: str, given: str | Path) -> Path:
     root = files(PRESETS)
     if len(parts) == 2 and root.joinpath(parts[0], f"{parts[1]}.yaml").is_file():
         return Path(str(root.joinpath(parts[0], f"{parts[1]}.yaml")))
-    folder = root.joinpath(job)
-    found = folder.iterdir() if folder.is_dir() else []
-    names = sorted(f.name[:-5] for f in found if f.name.endswith(".yaml"))
+    names = preset_names(job)
     raise ConfigError(
         f"config {str(given)!r} is neither a file nor a preset of {job}; its presets: {names} "
         f"(e.g. --config {names[0] if names else 'PATH.yaml'})"
@@ -123,6 +121,62 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
         or "defaults"
     )
     return _merge(schema, layers, where)
+
+
+def preview_yaml(schema: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> str:
+    """What :func:`load_config` would build, as YAML with secrets redacted, even while required keys
+    are unset: those show as ``???`` (``--print-config`` before the required keys are given).
+
+    Raises:
+        ConfigError: as :func:`load_config`, except for unset required keys.
+    """
+    layers: list[Any] = [] if path is None else [_read_yaml(path)]
+    overrides = [_quote_template(o) for o in overrides]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. tile_size=128)")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(overrides))
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise _override_error(overrides, exc) from exc
+    node = _merged_node(schema, layers, "given values")
+    plain = OmegaConf.to_container(node, resolve=False, enum_to_str=True, throw_on_missing=False)
+    plain = _rename_keys(plain, {v: k for k, v in KEYWORD_KEYS.items()})
+    return OmegaConf.to_yaml(OmegaConf.create(redact(plain)))
+
+
+def preset_names(job: str) -> list[str]:
+    """Names of the presets shipped for ``job`` (``--config NAME``), sorted."""
+    from importlib.resources import files
+
+    folder = files(PRESETS).joinpath(job)
+    found = folder.iterdir() if folder.is_dir() else []
+    return sorted(f.name[:-5] for f in found if f.name.endswith(".yaml"))
+
+
+def sections(schema: type) -> list[tuple[str, str]]:
+    """``(key, what it is)`` for each top-level field of a job schema: a nested config's first
+    docstring line, or a plain field's type and default (for ``--help``)."""
+    out = []
+    for f in dataclasses.fields(schema):
+        key = {v: k for k, v in KEYWORD_KEYS.items()}.get(f.name, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            doc = (type(default).__doc__ or type(default).__name__).strip().splitlines()[0]
+            out.append((f"{key}.*", doc))
+        else:
+            shown = "required" if default == "???" else f"default {_show(default)}"
+            out.append((key, f"{_type_name(f.type)}, {shown}"))
+    return out
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value.value if hasattr(value, "value") else value)
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def _read_yaml(path: str | Path) -> Any:
@@ -196,6 +250,18 @@ def _keyword_layer(layer: Any) -> Any:
 
 
 def _merge(schema: type[T], layers: list[Any], where: str) -> T:
+    merged = _merged_node(schema, layers, where)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(
+            f"config key(s) {missing} must be set (in the YAML preset or as key=value overrides)"
+        )
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _merged_node(schema: type, layers: list[Any], where: str) -> DictConfig:
+    """``layers`` merged over ``schema``'s defaults and checked (keys, types), required keys may
+    still be ``???``."""
     base = OmegaConf.structured(schema)
     layers = [_keyword_layer(x) for x in layers]
     try:
@@ -211,12 +277,7 @@ def _merge(schema: type[T], layers: list[Any], where: str) -> T:
         raise ConfigError(f"bad value for config key {exc.full_key!r} (in {where}): {msg}") from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config ({where}): {str(exc).splitlines()[0]}") from exc
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(
-            f"config key(s) {missing} must be set (in the YAML preset or as key=value overrides)"
-        )
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    return merged
 
 
 def _valid_keys(base: DictConfig, full_key: str) -> list[str]:

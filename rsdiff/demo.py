@@ -25,7 +25,7 @@ from rsdiff import storage
 from rsdiff.config import build, load_section, preset
 from rsdiff.data.labels import LabelConfig
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.raytools import RayConfig
+from rsdiff.ray_config import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,20 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     checked like a user's overrides), never a string of overrides.
     """
     from rsdiff import tracking
+    from rsdiff.data.ingest_config import IngestConfig
     from rsdiff.data.manifest import read_manifest
     from rsdiff.data.scenes import discover
     from rsdiff.evaluate import EvaluateConfig, run_evaluate
-    from rsdiff.features.extract import ExtractConfig, run_extract
-    from rsdiff.ingest import IngestConfig, run_ingest
-    from rsdiff.prediction.run import PredictConfig, run_predict
-    from rsdiff.pretrain import PretrainConfig, run_pretrain
+    from rsdiff.features.config import ExtractConfig
+    from rsdiff.features.extract import run_extract
+    from rsdiff.ingest import run_ingest
+    from rsdiff.prediction.config import PredictConfig
+    from rsdiff.prediction.run import run_predict
+    from rsdiff.pretrain import run_pretrain
     from rsdiff.raytools import connect, largest_node_cpus
-    from rsdiff.sweep import SweepConfig, run_sweep
+    from rsdiff.sweep.config import SweepConfig
+    from rsdiff.sweep.run import run_sweep
+    from rsdiff.train.config import PretrainConfig
 
     if cfg.trials < 1 or cfg.pretrain_steps < 1 or cfg.head_epochs < 1:
         raise ConfigError("trials, pretrain_steps and head_epochs must be >= 1")

@@ -12,46 +12,26 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
-from omegaconf import MISSING
 
 from rsdiff import storage
 from rsdiff.config import require
 from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind
-from rsdiff.data.labels import LabelConfig, build_classmap
+from rsdiff.data.ingest_config import IngestConfig
+from rsdiff.data.labels import build_classmap
 from rsdiff.data.manifest import MANIFEST_NAME, Manifest, write_manifest
 from rsdiff.data.scenes import SceneReader, SceneRef, discover
 from rsdiff.data.shards import Sample, ShardWriter
 from rsdiff.data.tiling import tile_origins
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.raytools import ProgressCounter, RayConfig, connect, user_error, wait_with_progress
+from rsdiff.raytools import ProgressCounter, connect, user_error, wait_with_progress
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class IngestConfig:
-    """Config of ``jobs/ingest.py``."""
-
-    inputs: list[str] = MISSING  # globs, folders, files or s3:// prefixes of scenes
-    output: str = "runs/shards"  # local folder or s3://bucket/prefix
-    tile_size: int = 256
-    stride: int | None = None  # default: tile_size (no overlap)
-    bands: list[int] | None = None  # 1-based band indexes to keep; default all
-    band_names: list[str] | None = None
-    max_nodata_fraction: float = 0.1  # tiles with more nodata are dropped and counted
-    shard_max_mb: float = 256.0
-    val_fraction: float = 0.0  # fraction of scenes held out as the val split
-    split_seed: int = 0
-    parallelism: int = 0  # number of Ray tasks; 0 = 2 x cluster CPUs (at most one per scene)
-    overwrite: bool = False
-    labels: LabelConfig = field(default_factory=LabelConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,7 @@ from rsdiff.config import build, redact, to_container
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.cache import check_numbers as check_table_numbers
-from rsdiff.heads.artifact import HeadConfig, HeadKind
-from rsdiff.heads.scratch_unet import ScratchUNetConfig
+from rsdiff.heads.config import HeadConfig, HeadKind, ScratchUNetConfig
 from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)

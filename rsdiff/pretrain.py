@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rsdiff import storage
@@ -25,63 +25,19 @@ from rsdiff.config import redact, require, to_container
 from rsdiff.data.manifest import Manifest, read_manifest
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.bands import band_rule
-from rsdiff.diffusion.schedule import DiffusionConfig
-from rsdiff.diffusion.sources import InitConfig, SourceWeights, check_diffusion, load_source
-from rsdiff.diffusion.unet import ModelConfig, unet_kwargs
+from rsdiff.diffusion.sources import SourceWeights, check_diffusion, load_source
+from rsdiff.diffusion.unet import unet_kwargs
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.raytools import RayConfig
 from rsdiff.train.config import (
     SAMPLE_SHARDS,
-    CheckpointCfg,
-    DataConfig,
-    OptimConfig,
-    PerfConfig,
+    PretrainConfig,
+    ScalingCfg,
     StepHook,
-    TrackingConfig,
     TrainPlan,
 )
 from rsdiff.train.memory import estimate_training_memory
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScalingCfg:
-    """Ray Train workers: one DDP rank each."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    # GPU family every rank needs (Ray's accelerator_type, e.g. A100, H100, A10G); null = any GPU.
-    # Presets whose estimated memory exceeds a 24 GB card set it so the autoscaler picks big nodes.
-    accelerator_type: str | None = None
-
-
-@dataclass
-class RunCfg:
-    """Where the run lives: ``{storage}/{name}`` holds Ray Train's checkpoints (local or s3://)."""
-
-    name: str = "pretrain-tiny"
-    storage: str = "runs/ray"
-    max_failures: int = 2
-
-
-@dataclass
-class PretrainConfig:
-    """Config of ``jobs/pretrain.py``."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)  # start from existing weights (init.from=...)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: ScalingCfg = field(default_factory=ScalingCfg)
-    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    run: RunCfg = field(default_factory=RunCfg)
-    perf: PerfConfig = field(default_factory=PerfConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    seed: int = 0
 
 
 @dataclass

@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,6 @@ import ray
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RayConfig:
-    """Which Ray cluster to use: ``address`` null = ``RAY_ADDRESS`` if set, else a local one."""
-
-    address: str | None = None
-    num_cpus: int | None = None
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -17,7 +17,7 @@ from rsdiff import storage
 from rsdiff.config import build, load_config, preset, require
 from rsdiff.data.manifest import Manifest
 from rsdiff.errors import ConfigError
-from rsdiff.raytools import RayConfig
+from rsdiff.ray_config import RayConfig
 from rsdiff.train.config import SAMPLE_SHARDS
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ def make_sample(cfg: SampleConfig) -> Manifest:
     Raises:
         ConfigError: bad numbers; output already holds shards (without ``overwrite``).
     """
+    from rsdiff.data.ingest_config import IngestConfig
     from rsdiff.data.synthetic import write_sample_dataset
-    from rsdiff.ingest import IngestConfig, run_ingest
+    from rsdiff.ingest import run_ingest
 
     require("scenes", cfg.scenes, ge=2)  # the sample keeps one scene or more for val
     require("size", cfg.size, ge=64)

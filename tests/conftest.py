@@ -19,10 +19,13 @@ from pathlib import Path
 import pytest
 
 from rsdiff.config import load_config
-from rsdiff.features.extract import ExtractConfig, run_extract
+from rsdiff.data.ingest_config import IngestConfig
+from rsdiff.features.config import ExtractConfig
+from rsdiff.features.extract import run_extract
 from rsdiff.features.table import FeatureTable
-from rsdiff.ingest import IngestConfig, run_ingest
-from rsdiff.pretrain import PretrainConfig, run_pretrain
+from rsdiff.ingest import run_ingest
+from rsdiff.pretrain import run_pretrain
+from rsdiff.train.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # RSDIFF_TEST_DUBAI points elsewhere (e.g. at nothing, to run the suite as a fresh clone would).

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rsdiff.config import to_container
-from rsdiff.diffusion.schedule import DiffusionConfig
-from rsdiff.diffusion.unet import ModelConfig, build_unet
+from rsdiff.diffusion.config import DiffusionConfig, ModelConfig
+from rsdiff.diffusion.unet import build_unet
 from rsdiff.errors import CheckpointError
 from rsdiff.train import checkpoint
 from rsdiff.train.checkpoint import load_pretrained

@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO
 
 from rsdiff.config import load_config
-from rsdiff.pretrain import PretrainConfig
+from rsdiff.train.config import PretrainConfig
 
 pytestmark = pytest.mark.unit
 

@@ -6,10 +6,10 @@ import pytest
 
 from rsdiff.config import build, flatten, load_config, load_section, preset, redact, to_container
 from rsdiff.data.classmap import MaskKind, UnknownPolicy
+from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.labels import ClassConfig, LabelConfig
 from rsdiff.errors import ConfigError
-from rsdiff.ingest import IngestConfig
-from rsdiff.raytools import RayConfig
+from rsdiff.ray_config import RayConfig
 
 pytestmark = pytest.mark.unit
 
@@ -125,7 +125,7 @@ def test_a_section_of_a_preset_loads_as_its_own_schema(tmp_path):
 
 
 def test_build_takes_a_preset_whose_required_keys_a_later_layer_sets():
-    from rsdiff.features.extract import ExtractConfig
+    from rsdiff.features.config import ExtractConfig
 
     cfg = build(ExtractConfig, preset("extract", "tiny"), {"checkpoint": "runs/ckpt", "timesteps": [5]})
     assert type(cfg) is ExtractConfig and cfg.checkpoint == "runs/ckpt" and cfg.timesteps == [5]

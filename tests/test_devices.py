@@ -14,12 +14,14 @@ import torch
 from rsdiff import devices
 from rsdiff.config import build, to_container
 from rsdiff.data.normalize import Normalizer
-from rsdiff.diffusion.schedule import DiffusionConfig, make_scheduler
-from rsdiff.diffusion.unet import ModelConfig, build_unet
+from rsdiff.diffusion.config import DiffusionConfig, ModelConfig
+from rsdiff.diffusion.schedule import make_scheduler
+from rsdiff.diffusion.unet import build_unet
 from rsdiff.errors import ConfigError
 from rsdiff.features.blocks import block_channels
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.artifact import HeadConfig, TrainedHead, build_head
+from rsdiff.heads.artifact import TrainedHead, build_head
+from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import train_epoch
 from rsdiff.prediction.scene import window_probabilities
 from rsdiff.prediction.uncertainty import PixelOutputs
@@ -172,7 +174,7 @@ def test_rng_state_round_trip_restores_the_noise_stream():
 
 def _pretrain_cfg():
     from rsdiff.config import load_config
-    from rsdiff.pretrain import PretrainConfig
+    from rsdiff.train.config import PretrainConfig
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]
     return load_config(PretrainConfig, repo / "configs/pretrain/tiny.yaml", [f"model.image_size={SIZE}"])

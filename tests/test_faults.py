@@ -27,9 +27,10 @@ from s3_fault_proxy import FaultyS3Proxy
 
 from rsdiff import storage
 from rsdiff.config import load_config
+from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
-from rsdiff.ingest import IngestConfig, run_ingest
+from rsdiff.ingest import run_ingest
 from rsdiff.train.checkpoint import load_pretrained
 
 SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"

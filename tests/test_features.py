@@ -12,16 +12,19 @@ import torch
 from conftest import REPO, extract_features, run_job
 
 from rsdiff.config import build, load_config
+from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
 from rsdiff.errors import CheckpointError, ConfigError, DataError
 from rsdiff.features.blocks import block_channels, list_blocks
-from rsdiff.features.extract import ExtractConfig, run_extract
+from rsdiff.features.config import ExtractConfig
+from rsdiff.features.extract import run_extract
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.features.table import FeatureTable, read_part
-from rsdiff.heads.artifact import HeadConfig, TrainedHead
+from rsdiff.heads.artifact import TrainedHead
+from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
-from rsdiff.ingest import IngestConfig, run_ingest
+from rsdiff.ingest import run_ingest
 from rsdiff.metrics import ConfusionMatrix
 from rsdiff.train.checkpoint import load_pretrained
 

@@ -15,8 +15,10 @@ from step_faults import FailOnce
 
 from rsdiff.config import build, load_config
 from rsdiff.data.synthetic import write_scene
-from rsdiff.prediction.run import PredictConfig, run_predict
-from rsdiff.pretrain import PretrainConfig, run_pretrain
+from rsdiff.prediction.config import PredictConfig
+from rsdiff.prediction.run import run_predict
+from rsdiff.pretrain import run_pretrain
+from rsdiff.train.config import PretrainConfig
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="capability check: no CUDA device here")
 

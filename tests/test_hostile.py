@@ -142,7 +142,8 @@ def test_sigterm_stops_a_job_like_ctrl_c(sample_demo, big_scenes, tmp_path, mlfl
 
 
 def _predict(head, scenes, out, *extra):
-    from rsdiff.prediction.run import PredictConfig, run_predict
+    from rsdiff.prediction.config import PredictConfig
+    from rsdiff.prediction.run import run_predict
 
     return run_predict(
         load_config(
@@ -306,7 +307,7 @@ def test_extract_on_one_cpu_skips_damaged_samples_and_names_their_shard(sample_d
 
 @pytest.mark.unit
 def test_passwords_in_uris_are_masked_everywhere_a_config_goes():
-    from rsdiff.prediction.run import PredictConfig
+    from rsdiff.prediction.config import PredictConfig
 
     cfg = load_config(
         PredictConfig, None, ["head=h", "inputs=[x]", "tracking.uri=https://me:hunter2@mlflow:5000"]

@@ -14,11 +14,12 @@ from PIL import Image
 
 from rsdiff import storage
 from rsdiff.config import load_config
+from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
 from rsdiff.data.synthetic import write_scene
 from rsdiff.errors import ConfigError, DataError, StorageError
-from rsdiff.ingest import IngestConfig, run_ingest
+from rsdiff.ingest import run_ingest
 
 DUBAI_PRESET = REPO / "configs" / "ingest" / "dubai.yaml"
 SAMPLE_PRESET = REPO / "configs" / "ingest" / "sample.yaml"

@@ -14,11 +14,12 @@ import torch
 from rsdiff.config import load_config, to_container
 from rsdiff.diffusion import adm
 from rsdiff.diffusion.bands import adapt_bands, band_rule
-from rsdiff.diffusion.sources import SourceKind, SourceOptions, load_source
-from rsdiff.diffusion.unet import ModelConfig, build_unet, epsilon, unet_kwargs
+from rsdiff.diffusion.config import ModelConfig, SourceOptions
+from rsdiff.diffusion.sources import SourceKind, load_source
+from rsdiff.diffusion.unet import build_unet, epsilon, unet_kwargs
 from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.features.blocks import block_modules, ddpm_seg_blocks, list_blocks, resolve_blocks
-from rsdiff.pretrain import PretrainConfig
+from rsdiff.train.config import PretrainConfig
 from tests.conftest import PicklePayload
 
 pytestmark = pytest.mark.unit
@@ -284,7 +285,8 @@ def test_init_from_is_written_from_in_configs_and_what_is_logged():
 
 
 def test_the_training_loss_of_a_learn_sigma_model_uses_the_epsilon_half():
-    from rsdiff.diffusion.schedule import DiffusionConfig, make_scheduler
+    from rsdiff.diffusion.config import DiffusionConfig
+    from rsdiff.diffusion.schedule import make_scheduler
     from rsdiff.train.loop import diffusion_loss
 
     cfg = ModelConfig(base_channels=32, channel_mult=[1, 2], attention_levels=[], head_channels=32,

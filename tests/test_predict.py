@@ -17,9 +17,10 @@ from omegaconf import OmegaConf
 from rsdiff.config import build
 from rsdiff.data.synthetic import write_scene
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.artifact import HeadConfig
+from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
-from rsdiff.prediction.run import PredictConfig, load_head_and_checkpoint, run_predict
+from rsdiff.prediction.config import PredictConfig
+from rsdiff.prediction.run import load_head_and_checkpoint, run_predict
 
 
 def _predict_cfg(head: str, inputs: list[str], output: str, *extra: str) -> PredictConfig:

@@ -11,11 +11,13 @@ from step_faults import FailOnce
 
 from rsdiff import storage
 from rsdiff.config import load_config
+from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.ingest import IngestConfig, run_ingest
-from rsdiff.pretrain import PretrainConfig, run_pretrain
+from rsdiff.ingest import run_ingest
+from rsdiff.pretrain import run_pretrain
 from rsdiff.train.checkpoint import load_pretrained, read_meta
+from rsdiff.train.config import PretrainConfig
 from rsdiff.weights import load_weights
 
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"

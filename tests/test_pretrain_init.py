@@ -214,8 +214,9 @@ def test_continuing_an_rsdiff_checkpoint_or_a_diffusers_folder_on_other_imagery(
     import shutil
 
     from rsdiff.config import load_config
-    from rsdiff.pretrain import PretrainConfig, run_pretrain
+    from rsdiff.pretrain import run_pretrain
     from rsdiff.train.checkpoint import load_state
+    from rsdiff.train.config import PretrainConfig
 
     ckpt, shards = labeled_ckpt
     source = ckpt

@@ -19,9 +19,11 @@ from rasterio.transform import from_origin
 
 from rsdiff.config import build, to_container
 from rsdiff.data.synthetic import SAMPLE_CRS, sample_pixels
-from rsdiff.heads.artifact import HeadConfig, TrainedHead
+from rsdiff.heads.artifact import TrainedHead
+from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.ensemble import DDPMSegEnsembleHead
-from rsdiff.prediction.run import PredictConfig, run_predict
+from rsdiff.prediction.config import PredictConfig
+from rsdiff.prediction.run import run_predict
 from rsdiff.prediction.uncertainty import entropy, mutual_information
 from rsdiff.suggest.outputs import feature_collections, footprint
 from rsdiff.suggest.rank import Candidate, rank_tiles

@@ -18,7 +18,8 @@ from rsdiff.config import load_config
 from rsdiff.errors import ConfigError
 from rsdiff.heads.artifact import TrainedHead
 from rsdiff.heads.fit import StreamedRows, evaluate
-from rsdiff.sweep import SweepConfig, run_sweep
+from rsdiff.sweep.config import SweepConfig
+from rsdiff.sweep.run import run_sweep
 
 SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
 SEARCH = [  # choices that exist in the labeled test table (t in {10, 100})

@@ -18,7 +18,7 @@ from rsdiff.features import cache
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.index import ChannelIndex
 from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, read_part, write_part
-from rsdiff.heads.artifact import HeadConfig
+from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import MemoryRows, StreamedRows, fit_head, head_rows
 
 pytestmark = pytest.mark.unit

@@ -21,17 +21,15 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import torch
 
-from rsdiff.diffusion.schedule import BetaSchedule, DiffusionConfig
-from rsdiff.diffusion.unet import ModelConfig, unet_kwargs
+from rsdiff.diffusion.config import AdmFlags, BetaSchedule, DiffusionConfig, ModelConfig
+from rsdiff.diffusion.unet import unet_kwargs
 from rsdiff.errors import CheckpointError, ConfigError
 
-# guided-diffusion's channel_mult for channel_mult="" (script_util.create_model)
-DEFAULT_CHANNEL_MULT = {512: "0.5,1,1,2,2,4,4", 256: "1,1,2,2,4,4", 128: "1,1,2,3,4", 64: "1,2,3,4"}
 # Flags of guided-diffusion's scripts that do not describe the network's weights (sampling,
 # training or diffusion-loss options); accepted in a pasted flags line and ignored.
 IGNORED_FLAGS = {
@@ -40,60 +38,6 @@ IGNORED_FLAGS = {
     "microbatch", "ema_rate", "log_interval", "save_interval", "weight_decay", "lr_anneal_steps",
     "schedule_sampler", "data_dir", "resume_checkpoint", "fp16_scale_growth", "use_ddim",
 }  # fmt: skip
-
-
-@dataclass
-class AdmFlags:
-    """guided-diffusion's model flags (names and defaults as in its ``script_util``).
-
-    ``attention_resolutions`` are feature-map sizes in px of a ``image_size`` input, comma
-    separated as on guided-diffusion's command line; ``channel_mult`` "" = guided-diffusion's
-    default for ``image_size``. ``in_channels`` is not a guided-diffusion flag (its models are RGB);
-    set it for a model trained on other band counts.
-    """
-
-    image_size: int = 64
-    num_channels: int = 128
-    num_res_blocks: int = 2
-    num_heads: int = 4
-    num_heads_upsample: int = -1
-    num_head_channels: int = -1
-    attention_resolutions: str = "16,8"
-    channel_mult: str = ""
-    dropout: float = 0.0
-    class_cond: bool = False
-    use_scale_shift_norm: bool = True
-    resblock_updown: bool = False
-    use_new_attention_order: bool = False
-    learn_sigma: bool = False
-    diffusion_steps: int = 1000
-    noise_schedule: str = "linear"
-    in_channels: int = 3
-
-    def multipliers(self) -> list[float]:
-        text = str(self.channel_mult).strip() or DEFAULT_CHANNEL_MULT.get(int(self.image_size), "")
-        if not text:
-            raise ConfigError(
-                f"ADM channel_mult is empty and guided-diffusion has no default for image_size="
-                f"{self.image_size} (it has {sorted(DEFAULT_CHANNEL_MULT)}); give channel_mult, e.g. '1,2,2'"
-            )
-        try:
-            return [float(m) for m in text.replace(" ", "").split(",")]
-        except ValueError:
-            raise ConfigError(
-                f"ADM channel_mult={self.channel_mult!r} is not a comma-separated list"
-            ) from None
-
-    def attention_ds(self) -> list[int]:
-        """Attention positions as downsampling rates (guided-diffusion's ``attention_ds``)."""
-        text = str(self.attention_resolutions).replace(" ", "")
-        try:
-            res = [int(r) for r in text.split(",") if r]
-        except ValueError:
-            raise ConfigError(
-                f"ADM attention_resolutions={self.attention_resolutions!r} is not a comma-separated list"
-            ) from None
-        return [int(self.image_size) // r for r in res]
 
 
 def parse_flags(text: str, base: AdmFlags | None = None) -> AdmFlags:

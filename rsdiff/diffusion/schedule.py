@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
 
-
-class BetaSchedule(Enum):
-    """Variance schedules: DDPM's linear (1e-4 -> 0.02) and Nichol & Dhariwal's cosine."""
-
-    linear = "linear"
-    cosine = "cosine"
-
-
-@dataclass
-class DiffusionConfig:
-    """The diffusion process: T steps, epsilon prediction."""
-
-    timesteps: int = 1000
-    schedule: BetaSchedule = BetaSchedule.linear
+from rsdiff.diffusion.config import BetaSchedule, DiffusionConfig
 
 
 def make_scheduler(cfg: DiffusionConfig) -> Any:

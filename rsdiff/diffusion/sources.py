@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,8 @@ from rsdiff import storage
 from rsdiff.config import redact_uri
 from rsdiff.diffusion import adm
 from rsdiff.diffusion.bands import adapt_bands, band_rule
-from rsdiff.diffusion.schedule import BetaSchedule, DiffusionConfig
-from rsdiff.diffusion.unet import ModelConfig, model_config_from_diffusers, unet_kwargs
+from rsdiff.diffusion.config import BetaSchedule, DiffusionConfig, ModelConfig, SourceOptions
+from rsdiff.diffusion.unet import model_config_from_diffusers, unet_kwargs
 from rsdiff.errors import CheckpointError
 from rsdiff.weights import load_weights
 
@@ -47,27 +47,6 @@ class SourceKind(Enum):
     rsdiff = "rsdiff"
     diffusers = "diffusers"
     adm = "adm"
-
-
-@dataclass
-class SourceOptions:
-    """How to read a source that is not an rsdiff checkpoint, and how to fit it to the imagery."""
-
-    adm: adm.AdmFlags = field(default_factory=adm.AdmFlags)  # for an ADM .pt: its model flags
-    # guided-diffusion's MODEL_FLAGS line, pasted as is; merged over `adm` (e.g. "--image_size 256 ...")
-    adm_flags: str = ""
-    # one entry per band of the imagery: a source band index, mean or zero; null = keep the shared
-    # bands, extra bands mean (see rsdiff.diffusion.bands)
-    band_map: list[str] | None = None
-    new_band_scale: float = 1.0  # input weights of `mean` bands = mean of the source's x this
-
-
-@dataclass
-class InitConfig(SourceOptions):
-    """``jobs/pretrain.py``'s ``init``: start training from existing weights (``init.from=...``)."""
-
-    # written `from` in configs (init.from=...): an ADM .pt, a diffusers folder or an rsdiff checkpoint
-    from_: str | None = None
 
 
 @dataclass

@@ -16,32 +16,11 @@ models rsdiff trained from scratch before these options existed do not, so it is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-
-@dataclass
-class ModelConfig:
-    """UNet hyperparameters. ``in_channels`` null = the manifest's band count."""
-
-    in_channels: int | None = None
-    image_size: int | None = None  # training crop in px; null = the manifest's tile size
-    base_channels: int = 32
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 1
-    attention_resolutions: list[int] = field(default_factory=lambda: [16])
-    head_channels: int = 32
-    dropout: float = 0.0
-    norm_groups: int = 8
-    # Decoder/encoder levels (0 = full resolution) with attention; null = from attention_resolutions.
-    # Converted checkpoints set it, so attention stays where it was trained whatever the crop size.
-    attention_levels: list[int] | None = None
-    resblock_updown: bool = False
-    scale_shift_norm: bool = True
-    learn_sigma: bool = False  # 2C outputs: epsilon and the variance interpolation (ignored in training)
-    mid_attention_norm: bool = False
+from rsdiff.diffusion.config import ModelConfig
 
 
 def unet_kwargs(cfg: ModelConfig, in_channels: int, image_size: int) -> dict[str, Any]:

@@ -17,18 +17,11 @@ as ADM's, so the numbering holds for converted checkpoints and rsdiff's own mode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
 
 import torch
 
 from rsdiff.errors import ConfigError
-
-
-class BlockNumbering(Enum):
-    """What an integer in a ``blocks`` list means."""
-
-    rsdiff = "rsdiff"  # an index into list_blocks (mid, up0.res0, ...)
-    ddpm_seg = "ddpm_seg"  # guided-diffusion's output_blocks[k], as in DDPM-Seg's configs
+from rsdiff.features.config import BlockNumbering
 
 
 def block_modules(model: torch.nn.Module, upsamplers: bool = False) -> dict[str, torch.nn.Module]:

@@ -14,51 +14,22 @@ import functools
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from omegaconf import MISSING
 
 from rsdiff import storage
 from rsdiff.config import redact, require, to_container
 from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
-from rsdiff.diffusion.sources import SourceOptions
 from rsdiff.errors import CheckpointError, ConfigError, DataError
-from rsdiff.features.blocks import BlockNumbering
+from rsdiff.features.config import ExtractConfig
 from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, write_part
-from rsdiff.raytools import RayConfig, user_error
+from rsdiff.raytools import user_error
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExtractConfig:
-    """Config of ``jobs/extract.py``."""
-
-    # a pretraining checkpoint folder, or existing weights: an ADM .pt (flags in source.adm /
-    # source.adm_flags) or a diffusers UNet2DModel folder (local or s3://)
-    checkpoint: str = MISSING
-    shards: str | None = None  # labeled ingest output; null = the shards the checkpoint was trained on
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    output: str = "runs/features"
-    timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
-    blocks: list[str] = field(default_factory=list)  # names or integers; empty = every decoder block
-    # what integers in `blocks` mean: rsdiff's indexes | ddpm_seg = guided-diffusion's output_blocks
-    block_numbering: BlockNumbering = BlockNumbering.rsdiff
-    source: SourceOptions = field(default_factory=SourceOptions)  # reading an ADM .pt / diffusers folder
-    pixels_per_class: int = 64  # cap of sampled pixels per class per image
-    max_images: int | None = None  # per split
-    noise_seed: int = 0
-    sample_seed: int = 0
-    batch_size: int = 8
-    concurrency: int = 1  # actors, each holding one frozen UNet
-    num_gpus: float = 0.0  # per actor (1 on GPU clusters)
-    precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
-    overwrite: bool = False
-    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def sample_pixels(

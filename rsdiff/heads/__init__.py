@@ -1,6 +1,3 @@
-"""Per-pixel heads on frozen DDPM features: rsdiff's residual MLP and the DDPM-Seg ensemble."""
-
-from rsdiff.heads.ensemble import DDPMSegEnsembleHead
-from rsdiff.heads.residual import ResidualMLPHead
-
-__all__ = ["DDPMSegEnsembleHead", "ResidualMLPHead"]
+"""Per-pixel heads on frozen DDPM features: rsdiff's residual MLP (:mod:`.residual`) and the DDPM-Seg
+ensemble (:mod:`.ensemble`); their config (:mod:`.config`), artifact (:mod:`.artifact`) and fitting
+(:mod:`.fit`)."""

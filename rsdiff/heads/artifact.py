@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from rsdiff import storage
 from rsdiff.artifacts import read_sidecar
 from rsdiff.config import build
 from rsdiff.errors import CheckpointError
+from rsdiff.heads.config import HeadConfig, HeadKind
 from rsdiff.heads.ensemble import DDPMSegEnsembleHead
 from rsdiff.heads.residual import ResidualMLPHead
 from rsdiff.weights import load_module_state, load_weights
@@ -30,36 +30,6 @@ HEAD_FORMAT = 1
 
 HEAD_WEIGHTS = "head.pt"
 HEAD_META = "head.json"
-
-
-class HeadKind(Enum):
-    residual = "residual"  # rsdiff's residual MLP with channel re-weighting
-    ensemble = "ensemble"  # DDPM-Seg's 10-member MLP ensemble
-
-
-class ClassWeighting(Enum):
-    none = "none"
-    balanced = "balanced"  # weight_c ~ 1 / frequency_c, normalised to mean 1
-
-
-@dataclass
-class HeadConfig:
-    """Head architecture and training."""
-
-    kind: HeadKind = HeadKind.residual
-    width: int = 256
-    depth: int = 2
-    dropout: float = 0.1
-    gate: bool = True
-    members: int = 10  # ensemble only
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 20
-    batch_rows: int = 2048
-    patience: int = 4  # epochs without a better val mIoU before stopping
-    input_noise: float = 0.0  # std of Gaussian noise added to standardised features while training
-    class_weighting: ClassWeighting = ClassWeighting.none
-    seed: int = 0
 
 
 def build_head(cfg: HeadConfig, in_dim: int, num_classes: int) -> nn.Module:

@@ -25,7 +25,8 @@ from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.features.table import FeatureTable
-from rsdiff.heads.artifact import ClassWeighting, HeadConfig, TrainedHead, build_head
+from rsdiff.heads.artifact import TrainedHead, build_head
+from rsdiff.heads.config import ClassWeighting, HeadConfig
 from rsdiff.metrics import ConfusionMatrix
 
 

@@ -9,7 +9,6 @@ the same validation pixels by mIoU, as ``fit_head`` does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,21 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsdiff.data.classmap import IGNORE_INDEX
+from rsdiff.heads.config import ScratchUNetConfig
 from rsdiff.metrics import ConfusionMatrix
-
-
-@dataclass
-class ScratchUNetConfig:
-    """Size and training of the from-scratch UNet."""
-
-    base_channels: int = 16
-    levels: int = 3  # resolutions; input size must be divisible by 2 ** (levels - 1)
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    steps: int = 300
-    batch_size: int = 8
-    eval_every: int = 25
-    seed: int = 0
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

@@ -31,7 +31,8 @@ from rsdiff.errors import DataError
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.heads.artifact import TrainedHead
 from rsdiff.prediction.blend import RowBlender
-from rsdiff.prediction.uncertainty import BAND_NAMES, Measure, PixelOutputs, entropy
+from rsdiff.prediction.config import Measure
+from rsdiff.prediction.uncertainty import BAND_NAMES, PixelOutputs, entropy
 from rsdiff.prediction.writer import PredictionWriter, quicklook
 from rsdiff.suggest.tiles import TileOptions, TileScorer
 

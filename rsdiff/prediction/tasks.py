@@ -16,7 +16,7 @@ from rsdiff.config import require
 from rsdiff.data.scenes import SceneRef
 from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.prediction.scene import SceneOutputs, UncertaintyOptions, WindowPlan
-from rsdiff.raytools import RayConfig
+from rsdiff.ray_config import RayConfig
 from rsdiff.suggest.tiles import TileOptions
 
 

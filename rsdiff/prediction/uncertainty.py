@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from rsdiff.errors import ConfigError
-from rsdiff.heads.artifact import HeadKind, TrainedHead
-
-
-class Measure(Enum):
-    entropy = "entropy"  # of the mean class distribution
-    mutual_information = "mutual_information"  # members' disagreement (ensemble or MC dropout)
-
+from rsdiff.heads.artifact import TrainedHead
+from rsdiff.heads.config import HeadKind
+from rsdiff.prediction.config import Measure
 
 BAND_NAMES = {Measure.entropy: "entropy_nats", Measure.mutual_information: "mutual_information_nats"}
 

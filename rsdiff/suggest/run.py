@@ -26,23 +26,21 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from omegaconf import MISSING
 
 from rsdiff import storage
 from rsdiff.config import redact, require, to_container
 from rsdiff.data.scenes import SceneRef, discover
 from rsdiff.errors import ConfigError, DataError
+from rsdiff.prediction.config import Measure
 from rsdiff.prediction.scene import SceneOutputs, UncertaintyOptions
-from rsdiff.prediction.uncertainty import Measure, check_measure, has_members, max_entropy
-from rsdiff.raytools import RayConfig
+from rsdiff.prediction.uncertainty import check_measure, has_members, max_entropy
+from rsdiff.suggest.config import Aggregate, SuggestConfig
 from rsdiff.suggest.rank import Candidate, Pick, rank_tiles
 from rsdiff.suggest.tiles import TileOptions
-from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)
 
@@ -50,43 +48,6 @@ SUGGESTIONS = "suggestions.json"
 KIND = "rsdiff-suggestions"
 FORMAT_VERSION = 1
 DESCRIPTOR_DIMS = 16
-
-
-class Aggregate(Enum):
-    mean = "mean"  # mean of the measure over the tile's valid pixels
-    quantile = "quantile"  # the `quantile` of it (a small confusing patch counts)
-
-
-@dataclass
-class SuggestConfig:
-    """Config of ``jobs/suggest.py``."""
-
-    head: str = MISSING  # a head artifact (e.g. the sweep's {output}/best); it names its checkpoint
-    inputs: list[str] = MISSING  # candidate scenes: globs, folders, files or s3:// prefixes
-    masks: str | None = (
-        None  # mask template, e.g. '{dir}/../masks/{stem}.png': scenes with a mask are labeled
-    )
-    labeled: list[str] = field(default_factory=list)  # labeled scenes: ingest outputs or image globs/files
-    output: str = "runs/suggestions"
-    budget: int = 20  # tiles to suggest
-    tile: int = 256  # px, side of a candidate tile
-    measure: Measure | None = None  # null: mutual_information where the head has members, else entropy
-    aggregate: Aggregate = Aggregate.mean
-    quantile: float = 0.9  # with aggregate=quantile
-    min_valid: float = 0.5  # least fraction of valid (not nodata) pixels of a candidate tile
-    min_distance: int | None = None  # px between centres of picks in one scene; null: 2 x tile
-    max_similarity: float | None = 0.9  # cosine similarity of tile descriptors; null: no feature rule
-    mc_samples: int = 0  # residual head: dropout samples for mutual information
-    sheet: int = 24  # tiles shown in contact_sheet.png
-    window: int | None = None  # px; default: the checkpoint's training tile size
-    overlap: int | None = None  # px; default window // 4
-    batch_size: int = 4
-    precision: str = "auto"
-    cpus_per_scene: float = 1.0
-    num_gpus: float = 0.0
-    overwrite: bool = False
-    tracking: StageTracking = field(default_factory=lambda: StageTracking(experiment="rsdiff-suggest"))
-    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass

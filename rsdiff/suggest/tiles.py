@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsdiff.prediction.uncertainty import Measure
+from rsdiff.prediction.config import Measure
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,3 @@ Modules: :mod:`~rsdiff.sweep.space` (config, checks, seeded draw, spec digest),
 :mod:`~rsdiff.sweep.records` (trial records), :mod:`~rsdiff.sweep.trial` (one trial),
 :mod:`~rsdiff.sweep.report` (ranking, MLflow summary), :mod:`~rsdiff.sweep.run` (the driver).
 """
-
-from rsdiff.sweep.run import SweepResult, run_sweep
-from rsdiff.sweep.space import SearchSpace, SweepConfig
-
-__all__ = ["SearchSpace", "SweepConfig", "SweepResult", "run_sweep"]

@@ -13,21 +13,13 @@ from typing import Any
 from rsdiff import storage
 from rsdiff.config import to_container
 from rsdiff.errors import ConfigError
-from rsdiff.features.blocks import BlockNumbering
+from rsdiff.features.config import BlockNumbering
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import TrainedHead
+from rsdiff.sweep.config import Scheduler, SweepConfig
 from rsdiff.sweep.records import DONE, mark_ended, read_records
 from rsdiff.sweep.report import close_children, collect, format_table, log_overlay, log_summary
-from rsdiff.sweep.space import (
-    SWEEP_SPEC,
-    Scheduler,
-    SweepConfig,
-    check_numbers,
-    check_same_spec,
-    draw_samples,
-    sweep_spec,
-    validate,
-)
+from rsdiff.sweep.space import SWEEP_SPEC, check_numbers, check_same_spec, draw_samples, sweep_spec, validate
 from rsdiff.sweep.trial import TrialContext, run_trial
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from rsdiff import storage
 from rsdiff.config import build
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.table import FeatureTable
-from rsdiff.heads.artifact import HeadConfig
+from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
 from rsdiff.sweep.records import trial_id, write_record
 from rsdiff.sweep.space import HEAD_KEYS

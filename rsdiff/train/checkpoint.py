@@ -32,8 +32,9 @@ from rsdiff import storage
 from rsdiff.artifacts import read_sidecar
 from rsdiff.config import build
 from rsdiff.data.normalize import Normalizer
-from rsdiff.diffusion.schedule import DiffusionConfig, make_scheduler
-from rsdiff.diffusion.unet import ModelConfig, build_unet, unet_kwargs
+from rsdiff.diffusion.config import DiffusionConfig, ModelConfig
+from rsdiff.diffusion.schedule import make_scheduler
+from rsdiff.diffusion.unet import build_unet, unet_kwargs
 from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.weights import load_module_state, load_weights
 

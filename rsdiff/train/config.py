@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rsdiff.data.normalize import Normalizer
-from rsdiff.diffusion.schedule import DiffusionConfig
-from rsdiff.diffusion.sources import InitConfig
-from rsdiff.diffusion.unet import ModelConfig
+from rsdiff.diffusion.config import DiffusionConfig, InitConfig, ModelConfig
+from rsdiff.ray_config import RayConfig
+
+if TYPE_CHECKING:
+    from rsdiff.data.normalize import Normalizer
 
 SAMPLE_SHARDS = "runs/shards/sample"  # where ``jobs/make_sample.py`` puts the built-in sample
 
@@ -102,3 +103,42 @@ class TrainPlan:
     # step). Not a config setting: library callers (the fault tests) install it; it must pickle.
     after_step: StepHook | None = None
     init: InitConfig | None = None  # weights a fresh run starts from (not used when resuming)
+
+
+@dataclass
+class ScalingCfg:
+    """Ray Train workers: one DDP rank each."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # GPU family every rank needs (Ray's accelerator_type, e.g. A100, H100, A10G); null = any GPU.
+    # Presets whose estimated memory exceeds a 24 GB card set it so the autoscaler picks big nodes.
+    accelerator_type: str | None = None
+
+
+@dataclass
+class RunCfg:
+    """Where the run lives: ``{storage}/{name}`` holds Ray Train's checkpoints (local or s3://)."""
+
+    name: str = "pretrain-tiny"
+    storage: str = "runs/ray"
+    max_failures: int = 2
+
+
+@dataclass
+class PretrainConfig:
+    """Config of ``jobs/pretrain.py``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)  # start from existing weights (init.from=...)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingCfg = field(default_factory=ScalingCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunCfg = field(default_factory=RunCfg)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    seed: int = 0

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from rsdiff import devices
+from rsdiff.diffusion.config import ModelConfig
 from rsdiff.diffusion.sampling import ddim_sample, denoise_strip
 from rsdiff.diffusion.schedule import make_scheduler
-from rsdiff.diffusion.unet import ModelConfig, build_unet, epsilon
+from rsdiff.diffusion.unet import build_unet, epsilon
 from rsdiff.train import checkpoint
 from rsdiff.train.config import OptimConfig, TrainPlan
 from rsdiff.train.stream import ShardStream, StreamPosition

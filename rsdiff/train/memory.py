@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from rsdiff.diffusion.unet import ModelConfig, build_unet, num_params
+from rsdiff.diffusion.config import ModelConfig
+from rsdiff.diffusion.unet import build_unet, num_params
 
 BYTES_PER_PARAM = 20  # weights + grads + AdamW exp_avg + exp_avg_sq + EMA, all fp32
 BYTES_PER_ACTIVATION = 2  # bf16 autocast

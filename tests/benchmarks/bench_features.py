@@ -33,21 +33,23 @@ import torch
 
 from rsdiff import storage
 from rsdiff.config import build, load_config, to_container
+from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.normalize import Normalizer
 from rsdiff.data.shards import iter_shard
 from rsdiff.data.synthetic import write_sample_dataset
 from rsdiff.diffusion.unet import build_unet
 from rsdiff.features.cache import TableCacheConfig
-from rsdiff.features.extract import ExtractConfig, _image_rng, run_extract, sample_pixels
+from rsdiff.features.config import ExtractConfig
+from rsdiff.features.extract import _image_rng, run_extract, sample_pixels
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.features.table import write_part
-from rsdiff.heads.artifact import HeadConfig
+from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
-from rsdiff.ingest import IngestConfig, run_ingest
-from rsdiff.pretrain import PretrainConfig
+from rsdiff.ingest import run_ingest
 from rsdiff.train import checkpoint
 from rsdiff.train.checkpoint import load_pretrained
+from rsdiff.train.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,7 +146,8 @@ def plain_extract(ckpt: str, shards: str, out: str, images: int, batch: int = 8)
 
 def sweep_trials_per_hour(table_uri: str, tmp: Path, trials: int, before: bool) -> float:
     """Trials per hour of a FIFO sweep of ``trials`` samples (2 at a time) over ``table_uri``."""
-    from rsdiff.sweep import SweepConfig, run_sweep
+    from rsdiff.sweep.config import SweepConfig
+    from rsdiff.sweep.run import run_sweep
 
     tag = "before" if before else "after"
     overrides = [

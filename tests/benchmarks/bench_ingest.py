@@ -21,8 +21,9 @@ from _loopback_s3 import start_moto
 
 from rsdiff import storage
 from rsdiff.config import load_config
+from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.shards import ShardWriter, encode_sample, iter_shard
-from rsdiff.ingest import IngestConfig, run_ingest
+from rsdiff.ingest import run_ingest
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -28,7 +28,8 @@ from rsdiff.data.manifest import read_manifest
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet, num_params
-from rsdiff.pretrain import PretrainConfig, run_pretrain
+from rsdiff.pretrain import run_pretrain
+from rsdiff.train.config import PretrainConfig
 from rsdiff.train.loop import ema_update
 from rsdiff.train.stream import ShardStream
 
@@ -143,7 +144,8 @@ def main() -> None:
         return
     import ray
 
-    from rsdiff.ingest import IngestConfig, run_ingest
+    from rsdiff.data.ingest_config import IngestConfig
+    from rsdiff.ingest import run_ingest
 
     start_moto("bench")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -40,11 +40,12 @@ from rsdiff.config import build, load_config, to_container
 from rsdiff.data.scenes import SceneRef
 from rsdiff.features.blocks import list_blocks
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.artifact import HeadConfig, TrainedHead, build_head
+from rsdiff.heads.artifact import TrainedHead, build_head
+from rsdiff.heads.config import HeadConfig
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan, predict_scene
-from rsdiff.pretrain import PretrainConfig
 from rsdiff.train import checkpoint
 from rsdiff.train.checkpoint import load_pretrained
+from rsdiff.train.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SCENE = 4096

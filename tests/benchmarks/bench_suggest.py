@@ -148,9 +148,10 @@ def main() -> None:
     from bench_two_step import _extract, _ingest, _pretrain
 
     from rsdiff.config import build
-    from rsdiff.heads.artifact import HeadConfig
+    from rsdiff.heads.config import HeadConfig
     from rsdiff.heads.fit import evaluate, fit_head, head_rows
-    from rsdiff.prediction.uncertainty import Measure, PixelOutputs, check_measure
+    from rsdiff.prediction.config import Measure
+    from rsdiff.prediction.uncertainty import PixelOutputs, check_measure
     from rsdiff.suggest.rank import Candidate, rank_tiles
 
     torch.set_num_threads(2)

@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 
 def _ingest(data: Path, tiles: list[str], out: Path, val_fraction: float) -> str:
     from rsdiff.config import load_config
-    from rsdiff.ingest import IngestConfig, run_ingest
+    from rsdiff.data.ingest_config import IngestConfig
+    from rsdiff.ingest import run_ingest
 
     if not (out / "manifest.json").exists():
         inputs = ",".join(f"{data}/{t}/images/*.jpg" for t in tiles)
@@ -57,7 +58,8 @@ def _pretrain(
     shards: str, name: str, steps: int, work: Path, args: argparse.Namespace, init: str | None
 ) -> dict:
     from rsdiff.config import load_config
-    from rsdiff.pretrain import PretrainConfig, run_pretrain
+    from rsdiff.pretrain import run_pretrain
+    from rsdiff.train.config import PretrainConfig
 
     overrides = [
         f"data.shards={shards}",
@@ -89,7 +91,8 @@ def _pretrain(
 
 def _extract(ckpt: str, shards: str, out: Path, splits: str, pixels: int, args: argparse.Namespace) -> Any:
     from rsdiff.config import load_config
-    from rsdiff.features.extract import ExtractConfig, run_extract
+    from rsdiff.features.config import ExtractConfig
+    from rsdiff.features.extract import run_extract
     from rsdiff.features.table import FeatureTable
 
     if (out / "table.json").exists():
@@ -139,7 +142,7 @@ def main() -> None:
     import torch
 
     from rsdiff.config import build
-    from rsdiff.heads.artifact import HeadConfig
+    from rsdiff.heads.config import HeadConfig
     from rsdiff.heads.fit import evaluate, fit_head, head_rows
 
     work = args.workdir

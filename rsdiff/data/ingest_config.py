@@ -1,0 +1,34 @@
+"""``jobs/ingest.py``'s config: which scenes, how they are cut into tiles, split and labelled.
+
+A plain dataclass without Ray or rasterio, so the job's ``--help`` and ``--print-config`` answer at
+once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from rsdiff.data.labels import LabelConfig
+from rsdiff.ray_config import RayConfig
+
+
+@dataclass
+class IngestConfig:
+    """Config of ``jobs/ingest.py``."""
+
+    inputs: list[str] = MISSING  # globs, folders, files or s3:// prefixes of scenes
+    output: str = "runs/shards"  # local folder or s3://bucket/prefix
+    tile_size: int = 256
+    stride: int | None = None  # default: tile_size (no overlap)
+    bands: list[int] | None = None  # 1-based band indexes to keep; default all
+    band_names: list[str] | None = None
+    max_nodata_fraction: float = 0.1  # tiles with more nodata are dropped and counted
+    shard_max_mb: float = 256.0
+    val_fraction: float = 0.0  # fraction of scenes held out as the val split
+    split_seed: int = 0
+    parallelism: int = 0  # number of Ray tasks; 0 = 2 x cluster CPUs (at most one per scene)
+    overwrite: bool = False
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    ray: RayConfig = field(default_factory=RayConfig)

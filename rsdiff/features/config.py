@@ -1,0 +1,48 @@
+"""``jobs/extract.py``'s config, and how integer block names are read (:class:`BlockNumbering`).
+
+Plain dataclasses without torch or Ray, so the job's ``--help`` and ``--print-config`` answer at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+from rsdiff.diffusion.config import SourceOptions
+from rsdiff.ray_config import RayConfig
+
+
+class BlockNumbering(Enum):
+    """What an integer in a ``blocks`` list means."""
+
+    rsdiff = "rsdiff"  # an index into list_blocks (mid, up0.res0, ...)
+    ddpm_seg = "ddpm_seg"  # guided-diffusion's output_blocks[k], as in DDPM-Seg's configs
+
+
+@dataclass
+class ExtractConfig:
+    """Config of ``jobs/extract.py``."""
+
+    # a pretraining checkpoint folder, or existing weights: an ADM .pt (flags in source.adm /
+    # source.adm_flags) or a diffusers UNet2DModel folder (local or s3://)
+    checkpoint: str = MISSING
+    shards: str | None = None  # labeled ingest output; null = the shards the checkpoint was trained on
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    output: str = "runs/features"
+    timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
+    blocks: list[str] = field(default_factory=list)  # names or integers; empty = every decoder block
+    # what integers in `blocks` mean: rsdiff's indexes | ddpm_seg = guided-diffusion's output_blocks
+    block_numbering: BlockNumbering = BlockNumbering.rsdiff
+    source: SourceOptions = field(default_factory=SourceOptions)  # reading an ADM .pt / diffusers folder
+    pixels_per_class: int = 64  # cap of sampled pixels per class per image
+    max_images: int | None = None  # per split
+    noise_seed: int = 0
+    sample_seed: int = 0
+    batch_size: int = 8
+    concurrency: int = 1  # actors, each holding one frozen UNet
+    num_gpus: float = 0.0  # per actor (1 on GPU clusters)
+    precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
+    overwrite: bool = False
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -1,0 +1,51 @@
+"""``jobs/predict.py``'s config, and the uncertainty measures prediction and suggestion compute.
+
+Plain dataclasses without torch or Ray, so the job's ``--help`` and ``--print-config`` answer at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+from rsdiff.ray_config import RayConfig
+from rsdiff.tracking import StageTracking
+
+
+class Measure(Enum):
+    entropy = "entropy"  # of the mean class distribution
+    mutual_information = "mutual_information"  # members' disagreement (ensemble or MC dropout)
+
+
+@dataclass
+class PredictTracking(StageTracking):
+    """MLflow (see :class:`StageTracking`), plus how many quicklooks to log."""
+
+    experiment: str = "rsdiff-predict"
+    quicklooks: int = 8  # quicklook PNGs logged as artifacts (the first N scenes)
+
+
+@dataclass
+class PredictConfig:
+    """Config of ``jobs/predict.py``."""
+
+    head: str = MISSING  # a head artifact (e.g. the sweep's {output}/best); it names its checkpoint
+    inputs: list[str] = MISSING  # scenes: globs, folders, files or s3:// prefixes (GeoTIFF, JPG, PNG)
+    output: str = "runs/predictions"
+    window: int | None = None  # px; default: the checkpoint's training tile size
+    overlap: int | None = None  # px shared by neighbouring windows; default window // 4
+    batch_size: int = 4  # windows per UNet pass
+    probabilities: bool = False  # also write {scene}.proba.tif (uint8, 255 = 1.0)
+    uncertainty: bool = False  # also write {scene}.uncertainty.tif (float32 nats: entropy[, mutual info])
+    mc_samples: int = 0  # residual head: dropout samples for mutual information (0 = entropy only)
+    quicklook: bool = True
+    quicklook_size: int = 1024  # px, longest side
+    overwrite: bool = False
+    cpus_per_scene: float = 1.0
+    num_gpus: float = 0.0  # per scene task (1 on GPU clusters)
+    precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
+    region: list[int] | None = None  # [row, col, height, width] px of every scene to predict; null = all
+    tracking: PredictTracking = field(default_factory=PredictTracking)
+    ray: RayConfig = field(default_factory=RayConfig)

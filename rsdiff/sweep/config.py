@@ -1,0 +1,71 @@
+"""``jobs/sweep.py``'s config: the search space, the scheduler and where trials and results go.
+
+Plain dataclasses without torch or Ray, so the job's ``--help`` and ``--print-config`` answer at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+from rsdiff.features.cache import TableCacheConfig
+from rsdiff.features.config import BlockNumbering
+from rsdiff.heads.config import HeadConfig
+from rsdiff.ray_config import RayConfig
+
+
+@dataclass
+class SearchSpace:
+    """Choices per dimension; a trial draws one of each. Every list must be non-empty."""
+
+    timesteps: list[list[int]] = field(default_factory=lambda: [[50], [150], [50, 150], [50, 150, 250]])
+    blocks: list[list[str]] = field(
+        default_factory=lambda: [["up1.res0", "up1.res1"], ["up2.res0", "up2.res1"], ["up1.res1", "up2.res1"]]
+    )
+    kind: list[str] = field(default_factory=lambda: ["residual"])
+    width: list[int] = field(default_factory=lambda: [64, 128])
+    depth: list[int] = field(default_factory=lambda: [1, 2])
+    lr: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    input_noise: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    class_weighting: list[str] = field(default_factory=lambda: ["none", "balanced"])
+
+
+class Scheduler(Enum):
+    asha = "asha"  # asynchronous successive halving on val_miou
+    fifo = "fifo"  # run every trial to the end
+
+
+@dataclass
+class SweepTracking:
+    uri: str | None = None  # null = MLFLOW_TRACKING_URI or runs/mlflow.db
+    experiment: str = "rsdiff-sweep"
+
+
+@dataclass
+class SweepConfig:
+    """Config of ``jobs/sweep.py``."""
+
+    features: str = MISSING  # feature table from jobs/extract.py
+    output: str = "runs/sweeps/sweep-tiny"  # best head + summary
+    name: str = "sweep-tiny"  # Tune experiment name; the same name resumes
+    storage: str = "runs/tune"
+    search: SearchSpace = field(default_factory=SearchSpace)
+    # integers in search.blocks: ddpm_seg = guided-diffusion's output_blocks numbers (DDPM-Seg's configs)
+    block_numbering: BlockNumbering = BlockNumbering.rsdiff
+    head: HeadConfig = field(default_factory=HeadConfig)  # fixed settings; epochs = max per trial
+    table: TableCacheConfig = field(default_factory=TableCacheConfig)  # how trials read the table
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    time_budget_s: float | None = None
+    fresh: bool = False  # delete an existing experiment of this name and start over
+    scheduler: Scheduler = Scheduler.asha
+    grace_period: int = 2  # epochs every trial runs before ASHA may stop it
+    reduction_factor: int = 2
+    seed: int = 0
+    tracking: SweepTracking = field(default_factory=SweepTracking)
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -1,0 +1,157 @@
+"""What every job's command line tells a user: ``--help`` (fast, with its examples, sections and
+presets), ``--print-config`` before the required keys are given, presets by name, and every
+example command in the README and in ``--help`` reading as a valid config."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import pytest
+
+from rsdiff.config import load_config, preset, preset_names, preview_yaml
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if not p.stem.startswith("_"))
+HEAVY = ("torch", "ray", "mlflow", "webdataset", "rasterio")
+
+
+def _job(name: str) -> typing.Any:
+    if str(REPO / "jobs") not in sys.path:
+        sys.path.insert(0, str(REPO / "jobs"))
+    return importlib.import_module(name)
+
+
+def _schema(name: str) -> type:
+    """The config schema a job script hands to ``run_job`` (the type of its ``_run``'s ``cfg``)."""
+    return typing.get_type_hints(_job(name)._run)["cfg"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_help_is_fast_keeps_examples_and_lists_sections_and_presets(name):
+    start = time.perf_counter()
+    out = _cli(f"jobs/{name}.py", "--help")
+    seconds = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    assert seconds < 2.0, f"jobs/{name}.py --help took {seconds:.1f} s"
+    doc = _job(name).__doc__
+    examples = [line.strip() for line in doc.splitlines() if re.match(r"\s*(python|ray job) ", line)]
+    assert examples, f"jobs/{name}.py's docstring shows no example command"
+    shown = [line.strip() for line in out.stdout.splitlines()]
+    for line in examples:
+        assert line in shown, f"example line not kept as a line in --help: {line!r}"
+    assert "config sections:" in out.stdout and "required keys:" in out.stdout
+    names = preset_names(name)
+    assert "presets (--config NAME): " + (", ".join(names) if names else "none shipped") in out.stdout
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sweep", "predict"])
+def test_help_imports_no_heavy_library(name):
+    """``--help`` and ``--print-config`` answer before torch, Ray or MLflow load."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.path.insert(0, 'jobs'); sys.argv = ['jobs/{name}.py', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path('jobs/{name}.py', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = _cli("-c", code)
+    assert "LOADED []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
+
+
+def test_print_config_works_without_required_keys():
+    out = _cli("jobs/predict.py", "--print-config", "output=maps")
+    assert out.returncode == 0, out.stderr
+    assert "head: ???" in out.stdout and "inputs: ???" in out.stdout and "output: maps" in out.stdout
+    bad = _cli("jobs/predict.py", "--print-config", "outptu=maps")
+    assert bad.returncode == 2 and "unknown config key 'outptu'" in bad.stderr
+    secret = _cli("jobs/predict.py", "--print-config", "tracking.uri=http://me:hunter2@mlflow:5000")
+    assert "hunter2" not in secret.stdout and "http://me:***@mlflow:5000" in secret.stdout
+
+
+def test_preset_by_name_and_unknown_name_lists_presets():
+    out = _cli("jobs/pretrain.py", "--config", "tiny", "--print-config")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == preview_yaml(_schema("pretrain"), preset("pretrain", "tiny"))
+    bad = _cli("jobs/pretrain.py", "--config", "tinny", "--print-config")
+    assert bad.returncode == 2
+    assert "'tinny' is neither a file nor a preset of pretrain" in bad.stderr
+    assert str(preset_names("pretrain")) in bad.stderr
+
+
+def _commands(text: str) -> list[tuple[str, list[str], str]]:
+    """``(job, argv, line)`` for every ``python jobs/NAME.py ...`` command in ``text``; continuation
+    lines are joined and the command ends at a shell separator or comment."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    found = []
+    for match in re.finditer(r"python jobs/(\w+)\.py", text):
+        name, rest = match.group(1), _logical_line(text[match.end() :])
+        tokens = shlex.split(rest, comments=True)
+        argv = []
+        for token in tokens:
+            if token in ("&&", "||", "|", ";", ")"):
+                break
+            argv.append(token)
+        found.append((name, argv, match.group(0) + rest))
+    return found
+
+
+def _logical_line(text: str) -> str:
+    """``text`` up to the first newline or backtick outside quotes (a quoted value may span lines)."""
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "\n`":
+            return text[:i]
+    return text
+
+
+def _readme_and_help_commands() -> list[tuple[str, list[str], str]]:
+    found = _commands((REPO / "README.md").read_text())
+    for name in JOBS:
+        found += _commands(_job(name).__doc__)
+    return found
+
+
+def test_every_example_command_resolves():
+    """Each README and ``--help`` example reads as a config: its preset exists, its keys and values
+    fit the schema, and, unless it elides values with ``...``, every required key is given."""
+    commands = _readme_and_help_commands()
+    assert len(commands) >= 30 and {name for name, _, _ in commands} == set(JOBS)
+    for name, argv, line in commands:
+        assert name in JOBS, f"README names jobs/{name}.py, which does not exist: {line}"
+        schema = _schema(name)
+        config, overrides, elided = None, [], False
+        args = iter(argv)
+        for token in args:
+            if token == "--config":
+                config = preset(name, next(args))
+            elif token.startswith("[") or token == "...":  # a usage synopsis: [key=VALUE] ...
+                elided = True
+            elif "..." in token:
+                elided = True
+                overrides.append(token.replace("...", "x"))
+            else:
+                assert "=" in token, f"{token!r} is not key=value in: {line}"
+                overrides.append(token)
+        if elided:
+            preview_yaml(schema, config, [o for o in overrides if o.partition("=")[2] != "x"])
+        else:
+            load_config(schema, config, overrides)
