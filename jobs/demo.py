@@ -15,6 +15,7 @@ from _cli import run_job
 from rsdiff.config import redact_uri
 from rsdiff.demo import DemoConfig, run_demo
 from rsdiff.evaluate import format_metrics
+from rsdiff.tracking import runs_view_url
 
 
 def _run(cfg: DemoConfig) -> None:
@@ -27,8 +28,15 @@ def _run(cfg: DemoConfig) -> None:
     if first.get("quicklook"):
         print(f"quicklook:         {first['quicklook']}")
     print(f"metrics:           {result.metrics_json}")
-    ui = f"mlflow ui --backend-store-uri {store}" if store.startswith("sqlite") else store
-    print(f"MLflow UI:         {ui}  (experiment {result.experiment}) then open http://127.0.0.1:5000")
+    if store.startswith("sqlite"):
+        runs = runs_view_url("http://127.0.0.1:5000", result.experiment_id)
+        print(f"MLflow UI:         mlflow ui --backend-store-uri {store}")
+        print(f"                   then open {runs}")
+    else:
+        print(f"MLflow runs:       {runs_view_url(store, result.experiment_id)}")
+    print(
+        f"                   (experiment {result.experiment!r}: the demo run, its stage runs nested under it)"
+    )
 
 
 if __name__ == "__main__":

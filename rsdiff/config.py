@@ -308,6 +308,11 @@ def redact_uri(text: str | None) -> str | None:
     return _URI_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a config key's value is a secret (password, token, access key, ...)."""
+    return bool(_SECRET_KEY.search(key))
+
+
 def redact(obj: Any) -> Any:
     """Copy of a nested dict/list with values under secret-looking keys replaced by ``***`` and
     passwords inside URIs (``http://user:pw@host``) masked."""

@@ -25,6 +25,7 @@ from rsdiff import storage
 from rsdiff.config import build, load_section, preset
 from rsdiff.data.labels import LabelConfig
 from rsdiff.errors import ConfigError, DataError
+from rsdiff.provenance import provenance_tags
 from rsdiff.ray_config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class DemoResult:
     metrics_json: str
     tracking_uri: str
     experiment: str
+    experiment_id: str
     run_ids: dict[str, str]
 
 
@@ -115,20 +117,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     checked like a user's overrides), never a string of overrides.
     """
     from rsdiff import tracking
-    from rsdiff.data.ingest_config import IngestConfig
-    from rsdiff.data.manifest import read_manifest
-    from rsdiff.data.scenes import discover
-    from rsdiff.evaluate import EvaluateConfig, run_evaluate
-    from rsdiff.features.config import ExtractConfig
-    from rsdiff.features.extract import run_extract
-    from rsdiff.ingest import run_ingest
-    from rsdiff.prediction.config import PredictConfig
-    from rsdiff.prediction.run import run_predict
-    from rsdiff.pretrain import run_pretrain
-    from rsdiff.raytools import connect, largest_node_cpus
-    from rsdiff.sweep.config import SweepConfig
-    from rsdiff.sweep.run import run_sweep
-    from rsdiff.train.config import PretrainConfig
+    from rsdiff.raytools import connect
 
     if cfg.trials < 1 or cfg.pretrain_steps < 1 or cfg.head_epochs < 1:
         raise ConfigError("trials, pretrain_steps and head_epochs must be >= 1")
@@ -145,6 +134,44 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     connect(cfg.ray.address, cfg.ray.num_cpus)
     stages: dict[str, float] = {}
     run_ids: dict[str, str] = {}
+    # The demo's run is the parent of every stage's run (MLflow nests them under it).
+    demo_run = tracking.RunHandle.create(
+        uri, cfg.experiment, "demo", {**provenance_tags({"data": described, "workdir": str(work)}),
+                                      "rsdiff.stage": "demo"}
+    )  # fmt: skip
+    demo_run.log_params(tracking.config_params(cfg))
+    with tracking.ends_run(demo_run):
+        return _run_stages(cfg, work, uri, inputs, labels, described, demo_run, stages, run_ids)
+
+
+def _run_stages(
+    cfg: DemoConfig,
+    work: Path,
+    uri: str,
+    inputs: list[str],
+    labels: LabelConfig | None,
+    described: str,
+    demo_run: Any,
+    stages: dict[str, float],
+    run_ids: dict[str, str],
+) -> DemoResult:
+    """The five stages, each a child run of ``demo_run``; then the demo run's own summary."""
+    from rsdiff.data.ingest_config import IngestConfig
+    from rsdiff.data.manifest import read_manifest
+    from rsdiff.data.scenes import discover
+    from rsdiff.evaluate import EvaluateConfig, run_evaluate
+    from rsdiff.features.config import ExtractConfig
+    from rsdiff.features.extract import run_extract
+    from rsdiff.ingest import run_ingest
+    from rsdiff.prediction.config import PredictConfig
+    from rsdiff.prediction.run import run_predict
+    from rsdiff.pretrain import run_pretrain
+    from rsdiff.raytools import largest_node_cpus
+    from rsdiff.sweep.config import SweepConfig
+    from rsdiff.sweep.run import run_sweep
+    from rsdiff.train.config import PretrainConfig
+
+    parent = demo_run.run_id
 
     @contextlib.contextmanager
     def timed(name: str) -> Iterator[None]:
@@ -211,7 +238,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                 "checkpoint": {"every_steps": max(1, steps // 3)},
                 "tracking": {
                     "log_every": max(1, steps // 20), "sample_every": steps, "sample_steps": 10,
-                    "uri": uri, "experiment": cfg.experiment,
+                    "uri": uri, "experiment": cfg.experiment, "parent_run_id": parent,
                 },
                 "model": {"image_size": cfg.tile_size},
                 "run": {"storage": str(work / "ray"), "name": "demo-pretrain"},
@@ -254,7 +281,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                 "num_samples": cfg.trials,
                 "head": {"epochs": cfg.head_epochs},
                 "grace_period": min(2, cfg.head_epochs),
-                "tracking": {"uri": uri, "experiment": cfg.experiment},
+                "tracking": {"uri": uri, "experiment": cfg.experiment, "parent_run_id": parent},
                 "seed": cfg.seed,
                 "search": {
                     "timesteps": [[t] for t in table.meta["timesteps"]] + [table.meta["timesteps"]],
@@ -277,7 +304,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                 "inputs": val_images,
                 "output": str(work / "predictions"),
                 "overwrite": True,
-                "tracking": {"uri": uri, "experiment": cfg.experiment},
+                "tracking": {"uri": uri, "experiment": cfg.experiment, "parent_run_id": parent},
                 "ray": cfg.ray,
             },
         )
@@ -291,19 +318,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             {
                 "predictions": pred.output,
                 "labels": labels,
-                "tracking": {"uri": uri, "experiment": cfg.experiment},
+                "tracking": {"uri": uri, "experiment": cfg.experiment, "parent_run_id": parent},
             },
         )
         ev = run_evaluate(ev_cfg)
         run_ids["evaluate"] = ev.mlflow_run_id or ""
 
-    demo_run = tracking.RunHandle.create(
-        uri,
-        cfg.experiment,
-        "demo",
-        {"rsdiff.stage": "demo", **{f"rsdiff.run.{k}": v for k, v in run_ids.items()}},
-    )
-    demo_run.log_params(tracking.config_params(cfg))
+    demo_run.set_tags({f"rsdiff.run.{k}": v for k, v in run_ids.items()})
     demo_run.log_params(
         {
             "data_description": described,
@@ -342,4 +363,5 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             indent=1,
         )
     )
-    return DemoResult(ev.metrics, stages, pred.scenes, ev.output, uri, cfg.experiment, run_ids)
+    experiment_id = demo_run.client.get_run(demo_run.run_id).info.experiment_id
+    return DemoResult(ev.metrics, stages, pred.scenes, ev.output, uri, cfg.experiment, experiment_id, run_ids)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,7 +168,8 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     for record in summary["scenes"]:
         records.append({**record, "class_map": resolve_output(pred_root, str(record["class_map"]))})
     tags = {"rsdiff.stage": "evaluate", "rsdiff.head": storage.display(summary["head"])}
-    run = tracking.start_stage_run(cfg.tracking, f"evaluate-{len(records)}-scenes", tags, cfg)
+    data = {"predictions": pred_root, "masks": cfg.labels.mask_template, "checkpoint": summary["checkpoint"]}
+    run = tracking.start_stage_run(cfg.tracking, f"evaluate-{len(records)}-scenes", tags, cfg, data)
     with tracking.ends_run(run):
         total = ConfusionMatrix(len(classes))
         per_scene = {}
@@ -224,6 +226,7 @@ def _log_run(run: Any, metrics: dict[str, Any], total: ConfusionMatrix, names: l
     }
     flat.update({f"iou_{n}": v for n, v in metrics["iou"].items() if v is not None})
     flat.update({f"f1_{n}": v for n, v in metrics["f1"].items() if v is not None})
+    flat.update({f"scene_miou/{metric_key(s)}": m["miou"] for s, m in metrics["scenes"].items()})
     run.log_metrics(flat, step=0)
     fig = total.plot(names)
     run.log_figure(fig, "confusion_matrix.png")
@@ -245,4 +248,17 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     lines.append(f"{'overall acc.':<16} {num(metrics['overall_accuracy'])}")
     lines.append(f"{'macro F1':<16} {num(metrics['macro_f1'])}")
     lines.append(f"pixels: {metrics['pixels']}")
+    scenes = metrics.get("scenes") or {}
+    if scenes:
+        width = max(16, *(len(s) for s in scenes))
+        lines += ["", f"{'scene':<{width}} {'mIoU':>6} {'OA':>6} {'pixels':>10}"]
+        for scene, m in sorted(
+            scenes.items(), key=lambda kv: kv[1]["miou"] if kv[1]["miou"] is not None else -1
+        ):
+            lines.append(f"{scene:<{width}} {num(m['miou'])} {num(m['overall_accuracy'])} {m['pixels']:>10}")
     return "\n".join(lines)
+
+
+def metric_key(name: str) -> str:
+    """``name`` with the characters MLflow refuses in a metric key replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)

@@ -250,7 +250,11 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
     storage.write_bytes(storage.join(out, "label_efficiency.png"), buf.getvalue())
     run_id = None
     run = tracking.start_stage_run(
-        cfg.tracking, f"label-efficiency-k{'-'.join(map(str, ks))}", {"rsdiff.stage": "label-efficiency"}, cfg
+        cfg.tracking,
+        f"label-efficiency-k{'-'.join(map(str, ks))}",
+        {"rsdiff.stage": "label-efficiency"},
+        cfg,
+        {"features": storage.absolute(str(cfg.features)), "selection": cfg.selection, "output": out},
     )
     with tracking.ends_run(run):
         if run is not None:

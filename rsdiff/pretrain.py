@@ -28,6 +28,7 @@ from rsdiff.diffusion.bands import band_rule
 from rsdiff.diffusion.sources import SourceWeights, check_diffusion, load_source
 from rsdiff.diffusion.unet import unet_kwargs
 from rsdiff.errors import ConfigError, DataError
+from rsdiff.provenance import provenance_tags
 from rsdiff.train.config import (
     SAMPLE_SHARDS,
     PretrainConfig,
@@ -189,6 +190,16 @@ def run_pretrain(cfg: PretrainConfig, *, after_step: StepHook | None = None) -> 
         return _fit(cfg, manifest, facts, after_step)
 
 
+def perf_params(cfg: PretrainConfig) -> dict[str, str]:
+    """The speed paths as they apply: on CPU workers bf16 autocast and channels_last are off
+    whatever the config says (they act on CUDA only), so the run says so rather than ``True``."""
+    out = {"device": "cuda" if cfg.scaling.use_gpu else "cpu"}
+    if not cfg.scaling.use_gpu:
+        for key in ("bf16", "channels_last"):
+            out[f"perf.{key}"] = "off (CPU run; CUDA only)" if getattr(cfg.perf, key) else "False"
+    return out
+
+
 def _fit(
     cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any], after_step: StepHook | None
 ) -> PretrainResult:
@@ -203,15 +214,19 @@ def _fit(
     plain = to_container(cfg)
     run_dir = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
     run_key = f"{storage.display(storage.join(str(cfg.run.storage), str(cfg.run.name)))}"
+    data = {"shards": storage.absolute(str(cfg.data.shards)), "init": cfg.init.from_, "run": run_dir}
+    data_tags = {**provenance_tags(data), **tracking.parent_tags(cfg.tracking.parent_run_id)}
     handle, resumed = tracking.RunHandle.find_or_create(
         uri,
         cfg.tracking.experiment,
         str(cfg.run.name),
-        tags={"rsdiff.stage": "pretrain", "rsdiff.run": run_key},
+        tags={**data_tags, "rsdiff.stage": "pretrain", "rsdiff.run": run_key},
         match_tag="rsdiff.run",
     )
-    if not resumed:
-        handle.log_params(tracking.config_params(cfg))
+    if resumed:
+        handle.set_tags(data_tags)  # a resumed run joins its new parent (a re-run demo) and command
+    else:
+        handle.log_params({**tracking.config_params(cfg), **perf_params(cfg)})
         handle.log_params(
             {"model.num_params": str(facts["num_params"]), "data.bands": json.dumps(manifest.bands)}
         )

@@ -124,12 +124,26 @@ def _unreachable(uri: str, why: str) -> ConfigError:
     )
 
 
+# MLflow 3's UI opens an experiment on its GenAI pages (traces) unless the experiment says it holds
+# model-training runs; rsdiff's experiments do.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(c: Any, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created (with a sensible artifact root) if missing."""
+    """The id of experiment ``name``, created (with a sensible artifact root) if missing, and
+    marked as a model-training experiment (:data:`EXPERIMENT_KIND`)."""
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=_artifact_root(uri))
+    if exp is None:
+        return c.create_experiment(name, artifact_location=_artifact_root(uri), tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def runs_view_url(ui: str, experiment: str) -> str:
+    """The MLflow UI address (``ui``, e.g. ``http://127.0.0.1:5000``) of experiment id
+    ``experiment``'s runs table, the view that compares training runs (not its GenAI overview)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?compareRunsMode=TABLE"
 
 
 def config_params(cfg: Any) -> dict[str, str]:
@@ -228,9 +242,12 @@ class RunHandle:
 
 
 def _create_run(c: Any, experiment: str, run_name: str, tags: dict[str, str], uri: str) -> str:
-    """A new run's id; a store that refuses the write is one clear error."""
+    """A new run's id, tagged with its provenance (``tags`` win over the process's own, so a Ray
+    worker can pass on its driver's); a store that refuses the write is one clear error."""
+    from rsdiff.provenance import provenance_tags
+
     try:
-        return c.create_run(experiment, run_name=run_name, tags=tags).info.run_id
+        return c.create_run(experiment, run_name=run_name, tags={**provenance_tags(), **tags}).info.run_id
     except Exception as exc:
         first = redact_uri(str(exc).splitlines()[0][:200]) if str(exc) else ""  # may quote the URI
         raise ConfigError(
@@ -260,12 +277,25 @@ class StageTracking:
     enabled: bool = True
     uri: str | None = None
     experiment: str = "rsdiff"
+    parent_run_id: str | None = None  # nest this job's run under another (the demo's run does)
 
 
-def start_stage_run(t: Any, run_name: str, tags: dict[str, str], cfg: Any) -> RunHandle | None:
-    """A new run for a job's config ``cfg`` (params logged, secrets redacted); None when disabled."""
+def parent_tags(parent_run_id: str | None) -> dict[str, str]:
+    """The tag that nests a run under ``parent_run_id`` in MLflow's runs table (none for None)."""
+    return {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+
+
+def start_stage_run(
+    t: Any, run_name: str, tags: dict[str, str], cfg: Any, data: dict[str, Any] | None = None
+) -> RunHandle | None:
+    """A new run for a job's config ``cfg`` (params logged, secrets redacted), nested under
+    ``t.parent_run_id`` when set and tagged with the ``data`` URIs it read and wrote (see
+    :func:`rsdiff.provenance.provenance_tags`); None when disabled."""
+    from rsdiff.provenance import provenance_tags
+
     if not t.enabled:
         return None
+    tags = {**provenance_tags(data), **parent_tags(t.parent_run_id), **tags}
     run = RunHandle.create(resolve_uri(t.uri), t.experiment, run_name, tags)
     run.log_params(config_params(cfg))
     return run

@@ -50,6 +50,15 @@ def overlay(
     return out.clip(0, 255).astype(np.uint8)
 
 
+def class_colours(labels: np.ndarray, classes: Sequence[dict[str, Any]], under: np.ndarray) -> np.ndarray:
+    """``(H, W)`` class ids in exactly their classes' colours (the class map's colour table, no
+    blending), as ``(H, W, 3)`` uint8; pixels without a class (ignore/nodata) show ``under``."""
+    out = colour_lut(classes)[labels]
+    missing = labels == IGNORE_INDEX
+    out[missing] = under[missing]
+    return out
+
+
 # Stops of a dark-to-bright heat ramp (black, purple, red, orange, pale yellow): perceptually
 # ordered, readable in greyscale, and distinct from the class colours.
 HEAT_STOPS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
@@ -89,3 +98,94 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         out[y : y + h, x : x + w] = img
     return out
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font (FreeType)
+    except (TypeError, OSError, ImportError):  # a Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def enlarge(picture: np.ndarray, min_height: int) -> np.ndarray:
+    """``picture`` scaled up by a whole factor (nearest neighbour) until at least ``min_height`` px
+    tall, so that small tiles stay readable beside their labels."""
+    k = max(1, -(-min_height // picture.shape[0]))
+    return np.kron(picture, np.ones((k, k, 1), np.uint8)) if k > 1 else picture
+
+
+def labelled(
+    picture: np.ndarray,
+    title: str,
+    col_labels: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+    font_size: int = 13,
+) -> np.ndarray:
+    """``(H, W, 3)`` uint8 ``picture`` with a title above it (none for ""), ``col_labels`` centred
+    over equal-width columns and ``row_labels`` left of equal-height rows (white margins, black text)."""
+    from PIL import Image, ImageDraw
+
+    font = _font(font_size)
+    line = font_size + 6
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = (max(probe.textlength(r, font=font) for r in row_labels) + 10) if row_labels else 0
+    head = line if title else 0
+    top = head + (line if col_labels else 0)
+    h, w = picture.shape[:2]
+    width = max(int(left) + w, int(probe.textlength(title, font=font)) + 8)
+    canvas = Image.new("RGB", (width, top + h), "white")
+    canvas.paste(Image.fromarray(picture), (int(left), top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 3), title, fill="black", font=font)
+    for i, text in enumerate(col_labels):
+        centre = left + (i + 0.5) * w / len(col_labels)
+        x = centre - probe.textlength(text, font=font) / 2
+        draw.text((x, head + 2), text, fill="black", font=font)
+    for i, text in enumerate(row_labels):
+        middle = top + (i + 0.5) * h / len(row_labels)
+        draw.text((4, middle - font_size / 2), text, fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def legend(classes: Sequence[dict[str, Any]], font_size: int = 13, max_width: int = 1024) -> np.ndarray:
+    """A key of ``classes`` (``{"name", "colour"}`` as in the head and predictions.json): a swatch
+    in exactly the colour a class map uses, then its name; entries wrap to rows ``max_width`` px wide."""
+    from PIL import Image, ImageDraw
+
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lut = colour_lut(classes)
+    swatch, gap, line = font_size + 2, 14, font_size + 10
+    entries, x, rows = [], 6, 0
+    for k, c in enumerate(classes):
+        size = swatch + 6 + int(probe.textlength(str(c["name"]), font=font))
+        if x + size > max_width and x > 6:
+            x, rows = 6, rows + 1
+        entries.append((x, rows, c.get("id", k), str(c["name"])))
+        x += size + gap
+    width = max(e[0] + swatch + 6 + int(probe.textlength(e[3], font=font)) for e in entries) + 6
+    canvas = Image.new("RGB", (min(max_width, width), (rows + 1) * line + 6), "white")
+    draw = ImageDraw.Draw(canvas)
+    for x, row, c_id, name in entries:
+        y = 5 + row * line
+        draw.rectangle(
+            [x, y, x + swatch, y + swatch], fill=tuple(int(v) for v in lut[int(c_id)]), outline="black"
+        )
+        draw.text((x + swatch + 6, y), name, fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def stack(images: Sequence[np.ndarray], pad: int = 4) -> np.ndarray:
+    """Join ``(H, W, 3)`` uint8 pictures top to bottom with white gaps (left-aligned)."""
+    w = max(i.shape[1] for i in images)
+    parts = []
+    for i, img in enumerate(images):
+        canvas = np.full((img.shape[0], w, 3), 255, np.uint8)
+        canvas[:, : img.shape[1]] = img
+        parts.append(canvas)
+        if i < len(images) - 1:
+            parts.append(np.full((pad, w, 3), 255, np.uint8))
+    return np.concatenate(parts, 0)

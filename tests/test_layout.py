@@ -97,6 +97,15 @@ def test_a_non_editable_install_ships_the_presets(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import rsdiff; print(rsdiff.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True, check=True)  # fmt: skip
     assert where.stdout.startswith(str(site))
+    # Installed inside some other project's git repository, rsdiff claims no commit of its own.
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=u", "-c", "user.email=u@example.com"]
+    subprocess.run([*git[:3], "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "a user's project"], check=True)
+    probe = "from rsdiff.provenance import git_commit; print(git_commit())"
+    commit = subprocess.run(
+        [sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, check=True
+    )
+    assert commit.stdout.strip() == "None", commit.stdout
     cases = [("pretrain", "tiny", "max_steps: 300"), ("sweep", "tiny", "num_samples"),
              ("extract", "tiny", "pixels_per_class"), ("ingest", "dubai", "name: water")]  # fmt: skip
     for job, name, needle in cases:

@@ -14,6 +14,8 @@ from conftest import run_job
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
+import rsdiff
+from rsdiff import provenance
 from rsdiff.config import build
 from rsdiff.data.synthetic import write_scene
 from rsdiff.features.extractor import FeatureExtractor
@@ -46,13 +48,35 @@ def test_demo_chain_on_the_generated_sample(sample_demo):
             assert (m.crs, m.transform, m.shape) == (src.crs, src.transform, src.shape)
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rsdiff-demo")
+    # The closing line opens the runs table of this experiment, which says it holds training runs.
+    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?compareRunsMode=TABLE" in out
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([exp.experiment_id])
     names = {r.info.run_name for r in runs}
-    stages = {r.data.tags.get("rsdiff.stage") for r in runs}
-    assert {"predict", "evaluate", "demo"} <= stages
+    by_stage = {r.data.tags.get("rsdiff.stage"): r for r in runs}
+    assert {"pretrain", "sweep", "sweep-trial", "predict", "evaluate", "demo"} <= set(by_stage)
     assert "demo-pretrain" in names and "demo-sweep" in names
-    assert sum(r.data.tags.get("mlflow.parentRunId") is not None for r in runs) == 2  # sweep trials
-    demo = next(r for r in runs if r.data.tags.get("rsdiff.stage") == "demo")
+    demo = by_stage["demo"]
+    # The demo run is the parent of every stage's run; the sweep's run is its trials' parent.
+    for stage in ("pretrain", "sweep", "predict", "evaluate"):
+        assert by_stage[stage].data.tags["mlflow.parentRunId"] == demo.info.run_id, stage
+    trials = [r for r in runs if r.data.tags.get("rsdiff.stage") == "sweep-trial"]
+    assert len(trials) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {by_stage["sweep"].info.run_id}
+    # Every run records the version, the command line, its data and (from a checkout) the commit.
+    commit = provenance.git_commit()
+    for run in runs:
+        tags = run.data.tags
+        assert tags["rsdiff.version"] == rsdiff.__version__ and "jobs/demo.py" in tags["rsdiff.command"]
+        assert any(k.startswith("rsdiff.data.") for k in tags), run.info.run_name
+        assert tags.get("mlflow.source.git.commit") == (commit[0] if commit else None)
+    assert by_stage["pretrain"].data.tags["rsdiff.data.shards"] == str(work / "shards")
+    assert by_stage["predict"].data.tags["rsdiff.data.head"] == str(work / "sweep" / "best")
+    # A CPU run does not claim bf16 / channels_last; the evaluate run has each scene's mIoU.
+    params = by_stage["pretrain"].data.params
+    assert params["device"] == "cpu" and params["perf.bf16"] == "off (CPU run; CUDA only)"
+    scene_miou = {k for k in by_stage["evaluate"].data.metrics if k.startswith("scene_miou/")}
+    assert scene_miou == {f"scene_miou/{s}" for s in metrics["scenes"]}
     assert demo.info.status == "FINISHED" and demo.data.metrics["miou"] == pytest.approx(metrics["miou"])
     assert {"quicklook.png", "demo.json"} <= {a.path for a in client.list_artifacts(demo.info.run_id)}
     evaluate = next(r for r in runs if r.data.tags.get("rsdiff.stage") == "evaluate")
@@ -412,3 +436,48 @@ def test_demo_on_a_folder_of_four_band_geotiffs(tmp_path, ray_cluster):
         with rasterio.open(s["image"]) as src, rasterio.open(work / "predictions" / s["class_map"]) as cls:
             assert cls.crs == src.crs and cls.transform == src.transform
     assert json.loads((work / "predictions" / "metrics.json").read_text())["pixels"] > 0
+
+
+def test_maps_carry_their_legend_into_gis(sample_demo):
+    """Class names and colours reach GIS beside each class map (GDAL's categories and attribute
+    table, a QGIS style), the map's tags name its head, timesteps, blocks and checkpoint, and the
+    quicklook shows the classes in exactly the map's colours, with a legend."""
+    import xml.etree.ElementTree as ET
+
+    from gdal_info import classes as gdal_classes
+    from PIL import Image
+
+    from rsdiff.heads.artifact import TrainedHead
+
+    folder = sample_demo / "predictions"
+    summary = json.loads((folder / "predictions.json").read_text())
+    head = TrainedHead.load(str(sample_demo / "sweep" / "best"))
+    record = summary["scenes"][0]
+    class_map = folder / record["class_map"]
+    with rasterio.open(class_map) as m:
+        tags, colormap = m.tags(), m.colormap(1)
+        ids = m.read(1)
+    assert tags["rsdiff_head"] == str(sample_demo / "sweep" / "best")
+    assert tags["rsdiff_timesteps"] == ",".join(map(str, head.timesteps))
+    assert tags["rsdiff_blocks"] == ",".join(head.blocks) and tags["rsdiff_checkpoint"] == head.checkpoint
+    names, table = gdal_classes(class_map)
+    assert names == head.class_names
+    assert [(int(r["Value"]), r["Class"]) for r in table] == list(enumerate(head.class_names))
+    assert [tuple(int(r[c]) for c in ("Red", "Green", "Blue")) for r in table] == [
+        colormap[i][:3] for i in range(len(names))
+    ]
+    qml = ET.parse(class_map.with_suffix(".qml")).getroot()
+    entries = qml.findall(".//rasterrenderer[@type='paletted']/colorPalette/paletteEntry")
+    assert [(int(e.get("value")), e.get("label")) for e in entries] == list(enumerate(head.class_names))
+    hexes = ["#{:02x}{:02x}{:02x}".format(*colormap[i][:3]) for i in range(len(names))]
+    assert [e.get("color") for e in entries] == hexes
+    # The quicklook's map panel uses the colour table exactly (no blend) and has a legend below.
+    look = np.asarray(Image.open(folder / record["quicklook"]).convert("RGB"))
+    shown = {tuple(c) for c in np.unique(look.reshape(-1, 3), axis=0)}
+    counts = np.bincount(ids[ids != 255], minlength=len(names))
+    for i, n in enumerate(counts):
+        if n > 0.02 * ids.size:
+            assert colormap[i][:3] in shown, (
+                f"class {names[i]}'s colour {colormap[i][:3]} not in the quicklook"
+            )
+    assert look.shape[0] > ids.shape[0] * min(1.0, 1024 / max(ids.shape)) + 30  # titles and legend

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, PicklePayload, free_port, run_job
@@ -59,6 +60,10 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["num_samples"] == "4" and "best.timesteps" in parent.data.params
+    # The head settings the trials used, not head.width's unused default:
+    assert parent.data.params["head.width"] == "searched: 32 | 64" and parent.data.params["head.depth"] == "1"
+    assert parent.data.tags["rsdiff.data.features"] == labeled_table.root
+    assert parent.data.tags["rsdiff.version"] and parent.data.tags["rsdiff.command"]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"miou_by_choice.png", "best_confusion_matrix.png", "val_overlay.png", "summary.json"} <= arts
     assert "search_space.json" in arts
@@ -69,12 +74,25 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     for child in children:
         p = child.data.params
         assert {"timesteps", "blocks", "n_channels", "lr", "width", "kind"} <= set(p)
-        assert child.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_miou")] == [1, 2, 3, 4]
+        assert child.info.status == "FINISHED" and child.data.tags["rsdiff.outcome"] == "completed"
+        # Named by what it tried; lists read plainly; provenance passed on from the driver.
+        head = f"w{p['width']} d{p['depth']}"
+        assert (
+            child.info.run_name.startswith(f"t{p['timesteps'].replace(',', '-')} · ")
+            and head in child.info.run_name
+        )
+        assert "[" not in p["timesteps"] + p["blocks"] and '"' not in p["blocks"]
+        assert child.data.tags["rsdiff.command"] == parent.data.tags["rsdiff.command"]
+        history = client.get_metric_history(child.info.run_id, "val_miou")
+        assert [m.step for m in history] == [1, 2, 3, 4]
+        running = client.get_metric_history(child.info.run_id, "best_val_miou")
+        running = [m.value for m in sorted(running, key=lambda m: (m.step, m.timestamp))][: len(history)]
+        values = [m.value for m in sorted(history, key=lambda m: m.step)]
+        assert running == pytest.approx(list(np.maximum.accumulate(values)))
         assert any(k.startswith("iou_") for k in child.data.metrics)
     # Filterable: the MLflow UI's search box can pick trials by their choices.
-    by_t = client.search_runs([parent.info.experiment_id], filter_string="params.timesteps = '[10]'")
-    assert all(r.data.params["timesteps"] == "[10]" for r in by_t)
+    by_t = client.search_runs([parent.info.experiment_id], filter_string="params.timesteps = '10'")
+    assert by_t and all(r.data.params["timesteps"] == "10" for r in by_t)
 
     ranked = [t["best_val_miou"] for t in result.trials]
     assert ranked == sorted(ranked, reverse=True)
@@ -105,10 +123,22 @@ def test_asha_stops_weak_trials_early(labeled_table, tmp_path, mlflow_uri, ray_c
     assert stopped, result.trials
     assert all(t["epochs"] < 8 for t in stopped)
     assert result.best["head"] is not None and result.best["epochs"] <= 8
-    statuses = {r.info.status for r in MlflowClient(mlflow_uri).search_runs(
-        [MlflowClient(mlflow_uri).get_run(result.parent_run_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")}  # fmt: skip
-    assert "KILLED" in statuses and "RUNNING" not in statuses
+    client = MlflowClient(mlflow_uri)
+    children = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    )
+    # Stopped early is a result, not a failure: FINISHED, tagged, and ranked by its running best.
+    assert {r.info.status for r in children} == {"FINISHED"}
+    by_trial = {r.data.tags["rsdiff.trial"]: r for r in children}
+    for t in result.trials:
+        run = by_trial[t["trial_id"]]
+        outcome = "stopped_early" if t["stopped_early"] else "completed"
+        assert run.data.tags["rsdiff.outcome"] == outcome
+        assert run.data.metrics["best_val_miou"] == pytest.approx(t["best_val_miou"])
+        if t["stopped_early"]:
+            assert run.data.tags["rsdiff.stopped_at_epoch"] == str(t["epochs"])
+            assert run.data.metrics["stopped_early"] == 1.0
 
 
 def test_trials_read_the_table_from_storage_once_per_node(labeled_table, s3_endpoint, tmp_path, mlflow_uri):

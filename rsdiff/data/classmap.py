@@ -50,12 +50,53 @@ def colour_hex(rgb: Sequence[int]) -> str:
     return "#{:02X}{:02X}{:02X}".format(*rgb)
 
 
-def default_colour(i: int) -> tuple[int, int, int]:
-    """A distinct display colour for class ``i`` when the config names none (index masks)."""
+# Land-cover display conventions (close to Dynamic World's and CORINE's palettes), by words a class
+# name may hold; the first rule whose word starts a word of the name wins (words in
+# WHOLE_WORDS must be the whole word: "land" is not "landuse", "park" is not "parking").
+CONVENTIONAL_COLOURS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("water", "sea", "river", "lake", "ocean", "pond", "reservoir", "canal", "wetland"), "#419BDF"),
+    (("tree", "forest", "wood", "mangrove"), "#397D49"),
+    (("crop", "farm", "agri", "cultivat", "orchard"), "#E49635"),
+    (("veg", "grass", "shrub", "scrub", "park", "meadow", "lawn", "green", "plant"), "#88B053"),
+    (("building", "built", "urban", "house", "roof", "settlement", "impervious", "city"), "#C4281B"),
+    (("road", "street", "highway", "pavement", "paved", "parking", "runway", "rail"), "#8C8C8C"),
+    (("bare", "soil", "sand", "desert", "land", "rock", "barren", "dirt", "dune"), "#D2B48C"),
+    (("snow", "ice", "glacier"), "#E8F4FA"),
+    (("cloud",), "#F5F5F5"),
+    (("shadow",), "#303030"),
+    (("unlabeled", "unlabelled", "unknown", "background", "other", "void", "nodata"), "#5A5A5A"),
+)
+
+WHOLE_WORDS = frozenset({"land", "sea", "ice", "city", "rail", "park", "green", "other"})
+
+
+def conventional_colour(name: str) -> tuple[int, int, int] | None:
+    """The land-cover convention's colour for a class ``name`` (water blue, vegetation green,
+    building red, road grey, bare land tan, ...), or None when the name suggests none."""
+    words = [w for w in "".join(ch if ch.isalpha() else " " for ch in name.lower()).split() if w]
+    for keys, colour in CONVENTIONAL_COLOURS:
+        if any(w == k or (k not in WHOLE_WORDS and w.startswith(k)) for w in words for k in keys):
+            return parse_colour(colour)
+    return None
+
+
+def default_colour(
+    i: int, name: str = "", taken: Sequence[tuple[int, int, int]] = ()
+) -> tuple[int, int, int]:
+    """The display colour of class ``i`` when the config gives none (index masks): the land-cover
+    convention its ``name`` suggests, else the first of matplotlib's ``tab10`` colours (from the
+    ``i``-th on) not already ``taken`` by another class."""
     import matplotlib
 
-    r, g, b, _ = matplotlib.colormaps["tab10"](i % 10)
-    return int(r * 255), int(g * 255), int(b * 255)
+    found = conventional_colour(name) if name else None
+    if found is not None and found not in taken:
+        return found
+    for k in range(10):
+        r, g, b, _ = matplotlib.colormaps["tab10"]((i + k) % 10)
+        colour = (int(r * 255), int(g * 255), int(b * 255))
+        if colour not in taken:
+            return colour
+    return colour
 
 
 def colour_lut(classes: Sequence[dict]) -> np.ndarray:

@@ -16,10 +16,15 @@ from rsdiff.errors import ConfigError
 
 @dataclass
 class ClassConfig:
-    """One class: its name and its mask colour (colour masks) or value (index masks)."""
+    """One class: its name and its mask colour (colour masks) or value (index masks).
+
+    ``colour`` is also the class's colour in maps, quicklooks and legends: for index masks it is
+    optional (unset: the land-cover convention its name suggests, e.g. water blue, see
+    :func:`~rsdiff.data.classmap.conventional_colour`).
+    """
 
     name: str = MISSING
-    colour: str | None = None
+    colour: str | None = None  # '#RRGGBB' or 'R,G,B'
     value: int | None = None
 
 
@@ -54,7 +59,8 @@ def build_classmap(labels: LabelConfig) -> ClassMap | None:
         else:
             if c.value is None:
                 raise ConfigError(f"labels.classes[{i}] ({c.name}) needs a value for kind=index masks")
-            colours.append(default_colour(i))
+            # the configured colour, else the land-cover convention its name suggests
+            colours.append(parse_colour(c.colour) if c.colour else default_colour(i, c.name, colours))
             values.append(int(c.value))
     return ClassMap(
         names=tuple(names),

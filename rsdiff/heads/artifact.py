@@ -56,6 +56,7 @@ class TrainedHead:
     checkpoint: str
     metrics: dict[str, Any] = field(default_factory=dict)
     noise_seed: int = 0
+    uri: str = ""  # where it was loaded from ("" for a head not loaded from an artifact)
 
     @property
     def num_classes(self) -> int:
@@ -136,6 +137,7 @@ class TrainedHead:
             checkpoint=meta["checkpoint"],
             metrics=meta.get("metrics", {}),
             noise_seed=int(meta.get("noise_seed", 0)),
+            uri=storage.absolute(uri),
         )
 
 

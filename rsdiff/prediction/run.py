@@ -114,7 +114,8 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
         "rsdiff.head": storage.display(head_uri),
         "rsdiff.prediction_run": run_id,
     }
-    run = tracking.start_stage_run(cfg.tracking, f"predict-{len(refs)}-scenes", tags, cfg)
+    data = {"head": head_uri, "checkpoint": head.checkpoint, "inputs": [r.image for r in refs], "output": out}
+    run = tracking.start_stage_run(cfg.tracking, f"predict-{len(refs)}-scenes", tags, cfg, data)
     with tracking.ends_run(run):
         return _predict_all(cfg, refs, head, head_uri, plan, out, run, run_id, windows_total, t0, unc)
 

@@ -199,7 +199,11 @@ def predict_scene(
             head.classes,
             outputs.probabilities is not None,
             {
+                "rsdiff_head": storage.display(head.uri),
+                "rsdiff_timesteps": ",".join(map(str, head.timesteps)),
+                "rsdiff_blocks": ",".join(head.blocks),
                 "rsdiff_checkpoint": storage.display(head.checkpoint),
+                "rsdiff_class_names": ",".join(head.class_names),
                 "rsdiff_scene": ref.id,
                 "rsdiff_prediction_run": outputs.run_id,
             },

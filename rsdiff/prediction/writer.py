@@ -6,7 +6,9 @@ COG (internal overviews, nearest resampling) and published to the output URI in 
 ``publish`` returns nothing exists at the output URIs, so a crash never leaves a partial map.
 
 - Class map: 1 band uint8, class ids ``0..C-1``, 255 = nodata (source nodata pixels), a colour
-  table from the class map, tags ``rsdiff_classes`` (JSON), ``rsdiff_head``, ``rsdiff_checkpoint``.
+  table from the class map, tags ``rsdiff_classes`` (JSON), ``rsdiff_class_names``, ``rsdiff_head``,
+  ``rsdiff_timesteps``, ``rsdiff_blocks``, ``rsdiff_checkpoint``; beside it GDAL's ``.tif.aux.xml``
+  (category names, raster attribute table) and a QGIS ``.qml`` style (:mod:`.gis_style`).
 - Probabilities: C bands uint8, ``round(255 * p)``, band descriptions = class names.
 - Uncertainty: float32 bands in nats (``entropy_nats``, then ``mutual_information_nats`` where the
   head has members), NaN = nodata, tag ``rsdiff_max_entropy`` (``log C``, the value of a uniform
@@ -191,6 +193,12 @@ class PredictionWriter:
                 blocksize=BLOCK,
                 overview_resampling=resampling,
             )
+            if name == "class.tif":  # names and colours for GIS, beside the map, before it
+                from rsdiff.prediction.gis_style import pam_xml, qgis_style, sidecar_uris
+
+                aux, qml = sidecar_uris(uri)
+                storage.write_text(aux, pam_xml(self.classes))
+                storage.write_text(qml, qgis_style(self.classes, IGNORE_INDEX))
             storage.upload(cog, uri)
 
     def close(self) -> None:
@@ -210,8 +218,10 @@ def quicklook(
     window: Sequence[int] | None = None,
     uncertainty_path: str | Path | None = None,
 ) -> np.ndarray:
-    """``(h, w, 3)`` uint8 picture: the scene and the class map over it, side by side (``max_size`` px max),
-    and with ``uncertainty_path`` a third panel: band 1 of that raster (entropy) as heat colours,
+    """``(h, w, 3)`` uint8 picture: the scene and its class map side by side (panels ``max_size`` px
+    max), titled, with a legend of the class names below. The map panel shows each class in exactly
+    its colour in the GeoTIFF's colour table (unblended; pixels without a class show the scene).
+    With ``uncertainty_path``, a third panel: band 1 of that raster (entropy) as heat colours,
     black = certain, pale yellow = ``log C`` (uniform).
 
     ``image`` is the scene's open rasterio dataset (local or S3) or a path; ``window`` the
@@ -224,7 +234,8 @@ def quicklook(
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
-    from rsdiff.viz import display_rgb, heat, overlay, side_by_side
+    from rsdiff.viz import class_colours, display_rgb, heat, labelled, legend, side_by_side
+    from rsdiff.viz import stack as one_above_another
 
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -243,9 +254,13 @@ def quicklook(
                 1, out_shape=shape, resampling=Resampling.average
             )
     rgb = display_rgb(pixels, valid, band_names)
-    panels = [rgb, overlay(rgb, ids, classes, alpha=0.5)]
+    panels, titles = [rgb, class_colours(ids, classes, rgb)], ["image", "class map"]
     if unc is not None:
         import math
 
-        panels.append(heat(unc, valid & np.isfinite(unc), math.log(max(2, len(classes)))))
-    return side_by_side(panels)
+        top = math.log(max(2, len(classes)))
+        panels.append(heat(unc, valid & np.isfinite(unc), top))
+        titles.append(f"entropy: black 0 to yellow {top:.2f} nats")
+    font = max(13, min(26, shape[1] // 40))
+    picture = labelled(side_by_side(panels), "", titles, font_size=font)
+    return one_above_another([picture, legend(classes, font_size=font, max_width=picture.shape[1])])

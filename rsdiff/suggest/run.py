@@ -160,7 +160,8 @@ def run_suggest(cfg: SuggestConfig) -> SuggestResult:
         log.info("suggest: %d labeled scene(s) left out: %s", len(labeled), [r.id for r in labeled][:5])
     storage.delete(storage.join(out, SUGGESTIONS))  # the folder no longer holds a complete run
     tags = {"rsdiff.stage": "suggest", "rsdiff.head": storage.display(head_uri)}
-    run = tracking.start_stage_run(cfg.tracking, f"suggest-{cfg.budget}-tiles", tags, cfg)
+    data = {"head": head_uri, "inputs": list(cfg.inputs), "labeled": list(cfg.labeled), "output": out}
+    run = tracking.start_stage_run(cfg.tracking, f"suggest-{cfg.budget}-tiles", tags, cfg, data)
     with tracking.ends_run(run):
         return _suggest(cfg, head, head_uri, plan, measure, candidates, labeled, windows, out, run, t0)
 

@@ -42,6 +42,7 @@ class Scheduler(Enum):
 class SweepTracking:
     uri: str | None = None  # null = MLFLOW_TRACKING_URI or runs/mlflow.db
     experiment: str = "rsdiff-sweep"
+    parent_run_id: str | None = None  # nest the sweep's run under another (the demo's run does)
 
 
 @dataclass

@@ -43,7 +43,9 @@ def collect(
 
 
 def close_children(uri: str, parent_id: str, trials: list[dict[str, Any]]) -> None:
-    """Child runs of trials the scheduler stopped never finish themselves: mark them KILLED."""
+    """Child runs of trials that did not finish themselves: one the scheduler stopped early is a
+    complete result (FINISHED, tag ``rsdiff.outcome=stopped_early``, metric ``stopped_early=1``),
+    one that crashed or was cut off is FAILED (``rsdiff.outcome=failed``)."""
     from mlflow import MlflowClient
 
     c = MlflowClient(uri)
@@ -51,11 +53,20 @@ def close_children(uri: str, parent_id: str, trials: list[dict[str, Any]]) -> No
     children = c.search_runs(
         [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
     )
-    stopped = {t["trial_id"] for t in trials if t["stopped_early"]}
+    stopped = {t["trial_id"]: t for t in trials if t["stopped_early"]}
     for child in children:
-        if child.info.status == "RUNNING":
-            status = "KILLED" if child.data.tags.get("rsdiff.trial") in stopped else "FAILED"
-            c.set_terminated(child.info.run_id, status=status)
+        if child.info.status != "RUNNING":
+            continue
+        trial = stopped.get(child.data.tags.get("rsdiff.trial", ""))
+        run_id = child.info.run_id
+        if trial is not None:
+            c.set_tag(run_id, "rsdiff.outcome", "stopped_early")
+            c.set_tag(run_id, "rsdiff.stopped_at_epoch", str(trial["epochs"]))
+            c.log_metric(run_id, "stopped_early", 1.0, step=trial["epochs"])
+            c.set_terminated(run_id, status="FINISHED")
+        else:
+            c.set_tag(run_id, "rsdiff.outcome", "failed")
+            c.set_terminated(run_id, status="FAILED")
 
 
 def format_table(trials: list[dict[str, Any]]) -> str:
@@ -110,14 +121,15 @@ def log_summary(parent: Any, trials: list[dict[str, Any]], best: dict[str, Any],
 
 
 def log_overlay(parent: Any, head: TrainedHead, table: FeatureTable) -> None:
-    """Image | ground truth | best head's prediction on the first validation tile, as a PNG."""
+    """Image | ground truth | best head's prediction on the first validation tile, titled, in the
+    classes' own colours, with a legend, as a PNG."""
     import torch
 
     from rsdiff.data.manifest import read_manifest
     from rsdiff.data.shards import iter_shard
     from rsdiff.features.extractor import FeatureExtractor
     from rsdiff.train.checkpoint import load_pretrained
-    from rsdiff.viz import model_rgb, overlay, side_by_side
+    from rsdiff.viz import class_colours, enlarge, labelled, legend, model_rgb, side_by_side, stack
 
     manifest = read_manifest(str(table.meta["shards"]))
     shards = manifest.shard_uris("val") or manifest.shard_uris("train")
@@ -129,6 +141,11 @@ def log_overlay(parent: Any, head: TrainedHead, table: FeatureTable) -> None:
     pred = pred.view(tile.image.shape[1:]).numpy().astype(np.uint8)
     rgb = model_rgb(x)[0]
     truth = tile.label if tile.label is not None else np.full(pred.shape, 255, np.uint8)
-    picture = side_by_side([rgb, overlay(rgb, truth, head.classes), overlay(rgb, pred, head.classes)])
-    scale = max(1, 256 // picture.shape[0])
-    parent.log_image(np.kron(picture, np.ones((scale, scale, 1), np.uint8)), "val_overlay.png")
+    panels = [
+        enlarge(p, 256)
+        for p in (rgb, class_colours(truth, head.classes, rgb), class_colours(pred, head.classes, rgb))
+    ]
+    chosen = f"t={','.join(map(str, head.timesteps))} · {'+'.join(head.blocks)}"
+    picture = labelled(side_by_side(panels), f"first validation tile · best head ({chosen})",
+                       ["image", "ground truth", "prediction"])  # fmt: skip
+    parent.log_image(stack([picture, legend(head.classes, max_width=picture.shape[1])]), "val_overlay.png")

@@ -16,10 +16,19 @@ from rsdiff.errors import ConfigError
 from rsdiff.features.config import BlockNumbering
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import TrainedHead
+from rsdiff.provenance import provenance_tags
 from rsdiff.sweep.config import Scheduler, SweepConfig
 from rsdiff.sweep.records import DONE, mark_ended, read_records
 from rsdiff.sweep.report import close_children, collect, format_table, log_overlay, log_summary
-from rsdiff.sweep.space import SWEEP_SPEC, check_numbers, check_same_spec, draw_samples, sweep_spec, validate
+from rsdiff.sweep.space import (
+    SWEEP_SPEC,
+    check_numbers,
+    check_same_spec,
+    draw_samples,
+    head_params,
+    sweep_spec,
+    validate,
+)
 from rsdiff.sweep.trial import TrialContext, run_trial
 
 log = logging.getLogger(__name__)
@@ -85,7 +94,9 @@ def _run_sweep(
     records = read_records(experiment_uri, len(samples)) if restore else {}
     remaining = [i for i in range(len(samples)) if records.get(i, {}).get("status") not in DONE]
     sweep_key = storage.display(storage.join(str(cfg.storage), str(cfg.name)))
-    tags = {"rsdiff.stage": "sweep", "rsdiff.sweep": sweep_key}
+    provenance = provenance_tags({"features": table.root, "output": out})
+    tags = {**provenance, **tracking.parent_tags(cfg.tracking.parent_run_id), "rsdiff.stage": "sweep",
+            "rsdiff.sweep": sweep_key}  # fmt: skip
     if restore:
         parent, resumed = tracking.RunHandle.find_or_create(
             uri, cfg.tracking.experiment, str(cfg.name), tags=tags, match_tag="rsdiff.sweep"
@@ -93,8 +104,10 @@ def _run_sweep(
     else:  # a new experiment gets a new parent run
         parent, resumed = tracking.RunHandle.create(uri, cfg.tracking.experiment, str(cfg.name), tags), False
         storage.write_text(spec_uri, json.dumps(spec, indent=1, default=str))
-    if not resumed:
-        parent.log_params(tracking.config_params(cfg))
+    if resumed:
+        parent.set_tags({k: v for k, v in tags.items() if k != "rsdiff.sweep"})  # new parent, command
+    else:
+        parent.log_params({**tracking.config_params(cfg), **head_params(cfg)})
         parent.log_dict(to_container(cfg.search), "search_space.json")
     with tracking.ends_run(parent):
         if remaining:
@@ -110,6 +123,7 @@ def _run_sweep(
                 experiment_uri=experiment_uri,
                 out=out,
                 gpus=float(cfg.gpus_per_trial),
+                tags=provenance,
             )
             connect(cfg.ray.address, cfg.ray.num_cpus)
             trainable = tune.with_resources(

@@ -109,3 +109,35 @@ def draw_samples(space: dict[str, list[Any]], num_samples: int, seed: int) -> li
     ``seed`` (the same list on every run, so a re-run knows which samples are already done)."""
     rng = np.random.default_rng(seed)
     return [{k: v[int(rng.integers(len(v)))] for k, v in space.items()} for _ in range(num_samples)]
+
+
+def trial_name(choice: dict[str, Any]) -> str:
+    """A trial's MLflow run name, from what it tried: ``t50-150 · up1.res0+up1.res1 · w128 d2 lr1e-3``
+    (``ens`` for DDPM-Seg's ensemble, whose width and depth are fixed)."""
+    steps = "-".join(str(t) for t in sorted(choice["timesteps"]))
+    blocks = "+".join(str(b) for b in choice["blocks"])
+    head = "ens" if choice["kind"] == "ensemble" else f"w{choice['width']} d{choice['depth']}"
+    return f"t{steps} · {blocks} · {head} lr{float(choice['lr']):.0e}".replace("e-0", "e-")
+
+
+def choice_params(choice: dict[str, Any]) -> dict[str, str]:
+    """A trial's choices as MLflow params that read plainly in the compare view: lists as
+    ``50,150`` and ``up1.res0,up1.res1`` (no brackets or quotes), the head settings as they are."""
+    return {
+        "timesteps": ",".join(str(t) for t in sorted(choice["timesteps"])),
+        "blocks": ",".join(str(b) for b in choice["blocks"]),
+        **{k: str(choice[k]) for k in HEAD_KEYS},
+    }
+
+
+def head_params(cfg: SweepConfig) -> dict[str, str]:
+    """The head settings the trials use, as the sweep's parent run records them: a searched setting
+    shows its choices (``searched: 64 | 128``) instead of ``head.<key>``'s unused default."""
+    space = to_container(cfg.search)
+    out = {}
+    for key in HEAD_KEYS:
+        choices = space[key]
+        out[f"head.{key}"] = (
+            str(choices[0]) if len(choices) == 1 else "searched: " + " | ".join(map(str, choices))
+        )
+    return out

@@ -3,7 +3,6 @@ epoch, log to MLflow, keep rsdiff's record of it."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,7 @@ from rsdiff.features.table import FeatureTable
 from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
 from rsdiff.sweep.records import trial_id, write_record
-from rsdiff.sweep.space import HEAD_KEYS
+from rsdiff.sweep.space import HEAD_KEYS, choice_params, trial_name
 
 
 @dataclass
@@ -31,6 +30,7 @@ class TrialContext:
     experiment_uri: str  # {storage}/{name}: trial records live here
     out: str  # output folder: trial heads under trials/
     gpus: float  # per trial
+    tags: dict[str, str]  # the driver's provenance tags (version, commit, command line, data URIs)
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -46,23 +46,26 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     tid = trial_id(sample)
     table = FeatureTable.open(context.features).cached(context.table)  # once per node, then mapped
     head_cfg = build(HeadConfig, context.head, {k: choice[k] for k in HEAD_KEYS})
-    tags = {"mlflow.parentRunId": context.parent_run_id, "rsdiff.stage": "sweep-trial", "rsdiff.trial": tid}
-    run = RunHandle.create(context.tracking_uri, context.experiment, run_name=f"trial-{tid}", tags=tags)
+    tags = {**context.tags, "mlflow.parentRunId": context.parent_run_id, "rsdiff.stage": "sweep-trial",
+            "rsdiff.trial": tid, "rsdiff.outcome": "running"}  # fmt: skip
+    run = RunHandle.create(context.tracking_uri, context.experiment, run_name=trial_name(choice), tags=tags)
     channels = table.index.select(choice["timesteps"], choice["blocks"])
     run.log_params(
         {
-            "timesteps": json.dumps(sorted(choice["timesteps"])),
-            "blocks": json.dumps(choice["blocks"]),
+            **choice_params(choice),
+            "n_timesteps": str(len(choice["timesteps"])),
+            "n_blocks": str(len(choice["blocks"])),
             "n_channels": str(len(channels)),
             "trial_id": tid,
-            **{k: str(choice[k]) for k in HEAD_KEYS},
         }
     )
     record: dict[str, Any] = {"sample": sample, "trial_id": tid, "status": "running", "history": [],
                               "mlflow_run_id": run.run_id}  # fmt: skip
 
     def on_epoch(epoch: int, m: dict[str, Any]) -> None:
-        run.log_metrics({"val_miou": m["val_miou"], "train_loss": m["train_loss"],
+        # best_val_miou so far, every epoch: a trial the scheduler stops still ranks by its best
+        best = max([float(m["val_miou"])] + [h["val_miou"] for h in record["history"]])
+        run.log_metrics({"val_miou": m["val_miou"], "best_val_miou": best, "train_loss": m["train_loss"],
                          "val_overall_accuracy": m["val_overall_accuracy"]}, step=epoch)  # fmt: skip
         record["history"].append({"epoch": epoch, "val_miou": float(m["val_miou"])})
         write_record(context.experiment_uri, record)
@@ -81,6 +84,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         step=head.metrics["epochs_run"],
     )
     write_record(context.experiment_uri, {**record, "status": "finished"})
+    run.set_tags({"rsdiff.outcome": "completed"})
     run.finish("FINISHED")
     # ASHA may stop a trial at any report, the last epoch's too (a rung can fall on it): report
     # that one only now, when the head, its record and its MLflow run are complete.

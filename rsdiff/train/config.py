@@ -61,6 +61,7 @@ class TrackingConfig:
 
     uri: str | None = None
     experiment: str = "rsdiff-pretrain"
+    parent_run_id: str | None = None  # nest this run under another (the demo's run does)
     log_every: int = 20
     sample_every: int = 100
     sample_count: int = 16

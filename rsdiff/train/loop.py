@@ -33,7 +33,7 @@ from rsdiff.diffusion.unet import build_unet, epsilon
 from rsdiff.train import checkpoint
 from rsdiff.train.config import OptimConfig, TrainPlan
 from rsdiff.train.stream import ShardStream, StreamPosition
-from rsdiff.viz import grid, model_rgb
+from rsdiff.viz import enlarge, grid, labelled, model_rgb
 
 log = logging.getLogger(__name__)
 
@@ -378,12 +378,18 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
 def _log_pictures(
     tracker: Any, ema: torch.nn.Module, sched: Any, x0: torch.Tensor, plan: TrainPlan, step: int
 ) -> None:
-    """A DDIM sample grid from the EMA model and a denoising strip of one training tile."""
+    """A DDIM sample grid from the EMA model and a denoising strip of one training tile, each titled
+    with the training step (the strip's columns name their timestep, its rows what they show)."""
     ema.eval()
     shape = (plan.tracking.sample_count, x0.shape[0], x0.shape[1], x0.shape[2])
     samples = ddim_sample(ema, sched, shape, plan.tracking.sample_steps, seed=plan.seed)
-    tracker.log_image(grid(model_rgb(samples)), f"samples/step_{step:08d}.png")
+    steps = plan.tracking.sample_steps
+    title = f"EMA samples at step {step} ({steps} DDIM steps)"
+    tracker.log_image(labelled(enlarge(grid(model_rgb(samples)), 256), title), f"samples/step_{step:08d}.png")
     ts = [int(plan.diffusion.timesteps * f) for f in (0.05, 0.15, 0.25, 0.5, 0.75)]
     xt, x0_hat = denoise_strip(ema, sched, x0, ts, seed=plan.seed)
     rows = torch.cat([x0.unsqueeze(0).cpu(), xt.cpu(), x0.unsqueeze(0).cpu(), x0_hat.cpu()])
-    tracker.log_image(grid(model_rgb(rows), cols=len(ts) + 1), f"denoising/step_{step:08d}.png")
+    strip = enlarge(grid(model_rgb(rows), cols=len(ts) + 1), 200)
+    strip = labelled(strip, f"EMA one-step denoising at step {step}", ["original", *(f"t={t}" for t in ts)],
+                     ["noised x_t", "estimate of x_0"])  # fmt: skip
+    tracker.log_image(strip, f"denoising/step_{step:08d}.png")

@@ -1,0 +1,122 @@
+"""What users see, piece by piece: class colours by land-cover convention, legends and labelled
+pictures, trial names and params, run provenance without secrets, GIS sidecars, the runs-view URL."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+import rsdiff
+from rsdiff.config import build, load_config
+from rsdiff.data.classmap import MaskKind, parse_colour
+from rsdiff.data.labels import LabelConfig, build_classmap
+from rsdiff.evaluate import format_metrics, metric_key
+from rsdiff.prediction.gis_style import pam_xml, qgis_style, sidecar_uris
+from rsdiff.provenance import command_line, provenance_tags
+from rsdiff.sweep.config import SweepConfig
+from rsdiff.sweep.space import choice_params, head_params, trial_name
+from rsdiff.tracking import runs_view_url
+from rsdiff.viz import labelled, legend
+
+pytestmark = pytest.mark.unit
+
+
+def _index_labels(*classes: dict) -> LabelConfig:
+    return build(
+        LabelConfig, {"mask_template": "{dir}/{stem}.tif", "kind": "index", "classes": list(classes)}
+    )
+
+
+def test_unnamed_colours_follow_land_cover_conventions_and_stay_configurable():
+    names = ["Water", "trees", "Building", "road", "bare land", "parking lot", "class_6", "class_7"]
+    cmap = build_classmap(_index_labels(*({"name": n, "value": i} for i, n in enumerate(names))))
+    assert cmap.kind is MaskKind.index
+    colours = dict(zip(names, cmap.colours))
+    assert colours["Water"] == parse_colour("#419BDF")  # blue
+    assert colours["trees"] == parse_colour("#397D49")  # green
+    assert colours["Building"] == parse_colour("#C4281B")  # red
+    assert colours["road"] == parse_colour("#8C8C8C")  # grey
+    assert colours["bare land"] == parse_colour("#D2B48C")  # tan
+    assert len(set(cmap.colours)) == len(names)  # a convention colour already taken is not reused
+    # A configured colour wins over the convention.
+    configured = build_classmap(_index_labels({"name": "water", "value": 0, "colour": "#000080"}))
+    assert configured.colours == ((0, 0, 128),)
+
+
+def test_legend_swatches_use_the_exact_class_colours_and_pictures_get_titles():
+    classes = [
+        {"id": 0, "name": "building", "colour": "#3C1098"},
+        {"id": 1, "name": "water", "colour": "#E2A929"},
+    ]
+    key = legend(classes)
+    shown = {tuple(c) for c in key.reshape(-1, 3)}
+    assert (60, 16, 152) in shown and (226, 169, 41) in shown
+    picture = np.zeros((40, 90, 3), np.uint8) + np.array([7, 201, 77], np.uint8)
+    out = labelled(picture, "EMA samples at step 200", ["original", "t=50", "t=150"], ["noised", "x0"])
+    assert out.shape[0] > 40 + 20 and out.shape[1] > 90
+    top, left = out[: out.shape[0] - 40], out[-40:, : out.shape[1] - 90]
+    assert (top < 100).any() and (left < 100).any()  # dark text in the title and row-label margins
+    assert (out == [7, 201, 77]).all(-1).sum() == 40 * 90  # the picture itself is untouched
+
+
+def test_trials_are_named_by_what_they_tried_and_parent_logs_the_searched_head():
+    choice = {"timesteps": [150, 50], "blocks": ["up1.res0", "up1.res1"], "kind": "residual"}
+    choice.update(width=128, depth=2, lr=1e-3, dropout=0.1, input_noise=0.0, class_weighting="none")
+    assert trial_name(choice) == "t50-150 · up1.res0+up1.res1 · w128 d2 lr1e-3"
+    assert trial_name({**choice, "kind": "ensemble"}) == "t50-150 · up1.res0+up1.res1 · ens lr1e-3"
+    params = choice_params(choice)
+    assert params["timesteps"] == "50,150" and params["blocks"] == "up1.res0,up1.res1"
+    cfg = load_config(SweepConfig, None, ["features=x", "search.width=[64,128]", "search.depth=[2]"])
+    logged = head_params(cfg)
+    assert logged["head.width"] == "searched: 64 | 128" and logged["head.depth"] == "2"
+
+
+def test_provenance_names_version_command_and_data_without_secrets():
+    argv = ["jobs/sweep.py", "tracking.uri=http://me:hunter2@mlflow:5000", "aws_secret_access_key=abc", "x=1"]
+    assert (
+        command_line(argv)
+        == "jobs/sweep.py tracking.uri=http://me:***@mlflow:5000 aws_secret_access_key=*** x=1"
+    )
+    data = {"inputs": ["s3://b/a.tif", "s3://b/c.tif"], "head": "https://u:pw@h/x", "none": None}
+    tags = provenance_tags(data, argv)
+    assert tags["rsdiff.version"] == rsdiff.__version__ and tags["mlflow.source.name"] == "sweep.py"
+    assert (
+        tags["rsdiff.data.inputs"] == "s3://b/a.tif,s3://b/c.tif"
+        and tags["rsdiff.data.head"] == "https://u:***@h/x"
+    )
+    assert (
+        "rsdiff.data.none" not in tags and "hunter2" not in str(tags) and "abc" not in tags["rsdiff.command"]
+    )
+
+
+def test_gis_sidecars_name_every_class_in_its_colour():
+    classes = [
+        {"id": 1, "name": "water & sea", "colour": "8,9,10"},
+        {"id": 0, "name": "building", "colour": "#3C1098"},
+    ]
+    pam = ET.fromstring(pam_xml(classes))
+    assert [c.text or "" for c in pam.iter("Category")] == ["building", "water & sea"]
+    rows = [[f.text for f in row.iter("F")] for row in pam.iter("Row")]
+    assert rows == [["0", "building", "60", "16", "152"], ["1", "water & sea", "8", "9", "10"]]
+    qml = ET.fromstring(qgis_style(classes, 255).split("\n", 1)[1])
+    entries = [(e.get("value"), e.get("color"), e.get("label")) for e in qml.iter("paletteEntry")]
+    assert entries == [("0", "#3c1098", "building"), ("1", "#08090a", "water & sea")]
+    assert sidecar_uris("s3://b/maps/a.tif") == ("s3://b/maps/a.tif.aux.xml", "s3://b/maps/a.qml")
+
+
+def test_runs_view_url_and_per_scene_metrics():
+    assert runs_view_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?compareRunsMode=TABLE"
+    )
+    assert metric_key("tile_1/image 2 (a)") == "tile_1/image 2 _a_"
+    metrics = {"classes": ["a"], "iou": {"a": 0.5}, "f1": {"a": 0.6}, "miou": 0.5, "overall_accuracy": 0.7,
+               "macro_f1": 0.6, "pixels": 10,
+               "scenes": {"good": {"miou": 0.9, "overall_accuracy": 0.95, "pixels": 6},
+                          "bad": {"miou": 0.1, "overall_accuracy": 0.3, "pixels": 4}}}  # fmt: skip
+    text = format_metrics(metrics).splitlines()
+    worst_first = [
+        line.split()[0] for line in text[text.index(next(t for t in text if t.startswith("scene"))) + 1 :]
+    ]
+    assert worst_first == ["bad", "good"]
