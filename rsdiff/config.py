@@ -163,7 +163,7 @@ def sections(schema: type) -> list[tuple[str, str]]:
         key = {v: k for k, v in KEYWORD_KEYS.items()}.get(f.name, f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            doc = (type(default).__doc__ or type(default).__name__).strip().splitlines()[0]
+            doc = " ".join((type(default).__doc__ or type(default).__name__).strip().split("\n\n")[0].split())
             out.append((f"{key}.*", doc))
         else:
             shown = "required" if default == "???" else f"default {_show(default)}"

@@ -54,8 +54,8 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def provenance_tags(data: dict[str, Any] | None = None, argv: list[str] | None = None) -> dict[str, str]:
-    """Tags every rsdiff run carries: version, commit (``-dirty`` noted), command line, and
-    ``rsdiff.data.<key>`` for each data URI in ``data`` (lists joined by commas)."""
+    """Tags every rsdiff run carries: version, commit (and whether the checkout had local changes),
+    command line, and ``rsdiff.data.<key>`` for each data URI in ``data`` (lists joined by commas)."""
     tags = {
         "rsdiff.version": rsdiff.__version__,
         "rsdiff.command": command_line(argv)[:MAX_TAG_CHARS],

@@ -53,6 +53,7 @@ def test_help_is_fast_keeps_examples_and_lists_sections_and_presets(name):
     for line in examples:
         assert line in shown, f"example line not kept as a line in --help: {line!r}"
     assert "config sections:" in out.stdout and "required keys:" in out.stdout
+    assert not re.search(r"\w+\(\w+: '", out.stdout), "a section without a docstring (dataclass repr shown)"
     names = preset_names(name)
     assert "presets (--config NAME): " + (", ".join(names) if names else "none shipped") in out.stdout
 

@@ -40,6 +40,8 @@ class Scheduler(Enum):
 
 @dataclass
 class SweepTracking:
+    """MLflow: ``uri`` null = ``MLFLOW_TRACKING_URI`` or ``runs/mlflow.db``; one parent run per sweep."""
+
     uri: str | None = None  # null = MLFLOW_TRACKING_URI or runs/mlflow.db
     experiment: str = "rsdiff-sweep"
     parent_run_id: str | None = None  # nest the sweep's run under another (the demo's run does)
