@@ -28,6 +28,7 @@ KEPT = {
     "predict": "maps finished so far are kept, but no predictions.json; re-run with overwrite=true",
     "evaluate": "no metrics.json was written",
     "label_efficiency": "no results.json was written; re-run to start over",
+    "suggest": "no suggestions.json was written, so the output does not look complete; re-run to start over",
     "make_sample": "no manifest.json was written, so the output does not look complete; re-run to start over",
     "demo": "each finished stage's outputs are kept in workdir; re-run the same command to go on",
 }

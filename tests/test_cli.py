@@ -74,6 +74,12 @@ def test_help_imports_no_heavy_library(name):
     assert "LOADED []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
 
 
+def test_every_job_says_what_a_stop_keeps():
+    """Ctrl-C / SIGTERM print what was kept: every job has that sentence (a missing one was a
+    KeyError inside the signal handler)."""
+    assert sorted(_job("_cli").KEPT) == JOBS
+
+
 def test_print_config_works_without_required_keys():
     out = _cli("jobs/predict.py", "--print-config", "output=maps")
     assert out.returncode == 0, out.stderr
