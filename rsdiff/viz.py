@@ -116,6 +116,11 @@ def enlarge(picture: np.ndarray, min_height: int) -> np.ndarray:
     return np.kron(picture, np.ones((k, k, 1), np.uint8)) if k > 1 else picture
 
 
+def label_height(font_size: int) -> int:
+    """Height in px of one line of titles or column labels :func:`labelled` adds."""
+    return font_size + 6
+
+
 def labelled(
     picture: np.ndarray,
     title: str,
@@ -128,7 +133,7 @@ def labelled(
     from PIL import Image, ImageDraw
 
     font = _font(font_size)
-    line = font_size + 6
+    line = label_height(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left = (max(probe.textlength(r, font=font) for r in row_labels) + 10) if row_labels else 0
     head = line if title else 0

@@ -23,6 +23,8 @@ from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
 from rsdiff.prediction.config import PredictConfig
 from rsdiff.prediction.run import load_head_and_checkpoint, run_predict
+from rsdiff.prediction.writer import quicklook_font
+from rsdiff.viz import label_height
 
 
 def _predict_cfg(head: str, inputs: list[str], output: str, *extra: str) -> PredictConfig:
@@ -128,8 +130,9 @@ def test_predicting_a_4band_uint16_geotiff_larger_than_the_window_into_s3(
 
     with storage.local_copy(f"{out}/big.quicklook.png") as q:
         look = np.asarray(Image.open(q).convert("RGB")).astype(int)
-    assert look.shape == (300, 280 + 4 + 280, 3)  # the scene | the map over it, full size
-    scene_panel, map_panel = look[:, :280], look[:, 284:]
+    top = label_height(quicklook_font(280))  # panel titles above, the legend below
+    assert look.shape[1] == 280 + 4 + 280 and look.shape[0] > top + 300  # scene | map, full size
+    scene_panel, map_panel = look[top : top + 300, :280], look[top : top + 300, 284:]
     assert scene_panel[5:, 5:].std() > 10  # the stretched scene, not a blank
     assert (map_panel[:5] == scene_panel[:5]).all()  # nodata: no class drawn over it
     assert np.abs(map_panel[5:, 5:] - scene_panel[5:, 5:]).mean() > 10  # class colours drawn elsewhere

@@ -25,9 +25,11 @@ from rsdiff.heads.ensemble import DDPMSegEnsembleHead
 from rsdiff.prediction.config import PredictConfig
 from rsdiff.prediction.run import run_predict
 from rsdiff.prediction.uncertainty import entropy, mutual_information
+from rsdiff.prediction.writer import quicklook_font
 from rsdiff.suggest.outputs import feature_collections, footprint
 from rsdiff.suggest.rank import Candidate, rank_tiles
 from rsdiff.suggest.tiles import TileScorer
+from rsdiff.viz import label_height
 
 # ---------------------------------------------------------------------------------------------
 # Unit: the pieces against independent computations.
@@ -235,8 +237,9 @@ def test_predict_writes_an_uncertainty_raster_on_the_class_map_grid(ambiguous, t
     from PIL import Image
 
     look = np.asarray(Image.open(rec["quicklook"]).convert("RGB"))
-    assert look.shape == (192, 3 * 256 + 2 * 4, 3)  # scene | map | uncertainty
-    panel = look[:, 2 * 260 :].astype(int)
+    top = label_height(quicklook_font(256))  # panel titles above, the legend below
+    assert look.shape[1] == 3 * 256 + 2 * 4 and look.shape[0] > top + 192  # scene | map | uncertainty
+    panel = look[top : top + 192, 2 * 260 :].astype(int)
     assert panel[72:120, 136:184].mean() > panel[:48, :100].mean() + 40  # brighter where uncertain
 
 

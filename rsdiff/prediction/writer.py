@@ -209,6 +209,12 @@ class PredictionWriter:
         self._tmp.cleanup()
 
 
+def quicklook_font(panel_width: int) -> int:
+    """Font size (px) of a quicklook's panel titles and legend, for panels ``panel_width`` px wide:
+    the panel titles take :func:`rsdiff.viz.label_height` of it above the panels."""
+    return max(13, min(26, panel_width // 40))
+
+
 def quicklook(
     image: Any,
     class_path: str | Path,
@@ -261,6 +267,6 @@ def quicklook(
         top = math.log(max(2, len(classes)))
         panels.append(heat(unc, valid & np.isfinite(unc), top))
         titles.append(f"entropy: black 0 to yellow {top:.2f} nats")
-    font = max(13, min(26, shape[1] // 40))
+    font = quicklook_font(shape[1])
     picture = labelled(side_by_side(panels), "", titles, font_size=font)
     return one_above_another([picture, legend(classes, font_size=font, max_width=picture.shape[1])])
