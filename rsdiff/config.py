@@ -105,6 +105,12 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
     Raises:
         ConfigError: unknown key, wrong type, invalid enum value, unreadable YAML, malformed override.
     """
+    return _merge(schema, *_layers(path, overrides))
+
+
+def _layers(path: str | Path | None, overrides: Iterable[str]) -> tuple[list[Any], str]:
+    """The YAML file (if any) and the overrides as OmegaConf layers, and where they came from (for
+    error messages)."""
     layers: list[Any] = [] if path is None else [_read_yaml(path)]
     overrides = list(overrides)
     for item in overrides:
@@ -120,7 +126,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
         " + ".join(([str(path)] if path is not None else []) + (["overrides"] if overrides else []))
         or "defaults"
     )
-    return _merge(schema, layers, where)
+    return layers, where
 
 
 def preview_yaml(schema: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> str:
@@ -130,17 +136,7 @@ def preview_yaml(schema: type, path: str | Path | None = None, overrides: Iterab
     Raises:
         ConfigError: as :func:`load_config`, except for unset required keys.
     """
-    layers: list[Any] = [] if path is None else [_read_yaml(path)]
-    overrides = [_quote_template(o) for o in overrides]
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. tile_size=128)")
-    if overrides:
-        try:
-            layers.append(OmegaConf.from_dotlist(overrides))
-        except (OmegaConfBaseException, yaml.YAMLError) as exc:
-            raise _override_error(overrides, exc) from exc
-    node = _merged_node(schema, layers, "given values")
+    node = _merged_node(schema, *_layers(path, overrides))
     plain = OmegaConf.to_container(node, resolve=False, enum_to_str=True, throw_on_missing=False)
     plain = _rename_keys(plain, {v: k for k, v in KEYWORD_KEYS.items()})
     return OmegaConf.to_yaml(OmegaConf.create(redact(plain)))

@@ -1,4 +1,5 @@
-"""Pictures a person would rather look at: display RGB from imagery, class maps over it, grids."""
+"""Pictures a person would rather look at: display RGB from imagery, class maps in their own colours,
+legends, titled panels, heat maps and grids."""
 
 from __future__ import annotations
 
@@ -37,17 +38,6 @@ def model_rgb(x: Any, band_names: Sequence[str] = ()) -> np.ndarray:
     x = np.asarray(x.float().cpu().numpy() if hasattr(x, "cpu") else x, np.float32)
     x = x[:, rgb_bands(band_names, x.shape[1])]
     return ((x.transpose(0, 2, 3, 1) + 1) * 127.5).clip(0, 255).astype(np.uint8)
-
-
-def overlay(
-    rgb: np.ndarray, labels: np.ndarray, classes: Sequence[dict[str, Any]], alpha: float = 0.5
-) -> np.ndarray:
-    """Blend ``(H, W)`` class ids over an ``(H, W, 3)`` uint8 image; ignore pixels stay untouched."""
-    colours = colour_lut(classes)[labels].astype(np.float32)
-    out = rgb.astype(np.float32)
-    mask = labels != IGNORE_INDEX
-    out[mask] = (1 - alpha) * out[mask] + alpha * colours[mask]
-    return out.clip(0, 255).astype(np.uint8)
 
 
 def class_colours(labels: np.ndarray, classes: Sequence[dict[str, Any]], under: np.ndarray) -> np.ndarray:
