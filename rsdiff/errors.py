@@ -26,6 +26,11 @@ class CheckpointError(RsdiffError):
     """A checkpoint URI that is missing or does not hold an rsdiff checkpoint."""
 
 
+class ClusterError(RsdiffError):
+    """The Ray cluster cannot run the job as configured: no node (type) can hold a worker, workers
+    not placed in time, or storage the worker nodes cannot all see."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM received: stop like Ctrl-C does (the job scripts install the handler)."""
 

@@ -1,10 +1,13 @@
 """DDPM pretraining on Ray Train: config, validation, and the ``TorchTrainer`` launch.
 
 Everything that can be checked on the driver is checked before a worker starts: the shards URI
-and its manifest, band count against the model config, sizes, the checkpoint store and the
-MLflow store. Re-running with the same ``run.name`` and ``run.storage`` resumes from the latest
-checkpoint (Ray Train restores its checkpoint manager from storage) and keeps logging into the
-same MLflow run.
+and its manifest, band count against the model config, sizes, the checkpoint store (and that every
+node the ranks may run on can reach it) and the MLflow store. A rank no node type can hold, or ranks
+the cluster does not place within ``scaling.placement_timeout_s``, end the run with one message
+(:mod:`rsdiff.train.placement`).
+
+Re-running with the same ``run.name`` and ``run.storage`` resumes from the latest checkpoint
+(Ray Train restores its checkpoint manager from storage) and keeps logging into the same MLflow run.
 
 ``init.from=...`` starts a new run from existing weights (an ADM ``.pt``, a diffusers folder or an
 rsdiff checkpoint, :mod:`rsdiff.diffusion.sources`): the model's architecture is then the source's,
@@ -148,6 +151,7 @@ def check_numbers(cfg: PretrainConfig) -> None:
     require("data.shuffle_buffer", cfg.data.shuffle_buffer, ge=0)
     require("data.num_workers", cfg.data.num_workers, ge=0)
     require("scaling.cpus_per_worker", cfg.scaling.cpus_per_worker, gt=0)
+    require("scaling.placement_timeout_s", cfg.scaling.placement_timeout_s, gt=0)
     require("run.max_failures", cfg.run.max_failures, ge=-1)
     require("diffusion.timesteps", cfg.diffusion.timesteps, ge=2)
     for key in ("sample_every", "sample_count", "sample_steps"):
@@ -185,9 +189,21 @@ def run_pretrain(cfg: PretrainConfig, *, after_step: StepHook | None = None) -> 
     manifest, facts = validate(cfg, source)
     del source  # workers read it again; the driver need not hold the weights during training
     folder = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
+    reach_checked_storage(cfg)
     storage.check_writable(folder)  # the very folder Ray Train writes checkpoints into
     with Lease(folder, f"run.name={cfg.run.name} in {storage.display(str(cfg.run.storage))}"):
         return _fit(cfg, manifest, facts, after_step)
+
+
+def reach_checked_storage(cfg: PretrainConfig) -> None:
+    """Join the cluster and check that every node the ranks may run on can reach ``run.storage``
+    (:func:`~rsdiff.train.placement.check_storage_reach`), before anything is written there."""
+    from rsdiff.raytools import connect
+    from rsdiff.train.placement import check_storage_reach
+
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    request = dict(scaling_config(cfg.scaling)._resources_per_worker_not_none)
+    check_storage_reach(str(cfg.run.storage), cfg.run.shared_storage, request, cfg.scaling.num_workers)
 
 
 def perf_params(cfg: PretrainConfig) -> dict[str, str]:
@@ -207,9 +223,12 @@ def _fit(
     from ray.train.torch import TorchTrainer
 
     from rsdiff import tracking
-    from rsdiff.raytools import connect, storage_for_ray
+    from rsdiff.raytools import storage_for_ray
     from rsdiff.train.checkpoint import read_meta
+    from rsdiff.train.placement import PlacementWatch, keeping_sigint_handler, kill_switch
 
+    scaling = scaling_config(cfg.scaling)
+    request = dict(scaling._resources_per_worker_not_none)  # per rank, as Ray Train asks for it
     uri = tracking.resolve_uri(cfg.tracking.uri)
     plain = to_container(cfg)
     run_dir = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
@@ -267,12 +286,11 @@ def _fit(
         after_step=after_step,
         init=cfg.init if cfg.init.from_ else None,
     )
-    connect(cfg.ray.address, cfg.ray.num_cpus)
     storage_path, filesystem = storage_for_ray(str(cfg.run.storage))
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"plan": plan},
-        scaling_config=scaling_config(cfg.scaling),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=str(cfg.run.name),
             storage_path=storage_path,
@@ -281,8 +299,22 @@ def _fit(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
     )
-    with tracking.ends_run(handle):
-        result = trainer.fit()
+    starts = len(handle.client.get_metric_history(handle.run_id, "started_at_step"))
+    watch = PlacementWatch(
+        request,
+        cfg.scaling.num_workers,
+        cfg.scaling.placement_timeout_s,
+        started=lambda: len(handle.client.get_metric_history(handle.run_id, "started_at_step")) > starts,
+        stop=kill_switch(trainer),
+    )
+    with tracking.ends_run(handle), keeping_sigint_handler():  # Ray Train installs its own for fit()
+        try:
+            with watch:
+                result = trainer.fit()
+        except BaseException:
+            if watch.failure is None:  # not the watch's doing: Ctrl-C, SIGTERM, a failed run
+                raise
+            raise watch.failure from None
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         ckpt_uri = (

@@ -210,6 +210,11 @@ class RunHandle:
         if items:
             self.client.log_batch(self.run_id, metrics=items)
 
+    def last_step(self, metric: str) -> int:
+        """The highest step at which ``metric`` was logged in this run (0 when never)."""
+        history = self.client.get_metric_history(self.run_id, metric)
+        return max((m.step for m in history), default=0)
+
     def log_image(self, image: np.ndarray, path: str) -> None:
         """Log an ``(H, W, 3)`` uint8 picture as a PNG artifact at ``path``."""
         from PIL import Image

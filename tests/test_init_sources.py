@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import PicklePayload
 
 from rsdiff.config import load_config, to_container
 from rsdiff.diffusion import adm
@@ -20,7 +21,6 @@ from rsdiff.diffusion.unet import build_unet, epsilon, unet_kwargs
 from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.features.blocks import block_modules, ddpm_seg_blocks, list_blocks, resolve_blocks
 from rsdiff.train.config import PretrainConfig
-from tests.conftest import PicklePayload
 
 pytestmark = pytest.mark.unit
 

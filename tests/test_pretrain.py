@@ -13,7 +13,7 @@ from rsdiff import storage
 from rsdiff.config import load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
-from rsdiff.errors import ConfigError, DataError
+from rsdiff.errors import ClusterError, ConfigError, DataError
 from rsdiff.ingest import run_ingest
 from rsdiff.pretrain import run_pretrain
 from rsdiff.train.checkpoint import load_pretrained, read_meta
@@ -263,6 +263,44 @@ def test_bad_input_fails_before_any_worker_starts(
     from mlflow import MlflowClient
 
     assert MlflowClient(mlflow_uri).get_experiment_by_name("rsdiff-pretrain") is None  # no run opened
+
+
+def test_local_storage_is_refused_where_ranks_would_leave_this_node(local_shards, tmp_path, mlflow_uri):
+    """3 ranks of 1 CPU do not fit the 2-CPU test cluster: they would run on other nodes (an
+    autoscaler's), which cannot see a folder here. Refused before anything is written."""
+    cfg = _cfg(f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=3",
+               f"tracking.uri={mlflow_uri}", "optim.max_steps=5")  # fmt: skip
+    refused = r"is a folder on this node, but this node cannot hold 3 x \{CPU: 1\}"
+    with pytest.raises(ClusterError, match=refused):
+        run_pretrain(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ranks_the_cluster_never_places_fail_after_the_placement_timeout(local_shards, tmp_path, mlflow_uri):
+    """No autoscaler, 2 CPUs, 3 ranks asked for: Ray Train alone would wait forever. rsdiff ends the
+    run after ``scaling.placement_timeout_s`` with one message, and the cluster's CPUs are free again."""
+    import time
+
+    import ray
+    from mlflow import MlflowClient
+
+    cfg = _cfg(f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "run.shared_storage=true",
+               "scaling.num_workers=3", "scaling.placement_timeout_s=5", f"tracking.uri={mlflow_uri}",
+               "optim.max_steps=5", "run.name=never-placed")  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError) as err:
+        run_pretrain(cfg)
+    took = time.monotonic() - t0
+    said = str(err.value)
+    assert "placed no training rank within scaling.placement_timeout_s=5 s: 3 rank(s) of {CPU: 1}" in said
+    assert "1 live node(s): {CPU: 2}" in said and "scaling.num_workers" in said
+    assert took < 60, took
+    # The controller and its pending placement group are gone: nothing holds the CPUs.
+    wait_for(lambda: ray.available_resources().get("CPU", 0) == 2, "the test cluster's CPUs to be free")
+    run = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("rsdiff-pretrain").experiment_id]
+    )[0]
+    assert run.info.status == "FAILED"
 
 
 def test_job_script_rejects_unknown_key_and_missing_manifest(tmp_path):

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import REPO, run_job
 from mlflow.tracking import MlflowClient
 
 from rsdiff import storage
 from rsdiff.diffusion import adm
 from rsdiff.features.table import FeatureTable
 from rsdiff.train.checkpoint import load_pretrained, read_meta
-from tests.conftest import REPO, run_job
 
 pytestmark = pytest.mark.slow
 

@@ -116,6 +116,9 @@ class ScalingCfg:
     # GPU family every rank needs (Ray's accelerator_type, e.g. A100, H100, A10G); null = any GPU.
     # Presets whose estimated memory exceeds a 24 GB card set it so the autoscaler picks big nodes.
     accelerator_type: str | None = None
+    # Seconds the job waits for the cluster to start rank 0 (autoscaler launches included) before it
+    # fails naming what it asked for; a request no node type can hold fails at once.
+    placement_timeout_s: float = 1200.0
 
 
 @dataclass
@@ -124,7 +127,10 @@ class RunCfg:
 
     name: str = "pretrain-tiny"
     storage: str = "runs/ray"
-    max_failures: int = 2
+    max_failures: int = 2  # worker-group restarts (a lost node, a crashed rank); -1 = no limit
+    # run.storage is a local path every node mounts at the same place (NFS, EFS): allowed on
+    # multi-node clusters. Otherwise a local run.storage is refused there (use s3://).
+    shared_storage: bool = False
 
 
 @dataclass

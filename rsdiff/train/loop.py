@@ -5,15 +5,17 @@ at random timesteps, regress the noise (MSE), clip, AdamW step, EMA update. Nois
 come from a generator on the training device, seeded per rank; its state, the CPU and CUDA
 default generators' states and each data slot's stream position are saved per rank in every
 checkpoint and restored on resume, so an interrupted run sees the same batches and draws the same
-noise as an uninterrupted one. Every ``log_every`` steps rank 0
-logs metrics to the MLflow run its driver opened; every ``checkpoint.every_steps`` steps (and at
-the end) rank 0 saves a checkpoint and all ranks hand it, with the metrics, to ``ray.train.report``.
+noise as an uninterrupted one. Every ``log_every`` steps rank 0 logs metrics to the MLflow run its
+driver opened (after a restart, the steps replayed from the checkpoint are not logged twice) and, at
+every (re)start, which node each rank runs on; every ``checkpoint.every_steps`` steps (and at the
+end) rank 0 saves a checkpoint and all ranks hand it, with the metrics, to ``ray.train.report``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import tempfile
@@ -279,13 +281,24 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
     batches = iter(loader)
     if rank_rng is not None:
         devices.set_rng_state(rank_rng, gen, device)
+    nodes = placement(world)
     tracker = None
+    logged_through = 0  # steps already in MLflow: a restart replays them without logging them again
+    if rank == 0:
+        where = ", ".join(f"rank {r} on {n}" for r, n in enumerate(nodes))
+        what = "resuming from checkpoint at" if start else "starting at"
+        log.info("[rank 0] %s step %d; %s", what, start, where)
     if rank == 0 and plan.run_id:
         from rsdiff.tracking import RunHandle
 
         tracker = RunHandle(plan.tracking_uri, plan.run_id)
         tracker.log_metrics({"started_at_step": start}, step=start)
-        log.info("[rank 0] %s step %d", "resuming from checkpoint at" if start else "starting at", start)
+        tracker.set_tags({f"rsdiff.placement.from_step_{start:08d}": json.dumps(nodes)})
+        if start:
+            logged_through = tracker.last_step("loss")
+            if logged_through > start:
+                log.info("[rank 0] steps %d-%d ran before the restart: replayed from the checkpoint, "
+                         "not logged again", start + 1, logged_through)  # fmt: skip
     amp_dtype = devices.autocast_dtype("bf16" if plan.perf.bf16 else "fp32", device) if cuda else None
 
     window_loss = torch.zeros((), device=device)
@@ -330,7 +343,7 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
             "data_wait_fraction": window_data / elapsed,
             "skipped_shard_errors": stream.errors,
         }
-        if tracker is not None:
+        if tracker is not None and done > logged_through:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
             if done % plan.tracking.sample_every == 0 or done == plan.optim.max_steps:
                 _log_pictures(tracker, ema, noise_sched, x0_last[0].float(), plan, done)
@@ -373,6 +386,18 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
         # fast steps for up to a second each.
         window_loss.zero_()
         window_steps, window_data, window_t0 = 0, 0.0, time.perf_counter()
+
+
+def placement(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective: every rank calls it)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [here]
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, here)
+    return [str(n) for n in nodes]
 
 
 def _log_pictures(

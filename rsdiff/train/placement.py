@@ -1,0 +1,226 @@
+"""Where the training ranks run: checks on the driver that a multi-node cluster can hold them and
+that every node can reach the checkpoints, and a watch that ends a run whose ranks are never placed.
+
+On an autoscaling cluster the ranks' placement group waits while the autoscaler launches nodes
+(minutes for GPU instances), and Ray Train, left alone, waits forever for a resource no node type
+offers. :class:`PlacementWatch` fails the run instead, with one message naming what was asked for:
+
+- at once when the autoscaler reports that no node type can fulfil a rank's request (its cluster
+  event "No available node types can fulfill resource request ...");
+- after ``scaling.placement_timeout_s`` when rank 0 has still not started (the autoscaler may not
+  launch more nodes: ``max_workers`` reached, no spot capacity, a launch failing).
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rsdiff import storage
+from rsdiff.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+INFEASIBLE = "No available node types can fulfill resource request"
+
+
+def check_storage_reach(run_storage: str, shared: bool, request: dict[str, float], num_workers: int) -> None:
+    """Refuse a local ``run.storage`` when ranks may run on other nodes than this driver's.
+
+    Ray Train writes each checkpoint on the node of rank 0 and the driver reads it back; a folder
+    on one node's disk is invisible to the others. Local storage is fine when the cluster is this
+    one node and it can hold every rank, or when ``run.shared_storage`` says the folder is a
+    shared filesystem mounted at the same path on every node (NFS, EFS, Lustre).
+
+    Raises:
+        ClusterError: local storage on a cluster whose ranks would leave this node.
+    """
+    import ray
+
+    if storage.is_s3(run_storage) or shared:
+        return
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    mine = next((n["Resources"] for n in alive if n["NodeID"] == here), {})
+    fits = all(mine.get(k, 0) >= v * num_workers for k, v in request.items())
+    if len(alive) == 1 and fits:
+        return
+    why = (
+        f"this cluster has {len(alive)} nodes"
+        if len(alive) > 1
+        else f"this node cannot hold {num_workers} x {_fmt(request)}, so the ranks will run on nodes "
+        "the autoscaler adds"
+    )
+    raise ClusterError(
+        f"run.storage={run_storage} is a folder on this node, but {why}: checkpoints written there are "
+        "not visible from the other nodes (resuming and the final checkpoint would fail). Use an s3:// "
+        "prefix (run.storage=s3://bucket/runs), or set run.shared_storage=true if run.storage is a "
+        "shared filesystem mounted at the same path on every node"
+    )
+
+
+@contextlib.contextmanager
+def keeping_sigint_handler() -> Iterator[None]:
+    """Put the process's SIGINT handler back afterwards (Ray Train's ``fit()`` installs one that
+    aborts its controller, and leaves it behind when the controller is gone)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def kill_switch(trainer: Any) -> Callable[[], None]:
+    """A function that ends ``trainer.fit()`` now, from any thread: it kills the run's Ray Train
+    controller actor (its pending placement group goes with it) and ``fit()`` raises.
+
+    Ray Train's own Ctrl-C path asks the controller to abort, which waits behind a placement group
+    that never comes. The controller's handle is caught where Ray Train passes it to its SIGINT
+    setup (main thread only); elsewhere the switch interrupts the main thread instead.
+    """
+    import ray
+
+    held: dict[str, Any] = {}
+    register = trainer._register_sigint_handler
+
+    def keep(controller: Any) -> None:
+        held["controller"] = controller
+        register(controller)
+
+    trainer._register_sigint_handler = keep
+
+    def stop() -> None:
+        if "controller" in held:
+            ray.kill(held["controller"], no_restart=True)
+        else:
+            _thread.interrupt_main()
+
+    return stop
+
+
+class PlacementWatch:
+    """Watch a starting Ray Train run from the driver (a daemon thread polling every ``poll_s``).
+
+    ``started()`` returns True once rank 0 runs. On an infeasible request or after ``timeout_s``
+    without a start, the watch keeps the :class:`ClusterError` in :attr:`failure` and calls
+    ``stop()`` (:func:`kill_switch`), which makes the blocked ``fit()`` raise; the caller raises
+    :attr:`failure` in its place. Use as a context manager around ``trainer.fit()``.
+    """
+
+    def __init__(
+        self,
+        request: dict[str, float],
+        num_workers: int,
+        timeout_s: float,
+        started: Callable[[], bool],
+        stop: Callable[[], None],
+        poll_s: float = 2.0,
+    ) -> None:
+        self.request = request
+        self.num_workers = num_workers
+        self.timeout_s = timeout_s
+        self.started = started
+        self.stop = stop
+        self.poll_s = poll_s
+        self.failure: ClusterError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="rsdiff-placement-watch", daemon=True)
+        self._seen: set[str] = set()
+
+    def __enter__(self) -> PlacementWatch:
+        self._seen = {e.get("event_id", "") for e in _infeasible_events()}  # older events are not ours
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            try:
+                if self.started():
+                    log.info("placement: rank 0 started %.0f s after the launch", time.monotonic() - t0)
+                    return
+            except Exception as exc:  # a flaky tracking read must not end the run
+                log.debug("placement watch: %s", exc)
+                continue
+            failure = self._infeasible() or self._timed_out(time.monotonic() - t0)
+            if failure is not None and not self._stop.is_set():
+                self.failure = failure  # the caller raises it: not logged here as well
+                self.stop()
+                return
+
+    def _infeasible(self) -> ClusterError | None:
+        for event in _infeasible_events():
+            if event.get("event_id", "") in self._seen:
+                continue
+            message = str(event.get("message", ""))
+            if _request_in(message) == {k: float(v) for k, v in self.request.items()}:
+                return ClusterError(
+                    f"no node type of this cluster can hold one training rank, which asks for "
+                    f"{_fmt(self.request)} (x {self.num_workers} ranks); the autoscaler says: "
+                    f"{message.strip()} Change scaling.accelerator_type / scaling.cpus_per_worker / "
+                    "scaling.use_gpu to what a node type offers, or add such a node type to the cluster"
+                )
+        return None
+
+    def _timed_out(self, waited_s: float) -> ClusterError | None:
+        if waited_s < self.timeout_s:
+            return None
+        return ClusterError(
+            f"the cluster placed no training rank within scaling.placement_timeout_s={self.timeout_s:g} s: "
+            f"{self.num_workers} rank(s) of {_fmt(self.request)} were asked for; {_cluster_summary()}. "
+            "Check `ray status` (max_workers reached, no capacity for the instance type, failed "
+            "launches), lower scaling.num_workers, or raise scaling.placement_timeout_s"
+        )
+
+
+def _infeasible_events() -> list[dict[str, Any]]:
+    """The autoscaler's "no node type can fulfil" events (none where the State API is not served,
+    e.g. a local Ray without its dashboard)."""
+    from ray.util.state import list_cluster_events
+
+    try:
+        events = list_cluster_events(limit=1000, raise_on_missing_output=False)
+    except Exception as exc:
+        log.debug("cluster events unavailable: %s", exc)
+        return []
+    return [e for e in events if INFEASIBLE in str(e.get("message", ""))]
+
+
+def _request_in(message: str) -> dict[str, float] | None:
+    """The resource dict an autoscaler event quotes (``... request {'CPU': 1.0, 'GPU': 1.0}. ...``)."""
+    import ast
+
+    start, end = message.find("{"), message.find("}")
+    if start < 0 or end < start:
+        return None
+    try:
+        quoted = ast.literal_eval(message[start : end + 1])
+        return {str(k): float(v) for k, v in quoted.items()}
+    except (ValueError, SyntaxError, AttributeError, TypeError):
+        return None
+
+
+def _cluster_summary() -> str:
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    plain = ("node:", "memory", "object_store")
+    offers = [{k: v for k, v in n["Resources"].items() if not k.startswith(plain)} for n in alive]
+    nodes = "; ".join(_fmt(o) for o in offers)
+    return f"the cluster has {len(alive)} live node(s): {nodes}"
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + "}"

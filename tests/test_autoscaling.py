@@ -1,0 +1,250 @@
+"""Pretraining on an autoscaling cluster made from ``cluster/aws.yaml``'s node types (Ray's fake
+multi-node provider, :mod:`fake_cluster`): workers scale up from zero for a job sent with
+``ray job submit`` (token auth on), a lost node is replaced and training resumes from the S3
+checkpoint, a rank no node type can hold fails at once, and local checkpoint storage is refused.
+
+One fake cluster serves the whole module. Checkpoints and shards live in the loopback S3 server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import REPO, free_port, wait_for
+from fake_cluster import FakeCluster, fake_provider_config
+
+from rsdiff import storage
+from rsdiff.config import load_config
+from rsdiff.data.ingest_config import IngestConfig
+from rsdiff.ingest import run_ingest
+
+pytestmark = pytest.mark.slow
+
+ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+IDLE_MINUTES = 0.25  # workers idle this long are removed (cluster/aws.yaml: 10)
+TRAIN = [
+    "--config", "configs/pretrain/tiny.yaml", "model.image_size=32", "data.batch_size=4",
+    "data.num_workers=0", "data.shuffle_buffer=8", "optim.warmup_steps=2", "tracking.log_every=1",
+    "tracking.sample_every=1000", "tracking.sample_count=2", "tracking.sample_steps=2",
+    "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint, tmp_path_factory):
+    """The fake autoscaling cluster, head only (``CPU: 0``), with token auth and the S3 env."""
+    work = tmp_path_factory.mktemp("fake-cluster")
+    gcs = free_port()
+    config = fake_provider_config(
+        REPO / "cluster" / "aws.yaml", gcs_port=gcs, idle_timeout_minutes=IDLE_MINUTES, max_workers=3
+    )
+    bindir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10",  # a node gone silent this long is replaced (default 30)
+        "RAY_AUTH_MODE": "token",
+        "RAY_DEDUP_LOGS": "0",
+        "RSDIFF_REPO": str(REPO),
+    }
+    env.pop("RAY_ADDRESS", None)
+    fake = FakeCluster(config, gcs, free_port(), env, work / "head.log")
+    try:
+        fake.start(work)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        fake.stop()
+        pytest.skip(f"Ray's fake autoscaling provider cannot run on this machine: {exc}")
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_shards(sample_scenes, tmp_path_factory, s3_endpoint, ray_cluster) -> str:
+    """The generated sample ingested and uploaded to a bucket of its own; its ``s3://`` prefix."""
+    local = tmp_path_factory.mktemp("autoscale-shards") / "sample"
+    preset = REPO / "configs" / "ingest" / "sample.yaml"
+    inputs = f"inputs=[{sample_scenes}/images/*.tif]"
+    run_ingest(load_config(IngestConfig, preset, [inputs, f"output={local}"]))
+    name = f"rsdiff-scale-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=name)
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), name, f"shards/{f.relative_to(local)}")
+    return f"s3://{name}"
+
+
+def _submit(cluster: FakeCluster, *overrides: str, wait: bool = True, timeout: float = 600):
+    return cluster.ray(
+        "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+        *([] if wait else ["--no-wait"]), "--", "python", "jobs/pretrain.py", *TRAIN, *overrides,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _job_id(submit_output: str) -> str:
+    return re.search(r"raysubmit_\w+", submit_output).group(0)
+
+
+def _job_status(cluster: FakeCluster, job: str) -> str:
+    """PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, or UNKNOWN when the CLI did not say."""
+    out = cluster.ray("job", "status", "--address", cluster.dashboard, job, timeout=60)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
+    found = re.search(r"Status for job '[^']+': (\w+)", text) or re.search(
+        rf"Job '{job}' (succeeded|failed|stopped)", text
+    )
+    return found.group(1).upper() if found else "UNKNOWN"
+
+
+def _mlflow_run(mlflow_uri: str, name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("rsdiff-pretrain").experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{name}'",
+    )
+    assert len(runs) == 1, runs
+    return client, runs[0]
+
+
+def _placements(run) -> dict[int, list[str]]:
+    """Node id of each rank at each (re)start, keyed by the step it started at."""
+    prefix = "rsdiff.placement.from_step_"
+    return {int(k[len(prefix) :]): json.loads(v) for k, v in run.data.tags.items() if k.startswith(prefix)}
+
+
+def _wait_idle(cluster: FakeCluster, what: str) -> None:
+    wait_for(lambda: not cluster.workers(), what, timeout_s=IDLE_MINUTES * 60 + 120, poll_s=3)
+
+
+def test_a_rank_no_node_type_offers_fails_at_once_naming_the_resource(cluster, s3_shards, tmp_path):
+    """``accelerator_type=H100`` on a cluster of A10G and A100 node types: one clear error within a
+    minute, no node launched, instead of a job pending forever."""
+    t0 = time.monotonic()
+    proc = _submit(
+        cluster, f"data.shards={s3_shards}/shards", f"run.storage={s3_shards}/runs", "run.name=h100",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "scaling.use_gpu=true",
+        "scaling.accelerator_type=H100", "optim.max_steps=5", timeout=300,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "no node type of this cluster can hold one training rank" in out, out[-3000:]
+    assert "accelerator_type:H100" in out and "scaling.accelerator_type" in out
+    assert "Traceback" not in out.split("no node type of this cluster")[-1]
+    assert took < 120, took
+    assert not cluster.workers()  # nothing was launched for it
+
+
+def test_local_checkpoint_storage_is_refused_on_a_multi_node_cluster(cluster, s3_shards, tmp_path):
+    """The ranks would run on nodes the autoscaler adds; a folder on the head is not theirs."""
+    proc = _submit(
+        cluster, f"data.shards={s3_shards}/shards", f"run.storage={tmp_path / 'runs'}", "run.name=local",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "optim.max_steps=5", timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert f"run.storage={tmp_path / 'runs'} is a folder on this node" in out, out[-3000:]
+    assert "s3://" in out and "run.shared_storage=true" in out
+    assert not (tmp_path / "runs").exists() and not cluster.workers()
+
+
+def test_pretraining_scales_up_from_zero_on_two_nodes_and_back_down(cluster, s3_shards, tmp_path):
+    assert not cluster.workers(), "the cluster should start with no worker node"
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t0 = time.monotonic()
+    proc = _submit(
+        cluster, f"data.shards={s3_shards}/shards", f"run.storage={s3_shards}/runs", "run.name=scale-up",
+        f"tracking.uri={mlflow_uri}", "optim.max_steps=12", "checkpoint.every_steps=6", wait=False,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job = _job_id(proc.stdout + proc.stderr)
+    status: list[str] = []
+
+    def two_workers_up() -> bool:  # what `ray status` shows while the job runs
+        assert _job_status(cluster, job) not in ENDED, _job_status(cluster, job)
+        if len(cluster.workers()) < 2:
+            return False
+        status[:] = [cluster.ray("status", "--address", cluster.address, timeout=60).stdout]
+        return True
+
+    wait_for(two_workers_up, "the autoscaler to launch two worker nodes", timeout_s=300, poll_s=2)
+    launched_s = time.monotonic() - t0
+    active = status[0].split("Active:")[1].split("Pending:")[0]
+    assert re.search(r"\b2 gpu_1x\b", active), status[0]  # the cheap node type, not gpu_8x
+    wait_for(lambda: _job_status(cluster, job) in ENDED, "the job to end", timeout_s=400, poll_s=2)
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, job, timeout=60).stdout
+    assert _job_status(cluster, job) == "SUCCEEDED", logs[-5000:]
+    result = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+    assert result["step"] == 12 and result["checkpoint"].startswith(f"{s3_shards}/runs/scale-up/")
+    _, run = _mlflow_run(mlflow_uri, "scale-up")
+    placements = _placements(run)
+    assert list(placements) == [0], placements
+    ranks = placements[0]
+    assert len(set(ranks)) == 2, ranks  # two ranks, two distinct nodes...
+    head = next(n for n in cluster.nodes() if n["is_head"])["node_id"]
+    assert head not in ranks  # ...neither of them the head (CPU: 0 schedules no work)
+    assert f"rank 0 on {ranks[0]}, rank 1 on {ranks[1]}" in logs  # the job log says where they ran
+    t_done = time.monotonic()
+    _wait_idle(cluster, "the idle worker nodes to be removed")
+    print(f"scale-up: two workers up after {launched_s:.0f} s, removed {time.monotonic() - t_done:.0f} s "
+          f"after the job\n{status[0]}")  # fmt: skip
+
+
+def test_a_preempted_node_is_replaced_and_training_resumes_from_s3(cluster, s3_shards, tmp_path):
+    """One worker node vanishes mid-run (its raylet and workers SIGKILLed, as a spot reclaim does):
+    Ray Train restarts the ranks from the last S3 checkpoint on a node the autoscaler launches in its
+    place; every step's loss is logged once, and at most one checkpoint interval is run twice."""
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    steps, every = 60, 10
+    proc = _submit(
+        cluster, f"data.shards={s3_shards}/shards", f"run.storage={s3_shards}/runs", "run.name=spot",
+        f"tracking.uri={mlflow_uri}", f"optim.max_steps={steps}", f"checkpoint.every_steps={every}",
+        "checkpoint.keep=10", "run.max_failures=3", wait=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job = _job_id(proc.stdout + proc.stderr)
+    snapshot = f"{s3_shards}/runs/spot/checkpoint_manager_snapshot.json"
+
+    def checkpointed() -> bool:  # Ray Train has registered the step-20 checkpoint
+        assert _job_status(cluster, job) not in ENDED, _job_status(cluster, job)
+        return storage.exists(snapshot) and "checkpoint_00000020" in storage.read_text(snapshot)
+
+    wait_for(checkpointed, "the second checkpoint of the run", timeout_s=400, poll_s=2)
+    client, run = _mlflow_run(mlflow_uri, "spot")
+    before = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+    victim = _placements(run)[0][1]  # rank 1's node
+    assert cluster.preempt(victim) >= 1
+    t_lost = time.monotonic()
+    wait_for(lambda: _job_status(cluster, job) in ENDED, "the job to end", timeout_s=500, poll_s=2)
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, job, timeout=60).stdout
+    assert _job_status(cluster, job) == "SUCCEEDED", logs[-5000:]
+    recovered_s = time.monotonic() - t_lost
+
+    _, run = _mlflow_run(mlflow_uri, "spot")
+    placements = _placements(run)
+    assert len(placements) == 2, placements
+    (first, ranks0), (restart, ranks1) = sorted(placements.items())
+    assert first == 0 and restart % every == 0 and restart >= 20, placements
+    lost_at = max(before)
+    assert lost_at - restart <= every, (lost_at, restart)  # at most one interval run twice
+    assert victim not in ranks1 and set(ranks1) - set(ranks0), placements  # a new node took its place
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(loss_steps) == list(range(1, steps + 1)), loss_steps  # once per step, none missing
+    started = [m.value for m in client.get_metric_history(run.info.run_id, "started_at_step")]
+    assert started == [0, restart], started
+    assert "resuming from checkpoint at step" in logs
+    print(f"preemption: lost at step {lost_at}, resumed from {restart}, recovered in {recovered_s:.0f} s")
+    _wait_idle(cluster, "the worker nodes to be removed after the run")
