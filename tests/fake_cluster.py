@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,19 @@ def fake_provider_config(
     }
 
 
+def start_env(launcher_yaml: Path) -> dict[str, str]:
+    """The environment ``launcher_yaml``'s head start command sets for ``ray start`` (its leading
+    ``NAME=value`` words, e.g. ``RAY_AUTH_MODE=token``), which the fake head is started with too."""
+    launcher = yaml.safe_load(launcher_yaml.read_text())
+    start = next(c for c in launcher["head_start_ray_commands"] if "ray start" in c)
+    env = {}
+    for word in shlex.split(start.split("ray start")[0]):
+        name, sep, value = word.partition("=")
+        if sep:
+            env[name] = value
+    return env
+
+
 @dataclass
 class FakeCluster:
     """A running fake autoscaling cluster: ``address`` (GCS) and ``dashboard`` (job API URL)."""
@@ -138,11 +153,13 @@ class FakeCluster:
             time.sleep(2)
         raise TimeoutError(f"the fake cluster's job API did not answer: {self.log.read_text()[-3000:]}")
 
-    def ray(self, *args: str, timeout: float = 600, env: dict[str, str] | None = None):
-        """Run the ``ray`` CLI against this cluster (its token in the environment)."""
+    def ray(self, *args: str, timeout: float = 600, env: dict[str, str | None] | None = None):
+        """Run the ``ray`` CLI against this cluster (its token in the environment); ``env`` adds
+        variables, or removes those it maps to None."""
+        merged = {**self.env, **(env or {})}
         return subprocess.run(
-            [self._ray, *args], env={**self.env, **(env or {})}, capture_output=True, text=True,
-            timeout=timeout, cwd=self.env.get("RSDIFF_REPO"),
+            [self._ray, *args], env={k: v for k, v in merged.items() if v is not None},
+            capture_output=True, text=True, timeout=timeout, cwd=self.env.get("RSDIFF_REPO"),
         )  # fmt: skip
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -197,6 +214,11 @@ class FakeCluster:
         for proc in _cluster_processes(self.gcs_port):
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
+        # `ray start` recorded this cluster as the machine's current one; it is gone now.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(f":{self.gcs_port}"):
+                current.unlink()
 
 
 def _cluster_processes(gcs_port: int) -> list[Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import sys
 import time
 import uuid
@@ -19,7 +20,7 @@ from pathlib import Path
 import boto3
 import pytest
 from conftest import REPO, free_port, wait_for
-from fake_cluster import FakeCluster, fake_provider_config
+from fake_cluster import FakeCluster, fake_provider_config, start_env
 
 from rsdiff import storage
 from rsdiff.config import load_config
@@ -28,6 +29,7 @@ from rsdiff.ingest import run_ingest
 
 pytestmark = pytest.mark.slow
 
+AWS = REPO / "cluster" / "aws.yaml"
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 IDLE_MINUTES = 0.25  # workers idle this long are removed (cluster/aws.yaml: 10)
 TRAIN = [
@@ -43,21 +45,23 @@ def cluster(s3_endpoint, tmp_path_factory):
     """The fake autoscaling cluster, head only (``CPU: 0``), with token auth and the S3 env."""
     work = tmp_path_factory.mktemp("fake-cluster")
     gcs = free_port()
-    config = fake_provider_config(
-        REPO / "cluster" / "aws.yaml", gcs_port=gcs, idle_timeout_minutes=IDLE_MINUTES, max_workers=3
-    )
+    config = fake_provider_config(AWS, gcs_port=gcs, idle_timeout_minutes=IDLE_MINUTES, max_workers=3)
     bindir = Path(sys.executable).parent
+    token = work / "auth_token"  # what aws.yaml's file_mounts puts in ~/.ray/auth_token on each node
+    token.write_text(secrets.token_hex(16))
     env = {
         **os.environ,
+        **start_env(AWS),  # RAY_AUTH_MODE=token, as aws.yaml starts Ray on its nodes
+        "RAY_AUTH_TOKEN_PATH": str(token),
         "PATH": f"{bindir}:{os.environ['PATH']}",
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10",  # a node gone silent this long is replaced (default 30)
-        "RAY_AUTH_MODE": "token",
         "RAY_DEDUP_LOGS": "0",
         "RSDIFF_REPO": str(REPO),
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
     fake = FakeCluster(config, gcs, free_port(), env, work / "head.log")
     try:
         fake.start(work)
@@ -162,6 +166,13 @@ def test_local_checkpoint_storage_is_refused_on_a_multi_node_cluster(cluster, s3
 
 def test_pretraining_scales_up_from_zero_on_two_nodes_and_back_down(cluster, s3_shards, tmp_path):
     assert not cluster.workers(), "the cluster should start with no worker node"
+    # Token authentication is on, as aws.yaml starts it: no token, or a wrong one, is refused.
+    (tmp_path / "home").mkdir()
+    anonymous = {"RAY_AUTH_TOKEN_PATH": None, "HOME": str(tmp_path / "home")}
+    refused = cluster.ray("job", "list", "--address", cluster.dashboard, env=anonymous, timeout=60)
+    assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
+    wrong = cluster.ray("job", "list", "--address", cluster.dashboard, env={"RAY_AUTH_TOKEN": "0" * 32})
+    assert wrong.returncode != 0
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     t0 = time.monotonic()
     proc = _submit(

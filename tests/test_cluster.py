@@ -48,6 +48,18 @@ def test_cluster_nodes_install_the_torch_the_tests_ran_with():
         assert f"'torch=={tested}'" in args and "'rsdiff @ https://" in args, args
 
 
+def test_cluster_configs_turn_token_authentication_on():
+    """Ray 2.60 starts launcher and KubeRay clusters without authentication: both configs turn it
+    on, on every node, and hand every node the same token."""
+    launcher = yaml.safe_load(AWS.read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in launcher[key] if "ray start" in c]
+        assert starts and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts), starts
+    assert launcher["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    spec = yaml.safe_load(KUBERAY.read_text())["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"}
+
+
 @pytest.mark.parametrize("preset", GPU_PRESETS, ids=lambda p: p.name)
 def test_gpu_presets_land_on_nodes_with_enough_gpu_memory(preset):
     """Every node type a preset's ranks may be placed on has more GPU memory than one rank needs

@@ -157,6 +157,7 @@ class PlacementWatch:
             failure = self._infeasible() or self._timed_out(time.monotonic() - t0)
             if failure is not None and not self._stop.is_set():
                 self.failure = failure  # the caller raises it: not logged here as well
+                log.info("placement: stopping the run %.0f s after the launch", time.monotonic() - t0)
                 self.stop()
                 return
 
@@ -186,12 +187,19 @@ class PlacementWatch:
 
 
 def _infeasible_events() -> list[dict[str, Any]]:
-    """The autoscaler's "no node type can fulfil" events (none where the State API is not served,
-    e.g. a local Ray without its dashboard)."""
+    """The autoscaler's "no node type can fulfil" events, from the connected cluster's dashboard
+    (none where it has none, e.g. a local Ray started without it: the State API would otherwise
+    search for another cluster's and wait 40 s)."""
+    import ray._private.worker
     from ray.util.state import list_cluster_events
 
+    node = getattr(ray._private.worker, "_global_node", None)
+    dashboard = getattr(node, "webui_url", None) if node is not None else None
+    if not dashboard:
+        return []
+    address = dashboard if "://" in dashboard else f"http://{dashboard}"
     try:
-        events = list_cluster_events(limit=1000, raise_on_missing_output=False)
+        events = list_cluster_events(address=address, limit=1000, timeout=10, raise_on_missing_output=False)
     except Exception as exc:
         log.debug("cluster events unavailable: %s", exc)
         return []
