@@ -219,7 +219,7 @@ def test_a_preempted_node_is_replaced_and_training_resumes_from_s3(cluster, s3_s
     Ray Train restarts the ranks from the last S3 checkpoint on a node the autoscaler launches in its
     place; every step's loss is logged once, and at most one checkpoint interval is run twice."""
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    steps, every = 60, 10
+    steps, every = 120, 10  # enough steps left after the kill that the run cannot end first
     proc = _submit(
         cluster, f"data.shards={s3_shards}/shards", f"run.storage={s3_shards}/runs", "run.name=spot",
         f"tracking.uri={mlflow_uri}", f"optim.max_steps={steps}", f"checkpoint.every_steps={every}",

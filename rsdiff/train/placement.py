@@ -136,7 +136,7 @@ class PlacementWatch:
         self._seen: set[str] = set()
 
     def __enter__(self) -> PlacementWatch:
-        self._seen = {e.get("event_id", "") for e in _infeasible_events()}  # older events are not ours
+        self._seen = {_event_key(e) for e in _infeasible_events()}  # older events are not ours
         self._thread.start()
         return self
 
@@ -163,7 +163,7 @@ class PlacementWatch:
 
     def _infeasible(self) -> ClusterError | None:
         for event in _infeasible_events():
-            if event.get("event_id", "") in self._seen:
+            if _event_key(event) in self._seen:
                 continue
             message = str(event.get("message", ""))
             if _request_in(message) == {k: float(v) for k, v in self.request.items()}:
@@ -204,6 +204,10 @@ def _infeasible_events() -> list[dict[str, Any]]:
         log.debug("cluster events unavailable: %s", exc)
         return []
     return [e for e in events if INFEASIBLE in str(e.get("message", ""))]
+
+
+def _event_key(event: dict[str, Any]) -> str:
+    return str(event.get("event_id") or f"{event.get('time')}|{event.get('message')}")
 
 
 def _request_in(message: str) -> dict[str, float] | None:
