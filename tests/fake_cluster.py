@@ -163,19 +163,17 @@ class FakeCluster:
         )  # fmt: skip
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Alive nodes: ``{node_id, node_type, resources}`` from ``ray list nodes`` (the State API)."""
+        """Alive nodes: ``{node_id, is_head, resources}`` from ``ray list nodes`` (the State API)."""
         proc = self.ray("list", "nodes", "--address", self.dashboard, "--format", "json", "--detail",
                         "--filter", "state=ALIVE", timeout=60)  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         out = []
         for node in json.loads(proc.stdout):
-            labels = node.get("labels") or {}
             out.append(
                 {
                     "node_id": node["node_id"],
                     "is_head": bool(node.get("is_head_node")),
-                    "node_type": labels.get("ray.io/node-group") or node.get("node_name"),
                     "resources": node.get("resources_total", {}),
                 }
             )
