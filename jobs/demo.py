@@ -21,6 +21,10 @@ from rsdiff.tracking import runs_view_url
 def _run(cfg: DemoConfig) -> None:
     result = run_demo(cfg)
     store = redact_uri(result.tracking_uri)  # no password on the terminal
+    print(f"\ndata: {result.data}")
+    print(
+        f"test scenes ({len(result.test_scenes)}, held out of every choice): {', '.join(result.test_scenes)}"
+    )
     print("\n" + format_metrics(result.metrics))
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.stages.items()))
     first = result.predictions[0]

@@ -1,6 +1,6 @@
 """Ingest: GeoTIFF / JPG+mask scenes -> WebDataset tar shards + ``manifest.json``.
 
-Scenes are split by scene into train/val, grouped into chunks and cut into tiles by parallel Ray
+Scenes are split by scene into train/val/test, grouped into chunks and cut into tiles by parallel Ray
 tasks; each task streams its tiles into size-capped shards and returns per-band statistics
 (merged exactly on the driver), class pixel counts and drop counts. The manifest is written last,
 so its presence marks a complete output.
@@ -8,6 +8,7 @@ so its presence marks a complete output.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import random
@@ -19,7 +20,7 @@ import numpy as np
 import ray
 
 from rsdiff import storage
-from rsdiff.config import require
+from rsdiff.config import require, to_container
 from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind
 from rsdiff.data.ingest_config import IngestConfig
@@ -58,17 +59,74 @@ class ChunkResult:
     class_pixels: np.ndarray | None
 
 
-def split_scenes(refs: list[SceneRef], val_fraction: float, seed: int) -> dict[str, list[SceneRef]]:
-    """Deterministic scene-level split: ``{"train": [...], "val": [...]}`` (val may be empty)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
+def _matching(refs: list[SceneRef], patterns: list[str], what: str) -> list[SceneRef]:
+    """The scenes whose id or image path matches one of ``patterns`` (globs).
+
+    Raises:
+        ConfigError: a pattern that matches no scene (a typo would otherwise empty a split).
+    """
+    chosen = []
+    for pattern in patterns:
+        hit = [r for r in refs if fnmatch.fnmatchcase(r.id, pattern) or fnmatch.fnmatchcase(r.image, pattern)]
+        if not hit:
+            raise ConfigError(
+                f"{what}: {pattern!r} matches no scene id or image path (ids look like "
+                f"{[r.id for r in refs[:3]]}); fix the pattern"
+            )
+        chosen += hit
+    return sorted(set(chosen), key=lambda r: r.id)
+
+
+def split_scenes(
+    refs: list[SceneRef],
+    val_fraction: float,
+    seed: int,
+    test_fraction: float = 0.0,
+    val_scenes: list[str] | None = None,
+    test_scenes: list[str] | None = None,
+) -> dict[str, list[SceneRef]]:
+    """Deterministic scene-level split: ``{"train": [...], "val": [...], "test": [...]}`` (empty
+    splits left out).
+
+    ``test`` is ``test_scenes`` (globs over ids or image paths) when given, else the first
+    ``ceil(test_fraction * N)`` scenes of a seeded shuffle; ``val`` likewise from what is left
+    (``val_fraction`` counts all N scenes). With ``test_fraction=0`` and no lists this is the
+    train/val split earlier versions made. At least one scene stays in train.
+
+    Raises:
+        ConfigError: a fraction out of range, a pattern matching nothing, a scene in both val and
+            test, or no scene left for train.
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise ConfigError(f"{name}={f} must be in [0, 1)")
     order = sorted(refs, key=lambda r: r.id)
     random.Random(seed).shuffle(order)
-    n_val = math.ceil(val_fraction * len(order)) if val_fraction > 0 else 0
-    n_val = min(n_val, len(order) - 1)
-    val = sorted(order[:n_val], key=lambda r: r.id)
-    train = sorted(order[n_val:], key=lambda r: r.id)
-    return {"train": train, "val": val} if val else {"train": train}
+    n = len(order)
+    if test_scenes:
+        test = _matching(refs, list(test_scenes), "test_scenes")
+    else:
+        test = order[: min(math.ceil(test_fraction * n), n - 1)] if test_fraction > 0 else []
+    rest = [r for r in order if r not in set(test)]
+    if val_scenes:
+        val = _matching(refs, list(val_scenes), "val_scenes")
+        both = sorted({r.id for r in val} & {r.id for r in test})
+        if both:
+            raise ConfigError(f"scenes {both[:5]} are in both val_scenes and the test split; keep them apart")
+    else:
+        n_val = min(math.ceil(val_fraction * n), len(rest) - 1) if val_fraction > 0 else 0
+        val = rest[: max(0, n_val)]
+    train = [r for r in rest if r not in set(val)]
+    if not train:
+        raise ConfigError(
+            f"no scene is left for train ({len(val)} val, {len(test)} test of {n}); hold out fewer scenes"
+        )
+    splits = {
+        "train": sorted(train, key=lambda r: r.id),
+        "val": sorted(val, key=lambda r: r.id),
+        "test": sorted(test, key=lambda r: r.id),
+    }
+    return {k: v for k, v in splits.items() if v}
 
 
 def _validate(cfg: IngestConfig) -> None:
@@ -79,6 +137,11 @@ def _validate(cfg: IngestConfig) -> None:
     require("max_nodata_fraction", cfg.max_nodata_fraction, ge=0, le=1)
     require("labels.warn_unknown_fraction", cfg.labels.warn_unknown_fraction, ge=0, le=1)
     require("val_fraction", cfg.val_fraction, ge=0, lt=1)
+    require("test_fraction", cfg.test_fraction, ge=0, lt=1)
+    if cfg.test_scenes and cfg.test_fraction:
+        raise ConfigError("give test_scenes or test_fraction, not both")
+    if cfg.val_scenes and cfg.val_fraction:
+        raise ConfigError("give val_scenes or val_fraction, not both")
     require("shard_max_mb", cfg.shard_max_mb, gt=0)
     if cfg.bands is not None and (not cfg.bands or min(cfg.bands) < 1):
         raise ConfigError(f"bands={list(cfg.bands)} must be non-empty 1-based band indexes")
@@ -125,7 +188,10 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
             storage.delete(old)
     storage.check_writable(out)
     band_count, dtype, band_names = _probe(refs[0], cfg)
-    splits = split_scenes(refs, cfg.val_fraction, cfg.split_seed)
+    splits = split_scenes(
+        refs, cfg.val_fraction, cfg.split_seed, cfg.test_fraction, list(cfg.val_scenes), list(cfg.test_scenes)
+    )
+    log.info("ingest: scenes per split %s", {k: len(v) for k, v in splits.items()})
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     n_tasks = cfg.parallelism or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -160,6 +226,8 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
             raise err from None
         raise
     manifest = _merge(results, cfg, classmap, band_count, dtype, band_names, out)
+    manifest.scene_files = {r.id: {"image": r.image, "mask": r.mask} for r in refs}
+    manifest.labels = to_container(cfg.labels) if classmap is not None else None
     write_manifest(out, manifest)
     seconds = time.perf_counter() - t0
     log.info(

@@ -46,6 +46,28 @@ def test_the_blending_ramp_falls_linearly_to_the_window_edge():
     np.testing.assert_array_equal(ramp(4, 0), np.ones((4, 4), np.float32))
 
 
+def test_the_border_band_gets_almost_no_weight_and_the_rest_of_the_overlap_a_ramp():
+    w = ramp(16, 8, border=2)[0] / ramp(16, 8, border=2)[0].max()
+    # distance to the edge 0 1 | 2 3 4 5 | ...: band of 2 px, then a ramp over 8 - 2*2 = 4 px
+    np.testing.assert_allclose(w[:6], [1e-4, 1e-4, 1 / 5, 2 / 5, 3 / 5, 4 / 5], rtol=1e-5)
+    np.testing.assert_allclose(w[6:10], 1.0)
+    np.testing.assert_allclose(w, w[::-1])
+    with pytest.raises(ValueError, match="overlap=3 must be at least 2 x border=2"):
+        ramp(16, 3, border=2)
+    # overlap = 2 x border: a step; each pixel from the window whose central size - overlap px hold it
+    np.testing.assert_allclose(ramp(16, 4, border=2)[8], [1e-4] * 2 + [1.0] * 12 + [1e-4] * 2, rtol=1e-5)
+    # Two windows overlapping by 8 with a 2 px band: in the overlap each pixel follows the window
+    # that sees it clear of its band; where both do, they cross-fade.
+    blend = RowBlender(height=16, width=24, channels=1, size=16, overlap=8, border=2)
+    blend.add(0, 0, np.full((1, 16, 16), 1.0, np.float32))
+    blend.add(0, 8, np.full((1, 16, 16), 3.0, np.float32))
+    (_, out), *_ = list(blend.release(16))
+    row = out[0, 8]
+    # columns 8, 9: the second window's band -> the first window's value; 14, 15: the first's band
+    np.testing.assert_allclose(row[[8, 9, 14, 15]], [1.0, 1.0, 3.0, 3.0], atol=1e-3)
+    assert 1.0 < row[11] < 3.0 and (np.diff(row[8:16]) >= -1e-6).all()
+
+
 def test_overlapping_windows_blend_to_their_weighted_mean():
     """Two windows overlapping by 4 px: inside the overlap each pixel is the ramp-weighted mean of
     the two windows' values; outside, each window's own."""

@@ -16,7 +16,11 @@ STAGES = {
     "rsdiff.ingest", "rsdiff.pretrain", "rsdiff.features.extract", "rsdiff.sweep", "rsdiff.prediction.run",
     "rsdiff.evaluate", "rsdiff.label_efficiency", "rsdiff.sample", "rsdiff.demo", "rsdiff.suggest.run",
 }  # fmt: skip
-COMPOSERS = {"rsdiff.demo": "runs every stage", "rsdiff.sample": "runs ingest on generated scenes"}
+COMPOSERS = {
+    "rsdiff.demo": "runs every stage",
+    "rsdiff.sample": "runs ingest on generated scenes",
+    "rsdiff.label_efficiency": "scores every model through predict and evaluate",
+}
 
 
 def _module(path: Path) -> str:

@@ -26,7 +26,14 @@ class IngestConfig:
     band_names: list[str] | None = None
     max_nodata_fraction: float = 0.1  # tiles with more nodata are dropped and counted
     shard_max_mb: float = 256.0
-    val_fraction: float = 0.0  # fraction of scenes held out as the val split
+    # Scene-level splits. `test` is never read by pretraining, extraction or sweeps (their default
+    # splits are train and val): it is scored once, at the end (jobs/label_efficiency.py).
+    val_fraction: float = 0.0  # fraction of all scenes held out as the val split
+    test_fraction: float = 0.0  # fraction of all scenes held out as the test split
+    # Explicit splits instead of fractions: globs matched against scene ids (tile_8-images-*) or
+    # image paths, e.g. whole dubai tiles, whose neighbouring images are correlated.
+    val_scenes: list[str] = field(default_factory=list)
+    test_scenes: list[str] = field(default_factory=list)
     split_seed: int = 0
     parallelism: int = 0  # number of Ray tasks; 0 = 2 x cluster CPUs (at most one per scene)
     overwrite: bool = False

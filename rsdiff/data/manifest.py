@@ -21,7 +21,7 @@ KIND = "rsdiff-manifest"
 class Manifest:
     """Facts about an ingest output.
 
-    ``shards`` maps a split (``train``/``val``) to shard file names relative to the manifest's
+    ``shards`` maps a split (``train``/``val``/``test``) to shard file names relative to the manifest's
     folder; ``band_stats`` holds per-band ``mean``/``std``/``min``/``max``/``count`` over every
     valid pixel of the kept tiles, in source units.
     """
@@ -41,6 +41,10 @@ class Manifest:
     format: int = FORMAT_VERSION
     kind: str = KIND
     inputs: list[str] = field(default_factory=list)
+    # scene id -> {"image": URI, "mask": URI or None}: where each scene came from (the label
+    # efficiency report predicts and scores whole test scenes from these)
+    scene_files: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    labels: dict[str, Any] | None = None  # the ingest's label config (mask template, classes, ...)
     root: str = field(default="", compare=False)
 
     @property

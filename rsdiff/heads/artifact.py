@@ -2,7 +2,10 @@
 head is built from it, and :class:`TrainedHead` (``head.pt`` weights + ``head.json`` sidecar).
 
 A :class:`TrainedHead` carries its channel selection (timesteps, blocks), feature
-standardisation, classes and the checkpoint URI it depends on.
+standardisation, classes and the checkpoint URI it depends on. A *pixel head* (``config.kind =
+scratch_unet``: the from-scratch UNet baseline) maps normalised pixels to class logits instead of
+features to classes; it has no timesteps or blocks and uses its checkpoint only for the band
+statistics that normalise a scene, so it predicts scenes through the same path.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from rsdiff import storage
 from rsdiff.artifacts import read_sidecar
 from rsdiff.config import build
 from rsdiff.errors import CheckpointError
-from rsdiff.heads.config import HeadConfig, HeadKind
+from rsdiff.heads.config import HeadConfig, HeadKind, ScratchUNetConfig
 from rsdiff.heads.ensemble import DDPMSegEnsembleHead
 from rsdiff.heads.residual import ResidualMLPHead
+from rsdiff.heads.scratch_unet import SmallUNet
 from rsdiff.weights import load_module_state, load_weights
 
 HEAD_KIND = "rsdiff-head"
 HEAD_FORMAT = 1
+
+PIXEL_HEAD = "scratch_unet"  # config.kind of a pixel head
 
 HEAD_WEIGHTS = "head.pt"
 HEAD_META = "head.json"
@@ -65,6 +71,42 @@ class TrainedHead:
     @property
     def class_names(self) -> list[str]:
         return [c["name"] for c in self.classes]
+
+    @property
+    def kind(self) -> str:
+        """``residual``, ``ensemble`` or ``scratch_unet`` (a pixel head)."""
+        return str(self.config.get("kind", HeadKind.residual.value))
+
+    @property
+    def on_pixels(self) -> bool:
+        """Whether the module reads ``(B, C, H, W)`` normalised pixels (a pixel head), not features."""
+        return self.kind == PIXEL_HEAD
+
+    @classmethod
+    def from_pixel_unet(
+        cls,
+        module: SmallUNet,
+        cfg: ScratchUNetConfig,
+        in_channels: int,
+        classes: list[dict[str, Any]],
+        checkpoint: str,
+        metrics: dict[str, Any] | None = None,
+    ) -> TrainedHead:
+        """A pixel head of a trained :class:`SmallUNet` (inputs normalised with ``checkpoint``'s band
+        statistics)."""
+        from rsdiff.config import to_container
+
+        return cls(
+            module=module.eval(),
+            config={"kind": PIXEL_HEAD, **to_container(cfg)},
+            timesteps=[],
+            blocks=[],
+            mean=np.zeros(in_channels, np.float32),  # pixel heads standardise nothing: the
+            std=np.ones(in_channels, np.float32),  # normaliser of the checkpoint already has
+            classes=classes,
+            checkpoint=checkpoint,
+            metrics=metrics or {},
+        )
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` raw features -> standardised."""
@@ -115,8 +157,13 @@ class TrainedHead:
             ) from exc
         state = load_weights(blob, weights)
         try:
-            cfg = build(HeadConfig, meta["config"])
-            module = build_head(cfg, int(meta["in_dim"]), len(meta["classes"]))
+            if meta["config"].get("kind") == PIXEL_HEAD:
+                ucfg = build(ScratchUNetConfig, {k: v for k, v in meta["config"].items() if k != "kind"})
+                module = SmallUNet(int(meta["in_dim"]), len(meta["classes"]), ucfg.base_channels, ucfg.levels)
+            else:
+                module = build_head(
+                    build(HeadConfig, meta["config"]), int(meta["in_dim"]), len(meta["classes"])
+                )
         except Exception as exc:
             raise CheckpointError(
                 f"{storage.display(uri)}/{HEAD_META} does not describe a head rsdiff can build "

@@ -50,5 +50,6 @@ class ScratchUNetConfig:
     weight_decay: float = 1e-4
     steps: int = 300
     batch_size: int = 8
-    eval_every: int = 25
+    eval_every: int = 25  # steps between validation scores
+    patience: int = 0  # evaluations without a better val mIoU before stopping (0: run all steps)
     seed: int = 0

@@ -1,10 +1,16 @@
 """Blending overlapping window predictions into one seamless map, row band by row band.
 
 Windows of ``size`` px step by ``size - overlap`` (the last row/column shifted to the scene edge).
-Each window's class probabilities are weighted by a linear ramp that rises from the window edge
-over ``overlap`` px (``ramp``), so pixels near a window border, where the UNet sees padding,
-count less than the same pixels seen near the centre of the neighbouring window. The blended
-value is ``sum(w * p) / sum(w)``.
+Each window's class probabilities are weighted (``ramp``) by the product over rows and columns of
+a 1-D weight of the pixel's distance ``d`` to the window edge: ``MIN_WEIGHT`` inside the degraded
+``border`` band (where the UNet sees padding, see :mod:`rsdiff.prediction.border`), then a linear
+ramp over the rest of the overlap, ``(d - border + 1) / (overlap - 2 border + 1)`` capped at 1. Two
+neighbouring windows cross-fade over the part of their overlap that is clear of both borders, and
+with ``overlap >= 2 border`` every pixel has a window in which it is clear of the band on both
+axes (the one nearer its centre on each; at ``overlap = 2 border`` the ramp is a step and each
+pixel comes from the one window whose central ``size - overlap`` px it is in), so border pixels
+are (almost) never what the map shows. ``border = 0`` is the plain linear ramp over the overlap.
+The blended value is ``sum(w * p) / sum(w)``.
 
 :class:`RowBlender` keeps only the rows that later windows can still touch: after the windows
 whose top row is ``r_i`` are added, every row above ``r_{i+1}`` is final and is handed out. Memory
@@ -17,11 +23,21 @@ from collections.abc import Iterator
 
 import numpy as np
 
+MIN_WEIGHT = 1e-4  # of a pixel inside a window's border band (> 0: scene edges have no better window)
 
-def ramp(size: int, overlap: int) -> np.ndarray:
-    """``(size, size)`` float32 weights: 1 inside, falling linearly to ``1/(overlap+1)`` at the edge."""
+
+def ramp(size: int, overlap: int, border: int = 0) -> np.ndarray:
+    """``(size, size)`` float32 weights: ``MIN_WEIGHT`` within ``border`` px of the edge, then
+    rising linearly to 1 over ``overlap - 2 * border`` px (with ``border=0``: 1 inside, falling to
+    ``1/(overlap+1)`` at the edge; ``overlap=0``: all 1)."""
+    if overlap and overlap < 2 * border:
+        raise ValueError(f"overlap={overlap} must be at least 2 x border={border}")
     d = np.minimum(np.arange(size), np.arange(size)[::-1]).astype(np.float32)
-    w1 = np.minimum(1.0, (d + 1.0) / (overlap + 1.0)) if overlap > 0 else np.ones(size, np.float32)
+    if overlap > 0:
+        w1 = np.clip((d - border + 1.0) / (overlap - 2 * border + 1.0), 0.0, 1.0)
+    else:
+        w1 = np.ones(size, np.float32)
+    w1 = np.where(d < border, MIN_WEIGHT, np.maximum(w1, MIN_WEIGHT))
     return np.outer(w1, w1).astype(np.float32)
 
 
@@ -32,12 +48,15 @@ class RowBlender:
         height, width: scene size (px).
         channels: classes C.
         size, overlap: window size and overlap (px).
+        border: px at each window edge given ``MIN_WEIGHT`` (see :func:`ramp`).
     """
 
-    def __init__(self, height: int, width: int, channels: int, size: int, overlap: int) -> None:
+    def __init__(
+        self, height: int, width: int, channels: int, size: int, overlap: int, border: int = 0
+    ) -> None:
         self.height, self.width, self.channels = height, width, channels
         self.size = size
-        self.weights = ramp(size, overlap)
+        self.weights = ramp(size, overlap, border)
         self.top = 0  # scene row of buffer row 0
         self.num = np.zeros((channels, 0, width), np.float32)
         self.den = np.zeros((0, width), np.float32)

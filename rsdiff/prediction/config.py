@@ -13,6 +13,13 @@ from omegaconf import MISSING
 from rsdiff.ray_config import RayConfig
 from rsdiff.tracking import StageTracking
 
+# Window defaults, from the border measurement in the README (tests/benchmarks/bench_window_border.py):
+# at each window edge a band of about window/8 px disagrees with centred prediction, so those pixels
+# get (almost) no weight, and windows overlap by window/2, enough that every pixel has a window in
+# which it is clear of the band on both axes.
+DEFAULT_BORDER_FRACTION = 1 / 8
+DEFAULT_OVERLAP_FRACTION = 1 / 2
+
 
 class Measure(Enum):
     entropy = "entropy"  # of the mean class distribution
@@ -35,7 +42,8 @@ class PredictConfig:
     inputs: list[str] = MISSING  # scenes: globs, folders, files or s3:// prefixes (GeoTIFF, JPG, PNG)
     output: str = "runs/predictions"
     window: int | None = None  # px; default: the checkpoint's training tile size
-    overlap: int | None = None  # px shared by neighbouring windows; default window // 4
+    overlap: int | None = None  # px shared by neighbouring windows; default window // 2
+    border: int | None = None  # px at each window edge given almost no weight; default window // 8
     batch_size: int = 4  # windows per UNet pass
     probabilities: bool = False  # also write {scene}.proba.tif (uint8, 255 = 1.0)
     uncertainty: bool = False  # also write {scene}.uncertainty.tif (float32 nats: entropy[, mutual info])

@@ -102,9 +102,9 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     storage.check_writable(out)
     if cfg.tracking.enabled:
         tracking.client(tracking.resolve_uri(cfg.tracking.uri))  # a bad store fails before any work
-    from rsdiff.features.extractor import FeatureExtractor
+    from rsdiff.prediction.scene import make_extractor
 
-    extractor = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, cfg.precision)
+    extractor = make_extractor(ddpm, head, cfg.precision)
     windows_total = count_windows(refs, plan, head, extractor, cfg.region)  # before any work
     run_id = uuid.uuid4().hex
     # From here on the folder no longer holds a complete prediction: the old marker goes first.
@@ -152,6 +152,7 @@ def _predict_all(
         "blocks": head.blocks,
         "window": plan.size,
         "overlap": plan.overlap,
+        "border": plan.border,
         "uncertainty": unc.bands if unc else None,
         "scenes": [relative_record(r, out) for r in records],
         "seconds": seconds,

@@ -43,10 +43,12 @@ CHUNK_VALUES = 1 << 23  # feature values (B x D x rows x W) built at once: 32 Mi
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """Sliding-window geometry in px: ``size`` (multiple of the UNet's downsampling), ``overlap``."""
+    """Sliding-window geometry in px: ``size`` (multiple of the UNet's downsampling), ``overlap``
+    and ``border`` (the degraded band at each window edge that blending gives almost no weight)."""
 
     size: int
     overlap: int
+    border: int = 0
 
     @property
     def stride(self) -> int:
@@ -64,7 +66,7 @@ class SceneOutputs:
     uncertainty: str | None = None  # the float32 uncertainty raster (with UncertaintyOptions)
 
 
-def check_scene(reader: SceneReader, head: TrainedHead, extractor: FeatureExtractor) -> None:
+def check_scene(reader: SceneReader, head: TrainedHead, extractor: FeatureExtractor | PixelInputs) -> None:
     """Fail with one message when a scene cannot feed the model (band count, dtype).
 
     Raises:
@@ -95,9 +97,36 @@ def _read_window(reader: SceneReader, row: int, col: int, size: int) -> np.ndarr
     return pixels
 
 
+class PixelInputs:
+    """What a pixel head (see :class:`TrainedHead`) predicts from in place of a
+    :class:`FeatureExtractor`: the checkpoint (band statistics, band checks) and the device, with
+    no UNet pass; normalised windows go to the head as they are."""
+
+    def __init__(self, ddpm: Any, precision: str = "auto") -> None:
+        from rsdiff.devices import autocast_dtype
+
+        self.ddpm = ddpm
+        self.in_channels = int(ddpm.meta["in_channels"])
+        self.amp_dtype = autocast_dtype(precision, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.ddpm.model.parameters()).device
+
+
+def make_extractor(ddpm: Any, head: TrainedHead, precision: str = "auto") -> FeatureExtractor | PixelInputs:
+    """The head's inputs: frozen-UNet features of its timesteps/blocks, or pixels for a pixel head."""
+    if head.on_pixels:
+        return PixelInputs(ddpm, precision)
+    return FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, precision)
+
+
 @torch.no_grad()
 def window_probabilities(
-    extractor: FeatureExtractor, head: TrainedHead, x: torch.Tensor, outputs: PixelOutputs | None = None
+    extractor: FeatureExtractor | PixelInputs,
+    head: TrainedHead,
+    x: torch.Tensor,
+    outputs: PixelOutputs | None = None,
 ) -> torch.Tensor:
     """``(B, C_in, S, S)`` normalised windows -> ``(B, channels, S, S)`` float32: the class
     probabilities, then whatever else ``outputs`` computes per pixel (mutual information,
@@ -108,6 +137,15 @@ def window_probabilities(
     """
     outputs = outputs or PixelOutputs(head)
     b, _, s, _ = x.shape
+    if head.on_pixels:
+        if outputs.channels != head.num_classes:
+            raise ValueError("a pixel head gives class probabilities only (no members, no descriptors)")
+        from rsdiff.devices import autocast
+
+        head.module.eval()
+        with autocast(extractor.device, extractor.amp_dtype):
+            logits = head.module(x.to(extractor.device, torch.float32))
+        return torch.softmax(logits.float(), 1)
     acts = extractor.activations(x)
     rows = max(1, min(s, CHUNK_VALUES // max(1, b * extractor.dim * s)))
     out = torch.empty((b, outputs.channels, s, s), dtype=torch.float32, device=extractor.device)
@@ -143,7 +181,7 @@ class UncertaintyOptions:
 def predict_scene(
     ref: SceneRef,
     head: TrainedHead,
-    extractor: FeatureExtractor,
+    extractor: FeatureExtractor | PixelInputs,
     plan: WindowPlan,
     outputs: SceneOutputs,
     batch_size: int = 4,
@@ -215,7 +253,9 @@ def predict_scene(
             else None
         )
         try:
-            blender = RowBlender(reader.height, reader.width, pixel_outputs.channels, plan.size, plan.overlap)
+            blender = RowBlender(
+                reader.height, reader.width, pixel_outputs.channels, plan.size, plan.overlap, plan.border
+            )
             rows = axis_origins(reader.height, plan.size, plan.stride)
             cols = axis_origins(reader.width, plan.size, plan.stride)
             windows = 0

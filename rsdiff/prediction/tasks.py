@@ -38,20 +38,30 @@ def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, A
 
 
 def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
-    """The window geometry of a config with ``window``, ``overlap``, ``batch_size``,
+    """The window geometry of a config with ``window``, ``overlap``, ``border``, ``batch_size``,
     ``cpus_per_scene`` and ``num_gpus`` (predict's, suggest's), validated against the UNet (size
     divisible by its downsampling)."""
+    from rsdiff.prediction.config import DEFAULT_BORDER_FRACTION, DEFAULT_OVERLAP_FRACTION
+
     size = int(cfg.window or ddpm.meta["image_size"])
     factor = 2 ** (len(ddpm.meta["model"]["channel_mult"]) - 1)
-    overlap = int(cfg.overlap if cfg.overlap is not None else size // 4)
+    overlap = int(cfg.overlap if cfg.overlap is not None else size * DEFAULT_OVERLAP_FRACTION)
+    border = cfg.border if cfg.border is not None else int(size * DEFAULT_BORDER_FRACTION)
+    if cfg.border is None and overlap < 2 * border:  # a small explicit overlap: the plain ramp
+        border = 0
     if size < factor or size % factor:
         raise ConfigError(f"window={size} must be a positive multiple of {factor} (the UNet's downsampling)")
     if not 0 <= overlap < size:
         raise ConfigError(f"overlap={overlap} must be in [0, window={size})")
+    if border < 0 or (border and overlap < 2 * border):
+        raise ConfigError(
+            f"border={border} must be >= 0 and overlap={overlap} at least twice it (so every pixel has a "
+            "window in which it is clear of the border band); raise overlap or lower border"
+        )
     require("batch_size", cfg.batch_size, ge=1)
     require("cpus_per_scene", cfg.cpus_per_scene, gt=0)
     require("num_gpus", cfg.num_gpus, ge=0)
-    return WindowPlan(size, overlap)
+    return WindowPlan(size, overlap, int(border))
 
 
 _CACHE: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (head, device, precision) -> loaded
@@ -75,17 +85,13 @@ def _predict_task(
 ) -> dict[str, Any]:
     """A Ray task: one scene. Raises RsdiffError subclasses unchanged (the driver reports them)."""
     from rsdiff.devices import pick_device
-    from rsdiff.features.extractor import FeatureExtractor
-    from rsdiff.prediction.scene import predict_scene
+    from rsdiff.prediction.scene import make_extractor, predict_scene
 
     device = pick_device(opts.num_gpus)
     key = (head_uri, str(device), opts.precision)
     if key not in _CACHE:
         head, ddpm = load_head_and_checkpoint(head_uri, device)
-        _CACHE[key] = (
-            head,
-            FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed, opts.precision),
-        )
+        _CACHE[key] = (head, make_extractor(ddpm, head, opts.precision))
     head, extractor = _CACHE[key]
     record = predict_scene(
         ref,

@@ -41,7 +41,7 @@ def max_entropy(num_classes: int) -> float:
 
 def has_members(head: TrainedHead, mc_samples: int) -> bool:
     """Whether ``head`` gives member distributions: an ensemble, or a residual head with MC dropout."""
-    return HeadKind(head.config.get("kind", "residual")) is HeadKind.ensemble or mc_samples > 0
+    return head.kind == HeadKind.ensemble.value or mc_samples > 0
 
 
 def check_measure(head: TrainedHead, measure: Measure, mc_samples: int, where: str = "") -> None:
@@ -53,8 +53,11 @@ def check_measure(head: TrainedHead, measure: Measure, mc_samples: int, where: s
     """
     if mc_samples < 0 or mc_samples == 1:
         raise ConfigError(f"{where}mc_samples={mc_samples}: use 0 (off) or >= 2 dropout samples")
-    kind = HeadKind(head.config.get("kind", "residual"))
-    if mc_samples and kind is HeadKind.residual and float(head.config.get("dropout", 0.0)) <= 0:
+    if head.on_pixels and (mc_samples or measure is Measure.mutual_information):
+        raise ConfigError(
+            f"{where}a pixel head (scratch UNet) has no members or dropout: use measure=entropy, mc_samples=0"
+        )
+    if mc_samples and head.kind == HeadKind.residual.value and float(head.config.get("dropout", 0.0)) <= 0:
         raise ConfigError(
             f"{where}mc_samples={mc_samples} needs dropout, but the head was trained with dropout=0; "
             "use measure=entropy, or a head trained with dropout > 0"
@@ -77,7 +80,7 @@ def member_probabilities(
     no members.
     """
     module = head.module
-    if HeadKind(head.config.get("kind", "residual")) is HeadKind.ensemble:
+    if head.kind == HeadKind.ensemble.value:
         module.eval()
         return torch.softmax(module(x).float(), -1)
     if mc_samples <= 0:
@@ -148,7 +151,7 @@ class PixelOutputs:
                 raise ConfigError("mutual information asked of a head without members")
         # The ensemble's prediction is its members' mean (one forward pass serves both); MC dropout
         # samples never change the map, which stays the deterministic pass.
-        ensemble = HeadKind(head.config.get("kind", "residual")) is HeadKind.ensemble
+        ensemble = head.kind == HeadKind.ensemble.value
         probs = members.mean(0) if ensemble and members is not None else head.module.predict(x)[1].float()
         parts = [probs]
         if members is not None:

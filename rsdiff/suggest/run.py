@@ -143,6 +143,11 @@ def run_suggest(cfg: SuggestConfig) -> SuggestResult:
     _check(cfg)
     head_uri = storage.absolute(str(cfg.head))
     head, ddpm = load_head_and_checkpoint(head_uri)
+    if head.on_pixels:
+        raise ConfigError(
+            f"head {storage.display(head_uri)} is a pixel head (scratch UNet): suggestions rank tiles by a "
+            "feature head's uncertainty and descriptors; give a residual or ensemble head"
+        )
     plan = window_plan(cfg, ddpm)
     measure = resolve_measure(cfg, head)
     candidates, labeled = split_labeled(cfg)

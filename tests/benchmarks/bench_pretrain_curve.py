@@ -1,0 +1,133 @@
+"""The pretraining-compute curve: test mIoU of the residual head vs images seen in pretraining.
+
+For each checkpoint of one pretraining run: extract features of the labeled shards (train and val
+splits only), then ``run_label_efficiency`` with the residual head (timesteps/blocks fixed for every
+checkpoint, so only the weights change), scored on the shards' test scenes. The scratch UNet does
+not depend on the checkpoint: it is trained once (with the first checkpoint's run) and drawn as a
+band (mean ± std over draws) per k. Prints one JSON line; writes ``curve.json`` and ``curve.png``
+under ``--out``.
+
+    python tests/benchmarks/bench_pretrain_curve.py --shards runs/dubai/shards \\
+        --checkpoints runs/curve/ray/curve/checkpoint_00000250 ... --ks 1 2 5 --draws 3 \\
+        --timesteps 50 150 250 --blocks up1.res0 up1.res1 --test-region 0 0 192 192 --out runs/curve/report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rsdiff.config import build
+from rsdiff.features.config import ExtractConfig
+from rsdiff.features.extract import run_extract
+from rsdiff.label_efficiency import LabelEfficiencyConfig, run_label_efficiency
+
+
+def _stats(rows: list[dict], method: str, k: int) -> tuple[float, float]:
+    v = [r["test_miou"] for r in rows if r["method"] == method and r["k"] == k]
+    return float(np.mean(v)), float(np.std(v))
+
+
+def _plot(points: list[dict], scratch: dict[int, tuple[float, float]], ks: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    x = [p["images_seen"] for p in points]
+    for i, k in enumerate(ks):
+        colour = f"C{i}"
+        mean = np.array([p["residual"][str(k)][0] for p in points])
+        std = np.array([p["residual"][str(k)][1] for p in points])
+        ax.plot(x, mean, marker="o", color=colour, label=f"DDPM features, k={k}")
+        ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
+        m, s = scratch[k]
+        ax.axhspan(m - s, m + s, color=colour, alpha=0.08)
+        ax.axhline(m, color=colour, ls="--", lw=1, label=f"scratch UNet, k={k}")
+    ax.set_xscale("log")
+    ax.set_xlabel("images seen in pretraining")
+    ax.set_ylabel("test mIoU (mean ± std over draws)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", required=True, help="labeled ingest output with train, val and test splits")
+    ap.add_argument("--checkpoints", nargs="+", required=True)
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 5])
+    ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--timesteps", nargs="+", type=int, default=[50, 150, 250])
+    ap.add_argument("--blocks", nargs="*", default=[])
+    ap.add_argument("--max-images", type=int, default=600)
+    ap.add_argument("--pixels-per-class", type=int, default=64)
+    ap.add_argument("--test-region", nargs=4, type=int, default=None)
+    ap.add_argument("--head-epochs", type=int, default=10)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points, scratch = [], {}
+    for i, ckpt in enumerate(args.checkpoints):
+        t0 = time.perf_counter()
+        step = Path(ckpt).name
+        table = run_extract(
+            build(
+                ExtractConfig,
+                {"checkpoint": ckpt, "shards": args.shards, "output": str(out / f"features-{step}"),
+                 "timesteps": args.timesteps, "blocks": args.blocks, "max_images": args.max_images,
+                 "pixels_per_class": args.pixels_per_class, "overwrite": True},
+            )
+        )  # fmt: skip
+        extract_s = time.perf_counter() - t0
+        methods = ["residual", "scratch_unet"] if i == 0 else ["residual"]
+        le = run_label_efficiency(
+            build(
+                LabelEfficiencyConfig,
+                {"features": table.root, "ks": args.ks, "draws": args.draws, "methods": methods,
+                 "test_region": args.test_region, "head": {"epochs": args.head_epochs},
+                 "output": str(out / f"le-{step}"), "tracking": {"enabled": False}},
+            )
+        )  # fmt: skip
+        results = json.loads((Path(le.output) / "results.json").read_text())
+        if i == 0:
+            scratch = {k: _stats(le.rows, "scratch_unet", k) for k in args.ks}
+        points.append(
+            {
+                "checkpoint": ckpt,
+                "step": results["pretraining"]["step"],
+                "images_seen": results["pretraining"]["images_seen"],
+                "residual": {str(k): _stats(le.rows, "residual", k) for k in args.ks},
+                "extract_seconds": round(extract_s, 1),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    report = {
+        "bench": "pretrain_curve",
+        "shards": args.shards,
+        "ks": args.ks,
+        "draws": args.draws,
+        "test_region": args.test_region,
+        "points": points,
+        "scratch_unet": {str(k): v for k, v in scratch.items()},
+        "residual_minus_scratch_points": {
+            str(k): [round(100 * (p["residual"][str(k)][0] - scratch[k][0]), 1) for p in points]
+            for k in args.ks
+        },
+    }
+    (out / "curve.json").write_text(json.dumps(report, indent=1))
+    _plot(points, scratch, args.ks, out / "curve.png")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

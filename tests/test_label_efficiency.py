@@ -1,0 +1,257 @@
+"""The evaluation protocol nothing tunes on: the ingest's test split, label efficiency counted in
+labeled scenes and scored on whole test scenes, and window borders that do not show in the map."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import run_job
+from mlflow import MlflowClient
+
+from rsdiff.config import build, load_config
+from rsdiff.data.ingest_config import IngestConfig
+from rsdiff.data.scenes import SceneRef
+from rsdiff.errors import ConfigError
+from rsdiff.ingest import run_ingest, split_scenes
+from rsdiff.prediction.config import PredictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _refs(n: int) -> list[SceneRef]:
+    return [
+        SceneRef(f"tile_{i // 3}-images-part_{i % 3}", f"/data/tile_{i // 3}/images/part_{i % 3}.jpg")
+        for i in range(n)
+    ]
+
+
+@pytest.mark.unit
+def test_scene_split_holds_out_test_by_fraction_or_by_pattern():
+    refs = _refs(9)
+    # Without a test split, the split is the one earlier versions made (a seeded shuffle, val first).
+    order = sorted(refs, key=lambda r: r.id)
+    random.Random(5).shuffle(order)
+    assert split_scenes(refs, 0.34, 5) == {
+        "train": sorted(order[4:], key=lambda r: r.id),
+        "val": sorted(order[:4], key=lambda r: r.id),
+    }
+    # Fractions count all scenes: ceil(0.2 * 9) = 2 test, then ceil(0.3 * 9) = 3 val of the rest.
+    s = split_scenes(refs, 0.3, 5, test_fraction=0.2)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [4, 3, 2]
+    assert s["test"] == sorted(order[:2], key=lambda r: r.id)
+    assert s["val"] == sorted(order[2:5], key=lambda r: r.id)
+    # Whole tiles by pattern, over ids or image paths.
+    s = split_scenes(refs, 0.0, 0, test_scenes=["tile_2-*"], val_scenes=["*/tile_1/*"])
+    assert [r.id for r in s["test"]] == [f"tile_2-images-part_{i}" for i in range(3)]
+    assert [r.id for r in s["val"]] == [f"tile_1-images-part_{i}" for i in range(3)]
+    assert {r.id[:6] for r in s["train"]} == {"tile_0"}
+    with pytest.raises(ConfigError, match="test_scenes: 'tile_9-\\*' matches no scene"):
+        split_scenes(refs, 0.0, 0, test_scenes=["tile_9-*"])
+    with pytest.raises(ConfigError, match="in both val_scenes and the test split"):
+        split_scenes(refs, 0.0, 0, test_scenes=["tile_1-*"], val_scenes=["tile_1-images-part_0"])
+    with pytest.raises(ConfigError, match="no scene is left for train"):
+        split_scenes(refs, 0.0, 0, test_scenes=["tile_[12]-*"], val_scenes=["tile_0-*"])
+
+
+def test_ingest_records_the_test_split_its_files_and_labels(sample_scenes, tmp_path, ray_cluster):
+    out = tmp_path / "shards"
+    manifest = run_ingest(
+        load_config(
+            IngestConfig,
+            REPO / "configs/ingest/sample.yaml",
+            [
+                f"inputs=[{sample_scenes}/images/*.tif]",
+                f"output={out}",
+                "val_fraction=0",
+                "test_scenes=['scene_0[45]']",
+            ],
+        )
+    )
+    assert manifest.scenes == {"train": [f"scene_0{i}" for i in range(4)], "test": ["scene_04", "scene_05"]}
+    assert all(n.startswith("test-") for n in manifest.shards["test"])
+    assert manifest.scene_files["scene_05"] == {
+        "image": str(sample_scenes / "images" / "scene_05.tif"),
+        "mask": str(sample_scenes / "labels" / "scene_05.tif"),
+    }
+    assert manifest.labels["kind"] == "index" and manifest.labels["classes"][0] == {
+        "name": "water", "colour": None, "value": 0,
+    }  # fmt: skip
+    # Pretraining and extraction read train and val only: the test shards are in neither list.
+    from rsdiff.train.config import DataConfig
+
+    assert "test" not in DataConfig().splits
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["scenes"]["test"] == ["scene_04", "scene_05"]
+
+
+def _hand_confusion(map_path: Path, mask_path: str, values: list[int], n: int) -> np.ndarray:
+    """The confusion matrix of one predicted map against its index mask, computed with numpy only."""
+    with rasterio.open(map_path) as m, rasterio.open(mask_path) as k:
+        pred, mask = m.read(1).astype(np.int64), k.read(1).astype(np.int64)
+    truth = np.full(mask.shape, -1)
+    for i, v in enumerate(values):
+        truth[mask == v] = i
+    keep = (truth >= 0) & (pred < n)
+    return np.bincount(truth[keep] * n + pred[keep], minlength=n * n).reshape(n, n)
+
+
+def _iou(cm: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
+
+
+def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
+    sample_demo, tmp_path, mlflow_uri, ray_address
+):
+    work = sample_demo
+    out = tmp_path / "le"
+    proc = run_job(
+        "label_efficiency.py",
+        f"features={work / 'features'}",
+        f"selection={work / 'sweep' / 'best'}",
+        "ks=[1,2]",
+        "draws=2",
+        "unet.steps=30",
+        "unet.eval_every=10",
+        "head.epochs=3",
+        "ensemble.epochs=2",
+        "ensemble.members=3",
+        f"output={out}",
+        f"tracking.uri={mlflow_uri}",
+        env=ray_address,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    test, train = manifest["scenes"]["test"], manifest["scenes"]["train"]
+    assert results["unit"] == "scenes" and results["test_scenes"] == test
+    runs = results["runs"]
+    assert len(runs) == 2 * 2 * 3
+    for k in (1, 2):
+        for d in (0, 1):
+            same = [r for r in runs if r["k"] == k and r["draw"] == d]
+            assert {r["method"] for r in same} == {"residual", "ensemble", "scratch_unet"}
+            # the same k training scenes (and tiles) for every method, never a test scene
+            assert all(r["drawn"] == same[0]["drawn"] and r["tiles"] == same[0]["tiles"] for r in same)
+            assert same[0]["drawn"] == same[0]["scenes"] and len(same[0]["scenes"]) == k
+            assert set(same[0]["scenes"]) <= set(train)
+    # Every run predicted the whole test scenes; check one of each method against a confusion
+    # matrix built here from its maps and the masks.
+    values = [c["value"] for c in manifest["labels"]["classes"]]
+    n = len(values)
+    for r in [x for x in runs if x["k"] == 2 and x["draw"] == 1]:
+        pred_dir = out / "predictions" / f"{r['method']}-k2-d1"
+        summary = json.loads((pred_dir / "predictions.json").read_text())
+        assert sorted(s["scene"] for s in summary["scenes"]) == sorted(test)
+        total = np.zeros((n, n), np.int64)
+        for s in summary["scenes"]:
+            with rasterio.open(pred_dir / s["class_map"]) as m, rasterio.open(s["image"]) as src:
+                assert m.shape == src.shape and m.crs == src.crs and m.transform == src.transform
+            cm = _hand_confusion(
+                pred_dir / s["class_map"], manifest["scene_files"][s["scene"]]["mask"], values, n
+            )
+            assert r["test_scenes"][s["scene"]]["miou"] == pytest.approx(np.nanmean(_iou(cm)))
+            total += cm
+        assert r["test_miou"] == pytest.approx(np.nanmean(_iou(total)))
+        names = [c["name"] for c in manifest["labels"]["classes"]]
+        for name, v in zip(names, _iou(total)):
+            assert (r["test_iou"][name] is None) if math.isnan(v) else r["test_iou"][name] == pytest.approx(v)
+    # The scratch UNet is a pixel head, predicted through the same path.
+    head = json.loads((out / "heads" / "scratch_unet-k1-d0" / "head.json").read_text())
+    assert head["config"]["kind"] == "scratch_unet" and head["timesteps"] == [] and head["in_dim"] == 4
+    scratch = [r for r in runs if r["method"] == "scratch_unet"]
+    assert all(r["labeled_pixels"] > 0 and 10 <= r["best_step"] <= 30 and r["params"] > 0 for r in scratch)
+    table = (out / "table.md").read_text()
+    assert "| scratch_unet |" in table and "k=2 scenes" in table and "| residual | 2 |" in table
+    mean = np.mean([r["test_miou"] for r in runs if r["method"] == "residual" and r["k"] == 2])
+    row = next(line for line in table.splitlines() if line.startswith("| residual | 0"))
+    assert row.split(" | ")[2].startswith(f"{mean:.3f} ± ")  # the k=2 column
+    assert (out / "label_efficiency.png").stat().st_size > 1000
+    client = MlflowClient(mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("rsdiff-label-efficiency").experiment_id])[0]
+    assert {"label_efficiency.png", "results.json", "table.md"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
+    hist = client.get_metric_history(run.info.run_id, "test_miou_residual_mean")
+    assert {m.step: m.value for m in hist}[2] == pytest.approx(mean)
+    assert json.loads(run.data.params["test_scenes"]) == test
+
+
+def test_label_efficiency_in_tiles_draws_k_tiles(sample_demo, tmp_path, ray_address):
+    out = tmp_path / "le"
+    proc = run_job(
+        "label_efficiency.py", f"features={sample_demo / 'features'}", "unit=tiles", "ks=[3]", "draws=1",
+        "methods=[scratch_unet]", "unet.steps=10", "unet.eval_every=5", f"output={out}",
+        "tracking.enabled=false",
+        env=ray_address,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["tiles"] == 3 and len(run["drawn"]) == 3 and all("/" in t for t in run["drawn"])
+    assert set(run["scenes"]) == {t.split("/")[0] for t in run["drawn"]}
+    assert 0.0 <= run["test_miou"] <= 1.0
+
+
+def test_label_efficiency_refuses_shards_without_a_test_split(labeled_table, tmp_path):
+    proc = run_job("label_efficiency.py", f"features={labeled_table.root}", f"output={tmp_path / 'le'}")
+    assert proc.returncode == 2
+    assert "have no 'test' split" in proc.stderr and "test_fraction" in proc.stderr
+    assert not (tmp_path / "le" / "results.json").exists()
+
+
+def _blend_uniform_scene(p: np.ndarray, h: int, w: int, overlap: int, border: int) -> np.ndarray:
+    """The class map of an ``h x w`` uniform scene of which every window predicts ``p``
+    ``(C, size, size)``, blended the way prediction blends."""
+    from rsdiff.data.tiling import axis_origins
+    from rsdiff.prediction.blend import RowBlender
+
+    size = p.shape[-1]
+    blender = RowBlender(h, w, p.shape[0], size, overlap, border)
+    rows, cols = axis_origins(h, size, size - overlap), axis_origins(w, size, size - overlap)
+    out = np.zeros((h, w), np.int64)
+    for i, r in enumerate(rows):
+        for c in cols:
+            blender.add(r, c, p)
+        for first, probs in blender.release(rows[i + 1] if i + 1 < len(rows) else h):
+            out[first : first + probs.shape[1]] = probs.argmax(0)
+    return out
+
+
+@pytest.mark.unit
+def test_a_uniform_scene_predicts_uniformly_with_the_default_windows():
+    """Uniform water used to come out with a grid of stray pixels at the window corners: near its
+    own edges a window's features are degraded (the UNet sees padding), and with a 16 px overlap
+    a pixel where four windows meet is within 8 px of an edge in every one of them. Here every
+    window of a uniform scene says water (class 1) except in a band of 8 px at its edges (class
+    0: about the band measured on dubai-aerial, see the README); the default windows must give a
+    uniform map away from the scene's own edge."""
+    from types import SimpleNamespace
+
+    from rsdiff.prediction.tasks import window_plan
+
+    size, band, h, w = 64, 8, 200, 232
+    edge = np.minimum(np.arange(size), size - 1 - np.arange(size))
+    in_band = np.minimum(edge[:, None], edge[None, :]) < band
+    p = np.where(in_band[None], np.array([0.6, 0.4])[:, None, None], np.array([0.3, 0.7])[:, None, None])
+    ddpm = SimpleNamespace(meta={"image_size": size, "model": {"channel_mult": [1, 2, 2]}})
+    cfg = build(PredictConfig, {"head": "h", "inputs": ["s"]})
+    plan = window_plan(cfg, ddpm)
+    assert (plan.size, plan.overlap, plan.border) == (64, 32, 8)
+    got = _blend_uniform_scene(p.astype(np.float32), h, w, plan.overlap, plan.border)
+    inner = got[band:-band, band:-band]
+    assert (inner == 1).all(), np.argwhere(inner != 1)[:5]
+    # pixels within the band of the scene's own edge have no better window: they keep the band's class
+    assert (got[:band] == 0).any()
+    # the earlier defaults (overlap 16, plain ramp): stray pixels where windows meet, in a regular grid
+    old = _blend_uniform_scene(p.astype(np.float32), h, w, 16, 0)[band:-band, band:-band]
+    stray = np.argwhere(old != 1) + band
+    assert len(stray) > 0 and set(np.unique(stray[:, 0] % 48)) <= set(range(48 - band, 48)) | set(
+        range(16 + band)
+    )
