@@ -134,7 +134,8 @@ def _wait_idle(cluster: FakeCluster, what: str) -> None:
 
 def test_a_rank_no_node_type_offers_fails_at_once_naming_the_resource(cluster, s3_shards, tmp_path):
     """``accelerator_type=H100`` on a cluster of A10G and A100 node types: one clear error within a
-    minute, no node launched, instead of a job pending forever."""
+    minute, no node launched, instead of a job pending forever; and no resource request left behind
+    for the autoscaler to act on after the job (it once launched a third node for the next job)."""
     t0 = time.monotonic()
     proc = _submit(
         cluster, f"data.shards={s3_shards}/shards", f"run.storage={s3_shards}/runs", "run.name=h100",
@@ -149,6 +150,12 @@ def test_a_rank_no_node_type_offers_fails_at_once_naming_the_resource(cluster, s
     assert "Traceback" not in out.split("no node type of this cluster")[-1]
     assert took < 120, took
     assert not cluster.workers()  # nothing was launched for it
+
+    def withdrawn() -> bool:  # the refused run's autoscaling request does not outlive it
+        status = cluster.ray("status", "--address", cluster.address, timeout=60).stdout
+        return "accelerator_type:H100" not in status.split("From request_resources:")[-1]
+
+    wait_for(withdrawn, "the refused run's resource request to be withdrawn", timeout_s=30, poll_s=3)
 
 
 def test_local_checkpoint_storage_is_refused_on_a_multi_node_cluster(cluster, s3_shards, tmp_path):

@@ -80,7 +80,8 @@ def keeping_sigint_handler() -> Iterator[None]:
 
 def kill_switch(trainer: Any) -> Callable[[], None]:
     """A function that ends ``trainer.fit()`` now, from any thread: it kills the run's Ray Train
-    controller actor (its pending placement group goes with it) and ``fit()`` raises.
+    controller actor (its pending placement group goes with it), withdraws the run's autoscaling
+    request, and ``fit()`` raises.
 
     Ray Train's own Ctrl-C path asks the controller to abort, which waits behind a placement group
     that never comes. The controller's handle is caught where Ray Train passes it to its SIGINT
@@ -100,10 +101,31 @@ def kill_switch(trainer: Any) -> Callable[[], None]:
     def stop() -> None:
         if "controller" in held:
             ray.kill(held["controller"], no_restart=True)
+            withdraw_resource_request(trainer)
         else:
             _thread.interrupt_main()
 
     return stop
+
+
+def withdraw_resource_request(trainer: Any) -> None:
+    """Cancel the autoscaling request a Ray Train run registered when its controller started.
+
+    The controller withdraws it when the run ends or aborts; a killed controller cannot, and its
+    request would stand for Ray Train's expiry time (180 s), asking the autoscaler for nodes no job
+    wants: the ranks of a refused run would launch nodes for the next job to pay for. The request
+    lives on Ray's ``AutoscalingCoordinator`` actor under ``train-<run_id>``.
+    """
+    import ray
+
+    run_id = getattr(getattr(trainer, "train_run_context", None), "run_id", None)
+    if run_id is None:
+        return
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        ray.get(coordinator.cancel_request.remote(requester_id=f"train-{run_id}"), timeout=10)
+    except Exception as exc:  # no coordinator (nothing was requested), or it is gone
+        log.debug("no autoscaling request withdrawn for run %s: %s", run_id, exc)
 
 
 class PlacementWatch:
