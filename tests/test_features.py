@@ -18,7 +18,7 @@ from rsdiff.data.shards import iter_shard
 from rsdiff.errors import CheckpointError, ConfigError, DataError
 from rsdiff.features.blocks import block_channels, list_blocks
 from rsdiff.features.config import ExtractConfig
-from rsdiff.features.extract import run_extract
+from rsdiff.features.extract import keep_fraction, run_extract, tile_draw
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.features.table import FeatureTable, read_part
 from rsdiff.heads.artifact import TrainedHead
@@ -51,6 +51,21 @@ def test_extraction_to_s3_and_channel_index(labeled_ckpt, labeled_table):
     for img in set(part["image"].tolist()):
         sel = part["image"] == img
         assert np.bincount(part["labels"][sel]).max() <= 16
+
+
+def test_an_image_cap_samples_every_scene_not_the_first_shards(labeled_ckpt, labeled_table):
+    """``max_images=24`` keeps a seeded random share of each split's tiles: spread over its scenes
+    (the first 24 tiles in shard order were one or two whole scenes), reproducible by key."""
+    manifest = read_manifest(labeled_ckpt[1])
+    for split in ("train", "val"):
+        keys = set()
+        for part in labeled_table.parts(split):
+            keys.update(str(k) for k in np.unique(read_part(labeled_table.root, part["name"])["image"]))
+        keep = keep_fraction(24, manifest.samples[split])
+        assert 0 < len(keys) <= 24 and all(tile_draw(k, 0) < keep for k in keys), (split, keep)
+        scenes = {k.split("/", 1)[0] for k in keys}
+        assert scenes <= set(manifest.scenes[split])
+        assert len(scenes) >= min(3, len(manifest.scenes[split])), (split, sorted(scenes))
 
 
 def test_same_pixels_give_identical_features_and_subsets_match_direct_extraction(

@@ -37,7 +37,7 @@ class ExtractConfig:
     block_numbering: BlockNumbering = BlockNumbering.rsdiff
     source: SourceOptions = field(default_factory=SourceOptions)  # reading an ADM .pt / diffusers folder
     pixels_per_class: int = 64  # cap of sampled pixels per class per image
-    max_images: int | None = None  # per split
+    max_images: int | None = None  # per split: a random share of each scene's tiles (sample_seed)
     noise_seed: int = 0
     sample_seed: int = 0
     batch_size: int = 8

@@ -52,6 +52,19 @@ def _image_rng(key: str, seed: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def tile_draw(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by a tile's key and ``seed`` (which tiles a cap keeps)."""
+    digest = hashlib.sha256(f"tiles:{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def keep_fraction(max_images: int | None, tiles: int) -> float:
+    """Share of a split's ``tiles`` to keep so that about ``max_images`` remain (1.0: all)."""
+    if not max_images or tiles <= max_images:
+        return 1.0
+    return max_images / tiles
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """What every feature actor is told (resolved and checked on the driver)."""
@@ -150,8 +163,12 @@ class FeatureActor:
         }
 
 
-def _read_tiles(item: dict[str, Any], counter: Any, bands: int, size: int) -> list[dict[str, Any]]:
-    """All labeled tiles of one shard as Ray Data rows.
+def _read_tiles(
+    item: dict[str, Any], counter: Any, bands: int, size: int, keep: dict[str, float], seed: int
+) -> list[dict[str, Any]]:
+    """The labeled tiles of one shard as Ray Data rows: those whose :func:`tile_draw` is below
+    ``keep[split]`` (every tile at 1.0), so a ``max_images`` cap samples every scene alike instead
+    of taking the first shards' scenes whole.
 
     A malformed sample (wrong array shape, undecodable) is skipped, and an unreadable shard ends
     with the samples read before the damage; both are counted on ``counter`` (``bad_samples``,
@@ -169,7 +186,7 @@ def _read_tiles(item: dict[str, Any], counter: Any, bands: int, size: int) -> li
 
     try:
         for s in iter_shard(shard):
-            if s.label is None:
+            if s.label is None or tile_draw(s.key, seed) >= keep[item["split"]]:
                 continue
             image, label = np.asarray(s.image), np.asarray(s.label)
             if image.ndim != 3 or image.shape != (bands, size, size) or label.shape != (size, size):
@@ -266,9 +283,11 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
 
     counter = ProgressCounter.remote()
     actor_cpus, read_cpus = actor_resources(ray.cluster_resources().get("CPU", 0), int(cfg.concurrency))
+    keep = {split: keep_fraction(cfg.max_images, int(manifest.samples.get(split, 0))) for split in splits}
     read = functools.partial(
-        _read_tiles, counter=counter, bands=manifest.num_bands, size=int(manifest.tile_size)
-    )
+        _read_tiles, counter=counter, bands=manifest.num_bands, size=int(manifest.tile_size), keep=keep,
+        seed=int(cfg.sample_seed),
+    )  # fmt: skip
     datasets = []
     for split in splits:
         ds = ray.data.from_items([{"shard": u, "split": split} for u in manifest.shard_uris(split)]).flat_map(

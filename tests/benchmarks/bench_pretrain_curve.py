@@ -9,7 +9,10 @@ under ``--out``.
 
     python tests/benchmarks/bench_pretrain_curve.py --shards runs/dubai/shards \\
         --checkpoints runs/curve/ray/curve/checkpoint_00000250 ... --ks 1 2 5 --draws 3 \\
-        --timesteps 50 150 250 --blocks up1.res0 up1.res1 --test-region 0 0 192 192 --out runs/curve/report
+        --timesteps 50 --blocks up0.res1 up1.res1 up2.res1 --test-region 0 0 256 256 \\
+        --set head.width=128 head.class_weighting=balanced unet.steps=1000 --out runs/curve/report
+
+``--set`` takes ``jobs/label_efficiency.py`` overrides (key=value), applied to every comparison.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
-from rsdiff.config import build
+from rsdiff.config import build, preset
 from rsdiff.features.config import ExtractConfig
 from rsdiff.features.extract import run_extract
 from rsdiff.label_efficiency import LabelEfficiencyConfig, run_label_efficiency
@@ -67,10 +71,11 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--timesteps", nargs="+", type=int, default=[50, 150, 250])
     ap.add_argument("--blocks", nargs="*", default=[])
-    ap.add_argument("--max-images", type=int, default=600)
+    ap.add_argument("--max-images", type=int, default=None, help="tiles per split (default: every tile)")
     ap.add_argument("--pixels-per-class", type=int, default=64)
     ap.add_argument("--test-region", nargs=4, type=int, default=None)
     ap.add_argument("--head-epochs", type=int, default=10)
+    ap.add_argument("--set", nargs="*", default=[], help="jobs/label_efficiency.py overrides, key=value")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -83,6 +88,7 @@ def main() -> None:
         table = run_extract(
             build(
                 ExtractConfig,
+                preset("extract", "tiny"),
                 {"checkpoint": ckpt, "shards": args.shards, "output": str(out / f"features-{step}"),
                  "timesteps": args.timesteps, "blocks": args.blocks, "max_images": args.max_images,
                  "pixels_per_class": args.pixels_per_class, "overwrite": True},
@@ -96,6 +102,7 @@ def main() -> None:
                 {"features": table.root, "ks": args.ks, "draws": args.draws, "methods": methods,
                  "test_region": args.test_region, "head": {"epochs": args.head_epochs},
                  "output": str(out / f"le-{step}"), "tracking": {"enabled": False}},
+                OmegaConf.from_dotlist(args.set),
             )
         )  # fmt: skip
         results = json.loads((Path(le.output) / "results.json").read_text())
@@ -117,6 +124,7 @@ def main() -> None:
         "ks": args.ks,
         "draws": args.draws,
         "test_region": args.test_region,
+        "label_efficiency_overrides": args.set,
         "points": points,
         "scratch_unet": {str(k): v for k, v in scratch.items()},
         "residual_minus_scratch_points": {
