@@ -36,6 +36,7 @@ from omegaconf import MISSING
 
 from rsdiff import storage
 from rsdiff.config import build, redact, require, to_container
+from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.cache import check_numbers as check_table_numbers
@@ -287,7 +288,7 @@ def _one_run(ctx: _Context, method: str, k: int, draw: int, chosen: list[str]) -
             "val_miou": facts["val_miou"],
             "best_step": facts["best_step"],
             "steps": facts["steps"],
-            "labeled_pixels": int((y != 255).sum()),
+            "labeled_pixels": int((y != IGNORE_INDEX).sum()),
         }
     else:
         base = ctx.head_cfg if method == "residual" else cfg.ensemble
@@ -343,6 +344,7 @@ def _score_on_test(ctx: _Context, head_uri: str, name: str) -> tuple[dict[str, A
                 "quicklook": False,
                 "window": cfg.window,
                 "overlap": cfg.overlap,
+                "region": cfg.test_region,
                 "tracking": {"enabled": False},
                 "ray": cfg.ray,
             },

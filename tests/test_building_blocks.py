@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import rasterio
+import torch
 
 from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy
@@ -16,6 +17,7 @@ from rsdiff.data.normalize import Normalizer
 from rsdiff.data.scenes import SceneReader, SceneRef
 from rsdiff.data.tiling import axis_origins, tile_origins
 from rsdiff.errors import DataError
+from rsdiff.features.extractor import window_noise
 from rsdiff.prediction.blend import RowBlender, ramp
 from rsdiff.train.loop import lr_factor
 from rsdiff.train.stream import ShardStream
@@ -82,6 +84,26 @@ def test_overlapping_windows_blend_to_their_weighted_mean():
         a, b = w[col], w[col - 4]
         assert out[0, 3, col] == pytest.approx((1.0 * a + 3.0 * b) / (a + b))
     assert (out[0, :, :4] == 1.0).all() and (out[0, :, 8:] == 3.0).all()
+
+
+def test_window_noise_gives_each_scene_pixel_one_noise_value_in_every_window():
+    """Overlapping windows see a shared pixel under the same noise (the fixed noise tiled over the
+    scene); windows on the tile grid get the fixed noise itself, as the training tiles did."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((3, 8, 8), generator=gen)
+    origins = [(0, 0), (0, 4), (4, 4), (8, 16), (13, 6)]
+    windows = window_noise(noise, origins)
+    assert windows.shape == (5, 3, 8, 8)
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    for (r, c), win in zip(origins, windows):
+        for i in range(8):
+            for j in range(8):
+                y, x = r + i, c + j
+                assert torch.equal(win[:, i, j], noise[:, y % 8, x % 8])
+                if (y, x) in seen:
+                    assert torch.equal(seen[(y, x)], win[:, i, j])
+                seen[(y, x)] = win[:, i, j]
+    assert torch.equal(windows[0], noise) and torch.equal(windows[3], noise)
 
 
 def test_rows_cannot_be_released_before_a_window_covers_them():

@@ -184,12 +184,14 @@ def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
     assert json.loads(run.data.params["test_scenes"]) == test
 
 
-def test_label_efficiency_in_tiles_draws_k_tiles(sample_demo, tmp_path, ray_address):
+def test_label_efficiency_in_tiles_draws_k_tiles_and_scores_a_test_region(sample_demo, tmp_path, ray_address):
+    """``unit=tiles`` draws k tiles; ``test_region`` predicts and scores only that part of each test
+    scene (the map covers it, and the scored pixels are its pixels)."""
     out = tmp_path / "le"
     proc = run_job(
         "label_efficiency.py", f"features={sample_demo / 'features'}", "unit=tiles", "ks=[3]", "draws=1",
-        "methods=[scratch_unet]", "unet.steps=10", "unet.eval_every=5", f"output={out}",
-        "tracking.enabled=false",
+        "methods=[scratch_unet]", "unet.steps=10", "unet.eval_every=5", "test_region=[16,32,64,96]",
+        f"output={out}", "tracking.enabled=false",
         env=ray_address,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -197,6 +199,12 @@ def test_label_efficiency_in_tiles_draws_k_tiles(sample_demo, tmp_path, ray_addr
     assert run["tiles"] == 3 and len(run["drawn"]) == 3 and all("/" in t for t in run["drawn"])
     assert set(run["scenes"]) == {t.split("/")[0] for t in run["drawn"]}
     assert 0.0 <= run["test_miou"] <= 1.0
+    assert run["test_scenes"] and all(s["pixels"] <= 64 * 96 for s in run["test_scenes"].values())
+    maps = sorted((out / "predictions").rglob("scene_*.tif"))
+    assert len(maps) == len(run["test_scenes"]), maps
+    for tif in maps:
+        with rasterio.open(tif) as ds:
+            assert (ds.height, ds.width) == (64, 96), tif
 
 
 def test_label_efficiency_refuses_shards_without_a_test_split(labeled_table, tmp_path):

@@ -204,11 +204,11 @@ def test_window_seams_do_not_change_the_argmax_of_a_constant_image(sample_demo, 
     extractor = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed)
     h, w, size, overlap, border = 112, 136, 64, 32, 8
 
-    def window_probs(value):
+    def window_probs(value, origin=(0, 0)):  # the window at `origin` px of the scene
         x = ddpm.normalizer.torch(
             torch.from_numpy(np.broadcast_to(value[:, None, None], (1, 4, size, size)).copy())
         )
-        _, probs = head.predict(extractor.dense(x)[0].flatten(1).T)
+        _, probs = head.predict(extractor.dense(x, origins=[origin])[0].flatten(1).T)
         return probs.T.reshape(-1, size, size).numpy()
 
     # A constant image of one class's typical pixel: the class whose window centre is purest
@@ -249,12 +249,15 @@ def test_window_seams_do_not_change_the_argmax_of_a_constant_image(sample_demo, 
     )
     with rasterio.open(tmp_path / "out" / "constant.tif") as cls:
         got = cls.read(1)
-    # Every window sees the same pixels, so its probabilities are the one map P; blend P by hand.
+    # Every window sees the same pixels under the diffusion noise tiled over the scene (a window's
+    # noise follows its origin); blend each window's probabilities by hand.
     starts = lambda n: sorted({*range(0, n - size + 1, size - overlap), n - size})  # noqa: E731
     num, den = np.zeros((P.shape[0], h, w)), np.zeros((h, w))
     for r in starts(h):
         for col in starts(w):
-            num[:, r : r + size, col : col + size] += P * _ramp(size, overlap, border)
+            num[:, r : r + size, col : col + size] += window_probs(value, (r, col)) * _ramp(
+                size, overlap, border
+            )
             den[r : r + size, col : col + size] += _ramp(size, overlap, border)
     np.testing.assert_array_equal(got, (num / den).argmax(0))
     # Away from the scene border the map is at least as pure as one window's centre: the window

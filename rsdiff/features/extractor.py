@@ -1,7 +1,8 @@
 """Multi-timestep, multi-block features of a frozen DDPM (DDPM-Seg's representation).
 
 For each selected timestep ``t``: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` with
-``noise`` fixed by a seed (the same noise for every image), one UNet pass that stops after the
+``noise`` fixed by a seed (the same noise for every image; a window of a larger scene gets that
+noise tiled over the scene, see :func:`window_noise`), one UNet pass that stops after the
 deepest selected block, and the blocks' activations read by forward hooks. Activations are
 bilinearly upsampled to the input resolution and concatenated in :class:`ChannelIndex` order
 (timestep-major, blocks in forward order). ``sample`` reads the upsampled values only at given
@@ -23,6 +24,18 @@ from rsdiff.features.blocks import block_channels, block_modules, ddpm_seg_block
 from rsdiff.features.config import BlockNumbering
 from rsdiff.features.index import ChannelIndex
 from rsdiff.train.checkpoint import PretrainedDDPM
+
+
+def window_noise(noise: torch.Tensor, origins: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The fixed ``(C, S, S)`` noise tiled over a scene and cut at each window's ``(row, col)``
+    origin (px): ``(B, C, S, S)``, where scene pixel ``(y, x)`` always gets ``noise[:, y % S, x % S]``.
+
+    So every window that covers a pixel perturbs it with the same noise, and a pixel's features
+    differ between windows only by what the UNet sees around it; windows on the ``S`` px grid (the
+    ingest tiles the features were trained on) get ``noise`` itself.
+    """
+    h, w = int(noise.shape[-2]), int(noise.shape[-1])
+    return torch.stack([torch.roll(noise, (-int(r) % h, -int(c) % w), dims=(-2, -1)) for r, c in origins])
 
 
 class _Stop(Exception):
@@ -85,10 +98,22 @@ class FeatureExtractor:
         return self._noise[shape]
 
     @torch.no_grad()
-    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Raw activations in index order: one ``(B, c, h, w)`` tensor per (timestep, block)."""
+    def activations(
+        self, x: torch.Tensor, origins: Sequence[tuple[int, int]] | None = None
+    ) -> list[torch.Tensor]:
+        """Raw activations in index order: one ``(B, c, h, w)`` tensor per (timestep, block).
+
+        ``origins``: each window's ``(row, col)`` px in its scene, to noise it consistently with
+        its neighbours (:func:`window_noise`); None: every input gets the fixed noise as it is.
+        """
         x = x.to(self.device, torch.float32)
-        noise = self._fixed_noise(tuple(x.shape[1:])).expand_as(x)
+        noise = self._fixed_noise(tuple(x.shape[1:]))
+        if origins is None:
+            noise = noise.expand_as(x)
+        elif len(origins) != x.shape[0]:
+            raise ValueError(f"{len(origins)} origins for {x.shape[0]} windows")
+        else:
+            noise = window_noise(noise, origins)
         deepest = self.blocks[-1]
         out: list[torch.Tensor] = []
         for t in self.timesteps:
@@ -117,10 +142,16 @@ class FeatureExtractor:
         return out
 
     @torch.no_grad()
-    def dense(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """``(B, D, H, W)`` features upsampled (bilinear) to ``size`` (default: the input's)."""
+    def dense(
+        self,
+        x: torch.Tensor,
+        size: tuple[int, int] | None = None,
+        origins: Sequence[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """``(B, D, H, W)`` features upsampled (bilinear) to ``size`` (default: the input's);
+        ``origins`` as in :meth:`activations`."""
         size = size or (int(x.shape[-2]), int(x.shape[-1]))
-        acts = self.activations(x)
+        acts = self.activations(x, origins)
         return torch.cat([F.interpolate(a, size=size, mode="bilinear", align_corners=False) for a in acts], 1)
 
     @torch.no_grad()

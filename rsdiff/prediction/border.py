@@ -43,10 +43,12 @@ class BorderProfile:
         }
 
 
-def _probs(extractor: object, head: TrainedHead, windows: torch.Tensor) -> np.ndarray:
+def _probs(
+    extractor: object, head: TrainedHead, windows: torch.Tensor, origins: list[tuple[int, int]]
+) -> np.ndarray:
     from rsdiff.prediction.scene import window_probabilities
 
-    return window_probabilities(extractor, head, windows).cpu().numpy()
+    return window_probabilities(extractor, head, windows, origins=origins).cpu().numpy()
 
 
 def centred_classes(
@@ -68,7 +70,9 @@ def centred_classes(
     origins = [(r, c) for r in rows for c in cols]
     for i in range(0, len(origins), batch):
         chunk = origins[i : i + batch]
-        probs = _probs(extractor, head, torch.stack([x[:, r : r + size, c : c + size] for r, c in chunk]))
+        probs = _probs(
+            extractor, head, torch.stack([x[:, r : r + size, c : c + size] for r, c in chunk]), chunk
+        )
         for (r, c), p in zip(chunk, probs):
             out[r : r + step, c : c + step] = p[:, lo : lo + step, lo : lo + step].argmax(0)
     return out, (lo, lo)
@@ -109,7 +113,8 @@ def border_profile(
         for i in range(0, len(origins), 8):
             chunk = origins[i : i + 8]
             wins = torch.stack([x[:, r0 + r : r0 + r + size, c0 + c : c0 + c + size] for r, c in chunk])
-            for (r, c), p in zip(chunk, _probs(extractor, head, wins)):
+            at = [(r0 + r, c0 + c) for r, c in chunk]
+            for (r, c), p in zip(chunk, _probs(extractor, head, wins, at)):
                 same = p.argmax(0) == ref[r : r + size, c : c + size]
                 agree += np.bincount(dist.ravel(), weights=same.ravel(), minlength=half)[:half].astype(
                     np.int64

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,10 +128,13 @@ def window_probabilities(
     head: TrainedHead,
     x: torch.Tensor,
     outputs: PixelOutputs | None = None,
+    origins: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """``(B, C_in, S, S)`` normalised windows -> ``(B, channels, S, S)`` float32: the class
     probabilities, then whatever else ``outputs`` computes per pixel (mutual information,
-    descriptors; see :class:`PixelOutputs`; None: probabilities only).
+    descriptors; see :class:`PixelOutputs`; None: probabilities only). ``origins``: the windows'
+    ``(row, col)`` px in their scene, so a feature head sees each pixel under the same diffusion
+    noise in every window (:func:`rsdiff.features.extractor.window_noise`).
 
     Computed on the extractor's device, a chunk of rows at a time (memory bounded by
     ``CHUNK_VALUES``); the result stays on that device.
@@ -146,7 +150,7 @@ def window_probabilities(
         with autocast(extractor.device, extractor.amp_dtype):
             logits = head.module(x.to(extractor.device, torch.float32))
         return torch.softmax(logits.float(), 1)
-    acts = extractor.activations(x)
+    acts = extractor.activations(x, origins)
     rows = max(1, min(s, CHUNK_VALUES // max(1, b * extractor.dim * s)))
     out = torch.empty((b, outputs.channels, s, s), dtype=torch.float32, device=extractor.device)
     for start in range(0, s, rows):
@@ -256,6 +260,7 @@ def predict_scene(
             blender = RowBlender(
                 reader.height, reader.width, pixel_outputs.channels, plan.size, plan.overlap, plan.border
             )
+            top, left = reader.region[:2] if reader.region else (0, 0)
             rows = axis_origins(reader.height, plan.size, plan.stride)
             cols = axis_origins(reader.width, plan.size, plan.stride)
             windows = 0
@@ -266,7 +271,8 @@ def predict_scene(
                     x = extractor.ddpm.normalizer.torch(
                         torch.from_numpy(pixels.astype(np.float32)).to(device)
                     )
-                    probs = window_probabilities(extractor, head, x, pixel_outputs).cpu().numpy()
+                    origins = [(top + r, left + c) for c in batch_cols]  # in the whole scene
+                    probs = window_probabilities(extractor, head, x, pixel_outputs, origins).cpu().numpy()
                     for c, p in zip(batch_cols, probs):
                         blender.add(r, c, p)
                     windows += len(batch_cols)

@@ -88,9 +88,8 @@ def main() -> None:
     for i, image in zip(ids, images):
         with SceneReader(SceneRef(i, image)) as reader:
             pixels, _ = reader.read(0, 0, min(args.crop, reader.height), mask=False)
-        crops.append(
-            ddpm.normalizer.torch(torch.from_numpy(pixels[:, : args.crop, : args.crop].astype(np.float32)))
-        )
+        crop = torch.from_numpy(pixels[:, : args.crop, : args.crop].astype(np.float32))
+        crops.append(ddpm.normalizer.torch(crop[None])[0])  # (C, H, W)
     t0 = time.perf_counter()
     profile = border_profile(extractor, head, crops, size, args.step, args.windows)
     band = band_width(profile)
