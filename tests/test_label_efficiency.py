@@ -238,8 +238,8 @@ def test_a_uniform_scene_predicts_uniformly_with_the_default_windows():
     own edges a window's features are degraded (the UNet sees padding), and with a 16 px overlap
     a pixel where four windows meet is within 8 px of an edge in every one of them. Here every
     window of a uniform scene says water (class 1) except in a band of 8 px at its edges (class
-    0: about the band measured on dubai-aerial, see the README); the default windows must give a
-    uniform map away from the scene's own edge."""
+    0); the default windows (5/8 of a window of overlap, plain ramp) must give a uniform map away
+    from the scene's own edge, and so must ``border=8``, which gives that band almost no weight."""
     from types import SimpleNamespace
 
     from rsdiff.prediction.tasks import window_plan
@@ -251,12 +251,13 @@ def test_a_uniform_scene_predicts_uniformly_with_the_default_windows():
     ddpm = SimpleNamespace(meta={"image_size": size, "model": {"channel_mult": [1, 2, 2]}})
     cfg = build(PredictConfig, {"head": "h", "inputs": ["s"]})
     plan = window_plan(cfg, ddpm)
-    assert (plan.size, plan.overlap, plan.border) == (64, 32, 8)
-    got = _blend_uniform_scene(p.astype(np.float32), h, w, plan.overlap, plan.border)
-    inner = got[band:-band, band:-band]
-    assert (inner == 1).all(), np.argwhere(inner != 1)[:5]
-    # pixels within the band of the scene's own edge have no better window: they keep the band's class
-    assert (got[:band] == 0).any()
+    assert (plan.size, plan.overlap, plan.border) == (64, 40, 0)
+    for border in (plan.border, band):
+        got = _blend_uniform_scene(p.astype(np.float32), h, w, plan.overlap, border)
+        inner = got[band:-band, band:-band]
+        assert (inner == 1).all(), (border, np.argwhere(inner != 1)[:5])
+        # pixels within the band of the scene's own edge have no better window: they keep its class
+        assert (got[:band] == 0).any()
     # the earlier defaults (overlap 16, plain ramp): stray pixels where windows meet, in a regular grid
     old = _blend_uniform_scene(p.astype(np.float32), h, w, 16, 0)[band:-band, band:-band]
     stray = np.argwhere(old != 1) + band

@@ -42,8 +42,8 @@ class SuggestConfig:
     mc_samples: int = 0  # residual head: dropout samples for mutual information
     sheet: int = 24  # tiles shown in contact_sheet.png
     window: int | None = None  # px; default: the checkpoint's training tile size
-    overlap: int | None = None  # px; default window // 2 (see jobs/predict.py)
-    border: int | None = None  # px; default window // 8 (see jobs/predict.py)
+    overlap: int | None = None  # px; default 5/8 of the window (see jobs/predict.py)
+    border: int | None = None  # px; default 0 (see jobs/predict.py)
     batch_size: int = 4
     precision: str = "auto"
     cpus_per_scene: float = 1.0

@@ -3,13 +3,14 @@
 W1: per-pixel agreement of a window's class with centred prediction (every pixel from a window
     centred within ``step / 2`` px of it), by distance to the window edge, on crops of held-out
     scenes; the band width is where agreement comes within 1 point of the window centre's.
-W2: mIoU of ``jobs/predict.py`` + ``jobs/evaluate.py`` on the same scenes (a region of each) with
-    the defaults (overlap window/2, border window/8), the earlier defaults (overlap window/4, plain
-    ramp) and centred prediction (overlap window - step, border (window - step)/2), as the ratio
-    and difference against centred prediction, with the windows each needed.
+W2: mIoU of ``jobs/predict.py`` + ``jobs/evaluate.py`` on a region of every scene of the split
+    (``--w2-scenes`` caps them) with the defaults, plain ramps at overlaps of 1/4, 1/2, 5/8 and
+    3/4 window, a border band (overlap window/2, border window/8), and centred prediction
+    (overlap window - step, border (window - step)/2): the difference of each against centred
+    prediction, with the windows each needed.
 
     python tests/benchmarks/bench_window_border.py --head runs/dubai/sweep/best \\
-        --shards runs/dubai/shards --split test --scenes 3 --crop 192 --region 256
+        --shards runs/dubai/shards --split test --scenes 3 --crop 192 --step 8 --region 256
 
 The head's checkpoint normalises the scenes; labels come from the ingest's recorded label config.
 """
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=24, help="random windows per scene for W1")
     ap.add_argument("--region", type=int, default=256, help="px square of each scene for W2")
     ap.add_argument("--centre-step", type=int, default=8, help="centred prediction stride for W2 (px)")
+    ap.add_argument("--w2-scenes", type=int, default=None, help="scenes for W2 (default: all of the split)")
     args = ap.parse_args()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -98,15 +100,20 @@ def main() -> None:
     labels = build(LabelConfig, manifest.labels)
     region = [0, 0, args.region, args.region]
     s = args.centre_step
+    w2_images = [manifest.scene_files[i]["image"] for i in manifest.scenes[args.split][: args.w2_scenes]]
+    settings = {
+        "default": {},
+        **{
+            f"overlap_{o}": {"overlap": o, "border": 0}
+            for o in (size // 4, size // 2, 5 * size // 8, 3 * size // 4)
+        },
+        "border_band": {"overlap": size // 2, "border": size // 8},
+        "centred": {"overlap": size - s, "border": (size - s) // 2},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
-            "default": _miou(args.head, images, labels, region, Path(tmp) / "d"),
-            "earlier_default": _miou(
-                args.head, images, labels, region, Path(tmp) / "e", overlap=size // 4, border=0
-            ),
-            "centred": _miou(
-                args.head, images, labels, region, Path(tmp) / "c", overlap=size - s, border=(size - s) // 2
-            ),
+            name: _miou(args.head, w2_images, labels, region, Path(tmp) / name, **window)
+            for name, window in settings.items()
         }
     centred = runs["centred"]["miou"]
     print(
@@ -123,15 +130,15 @@ def main() -> None:
                 },
                 "W2": {
                     "region": region,
+                    "scenes": len(w2_images),
                     "centre_step": s,
                     **runs,
-                    "default_minus_centred_miou_points": round(100 * (runs["default"]["miou"] - centred), 2),
-                    "earlier_minus_centred_miou_points": round(
-                        100 * (runs["earlier_default"]["miou"] - centred), 2
-                    ),
-                    "default_windows_vs_centred": round(
-                        runs["default"]["windows"] / runs["centred"]["windows"], 3
-                    ),
+                    "minus_centred_miou_points": {
+                        name: round(100 * (r["miou"] - centred), 2) for name, r in runs.items()
+                    },
+                    "windows_vs_centred": {
+                        name: round(r["windows"] / runs["centred"]["windows"], 3) for name, r in runs.items()
+                    },
                 },
             }
         )
