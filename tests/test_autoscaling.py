@@ -201,7 +201,11 @@ def test_pretraining_scales_up_from_zero_on_two_nodes_and_back_down(cluster, s3_
     wait_for(two_workers_up, "the autoscaler to launch two worker nodes", timeout_s=300, poll_s=2)
     launched_s = time.monotonic() - t0
     active = status[0].split("Active:")[1].split("Pending:")[0]
-    assert re.search(r"\b2 gpu_1x\b", active), status[0]  # the cheap node type, not gpu_8x
+    launched = {name: int(n) for n, name in re.findall(r"(\d+) (\S+)", active)}
+    # Only the cheap node type, not gpu_8x. Two nodes hold the ranks; Ray 2.60's autoscaler
+    # sometimes adds a third, idle one (it counts Ray Train's standing resource request for the
+    # ranks beside their pending placement group); it goes with the others once idle (below).
+    assert set(launched) == {"ray.head.default", "gpu_1x"} and launched["gpu_1x"] >= 2, status[0]
     wait_for(lambda: _job_status(cluster, job) in ENDED, "the job to end", timeout_s=400, poll_s=2)
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard, job, timeout=60).stdout
     assert _job_status(cluster, job) == "SUCCEEDED", logs[-5000:]
