@@ -184,9 +184,10 @@ def _read_tiles(
             "extract: skipping %s of %s: %s", kind.replace("_", " ")[:-1], storage.display(shard), why
         )
 
+    share = keep[item["split"]]
     try:
         for s in iter_shard(shard):
-            if s.label is None or tile_draw(s.key, seed) >= keep[item["split"]]:
+            if s.label is None or (share < 1.0 and tile_draw(s.key, seed) >= share):
                 continue
             image, label = np.asarray(s.image), np.asarray(s.label)
             if image.ndim != 3 or image.shape != (bands, size, size) or label.shape != (size, size):
