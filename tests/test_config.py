@@ -95,7 +95,9 @@ def test_presets_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
     assert tiny.read_text() == (REPO / "configs" / "pretrain" / "tiny.yaml").read_text()
     assert preset("pretrain", "configs/pretrain/adm256.yaml").name == "adm256.yaml"
     assert preset("demo", "ingest/dubai").name == "dubai.yaml"
-    with pytest.raises(ConfigError, match=r"neither a file nor a preset of sweep; its presets: \['tiny'\]"):
+    with pytest.raises(
+        ConfigError, match=r"neither a file nor a preset of sweep; its presets: \['tiny', 'tiny-grid'\]"
+    ):
         preset("sweep", "huge")
 
 

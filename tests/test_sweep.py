@@ -15,12 +15,13 @@ from mlflow import MlflowClient
 from s3_fault_proxy import FaultyS3Proxy
 
 from rsdiff import storage
-from rsdiff.config import load_config
+from rsdiff.config import load_config, to_container
 from rsdiff.errors import ConfigError
 from rsdiff.heads.artifact import TrainedHead
 from rsdiff.heads.fit import StreamedRows, evaluate
 from rsdiff.sweep.config import SweepConfig
 from rsdiff.sweep.run import run_sweep
+from rsdiff.sweep.space import draw_samples, grid_samples, trial_settings
 
 SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
 SEARCH = [  # choices that exist in the labeled test table (t in {10, 100})
@@ -169,12 +170,37 @@ def test_trials_read_the_table_from_storage_once_per_node(labeled_table, s3_endp
         ),
         (["search.lr=[]"], "search space ['lr'] is empty"),
         (["grace_period=9"], "grace_period=9 exceeds head.epochs=4"),
+        (
+            ["search_mode=grid"],
+            "grid has 288 combinations (3 timesteps x 3 blocks x 2 width x 2 lr x 2 dropout x 2 input_noise"
+            " x 2 class_weighting) but num_samples=4; raise num_samples to 288",
+        ),
     ],
 )
 def test_bad_search_space(labeled_table, tmp_path, mlflow_uri, extra, needle):
     with pytest.raises(ConfigError) as err:
         run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *extra))
     assert needle in str(err.value)
+
+
+def test_a_grid_sweep_runs_every_combination_once(labeled_table, tmp_path, mlflow_uri, ray_cluster):
+    grid = ["search.timesteps=[[10],[100]]", "search.blocks=[[up1.res0],[up2.res1]]", "search.width=[32]",
+            "search.lr=[1e-3]", "search_mode=grid", "num_samples=10", "scheduler=fifo", "head.epochs=1",
+            "grace_period=1", "name=grid"]  # fmt: skip
+    result = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *grid))
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    tried = sorted((c.data.params["timesteps"], c.data.params["blocks"]) for c in children)
+    assert tried == [("10", "up1.res0"), ("10", "up2.res1"), ("100", "up1.res0"), ("100", "up2.res1")]
+    assert len(result.trials) == 4 and all(c.data.params["width"] == "32" for c in children)
+    spec = json.loads((tmp_path / "tune" / "grid" / "rsdiff-sweep.json").read_text())
+    assert spec["search_mode"] == "grid"
+    with pytest.raises(ConfigError, match="changed: search_mode"):  # the same name, drawn at random
+        run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *grid[:-6], "name=grid", "scheduler=fifo",
+                       "head.epochs=1", "grace_period=1", "num_samples=10"))  # fmt: skip
 
 
 def test_unreachable_tracking_uri(labeled_table, tmp_path):
@@ -237,6 +263,22 @@ def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
     record.write_text(json.dumps({"sample": 7, "status": "finished", "history": []}))
     with pytest.raises(ConfigError, match=r"s0001\.json is not a trial record this sweep wrote"):
         run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
+
+
+@pytest.mark.unit
+def test_grid_samples_are_every_combination_in_a_fixed_order():
+    space = {"timesteps": [[50], [150, 250]], "blocks": [["up0.res1"]], "width": [64, 128]}
+    assert grid_samples(space) == [
+        {"timesteps": [50], "blocks": ["up0.res1"], "width": 64},
+        {"timesteps": [50], "blocks": ["up0.res1"], "width": 128},
+        {"timesteps": [150, 250], "blocks": ["up0.res1"], "width": 64},
+        {"timesteps": [150, 250], "blocks": ["up0.res1"], "width": 128},
+    ]
+    cfg = load_config(SweepConfig, SWEEP, ["features=x", "search_mode=grid", "num_samples=1"])
+    assert trial_settings(cfg) == grid_samples(to_container(cfg.search))  # 5 x 4 x 1 x 2 x 3 x 2 x 2 x 2
+    assert len(trial_settings(cfg)) == 5 * 4 * 2 * 2 * 3 * 2 * 2 * 2
+    random = load_config(SweepConfig, SWEEP, ["features=x", "num_samples=3"])
+    assert trial_settings(random) == draw_samples(to_container(random.search), 3, 0)
 
 
 @pytest.mark.unit

@@ -7,7 +7,8 @@ space, ranked summary, a plot of mIoU per timestep/block choice, the best trial'
 matrix) and one child run per trial (its choices as filterable params, metric curves, per-class
 IoU). The best head is saved with its channel selection and checkpoint URI as one artifact.
 
-The trials' settings are drawn by rsdiff from ``seed`` (``draw_samples``), and every trial keeps
+The trials' settings are drawn by rsdiff from ``seed`` (``draw_samples``), or with
+``search_mode=grid`` are every combination of the choices once (``grid_samples``); every trial keeps
 a JSON record of its epochs in ``{storage}/{name}/trials/``. Re-running the same ``name`` with the
 same ``storage`` continues an interrupted sweep from those records: samples that finished or were
 stopped early are not run again, the rest run in a new Ray Tune experiment. Ray Tune's own state

@@ -33,6 +33,11 @@ class SearchSpace:
     class_weighting: list[str] = field(default_factory=lambda: ["none", "balanced"])
 
 
+class SearchMode(Enum):
+    random = "random"  # num_samples settings drawn from seed, one choice per dimension each
+    grid = "grid"  # every combination of the choices, once each; num_samples caps how many
+
+
 class Scheduler(Enum):
     asha = "asha"  # asynchronous successive halving on val_miou
     fifo = "fifo"  # run every trial to the end
@@ -60,7 +65,8 @@ class SweepConfig:
     block_numbering: BlockNumbering = BlockNumbering.rsdiff
     head: HeadConfig = field(default_factory=HeadConfig)  # fixed settings; epochs = max per trial
     table: TableCacheConfig = field(default_factory=TableCacheConfig)  # how trials read the table
-    num_samples: int = 8
+    search_mode: SearchMode = SearchMode.random
+    num_samples: int = 8  # random: trials drawn; grid: the most combinations allowed
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0

@@ -24,9 +24,9 @@ from rsdiff.sweep.space import (
     SWEEP_SPEC,
     check_numbers,
     check_same_spec,
-    draw_samples,
     head_params,
     sweep_spec,
+    trial_settings,
     validate,
 )
 from rsdiff.sweep.trial import TrialContext, run_trial
@@ -90,7 +90,7 @@ def _run_sweep(
     restore = bool(_contents(experiment_uri))
     if restore:
         check_same_spec(experiment_uri, spec)
-    samples = draw_samples(to_container(cfg.search), int(cfg.num_samples), int(cfg.seed))
+    samples = trial_settings(cfg)
     records = read_records(experiment_uri, len(samples)) if restore else {}
     remaining = [i for i in range(len(samples)) if records.get(i, {}).get("status") not in DONE]
     sweep_key = storage.display(storage.join(str(cfg.storage), str(cfg.name)))

@@ -4,6 +4,7 @@ the seeded draw of trial settings and the digest a re-run must match."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from typing import Any
 
@@ -14,7 +15,7 @@ from rsdiff.config import require, to_container
 from rsdiff.errors import ConfigError
 from rsdiff.features.cache import check_numbers as check_table_numbers
 from rsdiff.features.table import FeatureTable
-from rsdiff.sweep.config import SweepConfig
+from rsdiff.sweep.config import SearchMode, SweepConfig
 
 HEAD_KEYS = ("kind", "width", "depth", "lr", "dropout", "input_noise", "class_weighting")
 
@@ -39,6 +40,13 @@ def validate(cfg: SweepConfig, table: FeatureTable) -> None:
             table.index.select(ts, bs)  # raises ConfigError listing what exists
     if cfg.num_samples < 1 or cfg.max_concurrent_trials < 1 or cfg.head.epochs < 1:
         raise ConfigError("num_samples, max_concurrent_trials and head.epochs must be >= 1")
+    combinations = int(np.prod([len(v) for v in space.values()]))
+    if cfg.search_mode is SearchMode.grid and combinations > cfg.num_samples:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in space.items() if len(v) > 1) or "1"
+        raise ConfigError(
+            f"search_mode=grid has {combinations} combinations ({sizes}) but num_samples={cfg.num_samples}; "
+            f"raise num_samples to {combinations} or give fewer choices"
+        )
     if cfg.grace_period > cfg.head.epochs:
         raise ConfigError(f"grace_period={cfg.grace_period} exceeds head.epochs={cfg.head.epochs}")
 
@@ -71,6 +79,8 @@ def sweep_spec(cfg: SweepConfig, table: FeatureTable) -> dict[str, Any]:
     """The settings that decide a sweep's results, with their SHA-256 digest under ``digest``."""
     plain = to_container(cfg)
     spec: dict[str, Any] = {"features": table.root, **{k: plain[k] for k in RESULT_KEYS}}
+    if cfg.search_mode is not SearchMode.random:  # absent for random, as in sweeps recorded before grids
+        spec["search_mode"] = cfg.search_mode.value
     spec["digest"] = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     return spec
 
@@ -102,6 +112,21 @@ def check_same_spec(experiment: str, spec: dict[str, Any]) -> None:
         else:
             detail.append(k)
     raise ConfigError(f"sweep {where} was started with other settings (changed: {', '.join(detail)}); {fix}")
+
+
+def trial_settings(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """The sweep's trial settings, one choice per search dimension each: ``num_samples`` drawn from
+    ``seed`` (``search_mode=random``), or every combination once in a fixed order (``grid``)."""
+    space = to_container(cfg.search)
+    if cfg.search_mode is SearchMode.grid:
+        return grid_samples(space)
+    return draw_samples(space, int(cfg.num_samples), int(cfg.seed))
+
+
+def grid_samples(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of one choice per dimension, the last dimension varying fastest."""
+    keys = list(space)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
 
 
 def draw_samples(space: dict[str, list[Any]], num_samples: int, seed: int) -> list[dict[str, Any]]:

@@ -13,6 +13,15 @@ under ``--out``.
         --set head.width=128 head.class_weighting=balanced unet.steps=1000 --out runs/curve/report
 
 ``--set`` takes ``jobs/label_efficiency.py`` overrides (key=value), applied to every comparison.
+
+``--sweep CONFIG`` chooses the timesteps, blocks and head per checkpoint instead: a
+``jobs/sweep.py`` config (e.g. ``configs/sweep/tiny-grid.yaml``) run on that checkpoint's features,
+selecting on val only, whose best head is the comparison's ``selection``. Extract the timesteps and
+blocks the search space names (``--timesteps 50 150 250 400``, no ``--blocks`` = every block).
+``--reuse-features`` keeps a ``features-<checkpoint>`` table already under ``--out`` when it was
+extracted from that checkpoint with the same timesteps and blocks. ``--scratch-from CURVE_JSON``
+takes the scratch UNet's band from an earlier run's ``curve.json`` with the same shards, k, draws,
+test region and overrides (the UNet does not depend on the checkpoint) instead of training it again.
 """
 
 from __future__ import annotations
@@ -28,7 +37,10 @@ from omegaconf import OmegaConf
 from rsdiff.config import build, preset
 from rsdiff.features.config import ExtractConfig
 from rsdiff.features.extract import run_extract
+from rsdiff.features.table import FeatureTable
 from rsdiff.label_efficiency import LabelEfficiencyConfig, run_label_efficiency
+from rsdiff.sweep.config import SweepConfig
+from rsdiff.sweep.run import run_sweep
 
 
 def _stats(rows: list[dict], method: str, k: int) -> tuple[float, float]:
@@ -63,6 +75,61 @@ def _plot(points: list[dict], scratch: dict[int, tuple[float, float]], ks: list[
     plt.close(fig)
 
 
+def _features(args: argparse.Namespace, ckpt: str, folder: Path) -> FeatureTable:
+    """The checkpoint's feature table: extracted now, or (``--reuse-features``) the one already in
+    ``folder`` when its checkpoint, timesteps and blocks are the ones asked for."""
+    if args.reuse_features and (folder / "table.json").exists():
+        table = FeatureTable.open(str(folder))
+        meta = json.loads((folder / "table.json").read_text())
+        same_blocks = not args.blocks or sorted(meta["blocks"]) == sorted(args.blocks)
+        if (
+            Path(meta["checkpoint"]).resolve() == Path(ckpt).resolve()
+            and same_blocks
+            and (sorted(meta["timesteps"]) == sorted(args.timesteps))
+        ):
+            return table
+        raise SystemExit(f"{folder} holds other features (checkpoint, timesteps or blocks); remove it")
+    return run_extract(
+        build(
+            ExtractConfig,
+            preset("extract", "tiny"),
+            {"checkpoint": ckpt, "shards": args.shards, "output": str(folder), "timesteps": args.timesteps,
+             "blocks": args.blocks, "max_images": args.max_images, "pixels_per_class": args.pixels_per_class,
+             "overwrite": True},
+        )
+    )  # fmt: skip
+
+
+def _selection(args: argparse.Namespace, table: FeatureTable, out: Path, step: str) -> dict | None:
+    """``--sweep``: run the sweep config on this checkpoint's features (val only); its best head."""
+    if not args.sweep:
+        return None
+    sweep = run_sweep(
+        build(
+            SweepConfig,
+            preset("sweep", args.sweep),
+            {"features": table.root, "output": str(out / f"sweep-{step}"), "name": f"curve-{step}",
+             "storage": str(out / "tune"), "tracking": {"uri": f"sqlite:///{(out / 'mlflow.db').resolve()}"}},
+        )
+    )  # fmt: skip
+    keys = ("timesteps", "blocks", "best_val_miou", "width", "depth", "lr", "class_weighting")
+    ranking = [{k: t[k] for k in ("timesteps", "blocks", "best_val_miou")} for t in sweep.trials]
+    return {"head": sweep.best_head, **{k: sweep.best.get(k) for k in keys}, "val_ranking": ranking}
+
+
+def _scratch_from(path: str, args: argparse.Namespace) -> dict[int, tuple[float, float]]:
+    """The scratch UNet band of an earlier ``curve.json``, refused unless it scored the same thing."""
+    old = json.loads(Path(path).read_text())
+    same = {"shards": args.shards, "ks": args.ks, "draws": args.draws, "test_region": args.test_region}
+    changed = [k for k, v in same.items() if old.get(k) != v]
+    unet = sorted(x for x in args.set if x.startswith("unet."))
+    if unet != sorted(x for x in old.get("label_efficiency_overrides", []) if x.startswith("unet.")):
+        changed.append("unet overrides")
+    if changed:
+        raise SystemExit(f"--scratch-from {path} was measured with other {', '.join(changed)}")
+    return {int(k): tuple(v) for k, v in old["scratch_unet"].items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", required=True, help="labeled ingest output with train, val and test splits")
@@ -76,26 +143,28 @@ def main() -> None:
     ap.add_argument("--test-region", nargs=4, type=int, default=None)
     ap.add_argument("--head-epochs", type=int, default=10)
     ap.add_argument("--set", nargs="*", default=[], help="jobs/label_efficiency.py overrides, key=value")
+    ap.add_argument(
+        "--sweep", default=None, help="a jobs/sweep.py config run per checkpoint (selects on val)"
+    )
+    ap.add_argument("--reuse-features", action="store_true", help="keep matching feature tables under --out")
+    ap.add_argument(
+        "--scratch-from", default=None, help="an earlier curve.json whose scratch UNet band to use"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    points, scratch = [], {}
+    points = []
+    scratch = _scratch_from(args.scratch_from, args) if args.scratch_from else {}
     for i, ckpt in enumerate(args.checkpoints):
         t0 = time.perf_counter()
         step = Path(ckpt).name
-        table = run_extract(
-            build(
-                ExtractConfig,
-                preset("extract", "tiny"),
-                {"checkpoint": ckpt, "shards": args.shards, "output": str(out / f"features-{step}"),
-                 "timesteps": args.timesteps, "blocks": args.blocks, "max_images": args.max_images,
-                 "pixels_per_class": args.pixels_per_class, "overwrite": True},
-            )
-        )  # fmt: skip
+        table = _features(args, ckpt, out / f"features-{step}")
         extract_s = time.perf_counter() - t0
-        methods = ["residual", "scratch_unet"] if i == 0 else ["residual"]
+        selection = _selection(args, table, out, step)
+        sweep_s = time.perf_counter() - t0 - extract_s
+        methods = ["residual", "scratch_unet"] if i == 0 and not scratch else ["residual"]
         le = run_label_efficiency(
             build(
                 LabelEfficiencyConfig,
@@ -103,10 +172,11 @@ def main() -> None:
                  "test_region": args.test_region, "head": {"epochs": args.head_epochs},
                  "output": str(out / f"le-{step}"), "tracking": {"enabled": False}},
                 OmegaConf.from_dotlist(args.set),
+                {"selection": selection["head"]} if selection else {},
             )
         )  # fmt: skip
         results = json.loads((Path(le.output) / "results.json").read_text())
-        if i == 0:
+        if "scratch_unet" in methods:
             scratch = {k: _stats(le.rows, "scratch_unet", k) for k in args.ks}
         points.append(
             {
@@ -114,10 +184,13 @@ def main() -> None:
                 "step": results["pretraining"]["step"],
                 "images_seen": results["pretraining"]["images_seen"],
                 "residual": {str(k): _stats(le.rows, "residual", k) for k in args.ks},
+                "selection": selection,
                 "extract_seconds": round(extract_s, 1),
+                "sweep_seconds": round(sweep_s, 1),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )
+    points.sort(key=lambda p: p["images_seen"])
     report = {
         "bench": "pretrain_curve",
         "shards": args.shards,
@@ -125,6 +198,8 @@ def main() -> None:
         "draws": args.draws,
         "test_region": args.test_region,
         "label_efficiency_overrides": args.set,
+        "sweep": args.sweep,
+        "scratch_from": args.scratch_from,
         "points": points,
         "scratch_unet": {str(k): v for k, v in scratch.items()},
         "residual_minus_scratch_points": {
