@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -92,9 +93,23 @@ class LabelEfficiencyResult:
 
 
 def draw_units(pool: list[str], k: int, draw: int, seed: int) -> list[str]:
-    """``k`` distinct members of ``pool`` for draw ``draw`` (reproducible, independent of method)."""
-    rng = np.random.default_rng([seed, k, draw])
-    return sorted(rng.choice(sorted(pool), size=k, replace=False).tolist())
+    """``k`` distinct members of ``pool`` for draw ``draw`` (reproducible, independent of method).
+
+    Draws ``0..draw`` of one ``(seed, k)`` are different subsets while ``pool`` has that many:
+    independent draws of 1 scene in 9 repeat a scene in a third of 3-draw runs, which would
+    understate the spread over draws. Once every subset was drawn, subsets repeat.
+    """
+    members = sorted(pool)
+    total = math.comb(len(members), k)
+    rng = np.random.default_rng([seed, k])
+    drawn: list[list[str]] = []
+    seen: set[tuple[str, ...]] = set()
+    while len(drawn) <= draw:
+        subset = sorted(rng.choice(members, size=k, replace=False).tolist())
+        if tuple(subset) not in seen or len(seen) == total:
+            seen.add(tuple(subset))
+            drawn.append(subset)
+    return drawn[draw]
 
 
 def scene_of(tile_key: str) -> str:

@@ -19,6 +19,7 @@ from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.scenes import SceneRef
 from rsdiff.errors import ConfigError
 from rsdiff.ingest import run_ingest, split_scenes
+from rsdiff.label_efficiency import draw_units
 from rsdiff.prediction.config import PredictConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,6 +231,20 @@ def _blend_uniform_scene(p: np.ndarray, h: int, w: int, overlap: int, border: in
         for first, probs in blender.release(rows[i + 1] if i + 1 < len(rows) else h):
             out[first : first + probs.shape[1]] = probs.argmax(0)
     return out
+
+
+@pytest.mark.unit
+def test_draws_of_one_k_are_different_scenes_while_the_pool_has_them():
+    """Independent draws put tile_6's image_part_005 into draws 0 and 2 of k=1 (seed 0), so a
+    3-draw spread came from 2 scenes; the draws of one k now differ while the pool allows it."""
+    pool = [f"tile_6-images-image_part_{i:03d}" for i in range(1, 10)]
+    for k in (1, 2, 5):
+        draws = [draw_units(pool, k, d, seed=0) for d in range(3)]
+        assert len({tuple(x) for x in draws}) == 3 and all(len(set(x)) == k for x in draws)
+        assert draws == [draw_units(list(reversed(pool)), k, d, seed=0) for d in range(3)]  # reproducible
+    singles = [draw_units(pool, 1, d, seed=3)[0] for d in range(9)]
+    assert sorted(singles) == pool  # 9 draws of 1 scene: every scene once
+    assert [draw_units(pool[:2], 2, d, seed=0) for d in range(3)] == [pool[:2]] * 3  # one subset: repeats
 
 
 @pytest.mark.unit

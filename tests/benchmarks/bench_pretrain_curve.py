@@ -117,9 +117,20 @@ def _selection(args: argparse.Namespace, table: FeatureTable, out: Path, step: s
     return {"head": sweep.best_head, **{k: sweep.best.get(k) for k in keys}, "val_ranking": ranking}
 
 
-def _scratch_from(path: str, args: argparse.Namespace) -> dict[int, tuple[float, float]]:
-    """The scratch UNet band of an earlier ``curve.json``, refused unless it scored the same thing."""
+def _draws(rows: list[dict], method: str) -> dict[str, list[list[str]]]:
+    """The scenes (or tiles) each draw of ``method`` trained on, per k."""
+    out: dict[str, list[list[str]]] = {}
+    for r in sorted((r for r in rows if r["method"] == method), key=lambda r: (r["k"], r["draw"])):
+        out.setdefault(str(r["k"]), []).append(r["drawn"])
+    return out
+
+
+def _scratch_from(path: str, args: argparse.Namespace) -> tuple[dict[int, tuple[float, float]], dict]:
+    """The scratch UNet band of an earlier ``curve.json`` and its draws, refused unless it scored the
+    same thing (the draws themselves are compared once this run has drawn them)."""
     old = json.loads(Path(path).read_text())
+    if "scratch_unet_draws" not in old:
+        raise SystemExit(f"--scratch-from {path} does not record the UNet's draws; train it again")
     same = {"shards": args.shards, "ks": args.ks, "draws": args.draws, "test_region": args.test_region}
     changed = [k for k, v in same.items() if old.get(k) != v]
     unet = sorted(x for x in args.set if x.startswith("unet."))
@@ -127,7 +138,7 @@ def _scratch_from(path: str, args: argparse.Namespace) -> dict[int, tuple[float,
         changed.append("unet overrides")
     if changed:
         raise SystemExit(f"--scratch-from {path} was measured with other {', '.join(changed)}")
-    return {int(k): tuple(v) for k, v in old["scratch_unet"].items()}
+    return {int(k): tuple(v) for k, v in old["scratch_unet"].items()}, old["scratch_unet_draws"]
 
 
 def main() -> None:
@@ -156,7 +167,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     points = []
-    scratch = _scratch_from(args.scratch_from, args) if args.scratch_from else {}
+    scratch, scratch_draws = _scratch_from(args.scratch_from, args) if args.scratch_from else ({}, {})
     for i, ckpt in enumerate(args.checkpoints):
         t0 = time.perf_counter()
         step = Path(ckpt).name
@@ -178,6 +189,9 @@ def main() -> None:
         results = json.loads((Path(le.output) / "results.json").read_text())
         if "scratch_unet" in methods:
             scratch = {k: _stats(le.rows, "scratch_unet", k) for k in args.ks}
+            scratch_draws = _draws(le.rows, "scratch_unet")
+        elif _draws(le.rows, "residual") != scratch_draws:
+            raise SystemExit(f"--scratch-from {args.scratch_from}: its UNet trained on other draws")
         points.append(
             {
                 "checkpoint": ckpt,
@@ -202,6 +216,7 @@ def main() -> None:
         "scratch_from": args.scratch_from,
         "points": points,
         "scratch_unet": {str(k): v for k, v in scratch.items()},
+        "scratch_unet_draws": scratch_draws,
         "residual_minus_scratch_points": {
             str(k): [round(100 * (p["residual"][str(k)][0] - scratch[k][0]), 1) for p in points]
             for k in args.ks
