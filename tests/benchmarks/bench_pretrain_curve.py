@@ -95,7 +95,7 @@ def _features(args: argparse.Namespace, ckpt: str, folder: Path) -> FeatureTable
             preset("extract", "tiny"),
             {"checkpoint": ckpt, "shards": args.shards, "output": str(folder), "timesteps": args.timesteps,
              "blocks": args.blocks, "max_images": args.max_images, "pixels_per_class": args.pixels_per_class,
-             "overwrite": True},
+             "concurrency": args.extract_concurrency, "overwrite": True},
         )
     )  # fmt: skip
 
@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--blocks", nargs="*", default=[])
     ap.add_argument("--max-images", type=int, default=None, help="tiles per split (default: every tile)")
     ap.add_argument("--pixels-per-class", type=int, default=64)
+    ap.add_argument("--extract-concurrency", type=int, default=1, help="feature actors (one CPU each)")
     ap.add_argument("--test-region", nargs=4, type=int, default=None)
     ap.add_argument("--head-epochs", type=int, default=10)
     ap.add_argument("--set", nargs="*", default=[], help="jobs/label_efficiency.py overrides, key=value")
