@@ -185,8 +185,9 @@ def test_bad_search_space(labeled_table, tmp_path, mlflow_uri, extra, needle):
 
 def test_a_grid_sweep_runs_every_combination_once(labeled_table, tmp_path, mlflow_uri, ray_cluster):
     grid = ["search.timesteps=[[10],[100]]", "search.blocks=[[up1.res0],[up2.res1]]", "search.width=[32]",
-            "search.lr=[1e-3]", "search_mode=grid", "num_samples=10", "scheduler=fifo", "head.epochs=1",
-            "grace_period=1", "name=grid"]  # fmt: skip
+            "search.lr=[1e-3]", "search.dropout=[0.0]", "search.input_noise=[0.0]",
+            "search.class_weighting=[none]", "search_mode=grid", "num_samples=10", "scheduler=fifo",
+            "head.epochs=1", "grace_period=1", "name=grid"]  # fmt: skip
     result = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *grid))
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(result.parent_run_id)

@@ -103,10 +103,10 @@ def check_same_spec(experiment: str, spec: dict[str, Any]) -> None:
         ) from None
     if old.get("digest") == spec["digest"]:
         return
-    changed = sorted(k for k in spec if k != "digest" and old.get(k) != spec[k])
+    changed = sorted(k for k in {*spec, *old} if k != "digest" and old.get(k) != spec.get(k))
     detail = []
     for k in changed:
-        if isinstance(spec[k], dict) and isinstance(old.get(k), dict):
+        if isinstance(spec.get(k), dict) and isinstance(old.get(k), dict):
             keys = sorted(j for j in {*spec[k], *old[k]} if spec[k].get(j) != old[k].get(j))
             detail += [f"{k}.{j}" for j in keys]
         else:
