@@ -15,6 +15,8 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
+from rsdiff.ports import free_port, is_port_race
+
 log = logging.getLogger(__name__)
 
 
@@ -50,18 +52,48 @@ def _init(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # With its dashboard, the local Ray serves the State API that Ray Train's placement-group
-        # cleaner polls; its workers are told where (without the dashboard the cleaner warns every
-        # second, and can stall for its full timeout on a stale `ray start` address).
-        port = _free_port()
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_port=port,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-            log_to_driver=True,
-        )
+        _start_local(num_cpus)
+
+
+LOCAL_START_ATTEMPTS = 3
+
+
+def _start_local(num_cpus: int | None, attempts: int = LOCAL_START_ATTEMPTS) -> None:
+    """Start a local Ray with its dashboard on a fresh port, again on another port when the port
+    was taken between picking and binding it (see :mod:`rsdiff.ports`).
+
+    With its dashboard, the local Ray serves the State API that Ray Train's placement-group cleaner
+    polls; its workers are told where (without the dashboard the cleaner warns every second, and
+    can stall for its full timeout on a stale `ray start` address).
+
+    Raises:
+        ClusterError: the dashboard's port was taken on every attempt.
+    """
+    from rsdiff.errors import ClusterError
+
+    tried: list[int] = []
+    for _ in range(attempts):
+        port = free_port()
+        tried.append(port)
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_port=port,
+                runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+                log_to_driver=True,
+            )
+            return
+        except Exception as exc:
+            if not is_port_race(str(exc)):
+                raise
+            ray.shutdown()  # what did start (GCS, raylet) goes before the next try
+            log.warning("ray: the dashboard port %d was taken before Ray bound it; trying another", port)
+    raise ClusterError(
+        f"could not start a local Ray: the dashboard ports {tried} were each taken by another process "
+        "before Ray bound them; start Ray once with `ray start --head` and pass ray.address=auto"
+    )
 
 
 def largest_node_cpus() -> int:
@@ -71,14 +103,6 @@ def largest_node_cpus() -> int:
     """
     cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     return max(1, int(max(cpus, default=1)))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @ray.remote(num_cpus=0)

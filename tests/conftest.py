@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from rsdiff import ports
 from rsdiff.config import load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.features.config import ExtractConfig
@@ -35,9 +35,18 @@ TEST_SECRET = "rsdiffTestSecretKeyDoNotLeak0123456789abc"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and outside the kernel's ephemeral range (see :mod:`rsdiff.ports`)."""
+    return ports.free_port()
+
+
+def agent_port_args() -> list[str]:
+    """``ray start`` flags giving a second head its own agent and metrics ports (the session's test
+    cluster holds Ray's defaults), distinct and outside the ephemeral range."""
+    listen, grpc, runtime_env, metrics = ports.free_ports(4)
+    return [
+        f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import free_port
+from conftest import agent_port_args
 
 CPU_SCALE = 8  # a fake worker node declares 1 CPU per 8 of its instance type (at least 1)
 FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's name for its head node
@@ -135,8 +135,7 @@ class FakeCluster:
             f"--object-store-memory={OBJECT_STORE}", f"--dashboard-port={self.dashboard_port}",
             "--include-dashboard=true", "--disable-usage-stats", "--block",
             # Own ports: the session's test cluster already holds Ray's default agent ports.
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            *agent_port_args(),
         ]  # fmt: skip
         custom = {k: v for k, v in head.items() if k not in ("CPU", "GPU")}
         if custom:

@@ -3,6 +3,8 @@ loopback S3 server and a real MLflow store."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import boto3
 import pytest
 import torch
@@ -314,28 +316,52 @@ def test_job_script_rejects_unknown_key_and_missing_manifest(tmp_path):
     assert proc.returncode == 2 and "no manifest.json at" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# What a submit says while the head is up but not yet (or not for a moment) serving jobs, before
+# any job was created: worth a retry. Anything else, and any answer once the head process has
+# exited, is the test's result.
+_TRANSIENT_SUBMIT = ("No available agent", "Failed to connect to Ray")
+
+
+def _head_logs(temp_dir: Path, head_out: Path, lines: int = 40) -> str:
+    """The last ``lines`` of the head's own output and of its Ray logs (dashboard, agent, raylet,
+    GCS): what a failure of the submit test prints, so that it explains itself."""
+    logs = temp_dir / "session_latest" / "logs"
+    names = ["dashboard.log", "dashboard.err", "dashboard_agent.log", "raylet.out", "raylet.err",
+             "gcs_server.out", "gcs_server.err"]  # fmt: skip
+    parts = [head_out, *(logs / n for n in names)]
+    out = []
+    for path in parts:
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path.name} ---\n" + "\n".join(tail))
+    return "\n".join(out) or f"(no head logs under {temp_dir})"
+
+
 @pytest.mark.slow
 def test_ray_job_submit_to_a_local_head(local_shards, tmp_path):
     """``ray start --head`` + ``ray job submit --working-dir . -- python jobs/pretrain.py``, token auth on."""
     import os
+    import shutil
     import subprocess
     import sys
-    from pathlib import Path
+    import tempfile
 
-    from conftest import free_port
+    from conftest import agent_port_args, free_port
 
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
-    head = subprocess.Popen(
-        [str(bindir / "ray"), "start", "--head", f"--port={free_port()}", f"--dashboard-port={dash}",
-         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", "--block",
-         # Own ports: the session's test cluster already holds Ray's default agent ports.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    # Its own temp dir (short: Ray's socket paths must fit 107 bytes) so its logs are its own.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rsdiff-head-"))
+    head_out = tmp_path / "head.out"
+    with open(head_out, "wb") as out:
+        head = subprocess.Popen(
+            [str(bindir / "ray"), "start", "--head", f"--port={free_port()}", f"--dashboard-port={dash}",
+             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", "--block",
+             f"--temp-dir={temp_dir}", *agent_port_args()],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
 
     def ray_cli(*args, extra=None, timeout=300):
@@ -344,8 +370,13 @@ def test_ray_job_submit_to_a_local_head(local_shards, tmp_path):
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
+    def head_alive() -> bool:
+        if head.poll() is not None:
+            pytest.fail(f"the head exited ({head.returncode}):\n{_head_logs(temp_dir, head_out)}")
+        return True
+
     try:
-        up = lambda: ray_cli("job", "list", "--address", address, timeout=60).returncode == 0  # noqa: E731
+        up = lambda: head_alive() and ray_cli("job", "list", "--address", address, timeout=60).returncode == 0  # noqa: E731
         wait_for(up, "the local Ray head to come up", timeout_s=90, poll_s=2)
         # Authentication stays on: no token, or a wrong one, is refused.
         (tmp_path / "home").mkdir()
@@ -364,16 +395,19 @@ def test_ray_job_submit_to_a_local_head(local_shards, tmp_path):
 
         def accepted() -> bool:  # the head's job agent comes up a little after its dashboard
             submitted[:] = [ray_cli(*submit_args, timeout=400)]
-            return "No available agent" not in submitted[0].stderr
+            said = submitted[0].stdout + submitted[0].stderr
+            return head_alive() and not any(sign in said for sign in _TRANSIENT_SUBMIT)
 
-        wait_for(accepted, "the head's job agent", timeout_s=120, poll_s=2)
+        wait_for(accepted, "the head's job agent to accept the submission", timeout_s=120, poll_s=2)
         submit = submitted[0]
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        said = submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert submit.returncode == 0, said + "\n" + _head_logs(temp_dir, head_out)
         assert "succeeded" in submit.stdout + submit.stderr
         assert read_meta(str(tmp_path / "runs/submitted/checkpoint_00000010"))["step"] == 10
     finally:
         head.terminate()
         head.wait(timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_pretraining_never_makes_data_itself_and_says_how_to(tmp_path, monkeypatch, mlflow_uri):
