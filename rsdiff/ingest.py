@@ -289,8 +289,12 @@ def _merge(
     scenes: dict[str, list[str]] = {}
     dropped = {"nodata_tiles": 0, "unknown_label_pixels": 0}
     class_pixels = np.zeros(classmap.num_classes, np.int64) if classmap else None
-    for r in results:
+    # The normaliser is fit on the train split alone: val and test pixels inform nothing a model
+    # learns from (every split is train when none is held out).
+    fit_on = [r for r in results if r.samples.get("train", 0)] or results
+    for r in fit_on:
         stats.merge(r.stats)
+    for r in results:
         for split in r.shards:
             shards.setdefault(split, []).extend(storage.name(u) for u in r.shards[split])
             samples[split] = samples.get(split, 0) + r.samples[split]

@@ -1,24 +1,32 @@
-"""``jobs/label_efficiency.py``: test-scene mIoU vs number of labeled scenes, DDPM features vs scratch.
+"""``jobs/label_efficiency.py``: test-scene mIoU vs number of labeled scenes, rsdiff vs scratch.
 
 For each ``k`` in ``ks`` and each of ``draws`` seeded draws of ``k`` labeled training scenes (or,
 with ``unit=tiles``, ``k`` training tiles) from the feature table's ``train`` split, the same draw
-for every method:
+for every method (draws are nested: a draw's k=1 scene is inside its k=5 set, see
+:mod:`rsdiff.draws`):
 
 - ``residual``: rsdiff's residual MLP head on the frozen DDPM features (the selected timesteps,
   blocks and head settings, by default those of the sweep's best head: chosen on val);
 - ``ensemble``: DDPM-Seg's 10-member MLP ensemble on the same features;
-- ``scratch_unet``: a UNet trained from scratch on the **dense** masks of the same tiles, with
-  flips/rotations, its best weights kept by mIoU on the validation scenes.
+- ``finetune``: the pretrained denoiser fine-tuned as a segmenter on the dense masks
+  (:mod:`rsdiff.heads.segmenter`), ``finetune_random``: the identical network from random
+  initialisation trained the same way, ``dense_decoder``: a conv decoder over the frozen
+  denoiser's decoder-block maps;
+- ``scratch_unet``: a UNet trained from scratch on the **dense** masks of the same tiles.
 
-The heads learn from the table's sampled pixels of those tiles and stop early on the table's
-``val`` rows; nothing looks at the test scenes until every model is trained. Then each model
+Every dense method shares one training loop (:mod:`rsdiff.heads.dense_fit`: flips/rotations,
+input noise, class weighting, learning-rate schedule, best weights by val mIoU). What stops
+training is counted: ``val_budget=all`` uses every val scene of the table, ``val_budget=k`` draws
+``k`` val scenes per draw (nested too), and each row records its labeled scenes for training, for
+selection (early stopping) and for the recipe (a sweep's ``selection`` was fit on the table's train
+and val scenes). Nothing looks at the test scenes until every model is trained. Then each model
 predicts the **whole test scenes** (the ingest's ``test`` split) through ``jobs/predict.py``'s
 sliding-window path and is scored by ``jobs/evaluate.py`` against their masks. Output under
-``output``: ``results.json`` (every run: what was drawn, its scenes and tile count, test mIoU,
-per-class IoU, per-scene scores, val mIoU, parameters, seconds), ``table.md`` (mean ± std test
-mIoU per method and k, and per-class IoU), ``label_efficiency.png`` (test mIoU vs k with std
-bands), the heads under ``heads/`` and the maps under ``predictions/``; all logged to one MLflow
-run.
+``output``: ``results.json`` (every run: what was drawn, its scenes, labels used, test mIoU,
+per-class IoU, per-scene scores, val mIoU, parameters, seconds; the paired differences per k with
+90% bootstrap intervals, :mod:`rsdiff.paired`), ``table.md`` (mean ± std test mIoU per method and
+k, the labels used, the paired differences, per-class IoU), ``label_efficiency.png``, the heads
+under ``heads/`` and the maps under ``predictions/``; all logged to one MLflow run.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -38,15 +45,33 @@ from omegaconf import MISSING
 from rsdiff import storage
 from rsdiff.config import build, redact, require, to_container
 from rsdiff.data.classmap import IGNORE_INDEX
+from rsdiff.draws import draw_units
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.cache import check_numbers as check_table_numbers
-from rsdiff.heads.config import HeadConfig, HeadKind, ScratchUNetConfig
+from rsdiff.heads.config import HeadConfig, HeadKind, Readout, ScratchUNetConfig, SegmenterConfig
+from rsdiff.paired import format_paired, paired_differences
 from rsdiff.ray_config import RayConfig
 from rsdiff.tracking import StageTracking
 
 log = logging.getLogger(__name__)
-METHODS = ("residual", "ensemble", "scratch_unet")
+FEATURE_METHODS = ("residual", "ensemble")  # heads on the feature table's sampled pixels
+SEGMENTER_METHODS = ("finetune", "finetune_random", "dense_decoder")  # the denoiser on dense masks
+METHODS = (*FEATURE_METHODS, *SEGMENTER_METHODS, "scratch_unet")
+BASELINE = "scratch_unet"
+METHOD_NAMES = {
+    "residual": "residual MLP head on frozen DDPM features",
+    "ensemble": "DDPM-Seg MLP ensemble on frozen DDPM features",
+    "finetune": "pretrained denoiser fine-tuned as segmenter",
+    "finetune_random": "same network from random init",
+    "dense_decoder": "conv decoder on frozen DDPM feature maps",
+    "scratch_unet": "small UNet from scratch",
+}
+
+
+class ValBudget(Enum):
+    all = "all"  # every val scene of the table stops training (labels for selection: the whole val split)
+    k = "k"  # k val scenes, drawn nested like the training scenes: a draw uses 2k labeled scenes
 
 
 class CountUnit(Enum):
@@ -64,14 +89,21 @@ class LabelEfficiencyConfig:
     blocks: list[str] = field(default_factory=list)
     unit: CountUnit = CountUnit.scenes  # what k counts
     ks: list[int] = field(default_factory=lambda: [1, 2, 5])
-    draws: int = 3
+    draws: int = 5
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    val_budget: ValBudget = ValBudget.all  # which val scenes early-stop each run (counted in its labels)
     test_split: str = "test"  # the ingest split whose whole scenes are predicted and scored
     input_noise: float = 0.1
     head: HeadConfig = field(default_factory=HeadConfig)  # residual head (overridden by `selection`'s)
     ensemble: HeadConfig = field(default_factory=lambda: HeadConfig(kind=HeadKind.ensemble))
     unet: ScratchUNetConfig = field(default_factory=lambda: ScratchUNetConfig(patience=4))
+    # finetune: the pretrained denoiser fine-tuned whole; finetune_random: the identical network
+    # from random initialisation, every layer at finetune.lr (nothing pretrained to preserve)
+    finetune: SegmenterConfig = field(default_factory=lambda: SegmenterConfig(patience=4))
+    dense_decoder: SegmenterConfig = field(
+        default_factory=lambda: SegmenterConfig(readout=Readout.decoder, patience=4)
+    )
     # [row, col, height, width] px of every test scene to predict and score (a CPU budget); null: all
     test_region: list[int] | None = None
     window: int | None = None  # prediction windows (see jobs/predict.py); default: the tile size
@@ -90,26 +122,6 @@ class LabelEfficiencyResult:
     table: str
     output: str
     mlflow_run_id: str | None
-
-
-def draw_units(pool: list[str], k: int, draw: int, seed: int) -> list[str]:
-    """``k`` distinct members of ``pool`` for draw ``draw`` (reproducible, independent of method).
-
-    Draws ``0..draw`` of one ``(seed, k)`` are different subsets while ``pool`` has that many:
-    independent draws of 1 scene in 9 repeat a scene in a third of 3-draw runs, which would
-    understate the spread over draws. Once every subset was drawn, subsets repeat.
-    """
-    members = sorted(pool)
-    total = math.comb(len(members), k)
-    rng = np.random.default_rng([seed, k])
-    drawn: list[list[str]] = []
-    seen: set[tuple[str, ...]] = set()
-    while len(drawn) <= draw:
-        subset = sorted(rng.choice(members, size=k, replace=False).tolist())
-        if tuple(subset) not in seen or len(seen) == total:
-            seen.add(tuple(subset))
-            drawn.append(subset)
-    return drawn[draw]
 
 
 def scene_of(tile_key: str) -> str:
@@ -186,7 +198,27 @@ def _check(cfg: LabelEfficiencyConfig) -> None:
         raise ConfigError(f"methods={list(cfg.methods)}: choose among {list(METHODS)}")
     require("draws", cfg.draws, ge=1)
     require("input_noise", cfg.input_noise, ge=0)
+    for name in ("unet", "finetune", "dense_decoder"):
+        check_dense_config(name, getattr(cfg, name))
+    if Readout(cfg.dense_decoder.readout) is not Readout.decoder:
+        raise ConfigError("dense_decoder.readout must be decoder (finetune reads the UNet's output)")
+    if ValBudget(cfg.val_budget) is ValBudget.k and CountUnit(cfg.unit) is not CountUnit.scenes:
+        raise ConfigError("val_budget=k draws k val scenes: it needs unit=scenes")
     check_table_numbers(cfg.table)
+
+
+def check_dense_config(name: str, cfg: Any) -> None:
+    """Range checks of a dense-training config (the scratch UNet's, a segmenter's) under ``name``."""
+    require(f"{name}.steps", cfg.steps, ge=1)
+    require(f"{name}.batch_size", cfg.batch_size, ge=1)
+    require(f"{name}.eval_every", cfg.eval_every, ge=1)
+    require(f"{name}.patience", cfg.patience, ge=0)
+    require(f"{name}.lr", cfg.lr, gt=0)
+    require(f"{name}.weight_decay", cfg.weight_decay, ge=0)
+    if isinstance(cfg, SegmenterConfig):
+        require(f"{name}.timestep", cfg.timestep, ge=0)
+        require(f"{name}.backbone_lr_scale", cfg.backbone_lr_scale, ge=0)
+        require(f"{name}.width", cfg.width, ge=1)
 
 
 def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
@@ -195,24 +227,70 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
     Raises:
         RsdiffError: missing table/val rows/test split, k larger than the pool, bad selection.
     """
-    import torch
+    from tqdm import tqdm
 
+    _check(cfg)
+    ctx = _prepare(cfg)
+    unit = CountUnit(cfg.unit)
+    rows: list[dict[str, Any]] = []
+    # draw-major, so every finished draw has all its ks: paired results accumulate evenly
+    jobs = [(k, d) for d in range(cfg.draws) for k in ctx.ks]
+    for k, d in tqdm(jobs, desc="label-efficiency", unit="draw"):
+        units = draw_units(ctx.pool, k, d, cfg.seed)
+        chosen = [t for t in ctx.train_tiles if (scene_of(t) if unit is CountUnit.scenes else t) in units]
+        scenes = sorted({scene_of(t) for t in chosen})
+        val_scenes = ctx.val_scenes(k, d)
+        for method in cfg.methods:
+            labels = _labels_used(ctx, method, scenes, val_scenes)
+            row = _one_run(ctx, method, k, d, chosen, val_scenes)
+            rows.append({"method": method, "k": k, "draw": d, "drawn": units, "scenes": scenes,
+                         "val_scenes": val_scenes, **labels, **row})  # fmt: skip
+        log.info(
+            "k=%d draw=%d (scenes %s, val %s): test mIoU %s",
+            k,
+            d,
+            scenes,
+            val_scenes,
+            {r["method"]: round(r["test_miou"], 3) for r in rows[-len(cfg.methods) :]},
+        )
+    return _report(cfg, ctx, rows, ctx.ks, ctx.ddpm.meta)
+
+
+def _labels_used(ctx: _Context, method: str, scenes: list[str], val_scenes: list[str]) -> dict[str, Any]:
+    """How many labeled scenes a run of ``method`` rests on: those trained on, those that stopped
+    training (selection), and those that chose its recipe (a sweep's selection head, fit on the
+    table's train scenes and picked on its val scenes, sets the feature heads' timesteps, blocks and
+    settings; the dense methods do not use it); ``labeled_scenes_used`` counts them once."""
+    recipe = ctx.recipe_scenes if method in FEATURE_METHODS else []
+    return {
+        "train_scenes": len(scenes),
+        "selection_scenes": len(val_scenes),
+        "recipe_scenes": len(recipe),
+        "labeled_scenes_used": len(set(scenes) | set(val_scenes) | set(recipe)),
+    }
+
+
+def _prepare(cfg: LabelEfficiencyConfig) -> _Context:
+    """Open the table and the test split, resolve the selection, check k, decode the dense tiles."""
     from rsdiff import tracking
     from rsdiff.features.table import FeatureTable
     from rsdiff.heads.artifact import TrainedHead
     from rsdiff.train.checkpoint import load_pretrained
 
-    _check(cfg)
     table = FeatureTable.open(str(cfg.features)).cached(cfg.table)
     if not table.parts("val"):
         raise DataError(f"feature table {storage.display(table.root)} has no val rows to select on")
     shards = str(table.meta["shards"])
     test = _test_scenes(shards, cfg.test_split)
     head_cfg = cfg.head
+    train_tiles = _table_images(table, "train")
+    val_tiles = _table_images(table, "val")
+    recipe: list[str] = []
     if cfg.selection:
         sel = TrainedHead.load(str(cfg.selection))
         timesteps, blocks = sel.timesteps, sel.blocks
         head_cfg = build(HeadConfig, sel.config, {"kind": "residual"})
+        recipe = sorted({scene_of(t) for t in train_tiles + val_tiles})
     else:
         timesteps = list(cfg.timesteps) or table.index.timesteps
         blocks = list(cfg.blocks) or table.index.blocks
@@ -220,12 +298,13 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
     if cfg.tracking.enabled:
         tracking.client(tracking.resolve_uri(cfg.tracking.uri))  # a bad store fails before the work
     unit = CountUnit(cfg.unit)
-    train_tiles = _table_images(table, "train")
-    val_tiles = _table_images(table, "val")
     pool = sorted({scene_of(t) for t in train_tiles}) if unit is CountUnit.scenes else train_tiles
     ks = sorted({int(k) for k in cfg.ks})
     if not ks or ks[0] < 1 or ks[-1] > len(pool):
         raise ConfigError(f"ks={ks} must be in [1, {len(pool)}] (the table's labeled train {unit.value})")
+    val_pool = sorted({scene_of(t) for t in val_tiles})
+    if ValBudget(cfg.val_budget) is ValBudget.k and ks[-1] > len(val_pool):
+        raise ConfigError(f"val_budget=k needs k <= {len(val_pool)} val scenes; ks={ks}")
     leaked = sorted({scene_of(t) for t in train_tiles + val_tiles} & set(test.ids))
     if leaked:
         raise DataError(
@@ -235,27 +314,10 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
     storage.check_writable(out)
     ddpm = load_pretrained(str(table.meta["checkpoint"]))
     tiles = _dense_tiles(shards, set(train_tiles) | set(val_tiles), ddpm.normalizer)
-    val_x = torch.from_numpy(np.stack([tiles[k][0] for k in val_tiles]))
-    val_y = torch.from_numpy(np.stack([tiles[k][1] for k in val_tiles]))
-    ctx = _Context(cfg, table, timesteps, blocks, head_cfg, test, out, val_x, val_y, tiles)
-    rows: list[dict[str, Any]] = []
-    from tqdm import tqdm
-
-    jobs = [(k, d) for k in ks for d in range(cfg.draws)]
-    for k, d in tqdm(jobs, desc="label-efficiency", unit="draw"):
-        units = draw_units(pool, k, d, cfg.seed)
-        chosen = [t for t in train_tiles if (scene_of(t) if unit is CountUnit.scenes else t) in units]
-        for method in cfg.methods:
-            row = _one_run(ctx, method, k, d, chosen)
-            scenes = sorted({scene_of(t) for t in chosen})
-            rows.append({"method": method, "k": k, "draw": d, "drawn": units, "scenes": scenes, **row})
-        log.info(
-            "k=%d draw=%d: test mIoU %s",
-            k,
-            d,
-            {r["method"]: round(r["test_miou"], 3) for r in rows[-len(cfg.methods) :]},
-        )
-    return _report(cfg, ctx, rows, ks, ddpm.meta)
+    return _Context(
+        cfg, table, list(timesteps), list(blocks), head_cfg, test, out, tiles, ddpm,
+        train_tiles, val_tiles, pool, val_pool, ks, recipe,
+    )  # fmt: skip
 
 
 @dataclass
@@ -269,59 +331,42 @@ class _Context:
     head_cfg: HeadConfig
     test: _TestScenes
     out: str
-    val_x: Any  # (N, C, H, W) normalised val tiles
-    val_y: Any  # (N, H, W) their dense labels
-    tiles: dict[str, tuple[np.ndarray, np.ndarray]]
+    tiles: dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (normalised (C, H, W) tile, (H, W) labels)
+    ddpm: Any  # the frozen PretrainedDDPM the table was extracted with
+    train_tiles: list[str]
+    val_tiles: list[str]
+    pool: list[str]  # what k counts (train scenes or tiles)
+    val_pool: list[str]  # val scenes
+    ks: list[int]
+    recipe_scenes: list[str]  # scenes whose labels chose the timesteps/blocks/head (a sweep's)
+
+    def val_scenes(self, k: int, draw: int) -> list[str]:
+        """The val scenes that stop training in draw ``draw`` at ``k`` (see :class:`ValBudget`)."""
+        if ValBudget(self.cfg.val_budget) is ValBudget.all:
+            return list(self.val_pool)
+        return draw_units(self.val_pool, k, draw, self.cfg.seed + 1)
+
+    def dense(self, keys: list[str]) -> tuple[Any, Any]:
+        """``(N, C, H, W)`` normalised tiles and ``(N, H, W)`` labels of ``keys`` as tensors."""
+        import torch
+
+        return (
+            torch.from_numpy(np.stack([self.tiles[t][0] for t in keys])),
+            torch.from_numpy(np.stack([self.tiles[t][1] for t in keys])),
+        )
 
 
-def _one_run(ctx: _Context, method: str, k: int, draw: int, chosen: list[str]) -> dict[str, Any]:
-    """Train ``method`` on the ``chosen`` tiles, predict and score the test scenes."""
-    import torch
-
-    from rsdiff.heads.artifact import TrainedHead
-    from rsdiff.heads.fit import fit_head
-    from rsdiff.heads.scratch_unet import fit_scratch_unet
-
-    cfg = ctx.cfg
+def _one_run(
+    ctx: _Context, method: str, k: int, draw: int, chosen: list[str], val_scenes: list[str]
+) -> dict[str, Any]:
+    """Train ``method`` on the ``chosen`` tiles (early-stopped on ``val_scenes``), predict and score
+    the test scenes."""
     t0 = time.perf_counter()
-    if method == "scratch_unet":
-        ucfg = build(ScratchUNetConfig, cfg.unet, {"seed": cfg.seed + draw})
-        x = torch.from_numpy(np.stack([ctx.tiles[t][0] for t in chosen]))
-        y = torch.from_numpy(np.stack([ctx.tiles[t][1] for t in chosen]))
-        model, facts = fit_scratch_unet(
-            x, y, ctx.val_x, ctx.val_y, ctx.table.num_classes, ucfg, cfg.input_noise
-        )
-        head = TrainedHead.from_pixel_unet(
-            model,
-            ucfg,
-            int(x.shape[1]),
-            list(ctx.table.meta["classes"]),
-            str(ctx.table.meta["checkpoint"]),
-            {"val_miou": facts["val_miou"], "best_step": facts["best_step"]},
-        )
-        extra = {
-            "val_miou": facts["val_miou"],
-            "best_step": facts["best_step"],
-            "steps": facts["steps"],
-            "labeled_pixels": int((y != IGNORE_INDEX).sum()),
-        }
+    val_keys = [t for t in ctx.val_tiles if scene_of(t) in set(val_scenes)]
+    if method in FEATURE_METHODS:
+        head, extra = _fit_feature_head(ctx, method, draw, chosen, val_keys)
     else:
-        base = ctx.head_cfg if method == "residual" else cfg.ensemble
-        hc = build(HeadConfig, base, {"input_noise": cfg.input_noise, "seed": cfg.seed + draw})
-        head = fit_head(
-            ctx.table,
-            ctx.timesteps,
-            ctx.blocks,
-            hc,
-            train_images=set(chosen),
-            val_split="val",
-            memory_mb=cfg.table.memory_mb,
-        )
-        extra = {
-            "val_miou": head.metrics.get("miou"),
-            "best_epoch": head.metrics.get("best_epoch"),
-            "labeled_pixels": ctx.table.count_rows("train", set(chosen)),
-        }
+        head, extra = _fit_dense_method(ctx, method, draw, chosen, val_keys)
     train_seconds = time.perf_counter() - t0
     name = f"{method}-k{k}-d{draw}"
     head_uri = head.save(storage.join(ctx.out, "heads", name))
@@ -338,6 +383,74 @@ def _one_run(ctx: _Context, method: str, k: int, draw: int, chosen: list[str]) -
         "head": head_uri,
         **extra,
     }
+
+
+def _fit_feature_head(
+    ctx: _Context, method: str, draw: int, chosen: list[str], val_keys: list[str]
+) -> tuple[Any, dict[str, Any]]:
+    """A residual head or DDPM-Seg ensemble on the table's sampled pixels of ``chosen``."""
+    from rsdiff.heads.fit import fit_head
+
+    cfg = ctx.cfg
+    base = ctx.head_cfg if method == "residual" else cfg.ensemble
+    hc = build(HeadConfig, base, {"input_noise": cfg.input_noise, "seed": cfg.seed + draw})
+    head = fit_head(
+        ctx.table, ctx.timesteps, ctx.blocks, hc, train_images=set(chosen), val_split="val",
+        val_images=set(val_keys), memory_mb=cfg.table.memory_mb,
+    )  # fmt: skip
+    return head, {
+        "val_miou": head.metrics.get("miou"),
+        "best_epoch": head.metrics.get("best_epoch"),
+        "labeled_pixels": ctx.table.count_rows("train", set(chosen)),
+    }
+
+
+def _fit_dense_method(
+    ctx: _Context, method: str, draw: int, chosen: list[str], val_keys: list[str]
+) -> tuple[Any, dict[str, Any]]:
+    """The scratch UNet or the denoiser as a segmenter, on the dense masks of ``chosen``."""
+    from rsdiff.heads.artifact import TrainedHead
+    from rsdiff.heads.dense_fit import fit_dense
+    from rsdiff.heads.scratch_unet import fit_scratch_unet
+    from rsdiff.heads.segmenter import build_segmenter
+
+    cfg = ctx.cfg
+    x, y = ctx.dense(chosen)
+    val_x, val_y = ctx.dense(val_keys)
+    classes = list(ctx.table.meta["classes"])
+    checkpoint = str(ctx.table.meta["checkpoint"])
+    if method == BASELINE:
+        ucfg = build(ScratchUNetConfig, cfg.unet, {"seed": cfg.seed + draw})
+        model, facts = fit_scratch_unet(x, y, val_x, val_y, ctx.table.num_classes, ucfg, cfg.input_noise)
+        head = TrainedHead.from_pixel_unet(model, ucfg, int(x.shape[1]), classes, checkpoint)
+    else:
+        scfg = segmenter_config(cfg, method, draw)
+        net = build_segmenter(ctx.ddpm.model, ctx.table.num_classes, scfg)
+        groups = net.param_groups(scfg.lr, scfg.backbone_lr_scale)
+        facts = fit_dense(net, groups, (x, y, val_x, val_y), ctx.table.num_classes, scfg, cfg.input_noise)
+        head = TrainedHead.from_segmenter(net, scfg, classes, checkpoint)
+    head.metrics.update({"val_miou": facts["val_miou"], "best_step": facts["best_step"]})
+    return head, {
+        "val_miou": facts["val_miou"],
+        "best_step": facts["best_step"],
+        "steps": facts["steps"],
+        "trainable_params": facts["params"],
+        "labeled_pixels": int((y != IGNORE_INDEX).sum()),
+    }
+
+
+def segmenter_config(cfg: LabelEfficiencyConfig, method: str, draw: int) -> SegmenterConfig:
+    """The segmenter settings of ``method``: ``finetune`` and ``dense_decoder`` as configured;
+    ``finetune_random`` is ``finetune`` from random initialisation with every layer at its ``lr``."""
+    seed = {"seed": cfg.seed + draw}
+    if method == "finetune":
+        return build(SegmenterConfig, cfg.finetune, {"readout": "output", "pretrained": True}, seed)
+    if method == "finetune_random":
+        over = {"readout": "output", "pretrained": False, "backbone_lr_scale": 1.0}
+        return build(SegmenterConfig, cfg.finetune, over, seed)
+    if method == "dense_decoder":
+        return build(SegmenterConfig, cfg.dense_decoder, {"pretrained": True}, seed)
+    raise ValueError(f"not a segmenter method: {method}")
 
 
 def _score_on_test(ctx: _Context, head_uri: str, name: str) -> tuple[dict[str, Any], float]:
@@ -375,7 +488,8 @@ def _score_on_test(ctx: _Context, head_uri: str, name: str) -> tuple[dict[str, A
 
 
 def format_table(rows: list[dict[str, Any]], ks: list[int], methods: list[str], unit: str) -> str:
-    """Markdown: mean ± std test mIoU (one row per method, one column per k), then per-class IoU."""
+    """Markdown: mean ± std test mIoU (one row per method, one column per k), the labeled scenes
+    each used (training / selection / recipe), the paired differences, then per-class IoU."""
     lines = ["| test mIoU | " + " | ".join(f"k={k} {unit}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for m in methods:
         cells = []
@@ -383,6 +497,18 @@ def format_table(rows: list[dict[str, Any]], ks: list[int], methods: list[str], 
             v = [r["test_miou"] for r in rows if r["method"] == m and r["k"] == k]
             cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| labeled scenes used: training / selection / recipe (in all) | "
+              + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]  # fmt: skip
+    for m in methods:
+        cells = []
+        for k in ks:
+            r = next((r for r in rows if r["method"] == m and r["k"] == k and "train_scenes" in r), None)
+            cells.append("-" if r is None else f"{r['train_scenes']} / {r['selection_scenes']} / "
+                         f"{r['recipe_scenes']} ({r['labeled_scenes_used']})")  # fmt: skip
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    entries = paired_entries(rows, methods)
+    if entries:
+        lines += ["", format_paired(entries, unit)]
     classes = list(rows[0]["test_iou"]) if rows else []
     lines += [
         "",
@@ -398,6 +524,15 @@ def format_table(rows: list[dict[str, Any]], ks: list[int], methods: list[str], 
     return "\n".join(lines)
 
 
+def paired_entries(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """The comparisons a report makes, per k over the same draws: every method against the scratch
+    UNet, and the fine-tuned denoiser against the same network from random initialisation."""
+    pairs = [(m, BASELINE) for m in methods if m != BASELINE and BASELINE in methods]
+    if "finetune" in methods and "finetune_random" in methods:
+        pairs.append(("finetune", "finetune_random"))
+    return [e for m, b in pairs for e in paired_differences(rows, m, b)]
+
+
 def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
@@ -407,23 +542,44 @@ def _fmt(v: float) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], ks: list[int], methods: list[str], unit: str) -> Any:
+    """Two panels: test mIoU against k per method (mean ± std over draws), and each method's paired
+    difference from the scratch UNet with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    draws = len({r["draw"] for r in rows})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     for m in methods:
         v = [[r["test_miou"] for r in rows if r["method"] == m and r["k"] == k] for k in ks]
         mean, std = np.array([np.mean(x) for x in v]), np.array([np.std(x) for x in v])
-        ax.plot(ks, mean, marker="o", label=m)
-        ax.fill_between(ks, mean - std, mean + std, alpha=0.2)
-    ax.set_xscale("log")
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel(f"labeled training {unit} (k)")
-    ax.set_ylabel("test mIoU (mean ± std over draws)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        ax.plot(ks, mean, marker="o", label=METHOD_NAMES.get(m, m))
+        ax.fill_between(ks, mean - std, mean + std, alpha=0.15)
+    for a in (ax, bx):
+        a.set_xscale("log")
+        a.set_xticks(ks, [str(k) for k in ks])
+        a.minorticks_off()
+        a.set_xlabel(f"labeled training {unit} (k)")
+        a.grid(alpha=0.3)
+    ax.set_ylabel(f"test mIoU (mean ± std over {draws} draws)")
+    ax.set_title("Test mIoU by label budget")
+    ax.legend(fontsize=7)
+    for i, m in enumerate(m for m in methods if m != BASELINE):
+        es = paired_differences(rows, m, BASELINE) if BASELINE in methods else []
+        if not es:
+            continue
+        x = np.array([e["k"] for e in es]) * (1 + 0.04 * (i - 1))
+        mean = np.array([100 * e["mean"] for e in es])
+        err = np.array(
+            [[100 * (e["mean"] - e["low"]) for e in es], [100 * (e["high"] - e["mean"]) for e in es]]
+        )
+        bx.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=METHOD_NAMES.get(m, m))
+    bx.axhline(0, color="k", lw=0.8)
+    bx.set_ylabel("paired difference from scratch UNet (mIoU points)")
+    bx.set_title(f"Paired by draw ({draws} draws), 90% bootstrap interval")
+    if bx.get_legend_handles_labels()[0]:
+        bx.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -457,8 +613,10 @@ def _report(
         "unit": unit,
         "test_scenes": ctx.test.ids,
         "test_region": None if cfg.test_region is None else list(cfg.test_region),
-        "validation_tiles": len(ctx.val_y),
+        "validation_tiles": len(ctx.val_tiles),
+        "val_budget": ValBudget(cfg.val_budget).value,
         "runs": rows,
+        "paired": paired_entries(rows, methods),
         "table": table_md,
         "config": redact(to_container(cfg)),
     }

@@ -92,6 +92,23 @@ def test_whole_window_prediction_on_meta(kind):
     assert both.device == META and both.shape == (2, 3 + 1 + 4, SIZE, SIZE)
 
 
+@pytest.mark.parametrize("readout", ["output", "decoder"])
+def test_segmenter_prediction_on_meta(readout):
+    """The denoiser as a segmenter (a pixel head): its timestep and its decoder's activations live
+    where the model lives."""
+    from rsdiff.heads.config import SegmenterConfig
+    from rsdiff.heads.segmenter import build_segmenter
+    from rsdiff.prediction.scene import PixelInputs
+
+    ddpm = _ddpm(torch.device("cpu"))
+    cfg = build(SegmenterConfig, {"readout": readout, "width": 8})
+    net = build_segmenter(ddpm.model, 3, cfg).to(META)
+    head = TrainedHead.from_segmenter(net, cfg, [{"name": n} for n in ("a", "b", "c")], "memory://tiny")
+    ddpm.model.to(META)
+    probs = window_probabilities(PixelInputs(ddpm), head, torch.zeros(2, BANDS, SIZE, SIZE))
+    assert probs.device == META and probs.shape == (2, 3, SIZE, SIZE)
+
+
 def test_training_step_and_ema_on_meta():
     model = build_unet(ModelConfig(), BANDS, SIZE).to(META)
     ema = copy.deepcopy(model).requires_grad_(False)

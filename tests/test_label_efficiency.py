@@ -91,6 +91,40 @@ def test_ingest_records_the_test_split_its_files_and_labels(sample_scenes, tmp_p
     assert written["scenes"]["test"] == ["scene_04", "scene_05"]
 
 
+def test_the_normaliser_is_fit_on_the_train_scenes_only(sample_scenes, tmp_path, ray_cluster):
+    """The band statistics every model normalises with come from the train split: before, val and
+    test pixels were in them (the test scenes informed what the models saw)."""
+    from rsdiff.data.shards import iter_shard
+
+    out = tmp_path / "shards"
+    manifest = run_ingest(
+        load_config(
+            IngestConfig,
+            REPO / "configs/ingest/sample.yaml",
+            [
+                f"inputs=[{sample_scenes}/images/*.tif]",
+                f"output={out}",
+                "val_fraction=0",
+                "val_scenes=['scene_03']",
+                "test_scenes=['scene_0[45]']",
+            ],
+        )
+    )
+    pixels = {split: [] for split in ("train", "val", "test")}
+    for split in pixels:
+        for uri in manifest.shard_uris(split):
+            pixels[split] += [
+                s.image.reshape(s.image.shape[0], -1).astype(np.float64) for s in iter_shard(uri)
+            ]
+    train = np.concatenate(pixels["train"], axis=1)
+    everything = np.concatenate([np.concatenate(v, axis=1) for v in pixels.values()], axis=1)
+    stats = manifest.band_stats
+    assert stats["count"] == [train.shape[1]] * train.shape[0]
+    assert stats["mean"] == pytest.approx(train.mean(1).tolist(), rel=1e-9)
+    assert stats["std"] == pytest.approx(train.std(1).tolist(), rel=1e-9)
+    assert not np.allclose(stats["mean"], everything.mean(1), rtol=1e-6)  # the splits do differ
+
+
 def _hand_confusion(map_path: Path, mask_path: str, values: list[int], n: int) -> np.ndarray:
     """The confusion matrix of one predicted map against its index mask, computed with numpy only."""
     with rasterio.open(map_path) as m, rasterio.open(mask_path) as k:
@@ -118,6 +152,7 @@ def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
         f"selection={work / 'sweep' / 'best'}",
         "ks=[1,2]",
         "draws=2",
+        "methods=[residual,ensemble,scratch_unet]",
         "unet.steps=30",
         "unet.eval_every=10",
         "head.epochs=3",
@@ -183,6 +218,81 @@ def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
     hist = client.get_metric_history(run.info.run_id, "test_miou_residual_mean")
     assert {m.step: m.value for m in hist}[2] == pytest.approx(mean)
     assert json.loads(run.data.params["test_scenes"]) == test
+
+
+def test_the_denoiser_as_segmenter_against_the_same_network_from_random_init(
+    sample_demo, tmp_path, ray_address
+):
+    """The fair protocol end to end: nested draws, k val scenes per draw (counted in the labels
+    used), the fine-tuned denoiser, the same network from random initialisation, the dense decoder on
+    frozen feature maps and the scratch UNet, each predicted through predict + evaluate; the paired
+    differences recomputed from results.json, one test scene's score from a confusion matrix built
+    here, and the heads' weights checked against the pretrained checkpoint."""
+    from rsdiff.heads.artifact import TrainedHead
+    from rsdiff.train.checkpoint import load_pretrained
+
+    out = tmp_path / "le"
+    proc = run_job(
+        "label_efficiency.py", f"features={sample_demo / 'features'}", "ks=[1,2]", "draws=2",
+        "methods=[finetune,finetune_random,dense_decoder,scratch_unet]", "val_budget=k",
+        "unet.steps=8", "unet.eval_every=4", "finetune.steps=8", "finetune.eval_every=4",
+        "dense_decoder.steps=8", "dense_decoder.eval_every=4", "dense_decoder.width=8",
+        "unet.class_weighting=balanced", "unet.lr_schedule=cosine", f"output={out}", "tracking.enabled=false",
+        env=ray_address, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    manifest = json.loads((sample_demo / "shards" / "manifest.json").read_text())
+    runs = results["runs"]
+    assert len(runs) == 2 * 2 * 4 and results["val_budget"] == "k"
+    for d in (0, 1):
+        one, two = ([r for r in runs if r["k"] == k and r["draw"] == d] for k in (1, 2))
+        assert set(one[0]["scenes"]) <= set(two[0]["scenes"])  # nested: k=1 inside k=2
+        assert set(one[0]["val_scenes"]) <= set(two[0]["val_scenes"])
+        for r in one + two:
+            assert set(r["val_scenes"]) <= set(manifest["scenes"]["val"]) and len(r["val_scenes"]) == r["k"]
+            assert (r["train_scenes"], r["selection_scenes"], r["recipe_scenes"]) == (r["k"], r["k"], 0)
+            assert r["labeled_scenes_used"] == 2 * r["k"]
+    # Paired differences, recomputed from the runs.
+    by = {(r["method"], r["k"], r["draw"]): r["test_miou"] for r in runs}
+    pairs = {(e["method"], e["baseline"], e["k"]): e for e in results["paired"]}
+    assert set(pairs) == {
+        (m, b, k) for k in (1, 2)
+        for m, b in [("finetune", "scratch_unet"), ("finetune_random", "scratch_unet"),
+                     ("dense_decoder", "scratch_unet"), ("finetune", "finetune_random")]
+    }  # fmt: skip
+    for (m, b, k), e in pairs.items():
+        diffs = [by[(m, k, d)] - by[(b, k, d)] for d in (0, 1)]
+        assert e["differences"] == pytest.approx(diffs) and e["mean"] == pytest.approx(np.mean(diffs))
+        assert min(diffs) - 1e-12 <= e["low"] <= e["mean"] <= e["high"] <= max(diffs) + 1e-12
+    table = (out / "table.md").read_text()
+    e = pairs[("finetune", "finetune_random", 2)]
+    assert f"| finetune vs finetune_random | 2 scenes | {100 * e['mean']:+.1f} |" in table
+    assert "| finetune_random | 1 / 1 / 0 (2) | 2 / 2 / 0 (4) |" in table
+    # One test scene of the fine-tuned network, scored by hand.
+    values = [c["value"] for c in manifest["labels"]["classes"]]
+    r = next(x for x in runs if x["method"] == "finetune" and x["k"] == 2 and x["draw"] == 1)
+    pred_dir = out / "predictions" / "finetune-k2-d1"
+    scene = json.loads((pred_dir / "predictions.json").read_text())["scenes"][0]
+    cm = _hand_confusion(pred_dir / scene["class_map"], manifest["scene_files"][scene["scene"]]["mask"],
+                         values, len(values))  # fmt: skip
+    assert r["test_scenes"][scene["scene"]]["miou"] == pytest.approx(np.nanmean(_iou(cm)))
+    # Weights: fine-tuning starts from the checkpoint and moves a little; the random network does not
+    # start there; the dense decoder leaves the denoiser exactly as it was.
+    ddpm = load_pretrained(json.loads((sample_demo / "features" / "table.json").read_text())["checkpoint"])
+    pre = ddpm.model.state_dict()
+
+    def distance(method: str) -> float:
+        unet = TrainedHead.load(str(out / "heads" / f"{method}-k2-d1")).module.unet.state_dict()
+        keys = [k for k in pre if not k.startswith("conv_out")]
+        return max(float((unet[k] - pre[k]).abs().max()) for k in keys)
+
+    assert distance("dense_decoder") == 0.0
+    assert 0.0 < distance("finetune") < distance("finetune_random")
+    head = json.loads((out / "heads" / "finetune_random-k1-d0" / "head.json").read_text())
+    assert head["config"]["kind"] == "segmenter" and head["config"]["pretrained"] is False
+    assert head["config"]["backbone_lr_scale"] == 1.0
+    assert (out / "label_efficiency.png").stat().st_size > 1000
 
 
 def test_label_efficiency_in_tiles_draws_k_tiles_and_scores_a_test_region(sample_demo, tmp_path, ray_address):

@@ -23,7 +23,8 @@ class Manifest:
 
     ``shards`` maps a split (``train``/``val``/``test``) to shard file names relative to the manifest's
     folder; ``band_stats`` holds per-band ``mean``/``std``/``min``/``max``/``count`` over every
-    valid pixel of the kept tiles, in source units.
+    valid pixel of the kept tiles of the ``train`` split (of every split when none is train), in
+    source units: what models normalise with, fit on nothing they are scored on.
     """
 
     bands: list[str]

@@ -23,16 +23,19 @@ from rsdiff import storage
 from rsdiff.artifacts import read_sidecar
 from rsdiff.config import build
 from rsdiff.errors import CheckpointError
-from rsdiff.heads.config import HeadConfig, HeadKind, ScratchUNetConfig
+from rsdiff.heads.config import HeadConfig, HeadKind, ScratchUNetConfig, SegmenterConfig
 from rsdiff.heads.ensemble import DDPMSegEnsembleHead
 from rsdiff.heads.residual import ResidualMLPHead
 from rsdiff.heads.scratch_unet import SmallUNet
+from rsdiff.heads.segmenter import DenoiserSegmenter, segmenter_from_config, unet_config_of
 from rsdiff.weights import load_module_state, load_weights
 
 HEAD_KIND = "rsdiff-head"
 HEAD_FORMAT = 1
 
-PIXEL_HEAD = "scratch_unet"  # config.kind of a pixel head
+PIXEL_HEAD = "scratch_unet"  # config.kind of the from-scratch UNet pixel head
+SEGMENTER_HEAD = "segmenter"  # config.kind of the denoiser as a segmenter (a pixel head too)
+PIXEL_KINDS = (PIXEL_HEAD, SEGMENTER_HEAD)
 
 HEAD_WEIGHTS = "head.pt"
 HEAD_META = "head.json"
@@ -74,13 +77,37 @@ class TrainedHead:
 
     @property
     def kind(self) -> str:
-        """``residual``, ``ensemble`` or ``scratch_unet`` (a pixel head)."""
+        """``residual``, ``ensemble``, or a pixel head: ``scratch_unet``, ``segmenter``."""
         return str(self.config.get("kind", HeadKind.residual.value))
 
     @property
     def on_pixels(self) -> bool:
         """Whether the module reads ``(B, C, H, W)`` normalised pixels (a pixel head), not features."""
-        return self.kind == PIXEL_HEAD
+        return self.kind in PIXEL_KINDS
+
+    @classmethod
+    def from_pixel_net(
+        cls,
+        module: nn.Module,
+        config: dict[str, Any],
+        in_channels: int,
+        classes: list[dict[str, Any]],
+        checkpoint: str,
+        metrics: dict[str, Any] | None = None,
+    ) -> TrainedHead:
+        """A pixel head of a trained network on normalised pixels (``config["kind"]`` one of
+        :data:`PIXEL_KINDS`; inputs normalised with ``checkpoint``'s band statistics)."""
+        return cls(
+            module=module.eval(),
+            config=config,
+            timesteps=[],
+            blocks=[],
+            mean=np.zeros(in_channels, np.float32),  # pixel heads standardise nothing: the
+            std=np.ones(in_channels, np.float32),  # normaliser of the checkpoint already has
+            classes=classes,
+            checkpoint=checkpoint,
+            metrics=metrics or {},
+        )
 
     @classmethod
     def from_pixel_unet(
@@ -92,21 +119,27 @@ class TrainedHead:
         checkpoint: str,
         metrics: dict[str, Any] | None = None,
     ) -> TrainedHead:
-        """A pixel head of a trained :class:`SmallUNet` (inputs normalised with ``checkpoint``'s band
-        statistics)."""
+        """A pixel head of a trained :class:`SmallUNet`."""
         from rsdiff.config import to_container
 
-        return cls(
-            module=module.eval(),
-            config={"kind": PIXEL_HEAD, **to_container(cfg)},
-            timesteps=[],
-            blocks=[],
-            mean=np.zeros(in_channels, np.float32),  # pixel heads standardise nothing: the
-            std=np.ones(in_channels, np.float32),  # normaliser of the checkpoint already has
-            classes=classes,
-            checkpoint=checkpoint,
-            metrics=metrics or {},
-        )
+        config = {"kind": PIXEL_HEAD, **to_container(cfg)}
+        return cls.from_pixel_net(module, config, in_channels, classes, checkpoint, metrics)
+
+    @classmethod
+    def from_segmenter(
+        cls,
+        module: DenoiserSegmenter,
+        cfg: SegmenterConfig,
+        classes: list[dict[str, Any]],
+        checkpoint: str,
+        metrics: dict[str, Any] | None = None,
+    ) -> TrainedHead:
+        """A pixel head of a trained :class:`DenoiserSegmenter` (its UNet's architecture recorded)."""
+        from rsdiff.config import to_container
+
+        config = {"kind": SEGMENTER_HEAD, **to_container(cfg), "unet": unet_config_of(module)}
+        in_channels = int(module.unet.config.in_channels)
+        return cls.from_pixel_net(module, config, in_channels, classes, checkpoint, metrics)
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` raw features -> standardised."""
@@ -157,9 +190,14 @@ class TrainedHead:
             ) from exc
         state = load_weights(blob, weights)
         try:
-            if meta["config"].get("kind") == PIXEL_HEAD:
+            kind = meta["config"].get("kind")
+            if kind == PIXEL_HEAD:
                 ucfg = build(ScratchUNetConfig, {k: v for k, v in meta["config"].items() if k != "kind"})
                 module = SmallUNet(int(meta["in_dim"]), len(meta["classes"]), ucfg.base_channels, ucfg.levels)
+            elif kind == SEGMENTER_HEAD:
+                settings = {k: v for k, v in meta["config"].items() if k not in ("kind", "unet")}
+                scfg = build(SegmenterConfig, settings)
+                module = segmenter_from_config(dict(meta["config"]["unet"]), len(meta["classes"]), scfg)
             else:
                 module = build_head(
                     build(HeadConfig, meta["config"]), int(meta["in_dim"]), len(meta["classes"])

@@ -6,7 +6,7 @@ Plain dataclasses without torch, so a job's ``--help`` and ``--print-config`` an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -40,16 +40,53 @@ class HeadConfig:
     seed: int = 0
 
 
-@dataclass
-class ScratchUNetConfig:
-    """Size and training of the from-scratch UNet."""
+class LRSchedule(Enum):
+    constant = "constant"
+    cosine = "cosine"  # linear warm-up over the first 5% of steps, then cosine decay to 0
 
-    base_channels: int = 16
-    levels: int = 3  # resolutions; input size must be divisible by 2 ** (levels - 1)
+
+@dataclass
+class DenseTrainConfig:
+    """Training of a network on dense masks (the scratch UNet, the denoiser as a segmenter)."""
+
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    lr_schedule: LRSchedule = LRSchedule.constant
     steps: int = 300
     batch_size: int = 8
     eval_every: int = 25  # steps between validation scores
     patience: int = 0  # evaluations without a better val mIoU before stopping (0: run all steps)
+    class_weighting: ClassWeighting = ClassWeighting.none  # balanced: from the training masks' pixels
     seed: int = 0
+
+
+@dataclass
+class ScratchUNetConfig(DenseTrainConfig):
+    """Size and training of the from-scratch UNet."""
+
+    base_channels: int = 16
+    levels: int = 3  # resolutions; input size must be divisible by 2 ** (levels - 1)
+
+
+class Readout(Enum):
+    output = "output"  # the UNet's output convolution made classes-wide; every layer trains
+    decoder = "decoder"  # a light convolutional decoder over frozen decoder-block activations
+
+
+@dataclass
+class SegmenterConfig(DenseTrainConfig):
+    """The pretrained denoiser as a segmenter (or the same network from random initialisation).
+
+    The UNet reads the clean image at a fixed small ``timestep`` (its timestep embedding); with
+    ``readout=output`` it is fine-tuned whole, the denoiser's own layers at ``lr *
+    backbone_lr_scale`` and the new output layer at ``lr`` (discriminative learning rates); with
+    ``readout=decoder`` it stays frozen and only the decoder over ``blocks`` trains.
+    """
+
+    readout: Readout = Readout.output
+    pretrained: bool = True  # false: the identical network from random initialisation
+    timestep: int = 10
+    backbone_lr_scale: float = 0.1  # readout=output: the denoiser's layers learn at lr * this
+    blocks: list[str] = field(default_factory=list)  # readout=decoder; empty: every decoder res block
+    width: int = 64  # readout=decoder: channels of the decoder
+    lr: float = 1e-3

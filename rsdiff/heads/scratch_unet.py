@@ -13,14 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.heads.config import ScratchUNetConfig
-from rsdiff.metrics import ConfusionMatrix
+from rsdiff.heads.dense_fit import fit_dense
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -64,34 +62,6 @@ class SmallUNet(nn.Module):
         return self.out(x)
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random dihedral transform (one of 8 flips/right-angle rotations) of each tile and its
-    labels: ``(B, C, H, W)`` square tiles, ``(B, H, W)`` labels."""
-    xs, ys = [], []
-    for xi, yi in zip(x, y):
-        k, flip = torch.randint(4, (1,), generator=gen).item(), torch.randint(2, (1,), generator=gen).item()
-        xi, yi = torch.rot90(xi, int(k), (1, 2)), torch.rot90(yi, int(k), (0, 1))
-        if flip:
-            xi, yi = xi.flip(2), yi.flip(1)
-        xs.append(xi)
-        ys.append(yi)
-    return torch.stack(xs), torch.stack(ys)
-
-
-@torch.no_grad()
-def evaluate_dense(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int
-) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` on ``(N, C, H, W)`` tiles against ``(N, H, W)`` dense labels
-    (``IGNORE_INDEX`` pixels left out)."""
-    model.eval()
-    cm = ConfusionMatrix(num_classes)
-    for i in range(0, len(images), 8):
-        pred = model(images[i : i + 8]).argmax(1).numpy()
-        cm.update(pred.astype(np.uint8), labels[i : i + 8].numpy().astype(np.uint8))
-    return cm
-
-
 def fit_scratch_unet(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -102,53 +72,17 @@ def fit_scratch_unet(
     input_noise: float = 0.0,
 ) -> tuple[SmallUNet, dict[str, Any]]:
     """Train a :class:`SmallUNet` on ``(N, C, H, W)`` normalised tiles with ``(N, H, W)`` dense labels
-    (``IGNORE_INDEX`` = unlabeled), with random flips/rotations and input noise of std
-    ``input_noise``; every ``eval_every`` steps it is scored on the ``val`` tiles' dense labels and
-    the best weights by val mIoU are kept (early stopping: ``patience`` evaluations without a better
-    one end training).
+    (``IGNORE_INDEX`` = unlabeled) through :func:`rsdiff.heads.dense_fit.fit_dense`: random
+    flips/rotations, input noise of std ``input_noise``, the config's class weighting and learning
+    rate schedule, and the best weights by val mIoU on the ``val`` tiles' dense labels (early
+    stopping: ``patience`` evaluations without a better one end training).
 
     Returns:
         ``(model with the best weights, facts)``; facts: ``val_miou``, ``best_step``, ``steps`` (run),
         ``params``, ``train_seconds``, ``pixel_steps`` (labeled pixels seen, summed over steps).
     """
-    import copy
-    import time
-
-    t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     model = SmallUNet(train_x.shape[1], num_classes, cfg.base_channels, cfg.levels)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best: tuple[float, int, Any] = (-1.0, 0, None)
-    since_best = 0
-    seen = 0
-    step = 0
-    for step in range(1, cfg.steps + 1):
-        model.train()
-        idx = torch.randint(len(train_x), (min(cfg.batch_size, max(2, len(train_x))),), generator=gen)
-        x, y = augment(train_x[idx], train_y[idx], gen)
-        if input_noise > 0:
-            x = x + input_noise * torch.randn(x.shape, generator=gen)
-        loss = F.cross_entropy(model(x), y.long(), ignore_index=IGNORE_INDEX)
-        seen += int((y != IGNORE_INDEX).sum())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            miou = evaluate_dense(model, val_x, val_y, num_classes).miou()
-            if miou > best[0]:
-                best, since_best = (miou, step, copy.deepcopy(model.state_dict())), 0
-            else:
-                since_best += 1
-                if cfg.patience and since_best >= cfg.patience:
-                    break
-    model.load_state_dict(best[2])
-    model.eval()
-    return model, {
-        "val_miou": best[0],
-        "best_step": best[1],
-        "steps": step,
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_seconds": time.perf_counter() - t0,
-        "pixel_steps": seen,
-    }
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    facts = fit_dense(model, groups, (train_x, train_y, val_x, val_y), num_classes, cfg, input_noise)
+    return model, facts
