@@ -49,7 +49,14 @@ from rsdiff.draws import draw_units
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.cache import check_numbers as check_table_numbers
-from rsdiff.heads.config import HeadConfig, HeadKind, Readout, ScratchUNetConfig, SegmenterConfig
+from rsdiff.heads.config import (
+    ClassWeighting,
+    HeadConfig,
+    HeadKind,
+    Readout,
+    ScratchUNetConfig,
+    SegmenterConfig,
+)
 from rsdiff.paired import format_paired, paired_differences
 from rsdiff.ray_config import RayConfig
 from rsdiff.tracking import StageTracking
@@ -72,6 +79,26 @@ METHOD_NAMES = {
 class ValBudget(Enum):
     all = "all"  # every val scene of the table stops training (labels for selection: the whole val split)
     k = "k"  # k val scenes, drawn nested like the training scenes: a draw uses 2k labeled scenes
+
+
+@dataclass
+class DenseGrid:
+    """The settings every dense method tries per draw, the same trials for each: the product of
+    ``lr_scale`` (multipliers of the method's own ``lr``) and ``class_weighting`` (empty: the
+    method's own). The trial with the best val mIoU on the draw's val scenes is the method's model,
+    so the tuning uses only the labels the draw counts for selection."""
+
+    lr_scale: list[float] = field(default_factory=lambda: [1.0])
+    class_weighting: list[ClassWeighting] = field(default_factory=list)
+
+    def trials(self) -> list[dict[str, Any]]:
+        """One dict per trial: ``lr_scale`` and, where the grid sets it, ``class_weighting``."""
+        weightings = [ClassWeighting(w).value for w in self.class_weighting] or [None]
+        return [
+            {"lr_scale": float(s), **({"class_weighting": w} if w else {})}
+            for s in self.lr_scale
+            for w in weightings
+        ]
 
 
 class CountUnit(Enum):
@@ -104,6 +131,7 @@ class LabelEfficiencyConfig:
     dense_decoder: SegmenterConfig = field(
         default_factory=lambda: SegmenterConfig(readout=Readout.decoder, patience=4)
     )
+    grid: DenseGrid = field(default_factory=DenseGrid)  # per-draw trials of every dense method
     # [row, col, height, width] px of every test scene to predict and score (a CPU budget); null: all
     test_region: list[int] | None = None
     window: int | None = None  # prediction windows (see jobs/predict.py); default: the tile size
@@ -200,6 +228,10 @@ def _check(cfg: LabelEfficiencyConfig) -> None:
     require("input_noise", cfg.input_noise, ge=0)
     for name in ("unet", "finetune", "dense_decoder"):
         check_dense_config(name, getattr(cfg, name))
+    if not cfg.grid.lr_scale:
+        raise ConfigError("grid.lr_scale is empty: give at least one multiplier, e.g. [1.0]")
+    for i, scale in enumerate(cfg.grid.lr_scale):
+        require(f"grid.lr_scale[{i}]", scale, gt=0)
     if Readout(cfg.dense_decoder.readout) is not Readout.decoder:
         raise ConfigError("dense_decoder.readout must be decoder (finetune reads the UNet's output)")
     if ValBudget(cfg.val_budget) is ValBudget.k and CountUnit(cfg.unit) is not CountUnit.scenes:
@@ -408,27 +440,12 @@ def _fit_feature_head(
 def _fit_dense_method(
     ctx: _Context, method: str, draw: int, chosen: list[str], val_keys: list[str]
 ) -> tuple[Any, dict[str, Any]]:
-    """The scratch UNet or the denoiser as a segmenter, on the dense masks of ``chosen``."""
-    from rsdiff.heads.artifact import TrainedHead
-    from rsdiff.heads.dense_fit import fit_dense
-    from rsdiff.heads.scratch_unet import fit_scratch_unet
-    from rsdiff.heads.segmenter import build_segmenter
-
-    cfg = ctx.cfg
+    """The scratch UNet or the denoiser as a segmenter, on the dense masks of ``chosen``: every
+    trial of ``grid``, the best by val mIoU on ``val_keys`` kept (the first on a tie)."""
     x, y = ctx.dense(chosen)
-    val_x, val_y = ctx.dense(val_keys)
-    classes = list(ctx.table.meta["classes"])
-    checkpoint = str(ctx.table.meta["checkpoint"])
-    if method == BASELINE:
-        ucfg = build(ScratchUNetConfig, cfg.unet, {"seed": cfg.seed + draw})
-        model, facts = fit_scratch_unet(x, y, val_x, val_y, ctx.table.num_classes, ucfg, cfg.input_noise)
-        head = TrainedHead.from_pixel_unet(model, ucfg, int(x.shape[1]), classes, checkpoint)
-    else:
-        scfg = segmenter_config(cfg, method, draw)
-        net = build_segmenter(ctx.ddpm.model, ctx.table.num_classes, scfg)
-        groups = net.param_groups(scfg.lr, scfg.backbone_lr_scale)
-        facts = fit_dense(net, groups, (x, y, val_x, val_y), ctx.table.num_classes, scfg, cfg.input_noise)
-        head = TrainedHead.from_segmenter(net, scfg, classes, checkpoint)
+    data = (x, y, *ctx.dense(val_keys))
+    trials = [(over, *_fit_dense_trial(ctx, method, draw, over, data)) for over in ctx.cfg.grid.trials()]
+    over, head, facts = max(trials, key=lambda t: t[2]["val_miou"])
     head.metrics.update({"val_miou": facts["val_miou"], "best_step": facts["best_step"]})
     return head, {
         "val_miou": facts["val_miou"],
@@ -436,7 +453,34 @@ def _fit_dense_method(
         "steps": facts["steps"],
         "trainable_params": facts["params"],
         "labeled_pixels": int((y != IGNORE_INDEX).sum()),
+        "grid": [{**o, "val_miou": f["val_miou"], "steps": f["steps"]} for o, _, f in trials],
+        "chosen": over,
     }
+
+
+def _fit_dense_trial(
+    ctx: _Context, method: str, draw: int, over: dict[str, Any], data: tuple[Any, Any, Any, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """One grid trial of a dense method: ``(head, facts)``."""
+    from rsdiff.heads.artifact import TrainedHead
+    from rsdiff.heads.dense_fit import fit_dense
+    from rsdiff.heads.scratch_unet import fit_scratch_unet
+    from rsdiff.heads.segmenter import build_segmenter
+
+    cfg = ctx.cfg
+    classes = list(ctx.table.meta["classes"])
+    checkpoint = str(ctx.table.meta["checkpoint"])
+    n = ctx.table.num_classes
+    base = cfg.unet if method == BASELINE else segmenter_config(cfg, method, draw)
+    trial = {k: v for k, v in over.items() if k != "lr_scale"} | {"lr": base.lr * over["lr_scale"]}
+    if method == BASELINE:
+        ucfg = build(ScratchUNetConfig, base, {"seed": cfg.seed + draw}, trial)
+        model, facts = fit_scratch_unet(*data, n, ucfg, cfg.input_noise)
+        return TrainedHead.from_pixel_unet(model, ucfg, int(data[0].shape[1]), classes, checkpoint), facts
+    scfg = build(SegmenterConfig, base, trial)
+    net = build_segmenter(ctx.ddpm.model, n, scfg)
+    facts = fit_dense(net, net.param_groups(scfg.lr, scfg.backbone_lr_scale), data, n, scfg, cfg.input_noise)
+    return TrainedHead.from_segmenter(net, scfg, classes, checkpoint), facts
 
 
 def segmenter_config(cfg: LabelEfficiencyConfig, method: str, draw: int) -> SegmenterConfig:

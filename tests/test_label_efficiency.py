@@ -237,7 +237,8 @@ def test_the_denoiser_as_segmenter_against_the_same_network_from_random_init(
         "methods=[finetune,finetune_random,dense_decoder,scratch_unet]", "val_budget=k",
         "unet.steps=8", "unet.eval_every=4", "finetune.steps=8", "finetune.eval_every=4",
         "dense_decoder.steps=8", "dense_decoder.eval_every=4", "dense_decoder.width=8",
-        "unet.class_weighting=balanced", "unet.lr_schedule=cosine", f"output={out}", "tracking.enabled=false",
+        "unet.class_weighting=balanced", "unet.lr_schedule=cosine", "grid.lr_scale=[0.5,2.0]",
+        f"output={out}", "tracking.enabled=false",
         env=ray_address, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -253,6 +254,14 @@ def test_the_denoiser_as_segmenter_against_the_same_network_from_random_init(
             assert set(r["val_scenes"]) <= set(manifest["scenes"]["val"]) and len(r["val_scenes"]) == r["k"]
             assert (r["train_scenes"], r["selection_scenes"], r["recipe_scenes"]) == (r["k"], r["k"], 0)
             assert r["labeled_scenes_used"] == 2 * r["k"]
+    # The same per-draw grid for every dense method, the trial kept the one best on the draw's val scenes.
+    for r in runs:
+        assert [g["lr_scale"] for g in r["grid"]] == [0.5, 2.0]
+        best = max(r["grid"], key=lambda g: g["val_miou"])
+        assert r["chosen"]["lr_scale"] == best["lr_scale"] and r["val_miou"] == best["val_miou"]
+        head = json.loads((out / "heads" / f"{r['method']}-k{r['k']}-d{r['draw']}" / "head.json").read_text())
+        base = 2e-3 if r["method"] == "scratch_unet" else 1e-3  # the methods' own lr
+        assert head["config"]["lr"] == pytest.approx(base * r["chosen"]["lr_scale"])
     # Paired differences, recomputed from the runs.
     by = {(r["method"], r["k"], r["draw"]): r["test_miou"] for r in runs}
     pairs = {(e["method"], e["baseline"], e["k"]): e for e in results["paired"]}

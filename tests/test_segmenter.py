@@ -3,6 +3,8 @@ paired differences: the pieces of a label-efficiency comparison a reviewer accep
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -139,7 +141,29 @@ def test_paired_differences_are_per_draw_with_a_bootstrap_interval():
 def test_label_efficiency_refuses_a_dense_config_out_of_range_in_one_line():
     from rsdiff.label_efficiency import LabelEfficiencyConfig, _check
 
-    for key, value in [("unet.eval_every", 0), ("finetune.steps", 0), ("dense_decoder.lr", 0.0)]:
+    bad = [
+        ("unet.eval_every", 0),
+        ("finetune.steps", 0),
+        ("dense_decoder.lr", 0.0),
+        ("grid.lr_scale", [-1.0]),
+    ]
+    for key, value in bad:
         cfg = build(LabelEfficiencyConfig, {"features": "x"}, {key.split(".")[0]: {key.split(".")[1]: value}})
-        with pytest.raises(ConfigError, match=rf"{key}={value} is out of range"):
+        shown = f"{key}[0]={value[0]}" if isinstance(value, list) else f"{key}={value}"
+        with pytest.raises(ConfigError, match=re.escape(f"{shown} is out of range")):
             _check(cfg)
+    empty = build(LabelEfficiencyConfig, {"features": "x", "grid": {"lr_scale": []}})
+    with pytest.raises(ConfigError, match=r"grid\.lr_scale is empty"):
+        _check(empty)
+
+
+@pytest.mark.unit
+def test_the_dense_grid_is_the_product_of_its_settings():
+    from rsdiff.label_efficiency import DenseGrid
+
+    assert DenseGrid().trials() == [{"lr_scale": 1.0}]
+    grid = build(DenseGrid, {"lr_scale": [0.5, 2], "class_weighting": ["none", "balanced"]})
+    assert grid.trials() == [
+        {"lr_scale": 0.5, "class_weighting": "none"}, {"lr_scale": 0.5, "class_weighting": "balanced"},
+        {"lr_scale": 2.0, "class_weighting": "none"}, {"lr_scale": 2.0, "class_weighting": "balanced"},
+    ]  # fmt: skip
