@@ -27,7 +27,8 @@ KEPT = {
     "sweep": "finished trials are kept; re-run the same command to continue the sweep",
     "predict": "maps finished so far are kept, but no predictions.json; re-run with overwrite=true",
     "evaluate": "no metrics.json was written",
-    "label_efficiency": "no results.json was written; re-run to start over",
+    "label_efficiency": "no results.json was written; the finished runs are kept in journal.json, and a "
+    "re-run with the same settings resumes after them",
     "suggest": "no suggestions.json was written, so the output does not look complete; re-run to start over",
     "make_sample": "no manifest.json was written, so the output does not look complete; re-run to start over",
     "demo": "each finished stage's outputs are kept in workdir; re-run the same command to go on",

@@ -261,10 +261,15 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
     """
     from tqdm import tqdm
 
+    from rsdiff.journal import Journal
+
     _check(cfg)
     ctx = _prepare(cfg)
     unit = CountUnit(cfg.unit)
     rows: list[dict[str, Any]] = []
+    journal = Journal(ctx.out, _settings(cfg))
+    if journal.entries:
+        log.info("resuming: %d finished run(s) in %s", len(journal.entries), storage.display(journal.uri))
     # draw-major, so every finished draw has all its ks: paired results accumulate evenly
     jobs = [(k, d) for d in range(cfg.draws) for k in ctx.ks]
     for k, d in tqdm(jobs, desc="label-efficiency", unit="draw"):
@@ -273,10 +278,14 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
         scenes = sorted({scene_of(t) for t in chosen})
         val_scenes = ctx.val_scenes(k, d)
         for method in cfg.methods:
-            labels = _labels_used(ctx, method, scenes, val_scenes)
-            row = _one_run(ctx, method, k, d, chosen, val_scenes)
-            rows.append({"method": method, "k": k, "draw": d, "drawn": units, "scenes": scenes,
-                         "val_scenes": val_scenes, **labels, **row})  # fmt: skip
+            name = f"{method}-k{k}-d{d}"
+            row = journal.get(name, f"heads/{name}/head.json")
+            if row is None:
+                row = {"method": method, "k": k, "draw": d, "drawn": units, "scenes": scenes,
+                       "val_scenes": val_scenes, **_labels_used(ctx, method, scenes, val_scenes),
+                       **_one_run(ctx, method, k, d, chosen, val_scenes)}  # fmt: skip
+                journal.add(name, row)
+            rows.append(row)
         log.info(
             "k=%d draw=%d (scenes %s, val %s): test mIoU %s",
             k,
@@ -286,6 +295,14 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
             {r["method"]: round(r["test_miou"], 3) for r in rows[-len(cfg.methods) :]},
         )
     return _report(cfg, ctx, rows, ctx.ks, ctx.ddpm.meta)
+
+
+def _settings(cfg: LabelEfficiencyConfig) -> dict[str, Any]:
+    """What decides a run's result: the config less where results go and how they are tracked."""
+    settings = to_container(cfg)
+    for key in ("output", "tracking", "ray", "table"):
+        settings.pop(key, None)
+    return settings
 
 
 def _labels_used(ctx: _Context, method: str, scenes: list[str], val_scenes: list[str]) -> dict[str, Any]:

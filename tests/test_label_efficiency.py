@@ -304,6 +304,40 @@ def test_the_denoiser_as_segmenter_against_the_same_network_from_random_init(
     assert (out / "label_efficiency.png").stat().st_size > 1000
 
 
+def test_a_stopped_label_efficiency_run_keeps_its_finished_runs_and_a_rerun_resumes(
+    sample_demo, tmp_path, ray_address
+):
+    out = tmp_path / "le"
+    args = [f"features={sample_demo / 'features'}", "ks=[1]", "methods=[scratch_unet]", "unet.steps=4",
+            "unet.eval_every=2", f"output={out}", "tracking.enabled=false"]  # fmt: skip
+    first = run_job("label_efficiency.py", *args, "draws=1", env=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (kept,) = json.loads((out / "results.json").read_text())["runs"]
+    journal = json.loads((out / "journal.json").read_text())
+    assert list(journal["runs"]) == ["scratch_unet-k1-d0"]
+    # More draws of the same settings: draw 0 is taken from the journal, not trained again.
+    more = run_job("label_efficiency.py", *args, "draws=2", env=ray_address)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resuming: 1 finished run(s) in" in more.stderr
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["draw"] for r in runs] == [0, 1] and runs[0]["train_seconds"] == kept["train_seconds"]
+    # Other settings start over; a kept run whose head is gone is run again.
+    changed = [*args[:-3], "unet.eval_every=4", *args[-2:], "draws=2"]
+    other = run_job("label_efficiency.py", *changed, env=ray_address)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "resuming" not in other.stderr and "made with other settings: starting over" in other.stderr
+    (out / "heads" / "scratch_unet-k1-d1" / "head.json").unlink()
+    last = run_job("label_efficiency.py", *changed, env=ray_address)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "resuming: 2 finished run(s) in" in last.stderr
+    assert (
+        "scratch_unet-k1-d1 finished before, but" in last.stderr
+        and "is gone: running it again" in last.stderr
+    )
+    assert (out / "heads" / "scratch_unet-k1-d1" / "head.json").exists()
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+
+
 def test_label_efficiency_in_tiles_draws_k_tiles_and_scores_a_test_region(sample_demo, tmp_path, ray_address):
     """``unit=tiles`` draws k tiles; ``test_region`` predicts and scores only that part of each test
     scene (the map covers it, and the scored pixels are its pixels)."""
