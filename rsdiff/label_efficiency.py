@@ -298,9 +298,10 @@ def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
 
 
 def _settings(cfg: LabelEfficiencyConfig) -> dict[str, Any]:
-    """What decides a run's result: the config less where results go and how they are tracked."""
+    """What decides a run's result: the config less where results go, how they are tracked, and
+    which runs there are (more draws, ks or methods add runs; a run's draw does not depend on them)."""
     settings = to_container(cfg)
-    for key in ("output", "tracking", "ray", "table"):
+    for key in ("output", "tracking", "ray", "table", "draws", "ks", "methods"):
         settings.pop(key, None)
     return settings
 
