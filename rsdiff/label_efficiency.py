@@ -624,7 +624,8 @@ def _plot(rows: list[dict[str, Any]], ks: list[int], methods: list[str], unit: s
         a.minorticks_off()
         a.set_xlabel(f"labeled training {unit} (k)")
         a.grid(alpha=0.3)
-    ax.set_ylabel(f"test mIoU (mean ± std over {draws} draws)")
+    n = f"{draws} draw" + ("s" if draws != 1 else "")
+    ax.set_ylabel(f"test mIoU (mean ± std over {n})")
     ax.set_title("Test mIoU by label budget")
     ax.legend(fontsize=7)
     for i, m in enumerate(m for m in methods if m != BASELINE):
@@ -639,7 +640,7 @@ def _plot(rows: list[dict[str, Any]], ks: list[int], methods: list[str], unit: s
         bx.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=METHOD_NAMES.get(m, m))
     bx.axhline(0, color="k", lw=0.8)
     bx.set_ylabel("paired difference from scratch UNet (mIoU points)")
-    bx.set_title(f"Paired by draw ({draws} draws), 90% bootstrap interval")
+    bx.set_title(f"Paired by draw ({n}), 90% bootstrap interval")
     if bx.get_legend_handles_labels()[0]:
         bx.legend(fontsize=7)
     fig.tight_layout()
