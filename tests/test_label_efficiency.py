@@ -60,20 +60,16 @@ def test_scene_split_holds_out_test_by_fraction_or_by_pattern():
         split_scenes(refs, 0.0, 0, test_scenes=["tile_[12]-*"], val_scenes=["tile_0-*"])
 
 
+def _ingest_sample(scenes: Path, out: Path, *overrides: str):
+    """The generated sample ingested with ``val_fraction=0`` and ``overrides``: its manifest."""
+    preset = REPO / "configs/ingest/sample.yaml"
+    args = [f"inputs=[{scenes}/images/*.tif]", f"output={out}", "val_fraction=0", *overrides]
+    return run_ingest(load_config(IngestConfig, preset, args))
+
+
 def test_ingest_records_the_test_split_its_files_and_labels(sample_scenes, tmp_path, ray_cluster):
     out = tmp_path / "shards"
-    manifest = run_ingest(
-        load_config(
-            IngestConfig,
-            REPO / "configs/ingest/sample.yaml",
-            [
-                f"inputs=[{sample_scenes}/images/*.tif]",
-                f"output={out}",
-                "val_fraction=0",
-                "test_scenes=['scene_0[45]']",
-            ],
-        )
-    )
+    manifest = _ingest_sample(sample_scenes, out, "test_scenes=['scene_0[45]']")
     assert manifest.scenes == {"train": [f"scene_0{i}" for i in range(4)], "test": ["scene_04", "scene_05"]}
     assert all(n.startswith("test-") for n in manifest.shards["test"])
     assert manifest.scene_files["scene_05"] == {
@@ -97,19 +93,7 @@ def test_the_normaliser_is_fit_on_the_train_scenes_only(sample_scenes, tmp_path,
     from rsdiff.data.shards import iter_shard
 
     out = tmp_path / "shards"
-    manifest = run_ingest(
-        load_config(
-            IngestConfig,
-            REPO / "configs/ingest/sample.yaml",
-            [
-                f"inputs=[{sample_scenes}/images/*.tif]",
-                f"output={out}",
-                "val_fraction=0",
-                "val_scenes=['scene_03']",
-                "test_scenes=['scene_0[45]']",
-            ],
-        )
-    )
+    manifest = _ingest_sample(sample_scenes, out, "val_scenes=['scene_03']", "test_scenes=['scene_0[45]']")
     pixels = {split: [] for split in ("train", "val", "test")}
     for split in pixels:
         for uri in manifest.shard_uris(split):
