@@ -148,7 +148,9 @@ def test_a_rank_no_node_type_offers_fails_at_once_naming_the_resource(cluster, s
     assert "no node type of this cluster can hold one training rank" in out, out[-3000:]
     assert "accelerator_type:H100" in out and "scaling.accelerator_type" in out
     assert "Traceback" not in out.split("no node type of this cluster")[-1]
-    assert took < 120, took
+    # Not a timing: a bound far below scaling.placement_timeout_s (1200 s), which a job pending on
+    # an unplaceable request would wait out (128 s was measured once on a loaded machine).
+    assert took < 300, took
     assert not cluster.workers()  # nothing was launched for it
 
     def withdrawn() -> bool:  # the refused run's autoscaling request does not outlive it
