@@ -7,7 +7,7 @@ those, keeps the (k, draw) pairs every method finished, redraws their scenes wit
 seeded draws, and writes ``table.md``, ``label_efficiency.png`` and ``partial-results.json`` here
 through the job's own table, paired-difference and figure code.
 
-    python docs/results/label-efficiency-dubai-fair/summarise.py runs/e33/le runs/e33/features
+    python docs/results/label-efficiency-dubai-fair/summarise.py runs/fair/le runs/fair/features
 """
 
 from __future__ import annotations
