@@ -389,6 +389,7 @@ class _Context:
     val_pool: list[str]  # val scenes
     ks: list[int]
     recipe_scenes: list[str]  # scenes whose labels chose the timesteps/blocks/head (a sweep's)
+    _dense_cache: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
     def val_scenes(self, k: int, draw: int) -> list[str]:
         """The val scenes that stop training in draw ``draw`` at ``k`` (see :class:`ValBudget`)."""
@@ -397,13 +398,19 @@ class _Context:
         return draw_units(self.val_pool, k, draw, self.cfg.seed + 1)
 
     def dense(self, keys: list[str]) -> tuple[Any, Any]:
-        """``(N, C, H, W)`` normalised tiles and ``(N, H, W)`` labels of ``keys`` as tensors."""
+        """``(N, C, H, W)`` normalised tiles and ``(N, H, W)`` labels of ``keys`` as tensors (the two
+        latest sets are kept: every method of a draw trains and validates on the same tiles)."""
         import torch
 
-        return (
+        key = tuple(keys)
+        if key in self._dense_cache:
+            return self._dense_cache[key]
+        pair = (
             torch.from_numpy(np.stack([self.tiles[t][0] for t in keys])),
             torch.from_numpy(np.stack([self.tiles[t][1] for t in keys])),
         )
+        self._dense_cache = {**dict(list(self._dense_cache.items())[-1:]), key: pair}
+        return pair
 
 
 def _one_run(

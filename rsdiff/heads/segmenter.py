@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsdiff.features.blocks import block_modules, list_blocks, resolve_blocks
+from rsdiff.features.blocks import block_channels, block_modules, list_blocks, resolve_blocks
 from rsdiff.heads.config import Readout, SegmenterConfig
 
 
@@ -51,7 +51,8 @@ class DenoiserSegmenter(nn.Module):
         self._acts: dict[str, torch.Tensor] = {}
         for name in self.blocks:
             modules[name].register_forward_hook(self._keep(name))
-        dim = sum(_channels(unet, name) for name in self.blocks)
+        shapes = block_channels(unet, int(unet.config.in_channels), int(unet.config.sample_size or 64))
+        dim = sum(shapes[name][0] for name in self.blocks)
         self.decoder = nn.Sequential(
             nn.Conv2d(dim, cfg.width, 1, bias=False),
             nn.BatchNorm2d(cfg.width),
@@ -102,14 +103,6 @@ class DenoiserSegmenter(nn.Module):
 
 def _decoder_res_blocks(unet: nn.Module) -> list[str]:
     return [name for name in list_blocks(unet) if name.startswith("up")]
-
-
-def _channels(unet: nn.Module, name: str) -> int:
-    level, unit = name.split(".")
-    up = unet.up_blocks[int(level[2:])]
-    if unit == "upsample":
-        return int(up.upsamplers[0].channels)
-    return int(up.resnets[int(unit[3:])].out_channels)
 
 
 def build_segmenter(unet: nn.Module, num_classes: int, cfg: SegmenterConfig) -> DenoiserSegmenter:
