@@ -116,7 +116,8 @@ def run_job(
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through Terminated
         signum = exc.signum if isinstance(exc, Terminated) else _received[-1] if _received else signal.SIGINT
-        print(f"rsdiff {name}: stopped by {signal.Signals(signum).name}; {KEPT[name]}", file=sys.stderr)
+        kept = getattr(exc, "kept", None) or KEPT[name]  # a stage may say exactly what it kept
+        print(f"rsdiff {name}: stopped by {signal.Signals(signum).name}; {kept}", file=sys.stderr)
         return 128 + int(signum)
     except OSError as exc:
         message = describe_os_error(exc)

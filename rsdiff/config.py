@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from rsdiff.errors import ConfigError
+from rsdiff.redaction import REDACTED, redact_uri
 
 T = TypeVar("T")
 
 # Keys whose values never leave the process (MLflow params, logs, checkpoints).
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
-REDACTED = "***"
 
 
 def _override_error(overrides: list[str], exc: Exception) -> ConfigError:
@@ -294,16 +294,6 @@ def to_container(cfg: Any) -> dict[str, Any]:
 
 
 # ``scheme://user:password@host`` -> ``scheme://user:***@host`` (a password inside a URI).
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@")
-
-
-def redact_uri(text: str | None) -> str | None:
-    """``text`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``."""
-    if text is None:
-        return None
-    return _URI_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
-
-
 def is_secret_key(key: str) -> bool:
     """Whether a config key's value is a secret (password, token, access key, ...)."""
     return bool(_SECRET_KEY.search(key))
@@ -311,7 +301,7 @@ def is_secret_key(key: str) -> bool:
 
 def redact(obj: Any) -> Any:
     """Copy of a nested dict/list with values under secret-looking keys replaced by ``***`` and
-    passwords inside URIs (``http://user:pw@host``) masked."""
+    the userinfo of URIs (``http://user:pw@host``) masked (:func:`rsdiff.redaction.redact_uri`)."""
     if isinstance(obj, Mapping):
         return {k: (REDACTED if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

@@ -225,7 +225,11 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         if (err := user_error(exc)) is not None:
             raise err from None
         raise
-    manifest = _merge(results, cfg, classmap, band_count, dtype, band_names, out)
+    try:
+        manifest = _merge(results, cfg, classmap, band_count, dtype, band_names, out)
+    except DataError:  # a refused dataset leaves no orphan shards behind
+        _delete_shards(results)
+        raise
     manifest.scene_files = {r.id: {"image": r.image, "mask": r.mask} for r in refs}
     manifest.labels = to_container(cfg.labels) if classmap is not None else None
     write_manifest(out, manifest)
@@ -244,11 +248,17 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
 
 def _cleanup_after_failure(refs_out: list[ray.ObjectRef]) -> None:
     """Wait for every task and delete the shards of those that succeeded."""
+    done: list[ChunkResult] = []
     for ref in refs_out:
         try:
-            result: ChunkResult = ray.get(ref)
+            done.append(ray.get(ref))
         except Exception:
             continue  # a failed task already deleted its own shards
+    _delete_shards(done)
+
+
+def _delete_shards(results: list[ChunkResult]) -> None:
+    for result in results:
         for uris in result.shards.values():
             for uri in uris:
                 storage.delete(uri)

@@ -17,6 +17,7 @@ continues from its own latest checkpoint; ``init`` applies only to a run's first
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,9 +28,8 @@ from rsdiff import storage
 from rsdiff.config import redact, require, to_container
 from rsdiff.data.manifest import Manifest, read_manifest
 from rsdiff.data.normalize import Normalizer
-from rsdiff.diffusion.bands import band_rule
 from rsdiff.diffusion.sources import SourceWeights, check_diffusion, load_source
-from rsdiff.diffusion.unet import unet_kwargs
+from rsdiff.diffusion.unet import attention_levels, unet_kwargs
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.provenance import provenance_tags
 from rsdiff.train.config import (
@@ -93,7 +93,10 @@ def validate(cfg: PretrainConfig, source: SourceWeights | None = None) -> tuple[
     if not storage.exists(shards[0]):
         raise DataError(f"shard {storage.display(shards[0])} listed in the manifest is missing")
     bands = manifest.num_bands
-    rule = band_rule(source.in_channels, bands, cfg.init.band_map) if source is not None else None
+    rule = None
+    if source is not None:  # resolved here, by name where both sides have names; workers apply it
+        rule = source.band_rule(list(manifest.bands), cfg.init)
+        cfg.init.band_map = [str(r) for r in rule]
     if cfg.model.in_channels is not None and cfg.model.in_channels != bands:
         raise ConfigError(
             f"model.in_channels={cfg.model.in_channels} but the shards at "
@@ -107,6 +110,9 @@ def validate(cfg: PretrainConfig, source: SourceWeights | None = None) -> tuple[
         unet_kwargs(cfg.model, bands, size)
     except ValueError as exc:
         raise ConfigError(f"model config: {exc}") from exc
+    cfg.model.attention_levels = attention_levels(cfg.model, size)  # a fact the checkpoints carry
+    if source is not None:
+        source.check_fits(cfg.model, size)
     estimate = estimate_training_memory(cfg.model, bands, size, cfg.data.batch_size)
     log.info(
         "model: %.1fM parameters; estimated %.1f GiB per %s rank (weights, optimiser, EMA, bf16 activations)",
@@ -311,10 +317,12 @@ def _fit(
         try:
             with watch:
                 result = trainer.fit()
-        except BaseException:
-            if watch.failure is None:  # not the watch's doing: Ctrl-C, SIGTERM, a failed run
-                raise
-            raise watch.failure from None
+        except BaseException as exc:
+            if watch.failure is not None:
+                raise watch.failure from None
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: say where a re-run resumes
+                exc.kept = resume_point(run_dir)
+            raise
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         ckpt_uri = (
@@ -326,6 +334,25 @@ def _fit(
         handle.set_tags({"rsdiff.checkpoint": ckpt_uri})
     handle.finish("FINISHED")
     return PretrainResult(ckpt_uri, step, dict(result.metrics or {}), handle.run_id, uri)
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
+def resume_point(folder: str) -> str:
+    """Where a re-run of the run in ``folder`` resumes, in words: the last checkpoint Ray Train
+    registered (a folder it never registered, cut off by a stop, is not resumed from)."""
+    latest = None
+    with contextlib.suppress(Exception):  # no snapshot yet, or one this reader does not know
+        latest = json.loads(storage.read_text(storage.join(folder, SNAPSHOT)))["latest_checkpoint_result"]
+    if not latest:
+        return f"no checkpoint was complete yet in {storage.display(folder)}; a re-run starts from step 0"
+    step = (latest.get("metrics") or {}).get("step", "?")
+    name = latest["checkpoint_dir_name"]
+    return (
+        f"the last complete checkpoint is {storage.display(storage.join(folder, name))} (step {step}); "
+        "re-run the command to resume from it"
+    )
 
 
 def _train_loop(config: dict[str, Any]) -> None:

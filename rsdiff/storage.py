@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from rsdiff.errors import StorageError
+from rsdiff.redaction import redact_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,12 +94,8 @@ def parent(uri: str) -> str:
 
 
 def display(uri: str) -> str:
-    """A URI as it is safe to print (URIs never embed credentials, but strip any userinfo)."""
-    uri = str(uri)
-    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return uri
+    """A URI as it is safe to print: any userinfo masked (:func:`rsdiff.redaction.redact_uri`)."""
+    return str(redact_uri(str(uri)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ MAX_PARAM_CHARS = 500
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use (config > ``MLFLOW_TRACKING_URI`` > local sqlite), made absolute."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if uri.startswith("sqlite:///"):  # a relative (sqlite:///runs/x.db) or absolute (sqlite:////x.db) file
         path = Path(uri[len("sqlite:///") :]).absolute()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +39,11 @@ def resolve_uri(uri: str | None) -> str:
                 f"MLflow tracking store {uri!r} cannot be created: {path.parent} is not a folder "
                 f"({exc.strerror}); point tracking.uri at a writable place"
             ) from None
+        if path.is_dir():  # sqlite would retry opening it for minutes before saying so
+            raise ConfigError(
+                f"MLflow tracking store {uri!r} is a folder, not a database file: point tracking.uri at a "
+                f"file in it, e.g. sqlite:///{path / 'mlflow.db'}"
+            )
         uri = f"sqlite:///{path}"
     elif "://" not in uri:
         uri = str(Path(uri).absolute())

@@ -4,12 +4,15 @@ Every weights file rsdiff reads (checkpoints' ``model.pt``, heads' ``head.pt``) 
 :func:`load_weights`: ``torch.load(weights_only=True)``, which refuses anything but tensors and
 plain containers, so a crafted file cannot run code. A file that fails is one clear error naming
 it; torch's own message is not relayed, because its advice for a refused file ("retry with
-``weights_only=False``") is exactly what must not be done with a file of unknown origin.
+``weights_only=False``") is exactly what must not be done with a file of unknown origin. The
+guarantee needs torch >= 2.6 (before it, crafted files could get code run through the
+``weights_only`` loader); on an older torch nothing is loaded.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import torch
@@ -23,8 +26,10 @@ def load_weights(blob: bytes, uri: str, fix: str = "re-create it with rsdiff") -
     what to do about a file that fails).
 
     Raises:
-        CheckpointError: corrupt, truncated, not a torch file, or holding other objects.
+        CheckpointError: corrupt, truncated, not a torch file, or holding other objects; a torch
+            older than 2.6.
     """
+    check_safe_torch()
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -35,6 +40,20 @@ def load_weights(blob: bytes, uri: str, fix: str = "re-create it with rsdiff") -
     if not isinstance(state, dict):
         raise CheckpointError(f"{storage.display(uri)} does not hold a weights dictionary (name -> tensor)")
     return state
+
+
+SAFE_TORCH = (2, 6)
+
+
+def check_safe_torch(version: str | None = None) -> None:
+    """Refuse to load weights files under a torch whose ``weights_only`` loader is bypassable."""
+    text = version or torch.__version__
+    parts = [int(p) for p in re.findall(r"\d+", text.split("+")[0])[:2]]
+    if tuple(parts) < SAFE_TORCH:
+        raise CheckpointError(
+            f"torch {text} cannot load weights files safely (crafted files can run code through its "
+            f"weights_only loader before 2.6): install torch>=2.6"
+        )
 
 
 def load_module_state(module: torch.nn.Module, state: Any, uri: str) -> None:

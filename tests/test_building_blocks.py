@@ -5,6 +5,7 @@ class-map encoding (RGB, palette and index masks) and the learning-rate schedule
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -211,3 +212,40 @@ def test_lr_warms_up_linearly_then_follows_a_cosine_to_its_floor():
     assert lr_factor(mid, 4, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(100, 4, 100) == pytest.approx(0.1) and lr_factor(500, 4, 100) == pytest.approx(0.1)
     assert lr_factor(0, 0, 10) == pytest.approx(1.0)  # no warmup
+
+
+def test_the_ensemble_is_validated_by_the_rule_its_maps_use():
+    """Two of three members lean to class 0, one is sure of class 1: the vote says 0, the mean
+    distribution says 1. Validation, the head's labels and the map's probabilities agree on 1."""
+    from torch import nn
+
+    from rsdiff.heads.artifact import TrainedHead
+    from rsdiff.heads.ensemble import DDPMSegEnsembleHead
+    from rsdiff.heads.fit import evaluate
+    from rsdiff.prediction.uncertainty import PixelOutputs
+
+    head = DDPMSegEnsembleHead(4, 2, members=3).eval()
+    with torch.no_grad():
+        for member, bias in zip(head.members, ([0.1, 0.0], [0.1, 0.0], [0.0, 5.0])):
+            last = member[-1]
+            assert isinstance(last, nn.Linear)
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor(bias))
+    x = torch.randn(5, 4)
+    labels, probs = head.predict(x)
+    assert probs[:, 1].gt(0.5).all() and labels.eq(1).all()
+    rows = SimpleNamespace(batches=lambda n: iter([(x.numpy(), np.ones(5, np.int64))]))
+    cm = evaluate(head, rows, 2, torch.zeros(4), torch.ones(4))
+    assert cm.matrix[1, 1] == 5  # every pixel of class 1 called 1 on validation
+    trained = TrainedHead(head, {"kind": "ensemble"}, [10], ["up0.res0"], np.zeros(4, np.float32),
+                          np.ones(4, np.float32), [{"name": "a"}, {"name": "b"}], "ckpt")  # fmt: skip
+    assert PixelOutputs(trained)(x)[:, :2].argmax(1).eq(1).all()  # what a map shows
+
+
+def test_files_whose_names_differ_only_in_non_ascii_are_named_when_they_share_a_scene_id(tmp_path):
+    from rsdiff.data.scenes import discover
+
+    for name in ("é2.tif", "ü2.tif", "b.tif"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"the files \[.*é2\.tif', .*ü2\.tif'\] all map to the scene id '2'"):
+        discover([str(tmp_path / "*.tif")], None)

@@ -87,7 +87,7 @@ def test_print_config_works_without_required_keys():
     bad = _cli("jobs/predict.py", "--print-config", "outptu=maps")
     assert bad.returncode == 2 and "unknown config key 'outptu'" in bad.stderr
     secret = _cli("jobs/predict.py", "--print-config", "tracking.uri=http://me:hunter2@mlflow:5000")
-    assert "hunter2" not in secret.stdout and "http://me:***@mlflow:5000" in secret.stdout
+    assert "hunter2" not in secret.stdout and "http://***@mlflow:5000" in secret.stdout
 
 
 def test_preset_by_name_and_unknown_name_lists_presets():

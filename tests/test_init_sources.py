@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PicklePayload
+from conftest import REPO, PicklePayload
 
 from rsdiff.config import load_config, to_container
 from rsdiff.diffusion import adm
@@ -127,6 +128,58 @@ def test_adm_layouts_rsdiff_cannot_represent_are_refused_with_the_reason():
         adm.model_config(adm.AdmFlags(image_size=512))
     with pytest.raises(ConfigError, match="class-conditional"):
         adm.model_config(adm.AdmFlags(class_cond=True))
+    with pytest.raises(ConfigError, match="--num_channels=-5 must be at least 1"):  # not a head width
+        adm.model_config(adm.parse_flags("--num_channels -5 --num_head_channels 64"))
+    with pytest.raises(ConfigError, match="ADM flag --num_head_channels=0 must be at least 1, or -1"):
+        adm.model_config(adm.parse_flags("--num_head_channels 0"))
+
+
+HEADS = "--num_head_channels 64"  # guided-diffusion's defaults with one head width (diffusers' rule)
+
+
+def _manifest(bands: list[str], tile: int = 32) -> SimpleNamespace:
+    """The manifest fields :func:`import_model` reads."""
+    n = len(bands)
+    return SimpleNamespace(num_bands=n, tile_size=tile, bands=bands, dtype="uint8", classes=[],
+                           band_stats={"mean": [100.0] * n, "std": [40.0] * n})  # fmt: skip
+
+
+def test_an_improved_diffusion_model_sees_the_rescaled_t_and_the_stretched_schedule_it_trained_with(tmp_path):
+    """improved-diffusion's default ``rescale_timesteps=True``: a 4000-step model was called with
+    ``t * 1000 / 4000``, on guided-diffusion's linear schedule stretched to 4000 steps. Through
+    the import (the artifact every later stage loads), rsdiff's model gives the reference output."""
+    from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
+
+    from rsdiff.diffusion.schedule import make_scheduler
+    from rsdiff.diffusion.sources import import_model
+    from rsdiff.train.checkpoint import load_pretrained
+
+    flags = FLAG_SETS["head-channels"]
+    ref, path = _save_adm(tmp_path, flags)
+    opts = _options({**flags, "diffusion_steps": 4000, "rescale_timesteps": True})
+    source = load_source(str(path), opts)
+    imported = import_model(source, opts, _manifest(["red", "green", "blue"]), str(tmp_path / "imp"))
+    ddpm = load_pretrained(imported)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0, 37, 2000, 3999])
+    with torch.no_grad():
+        torch.testing.assert_close(ddpm.model(x, t).sample, ref(x, t.float() / 4), atol=1e-4, rtol=0)
+        assert not torch.allclose(ddpm.model(x, t).sample, ref(x, t), atol=1e-2)
+    theirs = get_named_beta_schedule("linear", 4000)
+    torch.testing.assert_close(ddpm.scheduler.betas.double(), torch.from_numpy(theirs), atol=1e-7, rtol=1e-4)
+    assert make_scheduler(adm.diffusion_config(adm.AdmFlags())).betas[-1].item() == pytest.approx(0.02)
+    # guided-diffusion's default (False) leaves t alone; unsaid at T != 1000 is asked, not guessed
+    said = adm.parse_flags(f"{HEADS} --diffusion_steps 4000 --rescale_timesteps False")
+    assert adm.model_config(said).timestep_scale == 1
+    with pytest.raises(ConfigError, match="--rescale_timesteps True for improved-diffusion"):
+        load_source(str(path), _options({**flags, "diffusion_steps": 4000}))
+
+
+def test_harmless_adm_flags_are_accepted_and_a_clean_image_predictor_is_refused():
+    flags = adm.parse_flags(f"{HEADS} --sigma_small True --use_kl False --rescale_learned_sigmas True")
+    assert adm.model_config(flags).timestep_scale == 1
+    with pytest.raises(ConfigError, match="predict_xstart=True models predict the clean image"):
+        adm.model_config(adm.parse_flags(f"{HEADS} --predict_xstart True"))
 
 
 def _save_adm(tmp_path, flags: dict, name: str = "adm.pt") -> tuple:
@@ -165,6 +218,22 @@ def test_flags_that_do_not_match_the_file_name_the_first_mismatching_key_and_sha
         match=r"has no input_blocks\.2\.0\.in_layers\.0\.weight, which the ADM flags describe",
     ):
         load_source(str(path), _options({**flags, "num_res_blocks": 2}))
+
+
+def test_weights_are_loaded_only_under_a_torch_whose_loader_cannot_run_code(tmp_path, monkeypatch):
+    import tomllib
+
+    from rsdiff.weights import check_safe_torch, load_weights
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.replace(" ", "").startswith("torch>=2.6") for d in deps)
+    check_safe_torch("2.6.0+cpu")
+    check_safe_torch("2.13.0")
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(CheckpointError, match=r"torch 2\.5\.1\+cu121 cannot load weights files safely"):
+        load_weights(path.read_bytes(), str(path))
 
 
 def test_a_file_with_pickled_code_is_refused_without_running_it(tmp_path):
@@ -218,6 +287,46 @@ def test_a_diffusers_folder_round_trips_and_foreign_layouts_are_refused(tmp_path
         load_source(str(tmp_path / "foreign"))
 
 
+def _pipeline(tmp_path, name: str, scheduler: dict) -> str:
+    """A diffusers pipeline folder: a small ``unet/`` and ``scheduler/scheduler_config.json``."""
+    root = tmp_path / name
+    torch.manual_seed(0)
+    build_unet(ModelConfig(base_channels=16, channel_mult=[1, 2], head_channels=16), 3, 32).save_pretrained(
+        root / "unet"
+    )
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, **scheduler})
+    )
+    return str(root)
+
+
+def test_a_diffusers_pipeline_s_noise_process_is_honoured_or_refused_never_replaced(tmp_path):
+    from rsdiff.diffusion.schedule import make_scheduler
+
+    sd_like = load_source(_pipeline(tmp_path, "sd", {"beta_schedule": "linear", "beta_start": 0.00085,
+                                                     "beta_end": 0.012}))  # fmt: skip
+    assert (sd_like.diffusion.beta_start, sd_like.diffusion.beta_end) == (0.00085, 0.012)
+    betas = make_scheduler(sd_like.diffusion).betas
+    assert betas[0].item() == pytest.approx(0.00085) and betas[-1].item() == pytest.approx(0.012)
+    ddpm = load_source(_pipeline(tmp_path, "ddpm", {"beta_schedule": "linear"})).diffusion
+    assert ddpm.beta_start is None and ddpm.beta_end is None
+    cos = load_source(_pipeline(tmp_path, "cos", {"beta_schedule": "squaredcos_cap_v2"})).diffusion
+    assert cos.schedule.value == "cosine"
+    refused = {
+        "v": ({"prediction_type": "v_prediction"}, r"prediction_type='v_prediction'; rsdiff trains"),
+        "x0": ({"prediction_type": "sample"}, r"prediction_type='sample'"),
+        "scaled": ({"beta_schedule": "scaled_linear"}, r"beta_schedule='scaled_linear' is not one"),
+        "trained": ({"trained_betas": [0.1] * 1000}, r"lists trained_betas"),
+    }
+    for name, (scheduler, message) in refused.items():
+        with pytest.raises(CheckpointError, match=message):
+            load_source(_pipeline(tmp_path, name, scheduler))
+    # ADM flags say nothing about a model that records its architecture: refused, not ignored
+    with pytest.raises(ConfigError, match="is a diffusers model that records its own architecture"):
+        load_source(str(tmp_path / "ddpm"), SourceOptions(adm_flags="--num_channels 64"))
+
+
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_band_adaptation_keeps_rgb_outputs_on_rgb_input(learn_sigma):
     cfg = ModelConfig(base_channels=32, channel_mult=[1, 2], attention_levels=[1], head_channels=32,
@@ -258,6 +367,44 @@ def test_band_maps_that_do_not_fit_are_one_clear_error():
         band_rule(3, 3, ["0", "1"])
     with pytest.raises(ConfigError, match="must be a source band index, mean or zero"):
         band_rule(3, 3, ["0", "1", "nir"])
+
+
+def test_band_maps_follow_band_names_where_both_sides_have_them(tmp_path, caplog):
+    """RGB weights on blue-green-red-NIR imagery (Sentinel-2, PlanetScope order): red takes red's
+    filters, not blue's; names settle what they can, and what they cannot is refused."""
+    from rsdiff.diffusion.sources import import_model
+    from rsdiff.train.checkpoint import load_pretrained
+
+    assert band_rule(3, 4, None, ["red", "green", "blue"], ["blue", "green", "red", "nir"]) == [
+        2,
+        1,
+        0,
+        "mean",
+    ]
+    assert band_rule(3, 4, None, ["red", "green", "blue"], ["B02", "B03", "B04", "B08"]) == [2, 1, 0, "mean"]
+    assert band_rule(4, 3, None, ["red", "green", "blue", "nir"], ["Red", "Green", "Blue"]) == [0, 1, 2]
+    assert band_rule(3, 4, None, ["red", "green", "blue"], [f"band_{i}" for i in range(1, 5)]) == [
+        0,
+        1,
+        2,
+        "mean",
+    ]
+    assert band_rule(3, 3, ["2", "1", "0"], ["red", "green", "blue"], ["red", "green", "blue"]) == [2, 1, 0]
+    with pytest.raises(ConfigError, match=r"imagery bands \['B4', 'red'\] name the same band"):
+        band_rule(3, 2, None, ["red", "green", "blue"], ["red", "B4"])
+    with pytest.raises(ConfigError, match=r"no imagery band .* is named like a band of the checkpoint"):
+        band_rule(3, 2, None, ["red", "green", "blue"], ["vv", "vh"])
+    flags = FLAG_SETS["head-channels"]
+    ref, path = _save_adm(tmp_path, flags)
+    opts = _options(flags)
+    with caplog.at_level("INFO", logger="rsdiff.diffusion.sources"):
+        out = import_model(load_source(str(path), opts), opts, _manifest(["blue", "green", "red", "nir"]),
+                           str(tmp_path / "s2"))  # fmt: skip
+    assert "band map (by name): blue<-blue(2), green<-green(1), red<-red(0), nir<-mean" in caplog.text
+    conv_in = load_pretrained(out).model.state_dict()["conv_in.weight"]
+    source = ref.state_dict()["input_blocks.0.0.weight"]
+    assert torch.equal(conv_in[:, 0], source[:, 2]) and torch.equal(conv_in[:, 2], source[:, 0])
+    assert torch.allclose(conv_in[:, 3], source.mean(1))
 
 
 def test_ddpm_seg_numbers_name_rsdiff_blocks():

@@ -508,3 +508,43 @@ def test_maps_carry_their_legend_into_gis(sample_demo):
                 f"class {names[i]}'s colour {colormap[i][:3]} not in the quicklook"
             )
     assert look.shape[0] > ids.shape[0] * min(1.0, 1024 / max(ids.shape)) + 30  # titles and legend
+
+
+@pytest.mark.unit
+def test_a_prediction_worker_shares_one_diffusion_model_per_checkpoint_and_keeps_few_heads(tmp_path):
+    """The worker cache was keyed by head, each with its own copy of the diffusion model (a
+    label-efficiency run predicts with dozens of heads: ~53 GB per worker with an ADM model)."""
+    from types import SimpleNamespace
+
+    from rsdiff.diffusion.config import ModelConfig, SourceOptions
+    from rsdiff.diffusion.sources import import_model, load_source
+    from rsdiff.diffusion.unet import build_unet
+    from rsdiff.heads.artifact import TrainedHead
+    from rsdiff.heads.config import ScratchUNetConfig
+    from rsdiff.heads.scratch_unet import SmallUNet
+    from rsdiff.prediction import tasks
+
+    build_unet(ModelConfig(base_channels=16, channel_mult=[1, 2], head_channels=16), 3, 32).save_pretrained(
+        tmp_path / "unet"
+    )
+    manifest = SimpleNamespace(num_bands=3, tile_size=32, bands=["red", "green", "blue"], dtype="uint8",
+                               classes=[], band_stats={"mean": [100.0] * 3, "std": [40.0] * 3})  # fmt: skip
+    ckpt = import_model(load_source(str(tmp_path / "unet")), SourceOptions(), manifest, str(tmp_path / "c"))
+    classes = [{"name": "a", "value": 0}, {"name": "b", "value": 1}]
+    small = ScratchUNetConfig(base_channels=4, levels=2)
+    uris = [
+        TrainedHead.from_pixel_unet(SmallUNet(3, 2, 4, 2), small, 3, classes, ckpt).save(
+            str(tmp_path / f"head{i}")
+        )
+        for i in range(3 * tasks.HEADS_KEPT)
+    ]
+    tasks._HEADS.clear()
+    tasks._MODELS.clear()
+    models = set()
+    for uri in [*uris, uris[-1]]:
+        head, extractor = tasks.loaded_head(uri, "cpu", "fp32")
+        assert head.uri == uri
+        models.add(id(extractor.ddpm))
+        assert len(tasks._HEADS) <= tasks.HEADS_KEPT and len(tasks._MODELS) == 1
+    assert len(models) == 1  # one diffusion model for every head of the checkpoint
+    assert tasks.loaded_head(uris[-1], "cpu", "fp32")[0] is head  # a recent head is not reloaded

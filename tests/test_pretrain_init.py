@@ -242,3 +242,28 @@ def test_continuing_an_rsdiff_checkpoint_or_a_diffusers_folder_on_other_imagery(
     before = load_pretrained(ckpt).model.state_dict()
     after = state["model"]
     assert all(torch.allclose(after[k], before[k], atol=1e-4) for k in before)
+
+
+def test_continuing_a_checkpoint_at_another_crop_size_keeps_its_architecture(labeled_ckpt):
+    """The tiny model has attention at 16 px of its 64 px tiles (level 2). Continued on 32 px
+    crops, it keeps attention at level 2 (16 px there would be level 1, a network the weights do
+    not fit), and the driver checks the weights fit before any worker loads them."""
+    import dataclasses
+
+    from rsdiff.config import load_config
+    from rsdiff.diffusion.unet import build_unet
+    from rsdiff.errors import CheckpointError
+    from rsdiff.pretrain import read_init, validate
+    from rsdiff.train.config import PretrainConfig
+
+    ckpt, shards = labeled_ckpt
+    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/tiny.yaml",
+                      [f"data.shards={shards}", f"init.from={ckpt}", "model.image_size=32"])  # fmt: skip
+    source = read_init(cfg)
+    validate(cfg, source)
+    assert list(cfg.model.attention_levels) == [2]
+    model = build_unet(cfg.model, source.in_channels, 32)
+    model.load_state_dict(source.adapted(source.in_channels, cfg.init)[0])  # what every rank does
+    no_attention = {k: v for k, v in source.state.items() if ".attentions." not in k}
+    with pytest.raises(CheckpointError, match=r"has no down_blocks\.2\.attentions.*the model at 32 px"):
+        dataclasses.replace(source, state=no_attention).check_fits(cfg.model, 32)

@@ -86,6 +86,31 @@ def test_a_segmenter_head_saves_and_loads_to_the_same_predictions(tmp_path, read
 
 
 @pytest.mark.unit
+def test_a_segmenter_of_a_rescaled_denoiser_keeps_the_scale_when_saved_and_from_random_init(tmp_path):
+    """An improved-diffusion denoiser trained on 4000 steps is called with t/4: the segmenter, its
+    random-init twin and the saved-and-loaded head all call it that way."""
+    from dataclasses import replace
+
+    from rsdiff.diffusion.unet import timestep_scale_of
+
+    torch.manual_seed(0)
+    unet = build_unet(replace(TINY, timestep_scale=0.25), 4, 32).eval().requires_grad_(False)
+    cfg = build(SegmenterConfig, {"readout": "output", "timestep": 40})
+    net = build_segmenter(unet, 3, cfg).eval()
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        plain = build_segmenter(build_unet(TINY, 4, 32), 3, cfg).eval()
+        plain.load_state_dict(net.state_dict())
+        assert torch.allclose(net(x), plain.unet(x, torch.tensor(10)).sample, atol=1e-5)
+    twin = build_segmenter(unet, 3, build(SegmenterConfig, {"pretrained": False}))
+    assert timestep_scale_of(twin.unet) == 0.25
+    classes = [{"name": n, "value": i} for i, n in enumerate(["water", "land", "road"])]
+    back = TrainedHead.load(TrainedHead.from_segmenter(net, cfg, classes, "ckpt").save(str(tmp_path / "h")))
+    with torch.no_grad():
+        assert torch.allclose(back.module(x), net(x), atol=1e-5)
+
+
+@pytest.mark.unit
 def test_balanced_class_weights_and_the_cosine_schedule():
     y = torch.tensor([[[0, 0, 0, 1], [0, 0, 0, IGNORE_INDEX]]])  # 6 of class 0, 1 of class 1, none of 2
     w = class_weights(y, 3, ClassWeighting.balanced)

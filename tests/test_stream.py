@@ -17,13 +17,15 @@ pytestmark = pytest.mark.unit
 NORM = Normalizer((100.0,) * 4, (10.0,) * 4)
 
 
-def _shard(folder, prefix: str, n: int, bad_sample: bool = False) -> str:
+def _shard(folder, prefix: str, n: int, bad_sample: bool = False, small_tile: bool = False) -> str:
     rng = np.random.default_rng(len(prefix))
     with ShardWriter(str(folder), prefix, 1 << 30) as w:
         for i in range(n):
             tile = rng.integers(50, 150, (4, 16, 16), dtype=np.uint16)
             if bad_sample and i == 1:
                 tile = tile[0]  # a 2-D tile: malformed
+            if small_tile and i == 2:
+                tile = tile[:, :12, :]  # smaller than the crop: would not stack into a batch
             w.write(Sample(f"s/{prefix}_{i}", tile, None, {}))
     return w.shards[0].uri
 
@@ -43,6 +45,15 @@ def test_a_slot_whose_shard_is_corrupt_reads_another(tmp_path):
         for _ in range(12):
             assert next(batches)["x"].shape == (4, 4, 16, 16)
         assert stream.errors >= 1
+
+
+def test_a_tile_smaller_than_the_crop_is_skipped_and_counted_not_fatal_in_a_batch(tmp_path):
+    shard = _shard(tmp_path, "small", 9, small_tile=True)
+    stream = ShardStream([shard], 0, 1, NORM, 16, shuffle_buffer=0, augment=False)
+    batches = iter(_loader(stream, workers=0))
+    for _ in range(4):  # two epochs of the 8 good tiles
+        assert next(batches)["x"].shape == (4, 4, 16, 16)
+    assert stream.errors == 2  # once per epoch
 
 
 def test_malformed_samples_are_skipped_and_counted(tmp_path):

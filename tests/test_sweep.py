@@ -222,6 +222,8 @@ def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
     first = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
     again = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))  # same settings: restored
     assert again.parent_run_id == first.parent_run_id and again.best["trial_id"] == first.best["trial_id"]
+    with pytest.raises(ConfigError, match=r"finished trial.* saved their heads under another output than"):
+        run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, f"output={tmp_path / 'elsewhere'}"))
     for extra, needle in [
         (["num_samples=2"], "changed: num_samples"),
         (["search.width=[16]"], "changed: search.width"),
@@ -303,3 +305,17 @@ def test_how_trials_ended_is_recorded_so_a_rerun_runs_only_the_unfinished(tmp_pa
     mark_ended(grid, exp, 4)
     status = {k: v["status"] for k, v in read_records(exp, 4).items()}
     assert status == {0: "finished", 1: "stopped_early", 2: "error"}
+
+
+@pytest.mark.unit
+def test_a_sweep_without_a_head_names_its_cause_not_always_the_time_budget():
+    from rsdiff.sweep.report import no_trial_finished
+
+    def rec(status: str, **extra) -> dict:
+        return {"status": status, "history": [], **extra}
+
+    assert "another output than out" in no_trial_finished({0: rec("finished")}, "out", None)
+    failed = no_trial_finished({0: rec("error", error="EOFError: truncated cache entry")}, "out", 60)
+    assert failed == "all 1 trial(s) that ran failed; the first error: EOFError: truncated cache entry"
+    assert "no trial started within time_budget_s=60" in no_trial_finished({}, "out", 60)
+    assert "stopped before it saved a head" in no_trial_finished({0: rec("stopped_early")}, "out", 60)

@@ -77,14 +77,14 @@ def test_provenance_names_version_command_and_data_without_secrets():
     argv = ["jobs/sweep.py", "tracking.uri=http://me:hunter2@mlflow:5000", "aws_secret_access_key=abc", "x=1"]
     assert (
         command_line(argv)
-        == "jobs/sweep.py tracking.uri=http://me:***@mlflow:5000 aws_secret_access_key=*** x=1"
+        == "jobs/sweep.py tracking.uri=http://***@mlflow:5000 aws_secret_access_key=*** x=1"
     )
     data = {"inputs": ["s3://b/a.tif", "s3://b/c.tif"], "head": "https://u:pw@h/x", "none": None}
     tags = provenance_tags(data, argv)
     assert tags["rsdiff.version"] == rsdiff.__version__ and tags["mlflow.source.name"] == "sweep.py"
     assert (
         tags["rsdiff.data.inputs"] == "s3://b/a.tif,s3://b/c.tif"
-        and tags["rsdiff.data.head"] == "https://u:***@h/x"
+        and tags["rsdiff.data.head"] == "https://***@h/x"
     )
     assert (
         "rsdiff.data.none" not in tags and "hunter2" not in str(tags) and "abc" not in tags["rsdiff.command"]

@@ -91,8 +91,12 @@ def discover(inputs: Sequence[str], mask_template: str | None = None) -> list[Sc
     ]
     ids = [r.id for r in refs]
     if len(set(ids)) != len(ids):
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        raise DataError(f"scenes {dupes[:5]} map to the same id; give them distinct file names")
+        dupe = sorted(i for i in ids if ids.count(i) > 1)[0]
+        files = [storage.display(r.image) for r in refs if r.id == dupe]
+        raise DataError(
+            f"the files {files[:4]} all map to the scene id {dupe!r} (ids keep only ASCII letters, digits, "
+            "'-' and '_'); rename them so they differ in those"
+        )
     return refs
 
 

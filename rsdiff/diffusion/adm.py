@@ -33,7 +33,7 @@ from rsdiff.errors import CheckpointError, ConfigError
 # Flags of guided-diffusion's scripts that do not describe the network's weights (sampling,
 # training or diffusion-loss options); accepted in a pasted flags line and ignored.
 IGNORED_FLAGS = {
-    "timestep_respacing", "use_kl", "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas",
+    "timestep_respacing", "use_kl", "rescale_learned_sigmas", "sigma_small",
     "use_checkpoint", "use_fp16", "batch_size", "num_samples", "lr", "clip_denoised", "model_path",
     "microbatch", "ema_rate", "log_interval", "save_interval", "weight_decay", "lr_anneal_steps",
     "schedule_sampler", "data_dir", "resume_checkpoint", "fp16_scale_growth", "use_ddim",
@@ -48,7 +48,7 @@ def parse_flags(text: str, base: AdmFlags | None = None) -> AdmFlags:
         ConfigError: an unknown flag, a flag without a value, or a value of the wrong type.
     """
     values = {f.name: getattr(base or AdmFlags(), f.name) for f in fields(AdmFlags)}
-    types = {f.name: type(values[f.name]) for f in fields(AdmFlags)}
+    types = {f.name: type(values[f.name]) for f in fields(AdmFlags)} | {"rescale_timesteps": bool}
     tokens = shlex.split(text)
     i = 0
     while i < len(tokens):
@@ -85,11 +85,18 @@ def _typed(key: str, value: str, kind: type) -> Any:
 
 def check_supported(flags: AdmFlags) -> None:
     """Refuse flags that describe a model rsdiff cannot represent exactly (see the module doc)."""
+    _check_ranges(flags)
     if flags.class_cond:
         raise ConfigError(
             "class-conditional ADM models (class_cond=True) are not supported: rsdiff's DDPM is "
             "unconditional; use the unconditional checkpoint of that family"
         )
+    if flags.predict_xstart:
+        raise ConfigError(
+            "ADM predict_xstart=True models predict the clean image, not the noise: rsdiff trains, samples "
+            "and denoises epsilon-prediction models only; use an epsilon-prediction checkpoint"
+        )
+    timestep_scale(flags)
     mult = flags.multipliers()
     if mult[0] != 1 or any(m != int(m) for m in mult):
         raise ConfigError(
@@ -105,6 +112,21 @@ def check_supported(flags: AdmFlags) -> None:
                 f"divided by a power of two below 2^{levels}"
             )
     head_width(flags)
+
+
+def _check_ranges(flags: AdmFlags) -> None:
+    """Each number in its range, named as the flag it came from (not as a symptom further on)."""
+    for key in ("image_size", "num_channels", "num_res_blocks", "in_channels", "diffusion_steps"):
+        if int(getattr(flags, key)) < 1:
+            raise ConfigError(f"ADM flag --{key}={getattr(flags, key)} must be at least 1")
+    for key in ("num_heads", "num_heads_upsample", "num_head_channels"):
+        value = int(getattr(flags, key))
+        if value < 1 and value != -1:
+            raise ConfigError(f"ADM flag --{key}={value} must be at least 1, or -1 (not set)")
+    if flags.num_heads == -1:
+        raise ConfigError("ADM flag --num_heads=-1: only num_heads_upsample and num_head_channels may be -1")
+    if not 0 <= float(flags.dropout) < 1:
+        raise ConfigError(f"ADM flag --dropout={flags.dropout} must be in [0, 1)")
 
 
 def head_width(flags: AdmFlags) -> int:
@@ -128,6 +150,28 @@ def head_width(flags: AdmFlags) -> int:
     return int(distinct[0])
 
 
+def timestep_scale(flags: AdmFlags) -> float:
+    """What the network multiplies ``t`` by: ``1000 / diffusion_steps`` for a model trained with
+    ``rescale_timesteps=True`` (improved-diffusion's default), else 1 (guided-diffusion's default).
+
+    Raises:
+        ConfigError: ``diffusion_steps != 1000`` without ``rescale_timesteps``: the two code bases
+            disagree on the default, and the wrong guess shifts every timestep the model sees.
+    """
+    steps = int(flags.diffusion_steps)
+    if steps < 1:
+        raise ConfigError(f"ADM diffusion_steps={steps} must be at least 1")
+    if steps == 1000:
+        return 1.0
+    if flags.rescale_timesteps is None:
+        raise ConfigError(
+            f"ADM diffusion_steps={steps}: say whether the model was trained with rescaled timesteps "
+            "(it then saw t*1000/diffusion_steps): add --rescale_timesteps True for improved-diffusion "
+            "models (its default), --rescale_timesteps False for guided-diffusion models (its default)"
+        )
+    return 1000.0 / steps if flags.rescale_timesteps else 1.0
+
+
 def model_config(flags: AdmFlags) -> ModelConfig:
     """The rsdiff model config that reproduces the ADM network ``flags`` describe."""
     check_supported(flags)
@@ -145,14 +189,20 @@ def model_config(flags: AdmFlags) -> ModelConfig:
         scale_shift_norm=bool(flags.use_scale_shift_norm),
         learn_sigma=bool(flags.learn_sigma),
         mid_attention_norm=True,
+        timestep_scale=timestep_scale(flags),
     )
 
 
 def diffusion_config(flags: AdmFlags) -> DiffusionConfig:
-    """The noise schedule the ADM model was trained with."""
+    """The noise schedule the ADM model was trained with. guided-diffusion's linear schedule is
+    DDPM's 1e-4 -> 0.02 stretched to ``diffusion_steps``: both ends times ``1000 / diffusion_steps``."""
     if flags.noise_schedule not in ("linear", "cosine"):
         raise ConfigError(f"ADM noise_schedule={flags.noise_schedule!r} must be linear or cosine")
-    return DiffusionConfig(timesteps=int(flags.diffusion_steps), schedule=BetaSchedule(flags.noise_schedule))
+    steps = int(flags.diffusion_steps)
+    cfg = DiffusionConfig(timesteps=steps, schedule=BetaSchedule(flags.noise_schedule))
+    if cfg.schedule is BetaSchedule.linear and steps != 1000:
+        cfg.beta_start, cfg.beta_end = 1e-4 * 1000 / steps, 0.02 * 1000 / steps
+    return cfg
 
 
 # --------------------------------------------------------------------------------------- keys

@@ -10,14 +10,21 @@ A **band map** has one entry per band of the new imagery:
   (1.0 = a new band contributes like an average source band; 0 = it starts ignored);
 - ``zero``: zero weights (the band is ignored on input, its noise predicted as 0 at first).
 
-The default map keeps the shared bands in order and gives extra bands ``mean``: for RGB -> RGBN,
-``[0, 1, 2, mean]``. Fewer bands than the source need an explicit map (``[mean]`` for one band).
+The default map follows band **names** where both sides have them (an rsdiff checkpoint records
+its bands; public ADM and diffusers pixel models are RGB; imagery bands are named from their
+descriptions or colour interpretation, Sentinel-2's ``B02``..``B08`` understood): each imagery band
+takes the source band of its name, a band the source lacks takes ``mean``; RGB weights on
+blue-green-red-NIR imagery map as ``[2, 1, 0, mean]``. A map that names cannot settle (two imagery
+bands of one name, or no name in common) is refused; give ``band_map``. Where a side has no names
+(``band_1``, ...), the map is positional: the shared bands in order, extra bands ``mean`` (RGB ->
+4 bands: ``[0, 1, 2, mean]``); fewer bands than the source then need an explicit map.
 Whatever the map, bands mapped to a source band by index keep that band's output on an input
 whose extra bands are 0: the new input filters see zeros, and the output filters are copies.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -25,15 +32,42 @@ import torch
 from rsdiff.errors import ConfigError
 
 MEAN, ZERO = "mean", "zero"
+RGB = ["red", "green", "blue"]
+# other spellings of a band's name (lower case); Sentinel-2's 10 m bands by their band ids
+ALIASES = {
+    "r": "red", "g": "green", "b": "blue", "grey": "gray", "near_infrared": "nir", "near-infrared": "nir",
+    "infrared": "nir", "b2": "blue", "b02": "blue", "b3": "green", "b03": "green", "b4": "red",
+    "b04": "red", "b8": "nir", "b08": "nir",
+}  # fmt: skip
+_UNNAMED = re.compile(r"(band)?[_ ]?\d+")  # band_1, band 2, 3: a position, not a name
 
 
-def band_rule(source_bands: int, bands: int, band_map: Sequence[str | int] | None) -> list[int | str]:
-    """The band map to apply: ``band_map`` checked, or the default (see the module doc).
+def canonical_names(names: Sequence[str] | None, count: int) -> list[str] | None:
+    """``names`` lower-cased with :data:`ALIASES` applied, or None where they say nothing (absent,
+    the wrong count, or any of them a bare position such as ``band_1``)."""
+    if not names or len(names) != count:
+        return None
+    out = [ALIASES.get(str(n).strip().lower(), str(n).strip().lower()) for n in names]
+    return None if any(_UNNAMED.fullmatch(n) for n in out) else out
+
+
+def band_rule(
+    source_bands: int,
+    bands: int,
+    band_map: Sequence[str | int] | None,
+    source_names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[int | str]:
+    """The band map to apply: ``band_map`` checked, or the default by name or position (see the
+    module doc).
 
     Raises:
-        ConfigError: a map of the wrong length, an entry out of range or unknown, or fewer bands
-            than the source without a map.
+        ConfigError: a map of the wrong length, an entry out of range or unknown; names that do
+            not settle the map; fewer bands than the source without names or a map.
     """
+    theirs, ours = canonical_names(source_names, source_bands), canonical_names(names, bands)
+    if band_map is None and theirs and ours:
+        return _by_name(theirs, ours, list(names or []))
     if band_map is None:
         if bands >= source_bands:
             return [*range(source_bands), *([MEAN] * (bands - source_bands))]
@@ -61,6 +95,34 @@ def band_rule(source_bands: int, bands: int, band_map: Sequence[str | int] | Non
             f"band_map has {len(rule)} entries but the imagery has {bands} bands: give one per band"
         )
     return rule
+
+
+def _by_name(theirs: list[str], ours: list[str], given: list[str]) -> list[int | str]:
+    """Each imagery band the source band of its name, else ``mean``."""
+    if len(set(ours)) < len(ours):
+        twice = sorted({g for g, o in zip(given, ours) if ours.count(o) > 1})
+        raise ConfigError(
+            f"the imagery bands {twice} name the same band; give init.band_map with one entry per band "
+            f"(a source band index 0..{len(theirs) - 1} of {theirs}, mean or zero)"
+        )
+    rule: list[int | str] = [theirs.index(o) if o in theirs else MEAN for o in ours]
+    if all(r == MEAN for r in rule):
+        raise ConfigError(
+            f"no imagery band {given} is named like a band of the checkpoint {theirs}: give init.band_map "
+            f"with one entry per band (a source band index 0..{len(theirs) - 1}, mean or zero)"
+        )
+    return rule
+
+
+def describe(rule: Sequence[int | str], source_names: Sequence[str] | None, names: Sequence[str]) -> str:
+    """``red<-red(0), nir<-mean``: the map in words, for the log."""
+
+    def source(entry: int | str) -> str:
+        if isinstance(entry, int) and source_names and len(source_names) > entry:
+            return f"{source_names[entry]}({entry})"
+        return str(entry)
+
+    return ", ".join(f"{n}<-{source(r)}" for n, r in zip(names, rule))
 
 
 def _pick(weight: torch.Tensor, dim: int, rule: Sequence[int | str], scale: float) -> torch.Tensor:

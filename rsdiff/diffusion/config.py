@@ -22,10 +22,13 @@ class BetaSchedule(Enum):
 
 @dataclass
 class DiffusionConfig:
-    """The diffusion process: T steps, epsilon prediction."""
+    """The diffusion process: T steps, epsilon prediction. ``beta_start``/``beta_end`` (linear
+    schedule only): null = DDPM's 1e-4 and 0.02; imported models set what they were trained with."""
 
     timesteps: int = 1000
     schedule: BetaSchedule = BetaSchedule.linear
+    beta_start: float | None = None
+    beta_end: float | None = None
 
 
 @dataclass
@@ -48,6 +51,9 @@ class ModelConfig:
     scale_shift_norm: bool = True
     learn_sigma: bool = False  # 2C outputs: epsilon and the variance interpolation (ignored in training)
     mid_attention_norm: bool = False
+    # The network is called with t times this: 1000 / T for improved-diffusion models trained with
+    # rescale_timesteps=True (they saw t in [0, 1000) whatever T was); 1 for everything else.
+    timestep_scale: float = 1.0
 
 
 # guided-diffusion's channel_mult for channel_mult="" (script_util.create_model)
@@ -81,6 +87,10 @@ class AdmFlags:
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"
     in_channels: int = 3
+    # improved-diffusion's default is True, guided-diffusion's False; only matters when
+    # diffusion_steps != 1000, where it must be given (null = not said)
+    rescale_timesteps: bool | None = None
+    predict_xstart: bool = False  # refused: rsdiff's models predict the noise
 
     def multipliers(self) -> list[float]:
         text = str(self.channel_mult).strip() or DEFAULT_CHANNEL_MULT.get(int(self.image_size), "")

@@ -15,12 +15,18 @@ def make_scheduler(cfg: DiffusionConfig) -> Any:
     inherits it); training and feature extraction only noise (``add_noise``), which never clips."""
     from diffusers import DDPMScheduler
 
-    name = "linear" if BetaSchedule(cfg.schedule) is BetaSchedule.linear else "squaredcos_cap_v2"
+    linear = BetaSchedule(cfg.schedule) is BetaSchedule.linear
+    ends = {}
+    if linear and cfg.beta_start is not None:
+        ends["beta_start"] = float(cfg.beta_start)
+    if linear and cfg.beta_end is not None:
+        ends["beta_end"] = float(cfg.beta_end)
     return DDPMScheduler(
         num_train_timesteps=int(cfg.timesteps),
-        beta_schedule=name,
+        beta_schedule="linear" if linear else "squaredcos_cap_v2",
         prediction_type="epsilon",
         clip_sample=True,
+        **ends,
     )
 
 

@@ -31,10 +31,10 @@ import torch
 from rsdiff import storage
 from rsdiff.config import redact_uri
 from rsdiff.diffusion import adm
-from rsdiff.diffusion.bands import adapt_bands, band_rule
-from rsdiff.diffusion.config import BetaSchedule, DiffusionConfig, ModelConfig, SourceOptions
-from rsdiff.diffusion.unet import model_config_from_diffusers, unet_kwargs
-from rsdiff.errors import CheckpointError
+from rsdiff.diffusion.bands import RGB, adapt_bands, band_rule, canonical_names, describe
+from rsdiff.diffusion.config import AdmFlags, BetaSchedule, DiffusionConfig, ModelConfig, SourceOptions
+from rsdiff.diffusion.unet import attention_levels, model_config_from_diffusers, unet_kwargs
+from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class SourceWeights:
     in_channels: int
     state: dict[str, torch.Tensor]
     diffusion: DiffusionConfig | None  # the schedule it was trained with, where the source says
-    bands: list[str] | None  # band names, where the source says (rsdiff checkpoints)
+    bands: list[str] | None  # band names: an rsdiff checkpoint's; RGB for 3-band ADM/diffusers models
 
     def provenance(self, rule: list[int | str] | None = None) -> dict[str, Any]:
         """What a run records about where it started (no credentials)."""
@@ -74,9 +74,45 @@ class SourceWeights:
             out["band_map"] = [str(r) for r in rule]
         return out
 
-    def adapted(self, bands: int, options: SourceOptions) -> tuple[dict[str, torch.Tensor], list[int | str]]:
-        """The weights for ``bands``-band imagery, and the band map applied (see :mod:`.bands`)."""
-        rule = band_rule(self.in_channels, bands, options.band_map)
+    def check_fits(self, model: ModelConfig, image_size: int) -> None:
+        """Check, without building weights, that the network ``model`` describes at ``image_size``
+        px holds exactly this source's tensors (band layers aside: they are adapted).
+
+        Raises:
+            CheckpointError: the first tensor missing, unexpected or of another shape.
+        """
+        from diffusers import UNet2DModel
+
+        try:
+            with torch.device("meta"):
+                want = UNet2DModel(**unet_kwargs(model, self.in_channels, image_size)).state_dict()
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{storage.display(self.uri)} cannot run at {image_size} px: {exc}"
+            ) from None
+        _check_keys(self.state, {k: tuple(v.shape) for k, v in want.items()}, storage.display(self.uri),
+                    f"the model at {image_size} px")  # fmt: skip
+
+    def band_rule(self, names: list[str], options: SourceOptions) -> list[int | str]:
+        """The band map onto imagery with bands ``names`` (see :mod:`.bands`), logged in words."""
+        rule = band_rule(self.in_channels, len(names), options.band_map, self.bands, names)
+        how = "by name" if self.named_like(names) else "by position"
+        how = "given" if options.band_map is not None else how
+        log.info("band map (%s): %s", how, describe(rule, self.bands, names))
+        return rule
+
+    def named_like(self, names: list[str]) -> bool:
+        return bool(canonical_names(self.bands, self.in_channels) and canonical_names(names, len(names)))
+
+    def adapted(
+        self, bands: int, options: SourceOptions, names: list[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[int | str]]:
+        """The weights for ``bands``-band imagery, and the band map applied: :meth:`band_rule` where
+        the imagery's band ``names`` are given, else ``options.band_map`` or the positional default."""
+        if names is not None:
+            rule = self.band_rule(names, options)
+        else:
+            rule = band_rule(self.in_channels, bands, options.band_map)
         return adapt_bands(self.state, self.in_channels, rule, float(options.new_band_scale)), rule
 
 
@@ -120,10 +156,16 @@ def load_source(uri: str, options: SourceOptions | None = None) -> SourceWeights
     Raises:
         CheckpointError: missing or unreadable files, a pickled-code file, weights that do not fit
             the config/flags (the first mismatching key and shapes).
-        ConfigError: ADM flags rsdiff cannot represent exactly.
+        ConfigError: ADM flags rsdiff cannot represent exactly, or ADM flags given for a source
+            that is not an ADM file (they would be ignored).
     """
     options = options or SourceOptions()
     kind, where = detect_kind(uri)
+    if kind is not SourceKind.adm and (str(options.adm_flags).strip() or options.adm != AdmFlags()):
+        raise ConfigError(
+            f"{storage.display(uri)} is a {kind.value} model that records its own architecture; the ADM "
+            "flags (init.adm_flags, init.adm.*) describe ADM .pt files only: drop them"
+        )
     if kind is SourceKind.rsdiff:
         return _rsdiff(uri)
     if kind is SourceKind.diffusers:
@@ -139,11 +181,13 @@ def _rsdiff(uri: str) -> SourceWeights:
     folder = ema_artifact(uri)
     weights = storage.join(folder, EMA_WEIGHTS) if folder else storage.join(uri, WEIGHTS)
     state = {k: v.detach().to(torch.float32).clone() for k, v in ddpm.model.state_dict().items()}
+    model = build(ModelConfig, ddpm.meta["model"])
+    model.attention_levels = attention_levels(model, int(ddpm.meta["image_size"]))  # where it was trained
     return SourceWeights(
         uri=uri,
         kind=SourceKind.rsdiff,
         sha256=hashlib.sha256(storage.read_bytes(weights)).hexdigest(),
-        model=build(ModelConfig, ddpm.meta["model"]),
+        model=model,
         in_channels=int(ddpm.meta["in_channels"]),
         state=state,
         diffusion=build(DiffusionConfig, ddpm.meta["diffusion"]),
@@ -201,22 +245,43 @@ def _diffusers(uri: str, folder: str) -> SourceWeights:
         in_channels=in_channels,
         state={k: v.to(torch.float32) for k, v in state.items()},
         diffusion=diffusion,
-        bands=None,
+        bands=RGB if in_channels == 3 else None,  # diffusers' pixel-space models are RGB
     )
 
 
 def _scheduler_of(pipeline: str) -> DiffusionConfig | None:
-    """The noise schedule of a diffusers pipeline folder's ``scheduler/``, where rsdiff has it."""
+    """The noise process of a diffusers pipeline folder's ``scheduler/`` (None without one).
+
+    Raises:
+        CheckpointError: a process rsdiff would silently replace: another ``prediction_type`` than
+            epsilon, explicit ``trained_betas``, or a ``beta_schedule`` rsdiff does not have.
+    """
     uri = storage.join(pipeline, "scheduler", "scheduler_config.json")
     if not storage.exists(uri):
         return None
     sched = json.loads(storage.read_text(uri))
+    where = storage.display(uri)
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise CheckpointError(
+            f"{where}: prediction_type={prediction!r}; rsdiff trains, samples and denoises "
+            "epsilon-prediction models only: use an epsilon-prediction pipeline"
+        )
+    if sched.get("trained_betas") is not None:
+        raise CheckpointError(f"{where} lists trained_betas; rsdiff has only the linear and cosine schedules")
     names = {"linear": BetaSchedule.linear, "squaredcos_cap_v2": BetaSchedule.cosine}
-    if sched.get("beta_schedule") not in names:
-        return None
-    return DiffusionConfig(
-        timesteps=int(sched.get("num_train_timesteps", 1000)), schedule=names[sched["beta_schedule"]]
-    )
+    name = sched.get("beta_schedule", "linear")
+    if name not in names:
+        raise CheckpointError(
+            f"{where}: beta_schedule={name!r} is not one rsdiff has ({sorted(names)}); its timesteps would "
+            "mean other noise levels than the model learned"
+        )
+    cfg = DiffusionConfig(timesteps=int(sched.get("num_train_timesteps", 1000)), schedule=names[name])
+    if cfg.schedule is BetaSchedule.linear:  # diffusers' defaults are DDPM's, rsdiff's nulls
+        start, end = float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02))
+        cfg.beta_start = None if start == 1e-4 else start
+        cfg.beta_end = None if end == 0.02 else end
+    return cfg
 
 
 def _adm(uri: str, options: SourceOptions) -> SourceWeights:
@@ -235,7 +300,7 @@ def _adm(uri: str, options: SourceOptions) -> SourceWeights:
         in_channels=int(flags.in_channels),
         state=converted,
         diffusion=adm.diffusion_config(flags),
-        bands=None,
+        bands=RGB if int(flags.in_channels) == 3 else None,  # guided/improved-diffusion models are RGB
     )
 
 
@@ -258,17 +323,22 @@ def check_diffusion(source: SourceWeights, diffusion: DiffusionConfig, where: st
     """Warn when the run's noise schedule differs from the one the source was trained with."""
     if source.diffusion is None:
         return
-    theirs = (int(source.diffusion.timesteps), BetaSchedule(source.diffusion.schedule).value)
-    ours = (int(diffusion.timesteps), BetaSchedule(diffusion.schedule).value)
+    theirs, ours = _schedule_words(source.diffusion), _schedule_words(diffusion)
     if theirs != ours:
         log.warning(
-            "%s was trained with %d steps of the %s schedule but %s uses %d steps of %s; its denoising "
-            "(and features at a given t) differ from what it learned",
-            storage.display(source.uri),
-            *theirs,
-            where,
-            *ours,
-        )
+            "%s was trained with %s but %s uses %s; its denoising (and features at a given t) differ from "
+            "what it learned", storage.display(source.uri), theirs, where, ours,
+        )  # fmt: skip
+
+
+def _schedule_words(cfg: DiffusionConfig) -> str:
+    """``1000 steps of the linear schedule (betas 0.0001 -> 0.02)``."""
+    words = f"{int(cfg.timesteps)} steps of the {BetaSchedule(cfg.schedule).value} schedule"
+    if BetaSchedule(cfg.schedule) is BetaSchedule.linear:
+        start = 1e-4 if cfg.beta_start is None else cfg.beta_start
+        end = 0.02 if cfg.beta_end is None else cfg.beta_end
+        words += f" (betas {start:g} -> {end:g})"
+    return words
 
 
 def import_model(
@@ -287,7 +357,7 @@ def import_model(
     from rsdiff.train.checkpoint import EMA_CONFIG, EMA_META, EMA_WEIGHTS, save_ema
 
     bands = manifest.num_bands
-    state, rule = source.adapted(bands, options)
+    state, rule = source.adapted(bands, options, list(manifest.bands))
     model = dataclasses.replace(source.model, in_channels=bands, image_size=None)
     size = int(manifest.tile_size)
     try:

@@ -68,11 +68,60 @@ def unet_kwargs(cfg: ModelConfig, in_channels: int, image_size: int) -> dict[str
     return kwargs
 
 
+def attention_levels(cfg: ModelConfig, image_size: int) -> list[int]:
+    """The levels (0 = full resolution) that get attention: ``cfg.attention_levels``, or those of
+    ``attention_resolutions`` (px) at ``image_size``. A checkpoint stores them as levels, so its
+    weights keep their architecture when training continues at another crop size."""
+    if cfg.attention_levels is not None:
+        return sorted(int(level) for level in cfg.attention_levels)
+    sizes = [image_size // 2**i for i in range(len(cfg.channel_mult))]
+    return [i for i, r in enumerate(sizes) if r in set(cfg.attention_resolutions)]
+
+
 def build_unet(cfg: ModelConfig, in_channels: int, image_size: int) -> torch.nn.Module:
-    """A freshly initialised UNet for ``in_channels``-band images of ``image_size`` px."""
+    """A freshly initialised UNet for ``in_channels``-band images of ``image_size`` px. Called as
+    ``model(x, t)`` everywhere; a model with ``timestep_scale != 1`` multiplies ``t`` by it first
+    (a forward pre-hook, so training, sampling, features and segmenters all see the same t)."""
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**unet_kwargs(cfg, in_channels, image_size))
+    return scale_timesteps(UNet2DModel(**unet_kwargs(cfg, in_channels, image_size)), cfg.timestep_scale)
+
+
+def scale_timesteps(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """``model``, called with ``t * scale`` from now on (nothing changes for ``scale = 1``). Every
+    place that makes a UNet from a config or a saved artifact goes through here."""
+    scale = float(scale)
+    if scale <= 0:
+        raise ValueError(f"timestep_scale={scale} must be positive")
+    if scale != 1.0:
+        model.register_forward_pre_hook(_TimestepScale(scale), with_kwargs=True)
+    return model
+
+
+def timestep_scale_of(model: torch.nn.Module) -> float:
+    """The ``timestep_scale`` a UNet was made with (:func:`scale_timesteps`; 1 without one)."""
+    for hook in model._forward_pre_hooks.values():
+        if isinstance(hook, _TimestepScale):
+            return hook.scale
+    return 1.0
+
+
+class _TimestepScale:
+    """Forward pre-hook of a ``UNet2DModel`` (``forward(sample, timestep, ...)``): ``timestep * scale``."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, _module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        sample = args[0] if args else kwargs["sample"]
+        if len(args) > 1:
+            args = (args[0], self.scaled(args[1], sample.device), *args[2:])
+        elif "timestep" in kwargs:
+            kwargs = {**kwargs, "timestep": self.scaled(kwargs["timestep"], sample.device)}
+        return args, kwargs
+
+    def scaled(self, t: Any, device: torch.device) -> torch.Tensor:
+        return torch.as_tensor(t, device=device).float() * self.scale
 
 
 def epsilon(output: torch.Tensor, channels: int) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Each member is ``D -> 128 -> 32 -> C`` with ReLU and BatchNorm; members start from different
 initialisations and are trained independently (their parameters are disjoint, so one optimiser
-over the summed losses trains each exactly as alone). Prediction is the majority vote; the
-uncertainty is the entropy of the members' mean class distribution.
+over the summed losses trains each exactly as alone). One rule everywhere, validation and maps
+alike: the class is the argmax of the members' mean class distribution (DDPM-Seg votes; a map
+blends overlapping windows by probability, so the vote could not be what a map shows, and a head
+chosen on the vote would be scored by another rule). The uncertainty is that distribution's entropy.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _member(in_dim: int, num_classes: int) -> nn.Module:
 
 
 class DDPMSegEnsembleHead(nn.Module):
-    """``(N, D)`` features -> ``(M, N, C)`` member logits; ``predict`` votes."""
+    """``(N, D)`` features -> ``(M, N, C)`` member logits; ``predict``: the mean distribution's argmax."""
 
     def __init__(self, in_dim: int, num_classes: int, members: int = 10, seed: int = 0) -> None:
         super().__init__()
@@ -50,10 +52,10 @@ class DDPMSegEnsembleHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(majority-vote labels (N,), mean member probabilities (N, C))``."""
-        logits = self(x)
-        votes = torch.nn.functional.one_hot(logits.argmax(-1), self.num_classes).sum(0)
-        return votes.argmax(-1), torch.softmax(logits, -1).mean(0)
+        """``(labels (N,), mean member probabilities (N, C))``: labels are the probabilities' argmax,
+        the rule prediction's maps use."""
+        probs = torch.softmax(self(x), -1).mean(0)
+        return probs.argmax(-1), probs
 
     @torch.no_grad()
     def uncertainty(self, x: torch.Tensor) -> torch.Tensor:

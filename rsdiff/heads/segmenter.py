@@ -24,6 +24,8 @@ from torch import nn
 from rsdiff.features.blocks import block_channels, block_modules, list_blocks, resolve_blocks
 from rsdiff.heads.config import Readout, SegmenterConfig
 
+TIMESTEP_SCALE = "timestep_scale"  # rsdiff's key beside the diffusers config of a saved segmenter
+
 
 class DenoiserSegmenter(nn.Module):
     """``(B, C_in, H, W)`` normalised pixels -> ``(B, classes, H, W)`` logits.
@@ -117,7 +119,9 @@ def build_segmenter(unet: nn.Module, num_classes: int, cfg: SegmenterConfig) -> 
     else:
         from diffusers import UNet2DModel
 
-        net = UNet2DModel.from_config(net.config)
+        from rsdiff.diffusion.unet import scale_timesteps, timestep_scale_of
+
+        net = scale_timesteps(UNet2DModel.from_config(net.config), timestep_scale_of(unet))
     net.train()
     return DenoiserSegmenter(net, num_classes, cfg)
 
@@ -126,19 +130,28 @@ def segmenter_from_config(
     unet_config: dict[str, Any], num_classes: int, cfg: SegmenterConfig
 ) -> DenoiserSegmenter:
     """An untrained segmenter of the architecture a saved head records (``unet_config``: the
-    denoiser's diffusers config), for loading its weights; only layouts rsdiff builds are accepted.
+    denoiser's diffusers config, plus rsdiff's ``timestep_scale`` where it is not 1), for loading
+    its weights; only layouts rsdiff builds are accepted.
 
     Raises:
         ValueError: a config rsdiff's UNet cannot express.
     """
     from rsdiff.diffusion.unet import build_unet, model_config_from_diffusers
 
+    unet_config = dict(unet_config)
+    scale = float(unet_config.pop(TIMESTEP_SCALE, 1.0))
     model_cfg, in_channels = model_config_from_diffusers(unet_config)
+    model_cfg.timestep_scale = scale
     unet = build_unet(model_cfg, in_channels, int(unet_config.get("sample_size") or 64))
     return DenoiserSegmenter(unet, num_classes, cfg)
 
 
 def unet_config_of(segmenter: DenoiserSegmenter) -> dict[str, Any]:
-    """The JSON-ready diffusers config of the segmenter's UNet (without its output layer's change)."""
+    """The JSON-ready diffusers config of the segmenter's UNet (without its output layer's change),
+    with ``timestep_scale`` where the denoiser scales its timesteps."""
+    from rsdiff.diffusion.unet import timestep_scale_of
+
     config = {k: v for k, v in dict(segmenter.unet.config).items() if not k.startswith("_")}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    scale = timestep_scale_of(segmenter.unet)
+    return out | ({TIMESTEP_SCALE: scale} if scale != 1.0 else {})

@@ -2,12 +2,14 @@
 ``jobs/suggest.py``): loading a head with its checkpoint, the window geometry, header checks, and
 one Ray task per scene.
 
-A task loads the head and its checkpoint once per worker process and runs
+A task loads the head and its checkpoint once per worker process (:func:`loaded_head`: one
+diffusion model per checkpoint, a few heads, least recently used dropped) and runs
 :func:`~rsdiff.prediction.scene.predict_scene` with the run's :class:`TaskOptions`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,18 +25,22 @@ from rsdiff.suggest.tiles import TileOptions
 def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, Any]:
     """``(TrainedHead, PretrainedDDPM)`` of a head artifact, with a clear error if its checkpoint is gone."""
     from rsdiff.heads.artifact import TrainedHead
-    from rsdiff.train.checkpoint import load_pretrained
 
     head = TrainedHead.load(head_uri)
+    return head, _load_checkpoint(head_uri, head.checkpoint, device)
+
+
+def _load_checkpoint(head_uri: str, checkpoint: str, device: Any) -> Any:
+    from rsdiff.train.checkpoint import load_pretrained
+
     try:
-        ddpm = load_pretrained(head.checkpoint, device=device)
+        return load_pretrained(checkpoint, device=device)
     except CheckpointError as exc:
         raise CheckpointError(
             f"head {storage.display(head_uri)} was fitted on features of checkpoint "
-            f"{storage.display(head.checkpoint)}, which cannot be loaded: {exc}. Restore that checkpoint "
+            f"{storage.display(checkpoint)}, which cannot be loaded: {exc}. Restore that checkpoint "
             "or fit a new head on features of an existing one"
         ) from None
-    return head, ddpm
 
 
 def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
@@ -64,7 +70,39 @@ def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
     return WindowPlan(size, overlap, int(border))
 
 
-_CACHE: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (head, device, precision) -> loaded
+# What a prediction worker keeps loaded between scene tasks. The diffusion models, by checkpoint
+# and device: every head of one checkpoint shares one copy (a 552M-parameter ADM model is ~2 GB).
+# The heads with their extractors, by (head, device, precision), least recently used dropped first:
+# a label-efficiency run predicts with dozens of heads, one after another.
+MODELS_KEPT, HEADS_KEPT = 2, 4
+_MODELS: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_HEADS: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
+
+
+def _lru_get(cache: OrderedDict, key: Any, keep: int, load: Any) -> Any:
+    """``cache[key]``, loaded with ``load()`` when absent; at most ``keep`` entries stay."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = load()
+    cache[key] = value
+    while len(cache) > keep:
+        cache.popitem(last=False)
+    return value
+
+
+def loaded_head(head_uri: str, device: Any, precision: str) -> tuple[Any, Any]:
+    """``(TrainedHead, extractor)`` for ``head_uri`` on ``device``, from this worker's caches."""
+    from rsdiff.heads.artifact import TrainedHead
+    from rsdiff.prediction.scene import make_extractor
+
+    def load() -> tuple[Any, Any]:
+        head = TrainedHead.load(head_uri)
+        ddpm = _lru_get(_MODELS, (head.checkpoint, str(device)), MODELS_KEPT,
+                        lambda: _load_checkpoint(head_uri, head.checkpoint, device))  # fmt: skip
+        return head, make_extractor(ddpm, head, precision)
+
+    return _lru_get(_HEADS, (head_uri, str(device), precision), HEADS_KEPT, load)
 
 
 @dataclass(frozen=True)
@@ -85,14 +123,9 @@ def _predict_task(
 ) -> dict[str, Any]:
     """A Ray task: one scene. Raises RsdiffError subclasses unchanged (the driver reports them)."""
     from rsdiff.devices import pick_device
-    from rsdiff.prediction.scene import make_extractor, predict_scene
+    from rsdiff.prediction.scene import predict_scene
 
-    device = pick_device(opts.num_gpus)
-    key = (head_uri, str(device), opts.precision)
-    if key not in _CACHE:
-        head, ddpm = load_head_and_checkpoint(head_uri, device)
-        _CACHE[key] = (head, make_extractor(ddpm, head, opts.precision))
-    head, extractor = _CACHE[key]
+    head, extractor = loaded_head(head_uri, pick_device(opts.num_gpus), opts.precision)
     record = predict_scene(
         ref,
         head,

@@ -42,6 +42,24 @@ def collect(
     return sorted(trials, key=lambda t: -(t["best_val_miou"] if np.isfinite(t["best_val_miou"]) else -1))
 
 
+def no_trial_finished(records: dict[int, dict[str, Any]], out: str, time_budget_s: float | None) -> str:
+    """Why a sweep has no head to pick, in one line that names the cause (not always the budget)."""
+    done = [r for r in records.values() if r.get("status") == "finished"]
+    if done:
+        return (
+            f"the experiment's {len(done)} finished trial(s) saved their heads under another output than "
+            f"{storage.display(out)} (a finished sweep run again with another `output`): give the output "
+            "it ran with, or fresh=true to run the sweep again into this one"
+        )
+    failed = [r for r in records.values() if r.get("status") == "error"]
+    if failed:
+        return f"all {len(failed)} trial(s) that ran failed; the first error: {failed[0].get('error', '?')}"
+    if not records:
+        budget = f"time_budget_s={time_budget_s:g}" if time_budget_s else "the sweep"
+        return f"no trial started within {budget}: raise time_budget_s, or check the cluster's free CPUs"
+    return "every trial was stopped before it saved a head: raise grace_period or time_budget_s"
+
+
 def close_children(uri: str, parent_id: str, trials: list[dict[str, Any]]) -> None:
     """Child runs of trials that did not finish themselves: one the scheduler stopped early is a
     complete result (FINISHED, tag ``rsdiff.outcome=stopped_early``, metric ``stopped_early=1``),

@@ -19,7 +19,14 @@ from rsdiff.heads.artifact import TrainedHead
 from rsdiff.provenance import provenance_tags
 from rsdiff.sweep.config import Scheduler, SweepConfig
 from rsdiff.sweep.records import DONE, mark_ended, read_records
-from rsdiff.sweep.report import close_children, collect, format_table, log_overlay, log_summary
+from rsdiff.sweep.report import (
+    close_children,
+    collect,
+    format_table,
+    log_overlay,
+    log_summary,
+    no_trial_finished,
+)
 from rsdiff.sweep.space import (
     SWEEP_SPEC,
     check_numbers,
@@ -159,11 +166,12 @@ def _run_sweep(
             )  # fmt: skip
             grid = tuner.fit()
             mark_ended(grid, experiment_uri, len(samples))
-        trials = collect(samples, read_records(experiment_uri, len(samples)), out)
+        records = read_records(experiment_uri, len(samples))
+        trials = collect(samples, records, out)
         close_children(uri, parent.run_id, trials)
         finished = [t for t in trials if t["head"]]
         if not finished:
-            raise ConfigError("no trial finished; raise time_budget_s or check the trial errors above")
+            raise ConfigError(f"no trial gave a head: {no_trial_finished(records, out, cfg.time_budget_s)}")
         best = finished[0]
         head = TrainedHead.load(best["head"])
         best_uri = head.save(storage.join(out, "best"))

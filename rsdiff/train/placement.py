@@ -84,24 +84,35 @@ def kill_switch(trainer: Any) -> Callable[[], None]:
     request, and ``fit()`` raises.
 
     Ray Train's own Ctrl-C path asks the controller to abort, which waits behind a placement group
-    that never comes. The controller's handle is caught where Ray Train passes it to its SIGINT
-    setup (main thread only); elsewhere the switch interrupts the main thread instead.
+    that never comes, lets the ranks go on training and checkpointing meanwhile, and then returns
+    as if the run had failed. The controller's handle is caught where Ray Train passes it to its
+    SIGINT setup (main thread only), and Ctrl-C there does what the switch does: the controller
+    (and the ranks it owns) killed at once, so nothing is written after the signal, and ``fit()``
+    raises ``KeyboardInterrupt`` like every other job. Off the main thread the switch interrupts
+    the main thread instead.
     """
     import ray
 
     held: dict[str, Any] = {}
-    register = trainer._register_sigint_handler
+
+    def end() -> None:
+        ray.kill(held["controller"], no_restart=True)
+        withdraw_resource_request(trainer)
+
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is plain
+        end()
+        raise KeyboardInterrupt
 
     def keep(controller: Any) -> None:
         held["controller"] = controller
-        register(controller)
+        signal.signal(signal.SIGINT, on_sigint)
 
     trainer._register_sigint_handler = keep
 
     def stop() -> None:
         if "controller" in held:
-            ray.kill(held["controller"], no_restart=True)
-            withdraw_resource_request(trainer)
+            end()
         else:
             _thread.interrupt_main()
 

@@ -178,10 +178,10 @@ class ShardStream(IterableDataset):
         for raw in self._raw_epoch(epoch, bad):
             try:
                 tile = np.load(io.BytesIO(raw["tile.npy"]), allow_pickle=False)
-                if tile.ndim != 3 or tile.shape[0] != expect:
+                if tile.ndim != 3 or tile.shape[0] != expect or min(tile.shape[1:]) < self.size:
                     raise DataError(
                         f"sample {raw.get('__key__')} of {raw.get('__url__')}: tile.npy has shape "
-                        f"{tile.shape}, expected ({expect}, H, W)"
+                        f"{tile.shape}, expected ({expect}, H, W) with H and W at least {self.size}"
                     )
             except Exception as exc:
                 self._handler(exc)
