@@ -96,12 +96,12 @@ class SourceWeights:
     def band_rule(self, names: list[str], options: SourceOptions) -> list[int | str]:
         """The band map onto imagery with bands ``names`` (see :mod:`.bands`), logged in words."""
         rule = band_rule(self.in_channels, len(names), options.band_map, self.bands, names)
-        how = "by name" if self.named_like(names) else "by position"
+        how = "by name" if self._named_like(names) else "by position"
         how = "given" if options.band_map is not None else how
         log.info("band map (%s): %s", how, describe(rule, self.bands, names))
         return rule
 
-    def named_like(self, names: list[str]) -> bool:
+    def _named_like(self, names: list[str]) -> bool:
         return bool(canonical_names(self.bands, self.in_channels) and canonical_names(names, len(names)))
 
     def adapted(
