@@ -348,3 +348,39 @@ def require(
     ok = ok and (lt is None or value < lt) and (le is None or value <= le)  # type: ignore[operator]
     if not ok:
         raise ConfigError(f"{key}={value} is out of range: it must be a number in {lo}, {hi}")
+
+
+def bounded(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    """A config field with its valid range declared beside it (``factory`` for a list default,
+    whose every number must lie in the range). :func:`check_ranges` checks them all, so every stage
+    validates the same section the same way and says it in the same words."""
+    bounds = {"gt": gt, "ge": ge, "lt": lt, "le": le}
+    return dataclasses.field(default=default, default_factory=factory, metadata={"range": bounds})
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Check every :func:`bounded` field of the dataclass ``cfg`` and of the sections inside it
+    (unset optional values are not checked), naming each by its dotted key.
+
+    Raises:
+        ConfigError: the first value out of its range, as ``key=value is out of range: ...``.
+    """
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        bounds = f.metadata.get("range")
+        if bounds is not None and value is not None:
+            if isinstance(value, list | tuple):
+                for i, item in enumerate(value):
+                    require(f"{key}[{i}]", item, **bounds)
+            else:
+                require(key, value, **bounds)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")

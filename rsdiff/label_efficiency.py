@@ -43,12 +43,11 @@ import numpy as np
 from omegaconf import MISSING
 
 from rsdiff import storage
-from rsdiff.config import build, redact, require, to_container
+from rsdiff.config import bounded, build, check_ranges, redact, to_container
 from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.draws import draw_units
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.features.cache import TableCacheConfig
-from rsdiff.features.cache import check_numbers as check_table_numbers
 from rsdiff.heads.config import (
     ClassWeighting,
     HeadConfig,
@@ -88,7 +87,7 @@ class DenseGrid:
     method's own). The trial with the best val mIoU on the draw's val scenes is the method's model,
     so the tuning uses only the labels the draw counts for selection."""
 
-    lr_scale: list[float] = field(default_factory=lambda: [1.0])
+    lr_scale: list[float] = bounded(factory=lambda: [1.0], gt=0)
     class_weighting: list[ClassWeighting] = field(default_factory=list)
 
     def trials(self) -> list[dict[str, Any]]:
@@ -116,12 +115,12 @@ class LabelEfficiencyConfig:
     blocks: list[str] = field(default_factory=list)
     unit: CountUnit = CountUnit.scenes  # what k counts
     ks: list[int] = field(default_factory=lambda: [1, 2, 5])
-    draws: int = 5
+    draws: int = bounded(5, ge=1)
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     val_budget: ValBudget = ValBudget.all  # which val scenes early-stop each run (counted in its labels)
     test_split: str = "test"  # the ingest split whose whole scenes are predicted and scored
-    input_noise: float = 0.1
+    input_noise: float = bounded(0.1, ge=0)
     head: HeadConfig = field(default_factory=HeadConfig)  # residual head (overridden by `selection`'s)
     ensemble: HeadConfig = field(default_factory=lambda: HeadConfig(kind=HeadKind.ensemble))
     unet: ScratchUNetConfig = field(default_factory=lambda: ScratchUNetConfig(patience=4))
@@ -224,33 +223,13 @@ def _check(cfg: LabelEfficiencyConfig) -> None:
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown or not cfg.methods:
         raise ConfigError(f"methods={list(cfg.methods)}: choose among {list(METHODS)}")
-    require("draws", cfg.draws, ge=1)
-    require("input_noise", cfg.input_noise, ge=0)
-    for name in ("unet", "finetune", "dense_decoder"):
-        check_dense_config(name, getattr(cfg, name))
+    check_ranges(cfg)
     if not cfg.grid.lr_scale:
         raise ConfigError("grid.lr_scale is empty: give at least one multiplier, e.g. [1.0]")
-    for i, scale in enumerate(cfg.grid.lr_scale):
-        require(f"grid.lr_scale[{i}]", scale, gt=0)
     if Readout(cfg.dense_decoder.readout) is not Readout.decoder:
         raise ConfigError("dense_decoder.readout must be decoder (finetune reads the UNet's output)")
     if ValBudget(cfg.val_budget) is ValBudget.k and CountUnit(cfg.unit) is not CountUnit.scenes:
         raise ConfigError("val_budget=k draws k val scenes: it needs unit=scenes")
-    check_table_numbers(cfg.table)
-
-
-def check_dense_config(name: str, cfg: Any) -> None:
-    """Range checks of a dense-training config (the scratch UNet's, a segmenter's) under ``name``."""
-    require(f"{name}.steps", cfg.steps, ge=1)
-    require(f"{name}.batch_size", cfg.batch_size, ge=1)
-    require(f"{name}.eval_every", cfg.eval_every, ge=1)
-    require(f"{name}.patience", cfg.patience, ge=0)
-    require(f"{name}.lr", cfg.lr, gt=0)
-    require(f"{name}.weight_decay", cfg.weight_decay, ge=0)
-    if isinstance(cfg, SegmenterConfig):
-        require(f"{name}.timestep", cfg.timestep, ge=0)
-        require(f"{name}.backbone_lr_scale", cfg.backbone_lr_scale, ge=0)
-        require(f"{name}.width", cfg.width, ge=1)
 
 
 def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
@@ -323,9 +302,9 @@ def _labels_used(ctx: _Context, method: str, scenes: list[str], val_scenes: list
 def _prepare(cfg: LabelEfficiencyConfig) -> _Context:
     """Open the table and the test split, resolve the selection, check k, decode the dense tiles."""
     from rsdiff import tracking
+    from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.features.table import FeatureTable
     from rsdiff.heads.artifact import TrainedHead
-    from rsdiff.train.checkpoint import load_pretrained
 
     table = FeatureTable.open(str(cfg.features)).cached(cfg.table)
     if not table.parts("val"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rsdiff import storage
-from rsdiff.config import redact, require, to_container
+from rsdiff.config import check_ranges, redact, require, to_container
 from rsdiff.data.manifest import Manifest, read_manifest
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.sources import SourceWeights, check_diffusion, load_source
@@ -130,38 +130,14 @@ def validate(cfg: PretrainConfig, source: SourceWeights | None = None) -> tuple[
 
 
 def check_numbers(cfg: PretrainConfig) -> None:
-    """Every numeric setting within its valid range, on the driver before any work (a bad value
-    otherwise fails inside the workers after all restarts, or silently ruins the weights)."""
-    for key, value in {
-        "optim.max_steps": cfg.optim.max_steps,
-        "optim.grad_accum": cfg.optim.grad_accum,
-        "data.batch_size": cfg.data.batch_size,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "checkpoint.keep": cfg.checkpoint.keep,
-        "tracking.log_every": cfg.tracking.log_every,
-        "scaling.num_workers": cfg.scaling.num_workers,
-    }.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
+    """Every numeric setting within its valid range (declared with the config fields), on the driver
+    before any work (a bad value otherwise fails inside the workers after all restarts, or silently
+    ruins the weights)."""
+    check_ranges(cfg)
     o = cfg.optim
-    require("optim.lr", o.lr, gt=0, le=1)
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas={list(o.betas)} must hold two numbers (e.g. [0.9, 0.999])")
-    for i, beta in enumerate(o.betas):
-        require(f"optim.betas[{i}]", beta, ge=0, lt=1)
-    require("optim.weight_decay", o.weight_decay, ge=0)
     require("optim.warmup_steps", o.warmup_steps, ge=0, le=o.max_steps)
-    require("optim.grad_clip", o.grad_clip, gt=0)
-    require("optim.ema_decay", o.ema_decay, ge=0, lt=1)
-    require("data.norm_scale", cfg.data.norm_scale, gt=0)
-    require("data.shuffle_buffer", cfg.data.shuffle_buffer, ge=0)
-    require("data.num_workers", cfg.data.num_workers, ge=0)
-    require("scaling.cpus_per_worker", cfg.scaling.cpus_per_worker, gt=0)
-    require("scaling.placement_timeout_s", cfg.scaling.placement_timeout_s, gt=0)
-    require("run.max_failures", cfg.run.max_failures, ge=-1)
-    require("diffusion.timesteps", cfg.diffusion.timesteps, ge=2)
-    for key in ("sample_every", "sample_count", "sample_steps"):
-        require(f"tracking.{key}", getattr(cfg.tracking, key), ge=1)
 
 
 def scaling_config(scaling: ScalingCfg) -> Any:
@@ -190,7 +166,6 @@ def run_pretrain(cfg: PretrainConfig, *, after_step: StepHook | None = None) -> 
 
     storage.check_name(cfg.run.name, "run.name")
     check_numbers(cfg)
-    require("init.new_band_scale", cfg.init.new_band_scale, ge=0)
     source = read_init(cfg)
     manifest, facts = validate(cfg, source)
     del source  # workers read it again; the driver need not hold the weights during training
@@ -225,86 +200,25 @@ def perf_params(cfg: PretrainConfig) -> dict[str, str]:
 def _fit(
     cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any], after_step: StepHook | None
 ) -> PretrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
+    """Open (or rejoin) the run's MLflow run, train with Ray Train under the placement watch and
+    the Ctrl-C switch, and tag the run with the last checkpoint."""
     from rsdiff import tracking
-    from rsdiff.raytools import storage_for_ray
-    from rsdiff.train.checkpoint import read_meta
+    from rsdiff.diffusion.checkpoint import read_meta
     from rsdiff.train.placement import PlacementWatch, keeping_sigint_handler, kill_switch
 
-    scaling = scaling_config(cfg.scaling)
-    request = dict(scaling._resources_per_worker_not_none)  # per rank, as Ray Train asks for it
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    plain = to_container(cfg)
     run_dir = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
-    run_key = f"{storage.display(storage.join(str(cfg.run.storage), str(cfg.run.name)))}"
-    data = {"shards": storage.absolute(str(cfg.data.shards)), "init": cfg.init.from_, "run": run_dir}
-    data_tags = {**provenance_tags(data), **tracking.parent_tags(cfg.tracking.parent_run_id)}
-    handle, resumed = tracking.RunHandle.find_or_create(
-        uri,
-        cfg.tracking.experiment,
-        str(cfg.run.name),
-        tags={**data_tags, "rsdiff.stage": "pretrain", "rsdiff.run": run_key},
-        match_tag="rsdiff.run",
-    )
-    if resumed:
-        handle.set_tags(data_tags)  # a resumed run joins its new parent (a re-run demo) and command
-    else:
-        handle.log_params({**tracking.config_params(cfg), **perf_params(cfg)})
-        handle.log_params(
-            {"model.num_params": str(facts["num_params"]), "data.bands": json.dumps(manifest.bands)}
-        )
-        if facts["init"]:
-            handle.set_tags({f"rsdiff.init.{k}": json.dumps(v) if isinstance(v, list) else str(v)
-                             for k, v in facts["init"].items()})  # fmt: skip
-    meta = {
-        "config": redact(plain),
-        "model": plain["model"],
-        "diffusion": plain["diffusion"],
-        "in_channels": facts["in_channels"],
-        "image_size": facts["image_size"],
-        "normalization": facts["normalization"],
-        "bands": manifest.bands,
-        "dtype": manifest.dtype,
-        "tile_size": manifest.tile_size,
-        "classes": manifest.classes,
-        "shards": storage.absolute(str(cfg.data.shards)),
-        "init": facts["init"],
-    }
+    handle = _open_run(cfg, manifest, facts, uri, run_dir)
     plan = TrainPlan(
-        model=cfg.model,
-        diffusion=cfg.diffusion,
-        optim=cfg.optim,
-        data=cfg.data,
-        perf=cfg.perf,
-        tracking=cfg.tracking,
-        checkpoint=cfg.checkpoint,
-        seed=cfg.seed,
+        model=cfg.model, diffusion=cfg.diffusion, optim=cfg.optim, data=cfg.data, perf=cfg.perf,
+        tracking=cfg.tracking, checkpoint=cfg.checkpoint, seed=cfg.seed,
         run_dir=run_dir,  # absolute: workers run in other folders
-        shards=facts["shards"],
-        in_channels=facts["in_channels"],
-        image_size=facts["image_size"],
-        normalizer=Normalizer.from_json(facts["normalization"]),
-        meta=meta,
-        run_id=handle.run_id,
-        tracking_uri=uri,
-        after_step=after_step,
+        shards=facts["shards"], in_channels=facts["in_channels"], image_size=facts["image_size"],
+        normalizer=Normalizer.from_json(facts["normalization"]), meta=_checkpoint_meta(cfg, manifest, facts),
+        run_id=handle.run_id, tracking_uri=uri, after_step=after_step,
         init=cfg.init if cfg.init.from_ else None,
-    )
-    storage_path, filesystem = storage_for_ray(str(cfg.run.storage))
-    trainer = TorchTrainer(
-        train_loop_per_worker=_train_loop,
-        train_loop_config={"plan": plan},
-        scaling_config=scaling,
-        run_config=RunConfig(
-            name=str(cfg.run.name),
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-        ),
-    )
+    )  # fmt: skip
+    trainer, request = _trainer(cfg, plan)
     starts = len(handle.client.get_metric_history(handle.run_id, "started_at_step"))
     watch = PlacementWatch(
         request,
@@ -334,6 +248,79 @@ def _fit(
         handle.set_tags({"rsdiff.checkpoint": ckpt_uri})
     handle.finish("FINISHED")
     return PretrainResult(ckpt_uri, step, dict(result.metrics or {}), handle.run_id, uri)
+
+
+def _open_run(cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any], uri: str, run_dir: str) -> Any:
+    """The MLflow run of ``run.storage/run.name``: found again when resuming (it joins its new
+    parent and command), else created with the config, model size, bands and init provenance."""
+    from rsdiff import tracking
+
+    run_key = f"{storage.display(storage.join(str(cfg.run.storage), str(cfg.run.name)))}"
+    data = {"shards": storage.absolute(str(cfg.data.shards)), "init": cfg.init.from_, "run": run_dir}
+    data_tags = {**provenance_tags(data), **tracking.parent_tags(cfg.tracking.parent_run_id)}
+    handle, resumed = tracking.RunHandle.find_or_create(
+        uri,
+        cfg.tracking.experiment,
+        str(cfg.run.name),
+        tags={**data_tags, "rsdiff.stage": "pretrain", "rsdiff.run": run_key},
+        match_tag="rsdiff.run",
+    )
+    if resumed:
+        handle.set_tags(data_tags)  # a resumed run joins its new parent (a re-run demo) and command
+        return handle
+    handle.log_params({**tracking.config_params(cfg), **perf_params(cfg)})
+    handle.log_params(
+        {"model.num_params": str(facts["num_params"]), "data.bands": json.dumps(manifest.bands)}
+    )
+    if facts["init"]:
+        handle.set_tags({f"rsdiff.init.{k}": json.dumps(v) if isinstance(v, list) else str(v)
+                         for k, v in facts["init"].items()})  # fmt: skip
+    return handle
+
+
+def _checkpoint_meta(cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any]) -> dict[str, Any]:
+    """What every checkpoint's ``meta.json`` records besides its step: the (redacted) config, the
+    model's input, the bands' normalisation, the shards and where the initial weights came from."""
+    plain = to_container(cfg)
+    return {
+        "config": redact(plain),
+        "model": plain["model"],
+        "diffusion": plain["diffusion"],
+        "in_channels": facts["in_channels"],
+        "image_size": facts["image_size"],
+        "normalization": facts["normalization"],
+        "bands": manifest.bands,
+        "dtype": manifest.dtype,
+        "tile_size": manifest.tile_size,
+        "classes": manifest.classes,
+        "shards": storage.absolute(str(cfg.data.shards)),
+        "init": facts["init"],
+    }
+
+
+def _trainer(cfg: PretrainConfig, plan: TrainPlan) -> tuple[Any, dict[str, float]]:
+    """``(trainer, request)``: the TorchTrainer running :func:`_train_loop` with ``plan``, and the
+    resources one rank asks for (what the placement watch looks for)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from rsdiff.raytools import storage_for_ray
+
+    scaling = scaling_config(cfg.scaling)
+    storage_path, filesystem = storage_for_ray(str(cfg.run.storage))
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config={"plan": plan},
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=str(cfg.run.name),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+    return trainer, dict(scaling._resources_per_worker_not_none)  # per rank, as Ray Train asks for it
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered

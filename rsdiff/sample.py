@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsdiff import storage
-from rsdiff.config import build, load_config, preset, require
+from rsdiff.config import bounded, build, check_ranges, load_config, preset
 from rsdiff.data.manifest import Manifest
 from rsdiff.errors import ConfigError
 from rsdiff.ray_config import RayConfig
@@ -28,8 +28,8 @@ class SampleConfig:
     """Config of ``jobs/make_sample.py``."""
 
     output: str = SAMPLE_SHARDS  # local folder or s3:// prefix; pretraining's default data.shards
-    scenes: int = 12
-    size: int = 256  # px, square scenes
+    scenes: int = bounded(12, ge=2)
+    size: int = bounded(256, ge=64)  # px, square scenes
     overwrite: bool = False
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -44,8 +44,7 @@ def make_sample(cfg: SampleConfig) -> Manifest:
     from rsdiff.data.synthetic import write_sample_dataset
     from rsdiff.ingest import run_ingest
 
-    require("scenes", cfg.scenes, ge=2)  # the sample keeps one scene or more for val
-    require("size", cfg.size, ge=64)
+    check_ranges(cfg)
     out = storage.absolute(str(cfg.output))
     if storage.exists(storage.join(out, "manifest.json")) and not cfg.overwrite:
         raise ConfigError(

@@ -7,6 +7,7 @@ would to MinIO or AWS. Its environment is set before Ray starts so Ray workers i
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -47,6 +48,42 @@ def agent_port_args() -> list[str]:
         f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
     ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiers: every test carries exactly one, the suite runs them cheapest first, and each has a limit
+# that turns a hang into one failed test instead of a stalled run.
+
+TIERS = {
+    # in-process, seconds each: no Ray, no job subprocess (the loopback S3 server is allowed)
+    "unit": 120,
+    # a stage through its library entry on the session's Ray cluster, S3 server and MLflow store
+    "integration": 900,
+    # job scripts as processes (signals, exit codes, ray job submit), the fake autoscaling cluster
+    "e2e": 1200,
+}  # tier -> per-test limit in seconds (fixture set-up included), a bound for a hang, not a timing
+
+
+def tier_of(item: pytest.Item) -> str:
+    """The one tier mark of ``item``; a usage error naming the test if it has none or several."""
+    tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+    if len(tiers) != 1:
+        raise pytest.UsageError(
+            f"{item.nodeid}: marked {tiers or 'with no tier'}; mark it with exactly one of "
+            f"{', '.join(TIERS)} (pytestmark = pytest.mark.unit, or a decorator per test)"
+        )
+    return tiers[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test without exactly one tier, give each its tier's time limit (unless it sets its
+    own), and order the run unit -> integration -> e2e (stable within a tier)."""
+    order = list(TIERS)
+    for item in items:
+        tier = tier_of(item)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIERS[tier]))
+    items.sort(key=lambda it: order.index(tier_of(it)))
 
 
 @pytest.fixture(scope="session")
@@ -167,6 +204,53 @@ def run_job(
     )
 
 
+def run_job_inline(
+    script: str, *args: str, env: dict | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """Run ``jobs/<script> args...`` in this process, as :func:`run_job` would in a new one: the
+    same argv parsing, exit code and printed output, without a fresh interpreter importing torch,
+    Ray and MLflow. ``env`` is set for the call only (it reaches the driver, not Ray workers that
+    are already running); ``cwd`` (the repository root unless given) is entered for the call only.
+    Log records at INFO and above are in the returned stderr, formatted as the job prints them."""
+    import contextlib
+    import io
+    import runpy
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd = sys.argv, Path.cwd()
+    saved_env = {k: os.environ.get(k) for k in env or {}}  # only these change (threads read the rest)
+    # The job's log lines reach its stderr, as they would in a process of its own.
+    root = logging.getLogger()
+    handler, level = logging.StreamHandler(err), root.level
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    sys.path.insert(0, str(REPO / "jobs"))
+    sys.argv = [f"jobs/{script}", *args]
+    os.environ.update(env or {})
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(REPO / "jobs" / script), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if isinstance(exc.code, str):  # sys.exit("message") prints it, as the interpreter would
+            err.write(exc.code + "\n")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        sys.argv = saved_argv
+        sys.path.remove(str(REPO / "jobs"))
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def ray_address(ray_cluster) -> dict:
     """Env that makes a job subprocess join the session's Ray cluster instead of starting one."""
@@ -191,9 +275,14 @@ class LabeledSource:
     unlabel: tuple[str, ...]
 
 
-@pytest.fixture(scope="session")
-def labeled_source(tmp_path_factory: pytest.TempPathFactory) -> LabeledSource:
-    if (DUBAI / "classes.json").exists():
+# The data is in every dependent test's id ([dubai-tile_1] or [generated-sample]): a green run says
+# which one it checked.
+LABELED_DATA = "dubai-tile_1" if (DUBAI / "classes.json").exists() else "generated-sample"
+
+
+@pytest.fixture(scope="session", params=[LABELED_DATA])
+def labeled_source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LabeledSource:
+    if request.param == "dubai-tile_1":
         ignore = "['#3C1098','#8429F6','#6EC1E4','#FEDD3A','#E2A929','#9B9B9B','#000000']"
         return LabeledSource(
             "dubai-aerial tile_1", REPO / "configs/ingest/dubai.yaml", f"{DUBAI}/tile_1/images/*.jpg", 3,
@@ -254,17 +343,10 @@ def labeled_table(labeled_ckpt, s3_endpoint, ray_cluster) -> FeatureTable:
 
 @pytest.fixture(scope="session")
 def sample_demo(tmp_path_factory, ray_cluster) -> Path:
-    """``jobs/demo.py`` on the generated sample (tiny settings), joining the session's Ray."""
+    """``jobs/demo.py`` on the generated sample (tiny settings), in this process on the session's Ray."""
     work = tmp_path_factory.mktemp("demo")
-    proc = run_job(
-        "demo.py",
-        f"workdir={work}",
-        "pretrain_steps=24",
-        "trials=2",
-        "head_epochs=3",
-        "pixels_per_class=32",
-        env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
-        timeout=900,
+    proc = run_job_inline(
+        "demo.py", f"workdir={work}", "pretrain_steps=24", "trials=2", "head_epochs=3", "pixels_per_class=32"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (work / "stdout.txt").write_text(proc.stdout)

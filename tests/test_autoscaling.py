@@ -27,7 +27,7 @@ from rsdiff.config import load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.ingest import run_ingest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 AWS = REPO / "cluster" / "aws.yaml"
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -206,8 +206,12 @@ def test_pretraining_scales_up_from_zero_on_two_nodes_and_back_down(cluster, s3_
     launched = {name: int(n) for n, name in re.findall(r"(\d+) (\S+)", active)}
     # Only the cheap node type, not gpu_8x. Two nodes hold the ranks; Ray 2.60's autoscaler
     # sometimes adds a third, idle one (it counts Ray Train's standing resource request for the
-    # ranks beside their pending placement group); it goes with the others once idle (below).
-    assert set(launched) == {"ray.head.default", "gpu_1x"} and launched["gpu_1x"] >= 2, status[0]
+    # ranks beside their pending placement group). That is a known cost the README states (one
+    # idle GPU node until idle_timeout_minutes, per job start); max_workers=3 bounds it here, and
+    # it goes with the others once idle (below).
+    assert set(launched) == {"ray.head.default", "gpu_1x"} and 2 <= launched["gpu_1x"] <= 3, status[0]
+    if launched["gpu_1x"] == 3:
+        print("known cost seen: a third, idle gpu_1x node was launched for a two-rank job")
     wait_for(lambda: _job_status(cluster, job) in ENDED, "the job to end", timeout_s=400, poll_s=2)
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard, job, timeout=60).stdout
     assert _job_status(cluster, job) == "SUCCEEDED", logs[-5000:]

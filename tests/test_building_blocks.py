@@ -249,3 +249,23 @@ def test_files_whose_names_differ_only_in_non_ascii_are_named_when_they_share_a_
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(DataError, match=r"the files \[.*é2\.tif', .*ü2\.tif'\] all map to the scene id '2'"):
         discover([str(tmp_path / "*.tif")], None)
+
+
+def test_one_dihedral_transform_serves_arrays_and_tensors_with_all_eight_symmetries():
+    """Training streams (NumPy) and dense heads (torch) augmented with two hand-written copies."""
+    import torch
+
+    from rsdiff.data.dihedral import dihedral
+
+    tile = np.arange(2 * 3 * 3).reshape(2, 3, 3)
+    seen = set()
+    for turns in range(4):
+        for flip in (False, True):
+            a = np.ascontiguousarray(dihedral(tile, turns, flip))
+            t = dihedral(torch.from_numpy(tile), turns, flip).numpy()
+            np.testing.assert_array_equal(a, t)
+            np.testing.assert_array_equal(a[1] - a[0], np.full((3, 3), 9))  # bands move together
+            seen.add(a[0].tobytes())
+    assert len(seen) == 8
+    np.testing.assert_array_equal(dihedral(tile, 1, False)[0], np.rot90(tile[0]))
+    np.testing.assert_array_equal(dihedral(tile, 0, True)[0], tile[0][:, ::-1])

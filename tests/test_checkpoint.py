@@ -1,6 +1,6 @@
 """The checkpoint layout: training state in ``model.pt``, the EMA weights as a diffusers folder in
 ``ema/`` that loads on its own, and checkpoints written before ``ema/`` existed. No Ray: a tiny
-UNet saved through :func:`rsdiff.train.checkpoint.save` as the training loop does."""
+UNet saved through :func:`rsdiff.diffusion.checkpoint.save` as the training loop does."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from rsdiff.config import to_container
+from rsdiff.diffusion import checkpoint
+from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.diffusion.config import DiffusionConfig, ModelConfig
 from rsdiff.diffusion.unet import build_unet
 from rsdiff.errors import CheckpointError
-from rsdiff.train import checkpoint
-from rsdiff.train.checkpoint import load_pretrained
 
 pytestmark = pytest.mark.unit
 
@@ -86,7 +86,7 @@ def test_inference_loads_only_the_artifact_never_the_training_state(saved):
 def test_a_checkpoint_written_before_the_artifact_still_loads_from_model_pt(saved, caplog):
     folder, state = saved
     shutil.rmtree(folder / "ema")
-    with caplog.at_level(logging.INFO, logger="rsdiff.train.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="rsdiff.diffusion.checkpoint"):
         ddpm = load_pretrained(str(folder))
     assert _same(ddpm.model, state["ema"])
     assert "has no ema/ artifact" in caplog.text

@@ -1,5 +1,6 @@
 """Structured configs: presets, dotlist overrides, and one clear error per bad key/value."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,77 @@ def test_build_takes_a_preset_whose_required_keys_a_later_layer_sets():
     assert type(cfg) is ExtractConfig and cfg.checkpoint == "runs/ckpt" and cfg.timesteps == [5]
     with pytest.raises(ConfigError, match=r"\['checkpoint'\] must be set"):
         build(ExtractConfig, preset("extract", "tiny"))
+
+
+def _bounded_keys(schema: type, prefix: str = "") -> list[tuple[str, dict]]:
+    """``(dotted key, bounds)`` of every range-declared field of ``schema`` and its sections."""
+    import dataclasses
+    import typing
+
+    found = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if "range" in f.metadata:
+            found.append((f"{prefix}{f.name}", f.metadata["range"]))
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += _bounded_keys(hints[f.name], f"{prefix}{f.name}.")
+    return found
+
+
+def _required(schema: type) -> dict:
+    """A placeholder for every key ``schema`` requires (``x``, or ``[x]`` for a list)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(schema)
+    return {k: ["x"] if OmegaConf.is_list(node._get_node(k)) else "x" for k in OmegaConf.missing_keys(node)}
+
+
+def _just_outside(bounds: dict) -> float:
+    if bounds["gt"] is not None:
+        return bounds["gt"]
+    if bounds["ge"] is not None:
+        return bounds["ge"] - 1
+    return (bounds["lt"] if bounds["lt"] is not None else bounds["le"]) + 1
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ["rsdiff.train.config:PretrainConfig", "rsdiff.data.ingest_config:IngestConfig",
+     "rsdiff.features.config:ExtractConfig", "rsdiff.sweep.config:SweepConfig",
+     "rsdiff.prediction.config:PredictConfig", "rsdiff.suggest.config:SuggestConfig",
+     "rsdiff.label_efficiency:LabelEfficiencyConfig", "rsdiff.sample:SampleConfig"],
+)  # fmt: skip
+def test_every_declared_range_is_checked_by_one_walker_naming_the_key(schema):
+    """Ranges live with the fields they guard; one walker checks them all, sections included (the
+    scratch UNet's, a sweep's head, the table cache), in the same words for every stage."""
+    import importlib
+
+    from rsdiff.config import check_ranges
+
+    module, name = schema.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    keys = _bounded_keys(cls)
+    assert keys
+    for key, bounds in keys:
+        cfg = build(cls, _required(cls))
+        *path, leaf = key.split(".")
+        section = cfg
+        for part in path:
+            section = getattr(section, part)
+        bad = _just_outside(bounds)
+        setattr(section, leaf, [bad] if isinstance(getattr(section, leaf), list) else bad)
+        shown = f"{key}[0]={bad}" if isinstance(getattr(section, leaf), list) else f"{key}={bad}"
+        with pytest.raises(ConfigError, match=re.escape(f"{shown} is out of range")):
+            check_ranges(cfg)
+
+
+def test_the_scratch_unet_and_feature_heads_read_their_numbers_like_every_stage():
+    from rsdiff.heads.config import HeadConfig
+    from rsdiff.label_efficiency import LabelEfficiencyConfig, _check
+
+    with pytest.raises(ConfigError, match=r"unet\.base_channels=0 is out of range"):
+        _check(build(LabelEfficiencyConfig, {"features": "x", "unet": {"base_channels": 0}}))
+    from rsdiff.config import check_ranges
+
+    with pytest.raises(ConfigError, match=r"head\.depth=0 is out of range"):
+        check_ranges(build(HeadConfig, {"depth": 0}), "head.")

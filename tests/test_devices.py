@@ -14,6 +14,7 @@ import torch
 from rsdiff import devices
 from rsdiff.config import build, to_container
 from rsdiff.data.normalize import Normalizer
+from rsdiff.diffusion.checkpoint import PretrainedDDPM
 from rsdiff.diffusion.config import DiffusionConfig, ModelConfig
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet
@@ -25,7 +26,6 @@ from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import train_epoch
 from rsdiff.prediction.scene import window_probabilities
 from rsdiff.prediction.uncertainty import PixelOutputs
-from rsdiff.train.checkpoint import PretrainedDDPM
 from rsdiff.train.loop import ema_update, train_step
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import re
-import runpy
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job, wait_for
+from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job, run_job_inline, wait_for
 from mlflow import MlflowClient
 from s3_fault_proxy import FaultyS3Proxy
 
@@ -31,8 +30,8 @@ from rsdiff.config import load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
+from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.ingest import run_ingest
-from rsdiff.train.checkpoint import load_pretrained
 
 SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
 TINY_FAST = [
@@ -64,6 +63,7 @@ def shards(sample_scenes, tmp_path_factory, ray_cluster) -> str:
     return str(out)
 
 
+@pytest.mark.integration
 def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path, ray_cluster, mlflow_uri):
     bad = tmp_path / "shards"
     shutil.copytree(shards, bad)
@@ -73,10 +73,10 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path, 
     (bad / "train-9999-00000.tar").write_bytes((bad / good).read_bytes()[: (bad / good).stat().st_size // 2])
     manifest["shards"]["train"] += ["train-9998-00000.tar", "train-9999-00000.tar"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    proc = run_job(
+    proc = run_job_inline(
         "pretrain.py", *TINY_FAST, f"data.shards={bad}", "data.splits=[train]", "optim.max_steps=10",
         "checkpoint.every_steps=10", f"run.storage={tmp_path / 'runs'}", "run.name=corrupt",
-        f"tracking.uri={mlflow_uri}", env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
+        f"tracking.uri={mlflow_uri}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = json.loads(proc.stdout.strip().splitlines()[-1])["mlflow_run_id"]
@@ -86,6 +86,7 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path, 
     assert ckpt.meta["step"] == 10 and ckpt.bands == manifest["bands"]
 
 
+@pytest.mark.e2e
 def test_s3_error_bursts_are_retried_without_loss_or_duplicates(
     sample_scenes, bucket, s3_endpoint, tmp_path, ray_cluster
 ):
@@ -125,6 +126,7 @@ def test_s3_error_bursts_are_retried_without_loss_or_duplicates(
             assert x.key == y.key and (x.image == y.image).all() and (x.label == y.label).all()
 
 
+@pytest.mark.integration
 def test_s3_bodies_cut_mid_read_resume_without_loss_or_repeats(shards, bucket, s3_endpoint):
     """A connection cut in the middle of a shard body resumes with a ranged GET from the byte
     reached: the samples equal a fault-free read, none lost, none repeated, no shard skipped."""
@@ -163,6 +165,7 @@ def test_s3_bodies_cut_mid_read_resume_without_loss_or_repeats(shards, bucket, s
         assert np.array_equal(tile, np.clip(np.frombuffer(image, np.uint16).reshape(tile.shape), -1, 1))
 
 
+@pytest.mark.e2e
 def test_pretraining_through_s3_error_bursts_keeps_each_checkpoint_once(
     shards, bucket, s3_endpoint, tmp_path, mlflow_uri
 ):
@@ -205,7 +208,7 @@ def test_pretraining_through_s3_error_bursts_keeps_each_checkpoint_once(
     assert set(started) <= {0, 5, 10, 15}, started  # any restart came from a whole checkpoint
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_driver_resubmitted_resumes_from_the_s3_checkpoint(
     shards, bucket, tmp_path, ray_cluster, mlflow_uri
 ):
@@ -250,6 +253,7 @@ def test_killed_driver_resubmitted_resumes_from_the_s3_checkpoint(
             assert not _secrets_in(f.read_bytes()), f
 
 
+@pytest.mark.integration
 def test_no_credentials_in_demo_outputs_logs_or_mlflow(sample_demo):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == TEST_SECRET  # the demo ran with keys in its environment
     leaks = [str(f) for f in sample_demo.rglob("*") if f.is_file() and _secrets_in(f.read_bytes())]
@@ -262,22 +266,6 @@ def test_no_credentials_in_demo_outputs_logs_or_mlflow(sample_demo):
 
 # ----------------------------------------------------------------------------------------------
 # Bad input: one clear message, exit status 2, no traceback, nothing that looks complete.
-
-
-def _run_job_inline(script: str, argv: list[str], capsys) -> tuple[int, str]:
-    """Run ``jobs/<script>`` in this process (as ``python jobs/<script> argv``): (exit code, stderr)."""
-    sys.path.insert(0, str(REPO / "jobs"))
-    old = sys.argv
-    sys.argv = [script, *argv]
-    try:
-        runpy.run_path(str(REPO / "jobs" / script), run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = old
-        sys.path.remove(str(REPO / "jobs"))
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +367,7 @@ CASES = [
     (
         "pretrain.py",
         ["data.shards={demo}/shards", "optim.max_steps=0", "run.storage={root}/r2"],
-        "optim.max_steps=0 must be >= 1",
+        "optim.max_steps=0 is out of range",
         "{root}/r2",
     ),
     (
@@ -598,12 +586,14 @@ CASES = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("job", "argv", "needle", "absent"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 )
-def test_bad_input_gives_one_clear_message(job, argv, needle, absent, bad_inputs, capsys, ray_cluster):
+def test_bad_input_gives_one_clear_message(job, argv, needle, absent, bad_inputs, ray_cluster):
     fmt = {k: str(v) for k, v in bad_inputs.items()}
-    code, err = _run_job_inline(job, [a.format(**fmt) if "{dir}" not in a else a for a in argv], capsys)
+    done = run_job_inline(job, *[a.format(**fmt) if "{dir}" not in a else a for a in argv])
+    code, err = done.returncode, done.stderr
     assert code == 2, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.startswith(f"rsdiff {job[:-3]}: error:")]
     assert len(lines) == 1, err[-2000:]

@@ -9,28 +9,30 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, extract_features, run_job
+from conftest import REPO, extract_features, run_job_inline
 
 from rsdiff.config import build, load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
+from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.errors import CheckpointError, ConfigError, DataError
 from rsdiff.features.blocks import block_channels, list_blocks
 from rsdiff.features.config import ExtractConfig
 from rsdiff.features.extract import keep_fraction, run_extract, tile_draw
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.features.table import FeatureTable, read_part
+from rsdiff.features.parts import read_part
+from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import TrainedHead
 from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
 from rsdiff.ingest import run_ingest
 from rsdiff.metrics import ConfusionMatrix
-from rsdiff.train.checkpoint import load_pretrained
 
 EXTRACT = REPO / "configs" / "extract" / "tiny.yaml"
 
 
+@pytest.mark.integration
 def test_extraction_to_s3_and_channel_index(labeled_ckpt, labeled_table):
     table = labeled_table
     assert table.root == "s3://rsdiff-features/table"
@@ -53,6 +55,7 @@ def test_extraction_to_s3_and_channel_index(labeled_ckpt, labeled_table):
         assert np.bincount(part["labels"][sel]).max() <= 16
 
 
+@pytest.mark.integration
 def test_an_image_cap_samples_every_scene_not_the_first_shards(labeled_ckpt, labeled_table):
     """``max_images=24`` keeps a seeded random share of each split's tiles: spread over its scenes
     (the first 24 tiles in shard order were one or two whole scenes), reproducible by key."""
@@ -68,6 +71,7 @@ def test_an_image_cap_samples_every_scene_not_the_first_shards(labeled_ckpt, lab
         assert len(scenes) >= min(3, len(manifest.scenes[split])), (split, sorted(scenes))
 
 
+@pytest.mark.integration
 def test_same_pixels_give_identical_features_and_subsets_match_direct_extraction(
     labeled_ckpt, labeled_table, tmp_path
 ):
@@ -115,6 +119,7 @@ def _majority_miou(table: FeatureTable) -> float:
     return cm.miou()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["residual", "ensemble"])
 def test_heads_beat_the_majority_baseline_and_reload(labeled_table, tmp_path, kind):
     cfg = build(
@@ -144,6 +149,7 @@ def test_heads_beat_the_majority_baseline_and_reload(labeled_table, tmp_path, ki
         )
 
 
+@pytest.mark.unit
 def test_metrics_match_a_hand_computed_confusion_matrix():
     target = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 2, 255]])
@@ -167,6 +173,7 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
                      ["0.00", "0"], ["0.50", "1"], ["0.00", "0"], ["0.50", "1"]]  # fmt: skip
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("override", "error", "needle"),
     [
@@ -216,10 +223,11 @@ def unlabeled_shards(labeled_source, tmp_path_factory, ray_cluster) -> dict[str,
     return {"unlabeled": str(root / "unlabeled"), "nolabels": str(root / "nolabels")}
 
 
+@pytest.mark.integration
 def test_extract_job_lists_blocks_on_error(labeled_ckpt, tmp_path, ray_address):
     ckpt, shards = labeled_ckpt
-    proc = run_job(
+    proc = run_job_inline(
         "extract.py", "--config", str(EXTRACT), f"checkpoint={ckpt}", f"shards={shards}",
-        f"output={tmp_path}", "blocks=[decoder.5]", env=ray_address,
+        f"output={tmp_path}", "blocks=[decoder.5]",
     )  # fmt: skip
     assert proc.returncode == 2 and "valid blocks: ['mid', 'up0.res0'" in proc.stderr

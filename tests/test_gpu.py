@@ -20,6 +20,8 @@ from rsdiff.prediction.run import run_predict
 from rsdiff.pretrain import run_pretrain
 from rsdiff.train.config import PretrainConfig
 
+pytestmark = pytest.mark.integration
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="capability check: no CUDA device here")
 
 

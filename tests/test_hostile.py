@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_job, wait_for
+from conftest import REPO, run_job_inline, wait_for
 from mlflow import MlflowClient
-from test_faults import TINY_FAST, _run_job_inline
+from test_faults import TINY_FAST
 
 from rsdiff import storage
 from rsdiff.config import load_config, redact, redact_uri, to_yaml
@@ -79,6 +79,7 @@ def _one_error_line(err: str, job: str, text: str) -> None:
     assert "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_ingest_at_once_with_one_line_and_no_manifest(big_scenes, tmp_path):
     """A fresh local Ray, as a user's terminal session has; the whole group gets SIGINT."""
     log = tmp_path / "stderr.txt"
@@ -97,6 +98,7 @@ def test_ctrl_c_stops_ingest_at_once_with_one_line_and_no_manifest(big_scenes, t
     assert not (out / "manifest.json").exists()
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_predict_marks_the_run_killed_and_drops_the_old_marker(
     sample_demo, big_scenes, tmp_path, mlflow_uri, ray_address
 ):
@@ -117,10 +119,11 @@ def test_ctrl_c_stops_predict_marks_the_run_killed_and_drops_the_old_marker(
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("rsdiff-predict").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
-    proc = run_job("evaluate.py", f"predictions={out}", f"tracking.uri={mlflow_uri}")
+    proc = run_job_inline("evaluate.py", f"predictions={out}", f"tracking.uri={mlflow_uri}")
     assert proc.returncode == 2 and "no predictions.json" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_a_job_like_ctrl_c(sample_demo, big_scenes, tmp_path, mlflow_uri, ray_address):
     log = tmp_path / "stderr.txt"
     proc = _start(
@@ -137,6 +140,7 @@ def test_sigterm_stops_a_job_like_ctrl_c(sample_demo, big_scenes, tmp_path, mlfl
     assert [r.info.status for r in runs] == ["KILLED"]
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_pretraining_at_once_and_names_the_checkpoint_a_rerun_resumes_from(
     sample_demo, tmp_path, mlflow_uri, ray_address
 ):
@@ -166,7 +170,10 @@ def test_ctrl_c_stops_pretraining_at_once_and_names_the_checkpoint_a_rerun_resum
     assert proc.returncode == 130, err[-3000:]
     last = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
     _one_error_line(err, "pretrain", f"stopped by SIGINT; the last complete checkpoint is {run / last} (step")
-    assert len([n for n in at_exit if n > last]) <= 1, (at_exit, last)  # at most the one in flight
+    # Ray Train registers a checkpoint after the ranks have written it, so folders beyond ``last``
+    # may exist at exit (how many depends on the controller's lag); a re-run resumes from the
+    # snapshot's ``last``, never from them.
+    assert last in at_exit, (at_exit, last)
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("rsdiff-pretrain").experiment_id],
                               "tags.mlflow.runName = 'ctrl-c'")  # fmt: skip
@@ -198,6 +205,7 @@ def _evaluate(folder, **kw):
     return run_evaluate(load_config(EvaluateConfig, None, args))
 
 
+@pytest.mark.integration
 def test_prediction_folders_move_whole_and_refuse_a_mix_of_runs(
     sample_demo, sample_scenes, tmp_path, ray_cluster
 ):
@@ -232,6 +240,7 @@ def test_prediction_folders_move_whole_and_refuse_a_mix_of_runs(
 # One writer per run: leases.
 
 
+@pytest.mark.unit
 def test_a_live_lease_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_path, bucket):
     for folder in (str(tmp_path / "run"), f"{bucket}/runs/run"):
         first = Lease(folder, "run.name=run", ttl_s=60)
@@ -256,6 +265,7 @@ def test_a_live_lease_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_
             pass
 
 
+@pytest.mark.unit
 def test_heartbeat_keeps_the_lease_live_and_notices_a_takeover(tmp_path):
     folder = str(tmp_path / "run")
     path = Path(folder) / LEASE
@@ -269,13 +279,15 @@ def test_heartbeat_keeps_the_lease_live_and_notices_a_takeover(tmp_path):
         wait_for(lambda: lease.lost, "the holder to notice the takeover", 30)
 
 
-def test_pretraining_refuses_a_run_name_another_live_job_holds(sample_demo, tmp_path, capsys):
+@pytest.mark.integration
+def test_pretraining_refuses_a_run_name_another_live_job_holds(sample_demo, tmp_path):
     folder = tmp_path / "runs" / "busy"
     folder.mkdir(parents=True)
     live = {"owner": "z", "host": "other-host", "pid": 4242, "started": time.time(), "heartbeat": time.time()}
     (folder / LEASE).write_text(json.dumps(live))
     argv = [f"data.shards={sample_demo / 'shards'}", f"run.storage={tmp_path / 'runs'}", "run.name=busy"]
-    code, err = _run_job_inline("pretrain.py", argv, capsys)
+    done = run_job_inline("pretrain.py", *argv)
+    code, err = done.returncode, done.stderr
     assert code == 2
     _one_error_line(err, "pretrain", "run.name=busy in ")
     assert "host other-host, pid 4242" in err and not list(folder.glob("checkpoint_*"))
@@ -285,17 +297,18 @@ def test_pretraining_refuses_a_run_name_another_live_job_holds(sample_demo, tmp_
 # Checkpoints and shards that went bad.
 
 
+@pytest.mark.integration
 def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_complete_one(
     sample_demo, tmp_path, mlflow_uri, ray_address
 ):
     common = [*TINY_FAST, f"data.shards={sample_demo / 'shards'}", "checkpoint.every_steps=5",
               "checkpoint.keep=5", f"run.storage={tmp_path / 'runs'}", "run.name=rot",
               f"tracking.uri={mlflow_uri}"]  # fmt: skip
-    first = run_job("pretrain.py", *common, "optim.max_steps=10", env=ray_address)
+    first = run_job_inline("pretrain.py", *common, "optim.max_steps=10")
     assert first.returncode == 0, first.stderr[-3000:]
     newest = tmp_path / "runs" / "rot" / "checkpoint_00000010" / "model.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated: bit rot, a partial copy
-    second = run_job("pretrain.py", *common, "optim.max_steps=15", env=ray_address)
+    second = run_job_inline("pretrain.py", *common, "optim.max_steps=15")
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads(second.stdout.strip().splitlines()[-1])
     assert result["step"] == 15
@@ -306,6 +319,7 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_complete_one(
     assert started == [0, 5], started  # the second run fell back to step 5, not to scratch
 
 
+@pytest.mark.e2e
 def test_extract_on_one_cpu_skips_damaged_samples_and_names_their_shard(sample_demo, tmp_path):
     """One CPU in Ray (a 1-vCPU machine): the feature actor must not starve the shard reads."""
     import webdataset as wds

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import REPO, run_job
+from conftest import REPO, run_job_inline
 from PIL import Image
 
 from rsdiff import storage
@@ -20,6 +20,8 @@ from rsdiff.data.shards import iter_shard
 from rsdiff.data.synthetic import write_scene
 from rsdiff.errors import ConfigError, DataError, StorageError
 from rsdiff.ingest import run_ingest
+
+pytestmark = pytest.mark.integration
 
 DUBAI_PRESET = REPO / "configs" / "ingest" / "dubai.yaml"
 SAMPLE_PRESET = REPO / "configs" / "ingest" / "sample.yaml"
@@ -126,13 +128,12 @@ def test_uint16_geotiff_keeps_georeference_and_drops_nodata_tiles(tmp_path, ray_
 
 def test_ingest_job_script_on_sample(sample_scenes, tmp_path, ray_address):
     out = tmp_path / "out"
-    proc = run_job(
+    proc = run_job_inline(
         "ingest.py",
         "--config",
         str(SAMPLE_PRESET),
         f"inputs=[{sample_scenes}/images/*.tif]",
         f"output={out}",
-        env=ray_address,
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -140,13 +141,12 @@ def test_ingest_job_script_on_sample(sample_scenes, tmp_path, ray_address):
     manifest = read_manifest(str(out))
     assert manifest.class_pixels is not None and sum(manifest.class_pixels) > 0
     # A second run refuses to overwrite a complete output unless asked.
-    again = run_job(
+    again = run_job_inline(
         "ingest.py",
         "--config",
         str(SAMPLE_PRESET),
         f"inputs=[{sample_scenes}/images/*.tif]",
         f"output={out}",
-        env=ray_address,
     )
     assert again.returncode == 2 and "already holds an ingest output" in again.stderr
 
@@ -238,7 +238,7 @@ def test_bad_class_map_is_a_config_error(sample_scenes, tmp_path):
 )
 def test_job_script_reports_one_line_and_exit_2(sample_scenes, tmp_path, ray_address, args, needle):
     base = [f"inputs=[{sample_scenes}/images/*.tif]", f"output={tmp_path / 'o'}"]
-    proc = run_job("ingest.py", "--config", str(SAMPLE_PRESET), *base, *args, env=ray_address)
+    proc = run_job_inline("ingest.py", "--config", str(SAMPLE_PRESET), *base, *args)
     assert proc.returncode == 2
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -256,9 +256,9 @@ def test_a_driver_in_another_directory_writes_where_its_manifest_says(sample_sce
     rel = f"rsdiff-cwd-{uuid.uuid4().hex[:8]}"
     workers_dir = Path(os.getcwd()) / rel  # the session's Ray workers run in the pytest folder
     try:
-        proc = run_job(
+        proc = run_job_inline(
             "ingest.py", "--config", str(SAMPLE_PRESET), f"inputs=[{sample_scenes}/images/*.tif]",
-            f"output={rel}", env=ray_address, cwd=driver,
+            f"output={rel}", cwd=driver,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         manifest = read_manifest(str(driver / rel))

@@ -150,9 +150,9 @@ def test_an_improved_diffusion_model_sees_the_rescaled_t_and_the_stretched_sched
     the import (the artifact every later stage loads), rsdiff's model gives the reference output."""
     from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
 
+    from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.diffusion.schedule import make_scheduler
     from rsdiff.diffusion.sources import import_model
-    from rsdiff.train.checkpoint import load_pretrained
 
     flags = FLAG_SETS["head-channels"]
     ref, path = _save_adm(tmp_path, flags)
@@ -372,8 +372,8 @@ def test_band_maps_that_do_not_fit_are_one_clear_error():
 def test_band_maps_follow_band_names_where_both_sides_have_them(tmp_path, caplog):
     """RGB weights on blue-green-red-NIR imagery (Sentinel-2, PlanetScope order): red takes red's
     filters, not blue's; names settle what they can, and what they cannot is refused."""
+    from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.diffusion.sources import import_model
-    from rsdiff.train.checkpoint import load_pretrained
 
     assert band_rule(3, 4, None, ["red", "green", "blue"], ["blue", "green", "red", "nir"]) == [
         2,

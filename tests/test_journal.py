@@ -9,8 +9,9 @@ import pytest
 
 from rsdiff.journal import JOURNAL, Journal
 
+pytestmark = pytest.mark.unit
 
-@pytest.mark.unit
+
 def test_a_journal_resumes_only_the_same_settings_and_only_runs_whose_artifact_exists(tmp_path):
     folder = str(tmp_path)
     first = Journal(folder, {"draws": 2, "unet": {"steps": 4}})

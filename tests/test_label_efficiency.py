@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import run_job
+from conftest import run_job_inline
 from mlflow import MlflowClient
 
 from rsdiff.config import build, load_config
@@ -67,6 +67,7 @@ def _ingest_sample(scenes: Path, out: Path, *overrides: str):
     return run_ingest(load_config(IngestConfig, preset, args))
 
 
+@pytest.mark.integration
 def test_ingest_records_the_test_split_its_files_and_labels(sample_scenes, tmp_path, ray_cluster):
     out = tmp_path / "shards"
     manifest = _ingest_sample(sample_scenes, out, "test_scenes=['scene_0[45]']")
@@ -87,6 +88,7 @@ def test_ingest_records_the_test_split_its_files_and_labels(sample_scenes, tmp_p
     assert written["scenes"]["test"] == ["scene_04", "scene_05"]
 
 
+@pytest.mark.integration
 def test_the_normaliser_is_fit_on_the_train_scenes_only(sample_scenes, tmp_path, ray_cluster):
     """The band statistics every model normalises with come from the train split: before, val and
     test pixels were in them (the test scenes informed what the models saw)."""
@@ -125,12 +127,13 @@ def _iou(cm: np.ndarray) -> np.ndarray:
         return np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
 
 
+@pytest.mark.integration
 def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
-    sample_demo, tmp_path, mlflow_uri, ray_address
+    sample_demo, tmp_path, mlflow_uri, ray_cluster
 ):
     work = sample_demo
     out = tmp_path / "le"
-    proc = run_job(
+    proc = run_job_inline(
         "label_efficiency.py",
         f"features={work / 'features'}",
         f"selection={work / 'sweep' / 'best'}",
@@ -144,8 +147,6 @@ def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
         "ensemble.members=3",
         f"output={out}",
         f"tracking.uri={mlflow_uri}",
-        env=ray_address,
-        timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -204,26 +205,26 @@ def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
     assert json.loads(run.data.params["test_scenes"]) == test
 
 
+@pytest.mark.integration
 def test_the_denoiser_as_segmenter_against_the_same_network_from_random_init(
-    sample_demo, tmp_path, ray_address
+    sample_demo, tmp_path, ray_cluster
 ):
     """The fair protocol end to end: nested draws, k val scenes per draw (counted in the labels
     used), the fine-tuned denoiser, the same network from random initialisation, the dense decoder on
     frozen feature maps and the scratch UNet, each predicted through predict + evaluate; the paired
     differences recomputed from results.json, one test scene's score from a confusion matrix built
     here, and the heads' weights checked against the pretrained checkpoint."""
+    from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.heads.artifact import TrainedHead
-    from rsdiff.train.checkpoint import load_pretrained
 
     out = tmp_path / "le"
-    proc = run_job(
+    proc = run_job_inline(
         "label_efficiency.py", f"features={sample_demo / 'features'}", "ks=[1,2]", "draws=2",
         "methods=[finetune,finetune_random,dense_decoder,scratch_unet]", "val_budget=k",
         "unet.steps=8", "unet.eval_every=4", "finetune.steps=8", "finetune.eval_every=4",
         "dense_decoder.steps=8", "dense_decoder.eval_every=4", "dense_decoder.width=8",
         "unet.class_weighting=balanced", "unet.lr_schedule=cosine", "grid.lr_scale=[0.5,2.0]",
         f"output={out}", "tracking.enabled=false",
-        env=ray_address, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -288,30 +289,31 @@ def test_the_denoiser_as_segmenter_against_the_same_network_from_random_init(
     assert (out / "label_efficiency.png").stat().st_size > 1000
 
 
+@pytest.mark.integration
 def test_a_stopped_label_efficiency_run_keeps_its_finished_runs_and_a_rerun_resumes(
-    sample_demo, tmp_path, ray_address
+    sample_demo, tmp_path, ray_cluster
 ):
     out = tmp_path / "le"
     args = [f"features={sample_demo / 'features'}", "ks=[1]", "methods=[scratch_unet]", "unet.steps=4",
             "unet.eval_every=2", f"output={out}", "tracking.enabled=false"]  # fmt: skip
-    first = run_job("label_efficiency.py", *args, "draws=1", env=ray_address)
+    first = run_job_inline("label_efficiency.py", *args, "draws=1")
     assert first.returncode == 0, first.stderr[-3000:]
     (kept,) = json.loads((out / "results.json").read_text())["runs"]
     journal = json.loads((out / "journal.json").read_text())
     assert list(journal["runs"]) == ["scratch_unet-k1-d0"]
     # More draws of the same settings: draw 0 is taken from the journal, not trained again.
-    more = run_job("label_efficiency.py", *args, "draws=2", env=ray_address)
+    more = run_job_inline("label_efficiency.py", *args, "draws=2")
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resuming: 1 finished run(s) in" in more.stderr
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["draw"] for r in runs] == [0, 1] and runs[0]["train_seconds"] == kept["train_seconds"]
     # Other settings start over; a kept run whose head is gone is run again.
     changed = [*args[:-3], "unet.eval_every=4", *args[-2:], "draws=2"]
-    other = run_job("label_efficiency.py", *changed, env=ray_address)
+    other = run_job_inline("label_efficiency.py", *changed)
     assert other.returncode == 0, other.stderr[-3000:]
     assert "resuming" not in other.stderr and "made with other settings: starting over" in other.stderr
     (out / "heads" / "scratch_unet-k1-d1" / "head.json").unlink()
-    last = run_job("label_efficiency.py", *changed, env=ray_address)
+    last = run_job_inline("label_efficiency.py", *changed)
     assert last.returncode == 0, last.stderr[-3000:]
     assert "resuming: 2 finished run(s) in" in last.stderr
     assert (
@@ -322,15 +324,15 @@ def test_a_stopped_label_efficiency_run_keeps_its_finished_runs_and_a_rerun_resu
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
 
 
-def test_label_efficiency_in_tiles_draws_k_tiles_and_scores_a_test_region(sample_demo, tmp_path, ray_address):
+@pytest.mark.integration
+def test_label_efficiency_in_tiles_draws_k_tiles_and_scores_a_test_region(sample_demo, tmp_path, ray_cluster):
     """``unit=tiles`` draws k tiles; ``test_region`` predicts and scores only that part of each test
     scene (the map covers it, and the scored pixels are its pixels)."""
     out = tmp_path / "le"
-    proc = run_job(
+    proc = run_job_inline(
         "label_efficiency.py", f"features={sample_demo / 'features'}", "unit=tiles", "ks=[3]", "draws=1",
         "methods=[scratch_unet]", "unet.steps=10", "unet.eval_every=5", "test_region=[16,32,64,96]",
         f"output={out}", "tracking.enabled=false",
-        env=ray_address,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = json.loads((out / "results.json").read_text())["runs"]
@@ -345,8 +347,11 @@ def test_label_efficiency_in_tiles_draws_k_tiles_and_scores_a_test_region(sample
             assert (ds.height, ds.width) == (64, 96), tif
 
 
+@pytest.mark.integration
 def test_label_efficiency_refuses_shards_without_a_test_split(labeled_table, tmp_path):
-    proc = run_job("label_efficiency.py", f"features={labeled_table.root}", f"output={tmp_path / 'le'}")
+    proc = run_job_inline(
+        "label_efficiency.py", f"features={labeled_table.root}", f"output={tmp_path / 'le'}"
+    )
     assert proc.returncode == 2
     assert "have no 'test' split" in proc.stderr and "test_fraction" in proc.stderr
     assert not (tmp_path / "le" / "results.json").exists()

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
-
 PACKAGE = Path(__file__).resolve().parents[1] / "rsdiff"
 # One module (or package) per pipeline stage; each has a job script under jobs/.
 STAGES = {
@@ -33,21 +31,26 @@ def _stage(module: str) -> str | None:
     return next((s for s in STAGES if module == s or module.startswith(s + ".")), None)
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, names: bool = False) -> set[str]:
+    """The rsdiff modules ``path`` imports anywhere in it; with ``names``, also ``pkg.name`` for
+    every ``from pkg import name`` (a submodule imported by name)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
+            if names:
+                found.update(f"{node.module}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
     return {m for m in found if m.startswith("rsdiff")}
 
 
+@pytest.mark.unit
 def test_no_module_imports_another_stages_module():
     bad = []
     for path in sorted(PACKAGE.rglob("*.py")):
         me = _module(path)
-        if me in COMPOSERS:
+        if _stage(me) in COMPOSERS:
             continue
         for imported in _imports(path):
             stage = _stage(imported)
@@ -56,6 +59,58 @@ def test_no_module_imports_another_stages_module():
     assert not bad, "\n".join(bad)
 
 
+def _unit(module: str) -> str:
+    """The package-level unit of ``module``: its subpackage (``rsdiff.train``), else itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (PACKAGE / parts[-1]).is_dir() else module
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of ``graph`` with more than one node (its cycles)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(w)
+            if component:
+                found.append(sorted([v, *component]))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.unit
+def test_the_import_graph_has_no_cycle_between_packages_or_modules():
+    """Imports inside functions count too: a cycle there is a design knot even when it loads."""
+    modules = {_module(p) for p in PACKAGE.rglob("*.py")}
+    by_module: dict[str, set[str]] = {}
+    by_package: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = _module(path)
+        for imported in _imports(path, names=True) & modules:
+            by_module.setdefault(me, set()).add(imported)
+            if _unit(imported) != _unit(me):
+                by_package.setdefault(_unit(me), set()).add(_unit(imported))
+    assert _cycles(by_package) == []
+    assert _cycles(by_module) == []
+
+
+@pytest.mark.unit
 def test_the_library_never_reads_files_by_its_repository_path():
     bad = [
         f"{_module(p)}: {line.strip()}"
@@ -66,7 +121,7 @@ def test_the_library_never_reads_files_by_its_repository_path():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.unit
+@pytest.mark.e2e
 def test_a_non_editable_install_ships_the_presets(tmp_path):
     """Built as a wheel and installed elsewhere, rsdiff finds its presets by name and every job's
     ``--config <preset>`` resolves from an unrelated folder (no repository beside it)."""

@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port
 from mlflow import MlflowClient
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 

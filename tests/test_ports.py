@@ -66,7 +66,7 @@ def _start_local(taken: int) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_local_start_whose_dashboard_port_was_taken_tries_another_port():
     proc = _start_local(taken=1)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -76,7 +76,7 @@ def test_a_local_start_whose_dashboard_port_was_taken_tries_another_port():
     assert "was taken before Ray bound it; trying another" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_local_start_that_loses_every_port_race_says_so_in_one_line():
     proc = _start_local(taken=3)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import run_job
+from conftest import run_job_inline
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
@@ -33,6 +33,7 @@ def _predict_cfg(head: str, inputs: list[str], output: str, *extra: str) -> Pred
     return build(PredictConfig, chosen, OmegaConf.from_dotlist(list(extra)))
 
 
+@pytest.mark.integration
 def test_demo_chain_on_the_generated_sample(sample_demo):
     work = sample_demo
     out = (work / "stdout.txt").read_text()
@@ -98,6 +99,7 @@ def test_demo_chain_on_the_generated_sample(sample_demo):
     assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(evaluate.info.run_id)}
 
 
+@pytest.mark.integration
 def test_predicting_a_4band_uint16_geotiff_larger_than_the_window_into_s3(
     sample_demo, bucket, tmp_path, ray_cluster
 ):
@@ -151,6 +153,7 @@ def test_predicting_a_4band_uint16_geotiff_larger_than_the_window_into_s3(
     assert np.abs(map_panel[5:, 5:] - scene_panel[5:, 5:]).mean() > 10  # class colours drawn elsewhere
 
 
+@pytest.mark.integration
 def test_a_region_of_a_scene_in_s3_is_predicted_and_evaluated_by_window(
     sample_demo, bucket, tmp_path, mlflow_uri, ray_cluster
 ):
@@ -177,7 +180,7 @@ def test_a_region_of_a_scene_in_s3_is_predicted_and_evaluated_by_window(
     cm = np.zeros((5, 5), np.int64)
     keep = (ids != 255) & (true != 255)
     np.add.at(cm, (true[keep], ids[keep].astype(int)), 1)
-    proc = run_job(
+    proc = run_job_inline(
         "evaluate.py", f"predictions={out}", "labels.mask_template={dir}/../labels/{stem}.tif",
         "labels.kind=index", f"output={tmp_path / 'm.json'}", f"tracking.uri={mlflow_uri}",
     )  # fmt: skip
@@ -196,6 +199,7 @@ def _ramp(size, overlap, border):
     return np.outer(w, w)
 
 
+@pytest.mark.integration
 def test_window_seams_do_not_change_the_argmax_of_a_constant_image(sample_demo, tmp_path, ray_cluster):
     from rsdiff.data.synthetic import sample_labels, sample_pixels
 
@@ -268,6 +272,7 @@ def test_window_seams_do_not_change_the_argmax_of_a_constant_image(sample_demo, 
     assert (interior == c).mean() >= purity - 0.02, ((interior == c).mean(), purity)
 
 
+@pytest.mark.integration
 def test_default_windows_score_like_centred_prediction_at_a_fraction_of_its_windows(
     sample_demo, tmp_path, ray_cluster
 ):
@@ -297,6 +302,7 @@ def test_default_windows_score_like_centred_prediction_at_a_fraction_of_its_wind
     assert 5 * scores["default"][1] < scores["centred"][1], scores
 
 
+@pytest.mark.integration
 def test_a_jpg_without_georeference_gives_an_ungeoreferenced_map(dubai, labeled_table, tmp_path, ray_cluster):
     from PIL import Image
 
@@ -308,13 +314,12 @@ def test_a_jpg_without_georeference_gives_an_ungeoreferenced_map(dubai, labeled_
     Image.open(dubai / "tile_2" / "images" / "image_part_001.jpg").crop((0, 0, 150, 110)).save(
         jpg, quality=95
     )
-    proc = run_job(
+    proc = run_job_inline(
         "predict.py",
         f"head={head_uri}",
         f"inputs=[{jpg}]",
         f"output={tmp_path / 'out'}",
         "tracking.enabled=false",
-        env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no georeference" in proc.stderr
@@ -329,11 +334,12 @@ def test_a_jpg_without_georeference_gives_an_ungeoreferenced_map(dubai, labeled_
     assert summary["scenes"][0]["georeferenced"] is False
 
 
+@pytest.mark.integration
 def test_evaluate_job_matches_a_hand_computed_confusion_matrix(
     sample_demo, tmp_path, mlflow_uri, ray_cluster
 ):
     work = sample_demo
-    proc = run_job(
+    proc = run_job_inline(
         "evaluate.py",
         f"predictions={work / 'predictions'}",
         "labels.mask_template={dir}/../labels/{stem}.tif",
@@ -367,6 +373,7 @@ def test_evaluate_job_matches_a_hand_computed_confusion_matrix(
     }
 
 
+@pytest.mark.integration
 def test_predict_bad_inputs_fail_with_one_clear_message(sample_demo, tmp_path, ray_cluster):
     import shutil
 
@@ -374,12 +381,11 @@ def test_predict_bad_inputs_fail_with_one_clear_message(sample_demo, tmp_path, r
     shutil.copytree(sample_demo / "sweep" / "best", head)
     meta = json.loads((head / "head.json").read_text())
     good = write_scene(tmp_path / "s", "ok", height=70, width=70).image
-    env = {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
 
     # 1. The head's checkpoint is gone.
     meta_gone = {**meta, "checkpoint": str(tmp_path / "deleted" / "checkpoint_00000010")}
     (head / "head.json").write_text(json.dumps(meta_gone))
-    proc = run_job("predict.py", f"head={head}", f"inputs=[{good}]", f"output={tmp_path / 'o1'}", env=env)
+    proc = run_job_inline("predict.py", f"head={head}", f"inputs=[{good}]", f"output={tmp_path / 'o1'}")
     assert (
         proc.returncode == 2
         and "fitted on features of checkpoint" in proc.stderr
@@ -389,31 +395,31 @@ def test_predict_bad_inputs_fail_with_one_clear_message(sample_demo, tmp_path, r
 
     # 2. A scene with a different band count than the model's.
     three = write_scene(tmp_path / "s3", "three", height=70, width=70, bands=3).image
-    proc = run_job("predict.py", f"head={head}", f"inputs=[{three}]", f"output={tmp_path / 'o2'}", env=env)
+    proc = run_job_inline("predict.py", f"head={head}", f"inputs=[{three}]", f"output={tmp_path / 'o2'}")
     assert proc.returncode == 2 and "has 3 band(s)" in proc.stderr and "pretrained on 4" in proc.stderr
     assert not (tmp_path / "o2" / "predictions.json").exists()
 
     # 3. An output that cannot be written.
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc = run_job("predict.py", f"head={head}", f"inputs=[{good}]", f"output={blocker / 'maps'}", env=env)
+    proc = run_job_inline("predict.py", f"head={head}", f"inputs=[{good}]", f"output={blocker / 'maps'}")
     assert proc.returncode == 2 and "a-file/maps" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_job(
-        "predict.py", f"head={head}", f"inputs=[{good}]", "output=s3://no-such-bucket-rsdiff/maps", env=env
+    proc = run_job_inline(
+        "predict.py", f"head={head}", f"inputs=[{good}]", "output=s3://no-such-bucket-rsdiff/maps"
     )
     assert proc.returncode == 2 and "no-such-bucket-rsdiff" in proc.stderr
 
     # 4. No head artifact at all / a window the UNet cannot take.
-    proc = run_job("predict.py", f"head={tmp_path / 'nothing'}", f"inputs=[{good}]", env=env)
+    proc = run_job_inline("predict.py", f"head={tmp_path / 'nothing'}", f"inputs=[{good}]")
     assert proc.returncode == 2 and "no head artifact" in proc.stderr
-    proc = run_job("predict.py", f"head={head}", f"inputs=[{good}]", "window=62", env=env)
+    proc = run_job_inline("predict.py", f"head={head}", f"inputs=[{good}]", "window=62")
     assert proc.returncode == 2 and "window=62" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
     work = tmp_path / "demo-dubai"
-    proc = run_job(
+    proc = run_job_inline(
         "demo.py",
         f"data={dubai}",
         "images=['tile_2/images/image_part_00[1-4].jpg']",  # 4 scenes: 1 for validation
@@ -425,8 +431,6 @@ def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
         "head_epochs=3",
         "max_images=32",
         "pixels_per_class=16",
-        env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
-        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((work / "predictions" / "metrics.json").read_text())
@@ -441,18 +445,17 @@ def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
     assert {"predict", "evaluate", "demo"} <= {r.data.tags.get("rsdiff.stage") for r in runs}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_on_a_folder_of_four_band_geotiffs(tmp_path, ray_cluster):
     """``data=`` works for any band count: the demo takes band names from the scenes."""
     from rsdiff.data.synthetic import write_sample_dataset
 
     write_sample_dataset(tmp_path / "data", scenes=4)  # 4-band uint16 GeoTIFFs + index masks
     work = tmp_path / "demo-4band"
-    proc = run_job(
+    proc = run_job_inline(
         "demo.py", f"data={tmp_path / 'data'}", "labels_preset=configs/ingest/sample.yaml",
         f"workdir={work}", "pretrain_steps=2", "batch_size=4", "trials=1", "head_epochs=1",
         "max_images=8", "pixels_per_class=8",
-        env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((work / "shards" / "manifest.json").read_text())
@@ -465,6 +468,7 @@ def test_demo_on_a_folder_of_four_band_geotiffs(tmp_path, ray_cluster):
     assert json.loads((work / "predictions" / "metrics.json").read_text())["pixels"] > 0
 
 
+@pytest.mark.integration
 def test_maps_carry_their_legend_into_gis(sample_demo):
     """Class names and colours reach GIS beside each class map (GDAL's categories and attribute
     table, a QGIS style), the map's tags name its head, timesteps, blocks and checkpoint, and the

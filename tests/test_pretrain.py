@@ -8,17 +8,17 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from conftest import REPO, run_job, wait_for
+from conftest import REPO, run_job_inline, wait_for
 from step_faults import FailOnce
 
 from rsdiff import storage
 from rsdiff.config import load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
+from rsdiff.diffusion.checkpoint import load_pretrained, read_meta
 from rsdiff.errors import ClusterError, ConfigError, DataError
 from rsdiff.ingest import run_ingest
 from rsdiff.pretrain import run_pretrain
-from rsdiff.train.checkpoint import load_pretrained, read_meta
 from rsdiff.train.config import PretrainConfig
 from rsdiff.weights import load_weights
 
@@ -57,6 +57,7 @@ def _history(mlflow_uri, run_id, key):
     return [(m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, key)]
 
 
+@pytest.mark.integration
 def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(
     sample_scenes, bucket, ray_cluster, mlflow_uri, tmp_path
 ):
@@ -121,6 +122,7 @@ def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(
     assert eps.shape == x.shape and torch.isfinite(eps).all()
 
 
+@pytest.mark.integration
 def test_a_sigkilled_worker_restarts_from_latest_checkpoint(local_shards, tmp_path, ray_cluster, mlflow_uri):
     cfg = _cfg(
         f"data.shards={local_shards}",
@@ -141,6 +143,7 @@ def test_a_sigkilled_worker_restarts_from_latest_checkpoint(local_shards, tmp_pa
     assert steps == [5, 10, 15, 20, 25, 30]  # nothing repeated, nothing skipped after the restart
 
 
+@pytest.mark.integration
 def test_rerunning_a_job_name_resumes(local_shards, tmp_path, ray_cluster, mlflow_uri):
     common = [
         f"data.shards={local_shards}",
@@ -170,6 +173,7 @@ def test_rerunning_a_job_name_resumes(local_shards, tmp_path, ray_cluster, mlflo
     assert not [k for k in params if k.startswith("debug.")]  # test hooks are not settings
 
 
+@pytest.mark.integration
 def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
     local_shards, tmp_path, ray_cluster, mlflow_uri
 ):
@@ -198,7 +202,7 @@ def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
         assert got[step] == pytest.approx(expect[step], rel=1e-6), (step, got, expect)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction(
     local_shards, tmp_path, ray_cluster, mlflow_uri
 ):
@@ -207,8 +211,8 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction
 
     The learning rate is tiny: AdamW's first steps are nearly sign(gradient), so float-level
     differences in near-zero gradients would otherwise move weights by a whole step."""
+    from rsdiff.diffusion.checkpoint import load_state
     from rsdiff.features.extractor import FeatureExtractor
-    from rsdiff.train.checkpoint import load_state
 
     common = [
         f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "optim.max_steps=3",
@@ -235,6 +239,7 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction
     assert ((feats[1] - feats[0]).norm() / feats[0].norm()).item() < 1e-3
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("overrides", "error", "needle"),
     [
@@ -249,7 +254,7 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction
         (["data.shards={shards}", "model.in_channels=3"], ConfigError, "model.in_channels=3 but the shards"),
         (["data.shards={shards}", "model.image_size=128"], ConfigError, "exceeds the shards' tile size 64"),
         (["data.shards={shards}", "data.splits=[test]"], DataError, "has no shards for splits ['test']"),
-        (["data.shards={shards}", "optim.max_steps=0"], ConfigError, "optim.max_steps=0 must be >= 1"),
+        (["data.shards={shards}", "optim.max_steps=0"], ConfigError, "optim.max_steps=0 is out of range"),
     ],
 )
 def test_bad_input_fails_before_any_worker_starts(
@@ -270,6 +275,7 @@ def test_bad_input_fails_before_any_worker_starts(
     assert MlflowClient(mlflow_uri).get_experiment_by_name("rsdiff-pretrain") is None  # no run opened
 
 
+@pytest.mark.integration
 def test_local_storage_is_refused_where_ranks_would_leave_this_node(local_shards, tmp_path, mlflow_uri):
     """3 ranks of 1 CPU do not fit the 2-CPU test cluster: they would run on other nodes (an
     autoscaler's), which cannot see a folder here. Refused before anything is written."""
@@ -281,6 +287,7 @@ def test_local_storage_is_refused_where_ranks_would_leave_this_node(local_shards
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.integration
 def test_ranks_the_cluster_never_places_fail_after_the_placement_timeout(local_shards, tmp_path, mlflow_uri):
     """No autoscaler, 2 CPUs, 3 ranks asked for: Ray Train alone would wait forever. rsdiff ends the
     run after ``scaling.placement_timeout_s`` with one message, and the cluster's CPUs are free again."""
@@ -308,11 +315,14 @@ def test_ranks_the_cluster_never_places_fail_after_the_placement_timeout(local_s
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.integration
 def test_job_script_rejects_unknown_key_and_missing_manifest(tmp_path):
-    proc = run_job("pretrain.py", "--config", str(TINY), "model.chanels=64")
+    proc = run_job_inline("pretrain.py", "--config", str(TINY), "model.chanels=64")
     assert proc.returncode == 2 and "unknown config key 'model.chanels'" in proc.stderr
     assert "base_channels" in proc.stderr  # the message lists the valid keys
-    proc = run_job("pretrain.py", f"data.shards={tmp_path}/none", f"tracking.uri=sqlite:///{tmp_path}/m.db")
+    proc = run_job_inline(
+        "pretrain.py", f"data.shards={tmp_path}/none", f"tracking.uri=sqlite:///{tmp_path}/m.db"
+    )
     assert proc.returncode == 2 and "no manifest.json at" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -337,7 +347,7 @@ def _head_logs(temp_dir: Path, head_out: Path, lines: int = 40) -> str:
     return "\n".join(out) or f"(no head logs under {temp_dir})"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ray_job_submit_to_a_local_head(local_shards, tmp_path):
     """``ray start --head`` + ``ray job submit --working-dir . -- python jobs/pretrain.py``, token auth on."""
     import os
@@ -410,6 +420,7 @@ def test_ray_job_submit_to_a_local_head(local_shards, tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.integration
 def test_pretraining_never_makes_data_itself_and_says_how_to(tmp_path, monkeypatch, mlflow_uri):
     monkeypatch.chdir(tmp_path)  # no runs/shards/sample here
     cfg = _cfg(f"tracking.uri={mlflow_uri}")
@@ -419,13 +430,49 @@ def test_pretraining_never_makes_data_itself_and_says_how_to(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [tmp_path / "mlflow.db"]  # nothing was generated
 
 
+@pytest.mark.integration
 def test_make_sample_job_writes_the_shards_pretraining_reads(tmp_path, ray_address):
     out = tmp_path / "sample"
-    proc = run_job("make_sample.py", f"output={out}", "scenes=3", "size=64", env=ray_address)
+    proc = run_job_inline("make_sample.py", f"output={out}", "scenes=3", "size=64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read_manifest(str(out))
     assert manifest.bands == ["red", "green", "blue", "nir"] and manifest.tile_size == 64
     assert sum(manifest.samples.values()) == 3 and set(manifest.samples) == {"train", "val"}
     assert manifest.labeled
-    again = run_job("make_sample.py", f"output={out}", "scenes=3", "size=64", env=ray_address)
+    again = run_job_inline("make_sample.py", f"output={out}", "scenes=3", "size=64")
     assert again.returncode == 2 and "already holds shards; pass overwrite=true" in again.stderr
+
+
+MUTE_SCRIPT = """
+import sys, time, ray
+from rsdiff.train.placement import mute_worker_output
+
+ray.init(address="auto" if len(sys.argv) < 2 else sys.argv[1])
+
+@ray.remote(num_cpus=0)
+def say(word):
+    print(word, file=sys.stderr, flush=True)
+
+ray.get(say.remote("before-the-stop"))
+time.sleep(3)  # the log monitor forwards in batches
+mute_worker_output()
+ray.get(say.remote("after-the-stop"))
+time.sleep(3)
+"""
+
+
+@pytest.mark.e2e
+def test_after_the_stop_a_ranks_dying_words_are_not_forwarded_to_the_job(ray_address, tmp_path):
+    """A rank blocked in ``report`` when Ctrl-C killed its controller printed a traceback into the
+    job's output after rsdiff's own line."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "mute.py"
+    script.write_text(MUTE_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), ray_address["RAY_ADDRESS"]], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "before-the-stop" in out.stderr + out.stdout, out.stderr[-3000:]
+    assert "after-the-stop" not in out.stderr + out.stdout

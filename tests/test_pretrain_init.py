@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import REPO, run_job
+from conftest import REPO, run_job_inline
 from mlflow.tracking import MlflowClient
 
 from rsdiff import storage
 from rsdiff.diffusion import adm
+from rsdiff.diffusion.checkpoint import load_pretrained, read_meta
 from rsdiff.features.table import FeatureTable
-from rsdiff.train.checkpoint import load_pretrained, read_meta
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 FLAGS = (
     "--image_size 64 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 --attention_resolutions 16 "
@@ -59,24 +59,24 @@ def adm_file(tmp_path_factory):
     return path
 
 
-def _extract_ddpm_seg(env, checkpoint, shards, out, blocks, timesteps, *extra) -> FeatureTable:
+def _extract_ddpm_seg(checkpoint, shards, out, blocks, timesteps, *extra) -> FeatureTable:
     """``jobs/extract.py`` with DDPM-Seg's block numbers; the table it wrote."""
-    proc = run_job(
+    proc = run_job_inline(
         "extract.py", f"--config={REPO}/configs/extract/tiny.yaml", f"checkpoint={checkpoint}",
         f"shards={shards}", f"output={out}", "block_numbering=ddpm_seg", f"blocks={blocks}",
-        f"timesteps={timesteps}", "pixels_per_class=16", "batch_size=4", *extra, env=env,
+        f"timesteps={timesteps}", "pixels_per_class=16", "batch_size=4", *extra,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return FeatureTable.open(str(out))
 
 
 def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
-    adm_file, labeled_ckpt, labeled_source, bucket, tmp_path, mlflow_uri, ray_address
+    adm_file, labeled_ckpt, labeled_source, bucket, tmp_path, mlflow_uri, ray_cluster
 ):
     _, shards = labeled_ckpt
     uri = f"{bucket}/models/adm-64.pt"
     storage.upload(adm_file, uri)
-    proc = run_job(
+    proc = run_job_inline(
         "pretrain.py",
         f"--config={REPO}/configs/pretrain/tiny.yaml",
         f"data.shards={shards}",
@@ -93,7 +93,6 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
         "tracking.sample_every=1000",
         f"run.storage={tmp_path / 'runs'}",
         f"tracking.uri={mlflow_uri}",
-        env=ray_address,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "init: adm weights from s3://" in proc.stderr
@@ -123,7 +122,7 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
     torch.testing.assert_close(ema["conv_in.weight"][:, :3], converted["conv_in.weight"], atol=1e-3, rtol=0)
 
     table_uri = tmp_path / "features"
-    table = _extract_ddpm_seg(ray_address, ckpt, shards, table_uri, "[3,4,5]", "[10,100]", "max_images=12")
+    table = _extract_ddpm_seg(ckpt, shards, table_uri, "[3,4,5]", "[10,100]", "max_images=12")
     # output_blocks 3..5 of a 3-level, 1-res-block ADM: level 1's upsampler, then the finest level
     assert table.meta["blocks"] == ["up1.upsample", "up2.res0", "up2.res1"]
     assert {(r["block"], r["ddpm_seg"]) for r in table.meta["channel_index"]} == {
@@ -133,7 +132,7 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
     }
     assert table.meta["source"]["sha256"] == digest
 
-    proc = run_job(
+    proc = run_job_inline(
         "sweep.py",
         f"--config={REPO}/configs/sweep/tiny.yaml",
         f"features={table_uri}",
@@ -148,20 +147,18 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
         "grace_period=1",
         "scheduler=fifo",
         f"tracking.uri={mlflow_uri}",
-        env=ray_address,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = json.loads(storage.read_text(str(tmp_path / "sweep" / "best" / "head.json")))
     assert set(best["blocks"]) <= {"up1.upsample", "up2.res0", "up2.res1"}
 
     scene = sorted(glob.glob(labeled_source.inputs))[0]
-    proc = run_job(
+    proc = run_job_inline(
         "predict.py",
         f"head={tmp_path / 'sweep' / 'best'}",
         f"inputs=[{scene}]",
         f"output={tmp_path / 'maps'}",
         "tracking.enabled=false",
-        env=ray_address,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "maps" / "predictions.json").read_text())
@@ -175,19 +172,19 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
 
 
 def test_features_straight_from_an_adm_file_without_pretraining(
-    adm_file, labeled_ckpt, tmp_path, ray_address
+    adm_file, labeled_ckpt, tmp_path, ray_cluster
 ):
     _, shards = labeled_ckpt
     out = tmp_path / "off-the-shelf"
     table = _extract_ddpm_seg(
-        ray_address, adm_file, shards, out, "[4,5]", "[50]", "max_images=8", f"source.adm_flags='{FLAGS}'"
+        adm_file, shards, out, "[4,5]", "[50]", "max_images=8", f"source.adm_flags='{FLAGS}'"
     )
     assert table.meta["checkpoint"] == str(out / "model") and table.meta["source"]["kind"] == "adm"
     imported = load_pretrained(table.meta["checkpoint"])  # an inference artifact like any checkpoint's ema/
     assert imported.meta["init"]["sha256"] == hashlib.sha256(adm_file.read_bytes()).hexdigest()
     assert table.rows("train") > 0 and table.meta["blocks"] == ["up2.res0", "up2.res1"]
 
-    proc = run_job(
+    proc = run_job_inline(
         "extract.py",
         f"--config={REPO}/configs/extract/tiny.yaml",
         f"checkpoint={adm_file}",
@@ -197,7 +194,7 @@ def test_features_straight_from_an_adm_file_without_pretraining(
     empty = tmp_path / "empty-folder"
     (empty / "unet").mkdir(parents=True)
     (empty / "unet" / "weights.bin").write_bytes(b"x")
-    proc = run_job(
+    proc = run_job_inline(
         "pretrain.py",
         f"--config={REPO}/configs/pretrain/tiny.yaml",
         f"data.shards={shards}",
@@ -214,8 +211,8 @@ def test_continuing_an_rsdiff_checkpoint_or_a_diffusers_folder_on_other_imagery(
     import shutil
 
     from rsdiff.config import load_config
+    from rsdiff.diffusion.checkpoint import load_state
     from rsdiff.pretrain import run_pretrain
-    from rsdiff.train.checkpoint import load_state
     from rsdiff.train.config import PretrainConfig
 
     ckpt, shards = labeled_ckpt

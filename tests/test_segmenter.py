@@ -21,6 +21,8 @@ from rsdiff.heads.dense_fit import class_weights, fit_dense, lr_factor
 from rsdiff.heads.segmenter import build_segmenter
 from rsdiff.paired import bootstrap_interval, paired_differences
 
+pytestmark = pytest.mark.unit
+
 TINY = ModelConfig(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[16],
                    head_channels=16, norm_groups=8)  # fmt: skip
 
@@ -30,7 +32,6 @@ def _unet() -> torch.nn.Module:
     return build_unet(TINY, 4, 32).eval().requires_grad_(False)
 
 
-@pytest.mark.unit
 def test_finetune_reads_out_classes_and_trains_the_denoiser_at_a_lower_rate():
     unet = _unet()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -49,7 +50,6 @@ def test_finetune_reads_out_classes_and_trains_the_denoiser_at_a_lower_rate():
     assert not torch.equal(random.unet.state_dict()["conv_in.weight"], before["conv_in.weight"])
 
 
-@pytest.mark.unit
 def test_the_dense_decoder_trains_only_its_decoder_over_frozen_decoder_blocks():
     net = build_segmenter(_unet(), 3, SegmenterConfig(readout=Readout.decoder, width=8))
     assert net.blocks == ["up0.res0", "up0.res1", "up1.res0", "up1.res1"]
@@ -69,7 +69,6 @@ def test_the_dense_decoder_trains_only_its_decoder_over_frozen_decoder_blocks():
     assert all(torch.equal(net.unet.state_dict()[k], v) for k, v in frozen.items())
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("readout", ["output", "decoder"])
 def test_a_segmenter_head_saves_and_loads_to_the_same_predictions(tmp_path, readout):
     cfg = build(SegmenterConfig, {"readout": readout, "width": 8, "timestep": 20})
@@ -85,7 +84,6 @@ def test_a_segmenter_head_saves_and_loads_to_the_same_predictions(tmp_path, read
         assert torch.allclose(back.module(x), net(x), atol=1e-5)
 
 
-@pytest.mark.unit
 def test_a_segmenter_of_a_rescaled_denoiser_keeps_the_scale_when_saved_and_from_random_init(tmp_path):
     """An improved-diffusion denoiser trained on 4000 steps is called with t/4: the segmenter, its
     random-init twin and the saved-and-loaded head all call it that way."""
@@ -110,7 +108,6 @@ def test_a_segmenter_of_a_rescaled_denoiser_keeps_the_scale_when_saved_and_from_
         assert torch.allclose(back.module(x), net(x), atol=1e-5)
 
 
-@pytest.mark.unit
 def test_balanced_class_weights_and_the_cosine_schedule():
     y = torch.tensor([[[0, 0, 0, 1], [0, 0, 0, IGNORE_INDEX]]])  # 6 of class 0, 1 of class 1, none of 2
     w = class_weights(y, 3, ClassWeighting.balanced)
@@ -124,7 +121,6 @@ def test_balanced_class_weights_and_the_cosine_schedule():
     assert lr_factor(52, 100, LRSchedule.cosine) == pytest.approx(0.5 * (1 + np.cos(np.pi * 47 / 95)))
 
 
-@pytest.mark.unit
 def test_draws_are_nested_over_k_and_differ_between_draws():
     pool = [f"scene_{i}" for i in range(9)]
     for d in range(5):
@@ -139,7 +135,6 @@ def test_draws_are_nested_over_k_and_differ_between_draws():
         draw_units(pool, 10, 0, 0)
 
 
-@pytest.mark.unit
 def test_paired_differences_are_per_draw_with_a_bootstrap_interval():
     rows = [
         {"method": m, "k": k, "draw": d, "test_miou": v}
@@ -162,7 +157,6 @@ def test_paired_differences_are_per_draw_with_a_bootstrap_interval():
     assert bootstrap_interval([1.0, 1.0]) == (1.0, 1.0)
 
 
-@pytest.mark.unit
 def test_label_efficiency_refuses_a_dense_config_out_of_range_in_one_line():
     from rsdiff.label_efficiency import LabelEfficiencyConfig, _check
 
@@ -182,7 +176,6 @@ def test_label_efficiency_refuses_a_dense_config_out_of_range_in_one_line():
         _check(empty)
 
 
-@pytest.mark.unit
 def test_the_dense_grid_is_the_product_of_its_settings():
     from rsdiff.label_efficiency import DenseGrid
 

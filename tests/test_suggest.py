@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import run_job
+from conftest import run_job_inline
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from rasterio.transform import from_origin
@@ -24,11 +24,11 @@ from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.ensemble import DDPMSegEnsembleHead
 from rsdiff.prediction.config import PredictConfig
 from rsdiff.prediction.run import run_predict
+from rsdiff.prediction.tiles import TileScorer
 from rsdiff.prediction.uncertainty import entropy, mutual_information
 from rsdiff.prediction.writer import quicklook_font
 from rsdiff.suggest.outputs import feature_collections, footprint
 from rsdiff.suggest.rank import Candidate, rank_tiles
-from rsdiff.suggest.tiles import TileScorer
 from rsdiff.viz import label_height
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +203,7 @@ def ambiguous(sample_demo, tmp_path_factory):
     return {"head": head_uri, "scenes": scenes, "root": root}
 
 
+@pytest.mark.integration
 def test_predict_writes_an_uncertainty_raster_on_the_class_map_grid(ambiguous, tmp_path, ray_cluster):
     scene = ambiguous["scenes"] / "unlabeled.tif"
     cfg = build(
@@ -243,10 +244,11 @@ def test_predict_writes_an_uncertainty_raster_on_the_class_map_grid(ambiguous, t
     assert panel[72:120, 136:184].mean() > panel[:48, :100].mean() + 40  # brighter where uncertain
 
 
-def test_suggest_ranks_the_ambiguous_tile_first_and_never_a_labeled_scene(ambiguous, tmp_path, ray_address):
+@pytest.mark.integration
+def test_suggest_ranks_the_ambiguous_tile_first_and_never_a_labeled_scene(ambiguous, tmp_path, ray_cluster):
     out = tmp_path / "suggestions"
     db = f"sqlite:///{tmp_path / 'm.db'}"
-    proc = run_job(
+    proc = run_job_inline(
         "suggest.py",
         f"head={ambiguous['head']}",
         f"inputs=[{ambiguous['scenes']}/*.tif]",
@@ -259,7 +261,6 @@ def test_suggest_ranks_the_ambiguous_tile_first_and_never_a_labeled_scene(ambigu
         "measure=entropy",
         "window=64",
         f"tracking.uri={db}",
-        env=ray_address,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -302,7 +303,8 @@ def test_suggest_ranks_the_ambiguous_tile_first_and_never_a_labeled_scene(ambigu
     assert {"suggestions.json", "suggestions.geojson", "contact_sheet.png"} <= arts
 
 
-def test_suggest_bad_input_is_one_clear_error(ambiguous, sample_demo, tmp_path, ray_address):
+@pytest.mark.integration
+def test_suggest_bad_input_is_one_clear_error(ambiguous, sample_demo, tmp_path, ray_cluster):
     scenes = ambiguous["scenes"]
     base = [f"head={ambiguous['head']}", f"output={tmp_path / 'o'}", "tracking.enabled=false", "tile=64"]
     cases = [
@@ -321,13 +323,14 @@ def test_suggest_bad_input_is_one_clear_error(ambiguous, sample_demo, tmp_path, 
         ([f"inputs=[{scenes}/unlabeled.tif]", "measure=variance"], "measure"),
     ]
     for extra, expected in cases:
-        proc = run_job("suggest.py", *base, *extra, env=ray_address, timeout=300)
+        proc = run_job_inline("suggest.py", *base, *extra)
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         last = proc.stderr.strip().splitlines()[-1]
         assert expected in last and "Traceback" not in proc.stderr, (extra, last)
     assert not (tmp_path / "o" / "suggestions.json").exists()
 
 
+@pytest.mark.integration
 def test_a_residual_head_gives_entropy_alone_or_with_mc_dropout(sample_demo, tmp_path, ray_cluster):
     scene = next((sample_demo / "scenes" / "images").glob("*.tif"))
     maps = {}
@@ -349,7 +352,8 @@ def test_a_residual_head_gives_entropy_alone_or_with_mc_dropout(sample_demo, tmp
     assert (mi >= 0).all() and mi.max() > 0 and (mi <= mc[0][0] + 1e-4).all()
 
 
-def test_suggest_reads_scenes_from_s3_and_writes_its_outputs_there(ambiguous, bucket, tmp_path, ray_address):
+@pytest.mark.integration
+def test_suggest_reads_scenes_from_s3_and_writes_its_outputs_there(ambiguous, bucket, tmp_path, ray_cluster):
     import boto3
 
     from rsdiff import storage
@@ -358,9 +362,9 @@ def test_suggest_reads_scenes_from_s3_and_writes_its_outputs_there(ambiguous, bu
     name = bucket.removeprefix("s3://").split("/")[0]
     s3.upload_file(str(ambiguous["scenes"] / "unlabeled.tif"), name, "scenes/unlabeled.tif")
     out = f"{bucket}/suggestions"
-    proc = run_job(
+    proc = run_job_inline(
         "suggest.py", f"head={ambiguous['head']}", f"inputs=[{bucket}/scenes/]", f"output={out}", "tile=64",
-        "budget=2", "min_distance=64", "window=64", "tracking.enabled=false", env=ray_address,
+        "budget=2", "min_distance=64", "window=64", "tracking.enabled=false",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(storage.read_text(f"{out}/suggestions.json"))
@@ -378,6 +382,6 @@ def test_suggest_reads_scenes_from_s3_and_writes_its_outputs_there(ambiguous, bu
         first = doc["suggestions"][0]
         r, c, h, w = first["window"]
         assert unc.read(2)[r : r + h, c : c + w].mean() == pytest.approx(first["score"], rel=1e-4)
-    again = run_job("suggest.py", f"head={ambiguous['head']}", f"inputs=[{bucket}/scenes/]", f"output={out}",
-                    "tracking.enabled=false", env=ray_address)  # fmt: skip
+    again = run_job_inline("suggest.py", f"head={ambiguous['head']}", f"inputs=[{bucket}/scenes/]",
+                           f"output={out}", "tracking.enabled=false")  # fmt: skip
     assert again.returncode == 2 and "already holds suggestions" in again.stderr.strip().splitlines()[-1]

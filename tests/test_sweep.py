@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, PicklePayload, free_port, run_job
+from conftest import REPO, PicklePayload, free_port, run_job, run_job_inline
 from mlflow import MlflowClient
 from s3_fault_proxy import FaultyS3Proxy
 
@@ -53,6 +53,7 @@ def _cfg(table, tmp_path, mlflow_uri, *extra):
     return load_config(SweepConfig, SWEEP, _overrides(table, tmp_path, mlflow_uri, *extra))
 
 
+@pytest.mark.integration
 def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     labeled_table, tmp_path, mlflow_uri, ray_cluster
 ):
@@ -115,6 +116,7 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     assert len(children_again) == 4
 
 
+@pytest.mark.integration
 def test_asha_stops_weak_trials_early(labeled_table, tmp_path, mlflow_uri, ray_cluster):
     result = run_sweep(
         _cfg(labeled_table, tmp_path, mlflow_uri, "name=asha", "scheduler=asha", "num_samples=8",
@@ -142,6 +144,7 @@ def test_asha_stops_weak_trials_early(labeled_table, tmp_path, mlflow_uri, ray_c
             assert run.data.metrics["stopped_early"] == 1.0
 
 
+@pytest.mark.e2e
 def test_trials_read_the_table_from_storage_once_per_node(labeled_table, s3_endpoint, tmp_path, mlflow_uri):
     """Four trials of four epochs on an S3 table, through a counting proxy, on a fresh Ray of its
     own (one node): every part is fetched exactly once, into the node's cache, and mapped from there
@@ -160,6 +163,7 @@ def test_trials_read_the_table_from_storage_once_per_node(labeled_table, s3_endp
     assert len([d for d in (tmp_path / "node-cache").iterdir() if d.is_dir()]) == 1
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -183,6 +187,7 @@ def test_bad_search_space(labeled_table, tmp_path, mlflow_uri, extra, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.integration
 def test_a_grid_sweep_runs_every_combination_once(labeled_table, tmp_path, mlflow_uri, ray_cluster):
     grid = ["search.timesteps=[[10],[100]]", "search.blocks=[[up1.res0],[up2.res1]]", "search.width=[32]",
             "search.lr=[1e-3]", "search.dropout=[0.0]", "search.input_noise=[0.0]",
@@ -204,17 +209,19 @@ def test_a_grid_sweep_runs_every_combination_once(labeled_table, tmp_path, mlflo
                        "head.epochs=1", "grace_period=1", "num_samples=10"))  # fmt: skip
 
 
+@pytest.mark.integration
 def test_unreachable_tracking_uri(labeled_table, tmp_path):
     uri = f"http://user:hunter2@127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ConfigError, match=r"MLflow tracking URI .* is unreachable") as err:
         run_sweep(_cfg(labeled_table, tmp_path, uri))
     assert "hunter2" not in str(err.value)
     args = ["--config", str(SWEEP), f"features={labeled_table.root}", f"tracking.uri={uri}", *SEARCH]
-    proc = run_job("sweep.py", *args, timeout=120)  # a few short probes, not MLflow's minutes of retries
+    proc = run_job_inline("sweep.py", *args)  # a few short probes, not MLflow's minutes of retries
     assert proc.returncode == 2 and "is unreachable" in proc.stderr and "Traceback" not in proc.stderr
     assert "hunter2" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
     labeled_table, tmp_path, mlflow_uri, ray_cluster
 ):
@@ -239,6 +246,7 @@ def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
         run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=2"))
 
 
+@pytest.mark.integration
 def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
     labeled_table, tmp_path, mlflow_uri, ray_cluster
 ):

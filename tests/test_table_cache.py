@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rsdiff.config import build
+from rsdiff.config import build, check_ranges
 from rsdiff.errors import ConfigError
 from rsdiff.features import cache
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.index import ChannelIndex
-from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, read_part, write_part
+from rsdiff.features.parts import read_part, write_part
+from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable
 from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import MemoryRows, StreamedRows, fit_head, head_rows
 
@@ -135,6 +136,20 @@ def test_heads_train_in_memory_within_the_budget_and_stream_above_it(tmp_path):
 
 def test_bad_cache_settings_name_the_setting():
     with pytest.raises(ConfigError, match=r"table.memory_mb=-1 is out of range"):
-        cache.check_numbers(TableCacheConfig(memory_mb=-1))
+        check_ranges(TableCacheConfig(memory_mb=-1), "table.")
     with pytest.raises(ConfigError, match=r"table.max_gb=0 is out of range"):
-        cache.check_numbers(TableCacheConfig(max_gb=0))
+        check_ranges(TableCacheConfig(max_gb=0), "table.")
+
+
+def test_patience_zero_means_no_early_stopping_for_heads_as_for_the_scratch_unet(tmp_path):
+    """``patience=0`` stopped a feature head after its first epoch without a better val mIoU,
+    while the scratch UNet and segmenters read 0 as "run every step"."""
+    table = write_table(tmp_path / "t")
+    # nothing is learnt at this rate: no epoch beats the first
+    settings = {"kind": "residual", "width": 16, "depth": 1, "epochs": 5, "lr": 1e-12, "dropout": 0.0}
+    stopped = fit_head(table, [10, 50], ["up0.res0"], build(HeadConfig, {**settings, "patience": 1}))
+    assert stopped.metrics["epochs_run"] == 2 and stopped.metrics["best_epoch"] == 1
+    patient = fit_head(table, [10, 50], ["up0.res0"], build(HeadConfig, {**settings, "patience": 0}))
+    assert patient.metrics["epochs_run"] == 5
+    with pytest.raises(ConfigError, match=r"head\.patience=-1 is out of range"):
+        fit_head(table, [10, 50], ["up0.res0"], build(HeadConfig, {**settings, "patience": -1}))

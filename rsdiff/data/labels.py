@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from rsdiff.config import bounded
 from rsdiff.data.classmap import ClassMap, MaskKind, UnknownPolicy, default_colour, parse_colour
 from rsdiff.errors import ConfigError
 
@@ -40,7 +41,7 @@ class LabelConfig:
     unknown: UnknownPolicy = UnknownPolicy.ignore
     # Above this fraction of label pixels matching no class, ingest warns loudly (a JPEG-compressed
     # colour mask, wrong colours or values); none matching at all is an error.
-    warn_unknown_fraction: float = 0.05
+    warn_unknown_fraction: float = bounded(0.05, ge=0, le=1)
 
 
 def build_classmap(labels: LabelConfig) -> ClassMap | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from rsdiff.config import bounded
 from rsdiff.errors import ConfigError
 
 
@@ -25,7 +26,7 @@ class DiffusionConfig:
     """The diffusion process: T steps, epsilon prediction. ``beta_start``/``beta_end`` (linear
     schedule only): null = DDPM's 1e-4 and 0.02; imported models set what they were trained with."""
 
-    timesteps: int = 1000
+    timesteps: int = bounded(1000, ge=2)
     schedule: BetaSchedule = BetaSchedule.linear
     beta_start: float | None = None
     beta_end: float | None = None
@@ -128,7 +129,7 @@ class SourceOptions:
     # one entry per band of the imagery: a source band index, mean or zero; null = keep the shared
     # bands, extra bands mean (see rsdiff.diffusion.bands)
     band_map: list[str] | None = None
-    new_band_scale: float = 1.0  # input weights of `mean` bands = mean of the source's x this
+    new_band_scale: float = bounded(1.0, ge=0)  # input weights of `mean` bands = mean of the source's x this
 
 
 @dataclass

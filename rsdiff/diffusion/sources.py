@@ -122,7 +122,7 @@ def detect_kind(uri: str) -> tuple[SourceKind, str]:
     Raises:
         CheckpointError: nothing at ``uri``, or a folder that holds none of the known layouts.
     """
-    from rsdiff.train.checkpoint import EMA_META, META
+    from rsdiff.diffusion.checkpoint import EMA_META, META
 
     if storage.exists(storage.join(uri, META)) or storage.exists(storage.join(uri, EMA_META)):
         return SourceKind.rsdiff, uri
@@ -175,7 +175,7 @@ def load_source(uri: str, options: SourceOptions | None = None) -> SourceWeights
 
 def _rsdiff(uri: str) -> SourceWeights:
     from rsdiff.config import build
-    from rsdiff.train.checkpoint import EMA_WEIGHTS, WEIGHTS, ema_artifact, load_pretrained
+    from rsdiff.diffusion.checkpoint import EMA_WEIGHTS, WEIGHTS, ema_artifact, load_pretrained
 
     ddpm = load_pretrained(uri)
     folder = ema_artifact(uri)
@@ -354,7 +354,7 @@ def import_model(
 
     from rsdiff.config import to_container
     from rsdiff.data.normalize import Normalizer
-    from rsdiff.train.checkpoint import EMA_CONFIG, EMA_META, EMA_WEIGHTS, save_ema
+    from rsdiff.diffusion.checkpoint import EMA_CONFIG, EMA_META, EMA_WEIGHTS, save_ema
 
     bands = manifest.num_bands
     state, rule = source.adapted(bands, options, list(manifest.bands))

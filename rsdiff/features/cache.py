@@ -39,10 +39,11 @@ from typing import Any
 import numpy as np
 
 from rsdiff import storage
+from rsdiff.config import bounded
+from rsdiff.features.parts import COLUMNS, read_part
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("features", "labels", "image", "rows", "cols")
 PARTS = "parts.json"
 LAYOUT = 1  # of an entry's files; part of its key, so a new layout never maps an old entry
 
@@ -60,16 +61,8 @@ class TableCacheConfig:
 
     node_cache: bool = True
     cache_dir: str | None = None
-    max_gb: float = 50.0
-    memory_mb: float = 4096.0
-
-
-def check_numbers(cfg: TableCacheConfig, key: str = "table") -> None:
-    """The cache's sizes in range (one line naming the bad setting otherwise)."""
-    from rsdiff.config import require
-
-    require(f"{key}.max_gb", cfg.max_gb, gt=0)
-    require(f"{key}.memory_mb", cfg.memory_mb, ge=0)
+    max_gb: float = bounded(50.0, gt=0)
+    memory_mb: float = bounded(4096.0, ge=0)
 
 
 def cache_root(cfg: TableCacheConfig) -> Path:
@@ -147,8 +140,6 @@ def local_copy(root: str, meta: dict, cfg: TableCacheConfig) -> LocalTable | Non
 
 def _build(root: str, meta: dict, out: Path) -> None:
     """Concatenate each split's parts into one ``.npy`` per column (features written in place)."""
-    from rsdiff.features.table import read_part
-
     ranges: dict[str, list[Any]] = {}
     dim = int(meta["dim"])
     for split in sorted({p["split"] for p in meta["parts"]}):
@@ -205,6 +196,6 @@ class LocalTable:
         return self._maps[split, name]
 
     def part(self, name: str) -> dict[str, np.ndarray]:
-        """The columns of one part, as :func:`~rsdiff.features.table.read_part` returns them."""
+        """The columns of one part, as :func:`~rsdiff.features.parts.read_part` returns them."""
         split, start, end = self.ranges[name]
         return {c: self.column(split, c)[start:end] for c in COLUMNS}

@@ -10,6 +10,7 @@ from enum import Enum
 
 from omegaconf import MISSING
 
+from rsdiff.config import bounded
 from rsdiff.diffusion.config import SourceOptions
 from rsdiff.ray_config import RayConfig
 
@@ -31,18 +32,19 @@ class ExtractConfig:
     shards: str | None = None  # labeled ingest output; null = the shards the checkpoint was trained on
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     output: str = "runs/features"
-    timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
+    timesteps: list[int] = bounded(factory=lambda: [50, 150, 250], ge=0)
     blocks: list[str] = field(default_factory=list)  # names or integers; empty = every decoder block
     # what integers in `blocks` mean: rsdiff's indexes | ddpm_seg = guided-diffusion's output_blocks
     block_numbering: BlockNumbering = BlockNumbering.rsdiff
     source: SourceOptions = field(default_factory=SourceOptions)  # reading an ADM .pt / diffusers folder
-    pixels_per_class: int = 64  # cap of sampled pixels per class per image
-    max_images: int | None = None  # per split: a random share of each scene's tiles (sample_seed)
+    pixels_per_class: int = bounded(64, ge=1)  # cap of sampled pixels per class per image
+    # per split: a random share of each scene's tiles (sample_seed)
+    max_images: int | None = bounded(None, ge=1)
     noise_seed: int = 0
     sample_seed: int = 0
-    batch_size: int = 8
-    concurrency: int = 1  # actors, each holding one frozen UNet
-    num_gpus: float = 0.0  # per actor (1 on GPU clusters)
+    batch_size: int = bounded(8, ge=1)
+    concurrency: int = bounded(1, ge=1)  # actors, each holding one frozen UNet
+    num_gpus: float = bounded(0.0, ge=0)  # per actor (1 on GPU clusters)
     precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
     overwrite: bool = False
     ray: RayConfig = field(default_factory=RayConfig)

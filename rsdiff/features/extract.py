@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from rsdiff import storage
-from rsdiff.config import redact, require, to_container
+from rsdiff.config import check_ranges, redact, to_container
 from rsdiff.data.classmap import IGNORE_INDEX
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.shards import iter_shard
 from rsdiff.errors import CheckpointError, ConfigError, DataError
 from rsdiff.features.config import ExtractConfig
-from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, write_part
+from rsdiff.features.parts import write_part
+from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable
 from rsdiff.raytools import user_error
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ class FeatureActor:
 
     def __init__(self, plan: ActorPlan) -> None:
         from rsdiff.devices import pick_device
+        from rsdiff.diffusion.checkpoint import load_pretrained
         from rsdiff.features.extractor import FeatureExtractor
-        from rsdiff.train.checkpoint import load_pretrained
 
         self.ddpm = load_pretrained(plan.checkpoint, device=pick_device(plan.num_gpus))
         self.extractor = FeatureExtractor(
@@ -221,10 +222,11 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
     """
     import ray
 
+    from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.features.extractor import FeatureExtractor
-    from rsdiff.raytools import connect
-    from rsdiff.train.checkpoint import load_pretrained
+    from rsdiff.raytools import ProgressCounter, connect
 
+    check_ranges(cfg)
     out = storage.absolute(str(cfg.output))
     exists = storage.exists(storage.join(out, TABLE_META))
     if exists and not cfg.overwrite:
@@ -235,32 +237,7 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         ddpm, list(cfg.timesteps), list(cfg.blocks) or _decoder_blocks(ddpm), cfg.noise_seed, cfg.precision,
         numbering=cfg.block_numbering,
     )  # fmt: skip
-    shards = str(cfg.shards or ddpm.meta.get("shards") or "")
-    if not shards:
-        raise ConfigError("shards is not set and the checkpoint does not record its shards")
-    manifest = read_manifest(shards)
-    if not manifest.labeled:
-        raise DataError(
-            f"the shards at {storage.display(shards)} carry no labels; ingest labeled tiles "
-            "(labels.mask_template) and pass them as shards=..."
-        )
-    if manifest.num_bands != int(ddpm.meta["in_channels"]):
-        raise DataError(
-            f"shards have {manifest.num_bands} band(s) {manifest.bands} but the checkpoint's model takes "
-            f"{ddpm.meta['in_channels']} {ddpm.meta['bands']}"
-        )
-    for key in ("pixels_per_class", "batch_size", "concurrency"):
-        require(key, getattr(cfg, key), ge=1)
-    require("num_gpus", cfg.num_gpus, ge=0)
-    if cfg.max_images is not None:
-        require("max_images", cfg.max_images, ge=1)
-    splits = [s for s in cfg.splits if manifest.shard_uris(s)]
-    if not splits:
-        raise DataError(
-            f"shards have no split among {list(cfg.splits)} (they have {sorted(manifest.shards)})"
-        )
-    if sum(manifest.class_pixels or []) == 0:
-        raise DataError(f"the labels at {storage.display(shards)} have no labeled pixel (all ignore/unknown)")
+    shards, manifest, splits = _labeled_input(cfg, ddpm.meta)
     if exists:
         storage.delete(storage.join(out, TABLE_META))
         for old in storage.list_uris(storage.join(out, "parts")):
@@ -269,20 +246,79 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     plan = ActorPlan(
-        checkpoint=checkpoint,
-        timesteps=extractor.timesteps,
-        blocks=extractor.blocks,
-        output=out,
-        num_classes=len(manifest.classes or []),
-        pixels_per_class=int(cfg.pixels_per_class),
-        noise_seed=int(cfg.noise_seed),
-        sample_seed=int(cfg.sample_seed),
-        num_gpus=float(cfg.num_gpus),
+        checkpoint=checkpoint, timesteps=extractor.timesteps, blocks=extractor.blocks, output=out,
+        num_classes=len(manifest.classes or []), pixels_per_class=int(cfg.pixels_per_class),
+        noise_seed=int(cfg.noise_seed), sample_seed=int(cfg.sample_seed), num_gpus=float(cfg.num_gpus),
         precision=str(cfg.precision),
-    )
-    from rsdiff.raytools import ProgressCounter
-
+    )  # fmt: skip
     counter = ProgressCounter.remote()
+    try:
+        summaries = _feature_dataset(cfg, manifest, splits, plan, counter).take_all()
+    except Exception as exc:
+        if (err := user_error(exc)) is not None:
+            raise err from None
+        raise
+    counts, notes = ray.get(counter.get.remote()), ray.get(counter.notes.remote())
+    origin = {
+        "checkpoint": storage.absolute(checkpoint),
+        "source": ddpm.meta.get("init"),  # where the weights came from, when imported or initialised
+        "shards": storage.absolute(shards),
+    }
+    meta = _table_meta(cfg, origin, summaries, counts, notes, extractor, manifest)
+    if not meta["parts"]:
+        raise DataError(f"no image in {storage.display(shards)} splits {splits} has a labeled pixel")
+    storage.write_text(storage.join(out, TABLE_META), json.dumps(meta, indent=1))
+    table = FeatureTable.open(out)
+    log.info(
+        "extract: %s rows of %d channels at %s (%s)",
+        {s: table.rows(s) for s in splits},
+        extractor.dim,
+        storage.display(out),
+        ", ".join(f"{s}: {sum(p['images'] for p in table.parts(s))} images" for s in splits),
+    )
+    return table
+
+
+def _labeled_input(cfg: ExtractConfig, ddpm_meta: dict[str, Any]) -> tuple[str, Any, list[str]]:
+    """``(shards, manifest, splits)``: the labeled shards to read (``cfg.shards``, else those the
+    checkpoint was trained on) and their splits that ``cfg.splits`` names, checked against the
+    model and the config's numbers.
+
+    Raises:
+        ConfigError: no shards given or recorded.
+        DataError: unlabeled shards, a band mismatch, none of the splits, no labeled pixel.
+    """
+    shards = str(cfg.shards or ddpm_meta.get("shards") or "")
+    if not shards:
+        raise ConfigError("shards is not set and the checkpoint does not record its shards")
+    manifest = read_manifest(shards)
+    if not manifest.labeled:
+        raise DataError(
+            f"the shards at {storage.display(shards)} carry no labels; ingest labeled tiles "
+            "(labels.mask_template) and pass them as shards=..."
+        )
+    if manifest.num_bands != int(ddpm_meta["in_channels"]):
+        raise DataError(
+            f"shards have {manifest.num_bands} band(s) {manifest.bands} but the checkpoint's model takes "
+            f"{ddpm_meta['in_channels']} {ddpm_meta['bands']}"
+        )
+    splits = [s for s in cfg.splits if manifest.shard_uris(s)]
+    if not splits:
+        raise DataError(
+            f"shards have no split among {list(cfg.splits)} (they have {sorted(manifest.shards)})"
+        )
+    if sum(manifest.class_pixels or []) == 0:
+        raise DataError(f"the labels at {storage.display(shards)} have no labeled pixel (all ignore/unknown)")
+    return shards, manifest, splits
+
+
+def _feature_dataset(
+    cfg: ExtractConfig, manifest: Any, splits: list[str], plan: ActorPlan, counter: Any
+) -> Any:
+    """The Ray Data pipeline: every split's shards read into tiles (at most ``max_images`` per
+    split), then a pool of :class:`FeatureActor` writing table parts; one summary row per part."""
+    import ray
+
     actor_cpus, read_cpus = actor_resources(ray.cluster_resources().get("CPU", 0), int(cfg.concurrency))
     keep = {split: keep_fraction(cfg.max_images, int(manifest.samples.get(split, 0))) for split in splits}
     read = functools.partial(
@@ -296,7 +332,7 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         )
         datasets.append(ds.limit(cfg.max_images) if cfg.max_images else ds)
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    ds = ds.map_batches(
+    return ds.map_batches(
         FeatureActor,
         fn_constructor_kwargs={"plan": plan},
         batch_size=cfg.batch_size,
@@ -305,25 +341,26 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         num_cpus=actor_cpus,
         num_gpus=cfg.num_gpus or None,
     )
-    try:
-        summaries = ds.take_all()
-    except Exception as exc:
-        if (err := user_error(exc)) is not None:
-            raise err from None
-        raise
+
+
+def _table_meta(
+    cfg: ExtractConfig,
+    origin: dict,
+    summaries: list[dict],
+    counts: dict,
+    notes: dict,
+    extractor: Any,
+    manifest: Any,
+) -> dict[str, Any]:
+    """The table's ``table.json``: where the weights and shards came from (``origin``), the actors'
+    part ``summaries`` and the readers' damage ``counts``/``notes`` (logged when any sample or shard
+    was skipped)."""
     parts = [
-        {
-            "name": s["part"],
-            "split": s["split"],
-            "rows": int(s["rows"]),
-            "images": int(s["images"]),
-            "class_rows": [int(v) for v in s["class_rows"]],
-        }
+        {"name": s["part"], "split": s["split"], "rows": int(s["rows"]), "images": int(s["images"]),
+         "class_rows": [int(v) for v in s["class_rows"]]}
         for s in summaries
         if s["part"]
-    ]
-    skipped = int(sum(int(s["skipped"]) for s in summaries))
-    counts, notes = ray.get(counter.get.remote()), ray.get(counter.notes.remote())
+    ]  # fmt: skip
     damaged = {k: int(counts.get(k, 0)) for k in ("bad_samples", "bad_shards")}
     if any(damaged.values()):
         log.warning(
@@ -331,14 +368,10 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
             damaged["bad_samples"], damaged["bad_shards"],
             "; ".join(notes.get("bad_samples", [])[:2] + notes.get("bad_shards", [])[:2]),
         )  # fmt: skip
-    if not parts:
-        raise DataError(f"no image in {storage.display(shards)} splits {splits} has a labeled pixel")
-    meta = {
+    return {
         "kind": KIND,
         "format": FORMAT_VERSION,
-        "checkpoint": storage.absolute(checkpoint),
-        "source": ddpm.meta.get("init"),  # where the weights came from, when imported or initialised
-        "shards": storage.absolute(shards),
+        **origin,
         "dim": extractor.dim,
         "timesteps": extractor.timesteps,
         "blocks": extractor.blocks,
@@ -350,22 +383,12 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         "bands": manifest.bands,
         "tile_size": manifest.tile_size,
         "parts": sorted(parts, key=lambda p: (p["split"], p["name"])),
-        "skipped_images_without_labels": skipped,
+        "skipped_images_without_labels": int(sum(int(s["skipped"]) for s in summaries)),
         "skipped_bad_samples": damaged["bad_samples"],
         "skipped_bad_shards": damaged["bad_shards"],
         "damage_examples": notes.get("bad_samples", [])[:5] + notes.get("bad_shards", [])[:5],
         "config": redact(to_container(cfg)),
     }
-    storage.write_text(storage.join(out, TABLE_META), json.dumps(meta, indent=1))
-    table = FeatureTable.open(out)
-    log.info(
-        "extract: %s rows of %d channels at %s (%s)",
-        {s: table.rows(s) for s in splits},
-        extractor.dim,
-        storage.display(out),
-        ", ".join(f"{s}: {sum(p['images'] for p in table.parts(s))} images" for s in splits),
-    )
-    return table
 
 
 def _checkpoint(cfg: ExtractConfig, out: str) -> str:

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from rsdiff.devices import Precision, autocast, autocast_dtype
+from rsdiff.diffusion.checkpoint import PretrainedDDPM
 from rsdiff.diffusion.schedule import fixed_noise
 from rsdiff.errors import ConfigError
 from rsdiff.features.blocks import block_channels, block_modules, ddpm_seg_blocks, resolve_blocks
 from rsdiff.features.config import BlockNumbering
 from rsdiff.features.index import ChannelIndex
-from rsdiff.train.checkpoint import PretrainedDDPM
 
 
 def window_noise(noise: torch.Tensor, origins: Sequence[tuple[int, int]]) -> torch.Tensor:

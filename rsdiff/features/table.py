@@ -15,8 +15,6 @@ load a split's selected channels at once (:meth:`FeatureTable.load`) when they f
 
 from __future__ import annotations
 
-import io
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,43 +25,11 @@ from rsdiff import storage
 from rsdiff.errors import DataError
 from rsdiff.features.cache import LocalTable, TableCacheConfig, local_copy
 from rsdiff.features.index import ChannelIndex
+from rsdiff.features.parts import read_part
 
 TABLE_META = "table.json"
 KIND = "rsdiff-features"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class PartInfo:
-    """One written part: its file name (under ``parts/``), split, row count and per-class rows."""
-
-    name: str
-    split: str
-    rows: int
-    images: int
-    class_rows: list[int]
-
-
-def write_part(root: str, split: str, arrays: dict[str, np.ndarray], num_classes: int) -> PartInfo:
-    """Write one part atomically; ``arrays`` holds features/labels/image/rows/cols of equal length."""
-    name = f"{split}-{uuid.uuid4().hex[:12]}.npz"
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    storage.write_bytes(storage.join(root, "parts", name), buf.getvalue())
-    labels = arrays["labels"]
-    return PartInfo(
-        name=name,
-        split=split,
-        rows=int(labels.shape[0]),
-        images=len(set(arrays["image"].tolist())),
-        class_rows=np.bincount(labels, minlength=num_classes)[:num_classes].tolist(),
-    )
-
-
-def read_part(root: str, name: str) -> dict[str, np.ndarray]:
-    """Arrays of one part (no pickles)."""
-    with np.load(io.BytesIO(storage.read_bytes(storage.join(root, "parts", name))), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from rsdiff.config import bounded
+
 
 class HeadKind(Enum):
     residual = "residual"  # rsdiff's residual MLP with channel re-weighting
@@ -25,17 +27,18 @@ class HeadConfig:
     """Head architecture and training."""
 
     kind: HeadKind = HeadKind.residual
-    width: int = 256
-    depth: int = 2
-    dropout: float = 0.1
+    width: int = bounded(256, ge=1)
+    depth: int = bounded(2, ge=1)
+    dropout: float = bounded(0.1, ge=0, lt=1)
     gate: bool = True
-    members: int = 10  # ensemble only
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 20
-    batch_rows: int = 2048
-    patience: int = 4  # epochs without a better val mIoU before stopping
-    input_noise: float = 0.0  # std of Gaussian noise added to standardised features while training
+    members: int = bounded(10, ge=1)  # ensemble only
+    lr: float = bounded(1e-3, gt=0, le=1)
+    weight_decay: float = bounded(1e-4, ge=0)
+    epochs: int = bounded(20, ge=1)
+    batch_rows: int = bounded(2048, ge=1)
+    patience: int = bounded(4, ge=0)  # epochs without a better val mIoU before stopping (0: run every epoch)
+    # std of Gaussian noise added to standardised features while training
+    input_noise: float = bounded(0.0, ge=0)
     class_weighting: ClassWeighting = ClassWeighting.none
     seed: int = 0
 
@@ -49,13 +52,14 @@ class LRSchedule(Enum):
 class DenseTrainConfig:
     """Training of a network on dense masks (the scratch UNet, the denoiser as a segmenter)."""
 
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    lr: float = bounded(2e-3, gt=0)
+    weight_decay: float = bounded(1e-4, ge=0)
     lr_schedule: LRSchedule = LRSchedule.constant
-    steps: int = 300
-    batch_size: int = 8
-    eval_every: int = 25  # steps between validation scores
-    patience: int = 0  # evaluations without a better val mIoU before stopping (0: run all steps)
+    steps: int = bounded(300, ge=1)
+    batch_size: int = bounded(8, ge=1)
+    eval_every: int = bounded(25, ge=1)  # steps between validation scores
+    # evaluations without a better val mIoU before stopping (0: run all steps)
+    patience: int = bounded(0, ge=0)
     class_weighting: ClassWeighting = ClassWeighting.none  # balanced: from the training masks' pixels
     seed: int = 0
 
@@ -64,8 +68,8 @@ class DenseTrainConfig:
 class ScratchUNetConfig(DenseTrainConfig):
     """Size and training of the from-scratch UNet."""
 
-    base_channels: int = 16
-    levels: int = 3  # resolutions; input size must be divisible by 2 ** (levels - 1)
+    base_channels: int = bounded(16, ge=1)
+    levels: int = bounded(3, ge=1)  # resolutions; input size must be divisible by 2 ** (levels - 1)
 
 
 class Readout(Enum):
@@ -85,8 +89,8 @@ class SegmenterConfig(DenseTrainConfig):
 
     readout: Readout = Readout.output
     pretrained: bool = True  # false: the identical network from random initialisation
-    timestep: int = 10
-    backbone_lr_scale: float = 0.1  # readout=output: the denoiser's layers learn at lr * this
+    timestep: int = bounded(10, ge=0)
+    backbone_lr_scale: float = bounded(0.1, ge=0)  # readout=output: the denoiser's layers learn at lr * this
     blocks: list[str] = field(default_factory=list)  # readout=decoder; empty: every decoder res block
-    width: int = 64  # readout=decoder: channels of the decoder
-    lr: float = 1e-3
+    width: int = bounded(64, ge=1)  # readout=decoder: channels of the decoder
+    lr: float = bounded(1e-3, gt=0)

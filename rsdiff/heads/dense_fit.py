@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsdiff.data.classmap import IGNORE_INDEX
+from rsdiff.data.dihedral import dihedral
 from rsdiff.heads.config import ClassWeighting, DenseTrainConfig, LRSchedule
 from rsdiff.metrics import ConfusionMatrix
 
@@ -31,11 +32,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[tor
     xs, ys = [], []
     for xi, yi in zip(x, y):
         k, flip = torch.randint(4, (1,), generator=gen).item(), torch.randint(2, (1,), generator=gen).item()
-        xi, yi = torch.rot90(xi, int(k), (1, 2)), torch.rot90(yi, int(k), (0, 1))
-        if flip:
-            xi, yi = xi.flip(2), yi.flip(1)
-        xs.append(xi)
-        ys.append(yi)
+        xs.append(dihedral(xi, int(k), bool(flip)))
+        ys.append(dihedral(yi, int(k), bool(flip)))
     return torch.stack(xs), torch.stack(ys)
 
 

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from rsdiff import devices
-from rsdiff.config import to_container
+from rsdiff.config import check_ranges, to_container
 from rsdiff.data.bandstats import BandStats
 from rsdiff.data.classmap import IGNORE_INDEX
-from rsdiff.errors import ConfigError, DataError
+from rsdiff.errors import DataError
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import TrainedHead, build_head
 from rsdiff.heads.config import ClassWeighting, HeadConfig
@@ -136,6 +136,81 @@ def head_rows(
     return StreamedRows(table, split, channels, images)
 
 
+def _standardisation(
+    train: Any, dims: int, num_classes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``(mean, std, counts)``: the per-channel mean and std ``(D,)`` of the training rows on
+    ``device`` (std floored at 1e-6) and their label counts ``(K,)``.
+
+    Raises:
+        DataError: no labeled training row.
+    """
+    stats = BandStats(dims)
+    counts = np.zeros(num_classes, np.int64)
+    for x, y in train.batches(16384):
+        stats.update(np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, np.float32).T)
+        y = y.cpu().numpy() if isinstance(y, torch.Tensor) else y
+        counts += np.bincount(y, minlength=num_classes)[:num_classes]
+    if counts.sum() == 0:
+        raise DataError(
+            "no labeled training rows for the head (check train_images / the table's train split)"
+        )
+    mean = torch.from_numpy(stats.mean.astype(np.float32)).to(device)
+    std = torch.from_numpy(np.maximum(stats.std, 1e-6).astype(np.float32)).to(device)
+    return mean, std, counts
+
+
+def class_weights(counts: np.ndarray, weighting: ClassWeighting, device: torch.device) -> torch.Tensor | None:
+    """Cross-entropy class weights ``(K,)`` from label ``counts``: None for ``none``; for
+    ``balanced``, inverse frequency normalised to mean 1 over the classes present (absent: 0)."""
+    if weighting is not ClassWeighting.balanced:
+        return None
+    freq = counts / counts.sum()
+    w = np.where(counts > 0, 1.0 / np.maximum(freq, 1e-12), 0.0)
+    return torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=device)
+
+
+def _train_epochs(
+    head: torch.nn.Module,
+    cfg: HeadConfig,
+    train: Any,
+    val: Any,
+    standard: tuple[torch.Tensor, torch.Tensor],
+    weight: torch.Tensor | None,
+    table: FeatureTable,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None,
+) -> tuple[tuple[float, int, dict[str, Any]], list[dict[str, Any]]]:
+    """Train ``head`` for up to ``cfg.epochs`` epochs, stopping ``cfg.patience`` epochs after the
+    best val mIoU (0: never early; the scratch UNet and segmenters read it the same way).
+    Returns ``((best_miou, best_epoch, best_state), per-epoch metrics)``."""
+    mean, std = standard
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = devices.generator(mean.device, cfg.seed)
+    best: tuple[float, int, dict[str, Any]] = (-1.0, -1, {})
+    history = []
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        batches = train.batches(cfg.batch_rows, shuffle=True, seed=cfg.seed + epoch)
+        total, n = train_epoch(head, opt, batches, mean, std, weight, cfg.input_noise, gen)
+        cm = evaluate(head, val, table.num_classes, mean, std)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(total) / max(n, 1),
+            "val_miou": cm.miou(),
+            "val_overall_accuracy": cm.overall_accuracy(),
+            "epoch_seconds": time.perf_counter() - t0,
+            "val_per_class_iou": cm.summary(table.class_names)["iou"],
+        }
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics)
+        if metrics["val_miou"] > best[0]:
+            best = (metrics["val_miou"], epoch, copy.deepcopy(head.state_dict()))
+        elif cfg.patience and epoch - best[1] >= cfg.patience:
+            break
+    return best, history
+
+
 def fit_head(
     table: FeatureTable,
     timesteps: Sequence[int],
@@ -165,8 +240,7 @@ def fit_head(
     Raises:
         ConfigError / DataError: unknown timesteps/blocks, no training rows, bad hyperparameters.
     """
-    if cfg.epochs < 1 or cfg.batch_rows < 1 or cfg.lr <= 0:
-        raise ConfigError("head.epochs, head.batch_rows must be >= 1 and head.lr > 0")
+    check_ranges(cfg, "head.")
     channels = table.index.select(list(timesteps), list(blocks))
     device = torch.device(device)
     has_val = bool(table.parts(val_split))
@@ -176,48 +250,10 @@ def fit_head(
     val = train if (val_split, val_images) == ("train", train_images) else head_rows(
         table, val_split, channels, val_images, memory_mb, device
     )  # fmt: skip
-    stats = BandStats(len(channels))
-    counts = np.zeros(table.num_classes, np.int64)
-    for x, y in train.batches(16384):
-        stats.update(np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, np.float32).T)
-        y = y.cpu().numpy() if isinstance(y, torch.Tensor) else y
-        counts += np.bincount(y, minlength=table.num_classes)[: table.num_classes]
-    if counts.sum() == 0:
-        raise DataError(
-            "no labeled training rows for the head (check train_images / the table's train split)"
-        )
-    mean = torch.from_numpy(stats.mean.astype(np.float32)).to(device)
-    std = torch.from_numpy(np.maximum(stats.std, 1e-6).astype(np.float32)).to(device)
-    weight = None
-    if ClassWeighting(cfg.class_weighting) is ClassWeighting.balanced:
-        freq = counts / counts.sum()
-        w = np.where(counts > 0, 1.0 / np.maximum(freq, 1e-12), 0.0)
-        weight = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=device)
+    mean, std, counts = _standardisation(train, len(channels), table.num_classes, device)
+    weight = class_weights(counts, ClassWeighting(cfg.class_weighting), device)
     head = build_head(cfg, len(channels), table.num_classes).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = devices.generator(device, cfg.seed)
-    best: tuple[float, int, dict[str, Any]] = (-1.0, -1, {})
-    history = []
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        batches = train.batches(cfg.batch_rows, shuffle=True, seed=cfg.seed + epoch)
-        total, n = train_epoch(head, opt, batches, mean, std, weight, cfg.input_noise, gen)
-        cm = evaluate(head, val, table.num_classes, mean, std)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": float(total) / max(n, 1),
-            "val_miou": cm.miou(),
-            "val_overall_accuracy": cm.overall_accuracy(),
-            "epoch_seconds": time.perf_counter() - t0,
-            "val_per_class_iou": cm.summary(table.class_names)["iou"],
-        }
-        history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, metrics)
-        if metrics["val_miou"] > best[0]:
-            best = (metrics["val_miou"], epoch, copy.deepcopy(head.state_dict()))
-        elif epoch - best[1] >= cfg.patience:
-            break
+    best, history = _train_epochs(head, cfg, train, val, (mean, std), weight, table, on_epoch)
     head.load_state_dict(best[2])
     final = evaluate(head, val, table.num_classes, mean, std)
     summary = final.summary(table.class_names)

@@ -10,6 +10,7 @@ from enum import Enum
 
 from omegaconf import MISSING
 
+from rsdiff.config import bounded
 from rsdiff.ray_config import RayConfig
 from rsdiff.tracking import StageTracking
 
@@ -46,15 +47,17 @@ class PredictConfig:
     window: int | None = None  # px; default: the checkpoint's training tile size
     overlap: int | None = None  # px shared by neighbouring windows; default 5/8 of the window
     border: int | None = None  # px at each window edge given almost no weight; default 0 (plain ramp)
-    batch_size: int = 4  # windows per UNet pass
+    batch_size: int = bounded(4, ge=1)  # windows per UNet pass
     probabilities: bool = False  # also write {scene}.proba.tif (uint8, 255 = 1.0)
     uncertainty: bool = False  # also write {scene}.uncertainty.tif (float32 nats: entropy[, mutual info])
-    mc_samples: int = 0  # residual head: dropout samples for mutual information (0 = entropy only)
+    mc_samples: int = bounded(
+        0, ge=0
+    )  # residual head: dropout samples for mutual information (0 = entropy only)
     quicklook: bool = True
-    quicklook_size: int = 1024  # px, longest side
+    quicklook_size: int = bounded(1024, ge=16)  # px, longest side
     overwrite: bool = False
-    cpus_per_scene: float = 1.0
-    num_gpus: float = 0.0  # per scene task (1 on GPU clusters)
+    cpus_per_scene: float = bounded(1.0, gt=0)
+    num_gpus: float = bounded(0.0, ge=0)  # per scene task (1 on GPU clusters)
     precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
     region: list[int] | None = None  # [row, col, height, width] px of every scene to predict; null = all
     tracking: PredictTracking = field(default_factory=PredictTracking)

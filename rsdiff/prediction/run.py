@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from rsdiff import storage
-from rsdiff.config import redact, require, to_container
+from rsdiff.config import check_ranges, redact, to_container
 from rsdiff.data.scenes import SceneRef, discover
 from rsdiff.errors import DataError
 from rsdiff.prediction.config import Measure, PredictConfig
@@ -90,10 +90,10 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     from rsdiff import tracking
 
     t0 = time.perf_counter()
+    check_ranges(cfg)
     head_uri = storage.absolute(str(cfg.head))
     head, ddpm = load_head_and_checkpoint(head_uri)
     plan = window_plan(cfg, ddpm)
-    require("quicklook_size", cfg.quicklook_size, ge=16)
     unc = uncertainty_options(head, cfg.mc_samples, cfg.uncertainty)
     refs = discover(list(cfg.inputs))
     out = storage.absolute(str(cfg.output))

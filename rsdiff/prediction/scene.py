@@ -14,10 +14,11 @@ computed from the blended class distribution, the one the map is drawn from.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,9 @@ from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.heads.artifact import TrainedHead
 from rsdiff.prediction.blend import RowBlender
 from rsdiff.prediction.config import Measure
+from rsdiff.prediction.tiles import TileOptions, TileScorer
 from rsdiff.prediction.uncertainty import BAND_NAMES, PixelOutputs, entropy
 from rsdiff.prediction.writer import PredictionWriter, quicklook
-from rsdiff.suggest.tiles import TileOptions, TileScorer
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,7 @@ def predict_scene(
         JSON-able; the caller turns them into candidates).
     """
     t0 = time.perf_counter()
-    device = extractor.device
-    head.module.to(device)
+    head.module.to(extractor.device)
     unc = uncertainty or (UncertaintyOptions() if tiles else None)
     if tiles and tiles.measure is Measure.mutual_information and not (unc and unc.mutual_information):
         raise ValueError("tiles scored by mutual information need mutual_information=True uncertainty")
@@ -227,94 +227,30 @@ def predict_scene(
     )
     with SceneReader(ref, region=region) as reader:
         check_scene(reader, head, extractor)
-        georef = reader.crs is not None
-        if not georef:
+        if reader.crs is None:
             log.warning(
                 "%s has no georeference (CRS/transform): writing an un-georeferenced GeoTIFF",
                 storage.display(ref.image),
             )
-        writer = PredictionWriter(
-            reader.height,
-            reader.width,
-            reader.ds.crs if georef else None,
-            reader.transform if georef else None,
-            head.classes,
-            outputs.probabilities is not None,
-            {
-                "rsdiff_head": storage.display(head.uri),
-                "rsdiff_timesteps": ",".join(map(str, head.timesteps)),
-                "rsdiff_blocks": ",".join(head.blocks),
-                "rsdiff_checkpoint": storage.display(head.checkpoint),
-                "rsdiff_class_names": ",".join(head.class_names),
-                "rsdiff_scene": ref.id,
-                "rsdiff_prediction_run": outputs.run_id,
-            },
-            uncertainty=unc.bands if unc and outputs.uncertainty else None,
-        )
+        writer = _open_writer(reader, ref, head, outputs, unc)
         scorer = (
             TileScorer(reader.height, reader.width, tiles.size, tiles.quantile, tiles.descriptor_dims)
             if tiles
             else None
         )
         try:
-            blender = RowBlender(
-                reader.height, reader.width, pixel_outputs.channels, plan.size, plan.overlap, plan.border
+            sink = functools.partial(_write_band, pixel_outputs=pixel_outputs, writer=writer, scorer=scorer,
+                                     tiles=tiles)  # fmt: skip
+            windows = _blend_windows(
+                reader, head, extractor, plan, pixel_outputs, sink, batch_size, on_windows
             )
-            top, left = reader.region[:2] if reader.region else (0, 0)
-            rows = axis_origins(reader.height, plan.size, plan.stride)
-            cols = axis_origins(reader.width, plan.size, plan.stride)
-            windows = 0
-            for i, r in enumerate(rows):
-                for j in range(0, len(cols), batch_size):
-                    batch_cols = cols[j : j + batch_size]
-                    pixels = np.stack([_read_window(reader, r, c, plan.size) for c in batch_cols])
-                    x = extractor.ddpm.normalizer.torch(
-                        torch.from_numpy(pixels.astype(np.float32)).to(device)
-                    )
-                    origins = [(top + r, left + c) for c in batch_cols]  # in the whole scene
-                    probs = window_probabilities(extractor, head, x, pixel_outputs, origins).cpu().numpy()
-                    for c, p in zip(batch_cols, probs):
-                        blender.add(r, c, p)
-                    windows += len(batch_cols)
-                    if on_windows is not None:
-                        on_windows(len(batch_cols))
-                upto = rows[i + 1] if i + 1 < len(rows) else reader.height
-                for first, blended in blender.release(upto):
-                    _write_band(first, blended, reader.valid(first, blended.shape[1]), pixel_outputs,
-                                writer, scorer, tiles)  # fmt: skip
             writer.publish(outputs.class_map, outputs.probabilities, outputs.uncertainty)
             class_pixels = writer.class_pixels.tolist()
             if outputs.quicklook:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    picture = quicklook(
-                        reader.ds,
-                        writer.folder / "cog-class.tif",
-                        head.classes,
-                        extractor.ddpm.bands,
-                        quicklook_size,
-                        window=reader.region,
-                        uncertainty_path=writer.folder / "cog-uncertainty.tif" if writer.unc else None,
-                    )
-                with storage.atomic_local_path(outputs.quicklook) as tmp:
-                    Image.fromarray(picture).save(tmp, format="PNG")
+                _save_quicklook(reader, writer, head, extractor, outputs.quicklook, quicklook_size)
         finally:
             writer.close()
-        record = {
-            "scene": ref.id,
-            "image": ref.image,
-            "mask": ref.mask,
-            "class_map": outputs.class_map,
-            "probabilities": outputs.probabilities,
-            "uncertainty": outputs.uncertainty,
-            "width": reader.width,
-            "height": reader.height,
-            "bands": reader.bands,
-            "crs": reader.crs,
-            "transform": list(reader.transform)[:6] if georef else None,
-            "georeferenced": georef,
-            "region": reader.region,
-        }
+        record = _scene_record(ref, outputs, reader)
     record.update(
         quicklook=outputs.quicklook,
         class_pixels=dict(zip(head.class_names, class_pixels)),
@@ -324,6 +260,110 @@ def predict_scene(
     if scorer is not None:
         record["tiles"] = scorer.finish()
     return record
+
+
+def _open_writer(
+    reader: SceneReader, ref: SceneRef, head: TrainedHead, outputs: SceneOutputs, unc: Any
+) -> PredictionWriter:
+    """The GeoTIFF writer of the scene's maps, tagged with what made them."""
+    georef = reader.crs is not None
+    return PredictionWriter(
+        reader.height,
+        reader.width,
+        reader.ds.crs if georef else None,
+        reader.transform if georef else None,
+        head.classes,
+        outputs.probabilities is not None,
+        {
+            "rsdiff_head": storage.display(head.uri),
+            "rsdiff_timesteps": ",".join(map(str, head.timesteps)),
+            "rsdiff_blocks": ",".join(head.blocks),
+            "rsdiff_checkpoint": storage.display(head.checkpoint),
+            "rsdiff_class_names": ",".join(head.class_names),
+            "rsdiff_scene": ref.id,
+            "rsdiff_prediction_run": outputs.run_id,
+        },
+        uncertainty=unc.bands if unc and outputs.uncertainty else None,
+    )
+
+
+def _blend_windows(
+    reader: SceneReader,
+    head: TrainedHead,
+    extractor: FeatureExtractor | PixelInputs,
+    plan: WindowPlan,
+    pixel_outputs: PixelOutputs,
+    sink: Callable[[int, np.ndarray, np.ndarray], None],
+    batch_size: int,
+    on_windows: Any,
+) -> int:
+    """Predict every window, row of windows by row, ``batch_size`` windows at a time, blending them;
+    hands each finished band of rows to ``sink(first_row, blended (K, h, W), valid (h, W))``.
+    Returns the number of windows."""
+    blender = RowBlender(
+        reader.height, reader.width, pixel_outputs.channels, plan.size, plan.overlap, plan.border
+    )
+    top, left = reader.region[:2] if reader.region else (0, 0)
+    rows = axis_origins(reader.height, plan.size, plan.stride)
+    cols = axis_origins(reader.width, plan.size, plan.stride)
+    windows = 0
+    for i, r in enumerate(rows):
+        for j in range(0, len(cols), batch_size):
+            batch_cols = cols[j : j + batch_size]
+            pixels = np.stack([_read_window(reader, r, c, plan.size) for c in batch_cols])
+            x = extractor.ddpm.normalizer.torch(
+                torch.from_numpy(pixels.astype(np.float32)).to(extractor.device)
+            )
+            origins = [(top + r, left + c) for c in batch_cols]  # in the whole scene
+            probs = window_probabilities(extractor, head, x, pixel_outputs, origins).cpu().numpy()
+            for c, p in zip(batch_cols, probs):
+                blender.add(r, c, p)
+            windows += len(batch_cols)
+            if on_windows is not None:
+                on_windows(len(batch_cols))
+        upto = rows[i + 1] if i + 1 < len(rows) else reader.height
+        for first, blended in blender.release(upto):
+            sink(first, blended, reader.valid(first, blended.shape[1]))
+    return windows
+
+
+def _save_quicklook(
+    reader: SceneReader, writer: PredictionWriter, head: TrainedHead, extractor: Any, path: str, size: int
+) -> None:
+    """The scene's quicklook PNG (image, map, legend; uncertainty when written) at ``path``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        picture = quicklook(
+            reader.ds,
+            writer.folder / "cog-class.tif",
+            head.classes,
+            extractor.ddpm.bands,
+            size,
+            window=reader.region,
+            uncertainty_path=writer.folder / "cog-uncertainty.tif" if writer.unc else None,
+        )
+    with storage.atomic_local_path(path) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
+
+
+def _scene_record(ref: SceneRef, outputs: SceneOutputs, reader: SceneReader) -> dict[str, Any]:
+    """What was predicted where: the scene, its outputs, size, bands and georeference."""
+    georef = reader.crs is not None
+    return {
+        "scene": ref.id,
+        "image": ref.image,
+        "mask": ref.mask,
+        "class_map": outputs.class_map,
+        "probabilities": outputs.probabilities,
+        "uncertainty": outputs.uncertainty,
+        "width": reader.width,
+        "height": reader.height,
+        "bands": reader.bands,
+        "crs": reader.crs,
+        "transform": list(reader.transform)[:6] if georef else None,
+        "georeferenced": georef,
+        "region": reader.region,
+    }
 
 
 def _write_band(

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from rsdiff import storage
-from rsdiff.config import require
 from rsdiff.data.scenes import SceneRef
 from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.prediction.scene import SceneOutputs, UncertaintyOptions, WindowPlan
+from rsdiff.prediction.tiles import TileOptions
 from rsdiff.ray_config import RayConfig
-from rsdiff.suggest.tiles import TileOptions
 
 
 def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, Any]:
@@ -31,7 +30,7 @@ def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, A
 
 
 def _load_checkpoint(head_uri: str, checkpoint: str, device: Any) -> Any:
-    from rsdiff.train.checkpoint import load_pretrained
+    from rsdiff.diffusion.checkpoint import load_pretrained
 
     try:
         return load_pretrained(checkpoint, device=device)
@@ -64,9 +63,6 @@ def window_plan(cfg: Any, ddpm: Any) -> WindowPlan:
             f"border={border} must be >= 0 and overlap={overlap} at least twice it (so every pixel has a "
             "window in which it is clear of the border band); raise overlap or lower border"
         )
-    require("batch_size", cfg.batch_size, ge=1)
-    require("cpus_per_scene", cfg.cpus_per_scene, gt=0)
-    require("num_gpus", cfg.num_gpus, ge=0)
     return WindowPlan(size, overlap, int(border))
 
 

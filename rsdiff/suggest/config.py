@@ -10,6 +10,7 @@ from enum import Enum
 
 from omegaconf import MISSING
 
+from rsdiff.config import bounded
 from rsdiff.prediction.config import Measure
 from rsdiff.ray_config import RayConfig
 from rsdiff.tracking import StageTracking
@@ -31,23 +32,27 @@ class SuggestConfig:
     )
     labeled: list[str] = field(default_factory=list)  # labeled scenes: ingest outputs or image globs/files
     output: str = "runs/suggestions"
-    budget: int = 20  # tiles to suggest
-    tile: int = 256  # px, side of a candidate tile
+    budget: int = bounded(20, ge=1)  # tiles to suggest
+    tile: int = bounded(256, ge=8)  # px, side of a candidate tile
     measure: Measure | None = None  # null: mutual_information where the head has members, else entropy
     aggregate: Aggregate = Aggregate.mean
-    quantile: float = 0.9  # with aggregate=quantile
-    min_valid: float = 0.5  # least fraction of valid (not nodata) pixels of a candidate tile
-    min_distance: int | None = None  # px between centres of picks in one scene; null: 2 x tile
-    max_similarity: float | None = 0.9  # cosine similarity of tile descriptors; null: no feature rule
-    mc_samples: int = 0  # residual head: dropout samples for mutual information
-    sheet: int = 24  # tiles shown in contact_sheet.png
+    quantile: float = bounded(0.9, gt=0, le=1)  # with aggregate=quantile
+    min_valid: float = bounded(
+        0.5, gt=0, le=1
+    )  # least fraction of valid (not nodata) pixels of a candidate tile
+    min_distance: int | None = bounded(None, ge=0)  # px between centres of picks in one scene; null: 2 x tile
+    max_similarity: float | None = bounded(
+        0.9, ge=-1, le=1
+    )  # cosine similarity of tile descriptors; null: no feature rule
+    mc_samples: int = bounded(0, ge=0)  # residual head: dropout samples for mutual information
+    sheet: int = bounded(24, ge=0)  # tiles shown in contact_sheet.png
     window: int | None = None  # px; default: the checkpoint's training tile size
     overlap: int | None = None  # px; default 5/8 of the window (see jobs/predict.py)
     border: int | None = None  # px; default 0 (see jobs/predict.py)
-    batch_size: int = 4
+    batch_size: int = bounded(4, ge=1)
     precision: str = "auto"
-    cpus_per_scene: float = 1.0
-    num_gpus: float = 0.0
+    cpus_per_scene: float = bounded(1.0, gt=0)
+    num_gpus: float = bounded(0.0, ge=0)
     overwrite: bool = False
     tracking: StageTracking = field(default_factory=lambda: StageTracking(experiment="rsdiff-suggest"))
     ray: RayConfig = field(default_factory=RayConfig)

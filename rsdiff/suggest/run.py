@@ -2,7 +2,7 @@
 
 Each unlabeled scene is predicted like ``jobs/predict.py`` does it (one Ray task per scene,
 sliding windows, blended), with per-pixel uncertainty (:mod:`rsdiff.prediction.uncertainty`),
-and cut into ``tile`` px candidate tiles summarised by :class:`~rsdiff.suggest.tiles.TileScorer`.
+and cut into ``tile`` px candidate tiles summarised by :class:`~rsdiff.prediction.tiles.TileScorer`.
 A tile's score is the mean (or the ``quantile``) of the ``measure`` over its valid pixels:
 mutual information where the head has members (the ensemble; a residual head with
 ``mc_samples``), else entropy. Tiles with fewer than ``min_valid`` valid pixels are not candidates.
@@ -32,15 +32,15 @@ from typing import Any
 import numpy as np
 
 from rsdiff import storage
-from rsdiff.config import redact, require, to_container
+from rsdiff.config import check_ranges, redact, to_container
 from rsdiff.data.scenes import SceneRef, discover
 from rsdiff.errors import ConfigError, DataError
 from rsdiff.prediction.config import Measure
 from rsdiff.prediction.scene import SceneOutputs, UncertaintyOptions
+from rsdiff.prediction.tiles import TileOptions
 from rsdiff.prediction.uncertainty import check_measure, has_members, max_entropy
 from rsdiff.suggest.config import Aggregate, SuggestConfig
 from rsdiff.suggest.rank import Candidate, Pick, rank_tiles
-from rsdiff.suggest.tiles import TileOptions
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,7 @@ def resolve_measure(cfg: SuggestConfig, head: Any) -> Measure:
 
 
 def _check(cfg: SuggestConfig) -> None:
-    require("budget", cfg.budget, ge=1)
-    require("tile", cfg.tile, ge=8)
-    require("quantile", cfg.quantile, gt=0, le=1)
-    require("min_valid", cfg.min_valid, gt=0, le=1)
-    require("sheet", cfg.sheet, ge=0)
-    if cfg.min_distance is not None:
-        require("min_distance", cfg.min_distance, ge=0)
-    if cfg.max_similarity is not None:
-        require("max_similarity", cfg.max_similarity, ge=-1, le=1)
+    check_ranges(cfg)
 
 
 def split_labeled(cfg: SuggestConfig) -> tuple[list[SceneRef], list[SceneRef]]:
@@ -184,27 +176,8 @@ def _suggest(
     run: Any,
     t0: float,
 ) -> SuggestResult:
-    from rsdiff.prediction.tasks import TaskOptions, predict_scenes
-
-    mi = measure is Measure.mutual_information or has_members(head, int(cfg.mc_samples))
-    unc = UncertaintyOptions(mi, int(cfg.mc_samples))
-    opts = TaskOptions(
-        float(cfg.num_gpus), str(cfg.precision), int(cfg.batch_size), 1024, None, unc,
-        TileOptions(int(cfg.tile), measure, float(cfg.quantile), DESCRIPTOR_DIMS),
-    )  # fmt: skip
     run_id = uuid.uuid4().hex
-    outputs = [
-        SceneOutputs(
-            class_map=storage.join(out, "maps", f"{r.id}.tif"),
-            probabilities=None,
-            quicklook=None,
-            run_id=run_id,
-            uncertainty=storage.join(out, "maps", f"{r.id}.uncertainty.tif"),
-        )
-        for r in candidates
-    ]
-    records = predict_scenes(head_uri, candidates, plan, outputs, opts, cfg.cpus_per_scene, cfg.ray, windows,
-                             desc="suggest")  # fmt: skip
+    records = _score_tiles(cfg, head, head_uri, plan, measure, candidates, windows, out, run_id)
     pool = [
         Candidate(
             rec["scene"],
@@ -255,19 +228,7 @@ def _suggest(
         "config": redact(to_container(cfg)),
     }
     if run is not None:
-        scores = [e["score"] for e in entries]
-        run.log_metrics(
-            {"candidate_scenes": len(candidates), "labeled_scenes_excluded": len(labeled),
-             "candidate_tiles": len(pool), "suggested": len(entries), "seconds": seconds,
-             "score_first": scores[0] if scores else None, "score_last": scores[-1] if scores else None},
-            step=0,
-        )  # fmt: skip
-        run.set_tags({"rsdiff.measure": measure.value})
-        run.log_dict(doc, SUGGESTIONS)
-        for uri in collections:
-            run.log_dict(json.loads(storage.read_text(uri)), storage.name(uri))
-        if sheet is not None:
-            run.log_image(sheet, "contact_sheet.png")
+        _log_run(run, doc, collections, sheet, len(labeled))
     storage.write_text(storage.join(out, SUGGESTIONS), json.dumps(doc, indent=1))  # published last
     if run is not None:
         run.finish()
@@ -275,6 +236,59 @@ def _suggest(
         "suggest: %d tile(s) from %d scene(s) -> %s", len(entries), len(candidates), storage.display(out)
     )
     return SuggestResult(out, entries, [r.id for r in labeled], collections, run.run_id if run else None)
+
+
+def _score_tiles(
+    cfg: SuggestConfig,
+    head: Any,
+    head_uri: str,
+    plan: Any,
+    measure: Measure,
+    candidates: list[SceneRef],
+    windows: int,
+    out: str,
+    run_id: str,
+) -> list[dict[str, Any]]:
+    """Predict every candidate scene with uncertainty (its map and uncertainty raster under
+    ``out/maps``), summarising it per ``tile`` px tile; one record per scene with its ``tiles``."""
+    from rsdiff.prediction.tasks import TaskOptions, predict_scenes
+
+    mi = measure is Measure.mutual_information or has_members(head, int(cfg.mc_samples))
+    unc = UncertaintyOptions(mi, int(cfg.mc_samples))
+    opts = TaskOptions(
+        float(cfg.num_gpus), str(cfg.precision), int(cfg.batch_size), 1024, None, unc,
+        TileOptions(int(cfg.tile), measure, float(cfg.quantile), DESCRIPTOR_DIMS),
+    )  # fmt: skip
+    outputs = [
+        SceneOutputs(
+            class_map=storage.join(out, "maps", f"{r.id}.tif"),
+            probabilities=None,
+            quicklook=None,
+            run_id=run_id,
+            uncertainty=storage.join(out, "maps", f"{r.id}.uncertainty.tif"),
+        )
+        for r in candidates
+    ]
+    return predict_scenes(head_uri, candidates, plan, outputs, opts, cfg.cpus_per_scene, cfg.ray, windows,
+                          desc="suggest")  # fmt: skip
+
+
+def _log_run(run: Any, doc: dict[str, Any], collections: list[str], sheet: Any, labeled: int) -> None:
+    """The suggestion counts and scores, the suggestions document, its GeoJSON and contact sheet."""
+    entries = doc["suggestions"]
+    scores = [e["score"] for e in entries]
+    run.log_metrics(
+        {"candidate_scenes": len(doc["candidate_scenes"]), "labeled_scenes_excluded": labeled,
+         "candidate_tiles": doc["candidate_tiles"], "suggested": len(entries), "seconds": doc["seconds"],
+         "score_first": scores[0] if scores else None, "score_last": scores[-1] if scores else None},
+        step=0,
+    )  # fmt: skip
+    run.set_tags({"rsdiff.measure": doc["measure"]})
+    run.log_dict(doc, SUGGESTIONS)
+    for uri in collections:
+        run.log_dict(json.loads(storage.read_text(uri)), storage.name(uri))
+    if sheet is not None:
+        run.log_image(sheet, "contact_sheet.png")
 
 
 def _entry(p: Pick, rec: dict[str, Any], stats: dict, out: str) -> dict[str, Any]:

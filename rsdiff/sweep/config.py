@@ -10,6 +10,7 @@ from enum import Enum
 
 from omegaconf import MISSING
 
+from rsdiff.config import bounded
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.config import BlockNumbering
 from rsdiff.heads.config import HeadConfig
@@ -25,11 +26,11 @@ class SearchSpace:
         default_factory=lambda: [["up1.res0", "up1.res1"], ["up2.res0", "up2.res1"], ["up1.res1", "up2.res1"]]
     )
     kind: list[str] = field(default_factory=lambda: ["residual"])
-    width: list[int] = field(default_factory=lambda: [64, 128])
-    depth: list[int] = field(default_factory=lambda: [1, 2])
-    lr: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
-    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1])
-    input_noise: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    width: list[int] = bounded(factory=lambda: [64, 128], ge=1)
+    depth: list[int] = bounded(factory=lambda: [1, 2], ge=1)
+    lr: list[float] = bounded(factory=lambda: [3e-4, 1e-3, 3e-3], gt=0, le=1)
+    dropout: list[float] = bounded(factory=lambda: [0.0, 0.1], ge=0, lt=1)
+    input_noise: list[float] = bounded(factory=lambda: [0.0, 0.1], ge=0)
     class_weighting: list[str] = field(default_factory=lambda: ["none", "balanced"])
 
 
@@ -66,15 +67,15 @@ class SweepConfig:
     head: HeadConfig = field(default_factory=HeadConfig)  # fixed settings; epochs = max per trial
     table: TableCacheConfig = field(default_factory=TableCacheConfig)  # how trials read the table
     search_mode: SearchMode = SearchMode.random
-    num_samples: int = 8  # random: trials drawn; grid: the most combinations allowed
-    max_concurrent_trials: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    time_budget_s: float | None = None
+    num_samples: int = bounded(8, ge=1)  # random: trials drawn; grid: the most combinations allowed
+    max_concurrent_trials: int = bounded(2, ge=1)
+    cpus_per_trial: float = bounded(1.0, gt=0)
+    gpus_per_trial: float = bounded(0.0, ge=0)
+    time_budget_s: float | None = bounded(None, gt=0)
     fresh: bool = False  # delete an existing experiment of this name and start over
     scheduler: Scheduler = Scheduler.asha
     grace_period: int = 2  # epochs every trial runs before ASHA may stop it
-    reduction_factor: int = 2
+    reduction_factor: int = bounded(2, ge=2)
     seed: int = 0
     tracking: SweepTracking = field(default_factory=SweepTracking)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -145,8 +145,8 @@ def log_overlay(parent: Any, head: TrainedHead, table: FeatureTable) -> None:
 
     from rsdiff.data.manifest import read_manifest
     from rsdiff.data.shards import iter_shard
+    from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.features.extractor import FeatureExtractor
-    from rsdiff.train.checkpoint import load_pretrained
     from rsdiff.viz import class_colours, enlarge, labelled, legend, model_rgb, side_by_side, stack
 
     manifest = read_manifest(str(table.meta["shards"]))

@@ -84,41 +84,20 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 def _run_sweep(
     cfg: SweepConfig, table: FeatureTable, spec: dict[str, Any], experiment_uri: str, out: str, uri: str
 ) -> SweepResult:
-    import time
-
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
-
+    """Run the samples not yet done (all of them in a new experiment) under the sweep's parent run,
+    then publish the best head, the summary and the parent run's comparison."""
     from rsdiff import tracking
-    from rsdiff.raytools import connect, storage_for_ray
 
-    spec_uri = storage.join(experiment_uri, SWEEP_SPEC)
     restore = bool(_contents(experiment_uri))
     if restore:
         check_same_spec(experiment_uri, spec)
     samples = trial_settings(cfg)
     records = read_records(experiment_uri, len(samples)) if restore else {}
     remaining = [i for i in range(len(samples)) if records.get(i, {}).get("status") not in DONE]
-    sweep_key = storage.display(storage.join(str(cfg.storage), str(cfg.name)))
-    provenance = provenance_tags({"features": table.root, "output": out})
-    tags = {**provenance, **tracking.parent_tags(cfg.tracking.parent_run_id), "rsdiff.stage": "sweep",
-            "rsdiff.sweep": sweep_key}  # fmt: skip
-    if restore:
-        parent, resumed = tracking.RunHandle.find_or_create(
-            uri, cfg.tracking.experiment, str(cfg.name), tags=tags, match_tag="rsdiff.sweep"
-        )
-    else:  # a new experiment gets a new parent run
-        parent, resumed = tracking.RunHandle.create(uri, cfg.tracking.experiment, str(cfg.name), tags), False
-        storage.write_text(spec_uri, json.dumps(spec, indent=1, default=str))
-    if resumed:
-        parent.set_tags({k: v for k, v in tags.items() if k != "rsdiff.sweep"})  # new parent, command
-    else:
-        parent.log_params({**tracking.config_params(cfg), **head_params(cfg)})
-        parent.log_dict(to_container(cfg.search), "search_space.json")
+    parent = _parent_run(cfg, table, spec, experiment_uri, out, uri, restore)
     with tracking.ends_run(parent):
         if remaining:
-            log.info("sweep %s: %d of %d samples to run", sweep_key, len(remaining), len(samples))
+            log.info("sweep %s: %d of %d samples to run", _sweep_key(cfg), len(remaining), len(samples))
             context = TrialContext(
                 samples=samples,
                 features=table.root,
@@ -130,41 +109,9 @@ def _run_sweep(
                 experiment_uri=experiment_uri,
                 out=out,
                 gpus=float(cfg.gpus_per_trial),
-                tags=provenance,
+                tags=_provenance(table, out),
             )
-            connect(cfg.ray.address, cfg.ray.num_cpus)
-            trainable = tune.with_resources(
-                tune.with_parameters(run_trial, context=context),
-                {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
-            )
-            # max_t one past the last epoch: ASHA stops a trial that reaches max_t at that very report,
-            # before the trial could save its head; trials that run every epoch must end on their own.
-            scheduler = (
-                ASHAScheduler(
-                    max_t=cfg.head.epochs + 1,
-                    grace_period=cfg.grace_period,
-                    reduction_factor=cfg.reduction_factor,
-                )
-                if Scheduler(cfg.scheduler) is Scheduler.asha
-                else FIFOScheduler()
-            )
-            storage_path, filesystem = storage_for_ray(experiment_uri)
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"sample": tune.grid_search(remaining)},
-                tune_config=tune.TuneConfig(
-                    metric="val_miou",
-                    mode="max",
-                    scheduler=scheduler,
-                    search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials),
-                    time_budget_s=cfg.time_budget_s,
-                ),
-                run_config=tune.RunConfig(
-                    name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=storage_path,
-                    storage_filesystem=filesystem,
-                ),
-            )  # fmt: skip
-            grid = tuner.fit()
+            grid = _tuner(cfg, context, remaining, experiment_uri).fit()
             mark_ended(grid, experiment_uri, len(samples))
         records = read_records(experiment_uri, len(samples))
         trials = collect(samples, records, out)
@@ -183,6 +130,87 @@ def _run_sweep(
     parent.finish("FINISHED")
     print(format_table(trials))
     return SweepResult(best_uri, best, trials, parent.run_id, uri)
+
+
+def _sweep_key(cfg: SweepConfig) -> str:
+    """The sweep's storage/name as shown and as its parent run is found again by."""
+    return storage.display(storage.join(str(cfg.storage), str(cfg.name)))
+
+
+def _provenance(table: FeatureTable, out: str) -> dict[str, str]:
+    return provenance_tags({"features": table.root, "output": out})
+
+
+def _parent_run(
+    cfg: SweepConfig,
+    table: FeatureTable,
+    spec: dict[str, Any],
+    experiment_uri: str,
+    out: str,
+    uri: str,
+    restore: bool,
+) -> Any:
+    """The sweep's parent MLflow run: found again when continuing (it joins its new parent and
+    command), else created with the config and search space (and the sweep's spec written)."""
+    from rsdiff import tracking
+
+    tags = {**_provenance(table, out), **tracking.parent_tags(cfg.tracking.parent_run_id),
+            "rsdiff.stage": "sweep", "rsdiff.sweep": _sweep_key(cfg)}  # fmt: skip
+    if restore:
+        parent, resumed = tracking.RunHandle.find_or_create(
+            uri, cfg.tracking.experiment, str(cfg.name), tags=tags, match_tag="rsdiff.sweep"
+        )
+    else:  # a new experiment gets a new parent run
+        parent, resumed = tracking.RunHandle.create(uri, cfg.tracking.experiment, str(cfg.name), tags), False
+        storage.write_text(storage.join(experiment_uri, SWEEP_SPEC), json.dumps(spec, indent=1, default=str))
+    if resumed:
+        parent.set_tags({k: v for k, v in tags.items() if k != "rsdiff.sweep"})  # new parent, command
+    else:
+        parent.log_params({**tracking.config_params(cfg), **head_params(cfg)})
+        parent.log_dict(to_container(cfg.search), "search_space.json")
+    return parent
+
+
+def _tuner(cfg: SweepConfig, context: TrialContext, remaining: list[int], experiment_uri: str) -> Any:
+    """A Ray Tune tuner over the ``remaining`` sample indices, each trial :func:`run_trial` with
+    ``context``, scheduled by ASHA or FIFO on val mIoU, stored in ``experiment_uri``."""
+    import time
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from rsdiff.raytools import connect, storage_for_ray
+
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context),
+        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
+    )
+    # max_t one past the last epoch: ASHA stops a trial that reaches max_t at that very report,
+    # before the trial could save its head; trials that run every epoch must end on their own.
+    scheduler = (
+        ASHAScheduler(max_t=cfg.head.epochs + 1, grace_period=cfg.grace_period,
+                      reduction_factor=cfg.reduction_factor)
+        if Scheduler(cfg.scheduler) is Scheduler.asha
+        else FIFOScheduler()
+    )  # fmt: skip
+    storage_path, filesystem = storage_for_ray(experiment_uri)
+    return tune.Tuner(
+        trainable,
+        param_space={"sample": tune.grid_search(remaining)},
+        tune_config=tune.TuneConfig(
+            metric="val_miou",
+            mode="max",
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials),
+            time_budget_s=cfg.time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=storage_path,
+            storage_filesystem=filesystem,
+        ),
+    )  # fmt: skip
 
 
 def _contents(experiment: str) -> list[str]:

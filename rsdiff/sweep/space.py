@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 
 from rsdiff import storage
-from rsdiff.config import require, to_container
+from rsdiff.config import check_ranges, to_container
 from rsdiff.errors import ConfigError
-from rsdiff.features.cache import check_numbers as check_table_numbers
 from rsdiff.features.table import FeatureTable
 from rsdiff.sweep.config import SearchMode, SweepConfig
 
@@ -52,27 +51,9 @@ def validate(cfg: SweepConfig, table: FeatureTable) -> None:
 
 
 def check_numbers(cfg: SweepConfig) -> None:
-    """Every numeric setting of the sweep in range, before any trial starts."""
-    for value in cfg.search.lr:
-        require("search.lr[...]", value, gt=0, le=1)
-    for value in cfg.search.dropout:
-        require("search.dropout[...]", value, ge=0, lt=1)
-    for value in cfg.search.input_noise:
-        require("search.input_noise[...]", value, ge=0)
-    for key in ("width", "depth"):
-        for value in getattr(cfg.search, key):
-            require(f"search.{key}[...]", value, ge=1)
-    require("head.lr", cfg.head.lr, gt=0, le=1)
-    require("head.dropout", cfg.head.dropout, ge=0, lt=1)
-    require("head.weight_decay", cfg.head.weight_decay, ge=0)
-    for key in ("batch_rows", "patience", "members"):
-        require(f"head.{key}", getattr(cfg.head, key), ge=1)
-    require("cpus_per_trial", cfg.cpus_per_trial, gt=0)
-    require("gpus_per_trial", cfg.gpus_per_trial, ge=0)
-    require("reduction_factor", cfg.reduction_factor, ge=2)
-    if cfg.time_budget_s is not None:
-        require("time_budget_s", cfg.time_budget_s, gt=0)
-    check_table_numbers(cfg.table)
+    """Every numeric setting of the sweep in range (declared with the config fields, the head's
+    and the table cache's included), before any trial starts."""
+    check_ranges(cfg)
 
 
 def sweep_spec(cfg: SweepConfig, table: FeatureTable) -> dict[str, Any]:

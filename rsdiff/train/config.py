@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rsdiff.config import bounded
 from rsdiff.diffusion.config import DiffusionConfig, InitConfig, ModelConfig
 from rsdiff.ray_config import RayConfig
 
@@ -26,33 +27,33 @@ class DataConfig:
 
     shards: str = SAMPLE_SHARDS  # ingest output folder or s3:// prefix (holds manifest.json)
     splits: list[str] = field(default_factory=lambda: ["train", "val"])  # pretraining needs no labels
-    batch_size: int = 8  # per worker
-    num_workers: int = 2  # DataLoader processes per Ray worker
-    shuffle_buffer: int = 256
+    batch_size: int = bounded(8, ge=1)  # per worker
+    num_workers: int = bounded(2, ge=0)  # DataLoader processes per Ray worker
+    shuffle_buffer: int = bounded(256, ge=0)
     augment: bool = True
-    norm_scale: float = 2.0  # x -> clip((x - mean) / (norm_scale * std), -1, 1)
+    norm_scale: float = bounded(2.0, gt=0)  # x -> clip((x - mean) / (norm_scale * std), -1, 1)
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup and cosine decay; iteration-based."""
 
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_steps: int = 200
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float = 0.99
+    lr: float = bounded(1e-3, gt=0, le=1)
+    betas: list[float] = bounded(factory=lambda: [0.9, 0.999], ge=0, lt=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    warmup_steps: int = bounded(20, ge=0)
+    max_steps: int = bounded(200, ge=1)
+    grad_clip: float = bounded(1.0, gt=0)
+    grad_accum: int = bounded(1, ge=1)
+    ema_decay: float = bounded(0.99, ge=0, lt=1)
 
 
 @dataclass
 class CheckpointCfg:
     """How often rank 0 saves a checkpoint (and at the last step) and how many Ray Train keeps."""
 
-    every_steps: int = 100
-    keep: int = 3
+    every_steps: int = bounded(100, ge=1)
+    keep: int = bounded(3, ge=1)
 
 
 @dataclass
@@ -62,10 +63,10 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "rsdiff-pretrain"
     parent_run_id: str | None = None  # nest this run under another (the demo's run does)
-    log_every: int = 20
-    sample_every: int = 100
-    sample_count: int = 16
-    sample_steps: int = 25
+    log_every: int = bounded(20, ge=1)
+    sample_every: int = bounded(100, ge=1)
+    sample_count: int = bounded(16, ge=1)
+    sample_steps: int = bounded(25, ge=1)
 
 
 @dataclass
@@ -110,15 +111,15 @@ class TrainPlan:
 class ScalingCfg:
     """Ray Train workers: one DDP rank each."""
 
-    num_workers: int = 1
+    num_workers: int = bounded(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = bounded(1.0, gt=0)
     # GPU family every rank needs (Ray's accelerator_type, e.g. A100, H100, A10G); null = any GPU.
     # Presets whose estimated memory exceeds a 24 GB card set it so the autoscaler picks big nodes.
     accelerator_type: str | None = None
     # Seconds the job waits for the cluster to start rank 0 (autoscaler launches included) before it
     # fails naming what it asked for; a request no node type can hold fails at once.
-    placement_timeout_s: float = 1200.0
+    placement_timeout_s: float = bounded(1200.0, gt=0)
 
 
 @dataclass
@@ -127,7 +128,9 @@ class RunCfg:
 
     name: str = "pretrain-tiny"
     storage: str = "runs/ray"
-    max_failures: int = 2  # worker-group restarts (a lost node, a crashed rank); -1 = no limit
+    max_failures: int = bounded(
+        2, ge=-1
+    )  # worker-group restarts (a lost node, a crashed rank); -1 = no limit
     # run.storage is a local path every node mounts at the same place (NFS, EFS): allowed on
     # multi-node clusters. Otherwise a local run.storage is refused there (use s3://).
     shared_storage: bool = False

@@ -1,4 +1,4 @@
-"""The DDPM training loop run by every Ray Train worker, top to bottom in one function.
+"""The DDPM training loop run by every Ray Train worker.
 
 Per step (:func:`train_step`): draw ``grad_accum`` micro-batches from the shard stream, noise them
 at random timesteps, regress the noise (MSE), clip, AdamW step, EMA update. Noise and timesteps
@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from rsdiff import devices
+from rsdiff.diffusion import checkpoint
 from rsdiff.diffusion.config import ModelConfig
 from rsdiff.diffusion.sampling import ddim_sample, denoise_strip
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet, epsilon
-from rsdiff.train import checkpoint
 from rsdiff.train.config import OptimConfig, TrainPlan
-from rsdiff.train.stream import ShardStream, StreamPosition
+from rsdiff.train.rank_data import RankData
 from rsdiff.viz import enlarge, grid, labelled, model_rgb
 
 log = logging.getLogger(__name__)
@@ -217,175 +217,171 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
-    in_channels, size = plan.in_channels, plan.image_size
-
     if cuda:
         devices.enable_tf32()
     state = resume_state(plan.run_dir, ray.train.get_checkpoint())
-    initial = None
-    if state is None and plan.init is not None:  # a fresh run from existing weights
-        from rsdiff.diffusion.sources import load_source
-
-        initial, _ = load_source(str(plan.init.from_), plan.init).adapted(in_channels, plan.init)
-    model, ema, opt, sched, start = init_training(
-        plan.model, plan.optim, in_channels, size, device, state, seed=plan.seed,
-        channels_last=plan.perf.channels_last, initial=initial,
-    )  # fmt: skip
-    del initial
-    channels_last = cuda and plan.perf.channels_last
-    rng = state.get("rng") if state is not None else None
+    model, ema, opt, sched, start = _start_training(plan, state, device)
     # Distinct, reproducible streams per rank; on resume (same world size) each rank continues
     # its own streams exactly, whatever the loader setup below draws.
     run_seed = plan.seed * 1000 + rank * 100_003 + start
     torch.manual_seed(run_seed)
     gen = devices.generator(device, run_seed)
-    rank_rng = rng[rank] if isinstance(rng, list) and len(rng) == world else None
-    if isinstance(rank_rng, torch.Tensor):  # checkpoints before per-device generators: CPU state only
-        rank_rng = {"cpu": rank_rng}
-
     model = ray.train.torch.prepare_model(model)
     if plan.perf.compile:
         model = torch.compile(model)
     noise_sched = make_scheduler(plan.diffusion)
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)
-    workers = max(1, plan.data.num_workers)
-    saved = state.get("stream") if state is not None else None
-    mine = saved[rank] if isinstance(saved, list) and len(saved) == world else None
-    if mine is not None and mine["workers"] == workers:  # continue at the exact sample
-        stream_seed, first_slot = int(mine["seed"]), int(mine["next_slot"])
-        positions = {int(k): StreamPosition(*v) for k, v in mine["positions"].items()}
-    else:  # fresh, or the world size / loader workers changed: a new seeded order
-        if state is not None:
-            log.warning("[rank %d] data stream restarts in a new order (no matching stream position)", rank)
-        stream_seed, first_slot, positions = plan.seed + 7919 * start, 0, {}
-    stream = ShardStream(
-        plan.shards,
-        rank,
-        world,
-        plan.normalizer,
-        size,
-        shuffle_buffer=plan.data.shuffle_buffer,
-        augment=plan.data.augment,
-        seed=stream_seed,
-        resume=positions,
-        first_slot=first_slot,
-    )
-    loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=plan.data.batch_size,
-        num_workers=plan.data.num_workers,
-        pin_memory=cuda,
-        persistent_workers=plan.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(run_seed),  # leaves the default generator alone
-    )
-    batches = iter(loader)
+    data = RankData(plan, rank, world, (state or {}).get("stream"), start, run_seed, pin=cuda)
+    rank_rng = _saved_rng(state, rank, world)
     if rank_rng is not None:
         devices.set_rng_state(rank_rng, gen, device)
-    nodes = placement(world)
-    tracker = None
-    logged_through = 0  # steps already in MLflow: a restart replays them without logging them again
-    if rank == 0:
-        where = ", ".join(f"rank {r} on {n}" for r, n in enumerate(nodes))
-        what = "resuming from checkpoint at" if start else "starting at"
-        log.info("[rank 0] %s step %d; %s", what, start, where)
-    if rank == 0 and plan.run_id:
-        from rsdiff.tracking import RunHandle
-
-        tracker = RunHandle(plan.tracking_uri, plan.run_id)
-        tracker.log_metrics({"started_at_step": start}, step=start)
-        tracker.set_tags({f"rsdiff.placement.from_step_{start:08d}": json.dumps(nodes)})
-        if start:
-            logged_through = tracker.last_step("loss")
-            if logged_through > start:
-                log.info("[rank 0] steps %d-%d ran before the restart: replayed from the checkpoint, "
-                         "not logged again", start + 1, logged_through)  # fmt: skip
+    tracker, logged_through = _open_tracking(plan, rank, start, placement(world))
     amp_dtype = devices.autocast_dtype("bf16" if plan.perf.bf16 else "fp32", device) if cuda else None
-
-    window_loss = torch.zeros((), device=device)
-    window_steps, window_data, window_t0 = 0, 0.0, time.perf_counter()
-    x0_last: list[torch.Tensor] = []
-    consumed = 0  # batches taken from the loader (its workers take turns, in order)
-
-    def next_batch() -> torch.Tensor:
-        nonlocal positions, consumed
-        batch = next(batches)
-        positions = ShardStream.positions_after(positions, batch)
-        consumed += 1
-        x0_last[:] = [batch["x"][0]]
-        return batch["x"]
-
+    window = _Window(device)
     for step in range(start, plan.optim.max_steps):
         loss, grad_norm, waited = train_step(
-            model, ema, opt, sched, next_batch, noise_sched, gen,
+            model, ema, opt, sched, data.next_batch, noise_sched, gen,
             timesteps=plan.diffusion.timesteps, grad_accum=plan.optim.grad_accum,
             grad_clip=plan.optim.grad_clip, ema_decay=plan.optim.ema_decay, amp_dtype=amp_dtype,
-            channels_last=channels_last,
+            channels_last=cuda and plan.perf.channels_last,
         )  # fmt: skip
-        window_loss += loss
-        window_data += waited
+        window.add(loss, waited)
         done = step + 1
-        window_steps += 1
         if plan.after_step is not None:
             plan.after_step(done, rank, plan)
-
         save = done % plan.checkpoint.every_steps == 0 or done == plan.optim.max_steps
         if done % plan.tracking.log_every and not save:
             continue
-        if world > 1:
-            torch.distributed.all_reduce(window_loss, op=torch.distributed.ReduceOp.AVG)
-        elapsed = time.perf_counter() - window_t0
-        metrics = {
-            "step": done,
-            "loss": float(window_loss) / window_steps,
-            "lr": sched.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "images_per_s": window_steps * plan.optim.grad_accum * plan.data.batch_size * world / elapsed,
-            "data_wait_fraction": window_data / elapsed,
-            "skipped_shard_errors": stream.errors,
-        }
+        metrics = window.metrics(done, sched.get_last_lr()[0], grad_norm, plan, world, data.errors)
         if tracker is not None and done > logged_through:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
             if done % plan.tracking.sample_every == 0 or done == plan.optim.max_steps:
-                _log_pictures(tracker, ema, noise_sched, x0_last[0].float(), plan, done)
+                _log_pictures(tracker, ema, noise_sched, data.last_image.float(), plan, done)
         log.info(
             "[rank %d] step %d/%d loss %.4f lr %.2e %.1f img/s data-wait %.0f%%",
             rank, done, plan.optim.max_steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
             100 * metrics["data_wait_fraction"],
         )  # fmt: skip
         if save:
-            here = {
-                "rng": devices.rng_state(gen, device),
-                "stream": {
-                    "seed": stream_seed,
-                    "workers": workers,
-                    "next_slot": (first_slot + consumed) % workers,
-                    "positions": {k: [p.epoch, p.consumed] for k, p in positions.items()},
-                },
-            }
-            ranks: list[Any] = [here]
-            if world > 1:
-                ranks = [None] * world
-                torch.distributed.all_gather_object(ranks, here)
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    state = {
-                        "model": _unwrap(model).state_dict(),
-                        "ema": ema.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "lr_schedule": sched.state_dict(),
-                        "step": done,
-                        "rng": [r["rng"] for r in ranks],  # per rank: CPU, CUDA, noise generators
-                        "stream": [r["stream"] for r in ranks],  # per rank: where each slot stands
-                    }
-                    checkpoint.save(Path(tmp), state, {**plan.meta, "step": done, "run_id": plan.run_id})
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:08d}")
+            here = {"rng": devices.rng_state(gen, device), "stream": data.position()}
+            _save_checkpoint(plan, rank, world, done, (model, ema, opt, sched), here, metrics)
         # Metrics between checkpoints go to MLflow only: Ray Train's report queue holds one result
         # and its controller drains it about once a second, so a report per log step would stall
         # fast steps for up to a second each.
-        window_loss.zero_()
-        window_steps, window_data, window_t0 = 0, 0.0, time.perf_counter()
+        window.reset()
+
+
+def _start_training(
+    plan: TrainPlan, state: dict[str, Any] | None, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, Any, int]:
+    """:func:`init_training` as ``plan`` says: resumed from ``state``, else from ``plan.init``'s
+    band-adapted weights where given, else from scratch."""
+    initial = None
+    if state is None and plan.init is not None:  # a fresh run from existing weights
+        from rsdiff.diffusion.sources import load_source
+
+        initial, _ = load_source(str(plan.init.from_), plan.init).adapted(plan.in_channels, plan.init)
+    return init_training(
+        plan.model, plan.optim, plan.in_channels, plan.image_size, device, state, seed=plan.seed,
+        channels_last=plan.perf.channels_last, initial=initial,
+    )  # fmt: skip
+
+
+def _saved_rng(state: dict[str, Any] | None, rank: int, world: int) -> dict[str, Any] | None:
+    """This rank's saved generator states, or None (fresh, or the world size changed)."""
+    rng = state.get("rng") if state is not None else None
+    rank_rng = rng[rank] if isinstance(rng, list) and len(rng) == world else None
+    if isinstance(rank_rng, torch.Tensor):  # checkpoints before per-device generators: CPU state only
+        rank_rng = {"cpu": rank_rng}
+    return rank_rng
+
+
+def _open_tracking(plan: TrainPlan, rank: int, start: int, nodes: list[str]) -> tuple[Any, int]:
+    """``(tracker, logged_through)``: rank 0's handle on the driver's MLflow run (None elsewhere or
+    untracked) and the last step already logged there (a restart replays the steps after its
+    checkpoint without logging them again). Logs where each rank runs."""
+    if rank != 0:
+        return None, 0
+    where = ", ".join(f"rank {r} on {n}" for r, n in enumerate(nodes))
+    what = "resuming from checkpoint at" if start else "starting at"
+    log.info("[rank 0] %s step %d; %s", what, start, where)
+    if not plan.run_id:
+        return None, 0
+    from rsdiff.tracking import RunHandle
+
+    tracker = RunHandle(plan.tracking_uri, plan.run_id)
+    tracker.log_metrics({"started_at_step": start}, step=start)
+    tracker.set_tags({f"rsdiff.placement.from_step_{start:08d}": json.dumps(nodes)})
+    logged_through = tracker.last_step("loss") if start else 0
+    if logged_through > start:
+        log.info("[rank 0] steps %d-%d ran before the restart: replayed from the checkpoint, "
+                 "not logged again", start + 1, logged_through)  # fmt: skip
+    return tracker, logged_through
+
+
+class _Window:
+    """The steps since the last log line: their summed loss (on the device, no host sync per
+    step), the seconds spent waiting for data, and the wall time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.steps, self.data_s, self.t0 = 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, waited_s: float) -> None:
+        self.loss += loss
+        self.data_s += waited_s
+        self.steps += 1
+
+    def metrics(
+        self, done: int, lr: float, grad_norm: torch.Tensor, plan: TrainPlan, world: int, errors: int
+    ) -> dict[str, float]:
+        """The window's metrics at step ``done``; the loss averaged over ranks (a collective)."""
+        if world > 1:
+            torch.distributed.all_reduce(self.loss, op=torch.distributed.ReduceOp.AVG)
+        elapsed = time.perf_counter() - self.t0
+        images = self.steps * plan.optim.grad_accum * plan.data.batch_size * world
+        return {
+            "step": done,
+            "loss": float(self.loss) / self.steps,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "images_per_s": images / elapsed,
+            "data_wait_fraction": self.data_s / elapsed,
+            "skipped_shard_errors": errors,
+        }
+
+
+def _save_checkpoint(
+    plan: TrainPlan, rank: int, world: int, done: int, training: tuple, here: dict, metrics: dict
+) -> None:
+    """Gather every rank's generator and stream state ``here``, let rank 0 write the checkpoint of
+    ``training`` = ``(model, ema, optimizer, lr_schedule)`` and hand it to Ray Train (a collective)."""
+    import ray.train
+
+    model, ema, opt, sched = training
+    ranks: list[Any] = [here]
+    if world > 1:
+        ranks = [None] * world
+        torch.distributed.all_gather_object(ranks, here)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            state = {
+                "model": _unwrap(model).state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "lr_schedule": sched.state_dict(),
+                "step": done,
+                "rng": [r["rng"] for r in ranks],  # per rank: CPU, CUDA, noise generators
+                "stream": [r["stream"] for r in ranks],  # per rank: where each slot stands
+            }
+            checkpoint.save(Path(tmp), state, {**plan.meta, "step": done, "run_id": plan.run_id})
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:08d}")
 
 
 def placement(world: int) -> list[str]:

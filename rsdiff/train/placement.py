@@ -78,6 +78,16 @@ def keeping_sigint_handler() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+def mute_worker_output() -> None:
+    """Stop forwarding Ray workers' stdout/stderr to this driver (the ``log_to_driver`` stream),
+    for the rest of the process. Ray has no public switch for this once connected; if its private
+    dispatcher moves, output stays forwarded (noisier, never wrong)."""
+    with contextlib.suppress(Exception):
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+
+
 def kill_switch(trainer: Any) -> Callable[[], None]:
     """A function that ends ``trainer.fit()`` now, from any thread: it kills the run's Ray Train
     controller actor (its pending placement group goes with it), withdraws the run's autoscaling
@@ -88,8 +98,10 @@ def kill_switch(trainer: Any) -> Callable[[], None]:
     as if the run had failed. The controller's handle is caught where Ray Train passes it to its
     SIGINT setup (main thread only), and Ctrl-C there does what the switch does: the controller
     (and the ranks it owns) killed at once, so nothing is written after the signal, and ``fit()``
-    raises ``KeyboardInterrupt`` like every other job. Off the main thread the switch interrupts
-    the main thread instead.
+    raises ``KeyboardInterrupt`` like every other job. From Ctrl-C on, the ranks' dying words (a
+    rank blocked in ``report`` when its controller goes prints a traceback) are no longer forwarded
+    to this process, so the job's own line is the last thing the user reads. Off the main thread
+    the switch interrupts the main thread instead.
     """
     import ray
 
@@ -101,6 +113,7 @@ def kill_switch(trainer: Any) -> Callable[[], None]:
 
     def on_sigint(_signum: int, _frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is plain
+        mute_worker_output()
         end()
         raise KeyboardInterrupt
 

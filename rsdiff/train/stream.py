@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from rsdiff import storage
+from rsdiff.data.dihedral import dihedral
 from rsdiff.data.normalize import Normalizer
 from rsdiff.errors import DataError
 
@@ -229,7 +230,5 @@ class ShardStream(IterableDataset):
         if crop is not None:
             r, c = crop
             tile = tile[:, r : r + self.size, c : c + self.size]
-        x = np.rot90(self.normalizer(tile), turns, axes=(1, 2))
-        if flip:
-            x = x[:, :, ::-1]
+        x = dihedral(self.normalizer(tile), turns, flip)
         return torch.from_numpy(np.ascontiguousarray(x))

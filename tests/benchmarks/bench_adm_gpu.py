@@ -50,13 +50,13 @@ def main() -> None:
 
     from rsdiff.data.normalize import Normalizer
     from rsdiff.diffusion import adm
+    from rsdiff.diffusion.checkpoint import PretrainedDDPM
     from rsdiff.diffusion.config import SourceOptions
     from rsdiff.diffusion.schedule import make_scheduler
     from rsdiff.diffusion.sources import load_source
     from rsdiff.diffusion.unet import build_unet, num_params
     from rsdiff.features.blocks import block_modules, ddpm_seg_blocks
     from rsdiff.features.extractor import FeatureExtractor
-    from rsdiff.train.checkpoint import PretrainedDDPM
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -38,17 +38,17 @@ from rsdiff.data.manifest import read_manifest
 from rsdiff.data.normalize import Normalizer
 from rsdiff.data.shards import iter_shard
 from rsdiff.data.synthetic import write_sample_dataset
+from rsdiff.diffusion import checkpoint
+from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.diffusion.unet import build_unet
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.config import ExtractConfig
 from rsdiff.features.extract import _image_rng, run_extract, sample_pixels
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.features.table import write_part
+from rsdiff.features.parts import write_part
 from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
 from rsdiff.ingest import run_ingest
-from rsdiff.train import checkpoint
-from rsdiff.train.checkpoint import load_pretrained
 from rsdiff.train.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]

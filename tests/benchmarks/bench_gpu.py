@@ -26,17 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from rsdiff.config import build, load_section, to_container
+from rsdiff.diffusion import checkpoint
+from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.diffusion.config import DiffusionConfig, ModelConfig
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet, num_params
 from rsdiff.features.blocks import list_blocks
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.features.index import ChannelIndex
-from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable, write_part
+from rsdiff.features.parts import write_part
+from rsdiff.features.table import FORMAT_VERSION, KIND, TABLE_META, FeatureTable
 from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
-from rsdiff.train import checkpoint
-from rsdiff.train.checkpoint import load_pretrained
 from rsdiff.train.config import OptimConfig
 from rsdiff.train.loop import init_training, train_step
 

@@ -31,13 +31,13 @@ from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
 from rsdiff.data.scenes import SceneRef
 from rsdiff.data.synthetic import write_sample_dataset, write_scene
+from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.features.blocks import list_blocks
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.heads.artifact import TrainedHead, build_head
 from rsdiff.heads.config import HeadConfig
 from rsdiff.ingest import run_ingest
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan, predict_scene
-from rsdiff.train.checkpoint import load_pretrained
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -38,13 +38,13 @@ from s3_fault_proxy import FaultyS3Proxy
 from rsdiff import storage
 from rsdiff.config import build, load_config, to_container
 from rsdiff.data.scenes import SceneRef
+from rsdiff.diffusion import checkpoint
+from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.features.blocks import list_blocks
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.heads.artifact import TrainedHead, build_head
 from rsdiff.heads.config import HeadConfig
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan, predict_scene
-from rsdiff.train import checkpoint
-from rsdiff.train.checkpoint import load_pretrained
 from rsdiff.train.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]

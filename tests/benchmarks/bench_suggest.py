@@ -64,8 +64,8 @@ def _grid_features(ckpt: str, data: Path, scenes: list[str], ts: list[int], bloc
 
     from rsdiff.data.scenes import SceneReader, discover
     from rsdiff.data.tiling import axis_origins
+    from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.features.extractor import FeatureExtractor
-    from rsdiff.train.checkpoint import load_pretrained
 
     ddpm = load_pretrained(ckpt)
     ext = FeatureExtractor(ddpm, ts, blocks, 0, "fp32")
