@@ -444,20 +444,30 @@ def test_make_sample_job_writes_the_shards_pretraining_reads(tmp_path, ray_addre
 
 
 MUTE_SCRIPT = """
-import sys, time, ray
+import io, sys, time, ray
 from rsdiff.train.placement import mute_worker_output
 
-ray.init(address="auto" if len(sys.argv) < 2 else sys.argv[1])
+seen = io.StringIO()
+class Tee(io.TextIOBase):
+    def write(self, text):
+        seen.write(text)
+        return sys.__stderr__.write(text)
+sys.stderr = Tee()
+ray.init(address=sys.argv[1])
 
 @ray.remote(num_cpus=0)
 def say(word):
     print(word, file=sys.stderr, flush=True)
 
 ray.get(say.remote("before-the-stop"))
-time.sleep(3)  # the log monitor forwards in batches
+deadline = time.monotonic() + 60  # the log monitor forwards in batches; wait until it has
+while "before-the-stop" not in seen.getvalue():
+    if time.monotonic() > deadline:
+        sys.exit(3)
+    time.sleep(0.2)
 mute_worker_output()
 ray.get(say.remote("after-the-stop"))
-time.sleep(3)
+time.sleep(5)  # what was not forwarded by now would have been (a bound, not a timing)
 """
 
 
@@ -473,6 +483,6 @@ def test_after_the_stop_a_ranks_dying_words_are_not_forwarded_to_the_job(ray_add
     out = subprocess.run(
         [sys.executable, str(script), ray_address["RAY_ADDRESS"]], capture_output=True, text=True, timeout=120
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "before-the-stop" in out.stderr + out.stdout, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]  # 3: the first line was never forwarded
+    assert "before-the-stop" in out.stderr, out.stderr[-3000:]
     assert "after-the-stop" not in out.stderr + out.stdout
