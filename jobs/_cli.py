@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from rsdiff.config import load_config, preset, preset_names, preview_yaml, sections
+from rsdiff.config import example_override, load_config, preset, preset_names, preview_yaml, sections
 from rsdiff.errors import RsdiffError, Terminated, describe_os_error
 
 # What a stopped job leaves behind (nothing half-written ever looks complete).
@@ -66,6 +66,21 @@ def _epilog(name: str, schema: type) -> str:
     return "\n".join(lines)
 
 
+def _dashed_override(argv: list[str]) -> str | None:
+    """What to write instead of an override given the argparse way (``--optim.lr 1e-3``), or None."""
+    flags = ("-h", "--help", "--config", "--print-config")
+    for i, token in enumerate(argv):
+        if not token.startswith("--") or token == "--" or token.split("=", 1)[0] in flags:
+            continue
+        key, _, value = token[2:].partition("=")
+        if not value and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value = argv[i + 1]
+        return (
+            f"{token} is not an option: overrides are key=value with no dashes, e.g. {key}={value or '...'}"
+        )
+    return None
+
+
 def _plain_rst(text: str) -> str:
     """A docstring line without reST markup (``x`` and :class:`X` read as x and X)."""
     return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
@@ -93,7 +108,12 @@ def run_job(
         action="store_true",
         help="print the resolved config (required keys not yet given show as ???) and exit",
     )
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides such as tile_size=128")
+    example = example_override(schema)
+    parser.add_argument("overrides", nargs="*", help=f"dotlist overrides such as {example}")
+    argv = sys.argv[1:] if argv is None else argv
+    if (dashed := _dashed_override(argv)) is not None:
+        print(f"rsdiff {name}: error: {dashed}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.print_config:
         try:

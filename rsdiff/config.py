@@ -97,7 +97,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
         schema: the job's dataclass schema.
         path: optional YAML file merged over the schema's defaults (see :func:`preset` to find a
             shipped preset by name).
-        overrides: dotlist entries such as ``tile_size=128`` or ``model.channels=64``.
+        overrides: dotlist entries such as ``tile_size=256`` or ``data.batch_size=8``.
 
     Returns:
         An instance of ``schema`` (nested dataclasses, enums as enum members, lists as lists).
@@ -105,17 +105,19 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
     Raises:
         ConfigError: unknown key, wrong type, invalid enum value, unreadable YAML, malformed override.
     """
-    return _merge(schema, *_layers(path, overrides))
+    return _merge(schema, *_layers(path, overrides, schema))
 
 
-def _layers(path: str | Path | None, overrides: Iterable[str]) -> tuple[list[Any], str]:
+def _layers(path: str | Path | None, overrides: Iterable[str], schema: type) -> tuple[list[Any], str]:
     """The YAML file (if any) and the overrides as OmegaConf layers, and where they came from (for
     error messages)."""
     layers: list[Any] = [] if path is None else [_read_yaml(path)]
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. tile_size=128)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. {example_override(schema)})"
+            )
     overrides = [_quote_template(o) for o in overrides]
     if overrides:
         try:
@@ -136,7 +138,7 @@ def preview_yaml(schema: type, path: str | Path | None = None, overrides: Iterab
     Raises:
         ConfigError: as :func:`load_config`, except for unset required keys.
     """
-    node = _merged_node(schema, *_layers(path, overrides))
+    node = _merged_node(schema, *_layers(path, overrides, schema))
     plain = OmegaConf.to_container(node, resolve=False, enum_to_str=True, throw_on_missing=False)
     plain = _rename_keys(plain, {v: k for k, v in KEYWORD_KEYS.items()})
     return OmegaConf.to_yaml(OmegaConf.create(redact(plain)))
@@ -264,9 +266,10 @@ def _merged_node(schema: type, layers: list[Any], where: str) -> DictConfig:
         merged = OmegaConf.merge(base, *layers)
         OmegaConf.resolve(merged)
     except ConfigKeyError as exc:
+        valid = _valid_keys(base, str(exc.full_key))
         raise ConfigError(
-            f"unknown config key {exc.full_key!r} (in {where}); valid keys at that level: "
-            f"{_valid_keys(base, str(exc.full_key))}"
+            f"unknown config key {exc.full_key!r} (in {where}); {_did_you_mean(str(exc.full_key), valid)}"
+            f"valid keys at that level: {valid}"
         ) from exc
     except ValidationError as exc:
         msg = str(exc).splitlines()[0]
@@ -274,6 +277,41 @@ def _merged_node(schema: type, layers: list[Any], where: str) -> DictConfig:
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config ({where}): {str(exc).splitlines()[0]}") from exc
     return merged
+
+
+# Names other tools use for a key rsdiff calls otherwise (what a "did you mean" offers).
+_ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "batchsize": "batch_size",
+            "bs": "batch_size", "steps": "max_steps", "num_steps": "max_steps", "workers": "num_workers",
+            "t": "timesteps", "timestep": "timesteps", "block": "blocks", "layers": "blocks"}  # fmt: skip
+
+
+def _did_you_mean(full_key: str, valid: list[str]) -> str:
+    """``did you mean 'x.y'? `` for the valid key nearest the unknown one, or nothing."""
+    import difflib
+
+    parent, _, leaf = full_key.rpartition(".")
+    alias = _ALIASES.get(leaf.lower())
+    near = [alias] if alias in valid else difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+    return f"did you mean {'.'.join([*([parent] if parent else []), near[0]])!r}? " if near else ""
+
+
+def example_override(schema: type) -> str:
+    """An override ``schema`` accepts, for help and error texts: its shallowest numeric setting
+    with its default (``tile_size=256``, ``data.batch_size=8``)."""
+    level = [("", schema)]
+    while level:
+        sections = []
+        for prefix, cls in level:
+            for f in dataclasses.fields(cls):
+                value = f.default
+                if isinstance(value, int | float) and not isinstance(value, bool) and f.name != "seed":
+                    return f"{prefix}{f.name}={value}"
+                if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+                    f.default_factory
+                ):
+                    sections.append((f"{prefix}{f.name}.", f.default_factory))
+        level = sections
+    return "seed=0"
 
 
 def _valid_keys(base: DictConfig, full_key: str) -> list[str]:

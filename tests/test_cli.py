@@ -164,3 +164,30 @@ def test_every_example_command_resolves():
             preview_yaml(schema, config, [o for o in overrides if o.partition("=")[2] != "x"])
         else:
             load_config(schema, config, overrides)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", JOBS)
+def test_the_example_override_in_help_and_errors_is_one_this_job_accepts(name):
+    """Every job's help and key=value error said ``tile_size=128``, which eight of ten reject."""
+    shown = re.search(r"dotlist overrides such as (\S+)", run_job_inline(f"{name}.py", "--help").stdout)
+    assert shown, f"jobs/{name}.py --help shows no example override"
+    example = shown.group(1)
+    preview_yaml(_schema(name), None, [example])  # accepted: no ConfigError
+    bad = run_job_inline(f"{name}.py", "not-an-override")
+    assert bad.returncode == 2 and f"(e.g. {example})" in bad.stderr, bad.stderr
+
+
+@pytest.mark.unit
+def test_a_misnamed_key_gets_a_did_you_mean_and_a_dashed_override_its_fix():
+    wrong = run_job_inline("pretrain.py", "--print-config", "optim.learning_rate=1e-3")
+    assert wrong.returncode == 2 and "did you mean 'optim.lr'?" in wrong.stderr, wrong.stderr
+    typo = run_job_inline("sweep.py", "--print-config", "features=x", "head.widht=64")
+    assert "did you mean 'head.width'?" in typo.stderr, typo.stderr
+    unrelated = run_job_inline("sweep.py", "--print-config", "features=x", "zzz=1")
+    assert "did you mean" not in unrelated.stderr and "valid keys at that level" in unrelated.stderr
+    for argv in (["--optim.lr", "1e-3"], ["--optim.lr=1e-3"]):
+        dashed = run_job_inline("pretrain.py", *argv)
+        lines = dashed.stderr.strip().splitlines()
+        assert dashed.returncode == 2 and len(lines) == 1, dashed.stderr
+        assert "--optim.lr" in lines[0] and "e.g. optim.lr=1e-3" in lines[0]
