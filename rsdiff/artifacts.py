@@ -6,6 +6,7 @@ with its ``kind`` and ``format``. One reader checks both and names the artifact 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from rsdiff import storage
@@ -20,7 +21,7 @@ def read_sidecar(
     max_format: int,
     error: type[RsdiffError],
     what: str,
-    missing_hint: str,
+    missing_hint: str | Callable[[], str],
     legacy_without_kind: bool = False,
 ) -> dict[str, Any]:
     """The JSON object ``{folder}/{name}``, checked to be ``kind`` in a format this rsdiff reads.
@@ -32,7 +33,8 @@ def read_sidecar(
         max_format: the newest ``"format"`` this version reads.
         error: exception type to raise (``DataError``, ``CheckpointError``).
         what: what the artifact is, for messages (``"feature table"``).
-        missing_hint: how to make one, appended when the sidecar is absent.
+        missing_hint: how to make one, appended when the sidecar is absent (a function is called
+            then only: a hint that looks around costs nothing on the way that finds the sidecar).
         legacy_without_kind: accept a sidecar with no ``"kind"`` (written before rsdiff stored it).
 
     Raises:
@@ -42,7 +44,8 @@ def read_sidecar(
     try:
         text = storage.read_text(uri)
     except storage.NotFoundError as exc:
-        raise error(f"no {name} at {storage.display(folder)}: no {what} there; {missing_hint}") from exc
+        hint = missing_hint() if callable(missing_hint) else missing_hint
+        raise error(f"no {name} at {storage.display(folder)}: no {what} there; {hint}") from exc
     try:
         meta = json.loads(text)
     except ValueError as exc:

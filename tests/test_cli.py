@@ -191,3 +191,35 @@ def test_a_misnamed_key_gets_a_did_you_mean_and_a_dashed_override_its_fix():
         lines = dashed.stderr.strip().splitlines()
         assert dashed.returncode == 2 and len(lines) == 1, dashed.stderr
         assert "--optim.lr" in lines[0] and "e.g. optim.lr=1e-3" in lines[0]
+
+
+@pytest.mark.unit
+def test_a_missing_demo_folder_is_one_line_before_any_folder_store_or_ray_starts(tmp_path):
+    """It was reported after Ray had started (12 s), leaving a workdir with an MLflow store."""
+    import ray
+
+    work = tmp_path / "demo"
+    proc = run_job_inline("demo.py", f"data={tmp_path / 'no-such-folder'}", f"workdir={work}")
+    assert proc.returncode == 2 and "match no image file" in proc.stderr.strip().splitlines()[-1]
+    assert not work.exists() and not ray.is_initialized()
+
+
+@pytest.mark.unit
+def test_a_head_path_that_holds_no_head_says_where_the_heads_are(tmp_path):
+    """A sweep's output folder points at its best/ head, a label-efficiency output at heads/<run>."""
+    from rsdiff.errors import CheckpointError
+    from rsdiff.heads.artifact import HEAD_META, TrainedHead
+
+    sweep, le = tmp_path / "sweep", tmp_path / "le"
+    (sweep / "best").mkdir(parents=True)
+    (sweep / "best" / HEAD_META).write_text("{}")
+    (le / "heads" / "residual-k1-d0").mkdir(parents=True)
+    (le / "heads" / "residual-k1-d0" / HEAD_META).write_text("{}")
+    with pytest.raises(CheckpointError, match=re.escape(f"pass its best head, head={sweep / 'best'}")):
+        TrainedHead.load(str(sweep))
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"head={le / 'heads' / 'residual-k1-d0'} (1 in heads/)")
+    ):
+        TrainedHead.load(str(le))
+    with pytest.raises(CheckpointError, match=re.escape("({sweep output}/best)")):
+        TrainedHead.load(str(tmp_path))

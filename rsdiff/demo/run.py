@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rsdiff import storage
+from rsdiff.data.scenes import discover
 from rsdiff.demo.config import DemoConfig, DemoResult
 from rsdiff.demo.data import labels_for
 from rsdiff.demo.stages import STAGES, Chain, Demo
@@ -34,12 +35,14 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     work = Path(storage.absolute(str(cfg.workdir)))
     if storage.is_s3(str(work)):
         raise ConfigError("the demo runs on local storage: workdir must be a local folder")
+    inputs, labels, described = labels_for(cfg)
+    if inputs:  # a folder of scenes: a wrong path is one line before any folder, store or Ray starts
+        discover(inputs, labels.mask_template)
     if cfg.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_uri(cfg.tracking_uri or f"sqlite:///{work / 'mlflow.db'}")
     tracking.client(uri)  # fail early when unreachable
-    inputs, labels, described = labels_for(cfg)
     log.info("demo: data = %s; working in %s", described, work)
     connect(cfg.ray.address, cfg.ray.num_cpus)
     # The demo's run is the parent of every stage's run (MLflow nests them under it).

@@ -179,7 +179,7 @@ class TrainedHead:
         """Load a head artifact (weights-only unpickling)."""
         meta = read_sidecar(
             uri, HEAD_META, kind=HEAD_KIND, max_format=HEAD_FORMAT, error=CheckpointError,
-            what="head artifact", missing_hint="pass the head folder a sweep or fit saved (…/best_head)",
+            what="head artifact", missing_hint=lambda: _where_heads_are(uri),
         )  # fmt: skip
         weights = storage.join(uri, HEAD_WEIGHTS)
         try:
@@ -232,3 +232,23 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return str(obj)
+
+
+def _where_heads_are(uri: str) -> str:
+    """What to pass instead of ``uri``, which holds no head: the sweep's best head inside it, a
+    label-efficiency run's heads inside it, or where sweeps and label-efficiency runs save them."""
+    if storage.exists(storage.join(uri, "best", HEAD_META)):
+        return (
+            f"it is a sweep's output: pass its best head, head={storage.display(storage.join(uri, 'best'))}"
+        )
+    runs = sorted(
+        storage.name(storage.parent(u)) for u in storage.glob(storage.join(uri, "heads", "*", HEAD_META))
+    )
+    if runs:
+        return (
+            f"it is a label-efficiency output: pass one of its heads, e.g. "
+            f"head={storage.display(storage.join(uri, 'heads', runs[0]))} ({len(runs)} in heads/)"
+        )
+    return (
+        "pass the folder a sweep saved its best head in ({sweep output}/best) or a head under {output}/heads/"
+    )
