@@ -81,6 +81,15 @@ def _dashed_override(argv: list[str]) -> str | None:
     return None
 
 
+def _output_of(cfg: Any) -> str | None:
+    """Where a job writes (``output``, ``workdir`` or ``run.storage``), to name its disk when full."""
+    for value in (getattr(cfg, "output", None), getattr(cfg, "workdir", None),
+                  getattr(getattr(cfg, "run", None), "storage", None)):  # fmt: skip
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def _plain_rst(text: str) -> str:
     """A docstring line without reST markup (``x`` and :class:`X` read as x and X)."""
     return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
@@ -127,6 +136,7 @@ def run_job(
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    cfg = None
     try:
         path = preset(name, args.config) if args.config is not None else None
         cfg = load_config(schema, path, args.overrides)
@@ -140,7 +150,7 @@ def run_job(
         print(f"rsdiff {name}: stopped by {signal.Signals(signum).name}; {kept}", file=sys.stderr)
         return 128 + int(signum)
     except OSError as exc:
-        message = describe_os_error(exc)
+        message = describe_os_error(exc, _output_of(cfg))
         if message is None:
             raise
         print(f"rsdiff {name}: error: {message}", file=sys.stderr)

@@ -47,10 +47,12 @@ _DENIED = {
 }
 
 
-def describe_os_error(exc: BaseException) -> str | None:
+def describe_os_error(exc: BaseException, output: str | None = None) -> str | None:
     """One line for an OS error a user can fix (full disk, no permission), else None (a bug).
 
-    Looks through a Ray task error to the OS error that caused it.
+    Looks through a Ray task error to the OS error that caused it. A full disk names the file
+    being written and the file system holding it, or, when the error carries no path, the file
+    system holding ``output`` (where the job writes).
     """
     import errno
 
@@ -60,10 +62,31 @@ def describe_os_error(exc: BaseException) -> str | None:
     if not isinstance(exc, OSError) or exc.errno is None:
         return None
     code = errno.errorcode.get(exc.errno, "")
-    where = f" writing {exc.filename}" if exc.filename else ""
     if code in _DISK_FULL:
+        if exc.filename:
+            where = f" writing {exc.filename}{_filesystem_of(str(exc.filename))}"
+        else:
+            where = (
+                f" writing under {output}{_filesystem_of(output)}" if output and "://" not in output else ""
+            )
         return f"{_DISK_FULL[code]}{where}; free space there or point the output elsewhere"
     if code in _DENIED:
         what = exc.filename or "a file it needs"
         return f"{_DENIED[code]} on {what}; fix its permissions or pick another path"
     return None
+
+
+def _filesystem_of(path: str) -> str:
+    """`` (the file system mounted at /data, 1.2 GB free)`` for the device holding ``path`` (a
+    temporary staging file names its folder, not the device that is full), or nothing."""
+    import os
+    import shutil
+
+    try:
+        mount = os.path.abspath(path)
+        while not os.path.ismount(mount):
+            mount = os.path.dirname(mount)
+        free = shutil.disk_usage(mount).free
+    except OSError:
+        return ""
+    return f" (the file system mounted at {mount}, {free / 1e9:.1f} GB free)"

@@ -407,6 +407,14 @@ def test_os_errors_a_user_can_fix_become_one_line(tmp_path):
         f.write(b"x" * 10)
         f.flush()
     assert describe_os_error(full.value).startswith("no space left on the device")
+    # The device is named, not only the (often temporary) file being written; an error without a
+    # path names the file system holding the job's output.
+    staged = OSError(28, "No space left on device", str(tmp_path / ".tmp-x" / "part.npz"))
+    assert f"writing {tmp_path}/.tmp-x/part.npz (the file system mounted at /" in describe_os_error(staged)
+    assert f"writing under {tmp_path} (the file system mounted at /" in describe_os_error(
+        full.value, str(tmp_path)
+    )
+    assert "GB free)" in describe_os_error(full.value, str(tmp_path))
     assert describe_os_error(PermissionError(13, "Permission denied", "/x/y")).startswith(
         "permission denied on /x/y"
     )
