@@ -66,8 +66,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     table = FeatureTable.open(str(cfg.features))
     numbering = BlockNumbering(cfg.block_numbering).value
     cfg.search.blocks = [table.index.block_names(choice, numbering) for choice in cfg.search.blocks]
+    check_numbers(cfg)  # the declared ranges first: validate counts combinations against num_samples
     validate(cfg, table)
-    check_numbers(cfg)
     spec = sweep_spec(cfg, table)
     experiment_uri = storage.join(storage.absolute(str(cfg.storage)), str(cfg.name))
     uri = tracking.resolve_uri(cfg.tracking.uri)

@@ -37,8 +37,6 @@ def validate(cfg: SweepConfig, table: FeatureTable) -> None:
             if not ts or not bs:
                 raise ConfigError("search.timesteps / search.blocks choices must be non-empty lists")
             table.index.select(ts, bs)  # raises ConfigError listing what exists
-    if cfg.num_samples < 1 or cfg.max_concurrent_trials < 1 or cfg.head.epochs < 1:
-        raise ConfigError("num_samples, max_concurrent_trials and head.epochs must be >= 1")
     combinations = int(np.prod([len(v) for v in space.values()]))
     if cfg.search_mode is SearchMode.grid and combinations > cfg.num_samples:
         sizes = " x ".join(f"{len(v)} {k}" for k, v in space.items() if len(v) > 1) or "1"
