@@ -113,10 +113,18 @@ def validate(cfg: PretrainConfig, source: SourceWeights | None = None) -> tuple[
     cfg.model.attention_levels = attention_levels(cfg.model, size)  # a fact the checkpoints carry
     if source is not None:
         source.check_fits(cfg.model, size)
-    estimate = estimate_training_memory(cfg.model, bands, size, cfg.data.batch_size)
+    levels = list(cfg.perf.checkpoint_levels)
+    if any(not 0 <= level < len(cfg.model.channel_mult) for level in levels):
+        raise ConfigError(
+            f"perf.checkpoint_levels={levels}: levels run from 0 (full resolution) to "
+            f"{len(cfg.model.channel_mult) - 1} for model.channel_mult={list(cfg.model.channel_mult)}"
+        )
+    estimate = estimate_training_memory(cfg.model, bands, size, cfg.data.batch_size, levels)
     log.info(
-        "model: %.1fM parameters; estimated %.1f GiB per %s rank (weights, optimiser, EMA, bf16 activations)",
-        estimate.params / 1e6, estimate.total_gib, "GPU" if cfg.scaling.use_gpu else "training",
+        "model: %.1fM parameters; estimated %.1f GiB per %s rank at batch %d (weights, optimiser, EMA, "
+        "activations of an eager bf16 step%s)", estimate.params / 1e6, estimate.total_gib,
+        "GPU" if cfg.scaling.use_gpu else "training", cfg.data.batch_size,
+        f", levels {levels} checkpointed" if levels else "",
     )  # fmt: skip
     facts = {
         "shards": shards,

@@ -67,7 +67,9 @@ def test_gpu_presets_land_on_nodes_with_enough_gpu_memory(preset):
     from rsdiff.train.memory import estimate_training_memory
 
     cfg = load_config(PretrainConfig, preset)
-    need = estimate_training_memory(cfg.model, 3, cfg.model.image_size, cfg.data.batch_size).total_gib
+    need = estimate_training_memory(
+        cfg.model, 3, cfg.model.image_size, cfg.data.batch_size, list(cfg.perf.checkpoint_levels)
+    ).total_gib
     launcher = yaml.safe_load(AWS.read_text())
     accel = cfg.scaling.accelerator_type
     hosts = {

@@ -203,11 +203,14 @@ def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
 
 
 @pytest.mark.e2e
-def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction(
+def test_compiled_training_matches_eager_never_recompiles_and_its_checkpoint_loads_for_extraction(
     local_shards, tmp_path, ray_cluster, mlflow_uri
 ):
-    """``perf.compile=true`` (inductor, on the CPU here): same losses and features as eager
-    training within float tolerance, and a checkpoint with plain keys that extraction loads.
+    """``perf.compile=true`` (inductor, on the CPU here; the default ``blocks`` scope): the same
+    losses as eager training within float tolerance; no graph compiled after the first step and no
+    graph break, across an epoch boundary of the stream (36 tiles, 4 per batch: step 9) and a
+    resume (a new process compiles once, then nothing more); a checkpoint with plain keys that
+    extraction loads.
 
     The learning rate is tiny: AdamW's first steps are nearly sign(gradient), so float-level
     differences in near-zero gradients would otherwise move weights by a whole step."""
@@ -215,26 +218,30 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction
     from rsdiff.features.extractor import FeatureExtractor
 
     common = [
-        f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "optim.max_steps=3",
-        "optim.warmup_steps=2", "checkpoint.every_steps=3", "tracking.log_every=1",
-        "tracking.sample_every=1000", f"tracking.uri={mlflow_uri}", "data.num_workers=0",
-        "data.shuffle_buffer=0", "optim.lr=1e-5",
+        f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "optim.warmup_steps=2",
+        "checkpoint.every_steps=12", "tracking.log_every=1", "tracking.sample_every=1000",
+        f"tracking.uri={mlflow_uri}", "data.num_workers=0", "data.shuffle_buffer=0", "optim.lr=1e-5",
     ]  # fmt: skip
-    eager = run_pretrain(_cfg(*common, "run.name=eager"))
-    compiled = run_pretrain(_cfg(*common, "run.name=compiled", "perf.compile=true"))
-    from pathlib import Path
+    eager = run_pretrain(_cfg(*common, "run.name=eager", "optim.max_steps=12"))
+    compiled = [
+        run_pretrain(_cfg(*common, "run.name=compiled", f"optim.max_steps={steps}", "perf.compile=true"))
+        for steps in (12, 15)  # the second run resumes from the first's step-12 checkpoint
+    ]
+    assert compiled[1].step == 15
+    for run in compiled:
+        assert _history(mlflow_uri, run.mlflow_run_id, "compile_graphs")[0][1] >= 1
+        for key in ("compile_recompiles", "compile_graph_breaks"):
+            assert {v for _, v in _history(mlflow_uri, run.mlflow_run_id, key)} == {0}, key
 
-    state = load_state(Path(compiled.checkpoint))
+    state = load_state(Path(compiled[1].checkpoint))
     assert not [k for part in ("model", "ema") for k in state[part] if "_orig_mod" in k or "module." in k]
-    for (s1, a), (s2, b) in zip(
-        _history(mlflow_uri, eager.mlflow_run_id, "loss"),
-        _history(mlflow_uri, compiled.mlflow_run_id, "loss"),
-    ):
+    ours = [(s, v) for s, v in _history(mlflow_uri, compiled[0].mlflow_run_id, "loss") if s <= 12]
+    for (s1, a), (s2, b) in zip(_history(mlflow_uri, eager.mlflow_run_id, "loss"), ours, strict=True):
         assert s1 == s2 and b == pytest.approx(a, rel=1e-3)
     x = torch.rand(2, 4, 32, 32) * 2 - 1
     feats = [
         FeatureExtractor(load_pretrained(r.checkpoint), [50, 250], ["up1.res1", "up2.res1"]).dense(x)
-        for r in (eager, compiled)
+        for r in (eager, compiled[0])
     ]
     assert ((feats[1] - feats[0]).norm() / feats[0].norm()).item() < 1e-3
 
@@ -255,6 +262,11 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_extraction
         (["data.shards={shards}", "model.image_size=128"], ConfigError, "exceeds the shards' tile size 64"),
         (["data.shards={shards}", "data.splits=[test]"], DataError, "has no shards for splits ['test']"),
         (["data.shards={shards}", "optim.max_steps=0"], ConfigError, "optim.max_steps=0 is out of range"),
+        (
+            ["data.shards={shards}", "perf.checkpoint_levels=[3]"],
+            ConfigError,
+            "perf.checkpoint_levels=[3]: levels run from 0 (full resolution) to 2",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_worker_starts(

@@ -34,7 +34,7 @@ from rsdiff.config import build
 from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.config import DiffusionConfig, ModelConfig
 from rsdiff.diffusion.schedule import make_scheduler
-from rsdiff.diffusion.unet import build_unet, scale_timesteps, unet_kwargs
+from rsdiff.diffusion.unet import build_unet, finish_unet, unet_kwargs
 from rsdiff.errors import CheckpointError, ConfigError
 from rsdiff.weights import load_module_state, load_weights
 
@@ -174,7 +174,7 @@ def _load_ema(uri: str, folder: str, device: str | torch.device) -> PretrainedDD
     config_uri = storage.join(folder, EMA_CONFIG)
     try:
         config = json.loads(storage.read_text(config_uri))
-        model = scale_timesteps(UNet2DModel.from_config(config), model_cfg.timestep_scale)
+        model = finish_unet(UNet2DModel.from_config(config), model_cfg.timestep_scale)
     except Exception as exc:
         raise CheckpointError(
             f"{storage.display(config_uri)} is not a diffusers UNet2DModel config ({type(exc).__name__}); "

@@ -84,22 +84,57 @@ def build_unet(cfg: ModelConfig, in_channels: int, image_size: int) -> torch.nn.
     (a forward pre-hook, so training, sampling, features and segmenters all see the same t)."""
     from diffusers import UNet2DModel
 
-    return scale_timesteps(UNet2DModel(**unet_kwargs(cfg, in_channels, image_size)), cfg.timestep_scale)
+    return finish_unet(UNet2DModel(**unet_kwargs(cfg, in_channels, image_size)), cfg.timestep_scale)
 
 
-def scale_timesteps(model: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """``model``, called with ``t * scale`` from now on (nothing changes for ``scale = 1``). Every
-    place that makes a UNet from a config or a saved artifact goes through here."""
-    scale = float(scale)
+def finish_unet(model: torch.nn.Module, timestep_scale: float) -> torch.nn.Module:
+    """``model`` with attention through ``torch.nn.functional.scaled_dot_product_attention`` (flash
+    or memory-efficient kernels on a GPU, never a materialised ``(HW, HW)`` score matrix in fp32),
+    called with ``t * timestep_scale`` from now on (nothing changes for 1). Every place that makes
+    a UNet from a config or a saved artifact goes through here."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    scale = float(timestep_scale)
     if scale <= 0:
         raise ValueError(f"timestep_scale={scale} must be positive")
+    for layer in attention_layers(model):
+        if layer.scale_qk:  # SDPA's own scaling, 1/sqrt(head width), is the layer's
+            layer.set_processor(AttnProcessor2_0())
     if scale != 1.0:
         model.register_forward_pre_hook(_TimestepScale(scale), with_kwargs=True)
     return model
 
 
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNet's attention layers (diffusers ``Attention`` modules)."""
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def checkpoint_activations(model: torch.nn.Module, levels: list[int]) -> None:
+    """Activation checkpointing for the down and up blocks at ``levels`` (0 = full resolution) of a
+    ``UNet2DModel``: their residual blocks keep only their inputs for the backward pass and run
+    forward again there (more compute for those blocks, most of their activation memory freed).
+    The highest-resolution levels hold most of the activations. Non-reentrant, so it composes with
+    ``torch.compile`` and DDP."""
+    import functools
+
+    import torch.utils.checkpoint
+
+    down, up = model.down_blocks, model.up_blocks
+    bad = [level for level in levels if not 0 <= level < len(down)]
+    if bad:
+        raise ValueError(f"checkpoint levels {bad} out of range for {len(down)} levels (0..{len(down) - 1})")
+    recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for level in levels:
+        for block in (down[level], up[len(up) - 1 - level]):
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = recompute
+
+
 def timestep_scale_of(model: torch.nn.Module) -> float:
-    """The ``timestep_scale`` a UNet was made with (:func:`scale_timesteps`; 1 without one)."""
+    """The ``timestep_scale`` a UNet was made with (:func:`finish_unet`; 1 without one)."""
     for hook in model._forward_pre_hooks.values():
         if isinstance(hook, _TimestepScale):
             return hook.scale

@@ -119,9 +119,9 @@ def build_segmenter(unet: nn.Module, num_classes: int, cfg: SegmenterConfig) -> 
     else:
         from diffusers import UNet2DModel
 
-        from rsdiff.diffusion.unet import scale_timesteps, timestep_scale_of
+        from rsdiff.diffusion.unet import finish_unet, timestep_scale_of
 
-        net = scale_timesteps(UNet2DModel.from_config(net.config), timestep_scale_of(unet))
+        net = finish_unet(UNet2DModel.from_config(net.config), timestep_scale_of(unet))
     net.train()
     return DenoiserSegmenter(net, num_classes, cfg)
 

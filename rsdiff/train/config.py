@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from rsdiff.config import bounded
@@ -69,13 +70,25 @@ class TrackingConfig:
     sample_steps: int = bounded(25, ge=1)
 
 
+class CompileScope(Enum):
+    """What ``perf.compile`` compiles (:mod:`rsdiff.train.compiled`)."""
+
+    blocks = "blocks"  # each residual and attention block; one graph per distinct block shape
+    model = "model"  # the whole UNet as one graph: longest compile
+
+
 @dataclass
 class PerfConfig:
-    """Speed paths: bf16 autocast, TF32 and channels_last apply on CUDA only; compile anywhere."""
+    """Speed and memory paths: bf16 autocast, TF32 and channels_last apply on CUDA only; compile and
+    activation checkpointing anywhere."""
 
     bf16: bool = True
     channels_last: bool = True
     compile: bool = False
+    compile_scope: CompileScope = CompileScope.blocks
+    # UNet levels (0 = full resolution) whose blocks recompute activations in the backward pass
+    # instead of keeping them: less memory per image (a larger batch fits), more compute per step.
+    checkpoint_levels: list[int] = field(default_factory=list)
 
 
 StepHook = Callable[[int, int, "TrainPlan"], None]

@@ -32,7 +32,8 @@ from rsdiff.diffusion import checkpoint
 from rsdiff.diffusion.config import ModelConfig
 from rsdiff.diffusion.sampling import ddim_sample, denoise_strip
 from rsdiff.diffusion.schedule import make_scheduler
-from rsdiff.diffusion.unet import build_unet, epsilon
+from rsdiff.diffusion.unet import build_unet, checkpoint_activations, epsilon
+from rsdiff.train.compiled import CompileWatch, compile_unet
 from rsdiff.train.config import OptimConfig, TrainPlan
 from rsdiff.train.rank_data import RankData
 from rsdiff.viz import enlarge, grid, labelled, model_rgb
@@ -226,9 +227,11 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
     run_seed = plan.seed * 1000 + rank * 100_003 + start
     torch.manual_seed(run_seed)
     gen = devices.generator(device, run_seed)
+    checkpoint_activations(model, list(plan.perf.checkpoint_levels))
     model = ray.train.torch.prepare_model(model)
+    watch = None
     if plan.perf.compile:
-        model = torch.compile(model)
+        model, watch = compile_unet(model, plan.perf.compile_scope), CompileWatch()
     noise_sched = make_scheduler(plan.diffusion)
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     data = RankData(plan, rank, world, (state or {}).get("stream"), start, run_seed, pin=cuda)
@@ -246,6 +249,8 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
             channels_last=cuda and plan.perf.channels_last,
         )  # fmt: skip
         window.add(loss, waited)
+        if watch is not None:
+            watch.step_done()
         done = step + 1
         if plan.after_step is not None:
             plan.after_step(done, rank, plan)
@@ -253,6 +258,7 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
         if done % plan.tracking.log_every and not save:
             continue
         metrics = window.metrics(done, sched.get_last_lr()[0], grad_norm, plan, world, data.errors)
+        metrics.update(watch.metrics() if watch is not None else {})
         if tracker is not None and done > logged_through:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
             if done % plan.tracking.sample_every == 0 or done == plan.optim.max_steps:

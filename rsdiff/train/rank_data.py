@@ -48,6 +48,7 @@ class RankData:
             batch_size=plan.data.batch_size,
             num_workers=plan.data.num_workers,
             pin_memory=pin,
+            drop_last=True,  # the stream is endless, so every batch is full: one shape for compile
             persistent_workers=plan.data.num_workers > 0,
             generator=torch.Generator().manual_seed(loader_seed),
         )
