@@ -58,11 +58,15 @@ def normalise(name: str) -> str:
 
 def read_freeze(text: str) -> dict[str, str]:
     """``{name: version}`` of a ``pip freeze`` listing (local labels such as ``+cu128`` dropped;
-    editable and URL lines skipped)."""
+    editable, URL and comment lines skipped). A bare name (a hand-written list of what the target
+    has) maps to ``""``: there at some version, never carried, not constrained."""
     have = {}
-    for line in text.splitlines():
-        name, sep, version = line.strip().partition("==")
-        if sep and not line.startswith(("#", "-")):
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", "-")) or " @ " in line:
+            continue
+        name, sep, version = line.partition("==")
+        if sep or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", line):
             have[normalise(name)] = version.split("+")[0].strip()
     return have
 
@@ -75,7 +79,7 @@ def resolve(
     options (``--no-index``, ``--find-links DIR``), empty for PyPI."""
     with tempfile.TemporaryDirectory(prefix="rsdiff-wheelhouse-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
-        constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(have.items())))
+        constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(have.items()) if v))
         report = Path(tmp) / "report.json"
         _pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
              "--target", str(Path(tmp) / "target"), *_target_flags(python, platforms), *index,
@@ -93,7 +97,8 @@ def missing(pins: list[Pin], have: dict[str, str], skip: tuple[str, ...] = DEFAU
     """The pins the target lacks: not already there at that version, not in ``skip`` (fnmatch)."""
     from fnmatch import fnmatch
 
-    return [p for p in pins if have.get(p.name) != p.version and not any(fnmatch(p.name, s) for s in skip)]
+    there = [p for p in pins if p.name in have and have[p.name] in ("", p.version)]
+    return [p for p in pins if p not in there and not any(fnmatch(p.name, s) for s in skip)]
 
 
 def download(
@@ -130,39 +135,59 @@ def build_local(project: Path, folder: Path) -> Path:
     return built
 
 
-def pack(wheels: list[Path], out: Path, part_bytes: int, requirements: list[str]) -> list[Path]:
-    """``wheels`` packed into folders ``out/part_NNN`` of at most ``part_bytes`` each (a larger
-    wheel as numbered chunks), with the manifest and the installer in ``part_000``. Returns the
-    parts. Written under a temporary name and renamed, so a stopped run leaves no complete-looking
-    wheelhouse."""
-    if part_bytes < 1 << 20:
-        raise ValueError(f"part size {part_bytes} bytes is below 1 MiB")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    parts: list[list[tuple[Path, int, int, str]]] = [[]]  # per part: (wheel, offset, length, name)
-    room = part_bytes - (256 << 10)  # the manifest and the installer travel in part_000
+Piece = tuple[Path, int, int, str]  # (wheel, offset, length, file name in its part)
+
+
+def plan_parts(wheels: list[Path], part_bytes: int) -> list[list[Piece]]:
+    """Which bytes of which wheel go into which part: largest wheels first, each part filled to
+    ``part_bytes`` (``part_000`` keeps 256 KiB for the manifest and the installer); a wheel that
+    does not fit the room left is cut into numbered chunks ``NAME.whl.000``, ``.001``, ..."""
+    parts: list[list[Piece]] = [[]]
+    room = part_bytes - (256 << 10)
     for wheel in sorted(wheels, key=lambda w: -w.stat().st_size):
         size, offset, index = wheel.stat().st_size, 0, 0
-        while offset < size or size == 0:
+        while offset < size or (size == 0 and index == 0):
             if room <= 0:
                 parts.append([])
                 room = part_bytes
             length = min(room, size - offset)
-            chunked = length < size
-            parts[-1].append((wheel, offset, length, f"{wheel.name}.{index:03d}" if chunked else wheel.name))
+            name = wheel.name if length == size else f"{wheel.name}.{index:03d}"
+            parts[-1].append((wheel, offset, length, name))
             offset, room, index = offset + length, room - length, index + 1
-            if size == 0:
-                break
-    files = []
+    return parts
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``out`` folder that holds anything but an earlier wheelhouse (it is replaced)."""
+    if (
+        out.exists()
+        and (not out.is_dir() or any(out.iterdir()))
+        and not (out / "part_000" / MANIFEST).is_file()
+    ):
+        raise ValueError(f"{out} holds files and is not a wheelhouse: choose a new or empty folder for --out")
+
+
+def pack(wheels: list[Path], out: Path, part_bytes: int, requirements: list[str]) -> list[Path]:
+    """``wheels`` packed into folders ``out/part_NNN`` of at most ``part_bytes`` each
+    (:func:`plan_parts`), with the manifest and the installer in ``part_000``; returns the parts.
+    Written under a temporary name and renamed, so a stopped run leaves no complete-looking
+    wheelhouse; ``out`` may be new, empty or an earlier wheelhouse (replaced), nothing else."""
+    if part_bytes < 1 << 20:
+        raise ValueError(f"part size {part_bytes} bytes is below 1 MiB")
+    check_out(out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    parts = plan_parts(wheels, part_bytes)
     for number, content in enumerate(parts):
         folder = staging / f"part_{number:03d}"
         folder.mkdir(parents=True)
         for wheel, offset, length, name in content:
             _copy_range(wheel, offset, length, folder / name)
-    for wheel in sorted(wheels):
-        chunks = [f"part_{n:03d}/{name}" for n, c in enumerate(parts) for w, _, _, name in c if w == wheel]
-        files.append({"wheel": wheel.name, "bytes": wheel.stat().st_size, "sha256": _sha256(wheel),
-                      "pieces": chunks})  # fmt: skip
+    files = [
+        {"wheel": w.name, "bytes": w.stat().st_size, "sha256": _sha256(w),
+         "pieces": [f"part_{n:03d}/{name}" for n, c in enumerate(parts) for x, _, _, name in c if x == w]}
+        for w in sorted(wheels)
+    ]  # fmt: skip
     manifest = {"requirements": requirements, "wheels": files, "parts": len(parts)}
     (staging / "part_000" / MANIFEST).write_text(json.dumps(manifest, indent=1))
     shutil.copy(Path(__file__).with_name("wheelhouse_install.py"), staging / "part_000" / INSTALLER)
@@ -226,46 +251,47 @@ def build(requirements: list[str], out: Path, python: str, platforms: list[str],
         return pack(wheels, out, part_bytes, [i for _, i in pairs])
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rsdiff.wheelhouse", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    ap.add_argument(
-        "requirements", nargs="+", help="what to install there, e.g. '.[test]' (a local folder is built)"
-    )
-    ap.add_argument("--out", type=Path, required=True, help="the wheelhouse folder (its part_NNN inside)")
-    ap.add_argument("--python", required=True, help="the target's Python version, e.g. 3.12")
-    ap.add_argument(
-        "--platform", action="append", required=True, help="a wheel platform tag the target takes"
-    )
-    ap.add_argument("--have", type=Path, help="the target's `pip freeze`")
-    ap.add_argument(
-        "--skip", action="append", default=None, help=f"never carry (default: {' '.join(DEFAULT_SKIP)})"
-    )
-    ap.add_argument("--find-links", action="append", default=[], help="a folder of wheels (a local mirror)")
-    ap.add_argument("--no-index", action="store_true", help="nothing from PyPI: --find-links only")
-    ap.add_argument("--part-mb", type=float, default=60.0, help="the largest part, MiB (default 60)")
+    add = ap.add_argument
+    add("requirements", nargs="+", help="what to install there, e.g. '.[test]' (a local folder is built)")
+    add("--out", type=Path, required=True, help="the wheelhouse folder (its part_NNN inside)")
+    add("--python", required=True, help="the target's Python version, e.g. 3.12")
+    add("--platform", action="append", required=True, help="a wheel platform tag the target takes")
+    add("--have", type=Path, help="the target's `pip freeze`")
+    add("--skip", action="append", default=None, help=f"never carry (default: {' '.join(DEFAULT_SKIP)})")
+    add("--find-links", action="append", default=[], help="a folder of wheels (a local mirror)")
+    add("--no-index", action="store_true", help="nothing from PyPI: --find-links only")
+    add("--part-mb", type=float, default=60.0, help="the largest part, MiB (default 60)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = _parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.have is not None and not args.have.is_file():
         ap.exit(
-            2,
-            f"--have {args.have}: no such file; on the target, `pip freeze > {args.have.name}` writes it\n",
+            2, f"--have {args.have}: no such file; on the target, `pip freeze > {args.have.name}` writes it\n"
         )
     if args.part_mb < 1:
         ap.exit(2, f"--part-mb {args.part_mb}: a part must hold at least 1 MiB\n")
     have = read_freeze(args.have.read_text()) if args.have else {}
     index = ["--no-index"] * args.no_index + [f"--find-links={f}" for f in args.find_links]
     try:
+        check_out(args.out)
         parts = build(args.requirements, args.out, args.python, args.platform, have,
                       tuple(args.skip or DEFAULT_SKIP), int(args.part_mb * 2**20), index)  # fmt: skip
+    except ValueError as exc:
+        ap.exit(2, f"{exc}\n")
     except subprocess.CalledProcessError as exc:
         ap.exit(2, f"pip failed ({' '.join(exc.cmd[3:5])}): see its message above; check the requirements, "
                    "--python and --platform\n")  # fmt: skip
-    sizes = [sum(f.stat().st_size for f in p.iterdir()) / 2**20 for p in parts]
+    sizes = ", ".join(f"{sum(f.stat().st_size for f in p.iterdir()) / 2**20:.1f}" for p in parts)
     print(
-        f"{len(parts)} part(s) in {args.out} ({', '.join(f'{s:.1f}' for s in sizes)} MiB); on the target: "
-        f"python part_000/{INSTALLER} part_*"
+        f"{len(parts)} part(s) in {args.out} ({sizes} MiB); on the target: python part_000/{INSTALLER} part_*"
     )
 
 

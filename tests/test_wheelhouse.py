@@ -112,20 +112,23 @@ def test_a_corrupt_or_missing_piece_is_named_and_nothing_is_installed(mirror, tm
     assert subprocess.run([python, "-c", "import alpha"], capture_output=True).returncode != 0
 
 
-def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+def test_bad_arguments_exit_2_with_one_line(mirror, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["alpha", "--out", str(tmp_path), "--python", PY, "--platform", "any", "--have", "nope.txt"])
     assert stop.value.code == 2
     assert "--have nope.txt: no such file" in capsys.readouterr().err
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as stop:  # never replaces a folder that is not a wheelhouse
+        _build(mirror, tmp_path)
+    assert stop.value.code == 2
+    assert "holds files and is not a wheelhouse: choose a new or empty folder" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
 def test_what_the_target_has_is_not_carried():
-    have = read_freeze("torch==2.11.0+cu130\nNumPy==2.1.0\n-e git+https://x#egg=y\n")
-    assert have == {"torch": "2.11.0", "numpy": "2.1.0"}
-    pins = [
-        Pin("numpy", "2.1.0"),
-        Pin("numpy-extra", "1"),
-        Pin("nvidia-cudnn-cu12", "9"),
-        Pin("ray", "2.60.0"),
-    ]
-    assert [p.name for p in missing(pins, have)] == ["numpy-extra", "ray"]
+    listing = "torch==2.11.0+cu130\nNumPy==2.1.0\n-e git+https://x#egg=y\nx @ file:///x.whl\nscipy\n"
+    have = read_freeze(listing)
+    assert have == {"torch": "2.11.0", "numpy": "2.1.0", "scipy": ""}  # scipy: there, version unknown
+    pins = [Pin("numpy", "2.1.0"), Pin("numpy-extra", "1"), Pin("nvidia-cudnn-cu12", "9"),
+            Pin("ray", "2.60.0"), Pin("scipy", "1.16.0"), Pin("torch", "2.12.0")]  # fmt: skip
+    assert [p.name for p in missing(pins, have)] == ["numpy-extra", "ray"]  # torch: skipped by default
