@@ -75,15 +75,22 @@ def resolve(
     requirements: list[str], python: str, platforms: list[str], have: dict[str, str], index: list[str]
 ) -> list[Pin]:
     """Every distribution ``requirements`` need on the target, as pip resolves it there (binary
-    wheels only), with the target's own versions (``have``) as constraints. ``index``: pip's index
-    options (``--no-index``, ``--find-links DIR``), empty for PyPI."""
+    wheels only). What the target has at a known version (``have``) counts as installed there: it is
+    offered to the resolver as a dependency-free stand-in, so its own dependencies (torch's CUDA
+    wheels, say) are neither resolved nor fetched. ``index``: pip's index options (``--no-index``,
+    ``--find-links DIR``), empty for PyPI."""
     with tempfile.TemporaryDirectory(prefix="rsdiff-wheelhouse-") as tmp:
+        stand_ins = Path(tmp) / "have"
+        stand_ins.mkdir()
+        for name, version in have.items():
+            if version:
+                _stand_in(stand_ins, name, version)
         constraints = Path(tmp) / "constraints.txt"
         constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(have.items()) if v))
         report = Path(tmp) / "report.json"
         _pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
              "--target", str(Path(tmp) / "target"), *_target_flags(python, platforms), *index,
-             "-c", str(constraints), *requirements)  # fmt: skip
+             f"--find-links={stand_ins}", "-c", str(constraints), *requirements)  # fmt: skip
         chosen = json.loads(report.read_text())["install"]
     pins = []
     for item in chosen:
@@ -93,11 +100,31 @@ def resolve(
     return sorted(pins, key=lambda p: p.name)
 
 
+STAND_IN = "rsdiff.wheelhouse.have"  # the local version label of a stand-in wheel
+
+
+def _stand_in(folder: Path, name: str, version: str) -> None:
+    """A wheel of ``name`` ``version+rsdiff.wheelhouse.have`` with no files and no dependencies: it
+    satisfies ``name==version`` and sorts above the published ``version``, so pip picks it."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}+{STAND_IN}"
+    info = f"{dist}.dist-info"
+    files = {
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}+{STAND_IN}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: rsdiff\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/RECORD": "",
+    }
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+
+
 def missing(pins: list[Pin], have: dict[str, str], skip: tuple[str, ...] = DEFAULT_SKIP) -> list[Pin]:
     """The pins the target lacks: not already there at that version, not in ``skip`` (fnmatch)."""
     from fnmatch import fnmatch
 
-    there = [p for p in pins if p.name in have and have[p.name] in ("", p.version)]
+    there = [p for p in pins if p.name in have and have[p.name] in ("", p.version.split("+")[0])]
     return [p for p in pins if p not in there and not any(fnmatch(p.name, s) for s in skip)]
 
 

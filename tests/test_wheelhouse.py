@@ -51,7 +51,7 @@ def mirror(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mirror")
     _wheel(folder, "alpha", "1.0", ["beta>=1", "gamma"], payload=int(2.5 * 2**20))
     _wheel(folder, "beta", "1.2", [])
-    _wheel(folder, "gamma", "0.3", [])
+    _wheel(folder, "gamma", "0.3", ["delta-cuda"])  # like torch: its dependency is nowhere to be had
     return folder
 
 
@@ -73,7 +73,8 @@ def test_a_wheelhouse_installs_into_a_fresh_virtualenv_without_an_index(mirror, 
     assert all(sum(f.stat().st_size for f in p.iterdir()) <= 2**20 for p in parts)
     assert (parts[0] / MANIFEST).is_file() and (parts[0] / INSTALLER).is_file()
     carried = {f.name.split(".whl")[0] for p in parts for f in p.glob("*.whl*")}
-    assert carried == {"alpha-1.0-py3-none-any", "beta-1.2-py3-none-any"}  # gamma: the target has it
+    # gamma: the target has it, so neither it nor what it needs (delta-cuda, unavailable) is resolved
+    assert carried == {"alpha-1.0-py3-none-any", "beta-1.2-py3-none-any"}
     assert not (tmp_path / "house.partial").exists()
 
     python = _fresh_venv(tmp_path / "venv")
@@ -94,7 +95,8 @@ def test_a_wheelhouse_installs_into_a_fresh_virtualenv_without_an_index(mirror, 
 
 
 def test_a_corrupt_or_missing_piece_is_named_and_nothing_is_installed(mirror, tmp_path):
-    _build(mirror, tmp_path / "house")
+    (tmp_path / "freeze.txt").write_text("gamma==0.3\n")
+    _build(mirror, tmp_path / "house", "--have", str(tmp_path / "freeze.txt"))
     parts = sorted((tmp_path / "house").glob("part_*"))
     chunk = next(f for p in parts for f in p.glob("alpha-*.whl.001"))
     data = bytearray(chunk.read_bytes())

@@ -8,11 +8,14 @@ one steady step; every variant starts with dynamo reset and empty inductor and T
 no variant reuses another's compiled code. Per variant: compile seconds, steady images/s, graphs,
 recompiles and graph breaks after the first step (:class:`rsdiff.train.compiled.CompileWatch`),
 losses over the timed steps (finite, and the compiled ones against eager), and on a GPU the peak
-memory beside rsdiff's estimate, and MFU (FLOPs counted by ``torch.utils.flop_counter``).
+memory beside rsdiff's estimate, and MFU (FLOPs counted by ``torch.utils.flop_counter``, against
+the chip's dense bf16 peak, printed). The data-wait fraction is the training loop's own metric
+(``data_wait_fraction`` in MLflow); here the batch never leaves the device.
 
-    python tests/benchmarks/bench_compile.py                      # CPU: tiny preset, 32 px
-    python tests/benchmarks/bench_compile.py --gpu --preset configs/pretrain/adm256.yaml \\
-        --batch 32 --steps 50 --sweep 32,64,96 --sweep-levels none,0
+    python tests/benchmarks/bench_compile.py                      # CPU: tiny preset, batch 8
+    python tests/benchmarks/bench_compile.py --gpu --batch 0 --steps 50 \\
+        --preset configs/pretrain/tiny.yaml,configs/pretrain/adm128.yaml,configs/pretrain/adm256.yaml \\
+        --sweep 32,64,96 --sweep-levels none,0
 """
 
 from __future__ import annotations
@@ -142,12 +145,34 @@ def summary(variants: list[dict], flops: float, peak_tflops: float) -> dict:
     return out
 
 
+def bench_preset(preset: str, args: argparse.Namespace, device: torch.device, peak: float) -> dict:
+    """Eager, each compile scope, then the batch / checkpointing sweep, for one preset."""
+    cfg = load_config(PretrainConfig, preset)
+    cfg.model.image_size = args.image_size or cfg.model.image_size
+    batch = args.batch or cfg.data.batch_size
+    scopes = [s for s in args.scopes.split(",") if s]
+    variants = [run_variant(cfg, device, batch, args.steps, None, [])]
+    variants += [run_variant(cfg, device, batch, args.steps, s, []) for s in scopes]
+    for size in [int(b) for b in args.sweep.split(",") if b]:
+        for levels in args.sweep_levels.split(","):
+            chosen = [] if levels == "none" else [int(c) for c in levels.split("+")]
+            try:
+                variants.append(run_variant(cfg, device, size, args.steps, scopes[0], chosen))
+            except torch.OutOfMemoryError:
+                variants.append({"scope": scopes[0], "batch": size, "checkpoint_levels": chosen,
+                                 "images_per_s": 0.0, "losses": [], "out_of_memory": True})  # fmt: skip
+    flops = flops_per_image(cfg, device)
+    return {"image_size": cfg.model.image_size, "flops_per_image": flops, **summary(variants, flops, peak)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--preset", default=str(REPO / "configs/pretrain/tiny.yaml"))
+    ap.add_argument(
+        "--preset", default=str(REPO / "configs/pretrain/tiny.yaml"), help="one or more, comma-separated"
+    )
     ap.add_argument("--image-size", type=int, default=None, help="default: the preset's")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="0: the preset's")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--scopes", default="blocks,model")
     ap.add_argument("--sweep", default="", help="more batch sizes, compiled with the first scope")
@@ -158,27 +183,12 @@ def main() -> None:
         devices.enable_tf32()
     else:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = load_config(PretrainConfig, args.preset)
-    cfg.model.image_size = args.image_size or cfg.model.image_size
-    scopes = [s for s in args.scopes.split(",") if s]
-    variants = [run_variant(cfg, device, args.batch, args.steps, None, [])]
-    variants += [run_variant(cfg, device, args.batch, args.steps, s, []) for s in scopes]
-    for batch in [int(b) for b in args.sweep.split(",") if b]:
-        for levels in args.sweep_levels.split(","):
-            chosen = [] if levels == "none" else [int(c) for c in levels.split("+")]
-            try:
-                variants.append(run_variant(cfg, device, batch, args.steps, scopes[0], chosen))
-            except torch.OutOfMemoryError:
-                variants.append({"scope": scopes[0], "batch": batch, "checkpoint_levels": chosen,
-                                 "images_per_s": 0.0, "losses": [], "out_of_memory": True})  # fmt: skip
     name = torch.cuda.get_device_name() if args.gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
-    flops = flops_per_image(cfg, device)
     line = {
         "bench": "compile", "device": name, "cpus": os.cpu_count(), "torch": torch.__version__,
-        "preset": Path(args.preset).name, "image_size": cfg.model.image_size, "steps": args.steps,
-        "flops_per_image": flops,
-        **summary(variants, flops, peak),
+        "steps": args.steps, "peak_bf16_tflops_used": peak or None,
+        **{Path(p).stem: bench_preset(p, args, device, peak) for p in args.preset.split(",")},
     }  # fmt: skip
     print(json.dumps(line))
 
