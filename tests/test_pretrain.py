@@ -206,8 +206,9 @@ def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
 def test_compiled_training_matches_eager_never_recompiles_and_its_checkpoint_loads_for_extraction(
     local_shards, tmp_path, ray_cluster, mlflow_uri
 ):
-    """``perf.compile=true`` (inductor, on the CPU here; the default ``blocks`` scope): the same
-    losses as eager training within float tolerance; no graph compiled after the first step and no
+    """``perf.compile=true`` (inductor, on the CPU here; the default ``blocks`` scope), with the
+    full-resolution level's activations checkpointed: the same losses as eager training within
+    float tolerance; no graph compiled after the first step and no
     graph break, across an epoch boundary of the stream (36 tiles, 4 per batch: step 9) and a
     resume (a new process compiles once, then nothing more); a checkpoint with plain keys that
     extraction loads.
@@ -223,8 +224,9 @@ def test_compiled_training_matches_eager_never_recompiles_and_its_checkpoint_loa
         f"tracking.uri={mlflow_uri}", "data.num_workers=0", "data.shuffle_buffer=0", "optim.lr=1e-5",
     ]  # fmt: skip
     eager = run_pretrain(_cfg(*common, "run.name=eager", "optim.max_steps=12"))
+    fast = ["perf.compile=true", "perf.checkpoint_levels=[0]", "run.name=compiled"]
     compiled = [
-        run_pretrain(_cfg(*common, "run.name=compiled", f"optim.max_steps={steps}", "perf.compile=true"))
+        run_pretrain(_cfg(*common, *fast, f"optim.max_steps={steps}"))
         for steps in (12, 15)  # the second run resumes from the first's step-12 checkpoint
     ]
     assert compiled[1].step == 15

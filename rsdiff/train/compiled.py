@@ -69,8 +69,8 @@ def _counts() -> tuple[int, int]:
 class CompileWatch:
     """What compiling cost a training process: call :meth:`step_done` after every optimiser step.
 
-    ``metrics()`` are ``compile_first_step_s`` (wall seconds of the first step: tracing plus code
-    generation plus one step), ``compile_graphs`` (graphs the first step compiled),
+    ``metrics()`` are ``compile_first_step_s`` (wall seconds of the first step less its wait for
+    data: tracing, code generation and one step), ``compile_graphs`` (graphs the first step compiled),
     ``compile_recompiles`` (graphs compiled after it: 0 when shapes are static) and
     ``compile_graph_breaks``.
     """
@@ -82,9 +82,10 @@ class CompileWatch:
         self.first_step_s = 0.0
         self._warned = 0
 
-    def step_done(self) -> None:
+    def step_done(self, data_wait_s: float = 0.0) -> None:
+        """After each step; ``data_wait_s``: the seconds that step waited for its batch."""
         if self._after_first is None:
-            self.first_step_s = time.perf_counter() - self._t0
+            self.first_step_s = time.perf_counter() - self._t0 - data_wait_s
             self._after_first = _counts()
             graphs, breaks = self._after_first[0] - self._before[0], self._after_first[1] - self._before[1]
             log.info("torch.compile: the first step compiled %d graph(s) in %.1f s (%d graph break(s))",

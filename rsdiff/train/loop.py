@@ -229,9 +229,8 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
     gen = devices.generator(device, run_seed)
     checkpoint_activations(model, list(plan.perf.checkpoint_levels))
     model = ray.train.torch.prepare_model(model)
-    watch = None
-    if plan.perf.compile:
-        model, watch = compile_unet(model, plan.perf.compile_scope), CompileWatch()
+    if plan.perf.compile:  # compiles at the first call
+        model = compile_unet(model, plan.perf.compile_scope)
     noise_sched = make_scheduler(plan.diffusion)
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     data = RankData(plan, rank, world, (state or {}).get("stream"), start, run_seed, pin=cuda)
@@ -241,6 +240,7 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
     tracker, logged_through = _open_tracking(plan, rank, start, placement(world))
     amp_dtype = devices.autocast_dtype("bf16" if plan.perf.bf16 else "fp32", device) if cuda else None
     window = _Window(device)
+    watch = CompileWatch() if plan.perf.compile else None
     for step in range(start, plan.optim.max_steps):
         loss, grad_norm, waited = train_step(
             model, ema, opt, sched, data.next_batch, noise_sched, gen,
@@ -250,7 +250,7 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
         )  # fmt: skip
         window.add(loss, waited)
         if watch is not None:
-            watch.step_done()
+            watch.step_done(waited)
         done = step + 1
         if plan.after_step is not None:
             plan.after_step(done, rank, plan)
