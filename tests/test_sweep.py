@@ -62,6 +62,12 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["num_samples"] == "4" and "best.timesteps" in parent.data.params
+    # The answer first: the run's description names the winner, its val mIoU and its worst class.
+    best = result.trials[0]
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"timesteps {json.dumps(best['timesteps'])}, blocks {json.dumps(best['blocks'])}" in note
+    assert f"**Val mIoU {best['best_val_miou']:.3f}**" in note and "worst class on val: " in note
+    assert parent.data.metrics["best.t_min"] == min(best["timesteps"])
     # The head settings the trials used, not head.width's unused default:
     assert parent.data.params["head.width"] == "searched: 32 | 64" and parent.data.params["head.depth"] == "1"
     assert parent.data.tags["rsdiff.data.features"] == labeled_table.root

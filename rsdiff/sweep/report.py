@@ -103,6 +103,22 @@ def format_table(trials: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def describe_winner(best: dict[str, Any], trials: int, cm: Any, class_names: list[str]) -> str:
+    """The sweep run's description (MLflow's ``mlflow.note.content``, shown above its params): the
+    winning timesteps, blocks and head, its val mIoU, and its worst class on val."""
+    iou = cm.iou()
+    worst = int(np.nanargmin(iou)) if np.isfinite(iou).any() else None
+    worst_text = (
+        f"; worst class on val: {class_names[worst]} (IoU {iou[worst]:.2f})" if worst is not None else ""
+    )
+    head = f"{best['kind']} head (width {best['width']}, lr {best['lr']:.1e})"
+    return (
+        f"**Winner** (trial {best['trial_id']} of {trials}): timesteps {json.dumps(best['timesteps'])}, "
+        f"blocks {json.dumps(best['blocks'])}, {head}. "
+        f"**Val mIoU {best['best_val_miou']:.3f}**{worst_text}. The head is in `best/`."
+    )
+
+
 def log_summary(parent: Any, trials: list[dict[str, Any]], best: dict[str, Any], head: TrainedHead) -> None:
     import matplotlib
 
@@ -111,10 +127,17 @@ def log_summary(parent: Any, trials: list[dict[str, Any]], best: dict[str, Any],
 
     from rsdiff.metrics import ConfusionMatrix
 
-    parent.log_metrics({"best_val_miou": best["best_val_miou"], "trials": len(trials)}, step=0)
+    cm = ConfusionMatrix(head.num_classes)
+    cm.matrix = np.asarray(head.metrics["confusion_matrix"], np.int64)
+    span = {
+        "best.t_min": min(best["timesteps"]),
+        "best.t_max": max(best["timesteps"]),
+    }  # for the compare view
+    parent.log_metrics({"best_val_miou": best["best_val_miou"], "trials": len(trials), **span}, step=0)
     parent.log_params({f"best.{k}": json.dumps(v) if isinstance(v, list) else str(v)
                        for k, v in best.items() if k not in {"head", "error", "stopped_early"}})  # fmt: skip
-    parent.set_tags({"rsdiff.best_head": best["head"] or ""})
+    note = describe_winner(best, len(trials), cm, head.class_names)
+    parent.set_tags({"rsdiff.best_head": best["head"] or "", "mlflow.note.content": note})
     parent.log_dict({"trials": trials}, "summary.json")
     parent.client.log_text(parent.run_id, format_table(trials), "summary.txt")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -131,8 +154,6 @@ def log_summary(parent: Any, trials: list[dict[str, Any]], best: dict[str, Any],
     fig.tight_layout()
     parent.log_figure(fig, "miou_by_choice.png")
     plt.close(fig)
-    cm = ConfusionMatrix(head.num_classes)
-    cm.matrix = np.asarray(head.metrics["confusion_matrix"], np.int64)
     fig = cm.plot(head.class_names, title=f"best trial {best['trial_id']}: val mIoU {cm.miou():.3f}")
     parent.log_figure(fig, "best_confusion_matrix.png")
     plt.close(fig)
