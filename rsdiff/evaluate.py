@@ -228,11 +228,28 @@ def _log_run(run: Any, metrics: dict[str, Any], total: ConfusionMatrix, names: l
     flat.update({f"f1_{n}": v for n, v in metrics["f1"].items() if v is not None})
     flat.update({f"scene_miou/{metric_key(s)}": m["miou"] for s, m in metrics["scenes"].items()})
     run.log_metrics(flat, step=0)
+    run.set_tags({"mlflow.note.content": describe_scores(metrics)})
     fig = total.plot(names)
     run.log_figure(fig, "confusion_matrix.png")
     plt.close(fig)
     run.log_dict(metrics, "metrics.json")
     run.client.log_text(run.run_id, format_metrics(metrics), "metrics.txt")
+
+
+def describe_scores(metrics: dict[str, Any]) -> str:
+    """The evaluate run's description (MLflow's ``mlflow.note.content``): mIoU and accuracy, the
+    worst class and the worst scene, and the head that made the maps."""
+    iou = {n: v for n, v in metrics["iou"].items() if v is not None}
+    scenes = metrics["scenes"]
+    parts = [f"**mIoU {metrics['miou']:.3f}** (overall accuracy {metrics['overall_accuracy']:.3f}) over "
+             f"{len(scenes)} scene(s), {metrics['pixels']:,} labeled px"]  # fmt: skip
+    if iou:
+        worst = min(iou, key=iou.get)
+        parts.append(f"worst class: {worst} (IoU {iou[worst]:.2f})")
+    if len(scenes) > 1:
+        scene = min(scenes, key=lambda k: scenes[k]["miou"])
+        parts.append(f"worst scene: {scene} (mIoU {scenes[scene]['miou']:.3f})")
+    return "; ".join(parts) + f". Head: `{metrics.get('head')}`."
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -97,6 +97,9 @@ def test_demo_chain_on_the_generated_sample(sample_demo):
     assert {"quicklook.png", "demo.json"} <= {a.path for a in client.list_artifacts(demo.info.run_id)}
     evaluate = next(r for r in runs if r.data.tags.get("rsdiff.stage") == "evaluate")
     assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    note = evaluate.data.tags["mlflow.note.content"]  # the answer first: the score and where it is worst
+    worst = min((n for n, v in metrics["iou"].items() if v is not None), key=metrics["iou"].get)
+    assert note.startswith(f"**mIoU {metrics['miou']:.3f}**") and f"worst class: {worst} (IoU" in note
 
 
 @pytest.mark.integration
