@@ -25,7 +25,8 @@ def _run(cfg: DemoConfig) -> None:
     print(
         f"test scenes ({len(result.test_scenes)}, held out of every choice): {', '.join(result.test_scenes)}"
     )
-    print("\n" + format_metrics(result.metrics))
+    print(f"\nwinner: {result.winner}")
+    print(format_metrics(result.metrics))
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.stages.items()))
     first = result.predictions[0]
     print(f"predicted GeoTIFF: {first['class_map']}")

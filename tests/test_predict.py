@@ -93,6 +93,13 @@ def test_demo_chain_on_the_generated_sample(sample_demo):
     scene_miou = {k for k in by_stage["evaluate"].data.metrics if k.startswith("scene_miou/")}
     assert scene_miou == {f"scene_miou/{s}" for s in metrics["scenes"]}
     assert demo.info.status == "FINISHED"
+    # The answer first: the winner in one printed line and in the demo run's description and params.
+    sweep_best = json.loads((work / "sweep" / "summary.json").read_text())["best"]
+    winner = f"timesteps {json.dumps(sweep_best['timesteps'])}, blocks {json.dumps(sweep_best['blocks'])}, "
+    assert f"\nwinner: {winner}" in out
+    assert demo.data.params["best.timesteps"] == json.dumps(sweep_best["timesteps"])
+    note = demo.data.tags["mlflow.note.content"]
+    assert winner in note and f"**Test mIoU {metrics['miou']:.3f}** on 2 held-out scene(s)" in note
     assert demo.data.metrics["test_miou"] == pytest.approx(metrics["miou"])
     assert {"quicklook.png", "demo.json"} <= {a.path for a in client.list_artifacts(demo.info.run_id)}
     evaluate = next(r for r in runs if r.data.tags.get("rsdiff.stage") == "evaluate")

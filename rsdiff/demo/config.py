@@ -49,3 +49,4 @@ class DemoResult:
     run_ids: dict[str, str]
     test_scenes: list[str] = field(default_factory=list)
     data: str = ""  # what the data was (the generated sample says it is synthetic)
+    winner: str = ""  # the sweep's winning timesteps, blocks and head, with its val mIoU, in one line

@@ -62,6 +62,14 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         return _summarise(demo, chain, seconds, described, demo_run)
 
 
+def describe_winner(best: dict[str, Any]) -> str:
+    """The sweep's winner in one line: timesteps, blocks, head and val mIoU."""
+    return (
+        f"timesteps {json.dumps(best['timesteps'])}, blocks {json.dumps(best['blocks'])}, "
+        f"{best['kind']} head (width {best['width']}): val mIoU {best['best_val_miou']:.3f}"
+    )
+
+
 def _summarise(
     demo: Demo, chain: Chain, stages: dict[str, float], described: str, demo_run: Any
 ) -> DemoResult:
@@ -69,12 +77,21 @@ def _summarise(
     and finish it."""
     run_ids, test_ids, work, cfg, uri = chain.run_ids, chain.test_ids, demo.work, demo.cfg, demo.uri
     pre, sweep, pred, ev = chain.pretrain, chain.sweep, chain.predict, chain.evaluate
-    demo_run.set_tags({f"rsdiff.run.{k}": v for k, v in run_ids.items()})
+    winner = describe_winner(sweep.best)
+    iou = {n: v for n, v in ev.metrics["iou"].items() if v is not None}
+    worst = min(iou, key=iou.get) if iou else None
+    note = (
+        f"**Winner**: {winner}. **Test mIoU {ev.metrics['miou']:.3f}** on {len(test_ids)} held-out scene(s)"
+    )
+    note += f"; worst class: {worst} (IoU {iou[worst]:.2f})." if worst else "."
+    demo_run.set_tags({**{f"rsdiff.run.{k}": v for k, v in run_ids.items()}, "mlflow.note.content": note})
     demo_run.log_params(
         {
             "data_description": described,
             "checkpoint": pre.checkpoint,
             "best_head": sweep.best_head,
+            "best.timesteps": json.dumps(sweep.best["timesteps"]),
+            "best.blocks": json.dumps(sweep.best["blocks"]),
             "pretrain.device": "cpu",
             "test_scene_ids": json.dumps(test_ids),
         }
@@ -130,4 +147,5 @@ def _summarise(
         run_ids,
         test_ids,
         described,
+        winner,
     )
