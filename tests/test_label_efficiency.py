@@ -203,6 +203,13 @@ def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
     hist = client.get_metric_history(run.info.run_id, "test_miou_residual_mean")
     assert {m.step: m.value for m in hist}[2] == pytest.approx(mean)
     assert json.loads(run.data.params["test_scenes"]) == test
+    # The answer first: the description states each paired difference per k.
+    results = json.loads((out / "results.json").read_text())
+    first = results["paired"][0]
+    said = (
+        f"**{first['method']} minus {first['baseline']}**, k={first['k']} scenes: {100 * first['mean']:+.1f}"
+    )
+    assert said in run.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.integration
