@@ -32,7 +32,7 @@ from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy
 from rsdiff.data.labels import LabelConfig, build_classmap
 from rsdiff.data.scenes import SceneReader, SceneRef, mask_uri
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.metrics import ConfusionMatrix
+from rsdiff.metrics import ConfusionMatrix, worst_class
 from rsdiff.prediction.summary import read_summary, resolve_output
 from rsdiff.tracking import StageTracking
 
@@ -239,13 +239,10 @@ def _log_run(run: Any, metrics: dict[str, Any], total: ConfusionMatrix, names: l
 def describe_scores(metrics: dict[str, Any]) -> str:
     """The evaluate run's description (MLflow's ``mlflow.note.content``): mIoU and accuracy, the
     worst class and the worst scene, and the head that made the maps."""
-    iou = {n: v for n, v in metrics["iou"].items() if v is not None}
     scenes = metrics["scenes"]
     parts = [f"**mIoU {metrics['miou']:.3f}** (overall accuracy {metrics['overall_accuracy']:.3f}) over "
              f"{len(scenes)} scene(s), {metrics['pixels']:,} labeled px"]  # fmt: skip
-    if iou:
-        worst = min(iou, key=iou.get)
-        parts.append(f"worst class: {worst} (IoU {iou[worst]:.2f})")
+    parts += [worst_class(metrics["iou"])] if worst_class(metrics["iou"]) else []
     if len(scenes) > 1:
         scene = min(scenes, key=lambda k: scenes[k]["miou"])
         parts.append(f"worst scene: {scene} (mIoU {scenes[scene]['miou']:.3f})")

@@ -98,3 +98,13 @@ class ConfusionMatrix:
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         return fig
+
+
+def worst_class(iou: dict[str, float | None], where: str = "") -> str:
+    """``"worst class{where}: NAME (IoU 0.62)"`` for per-class IoUs by name (None or NaN: absent
+    from both sides, left out); ``""`` when no class has one."""
+    scored = {n: float(v) for n, v in iou.items() if v is not None and np.isfinite(v)}
+    if not scored:
+        return ""
+    name = min(scored, key=scored.get)
+    return f"worst class{where}: {name} (IoU {scored[name]:.2f})"

@@ -15,7 +15,9 @@ from rsdiff.demo.config import DemoConfig, DemoResult
 from rsdiff.demo.data import labels_for
 from rsdiff.demo.stages import STAGES, Chain, Demo
 from rsdiff.errors import ConfigError
+from rsdiff.metrics import worst_class
 from rsdiff.provenance import provenance_tags
+from rsdiff.sweep.report import winner_line
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +64,6 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         return _summarise(demo, chain, seconds, described, demo_run)
 
 
-def describe_winner(best: dict[str, Any]) -> str:
-    """The sweep's winner in one line: timesteps, blocks, head and val mIoU."""
-    return (
-        f"timesteps {json.dumps(best['timesteps'])}, blocks {json.dumps(best['blocks'])}, "
-        f"{best['kind']} head (width {best['width']}): val mIoU {best['best_val_miou']:.3f}"
-    )
-
-
 def _summarise(
     demo: Demo, chain: Chain, stages: dict[str, float], described: str, demo_run: Any
 ) -> DemoResult:
@@ -77,13 +71,12 @@ def _summarise(
     and finish it."""
     run_ids, test_ids, work, cfg, uri = chain.run_ids, chain.test_ids, demo.work, demo.cfg, demo.uri
     pre, sweep, pred, ev = chain.pretrain, chain.sweep, chain.predict, chain.evaluate
-    winner = describe_winner(sweep.best)
-    iou = {n: v for n, v in ev.metrics["iou"].items() if v is not None}
-    worst = min(iou, key=iou.get) if iou else None
+    winner = f"{winner_line(sweep.best)}: val mIoU {sweep.best['best_val_miou']:.3f}"
+    worst = worst_class(ev.metrics["iou"])
     note = (
         f"**Winner**: {winner}. **Test mIoU {ev.metrics['miou']:.3f}** on {len(test_ids)} held-out scene(s)"
     )
-    note += f"; worst class: {worst} (IoU {iou[worst]:.2f})." if worst else "."
+    note += f"; {worst}." if worst else "."
     demo_run.set_tags({**{f"rsdiff.run.{k}": v for k, v in run_ids.items()}, "mlflow.note.content": note})
     demo_run.log_params(
         {

@@ -11,6 +11,7 @@ import numpy as np
 from rsdiff import storage
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import TrainedHead
+from rsdiff.metrics import worst_class
 from rsdiff.sweep.records import trial_id
 from rsdiff.sweep.space import HEAD_KEYS
 
@@ -103,19 +104,21 @@ def format_table(trials: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def winner_line(best: dict[str, Any]) -> str:
+    """A sweep's winning trial in one line: timesteps, blocks and head (its val mIoU is apart)."""
+    head = f"{best['kind']} head (width {best['width']}, lr {best['lr']:.1e})"
+    return f"timesteps {json.dumps(best['timesteps'])}, blocks {json.dumps(best['blocks'])}, {head}"
+
+
 def describe_winner(best: dict[str, Any], trials: int, cm: Any, class_names: list[str]) -> str:
     """The sweep run's description (MLflow's ``mlflow.note.content``, shown above its params): the
-    winning timesteps, blocks and head, its val mIoU, and its worst class on val."""
-    iou = cm.iou()
-    worst = int(np.nanargmin(iou)) if np.isfinite(iou).any() else None
-    worst_text = (
-        f"; worst class on val: {class_names[worst]} (IoU {iou[worst]:.2f})" if worst is not None else ""
-    )
-    head = f"{best['kind']} head (width {best['width']}, lr {best['lr']:.1e})"
+    winner (:func:`winner_line`), its val mIoU and its worst class on val."""
+    worst = worst_class(dict(zip(class_names, cm.iou().tolist(), strict=True)), " on val")
     return (
-        f"**Winner** (trial {best['trial_id']} of {trials}): timesteps {json.dumps(best['timesteps'])}, "
-        f"blocks {json.dumps(best['blocks'])}, {head}. "
-        f"**Val mIoU {best['best_val_miou']:.3f}**{worst_text}. The head is in `best/`."
+        f"**Winner** (trial {best['trial_id']} of {trials}): {winner_line(best)}. "
+        f"**Val mIoU {best['best_val_miou']:.3f}**"
+        + (f"; {worst}" if worst else "")
+        + ". The head is in `best/`."
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rsdiff.diffusion.unet import attention_layers
 from rsdiff.train.config import CompileScope
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,9 @@ log = logging.getLogger(__name__)
 
 def regions(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules ``blocks`` scope compiles: every residual block and attention layer."""
-    from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
-    return [m for m in model.modules() if isinstance(m, ResnetBlock2D | Attention)]
+    return [m for m in model.modules() if isinstance(m, ResnetBlock2D)] + attention_layers(model)
 
 
 def compile_unet(model: torch.nn.Module, scope: CompileScope) -> torch.nn.Module:
