@@ -10,10 +10,21 @@ holder was a process on this host that no longer exists (a killed driver resubmi
 Taking and renewing are compare-and-swap, so two jobs starting together cannot both win: on S3
 conditional PUTs (``If-None-Match: *`` to create, ``If-Match: <etag>`` to renew or take over);
 on a local or shared filesystem an exclusive create, and an atomic rename to claim a stale lease.
+Some S3-compatible stores accept those headers and ignore them; the first lease on each bucket
+probes that the store refuses a conditional write that must fail, and refuses leases (one line,
+:class:`~rsdiff.errors.ConfigError`) on a store that does not.
+
+A holder that loses its lease stops writing: when a heartbeat finds another owner, or no heartbeat
+has reached the store for ``ttl_s`` (after which another job may take it over), :attr:`Lease.lost`
+is set and :attr:`Lease.on_lost` is called (the job's stop switch; by default the main thread is
+interrupted). Writers on other processes (pretraining's rank 0, before each checkpoint) check
+:func:`holder` against the owner id they were given and raise :class:`LeaseLost` instead of writing.
 """
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import json
 import logging
 import os
@@ -21,11 +32,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rsdiff import storage
-from rsdiff.errors import ConfigError
+from rsdiff.errors import ConfigError, RsdiffError
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +49,89 @@ class LeaseHeld(ConfigError):
     """Another live job holds the lease."""
 
 
+class LeaseLost(RsdiffError):
+    """This job's lease was taken over (or could not be renewed in time): it stopped writing."""
+
+
+_PROBED: dict[str, bool] = {}  # bucket (with endpoint) -> conditional writes honoured
+
+
+def holder(uri: str) -> str | None:
+    """The owner id recorded in the lease ``uri`` (None when there is none or it is unreadable)."""
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except (storage.NotFoundError, ValueError):
+        return None
+    return record.get("owner") if isinstance(record, dict) else None
+
+
+def check_conditional_writes(folder: str) -> None:
+    """Refuse an S3 store that ignores ``If-None-Match`` / ``If-Match`` (checked once per bucket).
+
+    Writes a probe object under ``folder``, then writes it again under conditions that must fail;
+    a store that accepts either cannot keep two jobs from both taking a lease.
+
+    Raises:
+        ConfigError: the store accepted a write that a condition should have refused.
+    """
+    bucket, prefix = storage.split_s3(folder)
+    client = storage.s3_client()
+    where = f"{client.meta.endpoint_url}/{bucket}"
+    if where in _PROBED:
+        return
+    key = f"{prefix.rstrip('/')}/rsdiff-lease-probe-{uuid.uuid4().hex}".lstrip("/")
+    probe = f"s3://{bucket}/{key}"
+    storage.write_bytes(probe, b"probe")
+    ignored = []
+    try:
+        for name, cond in (("If-None-Match", {"IfNoneMatch": "*"}), ("If-Match", {"IfMatch": '"0"'})):
+            try:
+                storage.retrying(lambda c=cond: client.put_object(Bucket=bucket, Key=key, Body=b"2", **c),
+                                 probe, "write")  # fmt: skip
+                ignored.append(name)
+            except storage.StorageError as exc:
+                if not _precondition_failed(exc):
+                    raise
+    finally:
+        with contextlib.suppress(Exception):
+            storage.delete(probe)
+    if ignored:
+        raise ConfigError(
+            f"the S3 store holding {storage.display(folder)} ignores conditional writes "
+            f"({', '.join(ignored)} was accepted where it must be refused), so two jobs could both hold "
+            "the same run and mix their checkpoints; put run.storage / storage on a store that "
+            "honours them (AWS S3, MinIO, Ceph RGW and GCS do) or on a shared filesystem"
+        )
+    _PROBED[where] = True
+
+
+def _precondition_failed(exc: storage.StorageError) -> bool:
+    """Whether a failed S3 write was a condition refusing it (412, or 409 for a concurrent one)."""
+    from botocore.exceptions import ClientError
+
+    cause = exc.__cause__
+    if not isinstance(cause, ClientError):
+        return False
+    code = cause.response.get("Error", {}).get("Code")
+    status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in {"PreconditionFailed", "ConditionalRequestConflict"} or status in (409, 412)
+
+
 class Lease:
     """The lease on ``folder`` (a local path or S3 prefix) for ``what`` (e.g. ``run.name=x``).
 
     Use as a context manager: entering takes it (or raises :class:`LeaseHeld`), leaving releases it.
+    ``ttl_s`` defaults to :data:`TTL_S` (``RSDIFF_LEASE_TTL_S``, 60 s).
     """
 
-    def __init__(self, folder: str, what: str, ttl_s: float = TTL_S) -> None:
+    def __init__(self, folder: str, what: str, ttl_s: float | None = None) -> None:
         self.uri = storage.join(storage.absolute(folder), LEASE)
         self.what = what
-        self.ttl_s = float(ttl_s)
+        self.ttl_s = float(TTL_S if ttl_s is None else ttl_s)
         self.owner = uuid.uuid4().hex
         self.lost = False
+        self.lost_reason = ""
+        self.on_lost: Callable[[], None] = _thread.interrupt_main
         self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,8 +177,6 @@ class Lease:
     def _put(self, body: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> bool:
         """Conditional write; False when the condition failed (someone else wrote in between)."""
         if storage.is_s3(self.uri):
-            from botocore.exceptions import ClientError
-
             bucket, key = storage.split_s3(self.uri)
             extra: dict[str, str] = {}
             if if_none_match:
@@ -109,9 +190,7 @@ class Lease:
                     "write",
                 )
             except storage.StorageError as exc:
-                if isinstance(exc.__cause__, ClientError) and exc.__cause__.response.get("Error", {}).get(
-                    "Code"
-                ) in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
+                if _precondition_failed(exc):
                     return False
                 raise
             self._etag = got["ETag"]
@@ -148,6 +227,8 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease or raise :class:`LeaseHeld` naming the live holder."""
         started = time.time()
+        if storage.is_s3(self.uri):
+            check_conditional_writes(storage.parent(self.uri))
         for _ in range(3):
             current, etag = self._read()
             if current is None:
@@ -176,18 +257,46 @@ class Lease:
         self._thread.start()
 
     def _beat(self, started: float) -> None:
+        last_ok = time.monotonic()
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 ok = self._put(self._record(started), if_match=self._etag)
-            except Exception as exc:  # a flaky store: try again at the next beat
+            except Exception as exc:  # a flaky store: try again at the next beat, within the TTL
                 log.warning("lease heartbeat for %s failed: %s", self.what, exc)
+                silent = time.monotonic() - last_ok
+                if silent > self.ttl_s:
+                    self._lose(f"no heartbeat reached the store for {silent:.0f} s (the lease's TTL is "
+                               f"{self.ttl_s:.0f} s), so another job may have taken it over")  # fmt: skip
+                    return
                 continue
             if not ok:
-                self.lost = True
-                log.error(
-                    "the lease of %s was taken over by another job; this job's writes may mix", self.what
-                )
+                self._lose(f"another job took it over (now held by {self._holder_text()})")
                 return
+            last_ok = time.monotonic()
+
+    def _holder_text(self) -> str:
+        current, _ = self._read()
+        current = current or {}
+        return f"host {current.get('host', '?')}, pid {current.get('pid', '?')}"
+
+    def _lose(self, reason: str) -> None:
+        self.lost, self.lost_reason = True, reason
+        log.error("lost the lease of %s: %s; stopping this job", self.what, reason)
+        self.on_lost()
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the lease is no longer this job's (before writing results)."""
+        if not self.lost and holder(self.uri) != self.owner:
+            self.lost, self.lost_reason = True, f"another job holds it now ({self._holder_text()})"
+        if self.lost:
+            raise LeaseLost(self.lost_message())
+
+    def lost_message(self) -> str:
+        """One line: which lease was lost, why, and that this job stopped writing."""
+        return (
+            f"{self.what}: this job lost its lease {storage.display(self.uri)}: {self.lost_reason}; it "
+            "stopped without writing more (the job holding the lease now owns the folder)"
+        )
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours."""

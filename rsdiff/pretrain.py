@@ -31,6 +31,7 @@ from rsdiff.data.normalize import Normalizer
 from rsdiff.diffusion.sources import SourceWeights, check_diffusion, load_source
 from rsdiff.diffusion.unet import attention_levels, unet_kwargs
 from rsdiff.errors import ConfigError, DataError
+from rsdiff.lease import Lease, LeaseLost
 from rsdiff.provenance import provenance_tags
 from rsdiff.train.config import (
     SAMPLE_SHARDS,
@@ -170,8 +171,6 @@ def run_pretrain(cfg: PretrainConfig, *, after_step: StepHook | None = None) -> 
     ``after_step(step, rank, plan)`` runs on every rank after each optimiser step (see
     :class:`~rsdiff.train.config.TrainPlan`); it must pickle. The fault tests use it.
     """
-    from rsdiff.lease import Lease
-
     storage.check_name(cfg.run.name, "run.name")
     check_numbers(cfg)
     source = read_init(cfg)
@@ -180,8 +179,8 @@ def run_pretrain(cfg: PretrainConfig, *, after_step: StepHook | None = None) -> 
     folder = storage.join(storage.absolute(str(cfg.run.storage)), str(cfg.run.name))
     reach_checked_storage(cfg)
     storage.check_writable(folder)  # the very folder Ray Train writes checkpoints into
-    with Lease(folder, f"run.name={cfg.run.name} in {storage.display(str(cfg.run.storage))}"):
-        return _fit(cfg, manifest, facts, after_step)
+    with Lease(folder, f"run.name={cfg.run.name} in {storage.display(str(cfg.run.storage))}") as lease:
+        return _fit(cfg, manifest, facts, after_step, lease)
 
 
 def reach_checked_storage(cfg: PretrainConfig) -> None:
@@ -206,10 +205,11 @@ def perf_params(cfg: PretrainConfig) -> dict[str, str]:
 
 
 def _fit(
-    cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any], after_step: StepHook | None
+    cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any], after_step: StepHook | None, lease: Lease
 ) -> PretrainResult:
-    """Open (or rejoin) the run's MLflow run, train with Ray Train under the placement watch and
-    the Ctrl-C switch, and tag the run with the last checkpoint."""
+    """Open (or rejoin) the run's MLflow run, train with Ray Train under the placement watch, the
+    Ctrl-C switch and the lease (losing it stops the run: :class:`~rsdiff.lease.LeaseLost`), and tag
+    the run with the last checkpoint."""
     from rsdiff import tracking
     from rsdiff.diffusion.checkpoint import read_meta
     from rsdiff.train.placement import PlacementWatch, keeping_sigint_handler, kill_switch
@@ -224,7 +224,7 @@ def _fit(
         shards=facts["shards"], in_channels=facts["in_channels"], image_size=facts["image_size"],
         normalizer=Normalizer.from_json(facts["normalization"]), meta=_checkpoint_meta(cfg, manifest, facts),
         run_id=handle.run_id, tracking_uri=uri, after_step=after_step,
-        init=cfg.init if cfg.init.from_ else None,
+        init=cfg.init if cfg.init.from_ else None, lease_uri=lease.uri, lease_owner=lease.owner,
     )  # fmt: skip
     trainer, request = _trainer(cfg, plan)
     starts = len(handle.client.get_metric_history(handle.run_id, "started_at_step"))
@@ -235,13 +235,19 @@ def _fit(
         started=lambda: len(handle.client.get_metric_history(handle.run_id, "started_at_step")) > starts,
         stop=kill_switch(trainer),
     )
+    lease.on_lost = watch.stop
     with tracking.ends_run(handle), keeping_sigint_handler():  # Ray Train installs its own for fit()
         try:
             with watch:
                 result = trainer.fit()
+            lease.check()
         except BaseException as exc:
             if watch.failure is not None:
                 raise watch.failure from None
+            with contextlib.suppress(Exception):
+                lease.check()  # a rank refused to write because another job took the lease
+            if lease.lost:
+                raise LeaseLost(lease.lost_message()) from None
             if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: say where a re-run resumes
                 exc.kept = resume_point(run_dir)
             raise

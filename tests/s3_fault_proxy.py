@@ -9,6 +9,10 @@ counts the faults by the client that met them, told apart by User-Agent: ``boto3
 reads and writes), ``arrow`` (pyarrow's S3 filesystem, which Ray Train uses for checkpoints) and
 ``gdal`` (rasterio's windowed reads). With ``max_faults=0`` it only counts: :attr:`requests` and
 :attr:`body_bytes` per ``(method, path)`` of every answer it forwarded.
+
+Two switches play other unlucky stores: :attr:`down` (every request answered ``503`` while set: a
+store out of reach) and ``strip_conditions`` (``If-None-Match`` / ``If-Match`` dropped before
+forwarding: an S3-compatible store that ignores conditional writes).
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ class FaultyS3Proxy:
         burst: int = 2,
         max_faults: int = 40,
         kinds: tuple[str, ...] = ("503", "reset"),
+        strip_conditions: bool = False,
     ) -> None:
         self.upstream = urlparse(upstream)
         self.every, self.burst, self.max_faults, self.kinds = every, burst, max_faults, kinds
+        self.strip_conditions = strip_conditions
+        self.down = False
         self.lock = threading.Lock()
         self.seen = 0
         self.faults = {"503": 0, "reset": 0, "cut": 0}
@@ -68,7 +75,7 @@ class FaultyS3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                fault = proxy._next_fault(self.headers.get("User-Agent", ""))
+                fault = "503" if proxy.down else proxy._next_fault(self.headers.get("User-Agent", ""))
                 if fault == "503":
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -81,7 +88,8 @@ class FaultyS3Proxy:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                dropped = HOP_HEADERS | ({"if-none-match", "if-match"} if proxy.strip_conditions else set())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body or None, headers=headers)

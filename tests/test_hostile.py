@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 from conftest import REPO, run_job_inline, wait_for
 from mlflow import MlflowClient
+from s3_fault_proxy import FaultyS3Proxy
 from test_faults import TINY_FAST
 
 from rsdiff import storage
 from rsdiff.config import load_config, redact, redact_uri, to_yaml
-from rsdiff.errors import DataError, describe_os_error
-from rsdiff.lease import LEASE, Lease, LeaseHeld
+from rsdiff.errors import ConfigError, DataError, describe_os_error
+from rsdiff.lease import LEASE, Lease, LeaseHeld, LeaseLost, holder
 
 SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
 
@@ -269,14 +270,70 @@ def test_a_live_lease_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_
 def test_heartbeat_keeps_the_lease_live_and_notices_a_takeover(tmp_path):
     folder = str(tmp_path / "run")
     path = Path(folder) / LEASE
+    stopped = []
     with Lease(folder, "x", ttl_s=0.8) as lease:
+        lease.on_lost = lambda: stopped.append(time.time())
         first = json.loads(path.read_text())["heartbeat"]
         # Refreshed past the TTL after which an unrefreshed lease would count as dead.
         wait_for(lambda: json.loads(path.read_text())["heartbeat"] > first + 0.8, "two heartbeats", 30)
         with pytest.raises(LeaseHeld):
             Lease(folder, "x", ttl_s=0.8).acquire()
-        path.write_text(json.dumps({"owner": "thief", "heartbeat": time.time() + 60}))
+        lease.check()  # still ours: no error
+        path.write_text(json.dumps({"owner": "thief", "host": "h2", "pid": 7, "heartbeat": time.time() + 60}))
         wait_for(lambda: lease.lost, "the holder to notice the takeover", 30)
+        assert len(stopped) == 1  # the job's stop switch was pulled once
+        assert holder(str(path)) == "thief"
+        with pytest.raises(LeaseLost, match=r"x: this job lost its lease .*: another job took it over \(now "
+                           r"held by host h2, pid 7\); it stopped without writing more"):  # fmt: skip
+            lease.check()
+    assert json.loads(path.read_text())["owner"] == "thief"  # leaving does not delete another's lease
+
+
+@pytest.mark.unit
+def test_a_holder_whose_heartbeats_cannot_reach_the_store_past_the_ttl_stops(
+    s3_endpoint, bucket, monkeypatch
+):
+    """Heartbeats failing for longer than the TTL (the store out of reach from this job only) mean
+    another job may already have taken the lease over: the holder stops rather than write on."""
+    monkeypatch.setenv("RSDIFF_S3_MAX_ATTEMPTS", "1")
+    stopped = []
+    with FaultyS3Proxy(s3_endpoint, max_faults=0) as proxy, monkeypatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", proxy.url)
+        storage._client_for_pid.cache_clear()
+        try:
+            lease = Lease(f"{bucket}/runs/cut-off", "run.name=cut-off", ttl_s=1.0)
+            lease.acquire()
+            lease.on_lost = lambda: stopped.append(time.time())
+            time.sleep(0.6)
+            assert not lease.lost
+            proxy.down = True
+            wait_for(lambda: lease.lost, "the holder to give up", 60)
+            assert len(stopped) == 1 and "no heartbeat reached the store for" in lease.lost_reason
+            proxy.down = False
+            with pytest.raises(LeaseLost, match="the lease's TTL is 1 s"):
+                lease.check()
+            lease.release()
+        finally:
+            storage._client_for_pid.cache_clear()
+
+
+@pytest.mark.unit
+def test_leases_are_refused_on_an_s3_store_that_ignores_conditional_writes(s3_endpoint, bucket, monkeypatch):
+    with (
+        FaultyS3Proxy(s3_endpoint, max_faults=0, strip_conditions=True) as proxy,
+        monkeypatch.context() as env,
+    ):
+        env.setenv("AWS_ENDPOINT_URL", proxy.url)
+        storage._client_for_pid.cache_clear()
+        try:
+            with pytest.raises(ConfigError, match=r"ignores conditional writes \(If-None-Match, If-Match was "
+                               r"accepted where it must be refused\)"):  # fmt: skip
+                Lease(f"{bucket}/runs/lax", "run.name=lax").acquire()
+        finally:
+            storage._client_for_pid.cache_clear()
+    assert not storage.list_uris(f"{bucket}/runs/lax")  # neither a lease nor the probe left behind
+    with Lease(f"{bucket}/runs/lax", "run.name=lax"):  # the same bucket straight on the server: fine
+        pass
 
 
 @pytest.mark.integration
@@ -291,6 +348,39 @@ def test_pretraining_refuses_a_run_name_another_live_job_holds(sample_demo, tmp_
     assert code == 2
     _one_error_line(err, "pretrain", "run.name=busy in ")
     assert "host other-host, pid 4242" in err and not list(folder.glob("checkpoint_*"))
+
+
+@pytest.mark.integration
+def test_pretraining_that_loses_its_lease_stops_writing_at_once_and_fails_its_run(
+    sample_demo, tmp_path, mlflow_uri, monkeypatch
+):
+    """Another job takes the run folder's lease at step 4: the checkpoint of step 4 is never
+    written (rank 0 checks the lease first), the job stops with one line, its MLflow run is FAILED,
+    and every checkpoint left in the folder was written by this job before the takeover."""
+    from step_faults import TakeLease
+
+    from rsdiff.diffusion.checkpoint import read_meta
+    from rsdiff.pretrain import run_pretrain
+    from rsdiff.train.config import PretrainConfig
+
+    monkeypatch.setattr("rsdiff.lease.TTL_S", 4.0)  # the driver's heartbeat every second
+    argv = [*TINY_FAST[2:], f"data.shards={sample_demo / 'shards'}", f"run.storage={tmp_path / 'runs'}",
+            "run.name=taken", "optim.max_steps=40", "checkpoint.every_steps=2", "checkpoint.keep=50",
+            f"tracking.uri={mlflow_uri}", "run.max_failures=3"]  # fmt: skip
+    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/tiny.yaml", argv)
+    with pytest.raises(LeaseLost, match=r"run\.name=taken in .*: this job lost its lease .*another job"):
+        run_pretrain(cfg, after_step=TakeLease(4, tmp_path / "taken.marker"))
+    run_dir = tmp_path / "runs" / "taken"
+    assert (tmp_path / "taken.marker").exists()
+    written = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    assert written == ["checkpoint_00000002"], written
+    assert read_meta(str(run_dir / written[0]))["writer"] not in (None, "the-other-job")
+    assert holder(str(run_dir / LEASE)) == "the-other-job"  # the new owner's lease is left alone
+    runs = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("rsdiff-pretrain").experiment_id]
+    )
+    mine = [r for r in runs if r.data.tags.get("rsdiff.run", "").endswith("taken")]
+    assert [r.info.status for r in mine] == ["FAILED"]
 
 
 # ----------------------------------------------------------------------------------------------

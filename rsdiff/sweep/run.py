@@ -16,6 +16,7 @@ from rsdiff.errors import ConfigError
 from rsdiff.features.config import BlockNumbering
 from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import TrainedHead
+from rsdiff.lease import Lease, LeaseLost
 from rsdiff.provenance import provenance_tags
 from rsdiff.sweep.config import Scheduler, SweepConfig
 from rsdiff.sweep.records import DONE, mark_ended, read_records
@@ -60,7 +61,6 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     early, in a new Tune experiment (``{storage}/{name}/tune-<time>``, kept for its logs only).
     """
     from rsdiff import tracking
-    from rsdiff.lease import Lease
 
     storage.check_name(cfg.name, "name")
     table = FeatureTable.open(str(cfg.features))
@@ -75,17 +75,29 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     out = storage.absolute(str(cfg.output))
     storage.check_writable(out)
     storage.check_writable(experiment_uri)
-    with Lease(experiment_uri, f"sweep name={cfg.name} in {storage.display(str(cfg.storage))}"):
+    with Lease(experiment_uri, f"sweep name={cfg.name} in {storage.display(str(cfg.storage))}") as lease:
         if cfg.fresh:
             _clear(experiment_uri)
-        return _run_sweep(cfg, table, spec, experiment_uri, out, uri)
+        try:
+            return _run_sweep(cfg, table, spec, experiment_uri, out, uri, lease)
+        except KeyboardInterrupt:  # losing the lease interrupts the sweep like Ctrl-C
+            if lease.lost:
+                raise LeaseLost(lease.lost_message()) from None
+            raise
 
 
 def _run_sweep(
-    cfg: SweepConfig, table: FeatureTable, spec: dict[str, Any], experiment_uri: str, out: str, uri: str
+    cfg: SweepConfig,
+    table: FeatureTable,
+    spec: dict[str, Any],
+    experiment_uri: str,
+    out: str,
+    uri: str,
+    lease: Lease,
 ) -> SweepResult:
     """Run the samples not yet done (all of them in a new experiment) under the sweep's parent run,
-    then publish the best head, the summary and the parent run's comparison."""
+    then publish the best head, the summary and the parent run's comparison (only while ``lease``
+    is still this job's)."""
     from rsdiff import tracking
 
     restore = bool(_contents(experiment_uri))
@@ -113,6 +125,7 @@ def _run_sweep(
             )
             grid = _tuner(cfg, context, remaining, experiment_uri).fit()
             mark_ended(grid, experiment_uri, len(samples))
+        lease.check()
         records = read_records(experiment_uri, len(samples))
         trials = collect(samples, records, out)
         close_children(uri, parent.run_id, trials)

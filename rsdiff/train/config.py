@@ -118,6 +118,10 @@ class TrainPlan:
     # step). Not a config setting: library callers (the fault tests) install it; it must pickle.
     after_step: StepHook | None = None
     init: InitConfig | None = None  # weights a fresh run starts from (not used when resuming)
+    # The run folder's lease and this job's owner id in it: rank 0 checks it before each checkpoint
+    # and writes nothing once another job holds it (see rsdiff.lease). None: not leased.
+    lease_uri: str | None = None
+    lease_owner: str | None = None
 
 
 @dataclass

@@ -376,6 +376,7 @@ def _save_checkpoint(
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
+            _check_lease(plan, done)
             state = {
                 "model": _unwrap(model).state_dict(),
                 "ema": ema.state_dict(),
@@ -385,9 +386,25 @@ def _save_checkpoint(
                 "rng": [r["rng"] for r in ranks],  # per rank: CPU, CUDA, noise generators
                 "stream": [r["stream"] for r in ranks],  # per rank: where each slot stands
             }
-            checkpoint.save(Path(tmp), state, {**plan.meta, "step": done, "run_id": plan.run_id})
+            meta = {**plan.meta, "step": done, "run_id": plan.run_id, "writer": plan.lease_owner}
+            checkpoint.save(Path(tmp), state, meta)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:08d}")
+
+
+def _check_lease(plan: TrainPlan, done: int) -> None:
+    """Raise :class:`~rsdiff.lease.LeaseLost` instead of writing the checkpoint of step ``done``
+    when another job holds the run folder's lease now (the driver stops the run when it notices)."""
+    from rsdiff.lease import LeaseLost, holder
+
+    if plan.lease_uri is None:
+        return
+    now = holder(plan.lease_uri)
+    if now != plan.lease_owner:
+        raise LeaseLost(
+            f"not writing the checkpoint of step {done}: the lease {plan.lease_uri} is held by "
+            f"{'another job' if now else 'no job'} now"
+        )
 
 
 def placement(world: int) -> list[str]:
