@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +120,102 @@ def test_the_least_recently_used_copy_is_evicted_and_a_too_large_table_is_read_f
     small = TableCacheConfig(cache_dir=str(tmp_path / "d"), max_gb=0.5 * size / 2**30)
     assert first.cached(small).local is None  # read from storage instead, with a warning
     assert first.cached(TableCacheConfig(node_cache=False)).local is None
+
+
+def test_a_damaged_node_copy_is_checked_and_built_again(tmp_path, caplog):
+    """A feature file replaced by other values of the same shape, or cut short, is found before
+    any trial maps it, and the entry is built again from the table."""
+    table = write_table(tmp_path / "t")
+    cfg = TableCacheConfig(cache_dir=str(tmp_path / "c"))
+    want = table.load("train")[0]
+    entry = table.cached(cfg).local.entry
+    garbage = np.random.default_rng(9).normal(size=want.shape).astype(np.float16)
+    np.save(entry / "train.features.npy", garbage)  # same shape, same size, other values
+    again = table.cached(cfg)
+    assert np.array_equal(again.load("train")[0], want)
+    assert "train.features.npy is not what was written (sha256 differs); building it again" in caplog.text
+    with open(entry / "val.features.npy", "r+b") as fh:  # a copy cut short (a full disk, a killed copy)
+        fh.truncate(1000)
+    assert np.array_equal(table.cached(cfg).load("val")[0], table.load("val")[0])
+    assert "val.features.npy holds 1000 bytes" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir()) == [entry.name]
+
+
+def _refused_build(root: str, cache_dir: str, out: multiprocessing.Queue) -> None:
+    import logging
+    import resource
+    import signal
+
+    logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with an OSError instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    table = FeatureTable.open(root)
+    cached = table.cached(TableCacheConfig(cache_dir=cache_dir))
+    out.put((cached.local is None, float(cached.load("train")[0].astype(np.float64).sum())))
+
+
+def test_a_build_the_disk_refuses_or_an_unusable_cache_folder_falls_back_to_storage(tmp_path, caplog):
+    table = write_table(tmp_path / "t")
+    total = float(table.load("train")[0].astype(np.float64).sum())
+    # The disk refuses the copy midway (a file size limit here, as a full disk would): read from
+    # storage instead, and no half-built folder is left behind.
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_refused_build, args=(table.root, str(tmp_path / "c"), queue))
+    child.start()
+    assert queue.get(timeout=60) == (True, total)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.is_dir()] == []
+    # A folder that cannot be used: a file in the way, another user's folder, one others can write.
+    (tmp_path / "file").write_text("x")
+    others = tmp_path / "others"
+    others.mkdir()
+    os.chown(others, 65534, 65534)
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir(mode=0o777)
+    open_to_all.chmod(0o777)
+    for folder, why in [(tmp_path / "file", "File exists"), (others, "belongs to uid 65534"),
+                        (open_to_all, "is writable by other users (mode 777)")]:  # fmt: skip
+        caplog.clear()
+        got = table.cached(TableCacheConfig(cache_dir=str(folder)))
+        assert got.local is None and why in caplog.text and "reading feature table" in caplog.text
+    assert not list(others.iterdir()) and not list(open_to_all.iterdir())
+
+
+def test_the_default_cache_folder_is_this_users_own(monkeypatch, tmp_path):
+    monkeypatch.delenv("RSDIFF_CACHE_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root = cache.cache_root(TableCacheConfig())
+    assert root == tmp_path / f"rsdiff-cache-{os.getuid()}"
+    table = write_table(tmp_path / "t")
+    assert table.cached(TableCacheConfig()).local.entry.parent == root
+    assert root.stat().st_mode & 0o777 == 0o700
+
+
+def test_room_is_made_before_the_free_disk_is_judged_and_builds_in_flight_count(tmp_path, monkeypatch):
+    """On a disk that holds 1.5 tables, a new table replaces the old copy (evicted first, then the
+    free space judged); while another process is building a copy of the same size, a third table is
+    read from storage rather than fill the disk under it."""
+    first, second, third = (write_table(tmp_path / n, seed=i) for i, n in enumerate("abc"))
+    size = cache.table_bytes(first.meta)
+    folder = tmp_path / "cache"
+    disk = 1.5 * size  # a small disk holding only the cache
+    monkeypatch.setattr(cache, "free_bytes", lambda _: int(disk - sum(
+        f.stat().st_size for f in folder.rglob("*") if f.is_file())))  # fmt: skip
+    cfg = TableCacheConfig(cache_dir=str(folder))
+    a = first.cached(cfg)
+    b = second.cached(cfg)
+    assert b.local is not None and not a.local.entry.exists()
+    # Another process builds a fourth table's copy (it holds that key's lock; nothing written yet).
+    b.local.entry.rename(folder / "gone")  # room for exactly one more table
+    shutil.rmtree(folder / "gone")
+    (folder / "k4.tmp-build").mkdir()
+    (folder / "k4.tmp-build" / cache.EXPECTED).write_text(str(size))
+    with cache._locked(folder / "k4.lock"):
+        assert third.cached(cfg).local is None
+    assert third.cached(cfg).local is not None  # that build was abandoned: its folder is cleared
+    assert not (folder / "k4.tmp-build").exists()
 
 
 def test_heads_train_in_memory_within_the_budget_and_stream_above_it(tmp_path):
