@@ -41,6 +41,7 @@ from rsdiff.train.config import (
     TrainPlan,
 )
 from rsdiff.train.memory import estimate_training_memory
+from rsdiff.train.names import SNAPSHOT
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +336,6 @@ def _trainer(cfg: PretrainConfig, plan: TrainPlan) -> tuple[Any, dict[str, float
         ),
     )
     return trainer, dict(scaling._resources_per_worker_not_none)  # per rank, as Ray Train asks for it
-
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 
 
 def resume_point(folder: str) -> str:

@@ -103,3 +103,14 @@ def test_a_damaged_artifact_is_one_clear_error_naming_the_file(saved):
     (folder / "ema" / "config.json").write_text('{"in_channels": 5, "sample_size": 16}')
     with pytest.raises(CheckpointError, match="takes 5 bands but its sidecar lists 3"):
         load_pretrained(str(folder))
+
+
+@pytest.mark.unit
+def test_a_checkpoint_name_ray_train_still_lists_is_not_reused():
+    from rsdiff.train.names import checkpoint_name
+
+    assert checkpoint_name(10, set()) == "checkpoint_00000010"
+    taken = {"checkpoint_00000010", "checkpoint_00000010-2"}
+    assert checkpoint_name(10, taken) == "checkpoint_00000010-3"
+    assert sorted(["checkpoint_00000015", checkpoint_name(10, taken), "checkpoint_00000010"]) == [
+        "checkpoint_00000010", "checkpoint_00000010-3", "checkpoint_00000015"]  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ from test_faults import TINY_FAST
 
 from rsdiff import storage
 from rsdiff.config import load_config, redact, redact_uri, to_yaml
+from rsdiff.diffusion.checkpoint import load_state
 from rsdiff.errors import ConfigError, DataError, describe_os_error
 from rsdiff.lease import LEASE, Lease, LeaseHeld, LeaseLost, holder
 
@@ -392,7 +394,7 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_complete_one(
     sample_demo, tmp_path, mlflow_uri, ray_address
 ):
     common = [*TINY_FAST, f"data.shards={sample_demo / 'shards'}", "checkpoint.every_steps=5",
-              "checkpoint.keep=5", f"run.storage={tmp_path / 'runs'}", "run.name=rot",
+              "checkpoint.keep=2", f"run.storage={tmp_path / 'runs'}", "run.name=rot",
               f"tracking.uri={mlflow_uri}"]  # fmt: skip
     first = run_job_inline("pretrain.py", *common, "optim.max_steps=10")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -407,6 +409,18 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_complete_one(
         for m in MlflowClient(mlflow_uri).get_metric_history(result["mlflow_run_id"], "started_at_step")
     ]
     assert started == [0, 5], started  # the second run fell back to step 5, not to scratch
+    # Retention after the fallback: the two newest complete checkpoints, each loadable (step 10 saved
+    # again under a fresh name; the broken one pruned), and Ray Train's list of checkpoints names only
+    # folders that exist.
+    run_dir = tmp_path / "runs" / "rot"
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept == ["checkpoint_00000010-2", "checkpoint_00000015"], kept
+    for name, step in zip(kept, (10, 15)):
+        assert load_state(run_dir / name)["step"] == step
+    listed = re.findall(
+        r"checkpoint_\d{8}(?:-\d+)?", (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    )
+    assert set(listed) <= set(kept), (listed, kept)
 
 
 @pytest.mark.e2e

@@ -33,6 +33,7 @@ from rsdiff.diffusion.config import ModelConfig
 from rsdiff.diffusion.sampling import ddim_sample, denoise_strip
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet, checkpoint_activations, epsilon
+from rsdiff.train import names
 from rsdiff.train.compiled import CompileWatch, compile_unet
 from rsdiff.train.config import OptimConfig, TrainPlan
 from rsdiff.train.rank_data import RankData
@@ -174,7 +175,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def resume_state(run_dir: str, latest: Any) -> dict[str, Any] | None:
     """The training state to resume from: Ray Train's latest checkpoint, or, when that one cannot
     be loaded (corrupt or truncated ``model.pt``), the newest earlier complete checkpoint in the run
-    folder. None when the run starts fresh.
+    folder (the steps after it are saved under fresh folder names: :mod:`rsdiff.train.names`).
+    None when the run starts fresh.
 
     Raises:
         CheckpointError: no checkpoint of the run can be loaded.
@@ -221,6 +223,7 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
     if cuda:
         devices.enable_tf32()
     state = resume_state(plan.run_dir, ray.train.get_checkpoint())
+    taken = names.registered(plan.run_dir) if state is not None else set()  # before any rank saves
     model, ema, opt, sched, start = _start_training(plan, state, device)
     # Distinct, reproducible streams per rank; on resume (same world size) each rank continues
     # its own streams exactly, whatever the loader setup below draws.
@@ -270,7 +273,8 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
         )  # fmt: skip
         if save:
             here = {"rng": devices.rng_state(gen, device), "stream": data.position()}
-            _save_checkpoint(plan, rank, world, done, (model, ema, opt, sched), here, metrics)
+            name = names.checkpoint_name(done, taken)
+            _save_checkpoint(plan, rank, world, (done, name), (model, ema, opt, sched), here, metrics)
         # Metrics between checkpoints go to MLflow only: Ray Train's report queue holds one result
         # and its controller drains it about once a second, so a report per log step would stall
         # fast steps for up to a second each.
@@ -362,12 +366,14 @@ class _Window:
 
 
 def _save_checkpoint(
-    plan: TrainPlan, rank: int, world: int, done: int, training: tuple, here: dict, metrics: dict
+    plan: TrainPlan, rank: int, world: int, at: tuple[int, str], training: tuple, here: dict, metrics: dict
 ) -> None:
     """Gather every rank's generator and stream state ``here``, let rank 0 write the checkpoint of
-    ``training`` = ``(model, ema, optimizer, lr_schedule)`` and hand it to Ray Train (a collective)."""
+    ``training`` = ``(model, ema, optimizer, lr_schedule)`` at ``at`` = ``(step, folder name)`` and
+    hand it to Ray Train (a collective)."""
     import ray.train
 
+    done, name = at
     model, ema, opt, sched = training
     ranks: list[Any] = [here]
     if world > 1:
@@ -389,7 +395,7 @@ def _save_checkpoint(
             meta = {**plan.meta, "step": done, "run_id": plan.run_id, "writer": plan.lease_owner}
             checkpoint.save(Path(tmp), state, meta)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:08d}")
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
 
 def _check_lease(plan: TrainPlan, done: int) -> None:
