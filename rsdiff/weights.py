@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,9 +22,10 @@ from rsdiff import storage
 from rsdiff.errors import CheckpointError
 
 
-def load_weights(blob: bytes, uri: str, fix: str = "re-create it with rsdiff") -> dict[str, Any]:
+def load_weights(blob: bytes | Path, uri: str, fix: str = "re-create it with rsdiff") -> dict[str, Any]:
     """The tensors/containers saved in ``blob`` (read from ``uri``, named in errors; ``fix`` says
-    what to do about a file that fails).
+    what to do about a file that fails). A local file (a :class:`~pathlib.Path`) is memory-mapped,
+    not read: its tensors stay backed by the file, so loading does not hold it twice in RAM.
 
     Raises:
         CheckpointError: corrupt, truncated, not a torch file, or holding other objects; a torch
@@ -31,7 +33,10 @@ def load_weights(blob: bytes, uri: str, fix: str = "re-create it with rsdiff") -
     """
     check_safe_torch()
     try:
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        if isinstance(blob, Path):
+            state = torch.load(blob, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"cannot load weights of {storage.display(uri)} ({type(exc).__name__}): it is corrupt, truncated "

@@ -114,3 +114,39 @@ def test_a_checkpoint_name_ray_train_still_lists_is_not_reused():
     assert checkpoint_name(10, taken) == "checkpoint_00000010-3"
     assert sorted(["checkpoint_00000015", checkpoint_name(10, taken), "checkpoint_00000010"]) == [
         "checkpoint_00000010", "checkpoint_00000010-3", "checkpoint_00000015"]  # fmt: skip
+
+
+_PEAK_RSS_OF_LOAD = """
+import sys
+from pathlib import Path
+import torch
+from rsdiff.diffusion.checkpoint import load_state
+
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+
+torch.zeros(1)
+before = kib("VmRSS:")
+Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) starts again from here
+state = load_state(Path(sys.argv[1]))
+assert state["model"]["w"].shape == (32, 1024, 1024)
+print((kib("VmHWM:") - before) * 1024)
+"""
+
+
+@pytest.mark.unit
+def test_resuming_does_not_hold_the_checkpoint_twice_in_ram(tmp_path):
+    """Loading a 128 MiB ``model.pt`` raises the peak RSS by well under its size: the file is
+    mapped, not read into a bytes object and then copied into tensors (that cost 2x its size)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    torch.save({"model": {"w": torch.ones(32, 1024, 1024)}, "step": 1}, tmp_path / "model.pt")
+    size = (tmp_path / "model.pt").stat().st_size
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF_LOAD, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    grew = int(done.stdout.strip())
+    assert grew < 0.25 * size, f"peak RSS grew by {grew / 2**20:.0f} MiB loading {size / 2**20:.0f} MiB"

@@ -84,7 +84,8 @@ def save_ema(directory: Path, weights: dict[str, torch.Tensor], meta: dict[str, 
 
 
 def load_state(directory: Path) -> dict[str, Any]:
-    """The training state saved by :func:`save` (weights-only unpickling).
+    """The training state saved by :func:`save` (weights-only unpickling, memory-mapped: the
+    tensors are read from the file as they are used, not copied into RAM first).
 
     Raises:
         CheckpointError: missing, corrupt or refused ``model.pt``.
@@ -92,7 +93,7 @@ def load_state(directory: Path) -> dict[str, Any]:
     path = directory / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} has no {WEIGHTS}")
-    return load_weights(path.read_bytes(), str(path))
+    return load_weights(path, str(path))
 
 
 def read_meta(uri: str) -> dict[str, Any]:
