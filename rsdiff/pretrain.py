@@ -213,6 +213,7 @@ def _fit(
     the run with the last checkpoint."""
     from rsdiff import tracking
     from rsdiff.diffusion.checkpoint import read_meta
+    from rsdiff.raytools import rank_error
     from rsdiff.train.placement import PlacementWatch, keeping_sigint_handler, kill_switch
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
@@ -249,6 +250,8 @@ def _fit(
                 lease.check()  # a rank refused to write because another job took the lease
             if lease.lost:
                 raise LeaseLost(lease.lost_message()) from None
+            if (err := rank_error(exc)) is not None:  # e.g. too many damaged shards: one line
+                raise err from None
             if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: say where a re-run resumes
                 exc.kept = resume_point(run_dir)
             raise

@@ -169,6 +169,24 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def rank_error(exc: BaseException) -> BaseException | None:
+    """The rsdiff error (bad input a user can fix) a training rank failed with, from Ray Train's
+    ``WorkerGroupError``, re-made without the remote traceback; None when no rank failed with one.
+    An error raised in a DataLoader worker arrives re-wrapped with that worker's traceback as its
+    message: the original message (its last line) is kept."""
+    from rsdiff.errors import RsdiffError
+
+    for failure in (getattr(exc, "worker_failures", None) or {}).values():
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, RsdiffError):
+            text = str(cause)
+            prefix = f"{type(cause).__module__}.{type(cause).__name__}: "
+            if text.startswith("Caught ") and prefix in text:
+                text = text.rsplit(prefix, 1)[1].strip()
+            return type(cause)(text)
+    return None
+
+
 def storage_for_ray(uri: str) -> tuple[str, Any]:
     """``RunConfig(storage_path, storage_filesystem)`` for a local path or s3:// URI.
 

@@ -51,6 +51,12 @@ class NotFoundError(StorageError):
     """The URI names an object or file that does not exist."""
 
 
+class AccessError(StorageError):
+    """The store cannot be used at all by this process: no or rejected credentials, access
+    denied, no such bucket, endpoint unreachable. Not a fault of one object: skipping it and
+    reading on would skip everything."""
+
+
 def is_s3(uri: str) -> bool:
     """True for ``s3://bucket/key`` URIs."""
     return str(uri).startswith("s3://")
@@ -164,12 +170,12 @@ def _translate(exc: BaseException, uri: str, action: str) -> StorageError:
 
     where = display(uri)
     if isinstance(exc, NoCredentialsError):
-        return StorageError(
+        return AccessError(
             f"cannot {action} {where}: no AWS credentials found. Set AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or run on a node with an instance profile."
         )
     if isinstance(exc, EndpointConnectionError):
-        return StorageError(
+        return AccessError(
             f"cannot {action} {where}: S3 endpoint {endpoint()} is unreachable. "
             "Check AWS_ENDPOINT_URL and the network."
         )
@@ -177,7 +183,7 @@ def _translate(exc: BaseException, uri: str, action: str) -> StorageError:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         bucket = split_s3(uri)[0] if is_s3(uri) else "?"
         if code == "NoSuchBucket":
-            return StorageError(
+            return AccessError(
                 f"cannot {action} {where}: bucket {bucket!r} does not exist at {endpoint()}. "
                 "Create it or fix the URI."
             )
@@ -186,12 +192,12 @@ def _translate(exc: BaseException, uri: str, action: str) -> StorageError:
         if code in {"NoSuchKey", "404", "NotFound"}:
             return NotFoundError(f"cannot {action} {where}: no such object")
         if code in {"AccessDenied", "403", "AllAccessDisabled"}:
-            return StorageError(
+            return AccessError(
                 f"cannot {action} {where}: access denied. Check that the credentials/IAM role "
                 f"in use allow s3:{'PutObject' if action == 'write' else 'GetObject'} on bucket {bucket!r}."
             )
         if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}:
-            return StorageError(
+            return AccessError(
                 f"cannot {action} {where}: the AWS credentials were rejected ({code}). "
                 "Refresh or fix them (the key itself is not shown)."
             )

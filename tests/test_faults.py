@@ -73,11 +73,19 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path, 
     (bad / "train-9999-00000.tar").write_bytes((bad / good).read_bytes()[: (bad / good).stat().st_size // 2])
     manifest["shards"]["train"] += ["train-9998-00000.tar", "train-9999-00000.tar"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    proc = run_job_inline(
-        "pretrain.py", *TINY_FAST, f"data.shards={bad}", "data.splits=[train]", "optim.max_steps=10",
-        "checkpoint.every_steps=10", f"run.storage={tmp_path / 'runs'}", "run.name=corrupt",
-        f"tracking.uri={mlflow_uri}",
-    )  # fmt: skip
+    common = [*TINY_FAST, f"data.shards={bad}", "data.splits=[train]", "optim.max_steps=10",
+              "checkpoint.every_steps=10", f"run.storage={tmp_path / 'runs'}",
+              f"tracking.uri={mlflow_uri}"]  # fmt: skip
+    # More damaged shards than data.max_bad_shard_fraction allows (5%): one line naming them.
+    refused = run_job_inline("pretrain.py", *common, "run.name=too-damaged", "run.max_failures=0")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    want = (r"rsdiff pretrain: error: 1 damaged shards among the \d+ that rank 0 reads \(more than "
+            r"data\.max_bad_shard_fraction=0\.05\), e\.g\. .*train-999[89]-00000\.tar .*raise "
+            r"data\.max_bad_shard_fraction to train on what is left")
+    assert re.fullmatch(want, line), line
+    # Allowed: skipped and counted.
+    proc = run_job_inline("pretrain.py", *common, "run.name=corrupt", "data.max_bad_shard_fraction=0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = json.loads(proc.stdout.strip().splitlines()[-1])["mlflow_run_id"]
     errors = [m.value for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "skipped_shard_errors")]

@@ -1,6 +1,6 @@
 """The pretraining shard stream (``rsdiff.train.stream.ShardStream``) on real WebDataset shards:
-unreadable shards and malformed samples are skipped and counted, never fatal while any shard is
-readable."""
+unreadable shards and malformed samples are skipped and counted; too large a share of damaged
+shards, no readable shard at all, or a store that cannot be used are one clear error."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from rsdiff.data.normalize import Normalizer
 from rsdiff.data.shards import Sample, ShardWriter
 from rsdiff.errors import DataError
+from rsdiff.storage import AccessError
 from rsdiff.train.stream import ShardStream
 
 pytestmark = pytest.mark.unit
@@ -40,7 +41,17 @@ def test_a_slot_whose_shard_is_corrupt_reads_another(tmp_path):
     corrupt.write_bytes(np.random.default_rng(0).bytes(30_000))
     # Two loader slots, two shards: one slot's whole share (and its resample) is the corrupt one.
     for seed in range(4):
-        stream = ShardStream([good, str(corrupt)], 0, 1, NORM, 16, shuffle_buffer=0, augment=False, seed=seed)
+        stream = ShardStream(
+            [good, str(corrupt)],
+            0,
+            1,
+            NORM,
+            16,
+            shuffle_buffer=0,
+            augment=False,
+            seed=seed,
+            max_bad_fraction=0.5,
+        )
         batches = iter(_loader(stream, workers=2))
         for _ in range(12):
             assert next(batches)["x"].shape == (4, 4, 16, 16)
@@ -69,9 +80,42 @@ def test_no_readable_shard_is_one_clear_error(tmp_path):
     bad = [tmp_path / f"bad-{i}.tar" for i in range(2)]
     for i, b in enumerate(bad):
         b.write_bytes(np.random.default_rng(i).bytes(5000))
-    stream = ShardStream([str(b) for b in bad], 0, 1, NORM, 16, shuffle_buffer=0)
+    stream = ShardStream([str(b) for b in bad], 0, 1, NORM, 16, shuffle_buffer=0, max_bad_fraction=1.0)
     with pytest.raises(DataError, match=r"none of the 2 shards .* gave a readable sample"):
         next(iter(_loader(stream, workers=0)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_more_damaged_shards_than_the_limit_fail_the_stream_naming_them(tmp_path, workers):
+    """10 shards, rank 0 of 2 reading a share of 5 per epoch: one damaged shard is within
+    ``max_bad_fraction=0.2`` (skipped and counted, however often it is met); two are not, whichever
+    loader worker met them, and the error names the limit, a shard and the first error."""
+    good = [_shard(tmp_path, f"g{i}", 4) for i in range(9)]
+    for name in ("bad-a", "bad-b"):
+        (tmp_path / f"{name}-00000.tar").write_bytes(np.random.default_rng(1).bytes(3000))
+    bad = [str(tmp_path / f"{name}-00000.tar") for name in ("bad-a", "bad-b")]
+    one_bad = ShardStream([*good, bad[0]], 0, 2, NORM, 16, shuffle_buffer=0, max_bad_fraction=0.2)
+    batches = iter(_loader(one_bad, workers))
+    for _ in range(60):  # about 12 epochs of the rank's share: the damaged shard is met often
+        next(batches)
+    assert one_bad.errors >= 2
+    two_bad = ShardStream([*good[:8], *bad], 0, 2, NORM, 16, shuffle_buffer=0, max_bad_fraction=0.2)
+    batches = iter(_loader(two_bad, workers))
+    with pytest.raises(DataError, match=r"2 damaged shards among the 5 that rank 0 reads \(more than "
+                       r"data\.max_bad_shard_fraction=0\.2\), e\.g\. .*bad-.-00000\.tar"):  # fmt: skip
+        for _ in range(60):
+            next(batches)
+
+
+def test_a_store_that_cannot_be_used_fails_the_stream_at_once_not_as_a_bad_shard(tmp_path, s3_endpoint):
+    good = _shard(tmp_path, "good", 8)
+    stream = ShardStream([good, "s3://no-such-bucket-rsdiff/x-00000.tar"], 0, 1, NORM, 16, shuffle_buffer=0,
+                         max_bad_fraction=1.0)  # fmt: skip
+    batches = iter(_loader(stream, workers=0))
+    with pytest.raises(AccessError, match="bucket 'no-such-bucket-rsdiff' does not exist"):
+        for _ in range(4):  # two epochs
+            next(batches)
+    assert stream.errors == 0
 
 
 @pytest.mark.parametrize("workers", [0, 2])

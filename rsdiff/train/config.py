@@ -33,6 +33,9 @@ class DataConfig:
     shuffle_buffer: int = bounded(256, ge=0)
     augment: bool = True
     norm_scale: float = bounded(2.0, gt=0)  # x -> clip((x - mean) / (norm_scale * std), -1, 1)
+    # Share of a rank's shards that may turn out unreadable or truncated (skipped and counted in
+    # skipped_shard_errors) before the run fails naming them, rather than train on less data.
+    max_bad_shard_fraction: float = bounded(0.05, ge=0, le=1)
 
 
 @dataclass

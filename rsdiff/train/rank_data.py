@@ -42,6 +42,7 @@ class RankData:
             plan.shards, rank, world, plan.normalizer, plan.image_size,
             shuffle_buffer=plan.data.shuffle_buffer, augment=plan.data.augment,
             seed=self.seed, resume=self.positions, first_slot=self.first_slot,
+            max_bad_fraction=plan.data.max_bad_shard_fraction,
         )  # fmt: skip
         loader = torch.utils.data.DataLoader(
             self.stream,

@@ -6,8 +6,11 @@ then ``rank``-strided, then ``worker``-strided). A slot with no share (fewer sha
 draws random shards instead, so the stream never runs dry: the loop stops at ``max_steps`` and
 every rank runs the same number of steps. Unreadable or truncated shards and malformed samples are
 skipped, logged and counted in :attr:`ShardStream.errors` (shared across loader processes); a slot
-whose shards of an epoch gave nothing reads another readable shard instead, and the stream fails
-only when no shard is readable.
+whose shards of an epoch gave nothing reads another readable shard instead. The stream fails with
+one :class:`~rsdiff.errors.DataError` naming the shards when more than ``max_bad_fraction`` of the
+rank's share of shards turned out damaged (the data would otherwise shrink silently), or when no
+shard is readable; a store this process cannot use at all (credentials rejected or expired, access
+denied, no such bucket: :class:`~rsdiff.storage.AccessError`) fails it at once, never "a bad shard".
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class ShardStream(IterableDataset):
         first_slot: the slot DataLoader worker 0 plays; worker ``w`` plays slot
             ``(first_slot + w) % workers`` of this rank, so that after a resume the loader's
             round-robin over workers continues with the slot whose batch was next.
+        max_bad_fraction: the share of this rank's shards (``len(shards) / world_size``) that may
+            be damaged (unreadable, truncated or holding malformed samples) before the stream fails.
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         resume: dict[int, StreamPosition] | None = None,
         first_slot: int = 0,
+        max_bad_fraction: float = 0.1,
     ) -> None:
         super().__init__()
         if not shards:
@@ -92,7 +98,10 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.resume = dict(resume or {})
         self.first_slot = first_slot
+        self.max_bad_fraction = max_bad_fraction
         self._errors = mp.Value("i", 0)
+        self._damaged = mp.Array("b", len(self.shards))  # per shard: met damaged by a slot of this rank
+        self._first_error = ""
 
     @property
     def errors(self) -> int:
@@ -124,31 +133,56 @@ class ShardStream(IterableDataset):
         return mine
 
     def _handler(self, exc: Exception) -> bool:
+        if isinstance(exc, storage.AccessError):
+            raise exc
         with self._errors.get_lock():
             self._errors.value += 1
+        self._first_error = self._first_error or f"{type(exc).__name__}: {str(exc)[:200]}"
         log.warning("skipping unreadable shard data (%s): %s", type(exc).__name__, str(exc)[:200])
         return True
 
+    def _count_damaged(self, uri: str) -> None:
+        """Mark ``uri`` damaged and fail when the rank's damaged share passes the limit."""
+        with self._damaged.get_lock():
+            self._damaged[self.shards.index(uri)] = 1
+            damaged = sum(self._damaged)
+        share = len(self.shards) / self.world_size
+        if damaged > self.max_bad_fraction * max(1.0, share):
+            raise DataError(
+                f"{damaged} damaged shards among the {share:.3g} that rank {self.rank} reads (more than "
+                f"data.max_bad_shard_fraction={self.max_bad_fraction:g}), e.g. {storage.display(uri)} "
+                f"({self._first_error}); repair or re-ingest them, or raise data.max_bad_shard_fraction "
+                "to train on what is left"
+            )
+
     def _read_shard(self, uri: str, bad: set[str]) -> Generator[dict[str, Any], None, int]:
-        """Yield the raw samples of one shard; returns how many. A shard that fails before giving
-        any sample is added to ``bad``; errors are counted either way."""
-        errors_before = self.errors
+        """Yield the raw samples of one shard; returns how many. A shard that cannot be opened or
+        read as a tar is damaged (counted once, see ``max_bad_fraction``), and added to ``bad``
+        when it gave no sample; a malformed sample inside is only counted in :attr:`errors`."""
+        failed: list[Exception] = []
+
+        def handler(exc: Exception) -> bool:
+            failed.append(exc)
+            return self._handler(exc)
+
         try:
             stream = storage.open_stream(uri)
         except Exception as exc:
-            self._handler(exc)
-            bad.add(uri)
-            return 0
+            handler(exc)
+            stream = None
         n = 0
-        try:
-            files = tar_file_expander([{"url": uri, "stream": stream}], handler=self._handler)
-            for sample in group_by_keys(files, handler=self._handler):
-                n += 1
-                yield sample
-        finally:
-            stream.close()
-        if n == 0 and self.errors > errors_before:
-            bad.add(uri)
+        if stream is not None:
+            try:
+                files = tar_file_expander([{"url": uri, "stream": stream}], handler=handler)
+                for sample in group_by_keys(files, handler=handler):
+                    n += 1
+                    yield sample
+            finally:
+                stream.close()
+        if failed:
+            if n == 0:
+                bad.add(uri)
+            self._count_damaged(uri)
         return n
 
     def _raw_epoch(self, epoch: int, bad: set[str]) -> Iterator[dict[str, Any]]:
