@@ -65,3 +65,29 @@ def read_sidecar(
             "upgrade rsdiff to read it"
         )
     return meta
+
+
+# The sidecar (or marker) that says which rsdiff job wrote a folder, and what to call it.
+_KINDS = (
+    ("manifest.json", "an ingest output (a shard manifest and its shards)"),
+    ("table.json", "a feature table"),
+    ("checkpoint_manager_snapshot.json", "a pretraining run (its checkpoints)"),
+    ("rsdiff.json", "a pretraining checkpoint"),
+    ("head.json", "a trained head"),
+    ("summary.json", "a sweep's output (its best head and trials)"),
+    ("results.json", "a label-efficiency output"),
+    ("predictions.json", "a prediction output"),
+)
+
+
+def describe_folder(uris: list[str], folder: str) -> str:
+    """What the files ``uris`` under ``folder`` are, in words: the rsdiff artifact whose sidecar
+    sits at the top of the folder, else a few of the file names (for messages that refuse to
+    touch a folder a job does not own)."""
+    uris = [u for u in uris if not storage.name(u).startswith(("rsdiff-lease", ".rsdiff-write-probe"))]
+    top = {storage.name(u) for u in uris if storage.parent(u).rstrip("/") == folder.rstrip("/")}
+    for sidecar, what in _KINDS:
+        if sidecar in top:
+            return f"{what} ({sidecar})"
+    names = sorted(u[len(folder.rstrip("/")) + 1 :] for u in uris)
+    return f"{len(names)} file(s) no rsdiff sweep wrote, e.g. {names[:3]}"

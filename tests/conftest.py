@@ -345,9 +345,15 @@ def labeled_table(labeled_ckpt, s3_endpoint, ray_cluster) -> FeatureTable:
 def sample_demo(tmp_path_factory, ray_cluster) -> Path:
     """``jobs/demo.py`` on the generated sample (tiny settings), in this process on the session's Ray."""
     work = tmp_path_factory.mktemp("demo")
+    # fresh=true over a workdir holding a user's own file and a stale demo output: the demo deletes
+    # only its own outputs (checked by test_hostile's fresh tests).
+    (work / "notes-of-the-user.txt").write_text("keep me")
+    (work / "sweep").mkdir()
+    (work / "sweep" / "from-an-earlier-demo.json").write_text("{}")
     proc = run_job_inline(
-        "demo.py", f"workdir={work}", "pretrain_steps=24", "trials=2", "head_epochs=3", "pixels_per_class=32"
-    )
+        "demo.py", f"workdir={work}", "pretrain_steps=24", "trials=2", "head_epochs=3", "pixels_per_class=32",
+        "fresh=true",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (work / "stdout.txt").write_text(proc.stdout)
     (work / "stderr.txt").write_text(proc.stderr)

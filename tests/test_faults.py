@@ -80,9 +80,11 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path, 
     refused = run_job_inline("pretrain.py", *common, "run.name=too-damaged", "run.max_failures=0")
     assert refused.returncode == 2, refused.stderr[-3000:]
     line = refused.stderr.strip().splitlines()[-1]
-    want = (r"rsdiff pretrain: error: 1 damaged shards among the \d+ that rank 0 reads \(more than "
-            r"data\.max_bad_shard_fraction=0\.05\), e\.g\. .*train-999[89]-00000\.tar .*raise "
-            r"data\.max_bad_shard_fraction to train on what is left")
+    want = (
+        r"rsdiff pretrain: error: 1 damaged shards among the \d+ that rank 0 reads \(more than "
+        r"data\.max_bad_shard_fraction=0\.05\), e\.g\. .*train-999[89]-00000\.tar .*raise "
+        r"data\.max_bad_shard_fraction to train on what is left"
+    )
     assert re.fullmatch(want, line), line
     # Allowed: skipped and counted.
     proc = run_job_inline("pretrain.py", *common, "run.name=corrupt", "data.max_bad_shard_fraction=0.5")

@@ -240,6 +240,47 @@ def test_prediction_folders_move_whole_and_refuse_a_mix_of_runs(
 
 
 # ----------------------------------------------------------------------------------------------
+# fresh=true deletes only what the job itself wrote.
+
+
+@pytest.mark.integration
+def test_demo_fresh_deletes_only_its_own_outputs_and_only_once_its_checks_passed(sample_demo, tmp_path):
+    # The session's demo ran with fresh=true over a user's file and a stale output of its own.
+    assert (sample_demo / "notes-of-the-user.txt").read_text() == "keep me"
+    assert not (sample_demo / "sweep" / "from-an-earlier-demo.json").exists()
+    assert (sample_demo / "sweep" / "summary.json").exists()
+    # A config that fails its checks deletes nothing.
+    work = tmp_path / "work"
+    (work / "features").mkdir(parents=True)
+    (work / "features" / "table.json").write_text("{}")
+    (tmp_path / "a-folder").mkdir()
+    done = run_job_inline(
+        "demo.py", f"workdir={work}", "fresh=true", f"tracking_uri=sqlite:///{tmp_path / 'a-folder'}"
+    )
+    assert done.returncode == 2 and "is a folder, not a database file" in done.stderr
+    assert (work / "features" / "table.json").exists()
+
+
+@pytest.mark.integration
+def test_a_sweep_pointed_at_a_folder_it_does_not_own_refuses_to_write_or_delete_there(sample_demo, tmp_path):
+    shards = tmp_path / "data" / "shards"
+    shutil.copytree(sample_demo / "shards", shards)
+    before = sorted(p.name for p in shards.iterdir())
+    for fresh in ("fresh=false", "fresh=true"):
+        done = run_job_inline("sweep.py", f"features={sample_demo / 'features'}",
+                              f"storage={tmp_path / 'data'}", "name=shards", f"output={tmp_path / 'out'}",
+                              fresh)  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        line = done.stderr.strip().splitlines()[-1]
+        assert (
+            "which holds an ingest output (a shard manifest and its shards) (manifest.json), not a sweep's"
+            in line
+        )
+        assert "pick another storage= or name=" in line and "Ray Tune" not in line
+        assert sorted(p.name for p in shards.iterdir()) == before  # no lease written, nothing deleted
+
+
+# ----------------------------------------------------------------------------------------------
 # One writer per run: leases.
 
 

@@ -22,6 +22,35 @@ from rsdiff.sweep.report import winner_line
 log = logging.getLogger(__name__)
 
 
+# What the demo writes in its workdir; ``fresh=true`` deletes these and nothing else.
+OUTPUTS = ("scenes", "shards", "ray", "features", "tune", "sweep", "predictions", "demo.json", "mlflow.db",
+           "mlartifacts")  # fmt: skip
+
+
+def _open_workdir(cfg: DemoConfig, work: Path) -> str:
+    """Check the tracking store and join Ray, then (``fresh``) delete the demo's own outputs from an
+    earlier run, so a config that fails its checks deletes nothing; returns the tracking URI."""
+    from rsdiff import tracking
+    from rsdiff.raytools import connect
+
+    own_store = not cfg.tracking_uri
+    uri = tracking.resolve_uri(cfg.tracking_uri or f"sqlite:///{work / 'mlflow.db'}")
+    if not own_store:
+        tracking.client(uri)  # fail early when unreachable
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    if cfg.fresh:
+        removed = [name for name in OUTPUTS if (work / name).exists()]
+        for name in removed:
+            shutil.rmtree(work / name) if (work / name).is_dir() else (work / name).unlink()
+        others = sorted(p.name for p in work.iterdir()) if work.is_dir() else []
+        log.info("demo: fresh=true deleted %s from %s%s", removed or "nothing", work,
+                 f"; left what the demo did not write: {others}" if others else "")  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    if own_store:
+        tracking.client(uri)
+    return uri
+
+
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run the whole chain; returns the evaluation metrics and where everything is.
 
@@ -30,7 +59,6 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     like a user's overrides), never a string of overrides.
     """
     from rsdiff import tracking
-    from rsdiff.raytools import connect
 
     if cfg.trials < 1 or cfg.pretrain_steps < 1 or cfg.head_epochs < 1:
         raise ConfigError("trials, pretrain_steps and head_epochs must be >= 1")
@@ -40,13 +68,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     inputs, labels, described = labels_for(cfg)
     if inputs:  # a folder of scenes: a wrong path is one line before any folder, store or Ray starts
         discover(inputs, labels.mask_template)
-    if cfg.fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    uri = tracking.resolve_uri(cfg.tracking_uri or f"sqlite:///{work / 'mlflow.db'}")
-    tracking.client(uri)  # fail early when unreachable
+    uri = _open_workdir(cfg, work)
     log.info("demo: data = %s; working in %s", described, work)
-    connect(cfg.ray.address, cfg.ray.num_cpus)
     # The demo's run is the parent of every stage's run (MLflow nests them under it).
     demo_run = tracking.RunHandle.create(
         uri, cfg.experiment, "demo", {**provenance_tags({"data": described, "workdir": str(work)}),

@@ -75,6 +75,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     out = storage.absolute(str(cfg.output))
     storage.check_writable(out)
     storage.check_writable(experiment_uri)
+    _check_owned(experiment_uri)  # before the lease is written into someone else's folder
     with Lease(experiment_uri, f"sweep name={cfg.name} in {storage.display(str(cfg.storage))}") as lease:
         if cfg.fresh:
             _clear(experiment_uri)
@@ -236,11 +237,37 @@ def _contents(experiment: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _check_owned(experiment: str) -> list[str]:
+    """The experiment folder's contents, when it is empty or a sweep's own (it holds the sweep's
+    spec, :data:`~rsdiff.sweep.space.SWEEP_SPEC`).
+
+    Raises:
+        ConfigError: the folder holds files no sweep wrote (an ingest output, a feature table, ...).
+    """
+    from rsdiff.artifacts import describe_folder
+
+    contents = _contents(experiment)
+    if contents and storage.join(experiment, SWEEP_SPEC) not in contents:
+        raise ConfigError(
+            f"storage/name point at {storage.display(experiment)}, which holds "
+            f"{describe_folder(contents, experiment)}, not a sweep's experiment; a sweep neither "
+            "writes into nor (fresh=true) deletes a folder it does not own: pick another storage= or name="
+        )
+    return contents
+
+
 def _clear(experiment: str) -> None:
-    """``fresh=true``: delete the old experiment, keeping this job's lease."""
-    if storage.is_s3(experiment):
-        for uri in _contents(experiment):
+    """``fresh=true``: delete the old experiment, keeping this job's lease; only a sweep's own
+    folder (it holds the sweep's spec, :data:`~rsdiff.sweep.space.SWEEP_SPEC`) is ever deleted.
+
+    Raises:
+        ConfigError: the folder holds files no sweep wrote (an ingest output, a feature table, ...).
+    """
+    contents = _check_owned(experiment)
+    for uri in contents:
+        if storage.is_s3(uri):
             storage.delete(uri)
+    if storage.is_s3(experiment):
         return
     from rsdiff.lease import LEASE
 
