@@ -248,7 +248,7 @@ def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
     fresh = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=2", "fresh=true"))
     assert fresh.parent_run_id != first.parent_run_id and len(fresh.trials) == 2
     (tmp_path / "tune" / "respec" / "rsdiff-sweep.json").unlink()  # state rsdiff did not describe
-    with pytest.raises(ConfigError, match=r"without a readable rsdiff-sweep\.json"):
+    with pytest.raises(ConfigError, match=r"trial records without a readable rsdiff-sweep\.json"):
         run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=2"))
 
 

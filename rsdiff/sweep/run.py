@@ -19,7 +19,7 @@ from rsdiff.heads.artifact import TrainedHead
 from rsdiff.lease import Lease, LeaseLost
 from rsdiff.provenance import provenance_tags
 from rsdiff.sweep.config import Scheduler, SweepConfig
-from rsdiff.sweep.records import DONE, mark_ended, read_records
+from rsdiff.sweep.records import DONE, TRIALS, mark_ended, read_records
 from rsdiff.sweep.report import (
     close_children,
     collect,
@@ -239,7 +239,7 @@ def _contents(experiment: str) -> list[str]:
 
 def _check_owned(experiment: str) -> list[str]:
     """The experiment folder's contents, when it is empty or a sweep's own (it holds the sweep's
-    spec, :data:`~rsdiff.sweep.space.SWEEP_SPEC`).
+    spec, :data:`~rsdiff.sweep.space.SWEEP_SPEC`, or its trial records).
 
     Raises:
         ConfigError: the folder holds files no sweep wrote (an ingest output, a feature table, ...).
@@ -247,7 +247,9 @@ def _check_owned(experiment: str) -> list[str]:
     from rsdiff.artifacts import describe_folder
 
     contents = _contents(experiment)
-    if contents and storage.join(experiment, SWEEP_SPEC) not in contents:
+    records = storage.join(experiment, TRIALS) + "/"
+    own = storage.join(experiment, SWEEP_SPEC) in contents or any(u.startswith(records) for u in contents)
+    if contents and not own:
         raise ConfigError(
             f"storage/name point at {storage.display(experiment)}, which holds "
             f"{describe_folder(contents, experiment)}, not a sweep's experiment; a sweep neither "

@@ -76,12 +76,9 @@ def check_same_spec(experiment: str, spec: dict[str, Any]) -> None:
     try:
         old = json.loads(storage.read_text(storage.join(experiment, SWEEP_SPEC)))
     except (storage.NotFoundError, ValueError):
-        from rsdiff.artifacts import describe_folder
-
-        held = describe_folder(storage.list_uris(experiment), experiment)
         raise ConfigError(
-            f"storage/name point at {where}, which holds {held}, not a sweep this rsdiff started (no "
-            f"readable {SWEEP_SPEC}); pick another storage= or name="
+            f"{where} holds a sweep's trial records without a readable {SWEEP_SPEC} (not started by this "
+            f"rsdiff version, or damaged); {fix}"
         ) from None
     if old.get("digest") == spec["digest"]:
         return
