@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 FEATURE_METHODS = ("residual", "ensemble")  # heads on the feature table's sampled pixels
 SEGMENTER_METHODS = ("finetune", "finetune_random", "dense_decoder")  # the denoiser on dense masks
 METHODS = (*FEATURE_METHODS, *SEGMENTER_METHODS, "scratch_unet")
+DEFAULT_INPUT_NOISE = 0.1  # std of the training input noise, unless input_noise or a selection says
 BASELINE = "scratch_unet"
 METHOD_NAMES = {
     "residual": "residual MLP head on frozen DDPM features",
@@ -120,7 +121,9 @@ class LabelEfficiencyConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     val_budget: ValBudget = ValBudget.all  # which val scenes early-stop each run (counted in its labels)
     test_split: str = "test"  # the ingest split whose whole scenes are predicted and scored
-    input_noise: float = bounded(0.1, ge=0)
+    # Gaussian input noise (std) in training. null: 0.1 for every method, except a head from
+    # `selection`, which keeps its own (swept) value; a number: that for every method.
+    input_noise: float | None = bounded(None, ge=0)
     head: HeadConfig = field(default_factory=HeadConfig)  # residual head (overridden by `selection`'s)
     ensemble: HeadConfig = field(default_factory=lambda: HeadConfig(kind=HeadKind.ensemble))
     unet: ScratchUNetConfig = field(default_factory=lambda: ScratchUNetConfig(patience=4))
@@ -429,7 +432,10 @@ def _fit_feature_head(
 
     cfg = ctx.cfg
     base = ctx.head_cfg if method == "residual" else cfg.ensemble
-    hc = build(HeadConfig, base, {"input_noise": cfg.input_noise, "seed": cfg.seed + draw})
+    noise = cfg.input_noise
+    if noise is None:
+        noise = base.input_noise if (method == "residual" and cfg.selection) else DEFAULT_INPUT_NOISE
+    hc = build(HeadConfig, base, {"input_noise": noise, "seed": cfg.seed + draw})
     head = fit_head(
         ctx.table, ctx.timesteps, ctx.blocks, hc, train_images=set(chosen), val_split="val",
         val_images=set(val_keys), memory_mb=cfg.table.memory_mb,
@@ -438,7 +444,13 @@ def _fit_feature_head(
         "val_miou": head.metrics.get("miou"),
         "best_epoch": head.metrics.get("best_epoch"),
         "labeled_pixels": ctx.table.count_rows("train", set(chosen)),
+        "input_noise": noise,
     }
+
+
+def _dense_noise(cfg: LabelEfficiencyConfig) -> float:
+    """The input noise of the dense methods (the scratch UNet, the segmenters)."""
+    return DEFAULT_INPUT_NOISE if cfg.input_noise is None else float(cfg.input_noise)
 
 
 def _fit_dense_method(
@@ -457,6 +469,7 @@ def _fit_dense_method(
         "steps": facts["steps"],
         "trainable_params": facts["params"],
         "labeled_pixels": int((y != IGNORE_INDEX).sum()),
+        "input_noise": _dense_noise(ctx.cfg),
         "grid": [{**o, "val_miou": f["val_miou"], "steps": f["steps"]} for o, _, f in trials],
         "chosen": over,
     }
@@ -479,11 +492,12 @@ def _fit_dense_trial(
     trial = {k: v for k, v in over.items() if k != "lr_scale"} | {"lr": base.lr * over["lr_scale"]}
     if method == BASELINE:
         ucfg = build(ScratchUNetConfig, base, {"seed": cfg.seed + draw}, trial)
-        model, facts = fit_scratch_unet(*data, n, ucfg, cfg.input_noise)
+        model, facts = fit_scratch_unet(*data, n, ucfg, _dense_noise(cfg))
         return TrainedHead.from_pixel_unet(model, ucfg, int(data[0].shape[1]), classes, checkpoint), facts
     scfg = build(SegmenterConfig, base, trial)
     net = build_segmenter(ctx.ddpm.model, n, scfg)
-    facts = fit_dense(net, net.param_groups(scfg.lr, scfg.backbone_lr_scale), data, n, scfg, cfg.input_noise)
+    groups = net.param_groups(scfg.lr, scfg.backbone_lr_scale)
+    facts = fit_dense(net, groups, data, n, scfg, _dense_noise(cfg))
     return TrainedHead.from_segmenter(net, scfg, classes, checkpoint), facts
 
 
@@ -532,7 +546,19 @@ def _score_on_test(ctx: _Context, head_uri: str, name: str) -> tuple[dict[str, A
             {"predictions": pred.output, "labels": ctx.test.labels, "tracking": {"enabled": False}},
         )
     )
-    return ev.metrics, time.perf_counter() - t0
+    metrics = {**ev.metrics, "scenes": manifest_scene_ids(ev.metrics["scenes"], pred.scenes, ctx.test)}
+    return metrics, time.perf_counter() - t0
+
+
+def manifest_scene_ids(
+    per_scene: dict[str, Any], records: list[dict[str, Any]], test: _TestScenes
+) -> dict[str, Any]:
+    """``per_scene`` (keyed by prediction's scene ids, made from file names) keyed by the manifest's
+    ids instead (made from paths under the ingest root, e.g. ``tile_1-images-a`` for nested
+    folders), matched through each record's image URI."""
+    by_image = {storage.absolute(image): i for image, i in zip(test.images, test.ids, strict=True)}
+    ids = {r["scene"]: by_image.get(storage.absolute(r["image"]), r["scene"]) for r in records}
+    return {ids.get(scene, scene): value for scene, value in per_scene.items()}
 
 
 def format_table(rows: list[dict[str, Any]], ks: list[int], methods: list[str], unit: str) -> str:

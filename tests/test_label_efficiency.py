@@ -189,6 +189,16 @@ def test_label_efficiency_counts_scenes_and_scores_whole_test_scenes(
     assert head["config"]["kind"] == "scratch_unet" and head["timesteps"] == [] and head["in_dim"] == 4
     scratch = [r for r in runs if r["method"] == "scratch_unet"]
     assert all(r["labeled_pixels"] > 0 and 10 <= r["best_step"] <= 30 and r["params"] > 0 for r in scratch)
+    # input_noise unset: the selected head keeps its own (swept) value; the other methods use 0.1.
+    selected = json.loads((work / "sweep" / "best" / "head.json").read_text())["config"]["input_noise"]
+    assert {r["input_noise"] for r in runs if r["method"] == "residual"} == {selected}
+    assert {r["input_noise"] for r in runs if r["method"] != "residual"} == {0.1}
+    # labeled_pixels is exact: the sampled pixels of the drawn scenes, never the whole split.
+    table_rows = sum(p["rows"] for p in json.loads((work / "features" / "table.json").read_text())["parts"]
+                     if p["split"] == "train")  # fmt: skip
+    assert all(
+        0 < r["labeled_pixels"] < table_rows for r in runs if r["method"] == "residual" and r["k"] == 1
+    )
     table = (out / "table.md").read_text()
     assert "| scratch_unet |" in table and "k=2 scenes" in table and "| residual | 2 |" in table
     mean = np.mean([r["test_miou"] for r in runs if r["method"] == "residual" and r["k"] == 2])
@@ -428,3 +438,20 @@ def test_a_uniform_scene_predicts_uniformly_with_the_default_windows():
     assert len(stray) > 0 and set(np.unique(stray[:, 0] % 48)) <= set(range(48 - band, 48)) | set(
         range(16 + band)
     )
+
+
+@pytest.mark.unit
+def test_per_scene_scores_are_keyed_by_the_manifests_scene_ids_for_nested_folders():
+    """Prediction names a scene by its file (``a``), the manifest by its path under the ingest root
+    (``tile_1-images-a``): results.json uses the manifest's ids, which the drawn scenes use too."""
+    from rsdiff.data.labels import LabelConfig
+    from rsdiff.label_efficiency import _TestScenes, manifest_scene_ids
+
+    test = _TestScenes(["tile_1-images-a", "tile_2-images-a2"], ["/d/tile_1/images/a.jpg",
+                       "/d/tile_2/images/a2.jpg"], LabelConfig())  # fmt: skip
+    records = [
+        {"scene": "a", "image": "/d/tile_1/images/a.jpg"},
+        {"scene": "a2", "image": "/d/tile_2/images/a2.jpg"},
+    ]
+    got = manifest_scene_ids({"a": {"miou": 0.5}, "a2": {"miou": 0.25}}, records, test)
+    assert got == {"tile_1-images-a": {"miou": 0.5}, "tile_2-images-a2": {"miou": 0.25}}

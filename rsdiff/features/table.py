@@ -123,10 +123,14 @@ class FeatureTable:
         return self.local.part(name) if self.local is not None else read_part(self.root, name)
 
     def count_rows(self, split: str, images: set[str] | None = None) -> int:
-        """Rows of ``split`` (of those ``images``: exact with a node-local copy, else an upper bound)."""
-        if images is None or self.local is None:
+        """Rows of ``split`` (of those ``images``), exact: from the node-local copy's image column,
+        else from each part's (read from storage)."""
+        if images is None:
             return self.rows(split)
-        return int(np.isin(self.local.column(split, "image"), list(images)).sum())
+        wanted = list(images)
+        if self.local is not None:
+            return int(np.isin(self.local.column(split, "image"), wanted).sum())
+        return sum(int(np.isin(self.part(p["name"])["image"], wanted).sum()) for p in self.parts(split))
 
     def load(
         self, split: str, channels: np.ndarray | None = None, images: set[str] | None = None

@@ -130,7 +130,9 @@ def head_rows(
 ) -> Rows:
     """The rows a head trains or validates on: in memory on ``device`` when the selected channels
     of ``split`` (of ``images``) fit ``memory_mb`` as fp16, else streamed from the table."""
-    need = table.count_rows(split, images) * len(channels) * 2 / 2**20
+    # Exact with a node-local copy; without one, an upper bound (counting would read every part).
+    rows = table.count_rows(split, images) if table.local is not None else table.rows(split)
+    need = rows * len(channels) * 2 / 2**20
     if need <= memory_mb:
         return MemoryRows(*table.load(split, channels, images), device)
     return StreamedRows(table, split, channels, images)
