@@ -10,9 +10,11 @@ reads and writes), ``arrow`` (pyarrow's S3 filesystem, which Ray Train uses for 
 ``gdal`` (rasterio's windowed reads). With ``max_faults=0`` it only counts: :attr:`requests` and
 :attr:`body_bytes` per ``(method, path)`` of every answer it forwarded.
 
-Two switches play other unlucky stores: :attr:`down` (every request answered ``503`` while set: a
-store out of reach) and ``strip_conditions`` (``If-None-Match`` / ``If-Match`` dropped before
-forwarding: an S3-compatible store that ignores conditional writes).
+Three switches play other unlucky stores: :attr:`down` (every request answered ``503`` while set: a
+store out of reach), ``strip_conditions`` (``If-None-Match`` / ``If-Match`` dropped before
+forwarding: an S3-compatible store that ignores conditional writes) and :attr:`expired_keys`
+(requests signed with one of these access key ids are answered ``403 ExpiredToken``, as S3 answers
+a temporary credential past its lifetime; :attr:`refused_by_client` counts them).
 """
 
 from __future__ import annotations
@@ -23,8 +25,13 @@ import socket
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlparse
 
+EXPIRED = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ExpiredToken</Code>'
+    b"<Message>The provided token has expired.</Message></Error>"
+)
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
@@ -46,6 +53,8 @@ class FaultyS3Proxy:
         self.every, self.burst, self.max_faults, self.kinds = every, burst, max_faults, kinds
         self.strip_conditions = strip_conditions
         self.down = False
+        self.expired_keys: set[str] = set()
+        self.refused_by_client: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.seen = 0
         self.faults = {"503": 0, "reset": 0, "cut": 0}
@@ -75,6 +84,13 @@ class FaultyS3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                if proxy._expired(self.headers):
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(EXPIRED)))
+                    self.end_headers()
+                    self.wfile.write(EXPIRED if self.command != "HEAD" else b"")
+                    return
                 fault = "503" if proxy.down else proxy._next_fault(self.headers.get("User-Agent", ""))
                 if fault == "503":
                     self.send_response(503)
@@ -122,6 +138,14 @@ class FaultyS3Proxy:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _expired(self, headers: Any) -> bool:
+        auth = headers.get("Authorization", "")
+        if not any(f"Credential={key}/" in auth for key in self.expired_keys):
+            return False
+        with self.lock:
+            self.refused_by_client[_client(headers.get("User-Agent", ""))] += 1
+        return True
 
     def _next_fault(self, user_agent: str) -> str | None:
         with self.lock:

@@ -134,3 +134,20 @@ def test_missing_objects_and_files_that_are_no_raster_are_told_apart(bucket, s3_
     storage.write_bytes(f"{bucket}/text.tif", b"hello, not a raster" * 100)
     with pytest.raises(DataError, match=f"{bucket}/text.tif is not a readable raster"):
         SceneReader(SceneRef("s", f"{bucket}/text.tif")).__enter__()
+
+
+def test_a_token_that_expires_mid_scene_is_renewed_and_the_read_goes_on(scenes, proxy, monkeypatch):
+    """The store starts refusing the keys a scene was opened with (``ExpiredToken``, as S3 answers
+    a temporary credential past its lifetime) while the credential chain now gives new ones: the
+    reader takes the new keys, reopens the scene and reads on; nothing fails."""
+    uri, _, pixels = scenes["tiled"]
+    with SceneReader(SceneRef("s", uri)) as reader:
+        got, _ = reader.read(0, 0, 128)
+        assert np.array_equal(got, pixels[:, :128, :128])
+        proxy.expired_keys.add(os.environ["AWS_ACCESS_KEY_ID"])  # the first token expires ...
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIARSDIFFRENEWED0002")  # ... and the chain renews it
+        monkeypatch.setenv("AWS_SESSION_TOKEN", "renewed-token")
+        for row, col in ((512, 512), (896, 0)):
+            got, valid = reader.read(row, col, 128)
+            assert np.array_equal(got, pixels[:, row : row + 128, col : col + 128]) and valid.all()
+    assert proxy.refused_by_client["gdal"] >= 1  # the old keys were really refused

@@ -12,6 +12,12 @@ Failures: GDAL retries HTTP 429/5xx answers itself (``GDAL_HTTP_MAX_RETRY``). Wh
 retries those with the storage layer's backoff (``RSDIFF_S3_MAX_ATTEMPTS``) and then names the
 object, the endpoint and GDAL's reason. Credentials reach GDAL only as in-process config options;
 they are never logged or written.
+
+Credentials that expire (IRSA/SSO/assumed-role tokens, about an hour): GDAL keeps the keys a
+dataset was opened with, so a scene read for longer than a token lives starts failing mid-scene.
+When a read fails, :func:`renew_credentials` asks boto3's credential chain again; if it now gives
+other keys (a refreshed token), they become this environment's and the reader reopens its
+datasets with them (:class:`~rsdiff.data.scenes.SceneReader`), and the read is tried again.
 """
 
 from __future__ import annotations
@@ -63,22 +69,57 @@ def gdal_options() -> dict[str, str]:
     return opts
 
 
+_CHAIN: dict[int, Any] = {}  # pid -> the boto3 session whose credential chain GDAL's keys come from
+
+
+def _credential_options(session: Any) -> dict[str, str]:
+    """The session's current keys as GDAL options (refreshable credentials refresh here)."""
+    frozen = session.get_credentials().get_frozen_credentials()
+    return {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key,
+            "AWS_SESSION_TOKEN": frozen.token or ""}  # fmt: skip
+
+
 @contextlib.contextmanager
 def s3_env() -> Iterator[None]:
     """A rasterio environment in which ``/vsis3/`` paths reach S3 as boto3 would."""
     import boto3
     import rasterio
-    from rasterio.session import AWSSession
 
-    session = boto3.Session()
+    session = _CHAIN.setdefault(os.getpid(), boto3.Session())
     if session.get_credentials() is None:
         raise StorageError(
             f"cannot read rasters from S3 at {storage.endpoint()}: no AWS credentials found. Set "
             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or run on a node with an instance "
             "profile."
         )
+    from rasterio.session import AWSSession
+
     with rasterio.Env(session=AWSSession(session), **gdal_options()):
         yield
+
+
+def renew_credentials() -> bool:
+    """Ask the credential chain for keys again (its refreshable credentials first, then a new
+    chain that re-reads the environment, profile and token files); if they differ from the keys
+    this thread's S3 environment holds, hand them to GDAL and return True (datasets opened before
+    keep the old keys: reopen them). False when nothing changed or no S3 environment is active."""
+    import boto3
+    import rasterio
+
+    if not _env_active():
+        return False
+    held = {k: rasterio.env.getenv().get(k) or "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                              "AWS_SESSION_TOKEN")}  # fmt: skip
+    for session in (_CHAIN.get(os.getpid()), boto3.Session()):
+        if session is None or session.get_credentials() is None:
+            continue
+        fresh = _credential_options(session)
+        if fresh != held:
+            _CHAIN[os.getpid()] = session
+            rasterio.env.setenv(**fresh)
+            log.info("S3 credentials renewed for raster reads (the keys in use were refused)")
+            return True
+    return False
 
 
 def open_dataset(uri: str, stack: contextlib.ExitStack) -> Any:
@@ -116,8 +157,10 @@ def _env_active() -> bool:
     return rasterio.env.hasenv() and rasterio.env.getenv().get("RSDIFF_S3_ENV") == "YES"
 
 
-def retrying_read(fn: Callable[[], T], uri: str, what: str) -> T:
-    """Run ``fn`` (a rasterio open or read of ``uri``), retrying transient GDAL I/O errors.
+def retrying_read(fn: Callable[[], T], uri: str, what: str, reopen: Callable[[], None] | None = None) -> T:
+    """Run ``fn`` (a rasterio open or read of ``uri``), retrying transient GDAL I/O errors. After a
+    failure, renewed credentials (:func:`renew_credentials`) are handed to ``reopen`` (which opens
+    the caller's datasets again) before the next try.
 
     The caller has checked that the object exists (GDAL's messages cannot tell a missing object
     from a failing store), e.g. with :func:`rsdiff.storage.exists`.
@@ -143,6 +186,9 @@ def retrying_read(fn: Callable[[], T], uri: str, what: str) -> T:
                     f"cannot read {what} of {storage.display(uri)} from S3 at {storage.endpoint()} after "
                     f"{attempts} tries: {reason[0] if reason else type(exc).__name__}"
                 ) from None
+            if reopen is not None and renew_credentials():
+                reopen()
+                continue
             delay = storage.backoff(attempt)
             log.warning("transient error reading %s of %s (%s), retry %d/%d in %.1fs",
                         what, storage.display(uri), text[:120], attempt, attempts - 1, delay)  # fmt: skip

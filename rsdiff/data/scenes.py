@@ -263,6 +263,13 @@ class SceneReader:
         t = transform(self._window(row, col, size, size), self.ds.transform)
         return [t.a, t.b, t.c, t.d, t.e, t.f]
 
+    def _reopen(self) -> None:
+        """Open the scene's datasets again (after :func:`~rsdiff.data.remote.renew_credentials`:
+        an open dataset keeps the keys it was opened with)."""
+        self.ds = remote.open_dataset(self.ref.image, self._stack)
+        if self.mask_ds is not None and self.ref.mask is not None:
+            self.mask_ds = remote.open_dataset(self.ref.mask, self._stack)
+
     def read(
         self, row: int, col: int, size: int, width: int | None = None, mask: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -274,17 +281,22 @@ class SceneReader:
         """
         w = self._window(row, col, size, width or size)
         where = f"window (row={self.row0 + row}, col={self.col0 + col}, {size} px)"
-        pixels = remote.retrying_read(lambda: self.ds.read(window=w), self.ref.image, where)
+        pixels = remote.retrying_read(lambda: self.ds.read(window=w), self.ref.image, where, self._reopen)
         if not mask:
             return pixels, None
-        valid = remote.retrying_read(lambda: self.ds.dataset_mask(window=w), self.ref.image, where) > 0
-        return pixels, valid
+        valid = remote.retrying_read(
+            lambda: self.ds.dataset_mask(window=w), self.ref.image, where, self._reopen
+        )
+        return pixels, valid > 0
 
     def valid(self, row: int, height: int) -> np.ndarray:
         """``(height, width)`` bool validity of whole rows ``row .. row + height``."""
         w = self._window(row, 0, height, self.width)
         where = f"rows {self.row0 + row}..{self.row0 + row + height}"
-        return remote.retrying_read(lambda: self.ds.dataset_mask(window=w), self.ref.image, where) > 0
+        return (
+            remote.retrying_read(lambda: self.ds.dataset_mask(window=w), self.ref.image, where, self._reopen)
+            > 0
+        )
 
     def read_labels(self, row: int, col: int, size: int, width: int | None = None) -> tuple[np.ndarray, int]:
         """Class ids of a ``size`` x ``width`` (default square) window: uint8 (IGNORE_INDEX = no label),
@@ -292,7 +304,10 @@ class SceneReader:
         assert self.mask_ds is not None and self.classmap is not None
         w = self._window(row, col, size, width or size)
         raw = remote.retrying_read(
-            lambda: self.mask_ds.read(window=w), self.ref.mask or "", f"window (row={row}, col={col})"
+            lambda: self.mask_ds.read(window=w),
+            self.ref.mask or "",
+            f"window (row={row}, col={col})",
+            self._reopen,
         )
         where = f"mask {storage.display(self.ref.mask or '')} window (row={row}, col={col})"
         if self.classmap.kind is MaskKind.index:
