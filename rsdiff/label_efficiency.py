@@ -344,7 +344,8 @@ def _prepare(cfg: LabelEfficiencyConfig) -> _Context:
         )
     out = storage.absolute(str(cfg.output))
     storage.check_writable(out)
-    ddpm = load_pretrained(str(table.meta["checkpoint"]))
+    ddpm = load_pretrained(str(table.meta["checkpoint"]), expect_sha256=table.meta.get("checkpoint_sha256"),
+                           expected_by=f"feature table {storage.display(table.root)}")  # fmt: skip
     tiles = _dense_tiles(shards, set(train_tiles) | set(val_tiles), ddpm.normalizer)
     return _Context(
         cfg, table, list(timesteps), list(blocks), head_cfg, test, out, tiles, ddpm,

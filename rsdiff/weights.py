@@ -11,11 +11,15 @@ guarantee needs torch >= 2.6 (before it, crafted files could get code run throug
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rsdiff import storage
@@ -70,3 +74,60 @@ def load_module_state(module: torch.nn.Module, state: Any, uri: str) -> None:
             f"weights in {storage.display(uri)} do not fit the model its metadata describes "
             f"({type(exc).__name__}); the files of that artifact do not belong together, re-create it"
         ) from None
+
+
+def state_shapes(state: Any, uri: str) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of a loaded state dict (refused when it is not one)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{storage.display(uri)} does not hold a weights dictionary (name -> tensor)")
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def safetensors_shapes(blob: bytes, uri: str) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` from a safetensors file's header (read before any tensor is made).
+
+    Raises:
+        CheckpointError: not a safetensors header.
+    """
+    size = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else -1
+    try:
+        if not 0 < size <= len(blob) - 8:
+            raise ValueError("header size")
+        header = json.loads(blob[8 : 8 + size])
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise CheckpointError(
+            f"cannot load weights of {storage.display(uri)} (no safetensors header): it is corrupt or "
+            "truncated; re-create the artifact"
+        ) from None
+
+
+def build_checked(make: Callable[[], torch.nn.Module], shapes: dict[str, tuple[int, ...]], uri: str) -> Any:
+    """``make()``, after checking on the ``meta`` device (no memory) that the module it builds has
+    exactly the weights ``shapes`` lists (those of the file at ``uri``): metadata that describes a
+    larger model than its weights (a crafted or mismatched sidecar) is refused before anything is
+    allocated.
+
+    Raises:
+        CheckpointError: names, or shapes, differ.
+    """
+    with torch.device("meta"):
+        probe = make()
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    if want != shapes:
+        missing = sorted(set(want) - set(shapes))
+        other = sorted(k for k in set(want) & set(shapes) if want[k] != shapes[k])
+        detail = (f"{other[0]}: {want[other[0]]} described, {shapes[other[0]]} stored" if other
+                  else f"{len(missing)} described tensor(s) not stored, e.g. {missing[:1]}" if missing
+                  else f"{len(set(shapes) - set(want))} stored tensor(s) not described")  # fmt: skip
+        params = sum(int(np.prod(s)) for s in want.values())
+        raise CheckpointError(
+            f"the metadata of {storage.display(uri)} describes a model ({params:,} parameters) that its "
+            f"weights do not fit ({detail}); the files of that artifact do not belong together, re-create it"
+        )
+    return make()
+
+
+def sha256_of(blob: bytes) -> str:
+    """Hex sha256 of a weights file's bytes (what heads and feature tables record of their model)."""
+    return hashlib.sha256(blob).hexdigest()

@@ -4,6 +4,7 @@ UNet saved through :func:`rsdiff.diffusion.checkpoint.save` as the training loop
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -97,6 +98,14 @@ def test_a_checkpoint_written_before_the_artifact_still_loads_from_model_pt(save
 def test_a_damaged_artifact_is_one_clear_error_naming_the_file(saved):
     folder, _ = saved
     weights = folder / "ema" / "diffusion_pytorch_model.safetensors"
+    # A config that describes a far larger model than the weights hold (crafted or mismatched): refused
+    # from the file's header before the model is allocated (this one would need ~2 TB).
+    config = json.loads((folder / "ema" / "config.json").read_text())
+    (folder / "ema" / "config.json").write_text(json.dumps({**config, "block_out_channels": [2**18] * 2}))
+    with pytest.raises(CheckpointError, match=r"describes a model \([\d,]+ parameters\) that its weights "
+                       r"do not fit \(conv_in\.bias: \(262144,\) described, \(16,\) stored"):  # fmt: skip
+        load_pretrained(str(folder))
+    (folder / "ema" / "config.json").write_text(json.dumps(config))
     weights.write_bytes(weights.read_bytes()[:500])
     with pytest.raises(CheckpointError, match=f"cannot load weights of {weights} .*corrupt or truncated"):
         load_pretrained(str(folder))

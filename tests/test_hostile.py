@@ -29,7 +29,7 @@ from test_faults import TINY_FAST
 from rsdiff import storage
 from rsdiff.config import load_config, redact, redact_uri, to_yaml
 from rsdiff.diffusion.checkpoint import load_state
-from rsdiff.errors import ConfigError, DataError, describe_os_error
+from rsdiff.errors import CheckpointError, ConfigError, DataError, describe_os_error
 from rsdiff.lease import LEASE, Lease, LeaseHeld, LeaseLost, holder
 
 SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
@@ -237,6 +237,45 @@ def test_prediction_folders_move_whole_and_refuse_a_mix_of_runs(
     (tmp_path / "b" / "predictions.json").write_text(json.dumps(summary))
     with pytest.raises(DataError, match="outside that folder"):
         _evaluate(tmp_path / "b", output=tmp_path / "out.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Artifacts that do not belong together.
+
+
+@pytest.mark.integration
+def test_a_head_refuses_another_model_behind_its_checkpoint_uri_and_metadata_larger_than_its_weights(
+    sample_demo, tmp_path
+):
+    """The head records the sha256 of the EMA weights its features came from: a checkpoint
+    re-written at the same URI (here: an earlier checkpoint of the same run copied over it) is
+    refused by predict with one line. A head.json describing a far larger head than head.pt holds
+    is refused before anything is allocated."""
+    from rsdiff.heads.artifact import TrainedHead
+
+    ckpts = sorted((sample_demo / "ray" / "demo-pretrain").glob("checkpoint_0*"))
+    moved = tmp_path / "ckpt"
+    shutil.copytree(ckpts[-1], moved)
+    head = tmp_path / "head"
+    shutil.copytree(sample_demo / "sweep" / "best", head)
+    meta = json.loads((head / "head.json").read_text())
+    assert len(meta["checkpoint_sha256"]) == 64
+    (head / "head.json").write_text(json.dumps({**meta, "checkpoint": str(moved)}))
+    scene = sorted((sample_demo / "scenes" / "images").glob("*.tif"))[0]
+    argv = [f"head={head}", f"inputs=[{scene}]", "ray.num_cpus=1"]
+    assert run_job_inline("predict.py", *argv, f"output={tmp_path / 'ok'}").returncode == 0  # same model
+    shutil.rmtree(moved / "ema")
+    shutil.copytree(ckpts[0] / "ema", moved / "ema")  # another model behind the same URI
+    done = run_job_inline("predict.py", *argv, f"output={tmp_path / 'p'}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert f"the checkpoint at {moved} is not the model head {head} was made from" in line, line
+    meta["config"]["width"] = 10**7  # ~10^14 parameters if it were built
+    (head / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        CheckpointError, match=r"describes a model \([\d,]+ parameters\) that its weights do not fit"
+    ):
+        TrainedHead.load(str(head))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,14 @@ from rsdiff.diffusion.config import DiffusionConfig, ModelConfig
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.diffusion.unet import build_unet, finish_unet, unet_kwargs
 from rsdiff.errors import CheckpointError, ConfigError
-from rsdiff.weights import load_module_state, load_weights
+from rsdiff.weights import (
+    build_checked,
+    load_module_state,
+    load_weights,
+    safetensors_shapes,
+    sha256_of,
+    state_shapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +124,7 @@ class PretrainedDDPM:
     normalizer: Normalizer
     meta: dict[str, Any]
     uri: str
+    weights_sha256: str = ""  # of the weights file the model was loaded from (heads and tables record it)
 
     @property
     def bands(self) -> list[str]:
@@ -134,32 +142,57 @@ def ema_artifact(uri: str) -> str | None:
     return None
 
 
-def load_pretrained(uri: str, device: str | torch.device = "cpu", ema: bool = True) -> PretrainedDDPM:
+def load_pretrained(
+    uri: str,
+    device: str | torch.device = "cpu",
+    ema: bool = True,
+    expect_sha256: str | None = None,
+    expected_by: str = "the artifact",
+) -> PretrainedDDPM:
     """Load a checkpoint's (EMA) model, noise schedule and normalisation from its URI.
+
+    ``expect_sha256``: the weights' digest ``expected_by`` (a head, a feature table) recorded when
+    it was made from this checkpoint; another model behind the same URI is refused. The module is
+    first built on the ``meta`` device and checked against the weights file's own shapes, so
+    metadata cannot size a model beyond the weights it comes with.
 
     With ``ema`` (the default) only the EMA artifact ``ema/`` is read (about a quarter of
     ``model.pt``'s bytes); a checkpoint without one (written by an older rsdiff) loads its EMA
     weights from ``model.pt``. ``ema=False`` loads the raw model weights from ``model.pt``.
 
     Raises:
-        CheckpointError: no checkpoint at ``uri``, or its files are missing, corrupt or disagree.
+        CheckpointError: no checkpoint at ``uri``, or its files are missing, corrupt or disagree,
+            or its weights are not those ``expect_sha256`` names.
     """
     folder = ema_artifact(uri) if ema else None
-    if folder is not None:
-        return _load_ema(uri, folder, device)
+    ddpm = _load_ema(uri, folder, device) if folder is not None else _load_model_pt(uri, device, ema)
+    if expect_sha256 and ddpm.weights_sha256 != expect_sha256:
+        raise CheckpointError(
+            f"the checkpoint at {storage.display(uri)} is not the model {expected_by} was made from: its "
+            f"weights' sha256 is {ddpm.weights_sha256[:12]}..., {expect_sha256[:12]}... was recorded (a "
+            "checkpoint re-written at the same URI?); restore that checkpoint, or extract and fit again"
+        )
+    return ddpm
+
+
+def _load_model_pt(uri: str, device: str | torch.device, ema: bool) -> PretrainedDDPM:
     meta = read_meta(uri)
     weights = storage.join(uri, WEIGHTS)
     if ema:
         log.info("checkpoint %s has no %s/ artifact (an older rsdiff wrote it); reading its EMA weights "
                  "from %s", storage.display(uri), EMA_DIR, WEIGHTS)  # fmt: skip
     try:
-        state = load_weights(storage.read_bytes(weights), weights)
+        blob = storage.read_bytes(weights)
     except storage.NotFoundError as exc:
         raise CheckpointError(f"checkpoint {storage.display(uri)} has {META} but no {WEIGHTS}") from exc
+    state = load_weights(blob, weights).get("ema" if ema else "model")
     model_cfg, diffusion_cfg = _configs(uri, meta)
-    model = build_unet(model_cfg, int(meta["in_channels"]), int(meta["image_size"]))
-    load_module_state(model, state.get("ema" if ema else "model"), weights)
-    return _pretrained(model, diffusion_cfg, meta, uri, device)
+    shapes = state_shapes(state, weights)
+    model = build_checked(
+        lambda: build_unet(model_cfg, int(meta["in_channels"]), int(meta["image_size"])), shapes, weights
+    )
+    load_module_state(model, state, weights)
+    return _pretrained(model, diffusion_cfg, meta, uri, device, sha256_of(blob))
 
 
 def _load_ema(uri: str, folder: str, device: str | torch.device) -> PretrainedDDPM:
@@ -175,29 +208,36 @@ def _load_ema(uri: str, folder: str, device: str | torch.device) -> PretrainedDD
     config_uri = storage.join(folder, EMA_CONFIG)
     try:
         config = json.loads(storage.read_text(config_uri))
-        model = finish_unet(UNet2DModel.from_config(config), model_cfg.timestep_scale)
+        with torch.device("meta"):  # a config diffusers cannot read fails here, allocating nothing
+            UNet2DModel.from_config(config)
     except Exception as exc:
         raise CheckpointError(
             f"{storage.display(config_uri)} is not a diffusers UNet2DModel config ({type(exc).__name__}); "
             "the EMA artifact is damaged, re-create the checkpoint"
         ) from None
-    if int(model.config.in_channels) != len(meta["bands"]):
+    if int(config.get("in_channels", -1)) != len(meta["bands"]):
         raise CheckpointError(
-            f"{storage.display(folder)}: the model takes {model.config.in_channels} bands but its sidecar "
+            f"{storage.display(folder)}: the model takes {config.get('in_channels')} bands but its sidecar "
             f"lists {len(meta['bands'])}; the files of that artifact do not belong together"
         )
     weights = storage.join(folder, EMA_WEIGHTS)
     try:
-        state = load_safetensors(storage.read_bytes(weights))
+        blob = storage.read_bytes(weights)
     except storage.NotFoundError as exc:
         raise CheckpointError(f"EMA artifact {storage.display(folder)} has no {EMA_WEIGHTS}") from exc
+    shapes = safetensors_shapes(blob, weights)  # the file's own header, before any tensor is made
+    model = build_checked(
+        lambda: finish_unet(UNet2DModel.from_config(config), model_cfg.timestep_scale), shapes, weights
+    )
+    try:
+        state = load_safetensors(blob)
     except (SafetensorError, ValueError, OSError) as exc:
         raise CheckpointError(
             f"cannot load weights of {storage.display(weights)} ({type(exc).__name__}): it is corrupt or "
             "truncated; re-create the checkpoint (or delete its ema/ folder to load model.pt instead)"
         ) from None
     load_module_state(model, state, weights)
-    return _pretrained(model, diffusion_cfg, meta, uri, device)
+    return _pretrained(model, diffusion_cfg, meta, uri, device, sha256_of(blob))
 
 
 def _configs(uri: str, meta: dict[str, Any]) -> tuple[ModelConfig, DiffusionConfig]:
@@ -208,7 +248,12 @@ def _configs(uri: str, meta: dict[str, Any]) -> tuple[ModelConfig, DiffusionConf
 
 
 def _pretrained(
-    model: torch.nn.Module, diffusion_cfg: DiffusionConfig, meta: dict[str, Any], uri: str, device: Any
+    model: torch.nn.Module,
+    diffusion_cfg: DiffusionConfig,
+    meta: dict[str, Any],
+    uri: str,
+    device: Any,
+    sha256: str,
 ) -> PretrainedDDPM:
     model.eval().requires_grad_(False).to(device)
     return PretrainedDDPM(
@@ -217,4 +262,5 @@ def _pretrained(
         normalizer=Normalizer.from_json(meta["normalization"]),
         meta=meta,
         uri=uri,
+        weights_sha256=sha256,
     )

@@ -71,6 +71,7 @@ class ActorPlan:
     """What every feature actor is told (resolved and checked on the driver)."""
 
     checkpoint: str
+    checkpoint_sha256: str  # of the weights the driver loaded: every actor must load the same
     timesteps: list[int]
     blocks: list[str]  # resolved block names
     output: str  # absolute table folder
@@ -90,7 +91,13 @@ class FeatureActor:
         from rsdiff.diffusion.checkpoint import load_pretrained
         from rsdiff.features.extractor import FeatureExtractor
 
-        self.ddpm = load_pretrained(plan.checkpoint, device=pick_device(plan.num_gpus))
+        device = pick_device(plan.num_gpus)
+        self.ddpm = load_pretrained(
+            plan.checkpoint,
+            device=device,
+            expect_sha256=plan.checkpoint_sha256,
+            expected_by="this extraction",
+        )
         self.extractor = FeatureExtractor(
             self.ddpm, plan.timesteps, plan.blocks, plan.noise_seed, plan.precision
         )
@@ -246,7 +253,8 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     plan = ActorPlan(
-        checkpoint=checkpoint, timesteps=extractor.timesteps, blocks=extractor.blocks, output=out,
+        checkpoint=checkpoint, checkpoint_sha256=ddpm.weights_sha256, timesteps=extractor.timesteps,
+        blocks=extractor.blocks, output=out,
         num_classes=len(manifest.classes or []), pixels_per_class=int(cfg.pixels_per_class),
         noise_seed=int(cfg.noise_seed), sample_seed=int(cfg.sample_seed), num_gpus=float(cfg.num_gpus),
         precision=str(cfg.precision),
@@ -261,6 +269,7 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
     counts, notes = ray.get(counter.get.remote()), ray.get(counter.notes.remote())
     origin = {
         "checkpoint": storage.absolute(checkpoint),
+        "checkpoint_sha256": ddpm.weights_sha256,  # heads fitted on the table check the model with it
         "source": ddpm.meta.get("init"),  # where the weights came from, when imported or initialised
         "shards": storage.absolute(shards),
     }

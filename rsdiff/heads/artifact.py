@@ -28,7 +28,7 @@ from rsdiff.heads.ensemble import DDPMSegEnsembleHead
 from rsdiff.heads.residual import ResidualMLPHead
 from rsdiff.heads.scratch_unet import SmallUNet
 from rsdiff.heads.segmenter import DenoiserSegmenter, segmenter_from_config, unet_config_of
-from rsdiff.weights import load_module_state, load_weights
+from rsdiff.weights import build_checked, load_module_state, load_weights, state_shapes
 
 HEAD_KIND = "rsdiff-head"
 HEAD_FORMAT = 1
@@ -66,6 +66,9 @@ class TrainedHead:
     metrics: dict[str, Any] = field(default_factory=dict)
     noise_seed: int = 0
     uri: str = ""  # where it was loaded from ("" for a head not loaded from an artifact)
+    # sha256 of the checkpoint's weights its features came from (from the feature table); loading
+    # that checkpoint to predict refuses another model behind the same URI. "" = not recorded.
+    checkpoint_sha256: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -168,6 +171,7 @@ class TrainedHead:
             "blocks": self.blocks,
             "classes": self.classes,
             "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
             "noise_seed": self.noise_seed,
             "metrics": self.metrics,
         }
@@ -189,24 +193,16 @@ class TrainedHead:
                 f"head artifact {storage.display(uri)} has {HEAD_META} but no {HEAD_WEIGHTS}"
             ) from exc
         state = load_weights(blob, weights)
+        shapes = state_shapes(state.get("state"), weights)
         try:
-            kind = meta["config"].get("kind")
-            if kind == PIXEL_HEAD:
-                ucfg = build(ScratchUNetConfig, {k: v for k, v in meta["config"].items() if k != "kind"})
-                module = SmallUNet(int(meta["in_dim"]), len(meta["classes"]), ucfg.base_channels, ucfg.levels)
-            elif kind == SEGMENTER_HEAD:
-                settings = {k: v for k, v in meta["config"].items() if k not in ("kind", "unet")}
-                scfg = build(SegmenterConfig, settings)
-                module = segmenter_from_config(dict(meta["config"]["unet"]), len(meta["classes"]), scfg)
-            else:
-                module = build_head(
-                    build(HeadConfig, meta["config"]), int(meta["in_dim"]), len(meta["classes"])
-                )
+            with torch.device("meta"):  # a config rsdiff cannot build fails here, allocating nothing
+                _head_module(meta)
         except Exception as exc:
             raise CheckpointError(
                 f"{storage.display(uri)}/{HEAD_META} does not describe a head rsdiff can build "
                 f"({type(exc).__name__}); re-create the artifact"
             ) from None
+        module = build_checked(lambda: _head_module(meta), shapes, weights)
         load_module_state(module, state.get("state"), weights)
         if not all(isinstance(state.get(k), torch.Tensor) for k in ("mean", "std")):
             raise CheckpointError(f"{storage.display(weights)} lacks the feature mean/std of the head")
@@ -223,7 +219,21 @@ class TrainedHead:
             metrics=meta.get("metrics", {}),
             noise_seed=int(meta.get("noise_seed", 0)),
             uri=storage.absolute(uri),
+            checkpoint_sha256=str(meta.get("checkpoint_sha256") or ""),
         )
+
+
+def _head_module(meta: dict[str, Any]) -> nn.Module:
+    """The (untrained) module ``head.json``'s config describes."""
+    kind = meta["config"].get("kind")
+    if kind == PIXEL_HEAD:
+        ucfg = build(ScratchUNetConfig, {k: v for k, v in meta["config"].items() if k != "kind"})
+        return SmallUNet(int(meta["in_dim"]), len(meta["classes"]), ucfg.base_channels, ucfg.levels)
+    if kind == SEGMENTER_HEAD:
+        settings = {k: v for k, v in meta["config"].items() if k not in ("kind", "unet")}
+        scfg = build(SegmenterConfig, settings)
+        return segmenter_from_config(dict(meta["config"]["unet"]), len(meta["classes"]), scfg)
+    return build_head(build(HeadConfig, meta["config"]), int(meta["in_dim"]), len(meta["classes"]))
 
 
 def _jsonable(obj: Any) -> Any:

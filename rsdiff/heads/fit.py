@@ -268,6 +268,7 @@ def fit_head(
         std=std.cpu().numpy(),
         classes=list(table.meta["classes"]),
         checkpoint=str(table.meta["checkpoint"]),
+        checkpoint_sha256=str(table.meta.get("checkpoint_sha256") or ""),
         noise_seed=int(table.meta.get("noise_seed", 0)),
         metrics={
             **{k: v for k, v in summary.items() if k != "pixels"},

@@ -26,15 +26,21 @@ def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, A
     from rsdiff.heads.artifact import TrainedHead
 
     head = TrainedHead.load(head_uri)
-    return head, _load_checkpoint(head_uri, head.checkpoint, device)
+    return head, _load_checkpoint(head_uri, head, device)
 
 
-def _load_checkpoint(head_uri: str, checkpoint: str, device: Any) -> Any:
+def _load_checkpoint(head_uri: str, head: Any, device: Any) -> Any:
+    """The checkpoint ``head`` was fitted on features of, refused when another model now sits at
+    its URI (the weights' sha256 the head recorded differs)."""
     from rsdiff.diffusion.checkpoint import load_pretrained
 
+    checkpoint = head.checkpoint
     try:
-        return load_pretrained(checkpoint, device=device)
+        return load_pretrained(checkpoint, device=device, expect_sha256=head.checkpoint_sha256 or None,
+                               expected_by=f"head {storage.display(head_uri)}")  # fmt: skip
     except CheckpointError as exc:
+        if "is not the model" in str(exc):
+            raise
         raise CheckpointError(
             f"head {storage.display(head_uri)} was fitted on features of checkpoint "
             f"{storage.display(checkpoint)}, which cannot be loaded: {exc}. Restore that checkpoint "
@@ -94,8 +100,8 @@ def loaded_head(head_uri: str, device: Any, precision: str) -> tuple[Any, Any]:
 
     def load() -> tuple[Any, Any]:
         head = TrainedHead.load(head_uri)
-        ddpm = _lru_get(_MODELS, (head.checkpoint, str(device)), MODELS_KEPT,
-                        lambda: _load_checkpoint(head_uri, head.checkpoint, device))  # fmt: skip
+        key = (head.checkpoint, head.checkpoint_sha256, str(device))
+        ddpm = _lru_get(_MODELS, key, MODELS_KEPT, lambda: _load_checkpoint(head_uri, head, device))
         return head, make_extractor(ddpm, head, precision)
 
     return _lru_get(_HEADS, (head_uri, str(device), precision), HEADS_KEPT, load)

@@ -176,7 +176,9 @@ def log_overlay(parent: Any, head: TrainedHead, table: FeatureTable) -> None:
     manifest = read_manifest(str(table.meta["shards"]))
     shards = manifest.shard_uris("val") or manifest.shard_uris("train")
     tile = next(iter_shard(shards[0]))
-    ddpm = load_pretrained(head.checkpoint)
+    ddpm = load_pretrained(
+        head.checkpoint, expect_sha256=head.checkpoint_sha256 or None, expected_by="the best head"
+    )
     x = torch.from_numpy(ddpm.normalizer(tile.image))[None]
     feats = FeatureExtractor(ddpm, head.timesteps, head.blocks, head.noise_seed).dense(x)[0]
     pred, _ = head.predict(feats.flatten(1).T)
