@@ -48,6 +48,27 @@ def test_cluster_nodes_install_the_torch_the_tests_ran_with():
         assert f"'torch=={tested}'" in args and "'rsdiff @ https://" in args, args
 
 
+def test_kuberay_installs_one_pinned_hash_checked_archive_the_job_also_runs_from():
+    """Every container installs rsdiff from an archive pinned to one commit, with the sha256 pip
+    checks (a branch archive would install whatever the branch holds at each start, unchecked), and
+    the job's working_dir is that same archive."""
+    import re
+
+    job = yaml.safe_load(KUBERAY.read_text())
+    spec = job["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    pinned = r"https://github\.com/[\w-]+/rsdiff/archive/(?:[0-9a-f]{40}|CHANGE-ME-COMMIT)\.zip"
+    installs = set()
+    for group in groups:
+        args = group["template"]["spec"]["containers"][0]["args"][0]
+        found = re.search(rf"'rsdiff @ ({pinned})#sha256=([0-9a-f]{{64}}|CHANGE-ME-SHA256)'", args)
+        assert found, args
+        installs.add(found.group(1))
+    working_dir = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"]
+    assert installs == {working_dir} and re.fullmatch(pinned, working_dir)
+    assert "main.zip" not in KUBERAY.read_text() and "master.zip" not in KUBERAY.read_text()
+
+
 def test_cluster_configs_turn_token_authentication_on():
     """Ray 2.60 starts launcher and KubeRay clusters without authentication: both configs turn it
     on, on every node, and hand every node the same token."""
