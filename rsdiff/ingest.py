@@ -30,7 +30,7 @@ from rsdiff.data.scenes import SceneReader, SceneRef, discover
 from rsdiff.data.shards import Sample, ShardWriter
 from rsdiff.data.tiling import tile_origins
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.raytools import ProgressCounter, connect, user_error, wait_with_progress
+from rsdiff.raytools import ProgressCounter, connect, stop_tasks, user_error, wait_with_progress
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
             refs_out, counter, total=len(refs), unit="scenes", desc="ingest", extra="tiles"
         )
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: stop every task now; no manifest is written
-        for ref in refs_out:
-            ray.cancel(ref, force=True)
+        stop_tasks(refs_out)
         raise
     except Exception as exc:
         _cleanup_after_failure(refs_out)
@@ -350,6 +349,9 @@ def _ingest_chunk(
     counter: Any,
 ) -> ChunkResult:
     """Tile ``scenes`` into shards ``{split}-{index:04d}-NNNNN.tar`` (a Ray task)."""
+    from rsdiff.tempfiles import remove_orphans
+
+    remove_orphans()  # what tasks of a stopped job left on this node
     size, bands = plan.tile_size, plan.bands
     stats = BandStats(len(bands) if bands else band_count)
     class_pixels = np.zeros(classmap.num_classes, np.int64) if classmap else None

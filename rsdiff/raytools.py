@@ -153,6 +153,20 @@ def wait_with_progress(
     return ray.get(list(refs))
 
 
+def stop_tasks(refs: list[Any], wait_s: float = 10.0) -> None:
+    """Kill the tasks of ``refs`` now (``ray.cancel(force=True)``), wait up to ``wait_s`` for them to
+    end, and remove the temporary folders the killed ones left on this node
+    (:func:`rsdiff.tempfiles.remove_orphans`; other nodes are tidied by the next task there)."""
+    from rsdiff.tempfiles import remove_orphans
+
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    with contextlib.suppress(Exception):
+        ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+    remove_orphans()
+
+
 def user_error(exc: BaseException) -> BaseException | None:
     """The rsdiff error (bad input a user can fix) a Ray task or Ray Data failure ``exc`` carries,
     re-made on the driver without Ray's remote traceback (the job prints one line); None when it

@@ -82,6 +82,28 @@ def _one_error_line(err: str, job: str, text: str) -> None:
     assert "Traceback" not in err, err[-3000:]
 
 
+def _temp_left(kind: str, since: float) -> list[Path]:
+    """``rsdiff-{kind}-*`` temp folders made since ``since`` that are still there."""
+    import tempfile
+
+    return [d for d in Path(tempfile.gettempdir()).glob(f"rsdiff-{kind}-*") if d.stat().st_mtime >= since - 1]
+
+
+@pytest.mark.unit
+def test_temp_folders_of_killed_tasks_are_removed_and_live_ones_kept():
+    from rsdiff.tempfiles import remove_orphans, task_tempdir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    import tempfile
+
+    orphan = Path(tempfile.mkdtemp(prefix=f"rsdiff-predict-{int(dead.stdout)}-"))
+    (orphan / "scene.tif").write_bytes(b"")
+    live = task_tempdir("shard")
+    assert remove_orphans() >= 1
+    assert not orphan.exists() and Path(live.name).exists()
+    live.cleanup()
+
+
 @pytest.mark.e2e
 def test_ctrl_c_stops_ingest_at_once_with_one_line_and_no_manifest(big_scenes, tmp_path):
     """A fresh local Ray, as a user's terminal session has; the whole group gets SIGINT."""
@@ -94,11 +116,13 @@ def test_ctrl_c_stops_ingest_at_once_with_one_line_and_no_manifest(big_scenes, t
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    started = time.time()
     _ctrl_c_when(proc, log, "ingest:")
     err = log.read_text()
     assert proc.returncode == 130, err[-3000:]
     _one_error_line(err, "ingest", "stopped by SIGINT; no manifest.json was written")
     assert not (out / "manifest.json").exists()
+    assert not _temp_left("shard", started)  # the killed tasks' half-filled shards are gone
 
 
 @pytest.mark.e2e
@@ -114,11 +138,13 @@ def test_ctrl_c_stops_predict_marks_the_run_killed_and_drops_the_old_marker(
         "predict.py", f"head={sample_demo / 'sweep' / 'best'}", f"inputs=[{big_scenes}/images/*.tif]",
         f"output={out}", "overwrite=true", f"tracking.uri={mlflow_uri}", env=ray_address, log=log,
     )  # fmt: skip
+    started = time.time()
     _ctrl_c_when(proc, log, "predict:")
     err = log.read_text()
     assert proc.returncode == 130, err[-3000:]
     _one_error_line(err, "predict", "stopped by SIGINT")
     assert not (out / "predictions.json").exists()
+    assert not _temp_left("predict", started)  # the killed scene tasks' half-written maps are gone
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("rsdiff-predict").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from rsdiff import storage
+from rsdiff.tempfiles import task_tempdir
 
 
 @dataclass
@@ -87,7 +87,7 @@ class ShardWriter:
         self.prefix = prefix
         self.max_bytes = max_bytes
         self.shards: list[ShardInfo] = []
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="rsdiff-shard-")
+        self._tmpdir = task_tempdir("shard")
         self._file: Any = None
         self._tar: wds.TarWriter | None = None
         self._count = 0

@@ -126,7 +126,9 @@ def _predict_task(
     """A Ray task: one scene. Raises RsdiffError subclasses unchanged (the driver reports them)."""
     from rsdiff.devices import pick_device
     from rsdiff.prediction.scene import predict_scene
+    from rsdiff.tempfiles import remove_orphans
 
+    remove_orphans()  # what tasks of a stopped job left on this node
     head, extractor = loaded_head(head_uri, pick_device(opts.num_gpus), opts.precision)
     record = predict_scene(
         ref,
@@ -164,7 +166,7 @@ def predict_scenes(
     """
     import ray
 
-    from rsdiff.raytools import ProgressCounter, connect, user_error, wait_with_progress
+    from rsdiff.raytools import ProgressCounter, connect, stop_tasks, user_error, wait_with_progress
 
     connect(ray_cfg.address, ray_cfg.num_cpus)
     counter = ProgressCounter.remote()
@@ -175,8 +177,7 @@ def predict_scenes(
     try:
         return wait_with_progress(refs_out, counter, windows_total, "windows", desc, extra="scenes")
     except BaseException as exc:  # a failed scene, Ctrl-C or SIGTERM: stop the other scenes too
-        for r in refs_out:
-            ray.cancel(r, force=True)
+        stop_tasks(refs_out)
         if (err := user_error(exc)) is not None:
             raise err from None
         raise

@@ -18,7 +18,6 @@ COG (internal overviews, nearest resampling) and published to the output URI in 
 from __future__ import annotations
 
 import json
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from rsdiff import storage
 from rsdiff.data.classmap import IGNORE_INDEX, parse_colour
+from rsdiff.tempfiles import task_tempdir
 
 BLOCK = 256
 
@@ -61,7 +61,7 @@ class PredictionWriter:
 
         self.height, self.width = height, width
         self.classes = list(classes)
-        self._tmp = tempfile.TemporaryDirectory(prefix="rsdiff-predict-")
+        self._tmp = task_tempdir("predict")
         self.folder = Path(self._tmp.name)
         geo = {"crs": crs, "transform": transform} if crs else {}
         common = dict(
