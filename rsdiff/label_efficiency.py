@@ -167,23 +167,43 @@ def _table_images(table: Any, split: str) -> list[str]:
     return sorted(keys)
 
 
-def _dense_tiles(shards: str, keys: set[str], normalizer: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``key -> (normalised (C, H, W) float32 tile, (H, W) uint8 labels)`` of the given samples."""
-    from rsdiff.data.manifest import read_manifest
-    from rsdiff.data.shards import iter_shard
+class DenseTiles:
+    """The labeled tiles of the table's train and val samples, decoded only when asked for.
 
-    out = {}
-    for uri in read_manifest(shards).shard_uris():
-        for s in iter_shard(uri):
-            if s.key in keys and s.label is not None:
-                out[s.key] = (normalizer(s.image), np.asarray(s.label, np.uint8))
-    missing = keys - out.keys()
-    if missing:
-        raise DataError(
-            f"{len(missing)} labeled tile(s) of the feature table are not in its shards "
-            f"{storage.display(shards)}: {sorted(missing)[:3]}"
-        )
-    return out
+    Made with one pass over the shards that reads sample keys only (nothing is decoded); each
+    :meth:`get` then reads the shards holding the asked keys and decodes those samples alone, so
+    memory follows the drawn and val tiles of one draw, not the whole pool.
+
+    Raises:
+        DataError: a key of the table is in none of the shards.
+    """
+
+    def __init__(self, shards: str, keys: set[str], normalizer: Any) -> None:
+        from rsdiff.data.manifest import read_manifest
+        from rsdiff.data.shards import shard_keys
+
+        self.normalizer = normalizer
+        self.where = {
+            k: uri for uri in read_manifest(shards).shard_uris() for k in shard_keys(uri) if k in keys
+        }
+        missing = keys - self.where.keys()
+        if missing:
+            raise DataError(
+                f"{len(missing)} labeled tile(s) of the feature table are not in its shards "
+                f"{storage.display(shards)}: {sorted(missing)[:3]}"
+            )
+
+    def get(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, C, H, W)`` normalised float32 tiles and ``(N, H, W)`` uint8 labels of ``keys``."""
+        from rsdiff.data.shards import iter_shard
+
+        got: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for uri in sorted({self.where[k] for k in keys}):
+            for s in iter_shard(uri, keys=set(keys)):
+                if s.label is None:
+                    raise DataError(f"sample {s.key} of {storage.display(uri)} has no label")
+                got[s.key] = (self.normalizer(s.image), np.asarray(s.label, np.uint8))
+        return np.stack([got[k][0] for k in keys]), np.stack([got[k][1] for k in keys])
 
 
 @dataclass
@@ -346,7 +366,7 @@ def _prepare(cfg: LabelEfficiencyConfig) -> _Context:
     storage.check_writable(out)
     ddpm = load_pretrained(str(table.meta["checkpoint"]), expect_sha256=table.meta.get("checkpoint_sha256"),
                            expected_by=f"feature table {storage.display(table.root)}")  # fmt: skip
-    tiles = _dense_tiles(shards, set(train_tiles) | set(val_tiles), ddpm.normalizer)
+    tiles = DenseTiles(shards, set(train_tiles) | set(val_tiles), ddpm.normalizer)
     return _Context(
         cfg, table, list(timesteps), list(blocks), head_cfg, test, out, tiles, ddpm,
         train_tiles, val_tiles, pool, val_pool, ks, recipe,
@@ -364,7 +384,7 @@ class _Context:
     head_cfg: HeadConfig
     test: _TestScenes
     out: str
-    tiles: dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (normalised (C, H, W) tile, (H, W) labels)
+    tiles: DenseTiles  # the labeled train/val tiles, decoded per draw
     ddpm: Any  # the frozen PretrainedDDPM the table was extracted with
     train_tiles: list[str]
     val_tiles: list[str]
@@ -388,10 +408,8 @@ class _Context:
         key = tuple(keys)
         if key in self._dense_cache:
             return self._dense_cache[key]
-        pair = (
-            torch.from_numpy(np.stack([self.tiles[t][0] for t in keys])),
-            torch.from_numpy(np.stack([self.tiles[t][1] for t in keys])),
-        )
+        x, y = self.tiles.get(list(keys))
+        pair = (torch.from_numpy(x), torch.from_numpy(y))
         self._dense_cache = {**dict(list(self._dense_cache.items())[-1:]), key: pair}
         return pair
 

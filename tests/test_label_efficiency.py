@@ -455,3 +455,43 @@ def test_per_scene_scores_are_keyed_by_the_manifests_scene_ids_for_nested_folder
     ]
     got = manifest_scene_ids({"a": {"miou": 0.5}, "a2": {"miou": 0.25}}, records, test)
     assert got == {"tile_1-images-a": {"miou": 0.5}, "tile_2-images-a2": {"miou": 0.25}}
+
+
+@pytest.mark.unit
+def test_dense_tiles_decode_only_the_asked_samples_so_memory_follows_the_draw(tmp_path):
+    """A pool of 600 labeled tiles (9 MiB as float32): indexing it decodes nothing, and a draw of
+    12 tiles holds those 12 alone; the tiles are exactly what the shards hold, normalised."""
+    import tracemalloc
+
+    from rsdiff.data.manifest import Manifest, write_manifest
+    from rsdiff.data.normalize import Normalizer
+    from rsdiff.data.shards import Sample, ShardWriter
+    from rsdiff.label_efficiency import DenseTiles
+
+    rng = np.random.default_rng(0)
+    names, want = [], {}
+    for part in range(3):
+        with ShardWriter(str(tmp_path), f"train-{part:04d}", 1 << 30) as w:
+            for i in range(200):
+                key = f"scene{part}-{i // 20}/{i}_0"
+                image = rng.integers(0, 1000, (4, 32, 32), dtype=np.uint16)
+                label = rng.integers(0, 3, (32, 32), dtype=np.uint8)
+                w.write(Sample(key, image, label, {}))
+                want[key] = (image, label)
+        names += [s.uri.rsplit("/", 1)[1] for s in w.shards]
+    write_manifest(str(tmp_path), Manifest(["b", "g", "r", "n"], "uint16", 32, 32, {"train": 600},
+                                           {"train": names}, {}, {}))  # fmt: skip
+    norm = Normalizer((500.0,) * 4, (100.0,) * 4)
+    tracemalloc.start()
+    tiles = DenseTiles(str(tmp_path), set(want), norm)
+    _, indexing_peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    drawn = sorted(want)[::50]  # 12 tiles from every shard
+    x, y = tiles.get(drawn)
+    _, draw_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    pool_bytes = 600 * 4 * 32 * 32 * 4
+    assert indexing_peak < pool_bytes / 10 and draw_peak < pool_bytes / 10, (indexing_peak, draw_peak)
+    assert x.shape == (12, 4, 32, 32) and x.dtype == np.float32 and y.shape == (12, 32, 32)
+    for n, key in enumerate(drawn):
+        assert np.array_equal(x[n], norm(want[key][0])) and np.array_equal(y[n], want[key][1])

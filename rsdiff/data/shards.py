@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,12 +151,25 @@ def raise_error(exc: Exception) -> bool:
     raise exc
 
 
-def iter_shard(uri: str, handler: Callable[[Exception], bool] = raise_error) -> Iterator[Sample]:
-    """Decode every sample of one shard (streamed; S3 objects are not downloaded first)."""
+def iter_shard(
+    uri: str, handler: Callable[[Exception], bool] = raise_error, keys: Container[str] | None = None
+) -> Iterator[Sample]:
+    """Decode every sample of one shard (or only those whose key is in ``keys``; the others are
+    skipped undecoded), streamed: S3 objects are not downloaded first."""
+    for raw in _raw_samples(uri, handler):
+        if keys is None or raw["__key__"] in keys:
+            yield decode_sample(raw)
+
+
+def shard_keys(uri: str) -> list[str]:
+    """The sample keys of one shard, in order, without decoding any sample."""
+    return [raw["__key__"] for raw in _raw_samples(uri, raise_error)]
+
+
+def _raw_samples(uri: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     stream = storage.open_stream(uri)
     try:
         files = tar_file_expander([{"url": uri, "stream": stream}], handler=handler)
-        for raw in group_by_keys(files, handler=handler):
-            yield decode_sample(raw)
+        yield from group_by_keys(files, handler=handler)
     finally:
         stream.close()
