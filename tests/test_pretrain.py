@@ -500,3 +500,35 @@ def test_after_the_stop_a_ranks_dying_words_are_not_forwarded_to_the_job(ray_add
     assert out.returncode == 0, out.stderr[-3000:]  # 3: the first line was never forwarded
     assert "before-the-stop" in out.stderr, out.stderr[-3000:]
     assert "after-the-stop" not in out.stderr + out.stdout
+
+
+@pytest.mark.integration
+def test_the_placement_watch_stays_armed_after_the_start_and_ends_a_restart_that_is_never_placed(ray_cluster):
+    """Once rank 0 ran, a restart (a preempted node) asks for the ranks again with a new placement
+    group of this job; one that waits past ``scaling.placement_timeout_s`` ends the run with one
+    message, as a first start that is never placed does. A group of another shape is not the run's."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from rsdiff.train.placement import PlacementWatch
+
+    request = {"CPU": 7.0, "memory": 1.0}  # more than the test cluster holds: it stays pending
+    stopped: list[float] = []
+    other = placement_group([{"CPU": 6.0}])  # pending too, but not the ranks' shape
+    watch = PlacementWatch(request, 1, timeout_s=2.0, started=lambda: True, stop=lambda: stopped.append(1),
+                           poll_s=0.2)  # fmt: skip
+    with watch:
+        time.sleep(3)
+        assert not stopped  # running, nothing of the run waits
+        restart = placement_group([request])  # what Ray Train's restart asks for
+        wait_for(lambda: stopped, "the watch to end the restarted run", 60)
+    remove_placement_group(restart)
+    remove_placement_group(other)
+    said = str(watch.failure)
+    assert isinstance(watch.failure, ClusterError), said
+    assert ("after a restart of the training ranks" in said and "placement_timeout_s=2 s" in said) or (
+        "no node type of this cluster can hold one training rank" in said
+    ), said
+    ray.util.placement_group_table()  # the cluster still answers

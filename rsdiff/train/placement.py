@@ -156,7 +156,8 @@ class PlacementWatch:
     """Watch a starting Ray Train run from the driver (a daemon thread polling every ``poll_s``).
 
     ``started()`` returns True once rank 0 runs. On an infeasible request or after ``timeout_s``
-    without a start, the watch keeps the :class:`ClusterError` in :attr:`failure` and calls
+    without a start, or after a restart whose ranks stay unplaced as long (the watch stays armed
+    for the whole run), the watch keeps the :class:`ClusterError` in :attr:`failure` and calls
     ``stop()`` (:func:`kill_switch`), which makes the blocked ``fit()`` raise; the caller raises
     :attr:`failure` in its place. Use as a context manager around ``trainer.fit()``.
     """
@@ -196,6 +197,7 @@ class PlacementWatch:
             try:
                 if self.started():
                     log.info("placement: rank 0 started %.0f s after the launch", time.monotonic() - t0)
+                    self._watch_restarts()
                     return
             except Exception as exc:  # a flaky tracking read must not end the run
                 log.debug("placement watch: %s", exc)
@@ -206,6 +208,37 @@ class PlacementWatch:
                 log.info("placement: stopping the run %.0f s after the launch", time.monotonic() - t0)
                 self.stop()
                 return
+
+    def _watch_restarts(self) -> None:
+        """After the start: a restart (a preempted node, a failed rank) asks for the ranks again with
+        a new placement group; one that stays pending for ``timeout_s``, or that no node type can
+        hold, ends the run as at the first start instead of waiting forever."""
+        pending_since: dict[str, float] = {}
+        while not self._stop.wait(self.poll_s):
+            now = time.monotonic()
+            try:
+                pending = _pending_groups(self.request, self.num_workers)
+            except Exception as exc:  # a flaky GCS read must not end the run
+                log.debug("placement watch: %s", exc)
+                continue
+            pending_since = {pg: pending_since.get(pg, now) for pg in pending}
+            waited = max((now - t for t in pending_since.values()), default=0.0)
+            failure = (self._infeasible() if pending else None) or self._restart_timed_out(waited)
+            if failure is not None and not self._stop.is_set():
+                self.failure = failure
+                log.info("placement: stopping the run: its ranks were not placed again after a restart")
+                self.stop()
+                return
+
+    def _restart_timed_out(self, waited_s: float) -> ClusterError | None:
+        if waited_s < self.timeout_s:
+            return None
+        return ClusterError(
+            f"after a restart of the training ranks (a preempted or failed node), the cluster did not place "
+            f"them again within scaling.placement_timeout_s={self.timeout_s:g} s: {self.num_workers} rank(s) "
+            f"of {_fmt(self.request)} were asked for; {_cluster_summary()}. Every complete checkpoint is "
+            "kept: re-run the command once the cluster has room (`ray status`), or lower scaling.num_workers"
+        )
 
     def _infeasible(self) -> ClusterError | None:
         for event in _infeasible_events():
@@ -230,6 +263,21 @@ class PlacementWatch:
             "Check `ray status` (max_workers reached, no capacity for the instance type, failed "
             "launches), lower scaling.num_workers, or raise scaling.placement_timeout_s"
         )
+
+
+def _pending_groups(request: dict[str, float], num_workers: int) -> list[str]:
+    """Ids of this job's placement groups for ``num_workers`` bundles of ``request`` that wait for
+    room (pending, or rescheduling after their node died)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    want = [{k: float(v) for k, v in request.items()}] * num_workers
+    return [
+        pg_id for pg_id, pg in placement_group_table().items()
+        if pg_id.endswith(job) and pg.get("state") in ("PENDING", "RESCHEDULING")
+        and [{k: float(v) for k, v in b.items()} for _, b in sorted(pg.get("bundles", {}).items())] == want
+    ]  # fmt: skip
 
 
 def _infeasible_events() -> list[dict[str, Any]]:
