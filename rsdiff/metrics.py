@@ -49,6 +49,14 @@ class ConfusionMatrix:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(denom > 0, 2 * tp / denom, np.nan)
 
+    def precision(self) -> np.ndarray:
+        """Per-class precision = TP / (TP + FP): of the pixels called that class, the share that is;
+        NaN where the class is never predicted."""
+        tp = np.diag(self.matrix).astype(np.float64)
+        called = self.matrix.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(called > 0, tp / called, np.nan)
+
     def miou(self) -> float:
         iou = self.iou()
         return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
@@ -75,7 +83,9 @@ class ConfusionMatrix:
         }
 
     def plot(self, class_names: Sequence[str] | None = None, title: str = "") -> Any:
-        """A matplotlib figure: row-normalised confusion matrix with counts."""
+        """A matplotlib figure: row-normalised confusion matrix with counts (its diagonal is each
+        class's recall), each true class labelled with its IoU and each predicted class with its
+        precision, so a class that takes other classes' pixels does not read as perfect."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -90,10 +100,15 @@ class ConfusionMatrix:
             for j in range(len(names)):
                 ax.text(j, i, f"{norm[i, j]:.2f}\n{self.matrix[i, j]}", ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+
+        def score(v: float) -> str:
+            return "-" if np.isnan(v) else f"{v:.2f}"
+
+        precision = [f"{n}\nprecision {score(v)}" for n, v in zip(names, self.precision())]
+        ax.set_xticks(range(len(names)), precision, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), [f"{n}\nIoU {score(v)}" for n, v in zip(names, self.iou())])
+        ax.set_xlabel("predicted (precision: share of the pixels called that class that are)")
+        ax.set_ylabel("true (diagonal: recall)")
         ax.set_title(title or f"mIoU {self.miou():.3f}  OA {self.overall_accuracy():.3f}")
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()

@@ -166,7 +166,12 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     assert empty.iou().shape == (4,) and np.isnan(empty.iou()).all() and empty.miou() == 0.0
     fig = cm.plot(["a", "b", "c"], title="val")
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"] and ax.get_title() == "val"
+    # Precision beside the diagonal's recall: class 0 is called for 2 pixels of which 1 is class 0.
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "a\nprecision 0.50", "b\nprecision 0.67", "c\nprecision 1.00"]  # fmt: skip
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a\nIoU 0.33", "b\nIoU 0.67", "c\nIoU 0.50"]
+    assert ax.get_title() == "val"
+    np.testing.assert_allclose(cm.precision(), [1 / 2, 2 / 3, 1])
     # Row-normalised shares over counts, row by row (true class), as the matrix above.
     cells = [t.get_text().split("\n") for t in ax.texts]
     assert cells == [["0.50", "1"], ["0.50", "1"], ["0.00", "0"], ["0.00", "0"], ["1.00", "2"],
