@@ -26,7 +26,7 @@ import numpy as np
 from omegaconf import MISSING
 
 from rsdiff import storage
-from rsdiff.config import redact, to_container
+from rsdiff.config import bounded, redact, to_container
 from rsdiff.data import remote
 from rsdiff.data.classmap import IGNORE_INDEX, ClassMap, MaskKind, UnknownPolicy, parse_colour
 from rsdiff.data.labels import LabelConfig, build_classmap
@@ -49,6 +49,9 @@ class EvaluateConfig:
     )
     output: str | None = None  # metrics JSON; default {predictions}/metrics.json
     block_rows: int = 512
+    # Errors figures (image | truth | prediction | errors) of the first N scenes, written under
+    # errors/ beside the metrics JSON and logged to the run; 0: none.
+    error_figures: int = bounded(8, ge=0)
     tracking: StageTracking = field(default_factory=lambda: StageTracking(experiment="rsdiff-evaluate"))
 
 
@@ -140,6 +143,45 @@ def evaluate_scene(
     return cm
 
 
+def _error_figures(
+    cfg: EvaluateConfig,
+    records: list[dict[str, Any]],
+    classmap: ClassMap,
+    lut: np.ndarray,
+    summary: dict[str, Any],
+    out: str,
+    run: Any,
+) -> list[str]:
+    """Write (and log to ``run``) the errors figure of each of ``records``; their names, relative to
+    the folder of ``out``."""
+    from rsdiff.diffusion.checkpoint import read_meta
+    from rsdiff.error_figure import error_figure, error_panels, write_png
+
+    if not records:
+        return []
+    try:
+        bands = list(read_meta(str(summary["checkpoint"])).get("bands", []))
+    except Exception:  # the checkpoint moved: show the first three bands
+        bands = []
+    written = []
+    for record in records:
+        ref = SceneRef(
+            record["scene"],
+            record["image"],
+            record.get("mask") or mask_uri(record["image"], cfg.labels.mask_template),
+        )
+        panels = error_panels(
+            ref, record["class_map"], classmap, lut, summary["classes"], bands, record.get("region")
+        )
+        picture = error_figure(panels, record["scene"], summary["classes"])
+        name = f"errors/{record['scene']}.png"
+        write_png(picture, storage.join(storage.parent(out), name))
+        if run is not None:
+            run.log_image(picture, name)
+        written.append(name)
+    return written
+
+
 def _read_label_rows(reader: SceneReader, row: int, rows: int) -> np.ndarray:
     """``(rows, width)`` class ids of the mask."""
     ids, _ = reader.read_labels(row, 0, rows, reader.width)
@@ -199,6 +241,9 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             "config": redact(to_container(cfg)),
         }
         out = storage.absolute(str(cfg.output)) if cfg.output else storage.join(pred_root, "metrics.json")
+        metrics["error_figures"] = _error_figures(
+            cfg, records[: cfg.error_figures], classmap, lut, summary, out, run
+        )
         if run is not None:
             _log_run(run, metrics, total, names)
         storage.write_text(out, json.dumps(metrics, indent=1))  # published last

@@ -562,7 +562,12 @@ def _score_on_test(ctx: _Context, head_uri: str, name: str) -> tuple[dict[str, A
     ev = run_evaluate(
         build(
             EvaluateConfig,
-            {"predictions": pred.output, "labels": ctx.test.labels, "tracking": {"enabled": False}},
+            {
+                "predictions": pred.output,
+                "labels": ctx.test.labels,
+                "tracking": {"enabled": False},
+                "error_figures": 0,
+            },
         )
     )
     metrics = {**ev.metrics, "scenes": manifest_scene_ids(ev.metrics["scenes"], pred.scenes, ctx.test)}

@@ -378,9 +378,43 @@ def test_evaluate_job_matches_a_hand_computed_confusion_matrix(
         [MlflowClient(mlflow_uri).get_experiment_by_name("rsdiff-evaluate").experiment_id]
     )[0]
     assert run.data.metrics["miou"] == pytest.approx(metrics["miou"])
-    assert {"confusion_matrix.png", "metrics.json", "metrics.txt"} <= {
+    assert {"confusion_matrix.png", "metrics.json", "metrics.txt", "errors"} <= {
         a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)
     }
+    # One errors figure per scene (up to error_figures=8): its errors panel marks exactly the
+    # labeled pixels the map gets wrong, each in the colour of the class it was called; the PNG is
+    # the panels under a title, with the class legend.
+    from PIL import Image
+
+    from rsdiff.data.classmap import colour_lut
+    from rsdiff.data.scenes import SceneRef
+    from rsdiff.error_figure import CORRECT, error_panels
+    from rsdiff.evaluate import EvaluateConfig, _label_classmap
+
+    assert metrics["error_figures"] == [f"errors/{s['scene']}.png" for s in summary["scenes"][:8]]
+    lut = colour_lut(summary["classes"])
+    for s in summary["scenes"][:2]:
+        with (
+            rasterio.open(work / "predictions" / s["class_map"]) as p,
+            rasterio.open(Path(s["image"]).parent.parent / "labels" / Path(s["image"]).name) as t,
+        ):
+            pred, true = p.read(1), t.read(1)
+        mask = str(Path(s["image"]).parent.parent / "labels" / Path(s["image"]).name)
+        labels = {"mask_template": "{dir}/../labels/{stem}.tif", "kind": "index"}
+        classmap, ids = _label_classmap(
+            build(EvaluateConfig, {"predictions": "-", "labels": labels}), summary["classes"]
+        )
+        ref, class_map = SceneRef(s["scene"], s["image"], mask), str(work / "predictions" / s["class_map"])
+        panels = error_panels(ref, class_map, classmap, ids, summary["classes"], [])
+        errors = panels["errors"]
+        wrong = (true != 255) & (pred != true)
+        assert ((errors == CORRECT).all(-1) == ((true != 255) & ~wrong)).all()
+        assert (errors[wrong] == lut[pred[wrong]]).all()
+        assert panels["wrong"] == pytest.approx(wrong.sum() / (true != 255).sum())
+        png = np.asarray(Image.open(tmp_path / "errors" / f"{s['scene']}.png").convert("RGB"))
+        assert png.shape[1] >= 4 * pred.shape[1] and png.shape[0] > pred.shape[0] + 40  # title + legend
+        swatches = {tuple(c) for c in png.reshape(-1, 3)}
+        assert all(tuple(int(v) for v in lut[c["id"]]) in swatches for c in summary["classes"])
 
 
 @pytest.mark.integration

@@ -271,9 +271,16 @@ class SceneReader:
             self.mask_ds = remote.open_dataset(self.ref.mask, self._stack)
 
     def read(
-        self, row: int, col: int, size: int, width: int | None = None, mask: bool = True
+        self,
+        row: int,
+        col: int,
+        size: int,
+        width: int | None = None,
+        mask: bool = True,
+        out_shape: tuple[int, int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Pixels and validity of one ``size`` x ``width`` (default square) window.
+        """Pixels and validity of one ``size`` x ``width`` (default square) window, at
+        ``out_shape = (h, w)`` px instead when given (nearest-neighbour decimation, for overviews).
 
         Returns:
             ``(pixels, valid)``: ``(C, size, width)`` in the source dtype, ``(size, width)`` bool
@@ -281,11 +288,15 @@ class SceneReader:
         """
         w = self._window(row, col, size, width or size)
         where = f"window (row={self.row0 + row}, col={self.col0 + col}, {size} px)"
-        pixels = remote.retrying_read(lambda: self.ds.read(window=w), self.ref.image, where, self._reopen)
+        shape = decimated(self.ds.count, out_shape)
+        pixels = remote.retrying_read(
+            lambda: self.ds.read(window=w, **shape), self.ref.image, where, self._reopen
+        )
         if not mask:
             return pixels, None
+        mask_shape = decimated(None, out_shape)
         valid = remote.retrying_read(
-            lambda: self.ds.dataset_mask(window=w), self.ref.image, where, self._reopen
+            lambda: self.ds.dataset_mask(window=w, **mask_shape), self.ref.image, where, self._reopen
         )
         return pixels, valid > 0
 
@@ -298,13 +309,22 @@ class SceneReader:
             > 0
         )
 
-    def read_labels(self, row: int, col: int, size: int, width: int | None = None) -> tuple[np.ndarray, int]:
-        """Class ids of a ``size`` x ``width`` (default square) window: uint8 (IGNORE_INDEX = no label),
-        and the count of pixels with an unknown colour/value."""
+    def read_labels(
+        self,
+        row: int,
+        col: int,
+        size: int,
+        width: int | None = None,
+        out_shape: tuple[int, int] | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """Class ids of a ``size`` x ``width`` (default square) window (at ``out_shape`` px when
+        given, nearest neighbour): uint8 (IGNORE_INDEX = no label), and the count of pixels with an
+        unknown colour/value."""
         assert self.mask_ds is not None and self.classmap is not None
         w = self._window(row, col, size, width or size)
+        shape = decimated(self.mask_ds.count, out_shape)
         raw = remote.retrying_read(
-            lambda: self.mask_ds.read(window=w),
+            lambda: self.mask_ds.read(window=w, **shape),
             self.ref.mask or "",
             f"window (row={row}, col={col})",
             self._reopen,
@@ -340,3 +360,13 @@ class SceneReader:
             if k < 256:
                 lut[k] = rgba[:3]
         return lut[raw[0]]
+
+
+def decimated(count: int | None, out_shape: tuple[int, int] | None) -> dict[str, Any]:
+    """rasterio read arguments for a nearest-neighbour read at ``out_shape`` (none: full size)."""
+    if out_shape is None:
+        return {}
+    from rasterio.enums import Resampling
+
+    shape = tuple(out_shape) if count is None else (count, *out_shape)
+    return {"out_shape": shape, "resampling": Resampling.nearest}
