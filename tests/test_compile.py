@@ -121,3 +121,13 @@ def test_the_memory_estimate_meets_the_measured_h200_peak():
     assert estimate.total_gib == pytest.approx(g2["g2_peak_mem_gb"], rel=0.05)
     halved = estimate_training_memory(cfg, 3, 256, g2["g2_batch"], checkpoint_levels=[0])
     assert halved.total_gib < 0.6 * estimate.total_gib
+
+
+def test_early_sample_grids_say_noise_is_expected():
+    from rsdiff.train.loop import EARLY_SAMPLE_STEPS, sample_title
+
+    assert sample_title(200, 20) == (
+        f"EMA samples at step 200 (20 DDIM steps): early, samples look like noise until about "
+        f"{EARLY_SAMPLE_STEPS} steps"
+    )
+    assert sample_title(EARLY_SAMPLE_STEPS, 20) == f"EMA samples at step {EARLY_SAMPLE_STEPS} (20 DDIM steps)"

@@ -425,6 +425,18 @@ def placement(world: int) -> list[str]:
     return [str(n) for n in nodes]
 
 
+EARLY_SAMPLE_STEPS = 5000  # below this many steps, unconditional samples are expected to look like noise
+
+
+def sample_title(step: int, ddim_steps: int) -> str:
+    """The sample grid's title: the step, and early on that noise-like samples are expected (a DDPM
+    needs thousands of steps before its samples look like imagery; a first run reads noise as broken)."""
+    title = f"EMA samples at step {step} ({ddim_steps} DDIM steps)"
+    if step < EARLY_SAMPLE_STEPS:
+        title += f": early, samples look like noise until about {EARLY_SAMPLE_STEPS} steps"
+    return title
+
+
 def _log_pictures(
     tracker: Any, ema: torch.nn.Module, sched: Any, x0: torch.Tensor, plan: TrainPlan, step: int
 ) -> None:
@@ -433,8 +445,7 @@ def _log_pictures(
     ema.eval()
     shape = (plan.tracking.sample_count, x0.shape[0], x0.shape[1], x0.shape[2])
     samples = ddim_sample(ema, sched, shape, plan.tracking.sample_steps, seed=plan.seed)
-    steps = plan.tracking.sample_steps
-    title = f"EMA samples at step {step} ({steps} DDIM steps)"
+    title = sample_title(step, plan.tracking.sample_steps)
     tracker.log_image(labelled(enlarge(grid(model_rgb(samples)), 256), title), f"samples/step_{step:08d}.png")
     ts = [int(plan.diffusion.timesteps * f) for f in (0.05, 0.15, 0.25, 0.5, 0.75)]
     xt, x0_hat = denoise_strip(ema, sched, x0, ts, seed=plan.seed)
