@@ -90,8 +90,8 @@ def mute_worker_output() -> None:
 
 def kill_switch(trainer: Any) -> Callable[[], None]:
     """A function that ends ``trainer.fit()`` now, from any thread: it kills the run's Ray Train
-    controller actor (its pending placement group goes with it), withdraws the run's autoscaling
-    request, and ``fit()`` raises.
+    controller actor, removes the run's placement groups (Ray Train's own cleaner does so only
+    while the State API answers), withdraws the run's autoscaling request, and ``fit()`` raises.
 
     Ray Train's own Ctrl-C path asks the controller to abort, which waits behind a placement group
     that never comes, lets the ranks go on training and checkpointing meanwhile, and then returns
@@ -110,6 +110,7 @@ def kill_switch(trainer: Any) -> Callable[[], None]:
     def end() -> None:
         ray.kill(held["controller"], no_restart=True)
         withdraw_resource_request(trainer)
+        remove_run_groups(trainer)
 
     def on_sigint(_signum: int, _frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is plain
@@ -268,6 +269,11 @@ class PlacementWatch:
 def _pending_groups(request: dict[str, float], num_workers: int) -> list[str]:
     """Ids of this job's placement groups for ``num_workers`` bundles of ``request`` that wait for
     room (pending, or rescheduling after their node died)."""
+    return _run_groups(request, num_workers, ("PENDING", "RESCHEDULING"))
+
+
+def _run_groups(request: dict[str, float], num_workers: int, states: tuple[str, ...]) -> list[str]:
+    """Ids of this job's placement groups in ``states`` for ``num_workers`` bundles of ``request``."""
     import ray
     from ray.util.placement_group import placement_group_table
 
@@ -275,9 +281,25 @@ def _pending_groups(request: dict[str, float], num_workers: int) -> list[str]:
     want = [{k: float(v) for k, v in request.items()}] * num_workers
     return [
         pg_id for pg_id, pg in placement_group_table().items()
-        if pg_id.endswith(job) and pg.get("state") in ("PENDING", "RESCHEDULING")
+        if pg_id.endswith(job) and pg.get("state") in states
         and [{k: float(v) for k, v in b.items()} for _, b in sorted(pg.get("bundles", {}).items())] == want
     ]  # fmt: skip
+
+
+def remove_run_groups(trainer: Any) -> None:
+    """Remove the placement groups of ``trainer``'s ranks (this job's groups of its rank shape)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    scaling = getattr(trainer, "scaling_config", None)
+    if scaling is None:
+        return
+    request = dict(scaling._resources_per_worker_not_none)
+    try:
+        for pg_id in _run_groups(request, int(scaling.num_workers), ("PENDING", "CREATED", "RESCHEDULING")):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    except Exception as exc:  # the run is ending anyway: Ray Train's cleaner may still do it
+        log.debug("placement groups of the run not removed: %s", exc)
 
 
 def _infeasible_events() -> list[dict[str, Any]]:
