@@ -85,7 +85,7 @@ def s3_env() -> Iterator[None]:
     import boto3
     import rasterio
 
-    session = _CHAIN.setdefault(os.getpid(), boto3.Session())
+    session = _CHAIN.get(os.getpid()) or _CHAIN.setdefault(os.getpid(), boto3.Session())
     if session.get_credentials() is None:
         raise StorageError(
             f"cannot read rasters from S3 at {storage.endpoint()}: no AWS credentials found. Set "
