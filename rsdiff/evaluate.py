@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,25 +259,73 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
 
 def _log_run(run: Any, metrics: dict[str, Any], total: ConfusionMatrix, names: list[str]) -> None:
-    """Metrics, per-scene mIoU, the confusion-matrix PNG and the metrics JSON/text into ``run``."""
+    """The headline metrics, per-class and per-scene results as two tables and one chart, the
+    confusion-matrix PNG and the metrics JSON/text into ``run``."""
     import matplotlib.pyplot as plt
 
-    flat = {
-        "miou": metrics["miou"],
-        "overall_accuracy": metrics["overall_accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "pixels": metrics["pixels"],
-    }
-    flat.update({f"iou_{n}": v for n, v in metrics["iou"].items() if v is not None})
-    flat.update({f"f1_{n}": v for n, v in metrics["f1"].items() if v is not None})
-    flat.update({f"scene_miou/{metric_key(s)}": m["miou"] for s, m in metrics["scenes"].items()})
+    flat = {k: metrics[k] for k in ("miou", "overall_accuracy", "macro_f1", "pixels")}
     run.log_metrics(flat, step=0)
     run.set_tags({"mlflow.note.content": describe_scores(metrics)})
-    fig = total.plot(names)
-    run.log_figure(fig, "confusion_matrix.png")
-    plt.close(fig)
+    classes, scenes = result_tables(metrics, total)
+    run.client.log_table(run.run_id, classes, "per_class.json")
+    run.client.log_table(run.run_id, scenes, "per_scene.json")
+    for fig, name in (
+        (scores_figure(classes, scenes), "scores.png"),
+        (total.plot(names), "confusion_matrix.png"),
+    ):
+        run.log_figure(fig, name)
+        plt.close(fig)
     run.log_dict(metrics, "metrics.json")
     run.client.log_text(run.run_id, format_metrics(metrics), "metrics.txt")
+
+
+def result_tables(metrics: dict[str, Any], total: ConfusionMatrix) -> tuple[dict[str, list], dict[str, list]]:
+    """``(per class, per scene)`` as column dicts (MLflow tables): IoU, F1, precision, recall and
+    pixel counts per class; mIoU, accuracy and pixels per scene, worst first."""
+    names = list(metrics["classes"])
+    matrix = total.matrix
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.diag(matrix) / matrix.sum(1)
+    per_class = {
+        "class": names,
+        "iou": [metrics["iou"][n] for n in names],
+        "f1": [metrics["f1"][n] for n in names],
+        "precision": [None if np.isnan(v) else float(v) for v in total.precision()],
+        "recall": [None if np.isnan(v) else float(v) for v in recall],
+        "true_pixels": [int(v) for v in matrix.sum(1)],
+        "predicted_pixels": [int(v) for v in matrix.sum(0)],
+    }
+    order = sorted(metrics["scenes"], key=lambda s: metrics["scenes"][s]["miou"])
+    per_scene = {
+        "scene": order,
+        "miou": [metrics["scenes"][s]["miou"] for s in order],
+        "overall_accuracy": [metrics["scenes"][s]["overall_accuracy"] for s in order],
+        "pixels": [metrics["scenes"][s]["pixels"] for s in order],
+    }
+    return per_class, per_scene
+
+
+def scores_figure(per_class: dict[str, list], per_scene: dict[str, list]) -> Any:
+    """One chart, one shared 0-1 axis: IoU per class and mIoU per scene (worst first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = [max(len(per_class["class"]), 2), max(len(per_scene["scene"]), 2)]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(3 + 0.5 * sum(widths), 4), sharey=True,
+                                 gridspec_kw={"width_ratios": widths})  # fmt: skip
+    ax.bar(per_class["class"], [v if v is not None else 0.0 for v in per_class["iou"]], color="tab:blue")
+    bx.bar(per_scene["scene"], per_scene["miou"], color="tab:orange")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU")
+    ax.set_title("per class (IoU)")
+    bx.set_title("per scene (mIoU, worst first)")
+    for a in (ax, bx):
+        a.tick_params(axis="x", labelrotation=45)
+        a.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def describe_scores(metrics: dict[str, Any]) -> str:
@@ -316,8 +363,3 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         ):
             lines.append(f"{scene:<{width}} {num(m['miou'])} {num(m['overall_accuracy'])} {m['pixels']:>10}")
     return "\n".join(lines)
-
-
-def metric_key(name: str) -> str:
-    """``name`` with the characters MLflow refuses in a metric key replaced by ``_``."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)

@@ -34,7 +34,7 @@ def _predict_cfg(head: str, inputs: list[str], output: str, *extra: str) -> Pred
 
 
 @pytest.mark.integration
-def test_demo_chain_on_the_generated_sample(sample_demo):
+def test_demo_chain_on_the_generated_sample(sample_demo, tmp_path):
     work = sample_demo
     out = (work / "stdout.txt").read_text()
     assert "predicted GeoTIFF:" in out and "MLflow UI:" in out and "quicklook:" in out
@@ -90,8 +90,12 @@ def test_demo_chain_on_the_generated_sample(sample_demo):
     params = by_stage["pretrain"].data.params
     assert "test" not in params["data.splits"] and "train" in params["data.splits"]
     assert params["device"] == "cpu" and params["perf.bf16"] == "off (CPU run; CUDA only)"
-    scene_miou = {k for k in by_stage["evaluate"].data.metrics if k.startswith("scene_miou/")}
-    assert scene_miou == {f"scene_miou/{s}" for s in metrics["scenes"]}
+    # Per-scene and per-class results are tables (and one chart), not one metric series per scene.
+    ev_id = by_stage["evaluate"].info.run_id
+    assert not [k for k in by_stage["evaluate"].data.metrics if k.startswith(("scene_miou/", "iou_", "f1_"))]
+    table = json.loads(Path(client.download_artifacts(ev_id, "per_scene.json", str(tmp_path))).read_text())
+    scenes = [row[table["columns"].index("scene")] for row in table["data"]]
+    assert sorted(scenes) == sorted(metrics["scenes"])
     assert demo.info.status == "FINISHED"
     # The answer first: the winner in one printed line and in the demo run's description and params.
     sweep_best = json.loads((work / "sweep" / "summary.json").read_text())["best"]
@@ -378,9 +382,15 @@ def test_evaluate_job_matches_a_hand_computed_confusion_matrix(
         [MlflowClient(mlflow_uri).get_experiment_by_name("rsdiff-evaluate").experiment_id]
     )[0]
     assert run.data.metrics["miou"] == pytest.approx(metrics["miou"])
-    assert {"confusion_matrix.png", "metrics.json", "metrics.txt", "errors"} <= {
-        a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)
-    }
+    assert {
+        "confusion_matrix.png",
+        "scores.png",
+        "per_class.json",
+        "per_scene.json",
+        "metrics.json",
+        "metrics.txt",
+        "errors",
+    } <= {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)}
     # One errors figure per scene (up to error_figures=8): its errors panel marks exactly the
     # labeled pixels the map gets wrong, each in the colour of the class it was called; the PNG is
     # the panels under a title, with the class legend.

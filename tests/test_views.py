@@ -12,7 +12,7 @@ import rsdiff
 from rsdiff.config import build, load_config
 from rsdiff.data.classmap import MaskKind, parse_colour
 from rsdiff.data.labels import LabelConfig, build_classmap
-from rsdiff.evaluate import format_metrics, metric_key
+from rsdiff.evaluate import format_metrics, result_tables, scores_figure
 from rsdiff.prediction.gis_style import pam_xml, qgis_style, sidecar_uris
 from rsdiff.provenance import command_line, provenance_tags
 from rsdiff.sweep.config import SweepConfig
@@ -110,7 +110,6 @@ def test_runs_view_url_and_per_scene_metrics():
     assert runs_view_url("http://127.0.0.1:5000/", "7") == (
         "http://127.0.0.1:5000/#/experiments/7/runs?compareRunsMode=TABLE"
     )
-    assert metric_key("tile_1/image 2 (a)") == "tile_1/image 2 _a_"
     metrics = {"classes": ["a"], "iou": {"a": 0.5}, "f1": {"a": 0.6}, "miou": 0.5, "overall_accuracy": 0.7,
                "macro_f1": 0.6, "pixels": 10,
                "scenes": {"good": {"miou": 0.9, "overall_accuracy": 0.95, "pixels": 6},
@@ -120,3 +119,23 @@ def test_runs_view_url_and_per_scene_metrics():
         line.split()[0] for line in text[text.index(next(t for t in text if t.startswith("scene"))) + 1 :]
     ]
     assert worst_first == ["bad", "good"]
+
+
+def test_per_class_and_per_scene_results_are_two_tables_and_one_shared_axis_chart():
+    from rsdiff.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(2)
+    cm.matrix[:] = [[6, 2], [0, 2]]  # class b takes 2 of a's pixels: recall 1.0, precision 0.5
+    metrics = {"classes": ["a", "b"], **cm.summary(["a", "b"]),
+               "scenes": {"good": {"miou": 0.9, "overall_accuracy": 0.95, "pixels": 6},
+                          "bad": {"miou": 0.1, "overall_accuracy": 0.3, "pixels": 4}}}  # fmt: skip
+    per_class, per_scene = result_tables(metrics, cm)
+    assert per_class["class"] == ["a", "b"] and per_class["precision"] == [1.0, 0.5]
+    assert per_class["recall"] == [0.75, 1.0] and per_class["iou"] == [0.75, 0.5]
+    assert per_class["true_pixels"] == [8, 2] and per_class["predicted_pixels"] == [6, 4]
+    assert per_scene["scene"] == ["bad", "good"] and per_scene["miou"] == [0.1, 0.9]
+    fig = scores_figure(per_class, per_scene)
+    ax, bx = fig.axes
+    assert ax.get_ylim() == bx.get_ylim() == (0.0, 1.0)  # one axis for both panels
+    assert [round(b.get_height(), 2) for b in ax.patches] == [0.75, 0.5]
+    assert [t.get_text() for t in bx.get_xticklabels()] == ["bad", "good"]
