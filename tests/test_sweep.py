@@ -21,7 +21,7 @@ from rsdiff.heads.artifact import TrainedHead
 from rsdiff.heads.fit import StreamedRows, evaluate
 from rsdiff.sweep.config import SweepConfig
 from rsdiff.sweep.run import run_sweep
-from rsdiff.sweep.space import draw_samples, grid_samples, trial_settings
+from rsdiff.sweep.space import block_set_id, deepest_level, draw_samples, grid_samples, trial_settings
 
 SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
 SEARCH = [  # choices that exist in the labeled test table (t in {10, 100})
@@ -90,6 +90,10 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
             and head in child.info.run_name
         )
         assert "[" not in p["timesteps"] + p["blocks"] and '"' not in p["blocks"]
+        steps = [int(t) for t in p["timesteps"].split(",")]
+        assert (int(p["t_min"]), int(p["t_max"])) == (min(steps), max(steps))
+        assert p["block_set"] == block_set_id(p["blocks"].split(","))
+        assert int(p["deepest_level"]) == deepest_level(p["blocks"].split(","))
         assert child.data.tags["rsdiff.command"] == parent.data.tags["rsdiff.command"]
         history = client.get_metric_history(child.info.run_id, "val_miou")
         assert [m.step for m in history] == [1, 2, 3, 4]
@@ -333,3 +337,10 @@ def test_a_sweep_without_a_head_names_its_cause_not_always_the_time_budget():
     assert failed == "all 1 trial(s) that ran failed; the first error: EOFError: truncated cache entry"
     assert "no trial started within time_budget_s=60" in no_trial_finished({}, "out", 60)
     assert "stopped before it saved a head" in no_trial_finished({0: rec("stopped_early")}, "out", 60)
+
+
+@pytest.mark.unit
+def test_block_sets_have_short_ids_and_a_deepest_level_for_the_compare_view():
+    assert block_set_id(["up1.res0", "up1.res1", "up2.res0"]) == "u1:01+u2:0"
+    assert block_set_id(["up2.res1", "mid", "up0.upsample"]) == "mid+u0:U+u2:1"
+    assert deepest_level(["up1.res0", "up2.res0"]) == 1 and deepest_level(["mid", "up3.res0"]) == -1

@@ -13,7 +13,7 @@ from rsdiff.features.table import FeatureTable
 from rsdiff.heads.artifact import TrainedHead
 from rsdiff.metrics import worst_class
 from rsdiff.sweep.records import trial_id
-from rsdiff.sweep.space import HEAD_KEYS
+from rsdiff.sweep.space import HEAD_KEYS, block_set_id, deepest_level
 
 
 def collect(
@@ -135,10 +135,12 @@ def log_summary(parent: Any, trials: list[dict[str, Any]], best: dict[str, Any],
     span = {
         "best.t_min": min(best["timesteps"]),
         "best.t_max": max(best["timesteps"]),
+        "best.deepest_level": deepest_level(best["blocks"]),
     }  # for the compare view
     parent.log_metrics({"best_val_miou": best["best_val_miou"], "trials": len(trials), **span}, step=0)
     parent.log_params({f"best.{k}": json.dumps(v) if isinstance(v, list) else str(v)
                        for k, v in best.items() if k not in {"head", "error", "stopped_early"}})  # fmt: skip
+    parent.log_params({"best.block_set": block_set_id(best["blocks"])})
     note = describe_winner(best, len(trials), cm, head.class_names)
     parent.set_tags({"rsdiff.best_head": best["head"] or "", "mlflow.note.content": note})
     parent.log_dict({"trials": trials}, "summary.json")

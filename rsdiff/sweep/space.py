@@ -126,12 +126,43 @@ def trial_name(choice: dict[str, Any]) -> str:
 
 def choice_params(choice: dict[str, Any]) -> dict[str, str]:
     """A trial's choices as MLflow params that read plainly in the compare view: lists as
-    ``50,150`` and ``up1.res0,up1.res1`` (no brackets or quotes), the head settings as they are."""
+    ``50,150`` and ``up1.res0,up1.res1`` (no brackets or quotes), the head settings as they are,
+    and numbers to sort and plot by (``t_min``, ``t_max``, ``deepest_level``) with a short
+    ``block_set`` id (the compare view cuts long values)."""
     return {
         "timesteps": ",".join(str(t) for t in sorted(choice["timesteps"])),
         "blocks": ",".join(str(b) for b in choice["blocks"]),
         **{k: str(choice[k]) for k in HEAD_KEYS},
+        "t_min": str(min(choice["timesteps"])),
+        "t_max": str(max(choice["timesteps"])),
+        "deepest_level": str(deepest_level(choice["blocks"])),
+        "block_set": block_set_id(choice["blocks"]),
     }
+
+
+def _level_unit(block: str) -> tuple[int, str]:
+    """``up1.res0`` -> ``(1, "0")``, ``up1.upsample`` -> ``(1, "U")``, ``mid`` -> ``(-1, "")``."""
+    if block == "mid":
+        return -1, ""
+    level, _, unit = block.partition(".")
+    return int(level[2:]), "U" if unit == "upsample" else unit[3:]
+
+
+def deepest_level(blocks: list[str]) -> int:
+    """The deepest decoder level the blocks read (0 = the coarsest level, -1 = the bottleneck)."""
+    return min(_level_unit(b)[0] for b in blocks)
+
+
+def block_set_id(blocks: list[str]) -> str:
+    """A short id of a block set, by level: ``up1.res0,up1.res1,up2.res0`` -> ``u1:01+u2:0``
+    (``mid`` -> ``mid``, an upsampler -> ``U``)."""
+    units: dict[int, list[str]] = {}
+    for b in blocks:
+        level, unit = _level_unit(b)
+        units.setdefault(level, []).append(unit)
+    return "+".join(
+        "mid" if level < 0 else f"u{level}:{''.join(sorted(u))}" for level, u in sorted(units.items())
+    )
 
 
 def head_params(cfg: SweepConfig) -> dict[str, str]:
