@@ -106,8 +106,8 @@ def _summarise(
             "data_description": described,
             "checkpoint": pre.checkpoint,
             "best_head": sweep.best_head,
-            "best.timesteps": json.dumps(sweep.best["timesteps"]),
-            "best.blocks": json.dumps(sweep.best["blocks"]),
+            "best.timesteps": ",".join(str(t) for t in sweep.best["timesteps"]),  # as the sweep's runs
+            "best.blocks": ",".join(str(b) for b in sweep.best["blocks"]),
             "pretrain.device": "cpu",
             "test_scene_ids": json.dumps(test_ids),
         }
@@ -118,7 +118,7 @@ def _summarise(
             "seconds_total": sum(stages.values()),
             "test_miou": ev.metrics["miou"],
             "test_overall_accuracy": ev.metrics["overall_accuracy"],
-            "sweep_best_val_miou": sweep.best["best_val_miou"],
+            "best_val_miou": sweep.best["best_val_miou"],  # the name the sweep's runs use
         },
         step=0,
     )

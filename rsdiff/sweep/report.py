@@ -138,9 +138,11 @@ def log_summary(parent: Any, trials: list[dict[str, Any]], best: dict[str, Any],
         "best.deepest_level": deepest_level(best["blocks"]),
     }  # for the compare view
     parent.log_metrics({"best_val_miou": best["best_val_miou"], "trials": len(trials), **span}, step=0)
-    parent.log_params({f"best.{k}": json.dumps(v) if isinstance(v, list) else str(v)
-                       for k, v in best.items() if k not in {"head", "error", "stopped_early"}})  # fmt: skip
-    parent.log_params({"best.block_set": block_set_id(best["blocks"])})
+    # Lists as the trials' params read (50,150); the val mIoU is a metric, not also a param.
+    skip = {"head", "error", "stopped_early", "best_val_miou"}
+    params = {f"best.{k}": ",".join(map(str, v)) if isinstance(v, list) else str(v)
+              for k, v in best.items() if k not in skip}  # fmt: skip
+    parent.log_params({**params, "best.block_set": block_set_id(best["blocks"])})
     note = describe_winner(best, len(trials), cm, head.class_names)
     parent.set_tags({"rsdiff.best_head": best["head"] or "", "mlflow.note.content": note})
     parent.log_dict({"trials": trials}, "summary.json")
