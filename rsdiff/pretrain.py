@@ -286,7 +286,10 @@ def _open_run(cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any], ur
     if resumed:
         handle.set_tags(data_tags)  # a resumed run joins its new parent (a re-run demo) and command
         return handle
-    handle.log_params({**tracking.config_params(cfg), **perf_params(cfg)})
+    params = tracking.config_params(cfg)
+    if not cfg.init.from_:  # nothing imported: no init.* settings that played no part
+        params = {k: v for k, v in params.items() if not k.startswith("init.")}
+    handle.log_params({**params, **perf_params(cfg)})
     handle.log_params(
         {"model.num_params": str(facts["num_params"]), "data.bands": json.dumps(manifest.bands)}
     )

@@ -90,6 +90,7 @@ def test_demo_chain_on_the_generated_sample(sample_demo, tmp_path):
     params = by_stage["pretrain"].data.params
     assert "test" not in params["data.splits"] and "train" in params["data.splits"]
     assert params["device"] == "cpu" and params["perf.bf16"] == "off (CPU run; CUDA only)"
+    assert not [k for k in params if k.startswith("init.")]  # nothing was imported
     # Per-scene and per-class results are tables (and one chart), not one metric series per scene.
     ev_id = by_stage["evaluate"].info.run_id
     assert not [k for k in by_stage["evaluate"].data.metrics if k.startswith(("scene_miou/", "iou_", "f1_"))]
