@@ -751,6 +751,7 @@ def _report(
     )
     with tracking.ends_run(run):
         if run is not None:
+            tracking.log_input(run, ctx.table.root, "table.json", "features", "training")
             run.log_params(
                 {
                     "selection.timesteps": json.dumps(list(ctx.timesteps)),

@@ -290,6 +290,7 @@ def _open_run(cfg: PretrainConfig, manifest: Manifest, facts: dict[str, Any], ur
     if not cfg.init.from_:  # nothing imported: no init.* settings that played no part
         params = {k: v for k, v in params.items() if not k.startswith("init.")}
     handle.log_params({**params, **perf_params(cfg)})
+    tracking.log_input(handle, storage.absolute(str(cfg.data.shards)), "manifest.json", "shards", "training")
     handle.log_params(
         {"model.num_params": str(facts["num_params"]), "data.bands": json.dumps(manifest.bands)}
     )

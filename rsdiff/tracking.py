@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import numpy as np
 from rsdiff import storage
 from rsdiff.config import flatten, redact, redact_uri, to_container
 from rsdiff.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "runs/mlflow.db"
 MAX_PARAM_CHARS = 500
@@ -309,3 +312,28 @@ def start_stage_run(
     run = RunHandle.create(resolve_uri(t.uri), t.experiment, run_name, tags)
     run.log_params(config_params(cfg))
     return run
+
+
+def log_input(handle: RunHandle, uri: str, sidecar: str, kind: str, context: str) -> None:
+    """Record the dataset at ``uri`` (a shards folder with its ``manifest.json``, a feature table
+    with its ``table.json``: ``sidecar``) as an input of ``handle``'s run, so MLflow's Dataset
+    column says what the run read: named ``{kind}:{folder name}``, its digest the sidecar's sha256
+    (a re-ingest or re-extraction to the same URI shows as another dataset), ``context`` e.g.
+    ``training``. Best effort: a store that cannot record inputs only loses the column."""
+    import hashlib
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    try:
+        digest = hashlib.sha256(storage.read_bytes(storage.join(uri, sidecar))).hexdigest()[:12]
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is local
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(storage.absolute(uri))
+        dataset = MetaDataset(source=source, name=f"{kind}:{storage.name(uri.rstrip('/'))}", digest=digest)
+        tag = InputTag(key="mlflow.data.context", value=context)
+        handle.client.log_inputs(handle.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [tag])])
+    except Exception as exc:
+        log.warning("could not record %s as an input of the MLflow run: %s", storage.display(uri), exc)

@@ -91,6 +91,11 @@ def test_demo_chain_on_the_generated_sample(sample_demo, tmp_path):
     assert "test" not in params["data.splits"] and "train" in params["data.splits"]
     assert params["device"] == "cpu" and params["perf.bf16"] == "off (CPU run; CUDA only)"
     assert not [k for k in params if k.startswith("init.")]  # nothing was imported
+    # The Dataset column says what each run read.
+    for stage, name in (("pretrain", "shards:shards"), ("sweep", "features:features")):
+        inputs = client.get_run(by_stage[stage].info.run_id).inputs.dataset_inputs
+        assert [d.dataset.name for d in inputs] == [name], stage
+        assert inputs[0].tags[0].value == "training" and len(inputs[0].dataset.digest) == 12
     # Per-scene and per-class results are tables (and one chart), not one metric series per scene.
     ev_id = by_stage["evaluate"].info.run_id
     assert not [k for k in by_stage["evaluate"].data.metrics if k.startswith(("scene_miou/", "iou_", "f1_"))]

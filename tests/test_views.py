@@ -3,6 +3,7 @@ pictures, trial names and params, run provenance without secrets, GIS sidecars, 
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -139,3 +140,23 @@ def test_per_class_and_per_scene_results_are_two_tables_and_one_shared_axis_char
     assert ax.get_ylim() == bx.get_ylim() == (0.0, 1.0)  # one axis for both panels
     assert [round(b.get_height(), 2) for b in ax.patches] == [0.75, 0.5]
     assert [t.get_text() for t in bx.get_xticklabels()] == ["bad", "good"]
+
+
+def test_the_data_a_run_read_is_an_mlflow_input_with_a_digest_of_its_sidecar(tmp_path, mlflow_uri):
+    from mlflow import MlflowClient
+
+    from rsdiff import tracking
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"kind": "x"}')
+    handle = tracking.RunHandle.create(mlflow_uri, "inputs", "r", {})
+    tracking.log_input(handle, str(shards), "manifest.json", "shards", "training")
+    (shards / "manifest.json").write_text('{"kind": "y"}')  # re-ingested to the same folder
+    tracking.log_input(handle, str(shards), "manifest.json", "shards", "training")
+    inputs = MlflowClient(mlflow_uri).get_run(handle.run_id).inputs.dataset_inputs
+    assert {d.dataset.name for d in inputs} == {"shards:shards"} and len(
+        {d.dataset.digest for d in inputs}
+    ) == 2
+    assert json.loads(inputs[0].dataset.source) == {"uri": str(shards)}
+    assert all(d.tags[0].key == "mlflow.data.context" and d.tags[0].value == "training" for d in inputs)

@@ -182,6 +182,7 @@ def _parent_run(
     else:
         parent.log_params({**tracking.config_params(cfg), **head_params(cfg)})
         parent.log_dict(to_container(cfg.search), "search_space.json")
+        tracking.log_input(parent, table.root, "table.json", "features", "training")
     return parent
 
 
