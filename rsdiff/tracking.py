@@ -150,8 +150,10 @@ def experiment_id(c: Any, name: str, uri: str) -> str:
 
 def runs_view_url(ui: str, experiment: str) -> str:
     """The MLflow UI address (``ui``, e.g. ``http://127.0.0.1:5000``) of experiment id
-    ``experiment``'s runs table, the view that compares training runs (not its GenAI overview)."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?compareRunsMode=TABLE"
+    ``experiment``'s runs table, the view that compares training runs, in the UI's machine-learning
+    workflow (MLflow 3 otherwise opens its GenAI workflow, whose choice it remembers per browser)."""
+    query = "compareRunsMode=TABLE&workflowType=machine_learning"
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?{query}"
 
 
 def config_params(cfg: Any) -> dict[str, str]:

@@ -63,7 +63,8 @@ def test_demo_chain_on_the_generated_sample(sample_demo, tmp_path):
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rsdiff-demo")
     # The closing line opens the runs table of this experiment, which says it holds training runs.
-    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?compareRunsMode=TABLE" in out
+    url = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?compareRunsMode=TABLE"
+    assert f"{url}&workflowType=machine_learning" in out
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([exp.experiment_id])
     names = {r.info.run_name for r in runs}

@@ -109,7 +109,7 @@ def test_gis_sidecars_name_every_class_in_its_colour():
 
 def test_runs_view_url_and_per_scene_metrics():
     assert runs_view_url("http://127.0.0.1:5000/", "7") == (
-        "http://127.0.0.1:5000/#/experiments/7/runs?compareRunsMode=TABLE"
+        "http://127.0.0.1:5000/#/experiments/7/runs?compareRunsMode=TABLE&workflowType=machine_learning"
     )
     metrics = {"classes": ["a"], "iou": {"a": 0.5}, "f1": {"a": 0.6}, "miou": 0.5, "overall_accuracy": 0.7,
                "macro_f1": 0.6, "pixels": 10,
