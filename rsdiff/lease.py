@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,25 @@ def check_conditional_writes(folder: str) -> None:
             "honours them (AWS S3, MinIO, Ceph RGW and GCS do) or on a shared filesystem"
         )
     _PROBED[where] = True
+
+
+@contextlib.contextmanager
+def record_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``{uri}.lock`` (local and shared filesystems; a no-op on S3,
+    whose conditional writes are atomic): a renewal's read-compare-write and a takeover's
+    rename-create cannot interleave with another process's."""
+    if storage.is_s3(uri):
+        yield
+        return
+    import fcntl
+
+    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{uri}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _precondition_failed(exc: storage.StorageError) -> bool:
@@ -205,22 +224,24 @@ class Lease:
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
             return True
-        current, _ = self._read()
-        if current is None or current.get("owner") != self.owner:
-            return False
-        storage.write_bytes(self.uri, body)
+        with record_lock(self.uri):  # read, compare and write as one step against other writers
+            current, _ = self._read()
+            if current is None or current.get("owner") != self.owner:
+                return False
+            storage.write_bytes(self.uri, body)
         return True
 
     def _claim_stale(self, etag: str | None, started: float) -> bool:
         if storage.is_s3(self.uri):
             return self._put(self._record(started), if_match=etag)
         claimed = Path(f"{self.uri}.stale-{self.owner}")
-        try:
-            os.rename(self.uri, claimed)  # atomic: one claimant wins
-        except FileNotFoundError:
-            return False
-        claimed.unlink(missing_ok=True)
-        return self._put(self._record(started), if_none_match=True)
+        with record_lock(self.uri):
+            try:
+                os.rename(self.uri, claimed)  # atomic: one claimant wins
+            except FileNotFoundError:
+                return False
+            claimed.unlink(missing_ok=True)
+            return self._put(self._record(started), if_none_match=True)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -303,9 +324,10 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        current, _ = self._read()
-        if current is not None and current.get("owner") == self.owner:
-            storage.delete(self.uri)
+        with record_lock(self.uri):
+            current, _ = self._read()
+            if current is not None and current.get("owner") == self.owner:
+                storage.delete(self.uri)
 
     def __enter__(self) -> Lease:
         self.acquire()

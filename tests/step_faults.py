@@ -73,9 +73,12 @@ class TakeLease:
 
         if step != self.step or rank != 0 or self.marker.exists():
             return
+        from rsdiff.lease import record_lock
+
         record = {"owner": self.owner, "host": "other-host", "pid": 4242, "started": time.time(),
                   "heartbeat": time.time()}  # fmt: skip
-        Path(plan.lease_uri).write_text(json.dumps(record))
+        with record_lock(plan.lease_uri):  # as a claimant writes it: never inside a renewal
+            Path(plan.lease_uri).write_text(json.dumps(record))
         self.marker.write_text(str(time.time()))
 
 

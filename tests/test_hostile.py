@@ -30,7 +30,7 @@ from rsdiff import storage
 from rsdiff.config import load_config, redact, redact_uri, to_yaml
 from rsdiff.diffusion.checkpoint import load_state
 from rsdiff.errors import CheckpointError, ConfigError, DataError, describe_os_error
-from rsdiff.lease import LEASE, Lease, LeaseHeld, LeaseLost, holder
+from rsdiff.lease import LEASE, Lease, LeaseHeld, LeaseLost, holder, record_lock
 
 SAMPLE = REPO / "configs" / "ingest" / "sample.yaml"
 
@@ -387,7 +387,10 @@ def test_heartbeat_keeps_the_lease_live_and_notices_a_takeover(tmp_path):
         with pytest.raises(LeaseHeld):
             Lease(folder, "x", ttl_s=0.8).acquire()
         lease.check()  # still ours: no error
-        path.write_text(json.dumps({"owner": "thief", "host": "h2", "pid": 7, "heartbeat": time.time() + 60}))
+        with record_lock(str(path)):  # as a claimant writes it
+            path.write_text(
+                json.dumps({"owner": "thief", "host": "h2", "pid": 7, "heartbeat": time.time() + 60})
+            )
         wait_for(lambda: lease.lost, "the holder to notice the takeover", 30)
         assert len(stopped) == 1  # the job's stop switch was pulled once
         assert holder(str(path)) == "thief"
@@ -480,7 +483,7 @@ def test_pretraining_that_loses_its_lease_stops_writing_at_once_and_fails_its_ru
         run_pretrain(cfg, after_step=TakeLease(4, tmp_path / "taken.marker"))
     run_dir = tmp_path / "runs" / "taken"
     assert (tmp_path / "taken.marker").exists()
-    written = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    written = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert written == ["checkpoint_00000002"], written
     assert read_meta(str(run_dir / written[0]))["writer"] not in (None, "the-other-job")
     assert holder(str(run_dir / LEASE)) == "the-other-job"  # the new owner's lease is left alone

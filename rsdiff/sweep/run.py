@@ -234,7 +234,7 @@ def _contents(experiment: str) -> list[str]:
 
     return [
         u for u in storage.list_uris(experiment)
-        if storage.name(u) != LEASE and not storage.name(u).startswith(".rsdiff-write-probe")
+        if not storage.name(u).startswith((LEASE, ".rsdiff-write-probe"))  # the lease and its lock
     ]  # fmt: skip
 
 
@@ -276,7 +276,7 @@ def _clear(experiment: str) -> None:
 
     folder = Path(experiment)
     for child in folder.iterdir() if folder.is_dir() else []:
-        if child.name == LEASE:
+        if child.name.startswith(LEASE):  # the lease and its lock stay
             continue
         if child.is_dir():
             shutil.rmtree(child)
