@@ -198,8 +198,9 @@ class DenseTiles:
         from rsdiff.data.shards import iter_shard
 
         got: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for uri in sorted({self.where[k] for k in keys}):
-            for s in iter_shard(uri, keys=set(keys)):
+        wanted = set(keys)
+        for uri in sorted({self.where[k] for k in wanted}):
+            for s in iter_shard(uri, keys=wanted):
                 if s.label is None:
                     raise DataError(f"sample {s.key} of {storage.display(uri)} has no label")
                 got[s.key] = (self.normalizer(s.image), np.asarray(s.label, np.uint8))
