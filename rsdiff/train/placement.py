@@ -224,22 +224,12 @@ class PlacementWatch:
                 continue
             pending_since = {pg: pending_since.get(pg, now) for pg in pending}
             waited = max((now - t for t in pending_since.values()), default=0.0)
-            failure = (self._infeasible() if pending else None) or self._restart_timed_out(waited)
+            failure = (self._infeasible() if pending else None) or self._timed_out(waited, restart=True)
             if failure is not None and not self._stop.is_set():
                 self.failure = failure
                 log.info("placement: stopping the run: its ranks were not placed again after a restart")
                 self.stop()
                 return
-
-    def _restart_timed_out(self, waited_s: float) -> ClusterError | None:
-        if waited_s < self.timeout_s:
-            return None
-        return ClusterError(
-            f"after a restart of the training ranks (a preempted or failed node), the cluster did not place "
-            f"them again within scaling.placement_timeout_s={self.timeout_s:g} s: {self.num_workers} rank(s) "
-            f"of {_fmt(self.request)} were asked for; {_cluster_summary()}. Every complete checkpoint is "
-            "kept: re-run the command once the cluster has room (`ray status`), or lower scaling.num_workers"
-        )
 
     def _infeasible(self) -> ClusterError | None:
         for event in _infeasible_events():
@@ -255,14 +245,25 @@ class PlacementWatch:
                 )
         return None
 
-    def _timed_out(self, waited_s: float) -> ClusterError | None:
+    def _timed_out(self, waited_s: float, restart: bool = False) -> ClusterError | None:
         if waited_s < self.timeout_s:
             return None
+        what = (
+            "after a restart of the training ranks (a preempted or failed node), the cluster did not "
+            "place them again"
+            if restart
+            else "the cluster placed no training rank"
+        )
+        kept = (
+            " Every complete checkpoint is kept: re-run the command once the cluster has room."
+            if restart
+            else ""
+        )
         return ClusterError(
-            f"the cluster placed no training rank within scaling.placement_timeout_s={self.timeout_s:g} s: "
+            f"{what} within scaling.placement_timeout_s={self.timeout_s:g} s: "
             f"{self.num_workers} rank(s) of {_fmt(self.request)} were asked for; {_cluster_summary()}. "
             "Check `ray status` (max_workers reached, no capacity for the instance type, failed "
-            "launches), lower scaling.num_workers, or raise scaling.placement_timeout_s"
+            f"launches), lower scaling.num_workers, or raise scaling.placement_timeout_s.{kept}"
         )
 
 
