@@ -51,7 +51,10 @@ def test_the_printed_address_opens_the_runs_table(sample_demo, tmp_path):
                 assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
                 time.sleep(1)
         dom = _render(url, str(tmp_path / "runs.png"))
-        assert "Training runs" in dom, dom[-2000:]
+        # The machine-learning workflow (workflowType=machine_learning): its runs page and sidebar,
+        # not the GenAI workflow's "Training runs" tab a browser would otherwise remember.
+        assert re.search(r">\s*Runs\s*<", dom) and "Model registry" in dom, dom[-2000:]
+        assert "Training runs" not in dom
         exp = MlflowClient(store).get_experiment_by_name("rsdiff-demo")
         assert f"/experiments/{exp.experiment_id}/runs" in url
         assert re.search(r">\s*demo\s*<", dom), "the demo run is not in the table"
