@@ -80,34 +80,39 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         if cfg.fresh:
             _clear(experiment_uri)
         try:
-            return _run_sweep(cfg, table, spec, experiment_uri, out, uri, lease)
+            return _run_sweep(_Sweep(cfg, table, spec, experiment_uri, out, uri), lease)
         except KeyboardInterrupt:  # losing the lease interrupts the sweep like Ctrl-C
             if lease.lost:
                 raise LeaseLost(lease.lost_message()) from None
             raise
 
 
-def _run_sweep(
-    cfg: SweepConfig,
-    table: FeatureTable,
-    spec: dict[str, Any],
-    experiment_uri: str,
-    out: str,
-    uri: str,
-    lease: Lease,
-) -> SweepResult:
+@dataclass(frozen=True)
+class _Sweep:
+    """What one run of the sweep works with, resolved and checked by :func:`run_sweep`."""
+
+    cfg: SweepConfig
+    table: FeatureTable
+    spec: dict[str, Any]  # the settings that decide its results (recorded as SWEEP_SPEC)
+    experiment: str  # {storage}/{name}: trial records, the spec, Tune's folders
+    out: str  # output folder: trial heads, best/, summary.json
+    uri: str  # MLflow tracking URI (may hold a password: never persisted)
+
+
+def _run_sweep(sweep: _Sweep, lease: Lease) -> SweepResult:
     """Run the samples not yet done (all of them in a new experiment) under the sweep's parent run,
     then publish the best head, the summary and the parent run's comparison (only while ``lease``
     is still this job's)."""
     from rsdiff import tracking
 
+    cfg, table, experiment_uri, out, uri = sweep.cfg, sweep.table, sweep.experiment, sweep.out, sweep.uri
     restore = bool(_contents(experiment_uri))
     if restore:
-        check_same_spec(experiment_uri, spec)
+        check_same_spec(experiment_uri, sweep.spec)
     samples = trial_settings(cfg)
     records = read_records(experiment_uri, len(samples)) if restore else {}
     remaining = [i for i in range(len(samples)) if records.get(i, {}).get("status") not in DONE]
-    parent = _parent_run(cfg, table, spec, experiment_uri, out, uri, restore)
+    parent = _parent_run(sweep, restore)
     with tracking.ends_run(parent):
         if remaining:
             log.info("sweep %s: %d of %d samples to run", _sweep_key(cfg), len(remaining), len(samples))
@@ -155,18 +160,12 @@ def _provenance(table: FeatureTable, out: str) -> dict[str, str]:
     return provenance_tags({"features": table.root, "output": out})
 
 
-def _parent_run(
-    cfg: SweepConfig,
-    table: FeatureTable,
-    spec: dict[str, Any],
-    experiment_uri: str,
-    out: str,
-    uri: str,
-    restore: bool,
-) -> Any:
+def _parent_run(sweep: _Sweep, restore: bool) -> Any:
     """The sweep's parent MLflow run: found again when continuing (it joins its new parent and
     command), else created with the config and search space (and the sweep's spec written)."""
     from rsdiff import tracking
+
+    cfg, table, out, uri = sweep.cfg, sweep.table, sweep.out, sweep.uri
 
     tags = {**_provenance(table, out), **tracking.parent_tags(cfg.tracking.parent_run_id),
             "rsdiff.stage": "sweep", "rsdiff.sweep": _sweep_key(cfg)}  # fmt: skip
@@ -176,7 +175,8 @@ def _parent_run(
         )
     else:  # a new experiment gets a new parent run
         parent, resumed = tracking.RunHandle.create(uri, cfg.tracking.experiment, str(cfg.name), tags), False
-        storage.write_text(storage.join(experiment_uri, SWEEP_SPEC), json.dumps(spec, indent=1, default=str))
+        spec_uri = storage.join(sweep.experiment, SWEEP_SPEC)
+        storage.write_text(spec_uri, json.dumps(sweep.spec, indent=1, default=str))
     if resumed:
         parent.set_tags({k: v for k, v in tags.items() if k != "rsdiff.sweep"})  # new parent, command
     else:
