@@ -223,3 +223,39 @@ def test_a_head_path_that_holds_no_head_says_where_the_heads_are(tmp_path):
         TrainedHead.load(str(le))
     with pytest.raises(CheckpointError, match=re.escape("({sweep output}/best)")):
         TrainedHead.load(str(tmp_path))
+
+
+_LOST_CTRL_C = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from dataclasses import dataclass
+from _cli import run_job
+
+@dataclass
+class Nothing:
+    steps: int = 1
+
+def _run(cfg):
+    # Python reports an exception raised in an at-fork hook as "Exception ignored" and drops it: a
+    # Ctrl-C that lands while Ray forks its daemons is raised there.
+    os.register_at_fork(after_in_parent=lambda: signal.default_int_handler(signal.SIGINT, None))
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    time.sleep(3)
+    print("ran to the end")
+
+sys.exit(run_job("evaluate", "", Nothing, _run, []))
+"""
+
+
+@pytest.mark.unit
+def test_a_ctrl_c_that_lands_in_a_fork_hook_still_stops_the_job():
+    """Python drops a KeyboardInterrupt raised in an at-fork hook (where a Ctrl-C during Ray's
+    start-up lands): the job re-raises it in its own flow instead of running on and exiting 0."""
+    done = subprocess.run([sys.executable, "-c", _LOST_CTRL_C, str(REPO / "jobs")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert "ran to the end" not in done.stdout
+    assert "rsdiff evaluate: stopped by SIGINT" in done.stderr
