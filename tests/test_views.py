@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,35 @@ def test_the_data_a_run_read_is_an_mlflow_input_with_a_digest_of_its_sidecar(tmp
     ) == 2
     assert json.loads(inputs[0].dataset.source) == {"uri": str(shards)}
     assert all(d.tags[0].key == "mlflow.data.context" and d.tags[0].value == "training" for d in inputs)
+
+
+def test_the_compute_curve_ticks_at_the_measured_checkpoints_and_names_methods_and_draws(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    from rsdiff.curve_figure import compute_curve_figure
+
+    curve = {"ks": [1, 5], "draws": 3, "unit": "scenes",
+             "points": [{"step": s, "images_seen": 8 * s, "residual": {"1": [0.2, 0.05], "5": [0.3, 0.02]}}
+                        for s in (1000, 250, 4000)],
+             "scratch_unet": {"1": [0.22, 0.02], "5": [0.25, 0.03]}}  # fmt: skip
+    ax = compute_curve_figure(curve).axes[0]
+    assert list(ax.get_xticks()) == [2000, 8000, 32000]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "2,000\nstep 250", "8,000\nstep 1,000", "32,000\nstep 4,000"
+    ]  # fmt: skip
+    assert ax.get_title() == "Test mIoU against pretraining compute (3 draws per point)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "residual MLP head on frozen DDPM features, k=1 scene", "small UNet from scratch, k=1 scene",
+        "residual MLP head on frozen DDPM features, k=5 scenes", "small UNet from scratch, k=5 scenes",
+    ]  # fmt: skip
+    # The benchmark draws the docs figure again from a committed curve.json.
+    path = Path(__file__).parent / "benchmarks" / "bench_pretrain_curve.py"
+    spec = importlib.util.spec_from_file_location("bench_pretrain_curve", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "curve.json").write_text(json.dumps(curve))
+    bench.main(["--replot", str(tmp_path / "curve.json"), "--out", str(tmp_path / "out")])
+    with Image.open(tmp_path / "out" / "curve.png") as png:
+        assert png.size == (770, 462)  # 7 x 4.2 in at 110 dpi

@@ -18,6 +18,7 @@ under ``--out``.
 ``jobs/sweep.py`` config (e.g. ``configs/sweep/tiny-grid.yaml``) run on that checkpoint's features,
 selecting on val only, whose best head is the comparison's ``selection``. Extract the timesteps and
 blocks the search space names (``--timesteps 50 150 250 400``, no ``--blocks`` = every block).
+``--replot CURVE_JSON --out DIR`` only draws ``curve.png`` again from a ``curve.json``.
 ``--reuse-features`` keeps a ``features-<checkpoint>`` table already under ``--out`` when it was
 extracted from that checkpoint with the same timesteps and blocks. ``--scratch-from CURVE_JSON``
 takes the scratch UNet's band from an earlier run's ``curve.json`` with the same shards, k, draws,
@@ -35,6 +36,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from rsdiff.config import build, preset
+from rsdiff.curve_figure import compute_curve_figure
 from rsdiff.features.config import ExtractConfig
 from rsdiff.features.extract import run_extract
 from rsdiff.features.table import FeatureTable
@@ -46,33 +48,6 @@ from rsdiff.sweep.run import run_sweep
 def _stats(rows: list[dict], method: str, k: int) -> tuple[float, float]:
     v = [r["test_miou"] for r in rows if r["method"] == method and r["k"] == k]
     return float(np.mean(v)), float(np.std(v))
-
-
-def _plot(points: list[dict], scratch: dict[int, tuple[float, float]], ks: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    x = [p["images_seen"] for p in points]
-    for i, k in enumerate(ks):
-        colour = f"C{i}"
-        mean = np.array([p["residual"][str(k)][0] for p in points])
-        std = np.array([p["residual"][str(k)][1] for p in points])
-        ax.plot(x, mean, marker="o", color=colour, label=f"DDPM features, k={k}")
-        ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
-        m, s = scratch[k]
-        ax.axhspan(m - s, m + s, color=colour, alpha=0.08)
-        ax.axhline(m, color=colour, ls="--", lw=1, label=f"scratch UNet, k={k}")
-    ax.set_xscale("log")
-    ax.set_xlabel("images seen in pretraining")
-    ax.set_ylabel("test mIoU (mean ± std over draws)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _features(args: argparse.Namespace, ckpt: str, folder: Path) -> FeatureTable:
@@ -141,10 +116,19 @@ def _scratch_from(path: str, args: argparse.Namespace) -> tuple[dict[int, tuple[
     return {int(k): tuple(v) for k, v in old["scratch_unet"].items()}, old["scratch_unet_draws"]
 
 
-def main() -> None:
+def _save_figure(curve: dict, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig = compute_curve_figure(curve)
+    fig.savefig(out / "curve.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shards", required=True, help="labeled ingest output with train, val and test splits")
-    ap.add_argument("--checkpoints", nargs="+", required=True)
+    ap.add_argument("--shards", help="labeled ingest output with train, val and test splits")
+    ap.add_argument("--checkpoints", nargs="+")
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 5])
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--timesteps", nargs="+", type=int, default=[50, 150, 250])
@@ -162,8 +146,14 @@ def main() -> None:
     ap.add_argument(
         "--scratch-from", default=None, help="an earlier curve.json whose scratch UNet band to use"
     )
+    ap.add_argument("--replot", default=None, help="only draw curve.png again from this curve.json")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.replot:
+        _save_figure(json.loads(Path(args.replot).read_text()), Path(args.out))
+        return
+    if not args.shards or not args.checkpoints:
+        ap.error("--shards and --checkpoints are required (or --replot CURVE_JSON)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +201,7 @@ def main() -> None:
         "shards": args.shards,
         "ks": args.ks,
         "draws": args.draws,
+        "unit": results.get("unit", "scenes"),
         "test_region": args.test_region,
         "label_efficiency_overrides": args.set,
         "sweep": args.sweep,
@@ -224,7 +215,7 @@ def main() -> None:
         },
     }
     (out / "curve.json").write_text(json.dumps(report, indent=1))
-    _plot(points, scratch, args.ks, out / "curve.png")
+    _save_figure(report, out)
     print(json.dumps(report))
 
 
