@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rsdiff.config import example_override, load_config, preset, preset_names, preview_yaml, sections
+from rsdiff.console import quiet_library_loggers
 from rsdiff.errors import RsdiffError, Terminated, describe_os_error
 
 # What a stopped job leaves behind (nothing half-written ever looks complete).
@@ -156,8 +157,7 @@ def run_job(
             return 2
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_loggers()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupts(sys.unraisablehook)
     cfg = None

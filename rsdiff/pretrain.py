@@ -326,6 +326,7 @@ def _trainer(cfg: PretrainConfig, plan: TrainPlan) -> tuple[Any, dict[str, float
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from rsdiff.console import train_logging_config
     from rsdiff.raytools import storage_for_ray
 
     scaling = scaling_config(cfg.scaling)
@@ -340,6 +341,7 @@ def _trainer(cfg: PretrainConfig, plan: TrainPlan) -> tuple[Any, dict[str, float
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            logging_config=train_logging_config(),
         ),
     )
     return trainer, dict(scaling._resources_per_worker_not_none)  # per rank, as Ray Train asks for it
@@ -362,6 +364,8 @@ def resume_point(folder: str) -> str:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
+    from rsdiff.console import quiet_train_rank
     from rsdiff.train.loop import train_loop_per_worker
 
+    quiet_train_rank()
     train_loop_per_worker(config["plan"])

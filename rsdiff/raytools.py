@@ -15,6 +15,7 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
+from rsdiff.console import no_token_auth_notice
 from rsdiff.ports import free_port, is_port_race
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,15 @@ def _start_local(num_cpus: int | None, attempts: int = LOCAL_START_ATTEMPTS) -> 
         port = free_port()
         tried.append(port)
         try:
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=True,
-                dashboard_port=port,
-                runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-                log_to_driver=True,
-            )
+            with no_token_auth_notice():
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=True,
+                    dashboard_port=port,
+                    runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+                    log_to_driver=True,
+                )
             return
         except Exception as exc:
             if not is_port_race(str(exc)):

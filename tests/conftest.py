@@ -343,16 +343,20 @@ def labeled_table(labeled_ckpt, s3_endpoint, ray_cluster) -> FeatureTable:
 
 @pytest.fixture(scope="session")
 def sample_demo(tmp_path_factory, ray_cluster) -> Path:
-    """``jobs/demo.py`` on the generated sample (tiny settings), in this process on the session's Ray."""
+    """``python jobs/demo.py`` on the generated sample (tiny settings), a process of its own joined
+    to the session's Ray, so that its console (``stdout.txt``, ``stderr.txt``) is what a user sees,
+    the ranks' forwarded lines included."""
     work = tmp_path_factory.mktemp("demo")
     # fresh=true over a workdir holding a user's own file and a stale demo output: the demo deletes
     # only its own outputs (checked by test_hostile's fresh tests).
     (work / "notes-of-the-user.txt").write_text("keep me")
     (work / "sweep").mkdir()
     (work / "sweep" / "from-an-earlier-demo.json").write_text("{}")
-    proc = run_job_inline(
-        "demo.py", f"workdir={work}", "pretrain_steps=24", "trials=2", "head_epochs=3", "pixels_per_class=32",
-        "fresh=true",
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "demo.py"), f"workdir={work}", "pretrain_steps=24", "trials=2",
+         "head_epochs=3", "pixels_per_class=32", "fresh=true"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (work / "stdout.txt").write_text(proc.stdout)

@@ -4,6 +4,7 @@ through the job scripts and the library against a real local Ray, loopback S3 an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -478,6 +479,66 @@ def test_predict_bad_inputs_fail_with_one_clear_message(sample_demo, tmp_path, r
     assert proc.returncode == 2 and "no head artifact" in proc.stderr
     proc = run_job_inline("predict.py", f"head={head}", f"inputs=[{good}]", "window=62")
     assert proc.returncode == 2 and "window=62" in proc.stderr
+
+
+# Where a console line comes from, when it is not rsdiff's: Ray's log format (file.py:line --),
+# a Ray actor's forwarded line that is not a rank's step line, Ray's C++ core, Tune's tables and
+# trial notices, MLflow's and alembic's records.
+FOREIGN = re.compile(
+    r"\t(DEBUG|INFO|WARNING|ERROR) \S+\.py:\d+ --"
+    r"|^(\x1b\[\d+m)?\(\w+ pid=\d+\)(\x1b\[0m)? (?!\[rank )"
+    r"|^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \S+\.cc:\d+"
+    r"|^[\u2500-\u257f]|^(Trial |Current time:|Logical resource usage|View detailed results|To visualize)"
+    r"|^\S+ \S+ (DEBUG|INFO|WARNING|ERROR) (mlflow|alembic|ray)[.:]"
+)
+
+
+def _console_origins(text: str) -> tuple[list[str], list[str]]:
+    """``(rsdiff's lines, other libraries' lines)`` of a console, blank lines left out (a progress
+    bar redrawn with carriage returns is one line)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    foreign = [ln for ln in lines if FOREIGN.search(ln)]
+    return [ln for ln in lines if not FOREIGN.search(ln)], foreign
+
+
+@pytest.mark.integration
+def test_the_demo_console_is_mostly_rsdiffs_own_lines(sample_demo):
+    """At least 3 of every 4 lines the demo prints are rsdiff's (about 1 in 3 before): no Tune status
+    tables, no Ray Data progress log, no Ray Train notices; each stage has its bar or step lines,
+    and the pretraining step lines say how long is left."""
+    out, err = (sample_demo / "stdout.txt").read_text(), (sample_demo / "stderr.txt").read_text()
+    own, foreign = _console_origins(out + "\n" + err)
+    # The session's Ray runs without a dashboard (a user's local Ray has one: raytools._start_local),
+    # so Ray Train's placement-group cleaner warns each second that it cannot reach the State API:
+    # lines of the test cluster, not of the demo.
+    foreign = [ln for ln in foreign if "(PlacementGroupCleaner pid=" not in ln]
+    assert len(own) >= 3 * len(foreign), "\n".join(foreign)
+    chatter = ("logging_progress", "Checkpoint successfully created", "Reporting training result",
+               "Requesting resources", "Creating initial MLflow", "Wrote the latest version")  # fmt: skip
+    assert not [c for c in chatter if c in out + err]
+    assert re.search(r"\[rank 0\] step 24/24 loss [\d.]+ .* eta 0s", err)
+    for bar in ("ingest:", "extract:", "predict:"):
+        assert any(ln.lstrip("\r").startswith(bar) for ln in err.splitlines()), bar
+    assert out.count("winner: ") == 1 and "Trial " not in out and "tensorboard" not in out
+
+
+@pytest.mark.unit
+def test_console_origins_tell_rsdiffs_lines_from_ray_tune_and_mlflow():
+    own, foreign = _console_origins(
+        "2026-12-03 10:17:14,069 INFO rsdiff.demo.run: demo: --- ingest ---\n"
+        "\x1b[36m(RayTrainWorker pid=22866)\x1b[0m [rank 0] step 1/24 loss 1.1650 lr 1.00e-03 eta 3s\n"
+        "\x1b[36m(RayTrainWorker pid=22866)\x1b[0m Moving model to device: cpu\n"
+        "\x1b[36m(TrainController pid=22768)\x1b[0m Requesting resources: {'CPU': 2.0} * 1\n"
+        "2026-12-03 10:18:04,282\tINFO streaming_executor.py:215 -- Starting execution of Dataset\n"
+        "[2026-12-03 10:18:04,329 E 22148 22148] core_worker.cc:2465: Actor with class name\n"
+        "2026/12/03 10:17:12 INFO mlflow.store.db.utils: Creating initial MLflow database tables...\n"
+        "\u256d\u2500\u2500\u256e\n\u2502 Trial name \u2502\n"
+        "Trial run_trial_dc77f_00001 started with configuration:\n"
+        'winner: timesteps [50], blocks ["up0.res1"], residual head\n'
+        "class               IoU     F1\n"
+    )
+    assert len(own) == 4 and own[1].endswith("eta 3s") and own[-1].startswith("class")
+    assert len(foreign) == 8
 
 
 @pytest.mark.integration

@@ -193,3 +193,42 @@ def test_the_compute_curve_ticks_at_the_measured_checkpoints_and_names_methods_a
     bench.main(["--replot", str(tmp_path / "curve.json"), "--out", str(tmp_path / "out")])
     with Image.open(tmp_path / "out" / "curve.png") as png:
         assert png.size == (770, 462)  # 7 x 4.2 in at 110 dpi
+
+
+def test_ray_and_mlflow_chatter_stays_off_the_console_but_their_warnings_show(capfd, monkeypatch):
+    import logging
+    import os
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    from rsdiff.console import (
+        AUTH_NOTICE_LOGGER,
+        no_token_auth_notice,
+        quiet_library_loggers,
+        quiet_ray_data,
+        quiet_train_rank,
+        silent_tune,
+        train_logging_config,
+    )  # fmt: skip
+
+    quiet_ray_data()
+    quiet_library_loggers()
+    data = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    data.info("Execution plan of Dataset: chatter")
+    data.warning("a Ray Data warning")
+    err = capfd.readouterr().err
+    assert "a Ray Data warning" in err and "chatter" not in err
+    tune = logging.getLogger("ray.tune.tune")
+    assert not tune.isEnabledFor(logging.INFO) and tune.isEnabledFor(logging.WARNING)
+    assert not logging.getLogger("mlflow.store.db.utils").isEnabledFor(logging.INFO)
+    assert train_logging_config().log_level == "WARNING"
+    auth = logging.getLogger(AUTH_NOTICE_LOGGER)
+    with no_token_auth_notice():
+        assert not auth.isEnabledFor(logging.WARNING) and auth.isEnabledFor(logging.ERROR)
+    assert auth.isEnabledFor(logging.WARNING)  # a cluster without authentication is still warned of
+    with silent_tune():  # Tune's classic engine, silent at verbosity 0, for the fit only
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    quiet_train_rank()
+    from ray.train.v2._internal.execution import context
+
+    assert not logging.getLogger(context.__file__).isEnabledFor(logging.INFO)

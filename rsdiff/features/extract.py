@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from rsdiff import storage
 from rsdiff.config import check_ranges, redact, to_container
@@ -261,7 +262,9 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
     )  # fmt: skip
     counter = ProgressCounter.remote()
     try:
-        summaries = _feature_dataset(cfg, manifest, splits, plan, counter).take_all()
+        summaries = _collect(
+            _feature_dataset(cfg, manifest, splits, plan, counter), _expected_images(cfg, manifest, splits)
+        )
     except Exception as exc:
         if (err := user_error(exc)) is not None:
             raise err from None
@@ -328,6 +331,9 @@ def _feature_dataset(
     split), then a pool of :class:`FeatureActor` writing table parts; one summary row per part."""
     import ray
 
+    from rsdiff.console import quiet_ray_data
+
+    quiet_ray_data()
     actor_cpus, read_cpus = actor_resources(ray.cluster_resources().get("CPU", 0), int(cfg.concurrency))
     keep = {split: keep_fraction(cfg.max_images, int(manifest.samples.get(split, 0))) for split in splits}
     read = functools.partial(
@@ -350,6 +356,26 @@ def _feature_dataset(
         num_cpus=actor_cpus,
         num_gpus=cfg.num_gpus or None,
     )
+
+
+def _expected_images(cfg: ExtractConfig, manifest: Any, splits: list[str]) -> int:
+    """About how many images the actors will see: each split's tiles, capped at ``max_images``."""
+    tiles = [int(manifest.samples.get(split, 0)) for split in splits]
+    return sum(min(n, int(cfg.max_images)) if cfg.max_images else n for n in tiles)
+
+
+def _collect(ds: Any, images: int) -> list[dict[str, Any]]:
+    """The actors' part summaries, streamed, under an ``extract`` bar of images done out of about
+    ``images`` (Ray Data's own progress log is off: :func:`rsdiff.console.quiet_ray_data`)."""
+    summaries = []
+    with tqdm(total=images, desc="extract", unit="images", mininterval=1.0) as bar:
+        for row in ds.iter_rows():
+            summaries.append(row)
+            bar.update(int(row["images"]) + int(row["skipped"]))
+            bar.set_postfix(parts=len(summaries), refresh=False)
+        bar.total = bar.n  # the estimate was "about": the bar ends full at what was done
+        bar.refresh()
+    return summaries
 
 
 def _table_meta(

@@ -12,6 +12,7 @@ from typing import Any
 
 from rsdiff import storage
 from rsdiff.config import to_container
+from rsdiff.console import silent_tune
 from rsdiff.errors import ConfigError
 from rsdiff.features.config import BlockNumbering
 from rsdiff.features.table import FeatureTable
@@ -129,7 +130,8 @@ def _run_sweep(sweep: _Sweep, lease: Lease) -> SweepResult:
                 gpus=float(cfg.gpus_per_trial),
                 tags=_provenance(table, out),
             )
-            grid = _tuner(cfg, context, remaining, experiment_uri).fit()
+            with silent_tune():
+                grid = _tuner(cfg, context, remaining, experiment_uri).fit()
             mark_ended(grid, experiment_uri, len(samples))
         lease.check()
         records = read_records(experiment_uri, len(samples))
@@ -195,6 +197,7 @@ def _tuner(cfg: SweepConfig, context: TrialContext, remaining: list[int], experi
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from rsdiff.console import TUNE_VERBOSITY
     from rsdiff.raytools import connect, storage_for_ray
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
@@ -223,7 +226,7 @@ def _tuner(cfg: SweepConfig, context: TrialContext, remaining: list[int], experi
         ),
         run_config=tune.RunConfig(
             name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=storage_path,
-            storage_filesystem=filesystem,
+            storage_filesystem=filesystem, verbose=TUNE_VERBOSITY,
         ),
     )  # fmt: skip
 

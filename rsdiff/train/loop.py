@@ -266,10 +266,11 @@ def train_loop_per_worker(plan: TrainPlan) -> None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
             if done % plan.tracking.sample_every == 0 or done == plan.optim.max_steps:
                 _log_pictures(tracker, ema, noise_sched, data.last_image.float(), plan, done)
+        per_step = plan.optim.grad_accum * plan.data.batch_size * world / metrics["images_per_s"]
         log.info(
-            "[rank %d] step %d/%d loss %.4f lr %.2e %.1f img/s data-wait %.0f%%",
+            "[rank %d] step %d/%d loss %.4f lr %.2e %.1f img/s data-wait %.0f%% eta %s",
             rank, done, plan.optim.max_steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
-            100 * metrics["data_wait_fraction"],
+            100 * metrics["data_wait_fraction"], eta_text((plan.optim.max_steps - done) * per_step),
         )  # fmt: skip
         if save:
             here = {"rng": devices.rng_state(gen, device), "stream": data.position()}
@@ -327,6 +328,18 @@ def _open_tracking(plan: TrainPlan, rank: int, start: int, nodes: list[str]) -> 
         log.info("[rank 0] steps %d-%d ran before the restart: replayed from the checkpoint, "
                  "not logged again", start + 1, logged_through)  # fmt: skip
     return tracker, logged_through
+
+
+def eta_text(seconds: float) -> str:
+    """Time left, as a step line shows it: ``45s``, ``12m05s``, ``3h07m``, ``2d04h``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 class _Window:
