@@ -7,17 +7,16 @@ and says what was kept; the stage code has already marked its MLflow run KILLED.
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import logging
 import re
 import signal
 import sys
 import textwrap
-import threading
 from collections.abc import Callable
 from typing import Any
 
+from rsdiff import interrupts
 from rsdiff.config import example_override, load_config, preset, preset_names, preview_yaml, sections
 from rsdiff.console import quiet_library_loggers
 from rsdiff.errors import RsdiffError, Terminated, describe_os_error
@@ -44,27 +43,6 @@ _received: list[int] = []  # SIGTERM seen (Ray's blocking calls re-raise it as a
 def _raise_terminated(signum: int, frame: Any) -> None:
     _received.append(signum)
     raise Terminated(signum)
-
-
-def _redeliver_interrupts(hook: Callable[[Any], Any]) -> Callable[[Any], None]:
-    """An ``sys.unraisablehook`` that hands a dropped Ctrl-C or SIGTERM back to the main thread.
-
-    Python reports an exception raised where it cannot propagate (an at-fork hook, a finalizer) as
-    "Exception ignored" and drops it; a Ctrl-C that lands while Ray forks its daemons is raised in
-    logging's at-fork hook, so without this the job would run on as if the key was never pressed.
-    The signal is raised again from a helper thread, so that the main thread meets it once it is
-    back in its own code (raised here, it would be dropped again).
-    """
-
-    def redeliver(unraisable: Any) -> None:
-        exc = unraisable.exc_value
-        if isinstance(exc, KeyboardInterrupt):
-            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
-            threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
-        else:
-            hook(unraisable)
-
-    return redeliver
 
 
 def _epilog(name: str, schema: type) -> str:
@@ -159,7 +137,7 @@ def run_job(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_loggers()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupts(sys.unraisablehook)
+    uninstall = interrupts.install()  # a Ctrl-C Python drops (Ray forking) still stops the job
     cfg = None
     try:
         path = preset(name, args.config) if args.config is not None else None
@@ -181,5 +159,5 @@ def run_job(
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
-        sys.unraisablehook = previous_hook
+        uninstall()
     return 0
