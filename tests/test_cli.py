@@ -227,6 +227,7 @@ def test_a_head_path_that_holds_no_head_says_where_the_heads_are(tmp_path):
 
 _LOST_CTRL_C = """
 import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background start ignores it)
 sys.path.insert(0, sys.argv[1])
 from dataclasses import dataclass
 from _cli import run_job
