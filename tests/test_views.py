@@ -231,3 +231,11 @@ def test_ray_and_mlflow_chatter_stays_off_the_console_but_their_warnings_show(mo
     from ray.train.v2._internal.execution import context
 
     assert not logging.getLogger(context.__file__).isEnabledFor(logging.INFO)
+
+
+def test_a_step_line_says_how_long_is_left_in_the_largest_units_that_read_well():
+    from rsdiff.train.loop import eta_text
+
+    assert [eta_text(s) for s in (-1, 0.4, 45, 725, 11_220, 187_200)] == [
+        "0s", "0s", "45s", "12m05s", "3h07m", "2d04h"
+    ]  # fmt: skip
