@@ -1,5 +1,6 @@
 """The MLflow UI, in a real headless Chromium, on the demo's tracking store: the address the demo
-prints opens the experiment's training-runs table (not MLflow 3's GenAI overview with 0 traces).
+prints opens the experiment's training-runs table (not MLflow 3's GenAI overview with 0 traces),
+and the demo run's page shows the winner and the test score in its description.
 
 Needs a Chromium binary (``.ci/run`` installs Debian's ``chromium``); skipped by capability check
 where there is none."""
@@ -59,6 +60,16 @@ def test_the_printed_address_opens_the_runs_table(sample_demo, tmp_path):
         assert f"/experiments/{exp.experiment_id}/runs" in url
         assert re.search(r">\s*demo\s*<", dom), "the demo run is not in the table"
         assert "Traces</h" not in dom  # not the GenAI overview
+        # The demo run's page answers first: its description names the winner and the test score,
+        # and the winning timesteps are a parameter of their own.
+        demo = next(r for r in MlflowClient(store).search_runs([exp.experiment_id])
+                    if r.data.tags.get("rsdiff.stage") == "demo")  # fmt: skip
+        page = _render(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{demo.info.run_id}",
+                       str(tmp_path / "demo-run.png"))  # fmt: skip
+        test_miou = float(demo.data.metrics["test_miou"])
+        assert "<strong>Winner</strong>: timesteps [" in page, page[-2000:]
+        assert f"<strong>Test mIoU {test_miou:.3f}</strong>" in page and "worst class: " in page
+        assert ">best.timesteps<" in page and ">best.blocks<" in page
     finally:
         server.terminate()
         server.wait(timeout=30)
