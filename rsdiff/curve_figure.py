@@ -12,9 +12,6 @@ from typing import Any
 
 import numpy as np
 
-FEATURES = "residual MLP head on frozen DDPM features"
-SCRATCH = "small UNet from scratch"
-
 
 def compute_curve_figure(curve: dict[str, Any]) -> Any:
     """A matplotlib figure of ``curve`` (the ``curve.json`` of ``tests/benchmarks/bench_pretrain_curve.py``).
@@ -28,6 +25,8 @@ def compute_curve_figure(curve: dict[str, Any]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rsdiff.label_efficiency import METHOD_NAMES  # the methods in the words every report uses
+
     points = sorted(curve["points"], key=lambda p: p["images_seen"])
     unit, draws = curve.get("unit", "scenes"), int(curve["draws"])
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -36,11 +35,11 @@ def compute_curve_figure(curve: dict[str, Any]) -> Any:
         colour, budget = f"C{i}", f"k={k} " + (unit.removesuffix("s") if k == 1 else unit)
         mean = np.array([p["residual"][str(k)][0] for p in points])
         std = np.array([p["residual"][str(k)][1] for p in points])
-        ax.plot(x, mean, marker="o", color=colour, label=f"{FEATURES}, {budget}")
+        ax.plot(x, mean, marker="o", color=colour, label=f"{METHOD_NAMES['residual']}, {budget}")
         ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
         m, s = curve["scratch_unet"][str(k)]
         ax.axhspan(m - s, m + s, color=colour, alpha=0.08)
-        ax.axhline(m, color=colour, ls="--", lw=1, label=f"{SCRATCH}, {budget}")
+        ax.axhline(m, color=colour, ls="--", lw=1, label=f"{METHOD_NAMES['scratch_unet']}, {budget}")
     ax.set_xscale("log")
     ax.set_xticks(x, [f"{n:,}\nstep {p['step']:,}" for n, p in zip(x, points)])
     ax.minorticks_off()
