@@ -25,7 +25,7 @@ def compute_curve_figure(curve: dict[str, Any]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rsdiff.label_efficiency import METHOD_NAMES  # the methods in the words every report uses
+    from rsdiff.method_names import METHOD_NAMES
 
     points = sorted(curve["points"], key=lambda p: p["images_seen"])
     unit, draws = curve.get("unit", "scenes"), int(curve["draws"])

@@ -56,6 +56,7 @@ from rsdiff.heads.config import (
     ScratchUNetConfig,
     SegmenterConfig,
 )
+from rsdiff.method_names import METHOD_NAMES
 from rsdiff.paired import format_paired, paired_differences
 from rsdiff.ray_config import RayConfig
 from rsdiff.tracking import StageTracking
@@ -66,14 +67,6 @@ SEGMENTER_METHODS = ("finetune", "finetune_random", "dense_decoder")  # the deno
 METHODS = (*FEATURE_METHODS, *SEGMENTER_METHODS, "scratch_unet")
 DEFAULT_INPUT_NOISE = 0.1  # std of the training input noise, unless input_noise or a selection says
 BASELINE = "scratch_unet"
-METHOD_NAMES = {
-    "residual": "residual MLP head on frozen DDPM features",
-    "ensemble": "DDPM-Seg MLP ensemble on frozen DDPM features",
-    "finetune": "pretrained denoiser fine-tuned as segmenter",
-    "finetune_random": "same network from random init",
-    "dense_decoder": "conv decoder on frozen DDPM feature maps",
-    "scratch_unet": "small UNet from scratch",
-}
 
 
 class ValBudget(Enum):
