@@ -5,6 +5,7 @@ the loopback S3 server."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +237,40 @@ def test_extract_job_lists_blocks_on_error(labeled_ckpt, tmp_path, ray_address):
         f"output={tmp_path}", "blocks=[decoder.5]",
     )  # fmt: skip
     assert proc.returncode == 2 and "valid blocks: ['mid', 'up0.res0'" in proc.stderr
+
+
+@pytest.mark.unit
+def test_the_shard_reader_streams_so_memory_follows_one_tile_not_the_shard(tmp_path):
+    """Extraction's reader over one shard of 400 labeled tiles (3.5 MiB decoded) holds one tile at
+    a time: consuming its rows one by one peaks below a tenth of the shard (before, it returned the whole
+    shard as one list); the rows are the shard's samples in order, a malformed sample and a
+    truncated shard are reported, not lost."""
+    import tracemalloc
+
+    from rsdiff.data.shards import Sample, ShardWriter
+    from rsdiff.features.extract import read_labeled_tiles
+
+    rng = np.random.default_rng(0)
+    with ShardWriter(str(tmp_path), "train-0000", 1 << 30) as w:
+        for i in range(400):
+            w.write(Sample(f"s{i // 20}/{i}_0", rng.integers(0, 255, (4, 32, 32), np.uint16),
+                           rng.integers(0, 3, (32, 32), np.uint8), {}))  # fmt: skip
+        w.write(Sample("bad/0_0", np.zeros((4, 16, 16), np.uint16), np.zeros((16, 16), np.uint8), {}))
+    shard = w.shards[0].uri
+    reports: list[tuple[str, str]] = []
+    rows = read_labeled_tiles(shard, "train", 4, 32, 1.0, 0, lambda kind, why: reports.append((kind, why)))
+    tracemalloc.start()
+    keys = [row["key"] for row in rows]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    shard_bytes = 400 * (4 * 32 * 32 * 2 + 32 * 32)
+    assert peak < shard_bytes / 10, f"reading one shard peaked at {peak} bytes of its {shard_bytes}"
+    assert keys == [s.key for s in iter_shard(shard)][:400]
+    assert [k for k, _ in reports] == ["bad_samples"] and "bad/0_0" in reports[0][1]
+
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(shard).read_bytes()[: w.shards[0].bytes // 2])
+    reports.clear()
+    got = sum(1 for _ in read_labeled_tiles(str(cut), "train", 4, 32, 1.0, 0, lambda *r: reports.append(r)))
+    assert 0 < got < 400 and reports == [reports[0]] and reports[0][0] == "bad_shards"
+    assert f"unreadable after {got} samples" in reports[0][1]

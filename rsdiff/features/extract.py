@@ -4,8 +4,9 @@
 one frozen UNet (one GPU each on a cluster), normalises a batch of tiles, samples labeled pixels
 per image (stratified by class, capped), reads the superset of timesteps x blocks at those
 pixels, and writes one fp16 part per batch straight to storage. The driver only collects part
-summaries and writes ``table.json`` last. Memory is bounded by the batch size, never by the
-number of images.
+summaries and writes ``table.json`` last. The reader streams each shard one tile at a time, so
+memory is bounded by Ray Data's block size and the batch size, never by the number of images or
+the size of a shard.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,41 +174,58 @@ class FeatureActor:
         }
 
 
-def _read_tiles(
-    item: dict[str, Any], counter: Any, bands: int, size: int, keep: dict[str, float], seed: int
-) -> list[dict[str, Any]]:
-    """The labeled tiles of one shard as Ray Data rows: those whose :func:`tile_draw` is below
-    ``keep[split]`` (every tile at 1.0), so a ``max_images`` cap samples every scene alike instead
-    of taking the first shards' scenes whole.
+def read_labeled_tiles(
+    shard: str, split: str, bands: int, size: int, share: float, seed: int, report: Callable[[str, str], None]
+) -> Iterator[dict[str, Any]]:
+    """The labeled tiles of one shard as Ray Data rows (``key``, ``split``, ``(bands, size, size)``
+    ``image``, ``(size, size)`` ``label``), **streamed**: one decoded sample at a time, so a reader
+    holds what Ray Data has not yet cut into a block, never the whole shard (shards are up to
+    ``shard_max_mb``; Ray Data's blocks up to its ``target_max_block_size``).
 
+    Only tiles whose :func:`tile_draw` is below ``share`` are kept (every tile at 1.0), so a
+    ``max_images`` cap samples every scene alike instead of taking the first shards' scenes whole.
     A malformed sample (wrong array shape, undecodable) is skipped, and an unreadable shard ends
-    with the samples read before the damage; both are counted on ``counter`` (``bad_samples``,
+    with the samples read before the damage; both go to ``report(kind, why)`` (``bad_samples``,
     ``bad_shards``) with the shard named, never silently lost.
     """
-    shard = item["shard"]
-    rows: list[dict[str, Any]] = []
-
-    def bad(kind: str, why: str) -> None:
-        counter.add.remote(**{kind: 1})
-        counter.note.remote(kind, f"{storage.display(shard)}: {why}")
-        log.warning(
-            "extract: skipping %s of %s: %s", kind.replace("_", " ")[:-1], storage.display(shard), why
-        )
-
-    share = keep[item["split"]]
+    read = 0
     try:
         for s in iter_shard(shard):
             if s.label is None or (share < 1.0 and tile_draw(s.key, seed) >= share):
                 continue
             image, label = np.asarray(s.image), np.asarray(s.label)
             if image.ndim != 3 or image.shape != (bands, size, size) or label.shape != (size, size):
-                bad("bad_samples", f"sample {s.key} has tile {image.shape} and label {label.shape}, "
-                    f"expected ({bands}, {size}, {size}) and ({size}, {size})")  # fmt: skip
+                report("bad_samples", f"sample {s.key} has tile {image.shape} and label {label.shape}, "
+                       f"expected ({bands}, {size}, {size}) and ({size}, {size})")  # fmt: skip
                 continue
-            rows.append({"key": s.key, "split": item["split"], "image": image, "label": label})
+            read += 1
+            yield {"key": s.key, "split": split, "image": image, "label": label}
     except Exception as exc:  # truncated or corrupt tar, undecodable sample, flaky store
-        bad("bad_shards", f"unreadable after {len(rows)} samples ({type(exc).__name__}: {str(exc)[:120]})")
-    return rows
+        report("bad_shards", f"unreadable after {read} samples ({type(exc).__name__}: {str(exc)[:120]})")
+
+
+@dataclass(frozen=True)
+class _CountBad:
+    """``report(kind, why)`` for :func:`read_labeled_tiles`: counts on the job's
+    :class:`~rsdiff.raytools.ProgressCounter`, notes the reason and logs it with the shard named."""
+
+    counter: Any
+    shard: str
+
+    def __call__(self, kind: str, why: str) -> None:
+        self.counter.add.remote(**{kind: 1})
+        self.counter.note.remote(kind, f"{storage.display(self.shard)}: {why}")
+        log.warning(
+            "extract: skipping %s of %s: %s", kind.replace("_", " ")[:-1], storage.display(self.shard), why
+        )
+
+
+def _read_tiles(
+    item: dict[str, Any], counter: Any, bands: int, size: int, keep: dict[str, float], seed: int
+) -> Iterator[dict[str, Any]]:
+    """Ray Data's ``flat_map`` over ``{"shard", "split"}`` items: :func:`read_labeled_tiles`."""
+    shard, split = item["shard"], item["split"]
+    yield from read_labeled_tiles(shard, split, bands, size, keep[split], seed, _CountBad(counter, shard))
 
 
 def actor_resources(cluster_cpus: float, concurrency: int) -> tuple[float, float]:
