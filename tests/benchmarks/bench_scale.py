@@ -1,0 +1,480 @@
+"""How each stage's cost grows with its work: the same stage at a small and a 10-100x size in one
+process, as ratios. Prints one JSON line per stage.
+
+ingest:  generated scenes (4-band uint16, 128 x 128 px: 4 tiles of 64 px, with index masks) at 1x,
+         10x and 100x ``--scenes`` (default 72, dubai-aerial's scene count), local disk to local
+         disk, and at 1x and 10x from loopback S3 to loopback S3: seconds per tile and peak RSS.
+extract: ``run_extract`` over 500 vs 10,000 labeled 64 px tiles (``shard_max_mb=256``, so the
+         large run's shards are the size users get), one timestep and one block of a fresh tiny
+         UNet: images/s and peak RSS.
+predict: ``predict_scene`` reading a 512 x 512 and a 1024 x 1024 px region of one 16384 x 16384
+         px 3-band COG (512 px tiles, deflate) in loopback S3, vs a whole 512 x 512 px scene in the
+         same store: peak RSS growth, bytes fetched (counted by a proxy) and seconds per megapixel.
+stream:  the pretraining stream (one rank, no loader workers) over 1,000 shards vs 10 of 200
+         tiles each (100x the epoch): seconds to the first tile, tiles/s, and the seconds a resumed
+         stream takes to its first tile from the middle of an epoch (it re-reads the epoch up to
+         there, so this one grows with the epoch).
+
+Peak RSS sums this process and every Ray worker, sampled every 0.1 s; the S3 server runs in a
+process of its own and is not counted. Ratios compare runs of the same process, so the machine's
+noise mostly cancels.
+
+    python tests/benchmarks/bench_scale.py [--stages ingest,extract,predict,stream] [--scenes 72]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import psutil
+import rasterio
+import rasterio.shutil
+import ray
+import torch
+from bench_features import make_checkpoint
+from rasterio.transform import from_origin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from s3_fault_proxy import FaultyS3Proxy
+
+from rsdiff.config import build, load_config, to_container
+from rsdiff.data.ingest_config import IngestConfig
+from rsdiff.data.normalize import Normalizer
+from rsdiff.data.scenes import SceneRef
+from rsdiff.data.shards import Sample, ShardWriter
+from rsdiff.data.synthetic import write_scene
+from rsdiff.diffusion.checkpoint import load_pretrained
+from rsdiff.features.config import ExtractConfig
+from rsdiff.features.extract import run_extract
+from rsdiff.features.extractor import FeatureExtractor
+from rsdiff.heads.artifact import TrainedHead, build_head
+from rsdiff.heads.config import HeadConfig
+from rsdiff.ingest import run_ingest
+from rsdiff.prediction.scene import SceneOutputs, WindowPlan, predict_scene
+from rsdiff.train.stream import ShardStream, StreamPosition
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "scale"
+EXCLUDED: set[int] = set()  # pids not counted in peak RSS (the S3 server)
+
+
+def start_s3_server() -> str:
+    """moto's S3 server in its own process (so the objects it holds are not counted in our RSS)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    EXCLUDED.add(proc.pid)
+    atexit.register(proc.terminate)
+    url = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="scale", AWS_SECRET_ACCESS_KEY="scale",
+                      AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    for _ in range(100):
+        try:
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            break
+        except Exception:
+            if proc.poll() is not None:
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.2)
+    return url
+
+
+def tree_rss() -> int:
+    """Bytes resident in this process and its descendants, less :data:`EXCLUDED`: their summed
+    PSS (proportional set size), so the pages of Ray's shared object store that several processes
+    map are counted once, not once per process."""
+    me = psutil.Process()
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss if p.pid not in EXCLUDED else 0
+        except psutil.Error:
+            continue
+    return total
+
+
+def object_store_used() -> int:
+    """Bytes of the local Ray object store in use now."""
+    total = ray.cluster_resources().get("object_store_memory", 0)
+    return int(total - ray.available_resources().get("object_store_memory", total))
+
+
+class PeakRSS:
+    """Samples the memory of this process and all its descendants (the local Ray cluster it
+    started: GCS, raylet, workers), less the S3 server, every second (:func:`tree_rss`: reading
+    PSS costs milliseconds per process), and the object store's use; ``tree=False``: this
+    process's RSS alone, every 0.1 s. Another Ray on the machine is not counted."""
+
+    def __init__(self, tree: bool = True) -> None:
+        self.peak = self.store_peak = 0
+        self.tree = tree
+        self.every = 1.0 if tree else 0.1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = tree_rss() if self.tree else psutil.Process().memory_info().rss
+            self.peak = max(self.peak, rss)
+            if self.tree:
+                self.store_peak = max(self.store_peak, object_store_used())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measured(fn, *args, **kwargs) -> tuple[object, float, PeakRSS]:
+    """``(result, seconds, memory peaks)`` of ``fn(*args, **kwargs)``."""
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - t0
+    return result, seconds, rss
+
+
+def scene_folder(root: Path, scenes: int, size: int = 128, distinct: int = 8, **scene: object) -> Path:
+    """``scenes`` labeled scenes under ``root/images`` and ``root/labels`` (copies of ``distinct``
+    generated ones: ingest's cost does not depend on the pixels)."""
+    base = root / "base"
+    made = [write_scene(base, f"b{i}", height=size, width=size, seed=i, **scene) for i in range(distinct)]
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for n in range(scenes):
+        src = made[n % distinct]
+        shutil.copyfile(src.image, root / "images" / f"s{n:05d}.tif")
+        shutil.copyfile(src.labels, root / "labels" / f"s{n:05d}.tif")
+    shutil.rmtree(base)
+    return root
+
+
+def upload(folder: Path, prefix: str) -> str:
+    """``folder``'s images and labels under ``s3://scale/{prefix}/``; returns the images glob."""
+    s3 = boto3.client("s3")
+    for sub in ("images", "labels"):
+        for f in sorted((folder / sub).iterdir()):
+            s3.upload_file(str(f), BUCKET, f"{prefix}/{sub}/{f.name}")
+    return f"s3://{BUCKET}/{prefix}/images/*.tif"
+
+
+def ingest(inputs: str, output: str, extra: list[str] = ()) -> dict:
+    cfg = load_config(IngestConfig, REPO / "configs/ingest/sample.yaml",
+                      [f"inputs=[{inputs}]", f"output={output}", "overwrite=true", *extra])  # fmt: skip
+    manifest, seconds, mem = measured(run_ingest, cfg)
+    tiles = sum(manifest.samples.values())
+    mb = mem.peak / 2**20
+    return {"tiles": tiles, "seconds": seconds, "s_per_tile": seconds / tiles, "peak_rss_mb": mb}
+
+
+def stage_ingest(tmp: Path, scenes: int) -> dict:
+    out: dict[str, object] = {"bench": "scale_ingest", "scene_px": 128, "tile_px": 64}
+    warm = scene_folder(tmp / "warm", scenes)
+    ingest(f"{warm}/images/*.tif", str(tmp / "warm-shards"))  # Ray workers started, imports done
+    for factor in (1, 10, 100):
+        folder = scene_folder(tmp / f"scenes{factor}", scenes * factor)
+        out[f"local_{factor}x"] = ingest(f"{folder}/images/*.tif", str(tmp / f"shards{factor}"))
+        if factor <= 10:
+            glob = upload(folder, f"scenes{factor}")
+            out[f"s3_{factor}x"] = ingest(glob, f"s3://{BUCKET}/shards{factor}")
+        shutil.rmtree(folder)
+        shutil.rmtree(tmp / f"shards{factor}")
+    for where, big in (("local", 100), ("local", 10), ("s3", 10)):
+        small, large = out[f"{where}_1x"], out[f"{where}_{big}x"]
+        out[f"{where}_{big}x_vs_1x_s_per_tile"] = large["s_per_tile"] / small["s_per_tile"]
+        out[f"{where}_{big}x_vs_1x_peak_rss"] = large["peak_rss_mb"] / small["peak_rss_mb"]
+    a, b = out["local_10x"], out["local_100x"]  # the cost of one more tile, start-up costs cancelled
+    out["local_marginal_s_per_tile_10x_to_100x"] = (b["seconds"] - a["seconds"]) / (b["tiles"] - a["tiles"])
+    return out
+
+
+def stage_extract(tmp: Path, sizes: tuple[int, int]) -> dict:
+    out: dict[str, object] = {
+        "bench": "scale_extract",
+        "tile_px": 64,
+        "timesteps": [50],
+        "blocks": ["up1.res0"],
+    }
+    ckpt = None
+    for tiles in sizes:
+        folder = scene_folder(tmp / f"x{tiles}", tiles // 16, size=256)  # 16 tiles of 64 px per scene
+        shards = str(tmp / f"xshards{tiles}")
+        ingest(f"{folder}/images/*.tif", shards, ["val_fraction=0", "shard_max_mb=256"])
+        ckpt = ckpt or make_checkpoint(shards, tmp / "ckpt")
+        cfg = load_config(ExtractConfig, REPO / "configs/extract/tiny.yaml", [
+            f"checkpoint={ckpt}", f"shards={shards}", f"output={tmp / f'table{tiles}'}", "splits=[train]",
+            "timesteps=[50]", "blocks=[up1.res0]"])  # fmt: skip
+        table, seconds, mem = measured(run_extract, cfg)
+        images = sum(int(p["images"]) for p in table.parts("train"))
+        mb, store_mb = mem.peak / 2**20, mem.store_peak / 2**20
+        out[f"{tiles}"] = {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+                           "peak_rss_mb": mb, "store_peak_mb": store_mb}  # fmt: skip
+        shutil.rmtree(folder)
+    small, large = out[str(sizes[0])], out[str(sizes[1])]
+    out["large_vs_small_peak_rss"] = large["peak_rss_mb"] / small["peak_rss_mb"]
+    out["large_vs_small_images_per_s"] = large["images_per_s"] / small["images_per_s"]
+    return out
+
+
+def write_big_cog(path: Path, size: int) -> None:
+    """A ``size`` px 3-band uint8 COG of smooth texture, written 512 rows at a time (never whole in RAM)."""
+    tiled = path.with_suffix(".tiled.tif")
+    rng = np.random.default_rng(0)
+    with rasterio.open(
+        tiled, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32640",
+        transform=from_origin(500000, 2800000, 0.5, 0.5), tiled=True, blockxsize=512, blockysize=512,
+        compress="deflate",
+    ) as dst:  # fmt: skip
+        xx = np.arange(size, dtype=np.float32)[None, :]
+        for top in range(0, size, 512):
+            yy = np.arange(top, top + 512, dtype=np.float32)[:, None]
+            band = [127 + 60 * np.sin(xx / (40 + 9 * b)) * np.cos(yy / (55 + 7 * b)) for b in range(3)]
+            px = np.stack(band) + rng.normal(0, 12, (3, 512, size))
+            dst.write(px.clip(0, 255).astype(np.uint8), window=((top, top + 512), (0, size)))
+    rasterio.shutil.copy(tiled, path, driver="COG", blocksize=512, compress="deflate", overviews="NONE")
+    tiled.unlink()
+
+
+def tiny_head(tmp: Path, shards: str) -> tuple[TrainedHead, FeatureExtractor]:
+    ckpt = make_checkpoint(shards, tmp / "pckpt")
+    ddpm = load_pretrained(ckpt)
+    extractor = FeatureExtractor(ddpm, [50], ["up1.res0"])
+    cfg = build(HeadConfig, {})
+    head = TrainedHead(
+        module=build_head(cfg, extractor.dim, 5).eval(), config=to_container(cfg),
+        timesteps=extractor.timesteps, blocks=extractor.blocks, mean=np.zeros(extractor.dim, np.float32),
+        std=np.ones(extractor.dim, np.float32), classes=ddpm.meta["classes"], checkpoint=ckpt,
+    )  # fmt: skip
+    return head, extractor
+
+
+PREDICT_RUNS = ("small_scene", "region_512", "region_1024")
+
+
+def predict_runs(big: int, rounds: int) -> list[tuple[str, str, list[int] | None]]:
+    """``(tag, object, region)`` per run: each round reads objects and regions no run read before
+    (GDAL keeps what it fetched), all on the COG's 512 px tile grid."""
+    mid = big // 2
+    runs = []
+    for r in range(rounds):
+        runs += [("small_scene", f"small{r}", None), ("region_512", "big", [mid + 1024 * r, mid, 512, 512]),
+                 ("region_1024", "big", [2048 * r, 0, 1024, 1024])]  # fmt: skip
+    return runs
+
+
+def stage_predict(tmp: Path, big: int, rounds: int = 2) -> dict:
+    torch.set_num_threads(2)
+    folder = scene_folder(tmp / "pscenes", 8, size=256, bands=3, dtype="uint8")  # RGB, as the COG
+    shards = str(tmp / "pshards")
+    ingest(f"{folder}/images/*.tif", shards, ["val_fraction=0", "band_names=[red,green,blue]"])
+    head, extractor = tiny_head(tmp, shards)
+    write_big_cog(tmp / "big.tif", big)
+    write_big_cog(tmp / "small.tif", 512)
+    s3 = boto3.client("s3")
+    s3.upload_file(str(tmp / "big.tif"), BUCKET, "predict/big.tif")
+    for name in ["warm", *(f"small{r}" for r in range(rounds))]:
+        s3.upload_file(str(tmp / "small.tif"), BUCKET, f"predict/{name}.tif")
+    proxy = FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], max_faults=0).__enter__()
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url
+    predict_region(tmp, head, extractor, "warm", None, "warm")  # imports and first calls
+    got: dict[str, list[dict]] = {tag: [] for tag in PREDICT_RUNS}
+    for tag, name, region in predict_runs(big, rounds):
+        base = psutil.Process().memory_info().rss
+        proxy.body_bytes.clear()
+        with PeakRSS(tree=False) as rss:  # prediction runs in this process
+            t0 = time.perf_counter()
+            predict_region(tmp, head, extractor, name, region, tag)
+            seconds = time.perf_counter() - t0
+        fetched = sum(proxy.body_bytes.values())
+        got[tag].append({"seconds": seconds, "bytes": fetched, "growth": rss.peak - base})
+    return predict_summary(got, big, (tmp / "big.tif").stat().st_size)
+
+
+def predict_summary(got: dict[str, list[dict]], big: int, cog_bytes: int) -> dict:
+    """The best of the rounds per run (the least noise), and the ratios."""
+    out: dict[str, object] = {"bench": "scale_predict", "cog_px": big, "cog_mb": cog_bytes / 2**20,
+                              "rounds": len(got["small_scene"])}  # fmt: skip
+    for tag, runs in got.items():
+        mpx = (1024 * 1024 if tag == "region_1024" else 512 * 512) / 1e6
+        seconds = min(r["seconds"] for r in runs)
+        out[tag] = {"mpx": mpx, "seconds": seconds, "s_per_mpx": seconds / mpx,
+                    "bytes_read_mb": [r["bytes"] / 2**20 for r in runs],
+                    "peak_rss_growth_mb": min(r["growth"] for r in runs) / 2**20}  # fmt: skip
+    small, r512, r1024 = out["small_scene"], out["region_512"], out["region_1024"]
+    growth = "peak_rss_growth_mb"
+    out["region_512_vs_small_scene_peak_rss_growth"] = r512[growth] / small[growth]
+    out["region_512_vs_small_scene_s_per_mpx"] = r512["s_per_mpx"] / small["s_per_mpx"]
+    out["region_1024_vs_512_bytes_read"] = max(r1024["bytes_read_mb"]) / max(r512["bytes_read_mb"])
+    out["region_1024_vs_512_s_per_mpx"] = r1024["s_per_mpx"] / r512["s_per_mpx"]
+    out["region_512_bytes_vs_object"] = max(r512["bytes_read_mb"]) / out["cog_mb"]
+    return out
+
+
+def predict_region(tmp: Path, head, extractor, name: str, region, tag: str) -> None:
+    outputs = SceneOutputs(str(tmp / f"{tag}.tif"), None, str(tmp / f"{tag}.png"))
+    ref = SceneRef(tag, f"s3://{BUCKET}/predict/{name}.tif")
+    predict_scene(ref, head, extractor, WindowPlan(64, 16), outputs, batch_size=8, region=region)
+
+
+def stream_shards(root: Path, shards: int, per_shard: int) -> list[str]:
+    """``shards`` shards of ``per_shard`` 3-band uint8 tiles of 32 px under ``root``."""
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 255, (3, 32, 32), dtype=np.uint8) for _ in range(16)]
+    uris = []
+    for s in range(shards):
+        with ShardWriter(str(root), f"train-{s:05d}", 1 << 40) as w:
+            for i in range(per_shard):
+                w.write(Sample(f"sc{s}/{i}_0", pool[(s + i) % 16], None, {}))
+        uris += [info.uri for info in w.shards]
+    return uris
+
+
+def stream_run(uris: list[str], take: int, resume: dict | None = None) -> tuple[float, float]:
+    """``(seconds to the first tile, tiles/s over the next ``take``)`` of a one-rank stream."""
+    stream = ShardStream(uris, 0, 1, Normalizer((128.0,) * 3, (60.0,) * 3), 32, resume=resume)
+    t0 = time.perf_counter()
+    it = iter(stream)
+    next(it)
+    first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(take):
+        next(it)
+    return first, take / (time.perf_counter() - t1)
+
+
+def stage_stream(tmp: Path, per_shard: int = 200, take: int = 1500) -> dict:
+    """The same shards (``per_shard`` tiles each), 10 of them vs 1,000: 100x the epoch. Both runs
+    read ``take`` tiles inside their first epoch (the small one must not re-read warm shards)."""
+    torch.set_num_threads(1)
+    out: dict[str, object] = {"bench": "scale_stream", "tiles_per_shard": per_shard, "tile_px": 32}
+    for shards in (10, 1000):
+        uris = stream_shards(tmp / f"stream{shards}", shards, per_shard)
+        first, rate = stream_run(uris, take)
+        middle = {0: StreamPosition(epoch=0, consumed=shards * per_shard // 2)}
+        resumed_first, _ = stream_run(uris, 10, resume=middle)
+        out[str(shards)] = {"tiles": shards * per_shard, "first_tile_s": first, "tiles_per_s": rate,
+                            "resume_mid_epoch_first_tile_s": resumed_first}  # fmt: skip
+    small, large = out["10"], out["1000"]
+    out["1000_vs_10_tiles_per_s"] = large["tiles_per_s"] / small["tiles_per_s"]
+    out["1000_vs_10_first_tile_s"] = large["first_tile_s"] / small["first_tile_s"]
+    resume = "resume_mid_epoch_first_tile_s"
+    out["1000_vs_10_resume_mid_epoch_s"] = large[resume] / small[resume]
+    return out
+
+
+def _relative(rows: list[dict], size: str, cost: str, rss: str | None) -> tuple[list, list, list]:
+    """``(sizes, cost per unit / the first row's, RSS / the first row's)`` of ``rows``."""
+    first = rows[0]
+    return (
+        [r[size] for r in rows],
+        [r[cost] / first[cost] for r in rows],
+        [r[rss] / first[rss] for r in rows] if rss else [],
+    )
+
+
+def curves(result: dict) -> dict[str, tuple[list, list, list]]:
+    """The lines of one stage's result: ``{label: (sizes, relative cost per unit, relative RSS)}``."""
+    bench = result["bench"]
+    if bench == "scale_ingest":
+        out = {}
+        for where in ("local", "s3"):
+            rows = [result[k] for k in (f"{where}_1x", f"{where}_10x", f"{where}_100x") if k in result]
+            out[f"ingest, {where} (tiles)"] = _relative(rows, "tiles", "s_per_tile", "peak_rss_mb")
+        return out
+    if bench == "scale_extract":
+        rows = [v for v in result.values() if isinstance(v, dict) and "images_per_s" in v]
+        rows = [{**r, "s_per_image": 1 / r["images_per_s"]} for r in rows]
+        return {"extract (images)": _relative(rows, "images", "s_per_image", "peak_rss_mb")}
+    if bench == "scale_predict":
+        rows = [{**result["small_scene"], "scene_mpx": 0.262144},
+                {**result["region_512"], "scene_mpx": result["cog_px"] ** 2 / 1e6}]  # fmt: skip
+        label = "predict 512 px, scene size (megapixels)"
+        return {label: _relative(rows, "scene_mpx", "s_per_mpx", "peak_rss_growth_mb")}
+    rows = [{"shards": int(n), "s_per_tile": 1 / result[n]["tiles_per_s"]} for n in ("10", "1000")]
+    return {"pretraining stream (shards)": _relative(rows, "shards", "s_per_tile", None)}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Cost per unit of work and peak RSS against size, relative to each stage's smallest run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for result in results:
+        for name, (x, cost, rss) in curves(result).items():
+            a.plot(x, cost, marker="o", label=name)
+            if rss:
+                b.plot(x, rss, marker="o", label=name)
+    for ax, what in ((a, "seconds per unit of work"), (b, "peak RSS")):
+        ax.set_xscale("log")
+        ax.axhline(1.2, color="grey", ls="--", lw=1, label="goal: <= 1.2x")
+        ax.set_xlabel("size (tiles, images, megapixels of the scene, or shards)")
+        ax.set_ylabel(f"{what}, relative to the smallest run")
+        ax.set_ylim(0, max(1.5, ax.get_ylim()[1]))
+    a.legend(fontsize=7)
+    fig.suptitle("How rsdiff's cost grows with the work (2 CPUs; 1.0 = the stage's smallest run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def rounded(obj):
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    return round(obj, 4) if isinstance(obj, float) else obj
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stages", default="ingest,extract,predict,stream")
+    parser.add_argument("--scenes", type=int, default=72, help="ingest's 1x scene count")
+    parser.add_argument("--extract-tiles", default="500,10000", help="the small and the large extraction")
+    parser.add_argument("--cog-px", type=int, default=16384, help="side of the large COG")
+    parser.add_argument("--tmp", default=None, help="work folder (default: a temporary one; needs ~5 GB)")
+    parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"), help="only plot a results file")
+    args = parser.parse_args()
+    if args.plot:
+        lines = Path(args.plot[0]).read_text().splitlines()
+        return plot([json.loads(line) for line in lines if line.strip()], Path(args.plot[1]))
+    stages = args.stages.split(",")
+    start_s3_server()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        runs = {
+            "ingest": lambda: stage_ingest(tmp / "ingest", args.scenes),
+            "extract": lambda: stage_extract(
+                tmp / "extract", tuple(int(v) for v in args.extract_tiles.split(","))
+            ),
+            "predict": lambda: stage_predict(tmp / "predict", args.cog_px),
+            "stream": lambda: stage_stream(tmp / "stream"),
+        }
+        for stage in stages:
+            (tmp / stage).mkdir()
+            print(json.dumps(rounded({**runs[stage](), "cpus": os.cpu_count()})), flush=True)
+
+
+if __name__ == "__main__":
+    main()
