@@ -190,6 +190,7 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
         ("timesteps=[10,1000]", ConfigError, "each must be in [0, 999]"),
         ("shards={unlabeled}", DataError, "carry no labels"),
         ("shards={nolabels}", DataError, "no labeled pixel"),
+        ("read_ahead_mb=8", ConfigError, "read_ahead_mb"),
     ],
 )
 def test_extract_bad_inputs(labeled_ckpt, unlabeled_shards, tmp_path, override, error, needle):
@@ -274,3 +275,52 @@ def test_the_shard_reader_streams_so_memory_follows_one_tile_not_the_shard(tmp_p
     got = sum(1 for _ in read_labeled_tiles(str(cut), "train", 4, 32, 1.0, 0, lambda *r: reports.append(r)))
     assert 0 < got < 400 and reports == [reports[0]] and reports[0][0] == "bad_shards"
     assert f"unreadable after {got} samples" in reports[0][1]
+
+
+@pytest.mark.integration
+def test_the_read_ahead_bound_keeps_the_object_store_flat_behind_a_slow_consumer(ray_cluster):
+    """Readers that produce 320 MiB of tiles for a consumer that takes 20 ms a batch: bounded at
+    32 MiB, the object store never holds much more than the bound (before, Ray Data's readers ran
+    ahead up to a share of the whole store: here, most of the dataset)."""
+    import threading
+    import time
+
+    import ray
+
+    from rsdiff.features.extract import bound_read_ahead
+
+    def tiles(item):  # 32 rows of 1 MiB per item
+        for i in range(32):
+            yield {"id": item["id"] * 32 + i, "image": np.full(2**20, item["id"], np.uint8)}
+
+    def slow(batch):
+        time.sleep(0.02)
+        return {"id": batch["id"]}
+
+    def store_peak(read_ahead_mb: int | None) -> float:
+        ds = ray.data.from_items([{"id": i} for i in range(10)]).flat_map(tiles)
+        ds = (bound_read_ahead(ds, read_ahead_mb) if read_ahead_mb else ds).map_batches(slow, batch_size=4)
+        total = ray.cluster_resources()["object_store_memory"]
+
+        def used() -> float:  # what other tests of the session left in the store is subtracted
+            return total - ray.available_resources().get("object_store_memory", total)
+
+        base, peak, done = used(), 0.0, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, used() - base)
+                done.wait(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        ids = sorted(int(i) for b in ds.iter_batches(batch_size=None) for i in b["id"])
+        done.set()
+        sampler.join()
+        assert ids == list(range(320))  # every tile once, none lost to the bound
+        return peak / 2**20
+
+    bounded_peak, free_peak = store_peak(32), store_peak(None)
+    assert bounded_peak < 80, f"bounded at 32 MiB, the store held {bounded_peak:.0f} MiB"
+    assert free_peak > 100, f"unbounded, the store held {free_peak:.0f} MiB"  # the bound is what held it

@@ -44,6 +44,10 @@ class ExtractConfig:
     sample_seed: int = 0
     batch_size: int = bounded(8, ge=1)
     concurrency: int = bounded(1, ge=1)  # actors, each holding one frozen UNet
+    # object-store memory the job may hold between the shard readers and the actors (tiles read,
+    # not yet turned into features): the readers wait when it is full, so memory stays flat
+    # however many tiles there are
+    read_ahead_mb: int = bounded(256, ge=16)
     num_gpus: float = bounded(0.0, ge=0)  # per actor (1 on GPU clusters)
     precision: str = "auto"  # UNet inference: auto (bf16 on CUDA where supported) | fp32 | bf16
     overwrite: bool = False

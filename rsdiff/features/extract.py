@@ -366,7 +366,7 @@ def _feature_dataset(
         )
         datasets.append(ds.limit(cfg.max_images) if cfg.max_images else ds)
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    return ds.map_batches(
+    return bound_read_ahead(ds, int(cfg.read_ahead_mb)).map_batches(
         FeatureActor,
         fn_constructor_kwargs={"plan": plan},
         batch_size=cfg.batch_size,
@@ -375,6 +375,19 @@ def _feature_dataset(
         num_cpus=actor_cpus,
         num_gpus=cfg.num_gpus or None,
     )
+
+
+def bound_read_ahead(ds: Any, read_ahead_mb: int) -> Any:
+    """``ds`` with at most ``read_ahead_mb`` of object-store memory in flight: Ray Data's readers
+    otherwise run ahead of slower actors up to a share of the whole object store (the whole
+    dataset, when it fits), so memory grew with the number of tiles. Blocks are cut at an eighth
+    of the budget (at most 16 MiB) so that several fit. Sets ``ds``'s own context, not the global one."""
+    from ray.data import ExecutionResources
+
+    budget = read_ahead_mb * 2**20
+    ds.context.target_max_block_size = min(16 * 2**20, budget // 8)
+    ds.context.execution_options.resource_limits = ExecutionResources.for_limits(object_store_memory=budget)
+    return ds
 
 
 def _expected_images(cfg: ExtractConfig, manifest: Any, splits: list[str]) -> int:
