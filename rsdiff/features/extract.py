@@ -4,9 +4,9 @@
 one frozen UNet (one GPU each on a cluster), normalises a batch of tiles, samples labeled pixels
 per image (stratified by class, capped), reads the superset of timesteps x blocks at those
 pixels, and writes one fp16 part per batch straight to storage. The driver only collects part
-summaries and writes ``table.json`` last. The reader streams each shard one tile at a time, so
-memory is bounded by Ray Data's block size and the batch size, never by the number of images or
-the size of a shard.
+summaries and writes ``table.json`` last. The reader streams each shard one tile at a time and
+waits while ``read_ahead_mb`` of tiles are in flight, so memory is bounded by that budget and the
+batch size, never by the number of images or the size of a shard.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from rsdiff.features.config import ExtractConfig
 from rsdiff.features.extract import _image_rng, run_extract, sample_pixels
 from rsdiff.features.extractor import FeatureExtractor
 from rsdiff.features.parts import write_part
+from rsdiff.heads.artifact import TrainedHead, build_head
 from rsdiff.heads.config import HeadConfig
 from rsdiff.heads.fit import fit_head
 from rsdiff.ingest import run_ingest
@@ -75,6 +76,17 @@ def make_checkpoint(shards: str, out: Path) -> str:
     }
     checkpoint.save(out, {"model": model.state_dict(), "ema": model.state_dict(), "step": 0}, meta)
     return str(out)
+
+
+def fresh_head(extractor: FeatureExtractor, ckpt: str) -> TrainedHead:
+    """A default residual head with fresh weights over ``extractor``'s features, for throughput."""
+    cfg = build(HeadConfig, {})
+    return TrainedHead(
+        module=build_head(cfg, extractor.dim, len(extractor.ddpm.meta["classes"])).eval(),
+        config=to_container(cfg), timesteps=extractor.timesteps, blocks=extractor.blocks,
+        mean=np.zeros(extractor.dim, np.float32), std=np.ones(extractor.dim, np.float32),
+        classes=extractor.ddpm.meta["classes"], checkpoint=ckpt,
+    )  # fmt: skip
 
 
 class PeakRSS:

@@ -30,20 +30,19 @@ import numpy as np
 import rasterio
 import torch
 from _loopback_s3 import start_moto
+from bench_features import fresh_head
 from rasterio.transform import from_origin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from s3_fault_proxy import FaultyS3Proxy
 
 from rsdiff import storage
-from rsdiff.config import build, load_config, to_container
+from rsdiff.config import load_config, to_container
 from rsdiff.data.scenes import SceneRef
 from rsdiff.diffusion import checkpoint
 from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.features.blocks import list_blocks
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.artifact import TrainedHead, build_head
-from rsdiff.heads.config import HeadConfig
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan, predict_scene
 from rsdiff.train.config import PretrainConfig
 
@@ -154,12 +153,7 @@ def main() -> None:
         ddpm = load_pretrained(ckpt)
         blocks = [b for b in list_blocks(ddpm.model) if b.startswith("up")][:2]
         extractor = FeatureExtractor(ddpm, [50, 150], blocks)
-        cfg = build(HeadConfig, {})
-        head = TrainedHead(
-            module=build_head(cfg, extractor.dim, 5).eval(), config=to_container(cfg),
-            timesteps=extractor.timesteps, blocks=extractor.blocks, mean=np.zeros(extractor.dim, np.float32),
-            std=np.ones(extractor.dim, np.float32), classes=ddpm.meta["classes"], checkpoint=ckpt,
-        )  # fmt: skip
+        head = fresh_head(extractor, ckpt)
 
         def predict(ref: SceneRef, tag: str, region: list[int]) -> None:
             outputs = SceneOutputs(str(tmp / f"{tag}.tif"), None, str(tmp / f"{tag}.png"))

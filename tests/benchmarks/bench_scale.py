@@ -33,10 +33,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+import bench_features
 import boto3
 import numpy as np
 import psutil
@@ -44,13 +44,13 @@ import rasterio
 import rasterio.shutil
 import ray
 import torch
-from bench_features import make_checkpoint
+from bench_features import fresh_head, make_checkpoint
 from rasterio.transform import from_origin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from s3_fault_proxy import FaultyS3Proxy
 
-from rsdiff.config import build, load_config, to_container
+from rsdiff.config import load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.normalize import Normalizer
 from rsdiff.data.scenes import SceneRef
@@ -60,8 +60,7 @@ from rsdiff.diffusion.checkpoint import load_pretrained
 from rsdiff.features.config import ExtractConfig
 from rsdiff.features.extract import run_extract
 from rsdiff.features.extractor import FeatureExtractor
-from rsdiff.heads.artifact import TrainedHead, build_head
-from rsdiff.heads.config import HeadConfig
+from rsdiff.heads.artifact import TrainedHead
 from rsdiff.ingest import run_ingest
 from rsdiff.prediction.scene import SceneOutputs, WindowPlan, predict_scene
 from rsdiff.train.stream import ShardStream, StreamPosition
@@ -114,18 +113,17 @@ def object_store_used() -> int:
     return int(total - ray.available_resources().get("object_store_memory", total))
 
 
-class PeakRSS:
+class PeakRSS(bench_features.PeakRSS):
     """Samples the memory of this process and all its descendants (the local Ray cluster it
     started: GCS, raylet, workers), less the S3 server, every second (:func:`tree_rss`: reading
     PSS costs milliseconds per process), and the object store's use; ``tree=False``: this
     process's RSS alone, every 0.1 s. Another Ray on the machine is not counted."""
 
     def __init__(self, tree: bool = True) -> None:
-        self.peak = self.store_peak = 0
+        super().__init__()
+        self.store_peak = 0
         self.tree = tree
         self.every = 1.0 if tree else 0.1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -134,14 +132,6 @@ class PeakRSS:
             if self.tree:
                 self.store_peak = max(self.store_peak, object_store_used())
             self._stop.wait(self.every)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measured(fn, *args, **kwargs) -> tuple[object, float, PeakRSS]:
@@ -258,13 +248,7 @@ def tiny_head(tmp: Path, shards: str) -> tuple[TrainedHead, FeatureExtractor]:
     ckpt = make_checkpoint(shards, tmp / "pckpt")
     ddpm = load_pretrained(ckpt)
     extractor = FeatureExtractor(ddpm, [50], ["up1.res0"])
-    cfg = build(HeadConfig, {})
-    head = TrainedHead(
-        module=build_head(cfg, extractor.dim, 5).eval(), config=to_container(cfg),
-        timesteps=extractor.timesteps, blocks=extractor.blocks, mean=np.zeros(extractor.dim, np.float32),
-        std=np.ones(extractor.dim, np.float32), classes=ddpm.meta["classes"], checkpoint=ckpt,
-    )  # fmt: skip
-    return head, extractor
+    return fresh_head(extractor, ckpt), extractor
 
 
 PREDICT_RUNS = ("small_scene", "region_512", "region_1024")
@@ -462,6 +446,8 @@ def main() -> None:
     if args.plot:
         lines = Path(args.plot[0]).read_text().splitlines()
         return plot([json.loads(line) for line in lines if line.strip()], Path(args.plot[1]))
+    if args.cog_px < 8192 or args.cog_px % 512:
+        parser.error("--cog-px must be a multiple of 512 and at least 8192 (room for two rounds of regions)")
     stages = args.stages.split(",")
     start_s3_server()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
