@@ -3,10 +3,10 @@ process, as ratios. Prints one JSON line per stage.
 
 ingest:  generated scenes (4-band uint16, 128 x 128 px: 4 tiles of 64 px, with index masks) at 1x,
          10x and 100x ``--scenes`` (default 72, dubai-aerial's scene count), local disk to local
-         disk, and at 1x and 10x from loopback S3 to loopback S3: seconds per tile and peak RSS.
+         disk, and at 1x and 10x from loopback S3 to loopback S3: seconds per tile and peak memory.
 extract: ``run_extract`` over 500 vs 10,000 labeled 64 px tiles (``shard_max_mb=256``, so the
          large run's shards are the size users get), one timestep and one block of a fresh tiny
-         UNet: images/s and peak RSS.
+         UNet: images/s, peak memory and the object store's peak use.
 predict: ``predict_scene`` reading a 512 x 512 and a 1024 x 1024 px region of one 16384 x 16384
          px 3-band COG (512 px tiles, deflate) in loopback S3, vs a whole 512 x 512 px scene in the
          same store: peak RSS growth, bytes fetched (counted by a proxy) and seconds per megapixel.
@@ -15,11 +15,15 @@ stream:  the pretraining stream (one rank, no loader workers) over 1,000 shards 
          stream takes to its first tile from the middle of an epoch (it re-reads the epoch up to
          there, so this one grows with the epoch).
 
-Peak RSS sums this process and every Ray worker, sampled every 0.1 s; the S3 server runs in a
-process of its own and is not counted. Ratios compare runs of the same process, so the machine's
-noise mostly cancels.
+Memory: the summed PSS of this process and its descendants (the local Ray cluster it started), so
+the object store's shared pages count once, sampled every second; the S3 server runs in a process
+of its own and is not counted. Prediction runs in this process: its growth of RSS, sampled every
+0.1 s, the best of two rounds that read fresh objects and regions. Ratios compare runs of the same
+process, so the machine's noise mostly cancels.
 
     python tests/benchmarks/bench_scale.py [--stages ingest,extract,predict,stream] [--scenes 72]
+        [--extract-tiles 500,10000] [--cog-px 16384] [--tmp DIR]
+    python tests/benchmarks/bench_scale.py --plot RESULTS.json PLOT.png
 """
 
 from __future__ import annotations
