@@ -279,9 +279,9 @@ def test_the_shard_reader_streams_so_memory_follows_one_tile_not_the_shard(tmp_p
 
 @pytest.mark.integration
 def test_the_read_ahead_bound_keeps_the_object_store_flat_behind_a_slow_consumer(ray_cluster):
-    """Readers that produce 320 MiB of tiles for a consumer that takes 20 ms a batch: bounded at
-    32 MiB, the object store never holds much more than the bound (before, Ray Data's readers ran
-    ahead up to a share of the whole store: here, most of the dataset)."""
+    """Readers that produce 640 MiB of tiles for a consumer that takes 30 ms a batch: bounded at
+    32 MiB, the object store never holds much more than the bound; unbounded (as before), Ray
+    Data's readers run ahead up to a share of the whole store, past that ceiling."""
     import threading
     import time
 
@@ -294,11 +294,11 @@ def test_the_read_ahead_bound_keeps_the_object_store_flat_behind_a_slow_consumer
             yield {"id": item["id"] * 32 + i, "image": np.full(2**20, item["id"], np.uint8)}
 
     def slow(batch):
-        time.sleep(0.02)
+        time.sleep(0.03)
         return {"id": batch["id"]}
 
     def store_peak(read_ahead_mb: int | None) -> float:
-        ds = ray.data.from_items([{"id": i} for i in range(10)]).flat_map(tiles)
+        ds = ray.data.from_items([{"id": i} for i in range(20)]).flat_map(tiles)
         ds = (bound_read_ahead(ds, read_ahead_mb) if read_ahead_mb else ds).map_batches(slow, batch_size=4)
         total = ray.cluster_resources()["object_store_memory"]
 
@@ -318,9 +318,9 @@ def test_the_read_ahead_bound_keeps_the_object_store_flat_behind_a_slow_consumer
         ids = sorted(int(i) for b in ds.iter_batches(batch_size=None) for i in b["id"])
         done.set()
         sampler.join()
-        assert ids == list(range(320))  # every tile once, none lost to the bound
+        assert ids == list(range(640))  # every tile once, none lost to the bound
         return peak / 2**20
 
     bounded_peak, free_peak = store_peak(32), store_peak(None)
     assert bounded_peak < 80, f"bounded at 32 MiB, the store held {bounded_peak:.0f} MiB"
-    assert free_peak > 100, f"unbounded, the store held {free_peak:.0f} MiB"  # the bound is what held it
+    assert free_peak > 80, f"unbounded, the store held only {free_peak:.0f} MiB"  # the bound is what held it
