@@ -57,6 +57,7 @@ class ChunkResult:
     dropped_nodata: int
     unknown_label_pixels: int
     class_pixels: np.ndarray | None
+    shard_samples: dict[str, int]  # shard file name -> tiles it holds
 
 
 def _matching(refs: list[SceneRef], patterns: list[str], what: str) -> list[SceneRef]:
@@ -289,6 +290,7 @@ def _merge(
     stats = BandStats(len(cfg.bands) if cfg.bands is not None else band_count)
     shards: dict[str, list[str]] = {}
     samples: dict[str, int] = {}
+    shard_samples: dict[str, int] = {}
     scenes: dict[str, list[str]] = {}
     dropped = {"nodata_tiles": 0, "unknown_label_pixels": 0}
     class_pixels = np.zeros(classmap.num_classes, np.int64) if classmap else None
@@ -302,6 +304,7 @@ def _merge(
             shards.setdefault(split, []).extend(storage.name(u) for u in r.shards[split])
             samples[split] = samples.get(split, 0) + r.samples[split]
             scenes.setdefault(split, []).extend(r.scenes[split])
+        shard_samples.update(r.shard_samples)
         dropped["nodata_tiles"] += r.dropped_nodata
         dropped["unknown_label_pixels"] += r.unknown_label_pixels
         if class_pixels is not None and r.class_pixels is not None:
@@ -332,6 +335,7 @@ def _merge(
         ignore_index=IGNORE_INDEX,
         class_pixels=class_pixels.tolist() if class_pixels is not None else None,
         inputs=[storage.display(i) for i in cfg.inputs],
+        shard_samples=dict(sorted(shard_samples.items())),
         root=out,
     )
 
@@ -409,4 +413,5 @@ def _ingest_chunk(
         dropped_nodata=dropped,
         unknown_label_pixels=unknown,
         class_pixels=class_pixels,
+        shard_samples={storage.name(s.uri): s.samples for s in w.shards},
     )

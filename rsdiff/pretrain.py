@@ -42,6 +42,7 @@ from rsdiff.train.config import (
 )
 from rsdiff.train.memory import estimate_training_memory
 from rsdiff.train.names import SNAPSHOT
+from rsdiff.train.shuffle import ShardIndex
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ def _fit(
         normalizer=Normalizer.from_json(facts["normalization"]), meta=_checkpoint_meta(cfg, manifest, facts),
         run_id=handle.run_id, tracking_uri=uri, after_step=after_step,
         init=cfg.init if cfg.init.from_ else None, lease_uri=lease.uri, lease_owner=lease.owner,
+        shard_index=ShardIndex.of(manifest),
     )  # fmt: skip
     trainer, request = _trainer(cfg, plan)
     starts = len(handle.client.get_metric_history(handle.run_id, "started_at_step"))

@@ -20,6 +20,7 @@ from rsdiff.data.shards import iter_shard
 from rsdiff.data.synthetic import write_scene
 from rsdiff.errors import ConfigError, DataError, StorageError
 from rsdiff.ingest import run_ingest
+from rsdiff.train.shuffle import ShardIndex
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +111,10 @@ def test_uint16_geotiff_keeps_georeference_and_drops_nodata_tiles(tmp_path, ray_
     assert manifest.dropped["nodata_tiles"] == 5
     assert manifest.samples == {"train": 4}
     assert len(manifest.shards["train"]) >= 2  # the small shard cap rolls shards
+    # Per-shard counts, as read back: what a resumed pretraining stream replays its shuffle from.
+    held = {u: sum(1 for _ in iter_shard(u)) for u in manifest.shard_uris()}
+    index = ShardIndex.of(read_manifest(str(out)))
+    assert index is not None and index.samples == held and index.tile_shape == (4, 64, 64)
     assert manifest.dtype == "uint16" and manifest.bands == ["red", "green", "blue", "nir"]
     with rasterio.open(tmp_path / "src/images/border.tif") as ds:
         crs = ds.crs

@@ -15,7 +15,7 @@ from rsdiff import storage
 from rsdiff.config import load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.data.manifest import read_manifest
-from rsdiff.diffusion.checkpoint import load_pretrained, read_meta
+from rsdiff.diffusion.checkpoint import load_pretrained, load_state, read_meta
 from rsdiff.errors import ClusterError, ConfigError, DataError
 from rsdiff.ingest import run_ingest
 from rsdiff.pretrain import run_pretrain
@@ -200,6 +200,10 @@ def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
     got = dict(logged)
     for step in range(4, 9):  # step 4 from the first attempt; 5-8 computed only after the restart
         assert got[step] == pytest.approx(expect[step], rel=1e-6), (step, got, expect)
+    # The shards' counts are in the manifest, so the checkpoints' positions are replayable: a restart
+    # replays each slot's draws to its position instead of re-reading the epoch.
+    saved = load_state(tmp_path / "runs" / "interrupted" / "checkpoint_00000006")["stream"]
+    assert all(p[2] for rank in saved for p in rank["positions"].values()), saved
 
 
 @pytest.mark.e2e

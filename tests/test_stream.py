@@ -4,14 +4,18 @@ shards, no readable shard at all, or a store that cannot be used are one clear e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from rsdiff import storage
 from rsdiff.data.normalize import Normalizer
 from rsdiff.data.shards import Sample, ShardWriter
 from rsdiff.errors import DataError
 from rsdiff.storage import AccessError
+from rsdiff.train.shuffle import ShardIndex, locate
 from rsdiff.train.stream import ShardStream
 
 pytestmark = pytest.mark.unit
@@ -137,3 +141,104 @@ def test_a_resumed_stream_continues_at_the_exact_sample(tmp_path, workers):
             got = next(resumed)
             assert torch.equal(got["x"], want["x"]) and torch.equal(got["index"], want["index"])
     assert len({int(e) for b in expected for e in b["epoch"]}) >= 3
+
+
+def _indexed(tmp_path, n_shards: int, per_shard: int, bad_shard: int | None = None):
+    """``n_shards`` shards of ``per_shard`` 16 px tiles and their index (``bad_shard`` holds a
+    malformed sample: the index still claims ``per_shard`` tiles)."""
+    shards = [_shard(tmp_path, f"q{i:02d}", per_shard, bad_sample=i == bad_shard) for i in range(n_shards)]
+    return shards, ShardIndex({u: per_shard for u in shards}, (4, 16, 16))
+
+
+def _stream(shards, index, **kw) -> ShardStream:
+    return ShardStream(
+        shards, 0, 1, NORM, 12, shuffle_buffer=5, seed=3, index=index, max_bad_fraction=1.0, **kw
+    )
+
+
+def _positions(batches) -> dict:
+    positions: dict = {}
+    for batch in batches:
+        positions = ShardStream.positions_after(positions, batch)
+    return positions
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_indexed_resume_replays_the_draws_and_continues_at_the_exact_sample(tmp_path, workers):
+    """With the shards' sample counts, a resume replays the shuffle and augmentation draws without
+    reading the skipped samples and yields exactly what the straight stream yields next: mid-epoch,
+    in the buffer's final drain, and at an epoch boundary."""
+    shards, index = _indexed(tmp_path, 30, 6)
+    straight = iter(_loader(_stream(shards, index), workers))
+    expected = [next(straight) for _ in range(52)]  # 208 samples: past the first epoch of each slot
+    for cut in (1, 20, 44, 45, 50) if workers == 0 else (1, 9, 22, 23, 30):
+        positions = _positions(expected[:cut])
+        assert all(p.replayable for p in positions.values())
+        resumed = iter(
+            _loader(_stream(shards, index, resume=positions, first_slot=cut % max(1, workers)), workers)
+        )
+        for want in expected[cut : cut + 6]:
+            got = next(resumed)
+            assert torch.equal(got["x"], want["x"]) and torch.equal(got["index"], want["index"]), cut
+
+
+def test_an_indexed_resume_reads_only_the_buffered_shards_not_the_epoch(tmp_path, monkeypatch):
+    """Resuming 80 samples into a 180-sample epoch opens the shards that hold the buffered tiles
+    and the one it stands in, not the 14 shards read before it (an unindexed resume re-reads them)."""
+    shards, index = _indexed(tmp_path, 30, 6)
+    straight = iter(_loader(_stream(shards, index), 0))
+    expected = [next(straight) for _ in range(21)]
+    positions = _positions(expected[:20])
+    opened: list[str] = []
+    real_open = storage.open_stream
+    monkeypatch.setattr(storage, "open_stream", lambda uri: opened.append(uri) or real_open(uri))
+    for with_index, most in ((index, 3), (None, 30)):
+        opened.clear()
+        resumed = iter(_loader(_stream(shards, with_index, resume=positions), 0))
+        assert torch.equal(next(resumed)["x"], expected[20]["x"])
+        assert len(set(opened)) <= most, (with_index is not None, len(set(opened)))
+        if with_index is None:
+            assert len(set(opened)) >= 14
+
+
+@pytest.mark.parametrize("damage", ["malformed sample", "miscounted shard"])
+def test_a_resume_after_damage_or_a_wrong_count_re_reads_the_epoch_and_stays_exact(tmp_path, damage):
+    """An epoch that met a malformed sample, or a shard holding other than the index says, is not
+    replayable: its positions say so and the resume re-reads the epoch, still at the exact sample."""
+    shards, index = _indexed(tmp_path, 30, 6, bad_shard=4 if damage == "malformed sample" else None)
+    if damage == "miscounted shard":
+        index = ShardIndex({**index.samples, shards[4]: 7}, index.tile_shape)
+    straight = iter(_loader(_stream(shards, index), 0))
+    expected = [next(straight) for _ in range(48)]
+    positions = _positions(expected[:43])  # the epoch's last samples: every shard was read
+    assert not positions[0].replayable
+    resumed = iter(_loader(_stream(shards, index, resume=positions), 0))
+    for want in expected[43:]:
+        assert torch.equal(next(resumed)["x"], want["x"])
+
+
+def test_a_resume_whose_buffered_shard_became_unreadable_re_reads_and_counts_it(tmp_path, caplog):
+    """A shard holding buffered tiles that is now corrupt: the replay is abandoned with a warning,
+    the epoch re-read, and the damaged shard counted, not a crash."""
+    shards, index = _indexed(tmp_path, 30, 6)
+    straight = iter(_loader(_stream(shards, index), 0))
+    positions = _positions([next(straight) for _ in range(20)])
+    head_shard = _stream(shards, index).shard_order(0)[80 // 6]
+    Path(head_shard).write_bytes(np.random.default_rng(1).bytes(20_000))
+    with caplog.at_level("WARNING", logger="rsdiff.train.stream"):
+        resumed = _stream(shards, index, resume=positions)
+        batches = iter(_loader(resumed, 0))
+        assert next(batches)["x"].shape == (4, 4, 12, 12)
+    assert "re-reading the epoch to resume" in caplog.text
+    assert resumed.errors >= 1
+
+
+def test_sample_ids_map_to_shards_past_empty_ones_and_a_fresh_epoch_reads_every_shard(tmp_path):
+    """``locate`` skips shards the index calls empty; a fresh epoch still reads every shard (one
+    the index wrongly calls empty is read, and makes the epoch not replayable)."""
+    assert [locate([0, 3, 0, 2], i) for i in (0, 2, 3, 4, 5)] == [(1, 0), (1, 2), (3, 0), (3, 1), (4, 0)]
+    shards, index = _indexed(tmp_path, 2, 6)
+    first = _stream(shards, index).shard_order(0)[0]
+    stream = _stream(shards, ShardIndex({u: 0 if u == first else 6 for u in shards}, index.tile_shape))
+    items = [item for _, item in zip(range(12), iter(stream), strict=False)]
+    assert sorted(int(i["index"]) for i in items) == list(range(12)) and not items[-1]["replayable"]

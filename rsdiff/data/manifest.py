@@ -46,6 +46,9 @@ class Manifest:
     # efficiency report predicts and scores whole test scenes from these)
     scene_files: dict[str, dict[str, str | None]] = field(default_factory=dict)
     labels: dict[str, Any] | None = None  # the ingest's label config (mask template, classes, ...)
+    # shard file name -> tiles it holds: lets a resumed pretraining stream replay its shuffle to the
+    # position instead of re-reading the epoch (empty in manifests written before it was recorded)
+    shard_samples: dict[str, int] = field(default_factory=dict)
     root: str = field(default="", compare=False)
 
     @property

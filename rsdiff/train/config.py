@@ -18,6 +18,7 @@ from rsdiff.ray_config import RayConfig
 
 if TYPE_CHECKING:
     from rsdiff.data.normalize import Normalizer
+    from rsdiff.train.shuffle import ShardIndex
 
 SAMPLE_SHARDS = "runs/shards/sample"  # where ``jobs/make_sample.py`` puts the built-in sample
 
@@ -125,6 +126,9 @@ class TrainPlan:
     # and writes nothing once another job holds it (see rsdiff.lease). None: not leased.
     lease_uri: str | None = None
     lease_owner: str | None = None
+    # Tiles per shard from the manifest: a resumed stream replays its shuffle instead of re-reading
+    # the epoch (None: the manifest predates the counts).
+    shard_index: ShardIndex | None = None
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """One rank's training batches: its shard stream, the loader over it, and where it stands.
 
 The position (the stream's seed, the loader slot that serves the next batch, and each slot's
-epoch and sample count) is what a checkpoint saves per rank, so a resumed run with the same world
-size and loader workers continues at the exact sample; otherwise it starts a new seeded order.
+epoch, sample count and whether its epoch so far can be replayed from the shard counts) is what a
+checkpoint saves per rank, so a resumed run with the same world size and loader workers continues
+at the exact sample; otherwise it starts a new seeded order.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class RankData:
             plan.shards, rank, world, plan.normalizer, plan.image_size,
             shuffle_buffer=plan.data.shuffle_buffer, augment=plan.data.augment,
             seed=self.seed, resume=self.positions, first_slot=self.first_slot,
-            max_bad_fraction=plan.data.max_bad_shard_fraction,
+            max_bad_fraction=plan.data.max_bad_shard_fraction, index=plan.shard_index,
         )  # fmt: skip
         loader = torch.utils.data.DataLoader(
             self.stream,
@@ -76,5 +77,5 @@ class RankData:
             "seed": self.seed,
             "workers": self.workers,
             "next_slot": (self.first_slot + self.consumed) % self.workers,
-            "positions": {k: [p.epoch, p.consumed] for k, p in self.positions.items()},
+            "positions": {k: [p.epoch, p.consumed, p.replayable] for k, p in self.positions.items()},
         }
