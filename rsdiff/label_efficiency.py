@@ -163,9 +163,10 @@ def _table_images(table: Any, split: str) -> list[str]:
 class DenseTiles:
     """The labeled tiles of the table's train and val samples, decoded only when asked for.
 
-    Made with one pass over the shards that reads sample keys only (nothing is decoded); each
-    :meth:`get` then reads the shards holding the asked keys and decodes those samples alone, so
-    memory follows the drawn and val tiles of one draw, not the whole pool.
+    Made with one pass over the shards that records where each sample lies (its byte span; nothing
+    is decoded); each :meth:`get` then reads only the asked samples' bytes (ranged reads) and
+    decodes those alone, so memory and bytes read follow the drawn and val tiles of one draw, not
+    the pool or the shards' size.
 
     Raises:
         DataError: a key of the table is in none of the shards.
@@ -173,12 +174,12 @@ class DenseTiles:
 
     def __init__(self, shards: str, keys: set[str], normalizer: Any) -> None:
         from rsdiff.data.manifest import read_manifest
-        from rsdiff.data.shards import shard_keys
+        from rsdiff.data.shard_spans import shard_spans
 
         self.normalizer = normalizer
-        self.where = {
-            k: uri for uri in read_manifest(shards).shard_uris() for k in shard_keys(uri) if k in keys
-        }
+        self.where: dict[str, tuple[str, tuple[int, int]]] = {}
+        for uri in read_manifest(shards).shard_uris():
+            self.where.update((k, (uri, span)) for k, span in shard_spans(uri).items() if k in keys)
         missing = keys - self.where.keys()
         if missing:
             raise DataError(
@@ -188,12 +189,15 @@ class DenseTiles:
 
     def get(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(N, C, H, W)`` normalised float32 tiles and ``(N, H, W)`` uint8 labels of ``keys``."""
-        from rsdiff.data.shards import iter_shard
+        from rsdiff.data.shard_spans import read_spans
 
+        by_shard: dict[str, dict[str, tuple[int, int]]] = {}
+        for k in set(keys):
+            uri, span = self.where[k]
+            by_shard.setdefault(uri, {})[k] = span
         got: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        wanted = set(keys)
-        for uri in sorted({self.where[k] for k in wanted}):
-            for s in iter_shard(uri, keys=wanted):
+        for uri, spans in sorted(by_shard.items()):
+            for s in read_spans(uri, spans):
                 if s.label is None:
                     raise DataError(f"sample {s.key} of {storage.display(uri)} has no label")
                 got[s.key] = (self.normalizer(s.image), np.asarray(s.label, np.uint8))

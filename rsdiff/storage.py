@@ -255,6 +255,32 @@ def read_bytes(uri: str) -> bytes:
         raise _translate(exc, uri, "read") from exc
 
 
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of the object/file: one ranged GET on S3, retried like any read.
+
+    Raises:
+        StorageError: fewer bytes than asked for (the object is shorter, e.g. replaced since).
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        span = f"bytes={start}-{end - 1}"
+        data = retrying(
+            lambda: s3_client().get_object(Bucket=bucket, Key=key, Range=span)["Body"].read(), uri, "read"
+        )
+    else:
+        try:
+            with open(_local(uri), "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+        except OSError as exc:
+            raise _translate(exc, uri, "read") from exc
+    if len(data) != end - start:
+        raise StorageError(
+            f"{display(uri)} gave {len(data)} of bytes {start}-{end - 1}: it changed since it was indexed"
+        )
+    return data
+
+
 def read_text(uri: str) -> str:
     """The whole object/file decoded as UTF-8."""
     return read_bytes(uri).decode("utf-8")

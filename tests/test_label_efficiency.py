@@ -457,21 +457,16 @@ def test_per_scene_scores_are_keyed_by_the_manifests_scene_ids_for_nested_folder
     assert got == {"tile_1-images-a": {"miou": 0.5}, "tile_2-images-a2": {"miou": 0.25}}
 
 
-@pytest.mark.unit
-def test_dense_tiles_decode_only_the_asked_samples_so_memory_follows_the_draw(tmp_path):
-    """A pool of 600 labeled tiles (9 MiB as float32): indexing it decodes nothing, and a draw of
-    12 tiles holds those 12 alone; the tiles are exactly what the shards hold, normalised."""
-    import tracemalloc
-
+def _tile_pool(root: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Three shards of 200 labeled 4-band 32 px tiles (scenes of 20) with a manifest at ``root``;
+    returns ``{key: (image, label)}``."""
     from rsdiff.data.manifest import Manifest, write_manifest
-    from rsdiff.data.normalize import Normalizer
     from rsdiff.data.shards import Sample, ShardWriter
-    from rsdiff.label_efficiency import DenseTiles
 
     rng = np.random.default_rng(0)
     names, want = [], {}
     for part in range(3):
-        with ShardWriter(str(tmp_path), f"train-{part:04d}", 1 << 30) as w:
+        with ShardWriter(root, f"train-{part:04d}", 1 << 30) as w:
             for i in range(200):
                 key = f"scene{part}-{i // 20}/{i}_0"
                 image = rng.integers(0, 1000, (4, 32, 32), dtype=np.uint16)
@@ -479,8 +474,21 @@ def test_dense_tiles_decode_only_the_asked_samples_so_memory_follows_the_draw(tm
                 w.write(Sample(key, image, label, {}))
                 want[key] = (image, label)
         names += [s.uri.rsplit("/", 1)[1] for s in w.shards]
-    write_manifest(str(tmp_path), Manifest(["b", "g", "r", "n"], "uint16", 32, 32, {"train": 600},
-                                           {"train": names}, {}, {}))  # fmt: skip
+    write_manifest(root, Manifest(["b", "g", "r", "n"], "uint16", 32, 32, {"train": 600},
+                                  {"train": names}, {}, {}))  # fmt: skip
+    return want
+
+
+@pytest.mark.unit
+def test_dense_tiles_decode_only_the_asked_samples_so_memory_follows_the_draw(tmp_path):
+    """A pool of 600 labeled tiles (9 MiB as float32): indexing it decodes nothing, and a draw of
+    12 tiles holds those 12 alone; the tiles are exactly what the shards hold, normalised."""
+    import tracemalloc
+
+    from rsdiff.data.normalize import Normalizer
+    from rsdiff.label_efficiency import DenseTiles
+
+    want = _tile_pool(str(tmp_path))
     norm = Normalizer((500.0,) * 4, (100.0,) * 4)
     tracemalloc.start()
     tiles = DenseTiles(str(tmp_path), set(want), norm)
@@ -495,3 +503,56 @@ def test_dense_tiles_decode_only_the_asked_samples_so_memory_follows_the_draw(tm
     assert x.shape == (12, 4, 32, 32) and x.dtype == np.float32 and y.shape == (12, 32, 32)
     for n, key in enumerate(drawn):
         assert np.array_equal(x[n], norm(want[key][0])) and np.array_equal(y[n], want[key][1])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_draw_reads_only_its_tiles_bytes_not_their_shards(tmp_path, where, request, monkeypatch):
+    """After indexing, a draw of 12 tiles scattered over 3 shards (4.9 MB) fetches about their
+    own bytes with ranged reads (one per tile, neighbours merged), from disk or S3, and no shard
+    is streamed whole; the tiles are exactly what the shards hold."""
+    from rsdiff import storage
+    from rsdiff.data.normalize import Normalizer
+    from rsdiff.label_efficiency import DenseTiles
+
+    root = str(tmp_path) if where == "local" else f"{request.getfixturevalue('bucket')}/pool"
+    staged = tmp_path if where == "local" else tmp_path / "staged"
+    want = _tile_pool(str(staged))
+    if where == "s3":
+        for f in staged.iterdir():
+            storage.upload(f, f"{root}/{f.name}")
+    norm = Normalizer((500.0,) * 4, (100.0,) * 4)
+    tiles = DenseTiles(root, set(want), norm)
+    streamed, ranged = [], []
+    real_range = storage.read_range
+    monkeypatch.setattr(storage, "open_stream", lambda uri: streamed.append(uri))
+    monkeypatch.setattr(storage, "read_range", lambda u, a, b: ranged.append(b - a) or real_range(u, a, b))
+    drawn = sorted(want)[7::50]
+    x, y = tiles.get(drawn)
+    sample_bytes = sum(f.stat().st_size for f in staged.glob("*.tar")) / 600  # members, headers, padding
+    assert not streamed and len(ranged) == 12 and sum(ranged) <= 12 * sample_bytes, ranged
+    for n, key in enumerate(drawn):
+        assert np.array_equal(x[n], norm(want[key][0])) and np.array_equal(y[n], want[key][1])
+
+
+@pytest.mark.unit
+def test_a_corrupt_shard_or_one_changed_since_indexing_is_one_clear_error(tmp_path):
+    """Indexing a shard that is not a tar, or reading tiles from a shard rewritten since it was
+    indexed, fails naming the shard (not a bare tar or key error)."""
+    from rsdiff.data.normalize import Normalizer
+    from rsdiff.errors import DataError, StorageError
+    from rsdiff.label_efficiency import DenseTiles
+
+    want = _tile_pool(str(tmp_path))
+    norm = Normalizer((500.0,) * 4, (100.0,) * 4)
+    tiles = DenseTiles(str(tmp_path), set(want), norm)
+    shard = tmp_path / "train-0001-00000.tar"
+    original = shard.read_bytes()
+    shard.write_bytes(original[: len(original) // 2])  # truncated since indexed
+    with pytest.raises(StorageError, match=r"train-0001-00000\.tar gave .* it changed since it was indexed"):
+        tiles.get([k for k in sorted(want) if k.startswith("scene1-")][-1:])
+    shard.write_bytes(np.random.default_rng(1).bytes(len(original)))  # same size, other bytes
+    with pytest.raises(DataError, match=r"0001-00000\.tar (changed since it was indexed|no longer holds)"):
+        tiles.get([k for k in sorted(want) if k.startswith("scene1-")][:1])
+    with pytest.raises(DataError, match=r"train-0001-00000\.tar is not a readable tar"):
+        DenseTiles(str(tmp_path), set(want), norm)
