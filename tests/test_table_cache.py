@@ -252,3 +252,23 @@ def test_patience_zero_means_no_early_stopping_for_heads_as_for_the_scratch_unet
     assert patient.metrics["epochs_run"] == 5
     with pytest.raises(ConfigError, match=r"head\.patience=-1 is out of range"):
         fit_head(table, [10, 50], ["up0.res0"], build(HeadConfig, {**settings, "patience": -1}))
+
+
+def test_streamed_batches_hold_one_group_of_parts_not_the_split_or_two_groups(tmp_path):
+    """Streaming a 12-part split four parts at a time from the node copy: the peak of what the
+    reader allocates stays under twice one group's features (one group, its shuffle order and a
+    batch), not the split's, and every row comes exactly once."""
+    import tracemalloc
+
+    table = write_table(tmp_path / "t", parts_per_split=12, rows=20_000)
+    table = table.cached(TableCacheConfig(cache_dir=str(tmp_path / "c")))
+    chans = table.index.select([10, 50], ["up0.res0", "up1.res0"])  # all 12 channels, by index
+    group_bytes = 4 * 20_000 * DIM * 2
+    tracemalloc.start()
+    seen, total = 0, 0
+    for _x, y in table.iter_batches("train", chans, 4096, shuffle=True, seed=1, mix_parts=4):
+        seen, total = seen + len(y), total + int(y.sum())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seen == 12 * 20_000 and total == int(table.class_rows("train")[1])
+    assert peak < 2 * group_bytes, (peak, group_bytes)

@@ -110,13 +110,46 @@ class FeatureTable:
             rng.shuffle(parts)
         step = mix_parts if shuffle else 1
         for i in range(0, len(parts), step):
-            loaded = [self._load(n, channels, images) for n in parts[i : i + step]]
-            x = np.concatenate([a for a, _ in loaded])
-            y = np.concatenate([b for _, b in loaded])
+            x, y = self._group(parts[i : i + step], channels, images)
             order = rng.permutation(len(y)) if shuffle else np.arange(len(y))
             for j in range(0, len(y), batch_rows):
                 sel = order[j : j + batch_rows]
                 yield x[sel].astype(np.float32), y[sel].astype(np.int64)
+            del x, y, order  # freed before the next group is read: one group in memory at a time
+
+    def _group(
+        self, names: list[str], channels: np.ndarray | None, images: set[str] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of parts ``names``: ``(features (n, d) float16, labels (n,) uint8)``, filled
+        part by part into one array (no part is held twice), or, for an ``images`` subset (rows
+        unknown until read), concatenated.
+
+        Raises:
+            DataError: a part holding another number of rows than ``table.json`` says.
+        """
+        if images is not None:
+            loaded = [self._load(n, channels, images) for n in names]
+            return np.concatenate([a for a, _ in loaded]), np.concatenate([b for _, b in loaded])
+        rows = {p["name"]: int(p["rows"]) for p in self.meta["parts"]}
+        dim = int(self.meta["dim"]) if channels is None else len(channels)
+        x = np.empty((sum(rows[n] for n in names), dim), np.float16)
+        y = np.empty(len(x), np.uint8)
+        at = 0
+        for name in names:
+            part = self.part(name)
+            if len(part["labels"]) != rows[name]:
+                raise DataError(
+                    f"part {name} of {storage.display(self.root)} holds {len(part['labels'])} rows, its "
+                    f"table.json says {rows[name]}: re-extract the table"
+                )
+            out = x[at : at + rows[name]]
+            if channels is None:
+                out[:] = part["features"]
+            else:
+                np.take(part["features"], channels, axis=1, out=out)
+            y[at : at + rows[name]] = part["labels"]
+            at += rows[name]
+        return x, y
 
     def part(self, name: str) -> dict[str, np.ndarray]:
         """The columns of one part (see the module docstring), from the node-local copy if any."""
