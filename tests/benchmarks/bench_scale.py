@@ -3,7 +3,8 @@ process, as ratios. Prints one JSON line per stage.
 
 ingest:  generated scenes (4-band uint16, 128 x 128 px: 4 tiles of 64 px, with index masks) at 1x,
          10x and 100x ``--scenes`` (default 72, dubai-aerial's scene count), local disk to local
-         disk, and at 1x and 10x from loopback S3 to loopback S3: seconds per tile and peak memory.
+         disk, and at 1x and 10x (``--s3-up-to 100``: and 100x) from loopback S3 to loopback S3:
+         seconds per tile and peak memory.
 extract: ``run_extract`` over 500 vs 10,000 labeled 64 px tiles (``shard_max_mb=256``, so the
          large run's shards are the size users get), one timestep and one block of a fresh tiny
          UNet: images/s, peak memory and the object store's peak use.
@@ -31,7 +32,8 @@ of its own and is not counted. Prediction runs in this process: its growth of RS
 process, so the machine's noise mostly cancels.
 
     python tests/benchmarks/bench_scale.py [--stages ingest,extract,predict,stream,sweep,pool]
-        [--scenes 72] [--extract-tiles 500,10000] [--cog-px 16384] [--table-gb 10] [--tmp DIR]
+        [--scenes 72] [--s3-up-to 10] [--extract-tiles 500,10000] [--cog-px 16384] [--table-gb 10]
+        [--tmp DIR]
     python tests/benchmarks/bench_scale.py --plot RESULTS.json PLOT.png
 """
 
@@ -203,19 +205,21 @@ def ingest(inputs: str, output: str, extra: list[str] = ()) -> dict:
     return {"tiles": tiles, "seconds": seconds, "s_per_tile": seconds / tiles, "peak_rss_mb": mb}
 
 
-def stage_ingest(tmp: Path, scenes: int) -> dict:
+def stage_ingest(tmp: Path, scenes: int, s3_up_to: int = 10) -> dict:
+    """Ingest at 1x, 10x and 100x ``scenes`` on local disk, and from and to S3 up to ``s3_up_to``x."""
     out: dict[str, object] = {"bench": "scale_ingest", "scene_px": 128, "tile_px": 64}
     warm = scene_folder(tmp / "warm", scenes)
     ingest(f"{warm}/images/*.tif", str(tmp / "warm-shards"))  # Ray workers started, imports done
     for factor in (1, 10, 100):
         folder = scene_folder(tmp / f"scenes{factor}", scenes * factor)
         out[f"local_{factor}x"] = ingest(f"{folder}/images/*.tif", str(tmp / f"shards{factor}"))
-        if factor <= 10:
+        if factor <= s3_up_to:
             glob = upload(folder, f"scenes{factor}")
             out[f"s3_{factor}x"] = ingest(glob, f"s3://{BUCKET}/shards{factor}")
         shutil.rmtree(folder)
         shutil.rmtree(tmp / f"shards{factor}")
-    for where, big in (("local", 100), ("local", 10), ("s3", 10)):
+    pairs = [("local", 100), ("local", 10), ("s3", 10)] + ([("s3", 100)] if s3_up_to >= 100 else [])
+    for where, big in pairs:
         small, large = out[f"{where}_1x"], out[f"{where}_{big}x"]
         out[f"{where}_{big}x_vs_1x_s_per_tile"] = large["s_per_tile"] / small["s_per_tile"]
         out[f"{where}_{big}x_vs_1x_peak_rss"] = large["peak_rss_mb"] / small["peak_rss_mb"]
@@ -648,6 +652,7 @@ def main() -> None:
     )
     parser.add_argument("--stages", default="ingest,extract,predict,stream,sweep,pool")
     parser.add_argument("--scenes", type=int, default=72, help="ingest's 1x scene count")
+    parser.add_argument("--s3-up-to", type=int, default=10, choices=(10, 100), help="largest S3 ingest")
     parser.add_argument("--extract-tiles", default="500,10000", help="the small and the large extraction")
     parser.add_argument("--cog-px", type=int, default=16384, help="side of the large COG")
     parser.add_argument("--table-gb", type=float, default=10.0, help="the sweep's large feature table")
@@ -665,7 +670,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
         runs = {
-            "ingest": lambda: stage_ingest(tmp / "ingest", args.scenes),
+            "ingest": lambda: stage_ingest(tmp / "ingest", args.scenes, args.s3_up_to),
             "extract": lambda: stage_extract(
                 tmp / "extract", tuple(int(v) for v in args.extract_tiles.split(","))
             ),
