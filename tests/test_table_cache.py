@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from rsdiff.config import build, check_ranges
-from rsdiff.errors import ConfigError
+from rsdiff.errors import ConfigError, DataError
 from rsdiff.features import cache
 from rsdiff.features.cache import TableCacheConfig
 from rsdiff.features.index import ChannelIndex
@@ -272,3 +272,11 @@ def test_streamed_batches_hold_one_group_of_parts_not_the_split_or_two_groups(tm
     tracemalloc.stop()
     assert seen == 12 * 20_000 and total == int(table.class_rows("train")[1])
     assert peak < 2 * group_bytes, (peak, group_bytes)
+
+
+def test_a_part_holding_other_rows_than_its_table_json_says_is_one_clear_error(tmp_path):
+    table = write_table(tmp_path / "t")
+    meta = json.loads(json.dumps(table.meta))
+    meta["parts"][0]["rows"] += 1
+    with pytest.raises(DataError, match=r"holds 200 rows, its table.json says 201: re-extract the table"):
+        next(FeatureTable(table.root, meta).iter_batches(meta["parts"][0]["split"], shuffle=True))

@@ -102,7 +102,8 @@ class FeatureTable:
         ``channels`` selects feature columns (from :meth:`ChannelIndex.select`); ``shuffle`` mixes
         rows across ``mix_parts`` parts at a time; ``images`` keeps only rows of those image ids.
         """
-        parts = [p["name"] for p in self.parts(split)]
+        rows = {p["name"]: int(p["rows"]) for p in self.parts(split)}
+        parts = list(rows)
         if not parts:
             raise DataError(f"feature table {storage.display(self.root)} has no rows for split {split!r}")
         rng = np.random.default_rng(seed)
@@ -110,7 +111,7 @@ class FeatureTable:
             rng.shuffle(parts)
         step = mix_parts if shuffle else 1
         for i in range(0, len(parts), step):
-            x, y = self._group(parts[i : i + step], channels, images)
+            x, y = self._group({n: rows[n] for n in parts[i : i + step]}, channels, images)
             order = rng.permutation(len(y)) if shuffle else np.arange(len(y))
             for j in range(0, len(y), batch_rows):
                 sel = order[j : j + batch_rows]
@@ -118,19 +119,19 @@ class FeatureTable:
             del x, y, order  # freed before the next group is read: one group in memory at a time
 
     def _group(
-        self, names: list[str], channels: np.ndarray | None, images: set[str] | None
+        self, rows: dict[str, int], channels: np.ndarray | None, images: set[str] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of parts ``names``: ``(features (n, d) float16, labels (n,) uint8)``, filled
-        part by part into one array (no part is held twice), or, for an ``images`` subset (rows
-        unknown until read), concatenated.
+        """The rows of the parts ``rows`` names (``{part: rows it holds}``): ``(features (n, d)
+        float16, labels (n,) uint8)``, filled part by part into one array (no part is held twice),
+        or, for an ``images`` subset (rows unknown until read), concatenated.
 
         Raises:
             DataError: a part holding another number of rows than ``table.json`` says.
         """
+        names = list(rows)
         if images is not None:
             loaded = [self._load(n, channels, images) for n in names]
             return np.concatenate([a for a, _ in loaded]), np.concatenate([b for _, b in loaded])
-        rows = {p["name"]: int(p["rows"]) for p in self.meta["parts"]}
         dim = int(self.meta["dim"]) if channels is None else len(channels)
         x = np.empty((sum(rows[n] for n in names), dim), np.float16)
         y = np.empty(len(x), np.uint8)
