@@ -236,7 +236,7 @@ def test_a_resume_whose_buffered_shard_became_unreadable_re_reads_and_counts_it(
 def test_sample_ids_map_to_shards_past_empty_ones_and_a_fresh_epoch_reads_every_shard(tmp_path):
     """``locate`` skips shards the index calls empty; a fresh epoch still reads every shard (one
     the index wrongly calls empty is read, and makes the epoch not replayable)."""
-    assert [locate([0, 3, 0, 2], i) for i in (0, 2, 3, 4, 5)] == [(1, 0), (1, 2), (3, 0), (3, 1), (4, 0)]
+    assert locate([0, 3, 0, 2], [0, 2, 3, 4, 5]) == [(1, 0), (1, 2), (3, 0), (3, 1), (4, 0)]
     shards, index = _indexed(tmp_path, 2, 6)
     first = _stream(shards, index).shard_order(0)[0]
     stream = _stream(shards, ShardIndex({u: 0 if u == first else 6 for u in shards}, index.tile_shape))

@@ -12,7 +12,7 @@ holding the buffered tiles and the shard it stands in, however far into the epoc
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -107,11 +107,12 @@ def fast_forward(total: int, skip: int, shuffle: EpochShuffle, draw: Callable[[]
     return None
 
 
-def locate(counts: list[int], sample: int) -> tuple[int, int]:
-    """``(shard position, member)`` of sample id ``sample`` in an epoch whose shards hold ``counts``
-    (``(len(counts), 0)`` past the end)."""
+def locate(counts: list[int], samples: Iterable[int]) -> list[tuple[int, int]]:
+    """``(shard position, member)`` of each sample id in ``samples``, in an epoch whose shards hold
+    ``counts`` (``(len(counts), 0)`` past the end)."""
     starts = [0, *accumulate(counts)]
-    if sample >= starts[-1]:
-        return len(counts), 0
-    k = bisect_right(starts, sample) - 1
-    return k, sample - starts[k]
+    out = []
+    for sample in samples:
+        k = bisect_right(starts, sample) - 1 if sample < starts[-1] else len(counts)
+        out.append((k, sample - starts[k]) if k < len(counts) else (k, 0))
+    return out

@@ -84,10 +84,11 @@ class ShardStream(IterableDataset):
     A slot's epoch is a deterministic function of ``(seed, slot, epoch)``: its shard order, the
     shuffle buffer (emptied at the end of each epoch) and the augmentation draws. With ``index``
     (the shards' sample counts), a resume replays the draws of the skipped samples and reads only
-    the shards holding the buffered tiles and the shard it stands in: its cost no longer grows with
-    the position in the epoch. Without it, or when the epoch met a damaged or miscounted shard
-    before the position, the resume re-reads the epoch up to there (decoding, but not normalising
-    or augmenting, the skipped samples).
+    the shards holding the buffered tiles and the shard it stands in: what it reads no longer grows
+    with the position in the epoch (the replay does, a few microseconds per skipped sample).
+    Without it, or when the epoch met a damaged or miscounted shard before the position, the resume
+    re-reads the epoch up to there (decoding, but not normalising or augmenting, the skipped
+    samples).
 
     Args:
         shards: shard URIs (local or s3://).
@@ -272,7 +273,7 @@ class ShardStream(IterableDataset):
         indexed shape and nothing was skipped as damaged."""
         counts = self.index.counts(self.shard_order(epoch)) if self.index else None
         agree.ok = agree.ok and counts is not None
-        start = locate(counts, head) if counts is not None and head else (0, 0)
+        start = locate(counts, [head])[0] if counts is not None and head else (0, 0)
         errors, (shard, members) = self._local_errors, start
         for k, j, raw in self._raw_epoch(epoch, bad, start):
             try:
@@ -297,8 +298,7 @@ class ShardStream(IterableDataset):
         """The tiles of sample ids ``ids`` of an epoch reading ``order``, read from the shards that
         hold them (None, logged, when one of them no longer holds a tile of ``shape`` there)."""
         wanted: dict[int, dict[int, int]] = {}
-        for sample in ids:
-            k, j = locate(counts, sample)
+        for sample, (k, j) in zip(ids, locate(counts, ids), strict=True):
             wanted.setdefault(k, {})[j] = sample
         tiles: dict[int, np.ndarray] = {}
         for k, members in sorted(wanted.items()):
