@@ -132,6 +132,9 @@ class LabelEfficiencyConfig:
     window: int | None = None  # prediction windows (see jobs/predict.py); default: the tile size
     overlap: int | None = None  # default: jobs/predict.py's
     table: TableCacheConfig = field(default_factory=TableCacheConfig)  # how the draws read the table
+    # 1: every method trains on this process's GPU (run the job on a GPU node) and each test scene's
+    # prediction task asks Ray for a GPU; 0: the CPU
+    num_gpus: int = bounded(0, ge=0, le=1)
     output: str = "runs/label_efficiency"
     tracking: StageTracking = field(
         default_factory=lambda: StageTracking(experiment="rsdiff-label-efficiency")
@@ -251,6 +254,9 @@ def _check(cfg: LabelEfficiencyConfig) -> None:
         raise ConfigError("dense_decoder.readout must be decoder (finetune reads the UNet's output)")
     if ValBudget(cfg.val_budget) is ValBudget.k and CountUnit(cfg.unit) is not CountUnit.scenes:
         raise ConfigError("val_budget=k draws k val scenes: it needs unit=scenes")
+    from rsdiff.devices import pick_device
+
+    pick_device(cfg.num_gpus)  # num_gpus=1 without CUDA here: one clear error before any work
 
 
 def run_label_efficiency(cfg: LabelEfficiencyConfig) -> LabelEfficiencyResult:
@@ -392,6 +398,13 @@ class _Context:
     recipe_scenes: list[str]  # scenes whose labels chose the timesteps/blocks/head (a sweep's)
     _dense_cache: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
+    @property
+    def device(self) -> Any:
+        """Where every method trains (``num_gpus``)."""
+        from rsdiff.devices import pick_device
+
+        return pick_device(self.cfg.num_gpus)
+
     def val_scenes(self, k: int, draw: int) -> list[str]:
         """The val scenes that stop training in draw ``draw`` at ``k`` (see :class:`ValBudget`)."""
         if ValBudget(self.cfg.val_budget) is ValBudget.all:
@@ -455,7 +468,7 @@ def _fit_feature_head(
     hc = build(HeadConfig, base, {"input_noise": noise, "seed": cfg.seed + draw})
     head = fit_head(
         ctx.table, ctx.timesteps, ctx.blocks, hc, train_images=set(chosen), val_split="val",
-        val_images=set(val_keys), memory_mb=cfg.table.memory_mb,
+        val_images=set(val_keys), memory_mb=cfg.table.memory_mb, device=ctx.device,
     )  # fmt: skip
     return head, {
         "val_miou": head.metrics.get("miou"),
@@ -509,13 +522,14 @@ def _fit_dense_trial(
     trial = {k: v for k, v in over.items() if k != "lr_scale"} | {"lr": base.lr * over["lr_scale"]}
     if method == BASELINE:
         ucfg = build(ScratchUNetConfig, base, {"seed": cfg.seed + draw}, trial)
-        model, facts = fit_scratch_unet(*data, n, ucfg, _dense_noise(cfg))
-        return TrainedHead.from_pixel_unet(model, ucfg, int(data[0].shape[1]), classes, checkpoint), facts
+        model, facts = fit_scratch_unet(*data, n, ucfg, _dense_noise(cfg), device=ctx.device)
+        head = TrainedHead.from_pixel_unet(model.cpu(), ucfg, int(data[0].shape[1]), classes, checkpoint)
+        return head, facts
     scfg = build(SegmenterConfig, base, trial)
-    net = build_segmenter(ctx.ddpm.model, n, scfg)
+    net = build_segmenter(ctx.ddpm.model, n, scfg).to(ctx.device)
     groups = net.param_groups(scfg.lr, scfg.backbone_lr_scale)
     facts = fit_dense(net, groups, data, n, scfg, _dense_noise(cfg))
-    return TrainedHead.from_segmenter(net, scfg, classes, checkpoint), facts
+    return TrainedHead.from_segmenter(net.cpu(), scfg, classes, checkpoint), facts
 
 
 def segmenter_config(cfg: LabelEfficiencyConfig, method: str, draw: int) -> SegmenterConfig:
@@ -552,6 +566,7 @@ def _score_on_test(ctx: _Context, head_uri: str, name: str) -> tuple[dict[str, A
                 "window": cfg.window,
                 "overlap": cfg.overlap,
                 "region": cfg.test_region,
+                "num_gpus": cfg.num_gpus,
                 "tracking": {"enabled": False},
                 "ray": cfg.ray,
             },

@@ -122,6 +122,41 @@ def test_training_step_and_ema_on_meta():
     assert loss.device == META and grad_norm.device == META
 
 
+@pytest.mark.parametrize("network", ["scratch_unet", "finetune", "dense_decoder"])
+def test_dense_training_step_and_validation_on_meta(network):
+    """Label efficiency's networks with ``num_gpus=1``: a training step and a validation pass take
+    CPU tiles and masks (where the draws keep them) to the model's device, class weights beside it."""
+    from rsdiff.heads.config import SegmenterConfig
+    from rsdiff.heads.dense_fit import class_weights, dense_predictions, dense_step
+    from rsdiff.heads.scratch_unet import SmallUNet
+    from rsdiff.heads.segmenter import build_segmenter
+
+    if network == "scratch_unet":
+        net = SmallUNet(BANDS, 3, 8, 2).to(META)
+        params = list(net.parameters())
+    else:
+        readout = "output" if network == "finetune" else "decoder"
+        cfg = build(SegmenterConfig, {"readout": readout, "width": 8})
+        net = build_segmenter(_ddpm(torch.device("cpu")).model, 3, cfg).to(META)
+        params = [p for g in net.param_groups(1e-3, 0.1) for p in g["params"]]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    y = torch.randint(0, 3, (2, SIZE, SIZE), dtype=torch.uint8)
+    weight = class_weights(y, 3, "balanced").to(META)
+    loss = dense_step(net, opt, torch.zeros(2, BANDS, SIZE, SIZE), y, weight)
+    assert loss.device == META
+    preds = list(dense_predictions(net, torch.zeros(3, BANDS, SIZE, SIZE), batch=2))
+    assert [p.shape for p in preds] == [(2, SIZE, SIZE), (1, SIZE, SIZE)] and preds[0].device == META
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_label_efficiency_on_a_gpu_without_cuda_is_refused_before_any_work(tmp_path):
+    from conftest import run_job_inline
+
+    proc = run_job_inline("label_efficiency.py", f"features={tmp_path / 'absent'}", "num_gpus=1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "num_gpus=1 but CUDA is not available" in proc.stderr and "absent" not in proc.stderr
+
+
 @pytest.mark.parametrize("kind", ["residual", "ensemble"])
 def test_head_training_epoch_and_prediction_on_meta(kind):
     head = _head(24, META, kind)

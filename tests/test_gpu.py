@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import REPO
+from conftest import REPO, run_job_inline
 from step_faults import FailOnce
 
 from rsdiff.config import build, load_config
@@ -105,3 +105,26 @@ def test_resume_on_gpu_continues_each_ranks_noise_and_data(sample_demo, tmp_path
     expect, got = losses(straight.mlflow_run_id), losses(resumed.mlflow_run_id)
     for step in range(4, 9):
         assert got[step] == pytest.approx(expect[step], rel=1e-2), (step, got, expect)
+
+
+@needs_cuda
+def test_label_efficiency_trains_and_predicts_on_the_gpu(sample_demo, tmp_path, ray_cluster):
+    """``num_gpus=1``: a feature head, the fine-tuned denoiser and the scratch UNet trained on the GPU,
+    each test scene predicted by a GPU task, every head saved for the CPU as a CPU run saves it."""
+    from rsdiff.heads.artifact import TrainedHead
+
+    out = tmp_path / "le"
+    proc = run_job_inline(
+        "label_efficiency.py", f"features={sample_demo / 'features'}", "ks=[1]", "draws=1",
+        "methods=[residual,finetune,scratch_unet]", "unet.steps=8", "unet.eval_every=4", "finetune.steps=8",
+        "finetune.eval_every=4", "head.epochs=2", "num_gpus=1", f"output={out}", "tracking.enabled=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"residual", "finetune", "scratch_unet"}
+    assert all(0 <= r["test_miou"] <= 1 for r in runs)
+    for r in runs:
+        summary = json.loads((out / "predictions" / f"{r['method']}-k1-d0" / "predictions.json").read_text())
+        assert summary["config"]["num_gpus"] == 1
+        head = TrainedHead.load(str(out / "heads" / f"{r['method']}-k1-d0"))
+        assert {p.device.type for p in head.module.parameters()} == {"cpu"}

@@ -38,16 +38,23 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[tor
 
 
 @torch.no_grad()
+def dense_predictions(model: nn.Module, images: torch.Tensor, batch: int = 8):
+    """``(b, H, W)`` class ids of ``model`` on ``(N, C, H, W)`` tiles, ``batch`` tiles at a time, on
+    the model's device (the tiles may live anywhere: each batch moves there)."""
+    model.eval()
+    device = next(model.parameters()).device
+    for i in range(0, len(images), batch):
+        yield model(images[i : i + batch].to(device)).argmax(1)
+
+
 def evaluate_dense(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch: int = 8
 ) -> ConfusionMatrix:
     """Confusion matrix of ``model`` on ``(N, C, H, W)`` tiles against ``(N, H, W)`` dense labels
     (``IGNORE_INDEX`` pixels left out)."""
-    model.eval()
     cm = ConfusionMatrix(num_classes)
-    for i in range(0, len(images), batch):
-        pred = model(images[i : i + batch]).argmax(1).numpy()
-        cm.update(pred.astype(np.uint8), labels[i : i + batch].numpy().astype(np.uint8))
+    for i, pred in zip(range(0, len(images), batch), dense_predictions(model, images, batch)):
+        cm.update(pred.cpu().numpy().astype(np.uint8), labels[i : i + batch].numpy().astype(np.uint8))
     return cm
 
 
@@ -76,6 +83,23 @@ def lr_factor(step: int, steps: int, schedule: LRSchedule) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def dense_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, weight: Any
+) -> torch.Tensor:
+    """One optimiser step of cross-entropy over the labeled pixels of ``(B, C, H, W)`` tiles ``x``
+    and ``(B, H, W)`` labels ``y`` (moved to the model's device), with ``(classes,)`` class weights
+    ``weight`` on that device or None; returns the loss, on that device."""
+    device = next(model.parameters()).device
+    model.train()
+    loss = F.cross_entropy(
+        model(x.to(device, non_blocking=True)), y.to(device).long(), weight=weight, ignore_index=IGNORE_INDEX
+    )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def fit_dense(
     model: nn.Module,
     groups: list[dict[str, Any]],
@@ -84,8 +108,10 @@ def fit_dense(
     cfg: DenseTrainConfig,
     input_noise: float = 0.0,
 ) -> dict[str, Any]:
-    """Train ``model`` (``(B, C, H, W)`` -> ``(B, classes, H, W)`` logits) in place and leave it
-    holding its best weights by val mIoU, in eval mode.
+    """Train ``model`` (``(B, C, H, W)`` -> ``(B, classes, H, W)`` logits) in place, on the device
+    its parameters live on, and leave it holding its best weights by val mIoU, in eval mode. The
+    tiles stay where they are (the CPU): each batch moves to the model's device; the random draws
+    (tiles, transforms, noise) are made on the CPU, so a run draws the same batches on any device.
 
     Args:
         groups: the optimiser's parameter groups, each with its own ``lr`` (discriminative rates).
@@ -103,21 +129,19 @@ def fit_dense(
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
     weight = class_weights(train_y, num_classes, cfg.class_weighting)
+    if weight is not None:
+        weight = weight.to(next(model.parameters()).device)
     best: tuple[float, int, Any] = (-1.0, 0, None)
     since_best = seen = step = 0
     for step in range(1, cfg.steps + 1):
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * lr_factor(step, cfg.steps, cfg.lr_schedule)
-        model.train()
         idx = torch.randint(len(train_x), (min(cfg.batch_size, max(2, len(train_x))),), generator=gen)
         x, y = augment(train_x[idx], train_y[idx], gen)
-        if input_noise > 0:
-            x = x + input_noise * torch.randn(x.shape, generator=gen)
-        loss = F.cross_entropy(model(x), y.long(), weight=weight, ignore_index=IGNORE_INDEX)
         seen += int((y != IGNORE_INDEX).sum())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if input_noise > 0:  # drawn on the CPU: the same stream on every device
+            x = x + input_noise * torch.randn(x.shape, generator=gen)
+        dense_step(model, opt, x, y, weight)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             miou = evaluate_dense(model, val_x, val_y, num_classes).miou()
             if miou > best[0]:

@@ -70,19 +70,21 @@ def fit_scratch_unet(
     num_classes: int,
     cfg: ScratchUNetConfig,
     input_noise: float = 0.0,
+    device: str | torch.device = "cpu",
 ) -> tuple[SmallUNet, dict[str, Any]]:
     """Train a :class:`SmallUNet` on ``(N, C, H, W)`` normalised tiles with ``(N, H, W)`` dense labels
     (``IGNORE_INDEX`` = unlabeled) through :func:`rsdiff.heads.dense_fit.fit_dense`: random
     flips/rotations, input noise of std ``input_noise``, the config's class weighting and learning
     rate schedule, and the best weights by val mIoU on the ``val`` tiles' dense labels (early
-    stopping: ``patience`` evaluations without a better one end training).
+    stopping: ``patience`` evaluations without a better one end training). The network trains on
+    ``device``; the tiles stay on the CPU and move there a batch at a time.
 
     Returns:
         ``(model with the best weights, facts)``; facts: ``val_miou``, ``best_step``, ``steps`` (run),
         ``params``, ``train_seconds``, ``pixel_steps`` (labeled pixels seen, summed over steps).
     """
     torch.manual_seed(cfg.seed)
-    model = SmallUNet(train_x.shape[1], num_classes, cfg.base_channels, cfg.levels)
+    model = SmallUNet(train_x.shape[1], num_classes, cfg.base_channels, cfg.levels).to(device)
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     facts = fit_dense(model, groups, (train_x, train_y, val_x, val_y), num_classes, cfg, input_noise)
     return model, facts
