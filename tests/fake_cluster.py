@@ -205,7 +205,7 @@ class FakeCluster:
         if self.head is not None and self.head.poll() is None:
             self.head.send_signal(signal.SIGTERM)
             try:
-                self.head.wait(timeout=60)
+                self.head.wait(timeout=10)  # then killed, with whatever it left (below)
             except subprocess.TimeoutExpired:
                 self.head.kill()
         for proc in _cluster_processes(self.gcs_port):

@@ -275,4 +275,4 @@ def test_a_preempted_node_is_replaced_and_training_resumes_from_s3(cluster, s3_s
     assert started == [0, restart], started
     assert "resuming from checkpoint at step" in logs
     print(f"preemption: lost at step {lost_at}, resumed from {restart}, recovered in {recovered_s:.0f} s")
-    _wait_idle(cluster, "the worker nodes to be removed after the run")
+    # Scaling back down is the scale-up test's to check; the module's teardown stops the nodes.

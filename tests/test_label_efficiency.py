@@ -238,8 +238,8 @@ def test_the_denoiser_as_segmenter_against_the_same_network_from_random_init(
     proc = run_job_inline(
         "label_efficiency.py", f"features={sample_demo / 'features'}", "ks=[1,2]", "draws=2",
         "methods=[finetune,finetune_random,dense_decoder,scratch_unet]", "val_budget=k",
-        "unet.steps=8", "unet.eval_every=4", "finetune.steps=8", "finetune.eval_every=4",
-        "dense_decoder.steps=8", "dense_decoder.eval_every=4", "dense_decoder.width=8",
+        "unet.steps=4", "unet.eval_every=2", "finetune.steps=4", "finetune.eval_every=2",
+        "dense_decoder.steps=4", "dense_decoder.eval_every=2", "dense_decoder.width=8",
         "unet.class_weighting=balanced", "unet.lr_schedule=cosine", "grid.lr_scale=[0.5,2.0]",
         f"output={out}", "tracking.enabled=false",
     )  # fmt: skip

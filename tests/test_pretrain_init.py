@@ -91,6 +91,8 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
         "checkpoint.every_steps=4",
         "tracking.log_every=2",
         "tracking.sample_every=1000",
+        "tracking.sample_count=2",  # the run's last step still samples: two pictures of two steps
+        "tracking.sample_steps=2",
         f"run.storage={tmp_path / 'runs'}",
         f"tracking.uri={mlflow_uri}",
     )
@@ -158,6 +160,7 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
         f"head={tmp_path / 'sweep' / 'best'}",
         f"inputs=[{scene}]",
         f"output={tmp_path / 'maps'}",
+        "region=[0,0,128,192]",  # a corner of the scene: the whole one cost a minute on 2 CPUs
         "tracking.enabled=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -166,8 +169,8 @@ def test_adm_file_to_pretraining_to_ddpm_seg_blocks_to_sweep_to_predict(
         warnings.simplefilter("ignore")
         class_map = tmp_path / "maps" / summary["scenes"][0]["class_map"]
         with rasterio.open(scene) as src, rasterio.open(class_map) as out:
-            assert (out.width, out.height) == (src.width, src.height)
-            assert out.crs == src.crs and out.transform == src.transform
+            assert (out.height, out.width) == (128, 192)
+            assert out.crs == src.crs and out.transform == src.window_transform(((0, 128), (0, 192)))
             assert set(np.unique(out.read(1))) <= set(range(len(table.meta["classes"])))
 
 
@@ -224,7 +227,8 @@ def test_continuing_an_rsdiff_checkpoint_or_a_diffusers_folder_on_other_imagery(
         PretrainConfig, REPO / "configs/pretrain/tiny.yaml",
         [f"data.shards={shards}", f"init.from={source}", "data.batch_size=4", "data.num_workers=0",
          "optim.max_steps=2", "optim.warmup_steps=1", "optim.lr=1e-6", "checkpoint.every_steps=2",
-         "tracking.sample_every=1000", f"run.storage={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri}"],
+         "tracking.sample_every=1000", "tracking.sample_count=2", "tracking.sample_steps=2",
+         f"run.storage={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri}"],
     )  # fmt: skip
     result = run_pretrain(cfg)
     assert result.step == 2  # a new run: not the source's step + 2
