@@ -240,6 +240,19 @@ def actor_resources(cluster_cpus: float, concurrency: int) -> tuple[float, float
     return cluster_cpus / (2 * concurrency), cluster_cpus / 2
 
 
+def actor_plan(
+    cfg: ExtractConfig, checkpoint: str, ddpm: Any, extractor: Any, num_classes: int, out: str
+) -> ActorPlan:
+    """What every feature actor of ``cfg`` is told: the ``checkpoint`` the driver loaded as ``ddpm``
+    (its weights' digest), ``extractor``'s resolved timesteps and blocks, the table folder ``out``."""
+    return ActorPlan(
+        checkpoint=checkpoint, checkpoint_sha256=ddpm.weights_sha256, timesteps=extractor.timesteps,
+        blocks=extractor.blocks, output=out, num_classes=num_classes,
+        pixels_per_class=int(cfg.pixels_per_class), noise_seed=int(cfg.noise_seed),
+        sample_seed=int(cfg.sample_seed), num_gpus=float(cfg.num_gpus), precision=str(cfg.precision),
+    )  # fmt: skip
+
+
 def run_extract(cfg: ExtractConfig) -> FeatureTable:
     """Extract the configured features into a table at ``cfg.output``; returns it opened.
 
@@ -272,13 +285,7 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
     storage.check_writable(out)
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
-    plan = ActorPlan(
-        checkpoint=checkpoint, checkpoint_sha256=ddpm.weights_sha256, timesteps=extractor.timesteps,
-        blocks=extractor.blocks, output=out,
-        num_classes=len(manifest.classes or []), pixels_per_class=int(cfg.pixels_per_class),
-        noise_seed=int(cfg.noise_seed), sample_seed=int(cfg.sample_seed), num_gpus=float(cfg.num_gpus),
-        precision=str(cfg.precision),
-    )  # fmt: skip
+    plan = actor_plan(cfg, checkpoint, ddpm, extractor, len(manifest.classes or []), out)
     counter = ProgressCounter.remote()
     try:
         summaries = _collect(

@@ -38,7 +38,7 @@ from rsdiff.data.shards import iter_shard
 from rsdiff.data.synthetic import write_sample_dataset
 from rsdiff.diffusion.schedule import make_scheduler
 from rsdiff.features.config import ExtractConfig
-from rsdiff.features.extract import ActorPlan, FeatureActor, _decoder_blocks, run_extract
+from rsdiff.features.extract import FeatureActor, _decoder_blocks, actor_plan, run_extract
 from rsdiff.ingest import run_ingest
 from rsdiff.pretrain import run_pretrain, validate
 from rsdiff.train.config import PretrainConfig, TrainPlan
@@ -146,12 +146,7 @@ def plain_extract_rate(cfg: ExtractConfig, images: int) -> float:
     ddpm = load_pretrained(str(cfg.checkpoint))
     ext = FeatureExtractor(ddpm, list(cfg.timesteps), list(cfg.blocks) or _decoder_blocks(ddpm), 0, "fp32")
     manifest = read_manifest(str(cfg.shards))
-    plan = ActorPlan(
-        checkpoint=str(cfg.checkpoint), checkpoint_sha256=ddpm.weights_sha256, timesteps=ext.timesteps,
-        blocks=ext.blocks, output=str(cfg.output), num_classes=len(manifest.classes or []),
-        pixels_per_class=int(cfg.pixels_per_class), noise_seed=0, sample_seed=0,
-        num_gpus=float(cfg.num_gpus), precision=str(cfg.precision),
-    )  # fmt: skip
+    plan = actor_plan(cfg, str(cfg.checkpoint), ddpm, ext, len(manifest.classes or []), str(cfg.output))
     tiles = [s for uri in manifest.shard_uris("train") for s in iter_shard(uri)][:images]
     actor = FeatureActor(plan)
     b = int(cfg.batch_size)
