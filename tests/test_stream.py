@@ -11,14 +11,18 @@ import pytest
 import torch
 
 from rsdiff import storage
+from rsdiff.config import load_config
 from rsdiff.data.normalize import Normalizer
 from rsdiff.data.shards import Sample, ShardWriter
 from rsdiff.errors import DataError
 from rsdiff.storage import AccessError
+from rsdiff.train.config import PretrainConfig, TrainPlan
+from rsdiff.train.rank_data import RankData, stop_loader
 from rsdiff.train.shuffle import ShardIndex, locate
 from rsdiff.train.stream import ShardStream
 
 pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[1]
 NORM = Normalizer((100.0,) * 4, (10.0,) * 4)
 
 
@@ -109,6 +113,34 @@ def test_more_damaged_shards_than_the_limit_fail_the_stream_naming_them(tmp_path
                        r"data\.max_bad_shard_fraction=0\.2\), e\.g\. .*bad-.-00000\.tar"):  # fmt: skip
         for _ in range(60):
             next(batches)
+    stop_loader(batches)  # else the failed loader's workers linger until a garbage collection
+
+
+def test_a_rank_whose_stream_fails_has_stopped_its_loader_workers_when_the_error_arrives(tmp_path):
+    """A training rank's loader workers are gone by the time its stream error reaches the training
+    loop, not when a later garbage collection frees the loader (torch then waits 5 s per worker)."""
+    import psutil
+
+    good = [_shard(tmp_path, f"g{i}", 4) for i in range(3)]
+    for name in ("bad-a", "bad-b"):
+        (tmp_path / f"{name}-00000.tar").write_bytes(np.random.default_rng(1).bytes(3000))
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny.yaml", [
+        "data.num_workers=2", "data.batch_size=4", "data.shuffle_buffer=0", "data.max_bad_shard_fraction=0",
+    ])  # fmt: skip
+    plan = TrainPlan(
+        model=cfg.model, diffusion=cfg.diffusion, optim=cfg.optim, data=cfg.data, perf=cfg.perf,
+        tracking=cfg.tracking, checkpoint=cfg.checkpoint, seed=cfg.seed, run_dir=str(tmp_path), meta={},
+        shards=[*good, *(str(tmp_path / f"{n}-00000.tar") for n in ("bad-a", "bad-b"))], in_channels=4,
+        image_size=16, normalizer=NORM,
+    )  # fmt: skip
+    before = set(psutil.Process().children())
+    data = RankData(plan, 0, 1, None, 0, 0, pin=False)
+    workers = [p for p in psutil.Process().children() if p not in before]
+    assert len(workers) == 2
+    with pytest.raises(DataError, match="damaged shards"):
+        for _ in range(60):
+            data.next_batch()
+    assert [p.pid for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
 
 
 def test_a_store_that_cannot_be_used_fails_the_stream_at_once_not_as_a_bad_shard(tmp_path, s3_endpoint):

@@ -19,6 +19,19 @@ from rsdiff.train.stream import ShardStream, StreamPosition
 log = logging.getLogger(__name__)
 
 
+def stop_loader(batches: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now (idempotent; a no-op without workers).
+
+    torch stops them when the iterator is freed. After a worker's error the iterator is held by a
+    reference cycle (the re-raised exception's traceback holds its frames), so only the cyclic
+    collector frees it, and that closes the iterator's queues before the iterator can send its
+    workers the stop signal: each worker's join then waits out torch's 5 s timeout.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch has no public call for this
+    if shutdown is not None:
+        shutdown()
+
+
 class RankData:
     """Batches of ``(B, C, S, S)`` images in [-1, 1] for rank ``rank`` of ``world``.
 
@@ -64,8 +77,13 @@ class RankData:
         return self.stream.errors
 
     def next_batch(self) -> torch.Tensor:
-        """The next ``(B, C, S, S)`` batch; the position moves past it."""
-        batch = next(self._batches)
+        """The next ``(B, C, S, S)`` batch; the position moves past it. If the loader raises (a
+        stream error such as too many damaged shards), its worker processes are stopped first."""
+        try:
+            batch = next(self._batches)
+        except BaseException:
+            stop_loader(self._batches)
+            raise
         self.positions = ShardStream.positions_after(self.positions, batch)
         self.consumed += 1
         self.last_image = batch["x"][0]
