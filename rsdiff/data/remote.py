@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -52,11 +53,12 @@ def gdal_path(uri: str) -> str:
 
 def gdal_options() -> dict[str, str]:
     """GDAL config options for S3 (no credentials): the endpoint of ``AWS_ENDPOINT_URL[_S3]`` with
-    path-style addressing, no directory listing on open, GDAL-level HTTP retries."""
+    path-style addressing, no directory listing on open, GDAL-level HTTP retries (2, the first after
+    0.5 s; ``GDAL_HTTP_MAX_RETRY`` / ``GDAL_HTTP_RETRY_DELAY`` in the environment override them)."""
     opts = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no LIST per open; no .aux.xml/.ovr probing
-        "GDAL_HTTP_MAX_RETRY": "2",
-        "GDAL_HTTP_RETRY_DELAY": "0.5",
+        "GDAL_HTTP_MAX_RETRY": os.environ.get("GDAL_HTTP_MAX_RETRY", "2"),
+        "GDAL_HTTP_RETRY_DELAY": os.environ.get("GDAL_HTTP_RETRY_DELAY", "0.5"),
         "VSI_CACHE": "TRUE",
         "RSDIFF_S3_ENV": "YES",  # marks rsdiff's environment (GDAL ignores unknown options)
     }
@@ -157,6 +159,28 @@ def _env_active() -> bool:
     return rasterio.env.hasenv() and rasterio.env.getenv().get("RSDIFF_S3_ENV") == "YES"
 
 
+@contextlib.contextmanager
+def _gdal_http_errors() -> Iterator[list[str]]:
+    """Collect the HTTP failures GDAL reports on this thread while the block runs (rasterio hands
+    GDAL's messages to its ``rasterio.*`` loggers: "HTTP error code: 503 ...", curl errors)."""
+    seen: list[str] = []
+    thread = threading.get_ident()
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if record.thread == thread and ("HTTP error code" in text or "curl error" in text.lower()):
+                seen.append(text)
+
+    handler = _Collect()
+    logger = logging.getLogger("rasterio")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
 def retrying_read(fn: Callable[[], T], uri: str, what: str, reopen: Callable[[], None] | None = None) -> T:
     """Run ``fn`` (a rasterio open or read of ``uri``), retrying transient GDAL I/O errors. After a
     failure, renewed credentials (:func:`renew_credentials`) are handed to ``reopen`` (which opens
@@ -175,10 +199,13 @@ def retrying_read(fn: Callable[[], T], uri: str, what: str, reopen: Callable[[],
     attempts = storage.max_attempts() if storage.is_s3(uri) else 1
     for attempt in range(1, attempts + 1):
         try:
-            return fn()
+            with _gdal_http_errors() as http_errors:
+                return fn()
         except RasterioIOError as exc:
             text = str(exc)
-            if not storage.is_s3(uri) or any(m in text for m in _NOT_A_RASTER):
+            # GDAL names a header it could not fetch "not recognized as a supported format" too:
+            # only an answer it did get, with no HTTP failure on the way, says "no raster".
+            if not storage.is_s3(uri) or (any(m in text for m in _NOT_A_RASTER) and not http_errors):
                 raise
             if attempt == attempts:
                 reason = str(exc.__cause__ or exc).strip().splitlines()
