@@ -19,6 +19,7 @@ import logging
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -106,11 +107,17 @@ def kill_switch(trainer: Any) -> Callable[[], None]:
     import ray
 
     held: dict[str, Any] = {}
+    # The trainer holds ``keep`` (below), which reaches ``end``: a strong reference back to the
+    # trainer would make a cycle that only the cyclic collector frees, and the run's controller
+    # actor (and the actors it owns) would live on after fit() until then, in a process that goes
+    # on (a notebook, a service). The caller holds the trainer for as long as the run can be ended.
+    trainer_ref = weakref.ref(trainer)
 
     def end() -> None:
         ray.kill(held["controller"], no_restart=True)
-        withdraw_resource_request(trainer)
-        remove_run_groups(trainer)
+        if (run := trainer_ref()) is not None:
+            withdraw_resource_request(run)
+            remove_run_groups(run)
 
     def on_sigint(_signum: int, _frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is plain
