@@ -10,6 +10,7 @@ config stored as JSON (head artifacts, checkpoint sidecars) or composed in code 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -257,10 +258,18 @@ def _merge(schema: type[T], layers: list[Any], where: str) -> T:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+@functools.cache
+def _schema_node(schema: type) -> DictConfig:
+    """``schema``'s defaults as a structured node, built once per schema (building one reads the
+    dataclasses' type hints: about 20 ms, five times a copy). Never mutated: ``OmegaConf.merge``
+    copies its first argument."""
+    return OmegaConf.structured(schema)
+
+
 def _merged_node(schema: type, layers: list[Any], where: str) -> DictConfig:
     """``layers`` merged over ``schema``'s defaults and checked (keys, types), required keys may
     still be ``???``."""
-    base = OmegaConf.structured(schema)
+    base = _schema_node(schema)
     layers = [_keyword_layer(x) for x in layers]
     try:
         merged = OmegaConf.merge(base, *layers)

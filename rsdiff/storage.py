@@ -113,8 +113,11 @@ def _client_for_pid(pid: int) -> Any:
     import boto3
     from botocore.config import Config
 
+    # Tries per request: AWS's own AWS_MAX_ATTEMPTS where set, else 4 (botocore's standard retry
+    # mode: exponential backoff with jitter on throttling, 5xx and connection errors).
+    tries = os.environ.get("AWS_MAX_ATTEMPTS", "")
     cfg = Config(
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"total_max_attempts": max(1, int(tries)) if tries.isdigit() else 4, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
         max_pool_connections=32,

@@ -16,6 +16,7 @@ ports, and teardown kills exactly the processes that talk to this cluster's GCS.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -115,6 +116,7 @@ class FakeCluster:
     log: Path
     head: subprocess.Popen | None = None
     _ray: str = field(default_factory=lambda: str(Path(sys.executable).parent / "ray"))
+    _jobs: Any = None  # the job API client, made at the first poll
 
     @property
     def address(self) -> str:
@@ -161,14 +163,32 @@ class FakeCluster:
             capture_output=True, text=True, timeout=timeout, cwd=self.env.get("RSDIFF_REPO"),
         )  # fmt: skip
 
+    # The tests poll the job and the nodes every few seconds. They ask the head's HTTP APIs from this
+    # process: a `ray job status` or `ray list nodes` process per poll is a Python start with Ray's
+    # imports, about 2 CPU-seconds, so polling alone kept one of CI's two cores busy.
+
+    def _auth(self) -> dict[str, str]:
+        """The head's token (what ``ray`` CLI calls read from ``RAY_AUTH_TOKEN_PATH``) as a header."""
+        return {"Authorization": f"Bearer {Path(self.env['RAY_AUTH_TOKEN_PATH']).read_text().strip()}"}
+
+    def job_status(self, job: str) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, from the head's job API."""
+        from ray.job_submission import JobSubmissionClient
+
+        if self._jobs is None:
+            self._jobs = JobSubmissionClient(self.dashboard, headers=self._auth())
+        return str(self._jobs.get_job_status(job).value)
+
     def nodes(self) -> list[dict[str, Any]]:
-        """Alive nodes: ``{node_id, is_head, resources}`` from ``ray list nodes`` (the State API)."""
-        proc = self.ray("list", "nodes", "--address", self.dashboard, "--format", "json", "--detail",
-                        "--filter", "state=ALIVE", timeout=60)  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
+        """Alive nodes: ``{node_id, is_head, resources}`` from the head's State API."""
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        client = StateApiClient(address=self.dashboard, headers=self._auth())
+        options = ListApiOptions(filters=[("state", "=", "ALIVE")], detail=True, timeout=60)
         out = []
-        for node in json.loads(proc.stdout):
+        for node in client.list(StateResource.NODES, options=options, raise_on_missing_output=False):
+            node = node if isinstance(node, dict) else dataclasses.asdict(node)
             out.append(
                 {
                     "node_id": node["node_id"],

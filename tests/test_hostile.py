@@ -407,6 +407,7 @@ def test_a_holder_whose_heartbeats_cannot_reach_the_store_past_the_ttl_stops(
     """Heartbeats failing for longer than the TTL (the store out of reach from this job only) mean
     another job may already have taken the lease over: the holder stops rather than write on."""
     monkeypatch.setenv("RSDIFF_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # each failing heartbeat fails at once, not after backoff
     stopped = []
     with FaultyS3Proxy(s3_endpoint, max_faults=0) as proxy, monkeypatch.context() as env:
         env.setenv("AWS_ENDPOINT_URL", proxy.url)
