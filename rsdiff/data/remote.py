@@ -159,17 +159,22 @@ def _env_active() -> bool:
     return rasterio.env.hasenv() and rasterio.env.getenv().get("RSDIFF_S3_ENV") == "YES"
 
 
+# What GDAL says when an HTTP request failed ("HTTP error code: 503 - url. Retrying again in 0.5
+# secs", "HTTP response code on url: 503", curl's connection errors).
+_HTTP_FAILURE = ("http error code", "http response code", "curl error")
+
+
 @contextlib.contextmanager
 def _gdal_http_errors() -> Iterator[list[str]]:
     """Collect the HTTP failures GDAL reports on this thread while the block runs (rasterio hands
-    GDAL's messages to its ``rasterio.*`` loggers: "HTTP error code: 503 ...", curl errors)."""
+    GDAL's messages to its ``rasterio.*`` loggers, at WARNING where they are retried)."""
     seen: list[str] = []
     thread = threading.get_ident()
 
     class _Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             text = record.getMessage()
-            if record.thread == thread and ("HTTP error code" in text or "curl error" in text.lower()):
+            if record.thread == thread and any(m in text.lower() for m in _HTTP_FAILURE):
                 seen.append(text)
 
     handler = _Collect()
