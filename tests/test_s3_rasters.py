@@ -53,7 +53,10 @@ def proxy(s3_endpoint, monkeypatch, request):
     kwargs = getattr(request, "param", {"max_faults": 0})
     with FaultyS3Proxy(s3_endpoint, **kwargs) as p:
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
-        yield p
+        try:
+            yield p
+        finally:
+            storage._client_for_pid.cache_clear()  # this one holds the proxy's, gone after the test
 
 
 def _gets(proxy: FaultyS3Proxy, uri: str) -> tuple[int, int]:
