@@ -85,9 +85,12 @@ def check_conditional_writes(folder: str) -> None:
     ignored = []
     try:
         for name, cond in (("If-None-Match", {"IfNoneMatch": "*"}), ("If-Match", {"IfMatch": '"0"'})):
+
+            def put(c: dict[str, str] = cond) -> Any:
+                return storage.s3_client().put_object(Bucket=bucket, Key=key, Body=b"2", **c)
+
             try:
-                storage.retrying(lambda c=cond: client.put_object(Bucket=bucket, Key=key, Body=b"2", **c),
-                                 probe, "write")  # fmt: skip
+                storage.retrying(put, probe, "write")
                 ignored.append(name)
             except storage.StorageError as exc:
                 if not _precondition_failed(exc):

@@ -122,12 +122,41 @@ def _client_for_pid(pid: int) -> Any:
         read_timeout=60,
         max_pool_connections=32,
     )
-    return boto3.session.Session().client("s3", config=cfg)
+    session = boto3.session.Session()
+    _SIGNED_WITH[pid] = _keys(session)
+    return session.client("s3", config=cfg)
+
+
+_SIGNED_WITH: dict[int, tuple[str, str, str] | None] = {}  # pid -> the keys its client was made with
+
+
+def _keys(session: Any) -> tuple[str, str, str] | None:
+    """The session's current ``(access key, secret, token)``; None without credentials."""
+    credentials = session.get_credentials()
+    if credentials is None:
+        return None
+    frozen = credentials.get_frozen_credentials()
+    return frozen.access_key, frozen.secret_key, frozen.token or ""
 
 
 def s3_client() -> Any:
     """A boto3 S3 client for this process (clients are not shared across forks)."""
     return _client_for_pid(os.getpid())
+
+
+def renew_client() -> bool:
+    """After the store refused this process's keys: if the credential chain now gives other keys
+    (a refreshed token, a rotated profile or environment), the next :func:`s3_client` signs with
+    them and this returns True; False when the chain gives the same keys (or none)."""
+    import boto3
+
+    s3_client()  # the keys in use are recorded when the client is made
+    fresh = _keys(boto3.session.Session())
+    if fresh is None or fresh == _SIGNED_WITH.get(os.getpid()):
+        return False
+    _client_for_pid.cache_clear()
+    log.info("S3 credentials renewed (the store refused the keys in use)")
+    return True
 
 
 def endpoint() -> str:
@@ -217,15 +246,33 @@ def backoff(attempt: int) -> float:
     return min(8.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
 
 
+def _keys_refused(exc: BaseException) -> bool:
+    """True for the answers S3 gives to keys it no longer takes (HEAD answers carry no code)."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in _REFUSED_KEYS
+
+
+_REFUSED_KEYS = {"ExpiredToken", "InvalidToken", "TokenRefreshRequired", "InvalidAccessKeyId",
+                 "SignatureDoesNotMatch", "AccessDenied", "400", "403"}  # fmt: skip
+
+
 def retrying(fn: Callable[[], T], uri: str, action: str) -> T:
-    """Run ``fn`` with exponential backoff on transient S3 errors; translate the rest."""
-    attempts = max_attempts()
-    for attempt in range(1, attempts + 1):
+    """Run ``fn`` with exponential backoff on transient S3 errors; when the store refuses the keys
+    in use, once with renewed ones (:func:`renew_client`); translate the rest."""
+    attempts, attempt, renewed = max_attempts(), 1, False
+    while True:
         try:
             return fn()
         except StorageError:
             raise
         except Exception as exc:
+            if not renewed and _keys_refused(exc) and renew_client():
+                renewed = True
+                continue
             if attempt < attempts and _is_transient(exc):
                 delay = backoff(attempt)
                 log.warning(
@@ -238,9 +285,9 @@ def retrying(fn: Callable[[], T], uri: str, action: str) -> T:
                     delay,
                 )
                 time.sleep(delay)
+                attempt += 1
                 continue
             raise _translate(exc, uri, action) from exc
-    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The storage layer against local disk and a real S3-compatible server on loopback."""
 
+import os
+
 import pytest
 
 from rsdiff import storage
@@ -68,6 +70,32 @@ def test_unreachable_endpoint_is_retried_then_named(s3_endpoint, monkeypatch):
     finally:
         monkeypatch.undo()
         storage._client_for_pid.cache_clear()
+
+
+def test_keys_the_store_refuses_are_renewed_from_the_credential_chain(bucket, monkeypatch):
+    """The store starts refusing the keys the process's S3 client signs with (an expired token)
+    while the credential chain now gives new ones (a rotated profile, re-exported keys): reads,
+    existence checks and writes take the new keys and go on. Keys nobody renewed stay an error."""
+    from s3_fault_proxy import FaultyS3Proxy
+
+    uri = storage.join(bucket, "a/x.bin")
+    storage.write_bytes(uri, b"before")
+    with FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], max_faults=0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        storage._client_for_pid.cache_clear()
+        try:
+            assert storage.read_bytes(uri) == b"before"  # the client now signs with the first keys
+            proxy.expired_keys.add(os.environ["AWS_ACCESS_KEY_ID"])
+            with pytest.raises(storage.AccessError, match=r"cannot read .*x\.bin"):
+                storage.exists(uri)  # nothing renewed: the refusal is the answer
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIARSDIFFRENEWED0003")
+            monkeypatch.setenv("AWS_SESSION_TOKEN", "renewed-token")
+            assert storage.exists(uri) and storage.read_bytes(uri) == b"before"
+            storage.write_bytes(uri, b"after")
+            assert storage.read_bytes(uri) == b"after"
+            assert proxy.refused_by_client["boto3"] == 2  # once before the renewal, once at it
+        finally:
+            storage._client_for_pid.cache_clear()
 
 
 GLOB_TREE = ["a/x.tar", "a/y.tar", "a/.hidden.tar", "a/sub/deep.tar", "a/sub/more/deeper.tar", "b/z.tar",
