@@ -79,6 +79,9 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     assert len(children) == 4 and len(result.trials) == 4
+    # A finished trial's process takes the next one (Tune's reuse_actors): fewer processes than trials.
+    records = [json.loads(p.read_text()) for p in (tmp_path / "tune" / "fifo" / "trials").glob("s*.json")]
+    assert len(records) == 4 and len({r["worker"] for r in records}) < 4, records
     for child in children:
         p = child.data.params
         assert {"timesteps", "blocks", "n_channels", "lr", "width", "kind"} <= set(p)

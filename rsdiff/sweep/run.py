@@ -223,6 +223,9 @@ def _tuner(cfg: SweepConfig, context: TrialContext, remaining: list[int], experi
             scheduler=scheduler,
             search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials),
             time_budget_s=cfg.time_budget_s,
+            # A finished trial's process takes the next trial: no fresh Python, torch import and
+            # table mapping per trial (trials share resources; each builds its own head and run).
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=storage_path,

@@ -3,6 +3,8 @@ epoch, log to MLflow, keep rsdiff's record of it."""
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +62,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         }
     )
     record: dict[str, Any] = {"sample": sample, "trial_id": tid, "status": "running", "history": [],
-                              "mlflow_run_id": run.run_id}  # fmt: skip
+                              "mlflow_run_id": run.run_id,
+                              "worker": f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip
 
     def on_epoch(epoch: int, m: dict[str, Any]) -> None:
         # best_val_miou so far, every epoch: a trial the scheduler stops still ranks by its best
