@@ -69,6 +69,7 @@ class SweepConfig:
     search_mode: SearchMode = SearchMode.random
     num_samples: int = bounded(8, ge=1)  # random: trials drawn; grid: the most combinations allowed
     max_concurrent_trials: int = bounded(2, ge=1)
+    reuse_trial_processes: bool = True  # a finished trial's process runs the next (false: one per trial)
     cpus_per_trial: float = bounded(1.0, gt=0)
     gpus_per_trial: float = bounded(0.0, ge=0)
     time_budget_s: float | None = bounded(None, gt=0)

@@ -225,7 +225,7 @@ def _tuner(cfg: SweepConfig, context: TrialContext, remaining: list[int], experi
             time_budget_s=cfg.time_budget_s,
             # A finished trial's process takes the next trial: no fresh Python, torch import and
             # table mapping per trial (trials share resources; each builds its own head and run).
-            reuse_actors=True,
+            reuse_actors=cfg.reuse_trial_processes,
         ),
         run_config=tune.RunConfig(
             name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=storage_path,

@@ -10,9 +10,12 @@ P6: training time of the residual head vs the 10-member DDPM-Seg ensemble on the
     for the default residual head and a small one (width 128, depth 1, no channel gate).
 P9: sweep throughput in trials per hour on one S3 table (loopback) and search space: trials
     reading a node-local copy and training from in-memory rows vs streaming every pass from S3
-    (table.node_cache=false table.memory_mb=0, rsdiff's behaviour before), same process.
+    (table.node_cache=false table.memory_mb=0, rsdiff's behaviour before), same process; both
+    with one process per trial.
+P10: sweep throughput, trials reusing the process of a finished trial (reuse_trial_processes, the
+    default) vs one fresh process per trial, node-local copy and in-memory rows in both.
 
-    python tests/benchmarks/bench_features.py [--images 512] [--trials 6]
+    python tests/benchmarks/bench_features.py [--images 512] [--trials 6] [--sweeps-only]
 
 Throughput does not depend on the weights, so the checkpoint is a freshly initialised tiny UNet.
 """
@@ -25,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -156,18 +160,16 @@ def plain_extract(ckpt: str, shards: str, out: str, images: int, batch: int = 8)
     return len(tiles) / (time.perf_counter() - t0)
 
 
-def sweep_trials_per_hour(table_uri: str, tmp: Path, trials: int, before: bool) -> float:
+def sweep_trials_per_hour(table_uri: str, tmp: Path, trials: int, tag: str, *extra: str) -> float:
     """Trials per hour of a FIFO sweep of ``trials`` samples (2 at a time) over ``table_uri``."""
     from rsdiff.sweep.config import SweepConfig
     from rsdiff.sweep.run import run_sweep
 
-    tag = "before" if before else "after"
     overrides = [
         f"features={table_uri}", f"output={tmp / tag}", f"storage={tmp / 'tune'}", f"name=bench-{tag}",
         f"tracking.uri=sqlite:///{tmp / 'sweep.db'}", "scheduler=fifo", f"num_samples={trials}",
         "max_concurrent_trials=2", "head.epochs=5", "head.patience=5", "search.width=[128,256]",
-        "search.depth=[1,2]", f"table.cache_dir={tmp / 'node-cache'}",
-        *(["table.node_cache=false", "table.memory_mb=0"] if before else []),
+        "search.depth=[1,2]", f"table.cache_dir={tmp / 'node-cache'}", *extra,
     ]  # fmt: skip
     cfg = load_config(SweepConfig, REPO / "configs/sweep/tiny.yaml", overrides)
     t0 = time.perf_counter()
@@ -182,7 +184,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=512, help="P3's long run (>= 512 for steady state)")
-    parser.add_argument("--trials", type=int, default=6, help="P9's trials per sweep")
+    parser.add_argument("--trials", type=int, default=6, help="P9's and P10's trials per sweep")
+    parser.add_argument("--sweeps-only", action="store_true", help="P9 and P10 only (minutes, not an hour)")
     args = parser.parse_args()
     start_moto("bench")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -195,58 +198,78 @@ def main() -> None:
         ingest = [f"inputs=[{t}/scenes/images/*.tif]", f"output={shards}", "val_fraction=0.2"]
         run_ingest(load_config(IngestConfig, REPO / "configs/ingest/sample.yaml", ingest))
         ckpt = make_checkpoint(shards, t / "ckpt")
-        ray_extract(ckpt, shards, str(t / "warm"), 8)  # warm caches and imports
-        _, rss8, _ = ray_extract(ckpt, shards, str(t / "f8"), 8)
-        r64, rss64, table = ray_extract(ckpt, shards, str(t / "f64"), 64)
-        r_long, _, _ = ray_extract(ckpt, shards, str(t / "flong"), args.images)
-        t64, t_long = 64 / r64, args.images / r_long
-        steady = (args.images - 64) / (t_long - t64)
-        plain = plain_extract(ckpt, shards, str(t / "plain"), args.images)
-        out.update(
-            p3_images=args.images,
-            p3_ray_data_steady_images_per_s=steady,
-            p3_ray_data_startup_s=t64 - 64 / steady,
-            p3_ray_data_images_per_s_incl_startup=r_long,
-            p3_plain_images_per_s=plain,
-            p3_ratio=steady / plain,
-            p3_ratio_incl_startup=r_long / plain,
-            p4_peak_rss_mb_8=rss8 / 2**20,
-            p4_peak_rss_mb_64=rss64 / 2**20,
-            p4_ratio=rss64 / rss8,
-        )
-        stored = sum(len(storage.read_bytes(u)) for u in storage.list_uris(str(t / "f64" / "parts")))
-        images = sum(p["images"] for p in table.meta["parts"])
-        ddpmseg = table.meta["dim"] * 64 * 64 * 4
-        out.update(
-            p5_dim=table.meta["dim"],
-            p5_bytes_per_image=stored / images,
-            p5_ddpmseg_bytes_per_image=ddpmseg,
-            p5_ratio=stored / images / ddpmseg,
-            p5_ratio_at_256px_same_rows=stored / images / (table.meta["dim"] * 256 * 256 * 4),
-        )
-        # P6 and P9 on a train + val table of 192 images per split, written to (loopback) S3.
+        if not args.sweeps_only:
+            extraction_figures(ckpt, shards, t, args.images, out)
+        # P6, P9 and P10 on a train + val table of 192 images per split, written to (loopback) S3.
         extract = [f"checkpoint={ckpt}", f"shards={shards}", "output=s3://bench/full", "max_images=192"]
         full = run_extract(load_config(ExtractConfig, REPO / "configs/extract/tiny.yaml", extract))
-        out["p6_rows"] = full.rows("train")
-        local = full.cached(TableCacheConfig(cache_dir=str(t / "p6-cache")))
-        heads = {
-            "residual": {"kind": "residual"},  # the defaults: width 256, depth 2, channel gate
-            "residual_small": {"kind": "residual", "width": 128, "depth": 1, "gate": False},
-            "ensemble": {"kind": "ensemble"},
-        }
-        for name, settings in heads.items():
-            cfg = build(HeadConfig, {**settings, "epochs": 5, "patience": 5})
-            t0 = time.perf_counter()
-            head = fit_head(local, full.index.timesteps, full.index.blocks, cfg)
-            out[f"p6_{name}_seconds"] = time.perf_counter() - t0
-            out[f"p6_{name}_val_miou"] = head.metrics["miou"]
-        for name in ("residual", "residual_small"):
-            out[f"p6_time_ratio_{name}_vs_ensemble"] = out[f"p6_{name}_seconds"] / out["p6_ensemble_seconds"]
-        before = sweep_trials_per_hour(full.root, t, args.trials, before=True)
-        after = sweep_trials_per_hour(full.root, t, args.trials, before=False)
-        out.update(p9_trials=args.trials, p9_trials_per_hour_before=before, p9_trials_per_hour_after=after,
-                   p9_ratio=after / before)  # fmt: skip
+        if not args.sweeps_only:
+            head_figures(full, t, out)
+        sweep_figures(full, t, args.trials, out)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}))
+
+
+def extraction_figures(ckpt: str, shards: str, t: Path, images: int, out: dict[str, object]) -> None:
+    """P3, P4 and P5 into ``out``."""
+    ray_extract(ckpt, shards, str(t / "warm"), 8)  # warm caches and imports
+    _, rss8, _ = ray_extract(ckpt, shards, str(t / "f8"), 8)
+    r64, rss64, table = ray_extract(ckpt, shards, str(t / "f64"), 64)
+    r_long, _, _ = ray_extract(ckpt, shards, str(t / "flong"), images)
+    t64, t_long = 64 / r64, images / r_long
+    steady = (images - 64) / (t_long - t64)
+    plain = plain_extract(ckpt, shards, str(t / "plain"), images)
+    out.update(
+        p3_images=images,
+        p3_ray_data_steady_images_per_s=steady,
+        p3_ray_data_startup_s=t64 - 64 / steady,
+        p3_ray_data_images_per_s_incl_startup=r_long,
+        p3_plain_images_per_s=plain,
+        p3_ratio=steady / plain,
+        p3_ratio_incl_startup=r_long / plain,
+        p4_peak_rss_mb_8=rss8 / 2**20,
+        p4_peak_rss_mb_64=rss64 / 2**20,
+        p4_ratio=rss64 / rss8,
+    )
+    stored = sum(len(storage.read_bytes(u)) for u in storage.list_uris(str(t / "f64" / "parts")))
+    per_image = stored / sum(p["images"] for p in table.meta["parts"])
+    ddpmseg = table.meta["dim"] * 64 * 64 * 4
+    out.update(
+        p5_dim=table.meta["dim"],
+        p5_bytes_per_image=per_image,
+        p5_ddpmseg_bytes_per_image=ddpmseg,
+        p5_ratio=per_image / ddpmseg,
+        p5_ratio_at_256px_same_rows=per_image / (table.meta["dim"] * 256 * 256 * 4),
+    )
+
+
+def head_figures(full: Any, t: Path, out: dict[str, object]) -> None:
+    """P6 into ``out``: the heads on ``full``'s rows, in memory."""
+    out["p6_rows"] = full.rows("train")
+    local = full.cached(TableCacheConfig(cache_dir=str(t / "p6-cache")))
+    heads = {
+        "residual": {"kind": "residual"},  # the defaults: width 256, depth 2, channel gate
+        "residual_small": {"kind": "residual", "width": 128, "depth": 1, "gate": False},
+        "ensemble": {"kind": "ensemble"},
+    }
+    for name, settings in heads.items():
+        cfg = build(HeadConfig, {**settings, "epochs": 5, "patience": 5})
+        t0 = time.perf_counter()
+        head = fit_head(local, full.index.timesteps, full.index.blocks, cfg)
+        out[f"p6_{name}_seconds"] = time.perf_counter() - t0
+        out[f"p6_{name}_val_miou"] = head.metrics["miou"]
+    for name in ("residual", "residual_small"):
+        out[f"p6_time_ratio_{name}_vs_ensemble"] = out[f"p6_{name}_seconds"] / out["p6_ensemble_seconds"]
+
+
+def sweep_figures(full: Any, t: Path, trials: int, out: dict[str, object]) -> None:
+    """P9 and P10 into ``out``: three sweeps of ``trials`` over ``full``."""
+    streamed = ["table.node_cache=false", "table.memory_mb=0", "reuse_trial_processes=false"]
+    before = sweep_trials_per_hour(full.root, t, trials, "before", *streamed)
+    fresh = sweep_trials_per_hour(full.root, t, trials, "fresh", "reuse_trial_processes=false")
+    after = sweep_trials_per_hour(full.root, t, trials, "after")
+    out.update(p9_trials=trials, p9_trials_per_hour_before=before, p9_trials_per_hour_after=fresh,
+               p9_ratio=fresh / before, p10_trials_per_hour_one_process_per_trial=fresh,
+               p10_trials_per_hour_reused=after, p10_ratio=after / fresh)  # fmt: skip
 
 
 if __name__ == "__main__":
