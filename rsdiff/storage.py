@@ -123,15 +123,16 @@ def _client_for_pid(pid: int) -> Any:
         max_pool_connections=32,
     )
     session = boto3.session.Session()
-    _SIGNED_WITH[pid] = _keys(session)
+    _SIGNED_WITH[pid] = session_keys(session)
     return session.client("s3", config=cfg)
 
 
 _SIGNED_WITH: dict[int, tuple[str, str, str] | None] = {}  # pid -> the keys its client was made with
 
 
-def _keys(session: Any) -> tuple[str, str, str] | None:
-    """The session's current ``(access key, secret, token)``; None without credentials."""
+def session_keys(session: Any) -> tuple[str, str, str] | None:
+    """A boto3 session's current ``(access key, secret, token)`` (refreshable credentials refresh
+    here); None without credentials."""
     credentials = session.get_credentials()
     if credentials is None:
         return None
@@ -151,7 +152,7 @@ def renew_client() -> bool:
     import boto3
 
     s3_client()  # the keys in use are recorded when the client is made
-    fresh = _keys(boto3.session.Session())
+    fresh = session_keys(boto3.session.Session())
     if fresh is None or fresh == _SIGNED_WITH.get(os.getpid()):
         return False
     _client_for_pid.cache_clear()

@@ -75,10 +75,9 @@ _CHAIN: dict[int, Any] = {}  # pid -> the boto3 session whose credential chain G
 
 
 def _credential_options(session: Any) -> dict[str, str]:
-    """The session's current keys as GDAL options (refreshable credentials refresh here)."""
-    frozen = session.get_credentials().get_frozen_credentials()
-    return {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key,
-            "AWS_SESSION_TOKEN": frozen.token or ""}  # fmt: skip
+    """The session's current keys as GDAL options (:func:`rsdiff.storage.session_keys`)."""
+    keys = storage.session_keys(session) or ("", "", "")
+    return dict(zip(("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"), keys, strict=True))
 
 
 @contextlib.contextmanager
