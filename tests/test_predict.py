@@ -57,7 +57,8 @@ def test_demo_chain_on_the_generated_sample(sample_demo, tmp_path):
         for part in table.parts(split):
             assert not {str(i).split("/")[0] for i in table.part(part["name"])["image"]} & set(test)
     assert "synthetic" in out and f"test scenes (2, held out of every choice): {', '.join(test)}" in out
-    # Maps are named relative to the folder (a moved folder stays whole).
+    # Maps are named relative to the folder (a moved folder stays whole), on the 4-band scenes' grid.
+    assert all(s["georeferenced"] and s["bands"] == 4 for s in summary["scenes"])
     for s in summary["scenes"]:
         with rasterio.open(work / "predictions" / s["class_map"]) as m, rasterio.open(s["image"]) as src:
             assert (m.crs, m.transform, m.shape) == (src.crs, src.transform, src.shape)
@@ -571,26 +572,24 @@ def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
 
 
 @pytest.mark.integration
-def test_demo_on_a_folder_of_four_band_geotiffs(tmp_path, ray_cluster):
-    """``data=`` works for any band count: the demo takes band names from the scenes."""
+def test_the_demo_takes_a_folder_of_four_band_geotiffs_with_the_scenes_bands(tmp_path, ray_cluster):
+    """``data=`` works for any band count: the demo's ingest takes band names and dtype from the
+    scenes. Past the shards the chain is the one the generated sample's demo runs (4-band uint16
+    GeoTIFFs too, its maps checked on the scenes' grid by test_demo_chain_on_the_generated_sample),
+    and ``data=`` through the job is test_demo_on_dubai_aerial's."""
     from rsdiff.data.synthetic import write_sample_dataset
+    from rsdiff.demo.config import DemoConfig
+    from rsdiff.demo.data import labels_for
+    from rsdiff.demo.stages import Chain, Demo, ingest
 
     write_sample_dataset(tmp_path / "data", scenes=4)  # 4-band uint16 GeoTIFFs + index masks
-    work = tmp_path / "demo-4band"
-    proc = run_job_inline(
-        "demo.py", f"data={tmp_path / 'data'}", "labels_preset=configs/ingest/sample.yaml",
-        f"workdir={work}", "pretrain_steps=2", "batch_size=4", "trials=1", "head_epochs=1",
-        "max_images=8", "pixels_per_class=8",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((work / "shards" / "manifest.json").read_text())
-    assert len(manifest["bands"]) == 4 and manifest["dtype"] == "uint16"
-    summary = json.loads((work / "predictions" / "predictions.json").read_text())
-    assert summary["scenes"] and all(s["georeferenced"] and s["bands"] == 4 for s in summary["scenes"])
-    for s in summary["scenes"]:
-        with rasterio.open(s["image"]) as src, rasterio.open(work / "predictions" / s["class_map"]) as cls:
-            assert cls.crs == src.crs and cls.transform == src.transform
-    assert json.loads((work / "predictions" / "metrics.json").read_text())["pixels"] > 0
+    cfg = build(DemoConfig, DemoConfig(), {"data": str(tmp_path / "data"), "labels_preset": "sample"})
+    inputs, labels, _ = labels_for(cfg)
+    chain = Chain()
+    ingest(Demo(cfg, tmp_path / "work", "", "", inputs, labels), chain)
+    manifest = json.loads((tmp_path / "work" / "shards" / "manifest.json").read_text())
+    assert len(manifest["bands"]) == 4 and manifest["dtype"] == "uint16", manifest["bands"]
+    assert sum(len(v) for v in manifest["scenes"].values()) == 4 and manifest["scenes"]["test"]
 
 
 @pytest.mark.integration
