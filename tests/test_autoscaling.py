@@ -145,7 +145,14 @@ def test_a_rank_no_node_type_offers_fails_at_once_naming_the_resource(cluster, s
     assert proc.returncode != 0, out[-3000:]
     assert "no node type of this cluster can hold one training rank" in out, out[-3000:]
     assert "accelerator_type:H100" in out and "scaling.accelerator_type" in out
-    assert "Traceback" not in out.split("no node type of this cluster")[-1]
+    # rsdiff's error is its last word, with no traceback. Ray Train 2.60's placement-group cleaner,
+    # whose controller rsdiff killed, exits from a thread with a traceback (a SystemExit subclass
+    # that Python's thread hook prints) that Ray forwards to the job when it comes before the job
+    # ends: Ray's line prefix names it, and it is left out here (seen once in ~10 runs).
+    after = out.split("no node type of this cluster")[-1]
+    assert not [
+        line for line in after.splitlines() if "Traceback" in line and "PlacementGroupCleaner" not in line
+    ]
     # Not a timing: a bound far below scaling.placement_timeout_s (1200 s), which a job pending on
     # an unplaceable request would wait out (128 s was measured once on a loaded machine).
     assert took < 300, took
