@@ -148,7 +148,7 @@ def test_a_rank_no_node_type_offers_fails_at_once_naming_the_resource(cluster, s
     # rsdiff's error is its last word, with no traceback. Ray Train 2.60's placement-group cleaner,
     # whose controller rsdiff killed, exits from a thread with a traceback (a SystemExit subclass
     # that Python's thread hook prints) that Ray forwards to the job when it comes before the job
-    # ends: Ray's line prefix names it, and it is left out here (seen once in ~10 runs).
+    # ends: Ray's line prefix names it, and it is left out here (seen once, on 2026-12-04).
     after = out.split("no node type of this cluster")[-1]
     assert not [
         line for line in after.splitlines() if "Traceback" in line and "PlacementGroupCleaner" not in line

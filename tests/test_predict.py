@@ -577,6 +577,7 @@ def test_the_demo_takes_a_folder_of_four_band_geotiffs_with_the_scenes_bands(tmp
     scenes. Past the shards the chain is the one the generated sample's demo runs (4-band uint16
     GeoTIFFs too, its maps checked on the scenes' grid by test_demo_chain_on_the_generated_sample),
     and ``data=`` through the job is test_demo_on_dubai_aerial's."""
+    from rsdiff.data.scenes import SceneReader, discover
     from rsdiff.data.synthetic import write_sample_dataset
     from rsdiff.demo.config import DemoConfig
     from rsdiff.demo.data import labels_for
@@ -589,6 +590,8 @@ def test_the_demo_takes_a_folder_of_four_band_geotiffs_with_the_scenes_bands(tmp
     ingest(Demo(cfg, tmp_path / "work", "", "", inputs, labels), chain)
     manifest = json.loads((tmp_path / "work" / "shards" / "manifest.json").read_text())
     assert len(manifest["bands"]) == 4 and manifest["dtype"] == "uint16", manifest["bands"]
+    with SceneReader(discover(inputs, labels.mask_template)[0]) as scene:
+        assert manifest["bands"] == scene.band_names  # the scenes' names, not the sample preset's
     assert sum(len(v) for v in manifest["scenes"].values()) == 4 and manifest["scenes"]["test"]
 
 
