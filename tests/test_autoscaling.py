@@ -61,6 +61,7 @@ def cluster(s3_endpoint, tmp_path_factory):
         "RAY_health_check_period_ms": "1000",
         "RAY_health_check_failure_threshold": "3",
         "RAY_DEDUP_LOGS": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # no 30 s drain when a node is stopped
         "RSDIFF_REPO": str(REPO),
     }
     env.pop("RAY_ADDRESS", None)
