@@ -147,9 +147,9 @@ def test_a_rank_no_node_type_offers_fails_at_once_naming_the_resource(cluster, s
     assert "no node type of this cluster can hold one training rank" in out, out[-3000:]
     assert "accelerator_type:H100" in out and "scaling.accelerator_type" in out
     # rsdiff's error is its last word, with no traceback. Ray Train 2.60's placement-group cleaner,
-    # whose controller rsdiff killed, exits from a thread with a traceback (a SystemExit subclass
-    # that Python's thread hook prints) that Ray forwards to the job when it comes before the job
-    # ends: Ray's line prefix names it, and it is left out here (seen once, on 2026-12-04).
+    # whose controller rsdiff killed, calls ray.actor.exit_actor() from its monitor thread, whose
+    # exception Python's thread hook prints as a traceback; Ray forwards it to the job when it comes
+    # before the job ends. Ray's line prefix names it, and it is left out here (seen once, 2026-12-04).
     after = out.split("no node type of this cluster")[-1]
     assert not [
         line for line in after.splitlines() if "Traceback" in line and "PlacementGroupCleaner" not in line
