@@ -30,7 +30,8 @@ from rsdiff.data.scenes import SceneReader, SceneRef, discover
 from rsdiff.data.shards import Sample, ShardWriter
 from rsdiff.data.tiling import tile_origins
 from rsdiff.errors import ConfigError, DataError
-from rsdiff.raytools import ProgressCounter, connect, stop_tasks, user_error, wait_with_progress
+from rsdiff.progress import ProgressCounter, wait_with_progress
+from rsdiff.raytools import connect, stop_tasks, user_error
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         max_nodata_fraction=float(cfg.max_nodata_fraction),
         shard_max_bytes=int(cfg.shard_max_mb * 2**20),
     )
-    counter = ProgressCounter.remote()
+    counter = ProgressCounter.open()
     refs_out = [
         _ingest_chunk.remote(split, i, chunk, out, plan, classmap, band_count, dtype, counter)
         for split, i, chunk in jobs
@@ -219,6 +220,8 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         if (err := user_error(exc)) is not None:
             raise err from None
         raise
+    finally:
+        counter.close()
     try:
         manifest = _merge(results, cfg, classmap, band_count, dtype, band_names, out)
     except DataError:  # a refused dataset leaves no orphan shards behind
@@ -404,7 +407,7 @@ def _ingest_chunk(
                     w.write(Sample(f"{ref.id}/{row}_{col}", pixels, label, meta))
                     kept += 1
             done.append(ref.id)
-            counter.add.remote(scenes=1, tiles=kept - n_before)
+            counter.add(scenes=1, tiles=kept - n_before)
     return ChunkResult(
         shards={split: [s.uri for s in w.shards]},
         samples={split: kept},

@@ -323,17 +323,18 @@ def _checkpoint_meta(cfg: PretrainConfig, manifest: Manifest, facts: dict[str, A
 
 
 def _trainer(cfg: PretrainConfig, plan: TrainPlan) -> tuple[Any, dict[str, float]]:
-    """``(trainer, request)``: the TorchTrainer running :func:`_train_loop` with ``plan``, and the
-    resources one rank asks for (what the placement watch looks for)."""
+    """``(trainer, request)``: the TorchTrainer (:func:`~rsdiff.train.trainer.stream_trainer`)
+    running :func:`_train_loop` with ``plan``, and the resources one rank asks for (what the
+    placement watch looks for)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     from rsdiff.console import train_logging_config
     from rsdiff.raytools import storage_for_ray
+    from rsdiff.train.trainer import stream_trainer
 
     scaling = scaling_config(cfg.scaling)
     storage_path, filesystem = storage_for_ray(str(cfg.run.storage))
-    trainer = TorchTrainer(
+    trainer = stream_trainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"plan": plan},
         scaling_config=scaling,

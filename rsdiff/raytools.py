@@ -7,13 +7,11 @@ import logging
 import os
 import signal
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
-from tqdm.auto import tqdm
 
 from rsdiff.console import no_token_auth_notice
 from rsdiff.ports import free_port, is_port_race
@@ -105,54 +103,6 @@ def largest_node_cpus() -> int:
     """
     cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     return max(1, int(max(cpus, default=1)))
-
-
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    """Counters that tasks bump (``add.remote(scenes=1, tiles=12)``) and the driver polls."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self._notes: dict[str, list[str]] = {}
-
-    def add(self, **counts: int) -> None:
-        for key, value in counts.items():
-            self.counts[key] = self.counts.get(key, 0) + value
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
-
-    def note(self, key: str, text: str, keep: int = 20) -> None:
-        """Keep up to ``keep`` example texts under ``key`` (e.g. which shard was damaged)."""
-        examples = self._notes.setdefault(key, [])
-        if len(examples) < keep:
-            examples.append(text)
-
-    def notes(self) -> dict[str, list[str]]:
-        return {k: list(v) for k, v in self._notes.items()}
-
-
-def wait_with_progress(
-    refs: Sequence[ray.ObjectRef], counter: Any, total: int, unit: str, desc: str, extra: str = ""
-) -> list[Any]:
-    """``ray.get(refs)`` while a tqdm bar shows ``counter[unit]`` of ``total`` (plus ``counter[extra]``).
-
-    Task errors propagate as soon as the first failing task finishes.
-    """
-    pending = list(refs)
-    with tqdm(total=total, desc=desc, unit=unit, mininterval=1.0) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            for ref in done:
-                ray.get(ref)  # raise early on failure
-            counts = ray.get(counter.get.remote())
-            bar.n = counts.get(unit, 0)
-            if extra:
-                bar.set_postfix({extra: counts.get(extra, 0)}, refresh=False)
-            bar.refresh()
-            if pending and not done:
-                time.sleep(0.1)
-    return ray.get(list(refs))
 
 
 def stop_tasks(refs: list[Any], wait_s: float = 10.0) -> None:

@@ -125,6 +125,10 @@ def ray_cluster(s3_endpoint: str):
     # up to 30 s, for Ray Serve's proxies to finish their requests; these heads serve none, and the
     # `ray job submit` test spent 32 s of its 86 s waiting for its head to go.
     os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # Ray Train's preemption watch (an actor per training attempt, ~2 CPU-s to start) acts on nodes
+    # a cloud provider drains; this one-node cluster is never drained. Users' clusters keep it, and
+    # so does the fake autoscaling cluster, whose nodes the preemption test takes away.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

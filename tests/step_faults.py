@@ -1,5 +1,5 @@
-"""Fault injection for the pretraining tests: a ``run_pretrain(after_step=...)`` hook that fails
-one rank once, by exception or by SIGKILL of its worker process.
+"""``run_pretrain(after_step=...)`` hooks for the pretraining tests: fault injection that fails one
+rank once, by exception or by SIGKILL of its worker process, and a census of the run's processes.
 
 The hook is pickled by value (Ray workers do not have ``tests/`` on their path).
 """
@@ -35,6 +35,26 @@ class FailOnce:
             _wait_until_registered(plan.run_dir, step - step % plan.checkpoint.every_steps)
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+
+
+@dataclass
+class RecordRayProcesses:
+    """At ``step`` on rank 0, write the names of this machine's Ray actor and task processes
+    (``ray::TrainController``, ...; without the method one runs) to ``path``, one per line."""
+
+    step: int
+    path: Path
+
+    def __call__(self, step: int, rank: int, plan) -> None:
+        import psutil
+
+        if step != self.step or rank != 0:
+            return
+        names = {
+            (p.info["cmdline"] or [""])[0].split(" ")[0].split(".")[0]
+            for p in psutil.process_iter(["cmdline"])
+        }
+        self.path.write_text("\n".join(sorted(n for n in names if n.startswith("ray::"))))
 
 
 def _wait_until_registered(run_dir: str, step: int, timeout_s: float = 60.0) -> None:

@@ -66,6 +66,7 @@ def cluster(s3_endpoint, tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)  # the session cluster's; nodes go away here
     fake = FakeCluster(config, gcs, free_port(), env, work / "head.log")
     try:
         fake.start(work)

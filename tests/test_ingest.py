@@ -131,6 +131,39 @@ def test_uint16_geotiff_keeps_georeference_and_drops_nodata_tiles(tmp_path, ray_
             assert set(np.unique(sample.label)) <= {0, 1, 2, 3, 4, 255}
 
 
+def _progress_boards() -> set[int]:
+    """PIDs of this machine's rsdiff progress actors."""
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith(
+        "ray::_ProgressBoard")}  # fmt: skip
+
+
+def test_a_driver_counts_the_progress_of_all_its_stages_on_one_actor(sample_scenes, tmp_path, ray_cluster):
+    """Each stage's tasks bump counters the driver's progress bar reads. They live on one actor per
+    driver process, started once: a job running many stages (the label-efficiency protocol predicts
+    once per run) does not start a process per stage, and each stage's counts are its own."""
+    inputs = [f"inputs=[{sample_scenes}/images/*.tif]", "val_fraction=0"]
+    first = run_ingest(load_config(IngestConfig, SAMPLE_PRESET, [*inputs, f"output={tmp_path / 'a'}"]))
+    boards = _progress_boards()
+    second = run_ingest(load_config(IngestConfig, SAMPLE_PRESET, [*inputs, f"output={tmp_path / 'b'}"]))
+    assert len(boards) == 1 and _progress_boards() == boards
+    assert first.samples == second.samples  # counted per stage: the second did not add to the first's
+
+    from rsdiff.progress import ProgressCounter
+
+    one, two = ProgressCounter.open(), ProgressCounter.open()
+    one.add(tiles=3)
+    one.add(tiles=2, scenes=1)
+    for i in range(25):
+        two.note("damaged", f"shard {i}")
+    assert one.get() == {"tiles": 5, "scenes": 1} and two.get() == {}
+    assert two.notes() == {"damaged": [f"shard {i}" for i in range(20)]}  # examples, not all
+    one.close()
+    one.add(tiles=1)  # a task's last word after its driver moved on is dropped, not an error
+    assert one.get() == {} and two.get() == {} and _progress_boards() == boards
+
+
 def test_ingest_job_script_on_sample(sample_scenes, tmp_path, ray_address):
     out = tmp_path / "out"
     proc = run_job_inline(

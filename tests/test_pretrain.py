@@ -10,7 +10,7 @@ import boto3
 import pytest
 import torch
 from conftest import REPO, run_job_inline, wait_for
-from step_faults import FailOnce
+from step_faults import FailOnce, RecordRayProcesses
 
 from rsdiff import storage
 from rsdiff.config import load_config
@@ -84,9 +84,13 @@ def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(
         "tracking.sample_every=40",
         f"tracking.uri={mlflow_uri}",
     )
-    result = run_pretrain(cfg)
+    result = run_pretrain(cfg, after_step=RecordRayProcesses(20, tmp_path / "processes.txt"))
 
     assert result.step == 40
+    # Ray Train's own parts run, but not Ray Data's dataset actor: the ranks stream their shards.
+    processes = set((tmp_path / "processes.txt").read_text().split())
+    assert {"ray::TrainController", "ray::RayTrainWorker", "ray::PlacementGroupCleaner"} <= processes
+    assert "ray::DatasetManager" not in processes, processes
     assert result.checkpoint.startswith(f"{bucket}/runs/two-workers/checkpoint_00000040")
     meta = read_meta(result.checkpoint)
     assert meta["bands"] == ["red", "green", "blue", "nir"] and meta["in_channels"] == 4

@@ -207,14 +207,14 @@ def read_labeled_tiles(
 @dataclass(frozen=True)
 class _CountBad:
     """``report(kind, why)`` for :func:`read_labeled_tiles`: counts on the job's
-    :class:`~rsdiff.raytools.ProgressCounter`, notes the reason and logs it with the shard named."""
+    :class:`~rsdiff.progress.ProgressCounter`, notes the reason and logs it with the shard named."""
 
     counter: Any
     shard: str
 
     def __call__(self, kind: str, why: str) -> None:
-        self.counter.add.remote(**{kind: 1})
-        self.counter.note.remote(kind, f"{storage.display(self.shard)}: {why}")
+        self.counter.add(**{kind: 1})
+        self.counter.note(kind, f"{storage.display(self.shard)}: {why}")
         log.warning(
             "extract: skipping %s of %s: %s", kind.replace("_", " ")[:-1], storage.display(self.shard), why
         )
@@ -260,11 +260,11 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         RsdiffError: missing/invalid checkpoint, unlabeled shards, band mismatch, unknown block,
             timestep out of range, no labeled pixel, existing output without ``overwrite``.
     """
-    import ray
 
     from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.features.extractor import FeatureExtractor
-    from rsdiff.raytools import ProgressCounter, connect
+    from rsdiff.progress import ProgressCounter
+    from rsdiff.raytools import connect
 
     check_ranges(cfg)
     out = storage.absolute(str(cfg.output))
@@ -286,16 +286,18 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
 
     connect(cfg.ray.address, cfg.ray.num_cpus)
     plan = actor_plan(cfg, checkpoint, ddpm, extractor, len(manifest.classes or []), out)
-    counter = ProgressCounter.remote()
+    counter = ProgressCounter.open()
     try:
         summaries = _collect(
             _feature_dataset(cfg, manifest, splits, plan, counter), _expected_images(cfg, manifest, splits)
         )
+        counts, notes = counter.get(), counter.notes()
     except Exception as exc:
         if (err := user_error(exc)) is not None:
             raise err from None
         raise
-    counts, notes = ray.get(counter.get.remote()), ray.get(counter.notes.remote())
+    finally:
+        counter.close()
     origin = {
         "checkpoint": storage.absolute(checkpoint),
         "checkpoint_sha256": ddpm.weights_sha256,  # heads fitted on the table check the model with it

@@ -138,12 +138,12 @@ def _predict_task(
         outputs,
         opts.batch_size,
         opts.quicklook_size,
-        on_windows=lambda n: counter.add.remote(windows=n),
+        on_windows=lambda n: counter.add(windows=n),
         region=opts.region,
         uncertainty=opts.uncertainty,
         tiles=opts.tiles,
     )
-    counter.add.remote(scenes=1)
+    counter.add(scenes=1)
     return record
 
 
@@ -166,10 +166,11 @@ def predict_scenes(
     """
     import ray
 
-    from rsdiff.raytools import ProgressCounter, connect, stop_tasks, user_error, wait_with_progress
+    from rsdiff.progress import ProgressCounter, wait_with_progress
+    from rsdiff.raytools import connect, stop_tasks, user_error
 
     connect(ray_cfg.address, ray_cfg.num_cpus)
-    counter = ProgressCounter.remote()
+    counter = ProgressCounter.open()
     task = ray.remote(_predict_task).options(
         num_cpus=cpus_per_scene, num_gpus=opts.num_gpus or None, max_retries=2, retry_exceptions=False
     )
@@ -181,6 +182,8 @@ def predict_scenes(
         if (err := user_error(exc)) is not None:
             raise err from None
         raise
+    finally:
+        counter.close()
 
 
 def count_windows(
