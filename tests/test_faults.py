@@ -486,6 +486,12 @@ CASES = [
         "trials, pretrain_steps and head_epochs must be >= 1",
         "{root}/d1",
     ),
+    (
+        "demo.py",
+        ["predict_overlap=64", "workdir={root}/d2"],
+        "predict_overlap=64 must be in [0, tile_size=64)",
+        "{root}/d2",
+    ),
     # Names become folders under a storage root: nothing may escape it.
     (
         "pretrain.py",

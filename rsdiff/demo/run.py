@@ -62,6 +62,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
     if cfg.trials < 1 or cfg.pretrain_steps < 1 or cfg.head_epochs < 1:
         raise ConfigError("trials, pretrain_steps and head_epochs must be >= 1")
+    if cfg.predict_overlap is not None and not 0 <= cfg.predict_overlap < cfg.tile_size:
+        raise ConfigError(f"predict_overlap={cfg.predict_overlap} must be in [0, tile_size={cfg.tile_size})")
     work = Path(storage.absolute(str(cfg.workdir)))
     if storage.is_s3(str(work)):
         raise ConfigError("the demo runs on local storage: workdir must be a local folder")

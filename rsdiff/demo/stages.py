@@ -190,7 +190,8 @@ def predict(demo: Demo, chain: Chain) -> None:
     log.info("demo: scoring the %d test scene(s) %s", len(chain.test_ids), chain.test_ids)
     chain.predict = run_predict(build(PredictConfig, {
         "head": chain.sweep.best_head, "inputs": images, "output": str(demo.work / "predictions"),
-        "overwrite": True, "tracking": demo.tracking(), "ray": demo.cfg.ray,
+        "overwrite": True, "overlap": demo.cfg.predict_overlap, "tracking": demo.tracking(),
+        "ray": demo.cfg.ray,
     }))  # fmt: skip
     chain.run_ids["predict"] = chain.predict.mlflow_run_id or ""
 
