@@ -557,7 +557,7 @@ def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
         "head_epochs=3",
         "max_images=32",
         "pixels_per_class=16",
-        "predict_overlap=16",  # 132 windows on the 510x544 test scene instead of 567 (45 s)
+        "predict_overlap=16",  # 121 windows on the 509x544 test scene instead of 420 (45 s)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((work / "predictions" / "metrics.json").read_text())
