@@ -260,7 +260,6 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
         RsdiffError: missing/invalid checkpoint, unlabeled shards, band mismatch, unknown block,
             timestep out of range, no labeled pixel, existing output without ``overwrite``.
     """
-
     from rsdiff.diffusion.checkpoint import load_pretrained
     from rsdiff.features.extractor import FeatureExtractor
     from rsdiff.progress import ProgressCounter
