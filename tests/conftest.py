@@ -50,40 +50,9 @@ def agent_port_args() -> list[str]:
     ]  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------
-# Tiers: every test carries exactly one, the suite runs them cheapest first, and each has a limit
-# that turns a hang into one failed test instead of a stalled run.
-
-TIERS = {
-    # in-process, seconds each: no Ray, no job subprocess (the loopback S3 server is allowed)
-    "unit": 120,
-    # a stage through its library entry on the session's Ray cluster, S3 server and MLflow store
-    "integration": 900,
-    # job scripts as processes (signals, exit codes, ray job submit), the fake autoscaling cluster
-    "e2e": 1200,
-}  # tier -> per-test limit in seconds (fixture set-up included), a bound for a hang, not a timing
-
-
-def tier_of(item: pytest.Item) -> str:
-    """The one tier mark of ``item``; a usage error naming the test if it has none or several."""
-    tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
-    if len(tiers) != 1:
-        raise pytest.UsageError(
-            f"{item.nodeid}: marked {tiers or 'with no tier'}; mark it with exactly one of "
-            f"{', '.join(TIERS)} (pytestmark = pytest.mark.unit, or a decorator per test)"
-        )
-    return tiers[0]
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse a test without exactly one tier, give each its tier's time limit (unless it sets its
-    own), and order the run unit -> integration -> e2e (stable within a tier)."""
-    order = list(TIERS)
-    for item in items:
-        tier = tier_of(item)
-        if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(TIERS[tier]))
-    items.sort(key=lambda it: order.index(tier_of(it)))
+# The tiers (unit -> integration -> e2e, one mark each, a time limit each, a summary at the end) are
+# the plugin in tests/tiers.py; pytester runs inner sessions for the tests of that plugin.
+pytest_plugins = ("tiers", "pytester")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,106 @@
+"""The suite's tier plugin (``tests/tiers.py``), run on small generated test files in inner pytest
+sessions: a test without exactly one tier is refused by name, the run goes unit -> integration ->
+e2e with each tier's time limit, and the run ends with one line per tier, also under pytest-xdist."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+INI = """
+[pytest]
+markers =
+    unit: u
+    integration: i
+    e2e: e
+"""
+
+MIXED = """
+import pytest
+
+ORDER = []
+
+
+@pytest.mark.e2e
+def test_e2e_first_in_the_file(request):
+    ORDER.append("e2e")
+    assert ORDER == ["unit", "integration", "e2e"]
+
+
+@pytest.mark.integration
+def test_integration_that_fails(request):
+    ORDER.append("integration")
+    assert request.node.get_closest_marker("timeout").args == (900,)
+    assert False, "on purpose"
+
+
+@pytest.mark.unit
+def test_unit_last_in_the_file(request):
+    ORDER.append("unit")
+    assert request.node.get_closest_marker("timeout").args == (120,)
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(7)
+def test_unit_with_its_own_limit(request):
+    assert request.node.get_closest_marker("timeout").args == (7,)
+
+
+@pytest.mark.e2e
+def test_e2e_skipped():
+    pytest.skip("no such machine here")
+"""
+
+
+def _tier_lines(text: str) -> dict[str, str]:
+    after = text.split("tiers, in the order they ran")[1]
+    return {m.group(1): m.group(0) for m in re.finditer(r"^(unit|integration|e2e) .*$", after, re.M)}
+
+
+def test_a_test_without_exactly_one_tier_is_refused_by_name(pytester: pytest.Pytester):
+    pytester.makeini(INI)
+    pytester.makepyfile(
+        test_bad="""
+        import pytest
+
+        def test_with_none():
+            pass
+
+        @pytest.mark.unit
+        @pytest.mark.e2e
+        def test_with_two():
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "tiers", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_bad.py::test_with_none: marked with no tier; mark it with exactly*"])
+
+
+def test_tiers_run_cheapest_first_with_their_limits_and_are_summed_up_at_the_end(pytester: pytest.Pytester):
+    pytester.makeini(INI)
+    pytester.makepyfile(test_mixed=MIXED)
+    result = pytester.runpytest_inprocess("-p", "tiers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, failed=1, skipped=1)
+    lines = _tier_lines(result.stdout.str())
+    assert list(lines) == ["unit", "integration", "e2e"], lines
+    assert re.match(r"unit +2 tests +0:0\d in tests +0:0\d first to last +2 passed$", lines["unit"])
+    assert lines["integration"].endswith("  1 failed") and " 1 tests " in lines["integration"]
+    assert lines["e2e"].endswith("  1 passed, 1 skipped") and " 2 tests " in lines["e2e"]
+
+
+def test_the_summary_counts_the_reports_of_xdist_workers(pytester: pytest.Pytester):
+    pytester.makeini(INI)
+    pytester.makepyfile(test_mixed=MIXED.replace('assert ORDER == ["unit", "integration", "e2e"]', "pass"))
+    # As in the suite: a conftest names the plugin, and the workers import it from the conftest's folder.
+    shutil.copy(Path(__file__).with_name("tiers.py"), pytester.path / "tiers.py")
+    pytester.makeconftest('pytest_plugins = ("tiers",)')
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=3, failed=1, skipped=1)
+    lines = _tier_lines(result.stdout.str())
+    assert lines["unit"].endswith("  2 passed") and lines["e2e"].endswith("  1 passed, 1 skipped"), lines
