@@ -137,7 +137,9 @@ class FaultyS3Proxy:
         self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # Polled every 50 ms for shutdown, not socketserver's 500 ms: each test that stops a proxy
+        # otherwise waited about half a second for it.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def _expired(self, headers: Any) -> bool:
         auth = headers.get("Authorization", "")

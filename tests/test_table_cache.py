@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from table_copy_child import copy_in_child
 
 from rsdiff.config import build, check_ranges
 from rsdiff.errors import ConfigError, DataError
@@ -84,17 +85,12 @@ def test_the_node_copy_holds_every_part_exactly(tmp_path):
     assert not np.array_equal(fresh.load("train")[0], local.load("train")[0])
 
 
-def _copy_in_child(root: str, cache_dir: str, out: multiprocessing.Queue) -> None:
-    table = FeatureTable.open(root).cached(TableCacheConfig(cache_dir=cache_dir))
-    out.put((str(table.local.entry), float(table.load("train")[0].astype(np.float64).sum())))
-
-
 def test_processes_on_one_node_build_one_copy_and_share_it(tmp_path):
     table = write_table(tmp_path / "t", parts_per_split=8, rows=2000)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_copy_in_child, args=(table.root, str(tmp_path / "c"), queue)) for _ in range(3)
+        ctx.Process(target=copy_in_child, args=(table.root, str(tmp_path / "c"), queue)) for _ in range(3)
     ]
     for p in procs:
         p.start()
