@@ -39,6 +39,16 @@ def test_integration_that_fails(request):
     assert False, "on purpose"
 
 
+@pytest.fixture
+def broken():
+    raise RuntimeError("a fixture that cannot be built")
+
+
+@pytest.mark.integration
+def test_integration_whose_fixture_fails(broken):
+    pass
+
+
 @pytest.mark.unit
 def test_unit_last_in_the_file(request):
     ORDER.append("unit")
@@ -86,11 +96,11 @@ def test_tiers_run_cheapest_first_with_their_limits_and_are_summed_up_at_the_end
     pytester.makeini(INI)
     pytester.makepyfile(test_mixed=MIXED)
     result = pytester.runpytest_inprocess("-p", "tiers", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3, failed=1, skipped=1)
+    result.assert_outcomes(passed=3, failed=1, skipped=1, errors=1)
     lines = _tier_lines(result.stdout.str())
     assert list(lines) == ["unit", "integration", "e2e"], lines
     assert re.match(r"unit +2 tests +0:0\d in tests +0:0\d first to last +2 passed$", lines["unit"])
-    assert lines["integration"].endswith("  1 failed") and " 1 tests " in lines["integration"]
+    assert lines["integration"].endswith("  1 failed, 1 error") and " 2 tests " in lines["integration"]
     assert lines["e2e"].endswith("  1 passed, 1 skipped") and " 2 tests " in lines["e2e"]
 
 
@@ -101,6 +111,8 @@ def test_the_summary_counts_the_reports_of_xdist_workers(pytester: pytest.Pytest
     shutil.copy(Path(__file__).with_name("tiers.py"), pytester.path / "tiers.py")
     pytester.makeconftest('pytest_plugins = ("tiers",)')
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
-    result.assert_outcomes(passed=3, failed=1, skipped=1)
+    result.assert_outcomes(passed=3, failed=1, skipped=1, errors=1)
     lines = _tier_lines(result.stdout.str())
-    assert lines["unit"].endswith("  2 passed") and lines["e2e"].endswith("  1 passed, 1 skipped"), lines
+    assert lines["unit"].endswith("  2 passed"), lines
+    assert lines["integration"].endswith("  1 failed, 1 error"), lines
+    assert lines["e2e"].endswith("  1 passed, 1 skipped"), lines

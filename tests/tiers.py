@@ -59,8 +59,8 @@ class TierTally:
         self.seconds += report.duration
         self.first, self.last = min(self.first, report.start), max(self.last, report.stop)
         now = self.outcomes.get(report.nodeid, "passed")
-        if report.failed:
-            now = "failed" if report.when == "call" else "error"
+        if report.failed:  # a failed call stays "failed" whatever its teardown does
+            now = "failed" if report.when == "call" or now == "failed" else "error"
         elif report.skipped and now == "passed":
             now = "skipped"
         self.outcomes[report.nodeid] = now
