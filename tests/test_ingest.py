@@ -147,17 +147,16 @@ def test_a_driver_counts_the_progress_of_all_its_stages_on_one_actor(sample_scen
     assert after.tally == before.tally + 3
     assert first.samples and second.samples == first.samples
 
-    one, two = before, after
-    one.add(tiles=3)
-    one.add(tiles=2, scenes=1)
+    before.add(tiles=3)
+    before.add(tiles=2, scenes=1)
     for i in range(25):
-        two.note("damaged", f"shard {i}")
-    assert one.get() == {"tiles": 5, "scenes": 1} and two.get() == {}
-    assert two.notes() == {"damaged": [f"shard {i}" for i in range(20)]}  # examples, not all
-    one.close()
-    one.add(tiles=1)  # a task's last word after its driver moved on is dropped, not an error
-    assert one.get() == {} and two.get() == {}
-    two.close()
+        after.note("damaged", f"shard {i}")
+    assert before.get() == {"tiles": 5, "scenes": 1} and after.get() == {}
+    assert after.notes() == {"damaged": [f"shard {i}" for i in range(20)]}  # examples, not all
+    before.close()
+    before.add(tiles=1)  # a task's last word after its driver moved on is dropped, not an error
+    assert before.get() == {} and after.get() == {}
+    after.close()
 
 
 def test_ingest_job_script_on_sample(sample_scenes, tmp_path, ray_address):
