@@ -116,3 +116,29 @@ def test_the_summary_counts_the_reports_of_xdist_workers(pytester: pytest.Pytest
     assert lines["unit"].endswith("  2 passed"), lines
     assert lines["integration"].endswith("  1 failed, 1 error"), lines
     assert lines["e2e"].endswith("  1 passed, 1 skipped"), lines
+
+
+def test_a_test_stopped_by_ctrl_c_is_not_counted_as_passed(pytester: pytest.Pytester):
+    """Ctrl-C (or ``timeout -s INT``) in a test's call: its set-up passed and its call never ended,
+    so it counts as unfinished; the test that passed before it still counts as passed."""
+    pytester.makeini(INI)
+    pytester.makepyfile(
+        test_stopped="""
+        import pytest
+
+        @pytest.mark.integration
+        def test_done():
+            pass
+
+        @pytest.mark.integration
+        def test_stopped_midway():
+            raise KeyboardInterrupt
+        """
+    )
+    # A process of its own: an in-process run would pass the KeyboardInterrupt on to this session.
+    shutil.copy(Path(__file__).with_name("tiers.py"), pytester.path / "tiers.py")
+    pytester.makeconftest('pytest_plugins = ("tiers",)')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    lines = _tier_lines(result.stdout.str())
+    assert lines["integration"].endswith("  1 passed, 1 unfinished"), lines

@@ -48,9 +48,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @dataclass
 class TierTally:
     """One tier's results: each test's outcome (its worst phase), the seconds of all its phases, and
-    the clock span from its first phase's start to its last phase's end."""
+    the clock span from its first phase's start to its last phase's end. A test counts as passed
+    once its call passed: one set up and never called to the end (Ctrl-C, ``timeout -s INT``) stays
+    unfinished."""
 
-    outcomes: dict[str, str] = field(default_factory=dict)  # nodeid -> passed / failed / error / skipped
+    # nodeid -> unfinished / passed / failed / error / skipped
+    outcomes: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     first: float = float("inf")  # epoch seconds
     last: float = float("-inf")
@@ -58,17 +61,20 @@ class TierTally:
     def add(self, report: pytest.TestReport) -> None:
         self.seconds += report.duration
         self.first, self.last = min(self.first, report.start), max(self.last, report.stop)
-        now = self.outcomes.get(report.nodeid, "passed")
+        now = self.outcomes.get(report.nodeid, "unfinished")
         if report.failed:  # a failed call stays "failed" whatever its teardown does
             now = "failed" if report.when == "call" or now == "failed" else "error"
-        elif report.skipped and now == "passed":
+        elif report.skipped and now in ("unfinished", "passed"):
             now = "skipped"
+        elif report.when == "call" and now == "unfinished":
+            now = "passed"
         self.outcomes[report.nodeid] = now
 
     def line(self, tier: str) -> str:
         """``tier  N tests  M:SS in tests  M:SS first to last  n passed, n failed, ...``"""
         counts = Counter(self.outcomes.values())
-        said = ", ".join(f"{counts[k]} {k}" for k in ("passed", "failed", "error", "skipped") if counts[k])
+        kinds = ("passed", "failed", "error", "skipped", "unfinished")
+        said = ", ".join(f"{counts[k]} {k}" for k in kinds if counts[k])
         return (
             f"{tier:<12} {len(self.outcomes):>4} tests {_clock(self.seconds):>8} in tests "
             f"{_clock(self.last - self.first):>8} first to last   {said}"
