@@ -1,9 +1,9 @@
 """Where tensors live and at what precision: one place for every stage's device decisions.
 
 Stages never hard-code ``"cuda"`` or create tensors without a device: they ask this module for
-the device a Ray actor/task/worker was given, an autocast context for inference, and a random
-generator *on that device* (so noise drawn on a GPU comes from a generator whose state a
-checkpoint can keep and restore per rank). Tests run the same code with the model on PyTorch's
+the device a Ray actor/task/worker was given, an autocast context and the TF32 setting for
+inference, and a random generator *on that device* (so noise drawn on a GPU comes from a
+generator whose state a checkpoint can keep and restore per rank). Tests run the same code with the model on PyTorch's
 ``meta`` device, where any tensor made on the CPU by mistake raises.
 """
 
@@ -60,10 +60,7 @@ def autocast_dtype(precision: Precision | str, device: torch.device) -> torch.dt
     ``auto`` is bf16 on CUDA devices that support it; asking for ``bf16`` on a CUDA device without
     it falls back to fp32 with a warning.
     """
-    try:
-        p = Precision(precision)
-    except ValueError:
-        raise ConfigError(f"precision={precision!r} must be one of auto, fp32, bf16") from None
+    p = _precision(precision)
     if p is Precision.fp32 or device.type == "meta":
         return None
     if device.type == "cuda":
@@ -73,6 +70,33 @@ def autocast_dtype(precision: Precision | str, device: torch.device) -> torch.dt
             log.warning("precision=bf16 but %s does not support bf16: running in fp32", device)
         return None
     return torch.bfloat16 if p is Precision.bf16 else None
+
+
+def _precision(precision: Precision | str) -> Precision:
+    try:
+        return Precision(precision)
+    except ValueError:
+        raise ConfigError(f"precision={precision!r} must be one of auto, fp32, bf16") from None
+
+
+def tf32_allowed(precision: Precision | str) -> bool:
+    """Whether inference at ``precision`` may run its fp32 matmuls and convolutions on TF32 tensor
+    cores (CUDA, Ampere and newer; a 10-bit mantissa): ``auto`` and ``bf16`` may, ``fp32`` promises
+    IEEE fp32."""
+    return _precision(precision) is not Precision.fp32
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool) -> Iterator[None]:
+    """For the block: whether CUDA's fp32 matmuls and convolutions may use TF32. The process's own
+    setting comes back afterwards (training turns TF32 on, and a Ray worker keeps it for its next
+    task). The flags act on CUDA only."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @contextlib.contextmanager

@@ -191,6 +191,31 @@ def test_precision_choice():
         devices.autocast_dtype("fp16", cpu)
 
 
+def _tf32_now() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize(("precision", "inside"), [("fp32", (False, False)), ("auto", (True, True))])
+def test_fp32_inference_keeps_tf32_off_where_training_turned_it_on(precision, inside):
+    """``precision=fp32`` promises IEEE fp32: TF32 tensor cores (10-bit mantissa, on for training)
+    stay off in the UNet's and the head's passes, also in a Ray worker that trained before; ``auto``
+    allows them. The process's own setting comes back afterwards. (The flags act on CUDA only; their
+    values are the same here.)"""
+    seen: dict[str, tuple[bool, bool]] = {}
+    ex = FeatureExtractor(_ddpm(torch.device("cpu")), [10], ["up1.res0", "up2.res1"], precision=precision)
+    head = _head(ex.dim, torch.device("cpu"))
+    for name, module in (("unet", ex.model.conv_in), ("head", head.module)):
+        module.register_forward_hook(lambda *_, name=name: seen.update({name: _tf32_now()}) or None)
+    before = _tf32_now()
+    try:
+        devices.enable_tf32()  # what a training run left in this process
+        window_probabilities(ex, head, torch.zeros(1, BANDS, SIZE, SIZE))
+        assert seen == {"unet": inside, "head": inside}
+        assert _tf32_now() == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_asking_for_a_gpu_without_cuda_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"num_gpus=1.0 but CUDA is not available"):

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from rsdiff.devices import Precision, autocast, autocast_dtype
+from rsdiff.devices import Precision, autocast, autocast_dtype, tf32, tf32_allowed
 from rsdiff.diffusion.checkpoint import PretrainedDDPM
 from rsdiff.diffusion.schedule import fixed_noise
 from rsdiff.errors import ConfigError
@@ -50,8 +50,8 @@ class FeatureExtractor:
         timesteps: diffusion steps ``0 <= t < T``.
         blocks: block names or integers (see :mod:`rsdiff.features.blocks`).
         noise_seed: seed of the fixed noise shared by every image.
-        precision: ``auto`` (bf16 autocast on CUDA where supported), ``fp32`` or ``bf16``;
-            activations are returned as float32 either way.
+        precision: ``auto`` (bf16 autocast on CUDA where supported), ``fp32`` (IEEE fp32: TF32
+            off for the pass) or ``bf16``; activations are returned as float32 either way.
         numbering: what integers in ``blocks`` mean (rsdiff's indexes or DDPM-Seg's output_blocks).
     """
 
@@ -74,6 +74,7 @@ class FeatureExtractor:
         self.blocks = resolve_blocks(self.model, blocks, numbering)
         self.noise_seed = noise_seed
         self.amp_dtype = autocast_dtype(precision, self.device)
+        self.tf32 = tf32_allowed(precision)
         self.in_channels = int(ddpm.meta["in_channels"])
         shapes = block_channels(self.model, self.in_channels, int(ddpm.meta["image_size"]))
         ddpm_seg = {name: k for k, name in ddpm_seg_blocks(self.model).items()}
@@ -131,7 +132,7 @@ class FeatureExtractor:
                 for b in self.blocks
             ]
             try:
-                with autocast(self.device, self.amp_dtype):
+                with tf32(self.tf32), autocast(self.device, self.amp_dtype):
                     self.model(xt, tt)
             except _Stop:
                 pass

@@ -105,11 +105,12 @@ class PixelInputs:
     no UNet pass; normalised windows go to the head as they are."""
 
     def __init__(self, ddpm: Any, precision: str = "auto") -> None:
-        from rsdiff.devices import autocast_dtype
+        from rsdiff.devices import autocast_dtype, tf32_allowed
 
         self.ddpm = ddpm
         self.in_channels = int(ddpm.meta["in_channels"])
         self.amp_dtype = autocast_dtype(precision, self.device)
+        self.tf32 = tf32_allowed(precision)
 
     @property
     def device(self) -> torch.device:
@@ -138,8 +139,22 @@ def window_probabilities(
     noise in every window (:func:`rsdiff.features.extractor.window_noise`).
 
     Computed on the extractor's device, a chunk of rows at a time (memory bounded by
-    ``CHUNK_VALUES``); the result stays on that device.
+    ``CHUNK_VALUES``); the result stays on that device. TF32 as the extractor's precision allows
+    (see :func:`rsdiff.devices.tf32_allowed`), the UNet's pass and the head's alike.
     """
+    from rsdiff.devices import tf32
+
+    with tf32(extractor.tf32):
+        return _window_probabilities(extractor, head, x, outputs, origins)
+
+
+def _window_probabilities(
+    extractor: FeatureExtractor | PixelInputs,
+    head: TrainedHead,
+    x: torch.Tensor,
+    outputs: PixelOutputs | None = None,
+    origins: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     outputs = outputs or PixelOutputs(head)
     b, _, s, _ = x.shape
     if head.on_pixels:
