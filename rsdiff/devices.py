@@ -3,8 +3,8 @@
 Stages never hard-code ``"cuda"`` or create tensors without a device: they ask this module for
 the device a Ray actor/task/worker was given, an autocast context and the TF32 setting for
 inference, and a random generator *on that device* (so noise drawn on a GPU comes from a
-generator whose state a checkpoint can keep and restore per rank). Tests run the same code with the model on PyTorch's
-``meta`` device, where any tensor made on the CPU by mistake raises.
+generator whose state a checkpoint can keep and restore per rank). Tests run the same code with
+the model on PyTorch's ``meta`` device, where any tensor made on the CPU by mistake raises.
 """
 
 from __future__ import annotations
