@@ -9,9 +9,12 @@
 # DUBAI   the dubai-aerial folder; when given, a GPU-pretrained model (adm128, 128 px tiles) is put
 #         to the label-efficiency test with the fair protocol (README: Label efficiency on dubai)
 #
-# Steps run in order and each says when it ends; one failing does not stop the next. Sizes:
-# RSDIFF_GPU_PRETRAIN_STEPS (default 4000) and RSDIFF_GPU_WORK (scratch folder, default a temp
-# folder: checkpoints and shards stay there, never in OUT).
+# Steps run in order and each says when it ends; one failing does not stop the next. The exit
+# status is 0 when every step that applies ended with 0, else 1. Sizes: RSDIFF_GPU_PRETRAIN_STEPS
+# (default 4000) and RSDIFF_GPU_WORK (scratch folder, default a temp folder: checkpoints and shards
+# stay there, never in OUT). RSDIFF_GPU_BUDGET_S (default: none) bounds the whole run in seconds,
+# for a GPU host lent for a fixed time: a step still running when it is spent gets Ctrl-C (pytest
+# then prints its failures so far) and the steps after it are not run; each says so.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:?usage: tests/benchmarks/gpu_checks.sh OUT [WHEELS] [DUBAI]}
@@ -19,26 +22,45 @@ wheels=${2:-}
 dubai=${3:-}
 work=${RSDIFF_GPU_WORK:-$(mktemp -d)}
 steps=${RSDIFF_GPU_PRETRAIN_STEPS:-4000}
+budget=${RSDIFF_GPU_BUDGET_S:-}
+if ! [[ $budget =~ ^[0-9]*$ ]]; then
+    echo "RSDIFF_GPU_BUDGET_S=$budget: give whole seconds (or leave it unset for no bound)" >&2
+    exit 2
+fi
 mkdir -p "$out" "$work"
+status=0
 
-step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, say how it ended
-    local name=$1 t0=$SECONDS
+step() {  # step NAME COMMAND...: run within what is left of the budget, log to OUT/NAME.log, say how it ended
+    local name=$1 t0=$SECONDS bound=()
     shift
-    "$@" >"$out/$name.log" 2>&1
+    if [ -n "$budget" ]; then
+        local left=$((budget - SECONDS))
+        if [ "$left" -le 0 ]; then
+            echo "$name: not run (RSDIFF_GPU_BUDGET_S=$budget is spent)"
+            status=1
+            return 1
+        fi
+        bound=(timeout -s INT -k 15 "$left")
+    fi
+    "${bound[@]}" "$@" >"$out/$name.log" 2>&1
     local rc=$?
-    echo "$name: exit $rc after $((SECONDS - t0)) s (log: $out/$name.log)"
+    local why=""
+    [ -n "$budget" ] && [ $((budget - SECONDS)) -le 0 ] && [ $rc -ne 0 ] && why=", stopped at the budget"
+    echo "$name: exit $rc after $((SECONDS - t0)) s$why (log: $out/$name.log)"
+    [ $rc -eq 0 ] || status=1
     return $rc
 }
 
 if [ -n "$wheels" ]; then
     step install python "$wheels"/part_000/install_wheelhouse.py "$wheels"/part_* &&
-        step install-rsdiff pip install --no-index --no-deps --no-build-isolation -e . || exit 1
+        step install-rsdiff python -m pip install --no-index --no-deps --no-build-isolation -e . || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
 
 # Every GPU test, with Ray: NCCL pretraining (bf16, channels_last, compile), exact resume with CUDA
 # generators, GPU extraction actors, GPU prediction vs CPU, label efficiency on the GPU.
-step test_gpu python -m pytest tests/test_gpu.py -q -ra -p no:cacheprovider --junitxml "$out/test_gpu.xml"
+step test_gpu python -m pytest tests/test_gpu.py -q -ra --tb=short -p no:cacheprovider --durations=10 \
+    --junitxml "$out/test_gpu.xml"
 
 # Ray's overhead on the GPU: P1 (Ray Train vs the plain loop) and P3 (Ray Data actor vs in-process).
 step ray_gpu sh -c "python tests/benchmarks/bench_ray_gpu.py > '$out/ray_gpu.json'"
@@ -48,7 +70,7 @@ step compile sh -c "python tests/benchmarks/bench_compile.py --gpu --batch 0 --s
     --sweep-levels none,0 --preset configs/pretrain/tiny.yaml,configs/pretrain/adm128.yaml,configs/pretrain/adm256.yaml \
     > '$out/compile.json'"
 
-[ -n "$dubai" ] || exit 0
+[ -n "$dubai" ] || exit $status
 # A GPU-pretrained dubai model under the fair protocol: train tile_6, val tile_1, test tile_2.
 step dubai-ingest python jobs/ingest.py --config configs/ingest/dubai.yaml \
     "inputs=['$dubai/tile_[126]/images/*.jpg']" tile_size=128 shard_max_mb=64 val_fraction=0 \
@@ -69,3 +91,4 @@ step dubai-ingest python jobs/ingest.py --config configs/ingest/dubai.yaml \
         unet.steps=600 unet.eval_every=50 unet.patience=4 unet.lr_schedule=cosine \
         unet.class_weighting=balanced "tracking.uri=sqlite:///$work/mlflow.db" "output=$work/le" &&
     cp "$work"/le/results.json "$work"/le/table.md "$work"/le/label_efficiency.png "$out"/
+exit $status
