@@ -142,40 +142,28 @@ def window_probabilities(
     ``CHUNK_VALUES``); the result stays on that device. TF32 as the extractor's precision allows
     (see :func:`rsdiff.devices.tf32_allowed`), the UNet's pass and the head's alike.
     """
-    from rsdiff.devices import tf32
+    from rsdiff.devices import autocast, tf32
 
     with tf32(extractor.tf32):
-        return _window_probabilities(extractor, head, x, outputs, origins)
-
-
-def _window_probabilities(
-    extractor: FeatureExtractor | PixelInputs,
-    head: TrainedHead,
-    x: torch.Tensor,
-    outputs: PixelOutputs | None = None,
-    origins: Sequence[tuple[int, int]] | None = None,
-) -> torch.Tensor:
-    outputs = outputs or PixelOutputs(head)
-    b, _, s, _ = x.shape
-    if head.on_pixels:
-        if outputs.channels != head.num_classes:
-            raise ValueError("a pixel head gives class probabilities only (no members, no descriptors)")
-        from rsdiff.devices import autocast
-
-        head.module.eval()
-        with autocast(extractor.device, extractor.amp_dtype):
-            logits = head.module(x.to(extractor.device, torch.float32))
-        return torch.softmax(logits.float(), 1)
-    acts = extractor.activations(x, origins)
-    rows = max(1, min(s, CHUNK_VALUES // max(1, b * extractor.dim * s)))
-    out = torch.empty((b, outputs.channels, s, s), dtype=torch.float32, device=extractor.device)
-    for start in range(0, s, rows):
-        stop = min(s, start + rows)
-        feats = extractor.dense_rows(acts, (s, s), start, stop)  # (B, D, r, S)
-        flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        values = outputs(flat)
-        out[:, :, start:stop] = values.view(b, stop - start, s, -1).permute(0, 3, 1, 2)
-    return out
+        outputs = outputs or PixelOutputs(head)
+        b, _, s, _ = x.shape
+        if head.on_pixels:
+            if outputs.channels != head.num_classes:
+                raise ValueError("a pixel head gives class probabilities only (no members, no descriptors)")
+            head.module.eval()
+            with autocast(extractor.device, extractor.amp_dtype):
+                logits = head.module(x.to(extractor.device, torch.float32))
+            return torch.softmax(logits.float(), 1)
+        acts = extractor.activations(x, origins)
+        rows = max(1, min(s, CHUNK_VALUES // max(1, b * extractor.dim * s)))
+        out = torch.empty((b, outputs.channels, s, s), dtype=torch.float32, device=extractor.device)
+        for start in range(0, s, rows):
+            stop = min(s, start + rows)
+            feats = extractor.dense_rows(acts, (s, s), start, stop)  # (B, D, r, S)
+            flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+            values = outputs(flat)
+            out[:, :, start:stop] = values.view(b, stop - start, s, -1).permute(0, 3, 1, 2)
+        return out
 
 
 @dataclass(frozen=True)
