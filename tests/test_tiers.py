@@ -72,6 +72,13 @@ def _tier_lines(text: str) -> dict[str, str]:
     return {m.group(1): m.group(0) for m in re.finditer(r"^(unit|integration|e2e) .*$", after, re.M)}
 
 
+def _load_through_a_conftest(pytester: pytest.Pytester) -> None:
+    """As in the suite: a conftest names the plugin, which lies beside it, so pytest-xdist's workers
+    and a pytest subprocess import it from there."""
+    shutil.copy(Path(__file__).with_name("tiers.py"), pytester.path / "tiers.py")
+    pytester.makeconftest('pytest_plugins = ("tiers",)')
+
+
 def test_a_test_without_exactly_one_tier_is_refused_by_name(pytester: pytest.Pytester):
     pytester.makeini(INI)
     pytester.makepyfile(
@@ -107,9 +114,7 @@ def test_tiers_run_cheapest_first_with_their_limits_and_are_summed_up_at_the_end
 def test_the_summary_counts_the_reports_of_xdist_workers(pytester: pytest.Pytester):
     pytester.makeini(INI)
     pytester.makepyfile(test_mixed=MIXED.replace('assert ORDER == ["unit", "integration", "e2e"]', "pass"))
-    # As in the suite: a conftest names the plugin, and the workers import it from the conftest's folder.
-    shutil.copy(Path(__file__).with_name("tiers.py"), pytester.path / "tiers.py")
-    pytester.makeconftest('pytest_plugins = ("tiers",)')
+    _load_through_a_conftest(pytester)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=3, failed=1, skipped=1, errors=1)
     lines = _tier_lines(result.stdout.str())
@@ -136,8 +141,7 @@ def test_a_test_stopped_by_ctrl_c_is_not_counted_as_passed(pytester: pytest.Pyte
         """
     )
     # A process of its own: an in-process run would pass the KeyboardInterrupt on to this session.
-    shutil.copy(Path(__file__).with_name("tiers.py"), pytester.path / "tiers.py")
-    pytester.makeconftest('pytest_plugins = ("tiers",)')
+    _load_through_a_conftest(pytester)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     lines = _tier_lines(result.stdout.str())
