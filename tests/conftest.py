@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rsdiff import ports
@@ -23,6 +24,7 @@ from rsdiff.config import load_config
 from rsdiff.data.ingest_config import IngestConfig
 from rsdiff.features.config import ExtractConfig
 from rsdiff.features.extract import run_extract
+from rsdiff.features.parts import read_part
 from rsdiff.features.table import FeatureTable
 from rsdiff.ingest import run_ingest
 from rsdiff.pretrain import run_pretrain
@@ -313,6 +315,17 @@ def extract_features(ckpt, shards, output, *extra):
          "pixels_per_class=16", "batch_size=4", *extra],
     )  # fmt: skip
     return run_extract(cfg)
+
+
+def features_by_pixel(table: FeatureTable, split: str) -> dict[tuple[str, int, int], np.ndarray]:
+    """Each sampled pixel's feature row (C,) keyed by (image key, row, col). Ray Data hands batches
+    to the actors in no fixed order, so two extractions' parts and rows compare only by pixel."""
+    out = {}
+    for info in table.parts(split):
+        part = read_part(table.root, info["name"])
+        for i, key in enumerate(zip(part["image"].tolist(), part["rows"].tolist(), part["cols"].tolist())):
+            out[key] = part["features"][i]
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, extract_features, run_job_inline
+from conftest import REPO, extract_features, features_by_pixel, run_job_inline
 
 from rsdiff.config import build, load_config
 from rsdiff.data.ingest_config import IngestConfig
@@ -78,19 +78,7 @@ def test_same_pixels_give_identical_features_and_subsets_match_direct_extraction
 ):
     ckpt, shards = labeled_ckpt
     again = extract_features(ckpt, shards, tmp_path / "again")
-    first = {p["name"]: read_part(labeled_table.root, p["name"]) for p in labeled_table.parts("train")}
-    second = {p["name"]: read_part(again.root, p["name"]) for p in again.parts("train")}
-
-    def by_pixel(parts):
-        out = {}
-        for part in parts.values():
-            for i, key in enumerate(
-                zip(part["image"].tolist(), part["rows"].tolist(), part["cols"].tolist())
-            ):
-                out[key] = part["features"][i]
-        return out
-
-    a, b = by_pixel(first), by_pixel(second)
+    a, b = features_by_pixel(labeled_table, "train"), features_by_pixel(again, "train")
     assert a.keys() == b.keys() and len(a) > 100
     for key in list(a)[:200]:
         np.testing.assert_array_equal(a[key], b[key])  # fixed noise: bit-identical

@@ -67,28 +67,28 @@ def test_prediction_on_gpu_matches_cpu(sample_demo, tmp_path, precision, agree):
 
 
 @needs_cuda
-def test_extraction_on_gpu_matches_cpu(sample_demo, tmp_path, ray_cluster):
+def test_extraction_on_gpu_matches_cpu(labeled_ckpt, tmp_path, ray_cluster):
     """Ray Data feature actors on a GPU (the dry pass's timestep on the model's device), bf16."""
-    from conftest import extract_features
+    from conftest import extract_features, features_by_pixel
 
-    ckpt = sorted((sample_demo / "ray" / "demo-pretrain").glob("checkpoint_0*"))[-1]
-    shards = sample_demo / "shards"
+    ckpt, shards = labeled_ckpt
     cpu = extract_features(ckpt, shards, tmp_path / "cpu", "precision=fp32")
     gpu = extract_features(ckpt, shards, tmp_path / "gpu", "num_gpus=1", "precision=auto")
-    a = np.concatenate([x for x, _ in cpu.iter_batches("train")])
-    b = np.concatenate([x for x, _ in gpu.iter_batches("train")])
-    assert a.shape == b.shape
+    by_cpu, by_gpu = features_by_pixel(cpu, "train"), features_by_pixel(gpu, "train")
+    assert by_cpu.keys() == by_gpu.keys() and len(by_cpu) > 100
+    a = np.stack([by_cpu[k] for k in sorted(by_cpu)]).astype(np.float32)
+    b = np.stack([by_gpu[k] for k in sorted(by_cpu)]).astype(np.float32)
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
 
 
 @needs_cuda
-def test_resume_on_gpu_continues_each_ranks_noise_and_data(sample_demo, tmp_path, mlflow_uri):
+def test_resume_on_gpu_continues_each_ranks_noise_and_data(labeled_ckpt, tmp_path, mlflow_uri):
     """The exact-resume check of ``test_pretrain.py`` with CUDA generators (bf16 off). cuDNN's
     backward kernels are not bitwise deterministic, so the losses agree to 1%, not exactly (another
     noise draw moves them by several percent)."""
     workers = min(2, torch.cuda.device_count())
     common = [
-        f"data.shards={sample_demo / 'shards'}", f"run.storage={tmp_path / 'runs'}", "scaling.use_gpu=true",
+        f"data.shards={labeled_ckpt[1]}", f"run.storage={tmp_path / 'runs'}", "scaling.use_gpu=true",
         f"scaling.num_workers={workers}", "data.num_workers=2", "data.batch_size=8", "optim.max_steps=8",
         "optim.warmup_steps=2", "checkpoint.every_steps=3", "tracking.log_every=1",
         "tracking.sample_every=1000", f"tracking.uri={mlflow_uri}", "perf.bf16=false",
