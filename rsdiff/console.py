@@ -38,6 +38,23 @@ TUNE_VERBOSITY = 0
 
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
+# Ray Data warns on the console, on every run, that a map stage reserving CPUs and GPUs both is
+# "experimental". Extraction's GPU actors reserve both on purpose (each decodes and normalises its
+# tiles on the CPU, and Ray Data would reserve one CPU for a GPU stage anyway), so the line says
+# nothing a user can act on; Ray Data's session log file keeps it.
+GPU_STAGE_NOTICE = "Specifying both num_cpus and num_gpus for map tasks is experimental"
+
+
+class _WithoutNotice(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
 
 def quiet_library_loggers() -> None:
     """Raise :data:`QUIET_LOGGERS` to WARNING (a job calls this once, after configuring logging)."""
@@ -53,8 +70,9 @@ def train_logging_config() -> Any:
 
 
 def quiet_ray_data() -> None:
-    """No Ray Data progress on the console (extract shows rsdiff's own bar) and its console
-    handler at WARNING; ``ray-data.log`` in the session's log folder keeps every record.
+    """No Ray Data progress on the console (extract shows rsdiff's own bar), its console handler
+    at WARNING and without :data:`GPU_STAGE_NOTICE`; ``ray-data.log`` in the session's log folder
+    keeps every record.
 
     Ray Data configures its loggers when ``ray.data`` is imported, so this runs after that. The
     one-time "Progress bars disabled" warning it would print for the setting made here is marked
@@ -69,6 +87,8 @@ def quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)  # the console (its session file handler is not a stream)
+            if not any(isinstance(f, _WithoutNotice) for f in handler.filters):
+                handler.addFilter(_WithoutNotice(GPU_STAGE_NOTICE))
 
 
 @contextlib.contextmanager
