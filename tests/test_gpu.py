@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import REPO, run_job_inline
+from conftest import REPO, extract_features, features_by_pixel, run_job_inline
 from step_faults import FailOnce
 
 from rsdiff.config import build, load_config
@@ -79,8 +79,6 @@ def test_label_efficiency_trains_and_predicts_on_the_gpu(sample_demo, tmp_path, 
 @needs_cuda
 def test_extraction_on_gpu_matches_cpu(labeled_ckpt, tmp_path, ray_cluster):
     """Ray Data feature actors on a GPU (the dry pass's timestep on the model's device), bf16."""
-    from conftest import extract_features, features_by_pixel
-
     ckpt, shards = labeled_ckpt
     cpu = extract_features(ckpt, shards, tmp_path / "cpu", "precision=fp32")
     gpu = extract_features(ckpt, shards, tmp_path / "gpu", "num_gpus=1", "precision=auto")
