@@ -67,6 +67,10 @@ def test_e2e_skipped():
 """
 
 
+# The machine's cores over a tier's span: "-" for a span under half a second.
+BUSY = r"(-|\d+\.\d\d of \d+ cores busy(, \d+\.\d\d stolen)?)"
+
+
 def _tier_lines(text: str) -> dict[str, str]:
     after = text.split("tiers, in the order they ran")[1]
     return {m.group(1): m.group(0) for m in re.finditer(r"^(unit|integration|e2e) .*$", after, re.M)}
@@ -106,9 +110,43 @@ def test_tiers_run_cheapest_first_with_their_limits_and_are_summed_up_at_the_end
     result.assert_outcomes(passed=3, failed=1, skipped=1, errors=1)
     lines = _tier_lines(result.stdout.str())
     assert list(lines) == ["unit", "integration", "e2e"], lines
-    assert re.match(r"unit +2 tests +0:0\d in tests +0:0\d first to last +2 passed$", lines["unit"])
+    assert re.match(rf"unit +2 tests +0:0\d in tests +0:0\d first to last +{BUSY} +2 passed$", lines["unit"])
     assert lines["integration"].endswith("  1 failed, 1 error") and " 2 tests " in lines["integration"]
     assert lines["e2e"].endswith("  1 passed, 1 skipped") and " 2 tests " in lines["e2e"]
+
+
+def test_each_tier_says_how_busy_the_machines_cores_were_over_its_span(pytester: pytest.Pytester):
+    """A tier whose test keeps one core working for a second reads at least most of a core busy,
+    whatever else the machine runs; no tier reads more cores than the machine has."""
+    import psutil
+
+    pytester.makeini(INI)
+    pytester.makepyfile(
+        test_busy="""
+        import time
+        import pytest
+
+        @pytest.mark.unit
+        def test_one_core_working_for_a_second():
+            end = time.perf_counter() + 1.0
+            while time.perf_counter() < end:
+                pass
+
+        @pytest.mark.integration
+        def test_waiting_for_a_second():
+            time.sleep(1.0)
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "tiers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    lines = _tier_lines(result.stdout.str())
+    busy = {}
+    for tier, line in lines.items():
+        match = re.search(r"  (\d+\.\d\d) of (\d+) cores busy", line)
+        assert match and int(match[2]) == psutil.cpu_count(), line
+        busy[tier] = float(match[1])
+    assert 0.7 <= busy["unit"] <= psutil.cpu_count() + 0.05, lines
+    assert 0.0 <= busy["integration"] <= psutil.cpu_count() + 0.05, lines
 
 
 def test_the_summary_counts_the_reports_of_xdist_workers(pytester: pytest.Pytester):

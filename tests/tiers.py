@@ -1,16 +1,20 @@
 """The suite's tiers, as a pytest plugin (``tests/conftest.py`` loads it): every test carries exactly
 one of ``unit``, ``integration`` and ``e2e``, the run goes cheapest first, each test gets its
 tier's time limit, and the end of the run says, per tier, how many tests passed, failed and were
-skipped and how long they took.
+skipped, how long they took, and how busy the machine's cores were meanwhile (a tier that keeps
+them busy gains nothing from running beside another).
 
 The limits are bounds for a hang (``pytest-timeout``, fixture set-up included), not timings.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import psutil
 import pytest
 
 TIERS = {
@@ -45,20 +49,51 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda it: order.index(tier_of(it)))
 
 
+class CpuSample(NamedTuple):
+    """The clock and the machine's CPU seconds, summed over its cores, at one moment."""
+
+    wall: float  # epoch seconds
+    busy: float  # working: user, nice, system, interrupts
+    stolen: float  # taken by the hypervisor while this machine's cores wanted to run (0 where unreported)
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        t = psutil.cpu_times()
+        busy = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq"))
+        return cls(time.time(), busy, getattr(t, "steal", 0.0))
+
+
+def cores_busy(start: CpuSample, end: CpuSample) -> str:
+    """``1.33 of 2 cores busy`` between two samples (``, 0.10 stolen`` where the hypervisor took
+    any), or ``-`` for a span too short to say."""
+    wall = end.wall - start.wall
+    if wall < 0.5:
+        return "-"
+    said = f"{(end.busy - start.busy) / wall:.2f} of {psutil.cpu_count()} cores busy"
+    stolen = (end.stolen - start.stolen) / wall
+    return said + (f", {stolen:.2f} stolen" if stolen >= 0.005 else "")
+
+
 @dataclass
 class TierTally:
     """One tier's results: each test's outcome (its worst phase), the seconds of all its phases, and
-    the clock span from its first phase's start to its last phase's end. A test counts as passed
-    once its call passed: one set up and never called to the end (Ctrl-C, ``timeout -s INT``) stays
-    unfinished."""
+    the clock span from its first phase's start to its last phase's end, and the machine's CPU
+    samples around its reports. A test counts as passed once its call passed: one set up and never
+    called to the end (Ctrl-C, ``timeout -s INT``) stays unfinished."""
 
     # nodeid -> unfinished / passed / failed / error / skipped
     outcomes: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     first: float = float("inf")  # epoch seconds
     last: float = float("-inf")
+    cpu_start: CpuSample | None = None  # the run's last sample before this tier's first report
+    cpu_end: CpuSample | None = None  # at this tier's latest report
 
-    def add(self, report: pytest.TestReport) -> None:
+    def add(self, report: pytest.TestReport, before: CpuSample, after: CpuSample) -> None:
+        """Count one phase's report; ``before`` and ``after`` are the run's CPU samples at the
+        previous report and at this one."""
+        self.cpu_start = self.cpu_start or before
+        self.cpu_end = after
         self.seconds += report.duration
         self.first, self.last = min(self.first, report.start), max(self.last, report.stop)
         now = self.outcomes.get(report.nodeid, "unfinished")
@@ -71,13 +106,14 @@ class TierTally:
         self.outcomes[report.nodeid] = now
 
     def line(self, tier: str) -> str:
-        """``tier  N tests  M:SS in tests  M:SS first to last  n passed, n failed, ...``"""
+        """``tier  N tests  M:SS in tests  M:SS first to last  C of N cores busy  n passed, ...``"""
         counts = Counter(self.outcomes.values())
         kinds = ("passed", "failed", "error", "skipped", "unfinished")
         said = ", ".join(f"{counts[k]} {k}" for k in kinds if counts[k])
         return (
             f"{tier:<12} {len(self.outcomes):>4} tests {_clock(self.seconds):>8} in tests "
-            f"{_clock(self.last - self.first):>8} first to last   {said}"
+            f"{_clock(self.last - self.first):>8} first to last   "
+            f"{cores_busy(self.cpu_start, self.cpu_end)}   {said}"
         )
 
 
@@ -91,19 +127,28 @@ class TierReport:
 
     def __init__(self) -> None:
         self.tallies = {tier: TierTally() for tier in TIERS}
+        self.sample = CpuSample.now()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """The first tier's CPU span starts with the test loop, not with collection."""
+        self.sample = CpuSample.now()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Count each phase under its test's tier (the marks travel with the report, also from
-        pytest-xdist's workers)."""
+        pytest-xdist's workers). A tier's CPU span runs from the run's sample before its first
+        report to its last report: in a serial run the tiers' spans follow one another; under
+        pytest-xdist they can overlap, and each says how busy the machine was over its own."""
         tiers = [t for t in TIERS if t in report.keywords]
+        before, self.sample = self.sample, CpuSample.now()
         if len(tiers) == 1:
-            self.tallies[tiers[0]].add(report)
+            self.tallies[tiers[0]].add(report, before, self.sample)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         """One line per tier, in run order: tests, their summed seconds (set-up and teardown
         included; with pytest-xdist, the sum over its workers), the clock from the tier's first
         test's start to its last one's end (in a serial run, the tier's share of the wall time),
-        and outcomes."""
+        the machine's busy cores over the tier's span, and outcomes."""
         if not any(t.outcomes for t in self.tallies.values()):
             return
         terminalreporter.write_sep("=", "tiers, in the order they ran")
