@@ -116,8 +116,9 @@ def test_tiers_run_cheapest_first_with_their_limits_and_are_summed_up_at_the_end
 
 
 def test_each_tier_says_how_busy_the_machines_cores_were_over_its_span(pytester: pytest.Pytester):
-    """A tier whose test keeps one core working for a second reads at least most of a core busy,
-    whatever else the machine runs; no tier reads more cores than the machine has."""
+    """A tier whose test keeps one core working for a second reads at least most of a core busy or
+    taken by a hypervisor, whatever else the machine runs; no tier reads more cores than the
+    machine has."""
     import psutil
 
     pytester.makeini(INI)
@@ -140,12 +141,12 @@ def test_each_tier_says_how_busy_the_machines_cores_were_over_its_span(pytester:
     result = pytester.runpytest_inprocess("-p", "tiers", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     lines = _tier_lines(result.stdout.str())
-    busy = {}
+    busy, stolen = {}, {}
     for tier, line in lines.items():
-        match = re.search(r"  (\d+\.\d\d) of (\d+) cores busy", line)
+        match = re.search(r"  (\d+\.\d\d) of (\d+) cores busy(, (\d+\.\d\d) stolen)?", line)
         assert match and int(match[2]) == psutil.cpu_count(), line
-        busy[tier] = float(match[1])
-    assert 0.7 <= busy["unit"] <= psutil.cpu_count() + 0.05, lines
+        busy[tier], stolen[tier] = float(match[1]), float(match[4] or 0)
+    assert busy["unit"] + stolen["unit"] >= 0.7 and busy["unit"] <= psutil.cpu_count() + 0.05, lines
     assert 0.0 <= busy["integration"] <= psutil.cpu_count() + 0.05, lines
 
 
