@@ -68,7 +68,7 @@ def test_e2e_skipped():
 
 
 # The machine's cores over a tier's span: "-" for a span under half a second.
-BUSY = r"(-|\d+\.\d\d of \d+ cores busy(, \d+\.\d\d stolen)?)"
+BUSY = r"(-|\d+\.\d\d of \d+ cores busy(, \d+\.\d\d stolen)?|cores busy unmeasured \(no psutil\))"
 
 
 def _tier_lines(text: str) -> dict[str, str]:
@@ -148,6 +148,21 @@ def test_each_tier_says_how_busy_the_machines_cores_were_over_its_span(pytester:
         busy[tier], stolen[tier] = float(match[1]), float(match[4] or 0)
     assert busy["unit"] + stolen["unit"] >= 0.7 and busy["unit"] <= psutil.cpu_count() + 0.05, lines
     assert 0.0 <= busy["integration"] <= psutil.cpu_count() + 0.05, lines
+
+
+def test_without_psutil_the_summary_says_the_busy_cores_are_unmeasured(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    import tiers
+
+    monkeypatch.setattr(tiers, "psutil", None)
+    pytester.makeini(INI)
+    pytester.makepyfile(test_one="import pytest\n\n@pytest.mark.unit\ndef test_one():\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "tiers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert _tier_lines(result.stdout.str())["unit"].endswith(
+        "first to last   cores busy unmeasured (no psutil)   1 passed"
+    )
 
 
 def test_the_summary_counts_the_reports_of_xdist_workers(pytester: pytest.Pytester):
