@@ -97,7 +97,7 @@ class TierTally:
     cpu_start: CpuSample | None = None  # the run's last sample before this tier's first report
     cpu_end: CpuSample | None = None  # at this tier's latest report
 
-    def add(self, report: pytest.TestReport, before: CpuSample, after: CpuSample) -> None:
+    def add(self, report: pytest.TestReport, before: CpuSample | None, after: CpuSample | None) -> None:
         """Count one phase's report; ``before`` and ``after`` are the run's CPU samples at the
         previous report and at this one."""
         self.cpu_start = self.cpu_start or before
@@ -135,7 +135,7 @@ class TierReport:
 
     def __init__(self) -> None:
         self.tallies = {tier: TierTally() for tier in TIERS}
-        self.sample = CpuSample.now()
+        self.sample: CpuSample | None = None  # taken when the test loop starts, then at each report
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> None:
