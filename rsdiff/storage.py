@@ -441,6 +441,23 @@ def list_uris(prefix: str, suffix: str = "") -> list[str]:
     return sorted(str(p) for p in root.rglob(f"*{suffix}") if p.is_file())
 
 
+def sizes(prefix: str) -> dict[str, int]:
+    """``{path relative to prefix: size in bytes}`` of every object/file under ``prefix``, the way
+    the store reports it (S3's listing; folder markers ending in ``/`` left out)."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+
+        def _list() -> dict[str, int]:
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            return {o["Key"][len(key) :]: int(o["Size"]) for p in pages for o in p.get("Contents", [])}
+
+        return {k: n for k, n in retrying(_list, prefix, "list").items() if k and not k.endswith("/")}
+    root = _local(prefix)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in files}
+
+
 def glob_regex(pattern: str) -> re.Pattern[str]:
     """A regex with the semantics of Python's ``glob(recursive=True)`` for an S3 key pattern: ``*``,
     ``?`` and ``[..]`` stay within one path segment and do not match a leading ``.``; ``**`` as a

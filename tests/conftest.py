@@ -54,7 +54,7 @@ def agent_port_args() -> list[str]:
 
 # The tiers (unit -> integration -> e2e, one mark each, a time limit each, a summary at the end) are
 # the plugin in tests/tiers.py; pytester runs inner sessions for the tests of that plugin.
-pytest_plugins = ("tiers", "pytester")
+pytest_plugins = ("tiers", "lanes", "pytester")
 
 
 @pytest.fixture(scope="session")

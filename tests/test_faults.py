@@ -179,7 +179,8 @@ def test_s3_bodies_cut_mid_read_resume_without_loss_or_repeats(shards, bucket, s
 def test_pretraining_through_s3_error_bursts_keeps_each_checkpoint_once(
     shards, bucket, s3_endpoint, tmp_path, mlflow_uri
 ):
-    """Shard reads (boto3) and Ray Train's checkpoint uploads (pyarrow) both meet 503s and resets."""
+    """Shard reads and rank 0's checkpoint uploads (boto3) and Ray Train's own folder and listing
+    requests (pyarrow) all meet 503s and resets; no checkpoint is registered without a file."""
     s3 = boto3.client("s3")
     name = bucket[len("s3://") :]
     for f in sorted(Path(shards).rglob("*")):

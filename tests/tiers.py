@@ -119,13 +119,14 @@ class TierTally:
         kinds = ("passed", "failed", "error", "skipped", "unfinished")
         said = ", ".join(f"{counts[k]} {k}" for k in kinds if counts[k])
         return (
-            f"{tier:<12} {len(self.outcomes):>4} tests {_clock(self.seconds):>8} in tests "
-            f"{_clock(self.last - self.first):>8} first to last   "
+            f"{tier:<12} {len(self.outcomes):>4} tests {clock(self.seconds):>8} in tests "
+            f"{clock(self.last - self.first):>8} first to last   "
             f"{cores_busy(self.cpu_start, self.cpu_end)}   {said}"
         )
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """``754.4`` -> ``"12:34"`` (minutes, then seconds)."""
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes}:{rest:02d}"
 

@@ -37,6 +37,7 @@ from rsdiff.train import names
 from rsdiff.train.compiled import CompileWatch, compile_unet
 from rsdiff.train.config import OptimConfig, TrainPlan
 from rsdiff.train.rank_data import RankData
+from rsdiff.train.upload import checkpoint_uploader
 from rsdiff.viz import enlarge, grid, labelled, model_rgb
 
 log = logging.getLogger(__name__)
@@ -408,7 +409,8 @@ def _save_checkpoint(
             meta = {**plan.meta, "step": done, "run_id": plan.run_id, "writer": plan.lease_owner}
             checkpoint.save(Path(tmp), state, meta)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+        upload = checkpoint_uploader(plan.run_dir)  # S3: complete or failed, never partial
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name, checkpoint_upload_fn=upload)
 
 
 def _check_lease(plan: TrainPlan, done: int) -> None:
