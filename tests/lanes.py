@@ -2,92 +2,62 @@
 
 The session's chain fixtures (a demo run of every stage, and a briefly pretrained tiny DDPM with its
 feature table: about 100 CPU-seconds to build) are session-scoped, so each pytest-xdist worker that
-asks for one builds its own. Under ``-n 2`` every test of a module in :data:`CHAIN_MODULES` therefore
-goes to one worker, in the tier order, and every other test to whichever worker is free: the chain
-is built once, and the unit tests, pretraining and the fake autoscaling cluster run beside it.
+asks for one builds its own. Under ``-n 2`` every test that asks for one (directly or through
+another fixture) therefore goes to one worker, in the tier order, and every other test to whichever
+worker is free: the chain is built once, and the unit tests, pretraining and the fake autoscaling
+cluster run beside it.
 
-pytest-xdist's schedulers see test ids only, not fixtures, so the lane is chosen by module; a test
-that asks for a chain fixture from a module not in the list is refused at collection, by name, so the
-list cannot drift. A run without ``-n`` is unaffected (one process, tier order). Under ``-n`` the run
-ends with one line per worker: its tests, its clock from first start to last end, and whether it
-ran the chain, so an unbalanced run shows which lane held it up.
+pytest-xdist's schedulers see test ids only, not fixtures: each worker writes, once it has
+collected, which of its tests ask for the chain to a file the controller named
+(``workerinput["rsdiff_lanes"]``), and the scheduler reads it when it splits the run. A run without
+``-n`` is unaffected (one process, tier order). Under ``-n`` the run ends with one line per worker:
+its tests, its clock from first start to last end, and whether it ran the chain, so an unbalanced
+run shows which lane held it up.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from tiers import clock
 
-# Session fixtures that build or read the chain (their closure: asking for labeled_table asks for
-# labeled_ckpt too).
+# Session fixtures that build or read the chain (a test's closure names them however it asks).
 CHAIN_FIXTURES = frozenset({"sample_demo", "labeled_ckpt", "labeled_table"})
 
-# The test modules whose tests ask for them; all of each module's tests share the chain's lane.
-CHAIN_MODULES = frozenset(
-    {
-        "test_faults.py",
-        "test_features.py",
-        "test_gpu.py",
-        "test_hostile.py",
-        "test_label_efficiency.py",
-        "test_mlflow_ui.py",
-        "test_predict.py",
-        "test_pretrain_init.py",
-        "test_suggest.py",
-        "test_sweep.py",
-    }
-)
-
 CHAIN_LANE = "chain"  # the scope name of the chain's tests in pytest-xdist's scheduler
+WORKER_KEY = "rsdiff_lanes"  # workerinput key: the folder where workers write their test lanes
 
 
-def module_of(nodeid: str) -> str:
-    """``tests/test_x.py::test_y[p]`` -> ``test_x.py``."""
-    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
-
-
-def lane_of(nodeid: str) -> str:
-    """The scheduling unit of a test: :data:`CHAIN_LANE` for a chain module's tests, else the test
-    itself (a unit of one, given to whichever worker is free)."""
-    return CHAIN_LANE if module_of(nodeid) in CHAIN_MODULES else nodeid
+def wants_chain(item: pytest.Item) -> bool:
+    """Whether ``item`` asks for a chain fixture (directly or through another fixture)."""
+    return bool(CHAIN_FIXTURES.intersection(getattr(item, "fixturenames", ())))
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse a test that asks for a chain fixture from outside :data:`CHAIN_MODULES`: under
-    ``-n 2`` it would build a second chain in the other worker."""
-    for item in items:
-        wanted = sorted(CHAIN_FIXTURES.intersection(getattr(item, "fixturenames", ())))
-        if wanted and module_of(item.nodeid) not in CHAIN_MODULES:
-            raise pytest.UsageError(
-                f"{item.nodeid} asks for the session chain ({', '.join(wanted)}); add "
-                f"{module_of(item.nodeid)!r} to CHAIN_MODULES in tests/lanes.py so that `pytest -n 2` "
-                "runs it in the chain's worker"
-            )
+    """In a pytest-xdist worker: write the ids of its tests that ask for the chain, for the
+    controller's scheduler (atomically: a reader sees all of it or nothing)."""
+    folder = getattr(config, "workerinput", {}).get(WORKER_KEY)
+    if folder is None:
+        return
+    path = Path(folder) / f"{config.workerinput['workerid']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(it.nodeid for it in items if wants_chain(it))))
+    os.replace(tmp, path)
 
 
-def _lane_scheduling(config: pytest.Config, log):
-    """pytest-xdist's scope scheduler with :func:`lane_of` as the scope. It hands out the largest
-    scope first (the chain, to one worker), then the tests of one, in tier order, to whichever
-    worker has fewer than three left; a worker done with the chain takes its share of the rest."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class LaneScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return lane_of(nodeid)
-
-    return LaneScheduling(config, log)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under ``-n N`` with pytest-xdist's default distribution, the lanes; another ``--dist`` is
-    left to pytest-xdist."""
-    if config.getvalue("dist") == "load":
-        return _lane_scheduling(config, log)
-    return None
+def chain_ids(folder: Path) -> set[str]:
+    """The chain's test ids as the workers wrote them (any worker's list: they collect the same
+    tests); empty when none could be read, and then every test is balanced alone."""
+    for path in sorted(folder.glob("*.json")):
+        return set(json.loads(path.read_text()))
+    return set()
 
 
 @dataclass
@@ -99,22 +69,56 @@ class WorkerSpan:
     last: float = 0.0
     chain: bool = False
 
-    def add(self, report: pytest.TestReport) -> None:
+    def add(self, report: pytest.TestReport, chain: bool) -> None:
         self.tests += report.when == "call" or (report.when == "setup" and not report.passed)
         self.first, self.last = min(self.first, report.start), max(self.last, report.stop)
-        self.chain |= lane_of(report.nodeid) == CHAIN_LANE
+        self.chain |= chain
 
 
-class LaneReport:
-    """Per-worker spans of a ``-n`` run, written after the tier lines."""
+def _lane_scheduling(config: pytest.Config, log, folder: Path):
+    """pytest-xdist's scope scheduler with the lanes as scopes. It hands out the largest scope first
+    (the chain, to one worker), then the tests of one, in tier order, to whichever worker has fewer
+    than three left; a worker done with the chain takes its share of the rest."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        chain: set[str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.chain is None:  # read once, after every worker has collected
+                self.chain = chain_ids(folder)
+            return CHAIN_LANE if nodeid in self.chain else nodeid
+
+    return LaneScheduling(config, log)
+
+
+class Lanes:
+    """The controller's side: a folder for the workers' lists, the scheduler, the worker lines."""
 
     def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="rsdiff-lanes-"))
         self.workers: dict[str, WorkerSpan] = {}
+        self.chain: set[str] | None = None  # read at the first report, when all have collected
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        node.workerinput[WORKER_KEY] = str(self.folder)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log):
+        """Under ``-n N`` with pytest-xdist's default distribution, the lanes; another ``--dist`` is
+        left to pytest-xdist."""
+        if config.getvalue("dist") == "load":
+            return _lane_scheduling(config, log, self.folder)
+        return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         node = getattr(report, "node", None)  # pytest-xdist sets it on a worker's reports
         if node is not None:
-            self.workers.setdefault(node.gateway.id, WorkerSpan()).add(report)
+            if self.chain is None:
+                self.chain = chain_ids(self.folder)
+            span = self.workers.setdefault(node.gateway.id, WorkerSpan())
+            span.add(report, report.nodeid in self.chain)
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -128,7 +132,10 @@ class LaneReport:
                 + ("   the chain's lane" if w.chain else "")
             )
 
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not hasattr(config, "workerinput"):  # the controller: its workers send their reports to it
-        config.pluginmanager.register(LaneReport(), "rsdiff-lane-report")
+    if not hasattr(config, "workerinput"):  # the controller: it schedules, its workers report to it
+        config.pluginmanager.register(Lanes(), "rsdiff-lanes")

@@ -1,7 +1,6 @@
 """The suite's lanes for ``pytest -n 2`` (``tests/lanes.py``), run on small generated test files in
-inner pytest sessions: a chain module's tests share one worker and build the session chain once, the
-other tests run beside them, each worker's span is summed up at the end, and a test that asks for the
-chain from another module is refused by name."""
+inner pytest sessions: the tests that ask for the session chain, from any module, share one worker
+and build it once, the other tests run beside them, and each worker's span is summed up at the end."""
 
 from __future__ import annotations
 
@@ -38,15 +37,26 @@ def _where(request):
     record(request.node.name)
 """
 
-# The file name is one of lanes.CHAIN_MODULES.
+# Chain tests in two modules, one of them beside tests that do not ask for it; one asks through
+# another fixture.
 CHAIN_TESTS = """
 import time
 import pytest
 
 
+@pytest.fixture
+def through_another(sample_demo):
+    return sample_demo
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("n", range(3))
+@pytest.mark.parametrize("n", range(2))
 def test_chain(sample_demo, n):
+    time.sleep(0.5)
+
+
+@pytest.mark.integration
+def test_chain_through_another(through_another):
     time.sleep(0.5)
 """
 
@@ -76,10 +86,13 @@ def test_under_two_workers_the_chain_runs_in_one_and_the_other_tests_beside_it(
     log = pytester.path / "lanes.log"
     monkeypatch.setenv("LANES_LOG", str(log))
     pytester.makeini(INI)
-    pytester.makepyfile(test_predict=CHAIN_TESTS, test_other=OTHER_TESTS)
+    pytester.makepyfile(
+        test_some=CHAIN_TESTS,
+        test_mixed=OTHER_TESTS + "\n\n@pytest.mark.e2e\ndef test_chain_too(sample_demo):\n    pass\n",
+    )
     _plugins_beside_a_conftest(pytester, CONFTEST)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
-    result.assert_outcomes(passed=9)
+    result.assert_outcomes(passed=10)
 
     ran = [line.split() for line in log.read_text().splitlines()]
     built = [worker for what, worker in ran if what == "built"]
@@ -91,32 +104,8 @@ def test_under_two_workers_the_chain_runs_in_one_and_the_other_tests_beside_it(
     after = result.stdout.str().split("pytest-xdist workers (tests/lanes.py)")[1]
     lines = re.findall(r"^(gw\d) +(\d+) tests +\d+:\d\d to \d+:\d\d(   the chain's lane)?$", after, re.M)
     assert sorted(w for w, _, _ in lines) == ["gw0", "gw1"], after
-    assert sum(int(n) for _, n, _ in lines) == 9, after
+    assert sum(int(n) for _, n, _ in lines) == 10, after
     assert [w for w, _, mark in lines if mark] == list(chain), after
-
-
-def test_a_test_asking_for_the_chain_from_another_module_is_refused_by_name(pytester: pytest.Pytester):
-    pytester.makeini(INI)
-    pytester.makepyfile(
-        test_elsewhere="""
-        import pytest
-
-        @pytest.mark.integration
-        def test_wants_the_table(labeled_table):
-            pass
-        """
-    )
-    _plugins_beside_a_conftest(
-        pytester,
-        'import pytest\n\npytest_plugins = ("tiers", "lanes")\n\n\n'
-        '@pytest.fixture(scope="session")\ndef labeled_table():\n    return 1\n',
-    )
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(
-        ["*test_elsewhere.py::test_wants_the_table asks for the session chain (labeled_table); add "
-         "'test_elsewhere.py' to CHAIN_MODULES in tests/lanes.py*"]
-    )  # fmt: skip
 
 
 def test_a_run_without_workers_has_no_worker_lines(pytester: pytest.Pytester):
