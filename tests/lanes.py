@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,19 +76,15 @@ class WorkerSpan:
         self.chain |= chain
 
 
-def _lane_scheduling(config: pytest.Config, log, folder: Path):
+def _lane_scheduling(config: pytest.Config, log, in_chain: Callable[[str], bool]):
     """pytest-xdist's scope scheduler with the lanes as scopes. It hands out the largest scope first
     (the chain, to one worker), then the tests of one, in tier order, to whichever worker has fewer
     than three left; a worker done with the chain takes its share of the rest."""
     from xdist.scheduler import LoadScopeScheduling
 
     class LaneScheduling(LoadScopeScheduling):
-        chain: set[str] | None = None
-
         def _split_scope(self, nodeid: str) -> str:
-            if self.chain is None:  # read once, after every worker has collected
-                self.chain = chain_ids(folder)
-            return CHAIN_LANE if nodeid in self.chain else nodeid
+            return CHAIN_LANE if in_chain(nodeid) else nodeid
 
     return LaneScheduling(config, log)
 
@@ -96,12 +93,21 @@ class Lanes:
     """The controller's side: a folder for the workers' lists, the scheduler, the worker lines."""
 
     def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="rsdiff-lanes-"))
+        self.folder: Path | None = None  # made when the first worker is configured (``-n`` only)
         self.workers: dict[str, WorkerSpan] = {}
-        self.chain: set[str] | None = None  # read at the first report, when all have collected
+        self.chain: set[str] | None = None
+
+    def in_chain(self, nodeid: str) -> bool:
+        """Whether the test ``nodeid`` asks for the chain: the workers' lists, read once, when the
+        scheduler first asks (every worker has collected by then)."""
+        if self.chain is None:
+            self.chain = chain_ids(self.folder) if self.folder else set()
+        return nodeid in self.chain
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="rsdiff-lanes-"))
         node.workerinput[WORKER_KEY] = str(self.folder)
 
     @pytest.hookimpl(optionalhook=True)
@@ -109,16 +115,14 @@ class Lanes:
         """Under ``-n N`` with pytest-xdist's default distribution, the lanes; another ``--dist`` is
         left to pytest-xdist."""
         if config.getvalue("dist") == "load":
-            return _lane_scheduling(config, log, self.folder)
+            return _lane_scheduling(config, log, self.in_chain)
         return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         node = getattr(report, "node", None)  # pytest-xdist sets it on a worker's reports
         if node is not None:
-            if self.chain is None:
-                self.chain = chain_ids(self.folder)
             span = self.workers.setdefault(node.gateway.id, WorkerSpan())
-            span.add(report, report.nodeid in self.chain)
+            span.add(report, self.in_chain(report.nodeid))
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -133,7 +137,8 @@ class Lanes:
             )
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
