@@ -4,11 +4,14 @@ and build it once, the other tests run beside them, and each worker's span is su
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+from lanes import THREAD_VARS
 from test_tiers import INI  # the inner sessions' tier marks
 
 pytestmark = pytest.mark.unit
@@ -115,3 +118,113 @@ def test_a_run_without_workers_has_no_worker_lines(pytester: pytest.Pytester):
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert "pytest-xdist workers" not in result.stdout.str()
+
+
+def test_under_two_workers_each_tier_goes_longest_first_by_the_durations_file(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    """The two tests the file says are longest are the first each worker runs; a longer e2e test
+    still waits for its tier."""
+    log = pytester.path / "lanes.log"
+    monkeypatch.setenv("LANES_LOG", str(log))
+    pytester.makeini(INI + "lanes_durations = durations.json\n")
+    pytester.makepyfile(test_other=OTHER_TESTS + "\n\n@pytest.mark.e2e\ndef test_late():\n    pass\n")
+    long = {"test_other.py::test_other[4]": 3.0, "test_other.py::test_other[2]": 2.0}
+    (pytester.path / "durations.json").write_text(json.dumps({**long, "test_other.py::test_late": 99.0}))
+    _plugins_beside_a_conftest(pytester, CONFTEST)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=7)
+
+    ran = [line.split() for line in log.read_text().splitlines()]
+    first = {worker: name for name, worker in reversed(ran)}  # each worker's first test
+    assert sorted(first.values()) == ["test_other[2]", "test_other[4]"], ran  # not test_late
+
+
+def test_save_durations_writes_the_runs_longer_tests_to_the_durations_file(pytester: pytest.Pytester):
+    """A test that ran gets its new seconds, or leaves the file under 1 s; one that did not run
+    keeps its entry; a failed run changes nothing."""
+    pytester.makeini(INI + "lanes_durations = durations.json\n")
+    earlier = {"test_elsewhere.py::test_not_run": 5.0, "test_other.py::test_other[0]": 3.0}
+    (pytester.path / "durations.json").write_text(json.dumps(earlier))
+    slow = "\n\n@pytest.mark.unit\ndef test_slow():\n    time.sleep(1.0)\n"
+    pytester.makepyfile(test_other=OTHER_TESTS.replace("range(6)", "range(2)") + slow)
+    _plugins_beside_a_conftest(pytester, 'pytest_plugins = ("tiers", "lanes")\n')
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--save-durations")
+    result.assert_outcomes(passed=3)
+    saved = json.loads((pytester.path / "durations.json").read_text())
+    assert list(saved) == ["test_elsewhere.py::test_not_run", "test_other.py::test_slow"], saved
+    assert saved["test_elsewhere.py::test_not_run"] == 5.0 and 1.0 <= saved["test_other.py::test_slow"] < 5
+    result.stdout.fnmatch_lines(["--save-durations: 2 tests' seconds in *durations.json"])
+
+    pytester.makepyfile(test_fails="import pytest\n\n\n@pytest.mark.unit\ndef test_fails():\n    assert 0\n")
+    again = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--save-durations")
+    again.assert_outcomes(passed=3, failed=1)
+    again.stdout.fnmatch_lines(["--save-durations: *durations.json left as it was (the run failed)"])
+    assert json.loads((pytester.path / "durations.json").read_text()) == saved
+
+
+def test_each_worker_gets_its_share_of_the_cores_for_its_thread_pools(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    for name in THREAD_VARS:  # unset for the inner run; this process's own values come back after
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    pytester.makeini(INI)
+    pytester.makepyfile(
+        test_threads=f"""
+import os
+import pytest
+import torch
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("n", range(2))
+def test_threads(n):
+    assert [os.environ.get(v) for v in {THREAD_VARS!r}] == [{str(share)!r}] * 3
+    assert torch.get_num_threads() == {share}
+"""
+    )
+    _plugins_beside_a_conftest(pytester, 'pytest_plugins = ("tiers", "lanes")\n')
+    pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2").assert_outcomes(passed=2)
+
+
+def test_a_modules_tests_that_share_a_module_fixture_run_in_one_worker_which_builds_it_once(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    """... in their file's order, whatever their durations (a module's tests may build on the state
+    its earlier ones left)."""
+    log = pytester.path / "lanes.log"
+    monkeypatch.setenv("LANES_LOG", str(log))
+    pytester.makeini(INI + "lanes_durations = durations.json\n")
+    (pytester.path / "durations.json").write_text(json.dumps({"test_cluster.py::test_on_cluster[3]": 9.0}))
+    pytester.makepyfile(
+        test_other=OTHER_TESTS,
+        test_cluster="""
+import time
+import pytest
+from conftest import record
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    record("built")
+    return "cluster"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("n", range(4))
+def test_on_cluster(cluster, n):
+    time.sleep(0.2)
+""",
+    )
+    _plugins_beside_a_conftest(pytester, CONFTEST)
+    pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2").assert_outcomes(passed=10)
+
+    ran = [line.split() for line in log.read_text().splitlines()]
+    built = [worker for what, worker in ran if what == "built"]
+    on_cluster = {worker for what, worker in ran if what.startswith("test_on_cluster")}
+    assert len(built) == 1 and on_cluster == set(built), ran
+    assert [what for what, _ in ran if what.startswith("test_on_cluster")] == [
+        f"test_on_cluster[{n}]" for n in range(4)
+    ], ran
