@@ -182,7 +182,7 @@ class Lanes:
         self.workers: dict[str, WorkerSpan] = {}
         self.shared: dict[str, str] | None = None  # nodeid -> scope, for tests that share one
         self.save_to = save_to  # where --save-durations writes this run's seconds
-        self.seconds: dict[str, float] = {}  # nodeid -> set-up, call and teardown seconds
+        self.seconds: dict[str, float] = {}  # nodeid -> set-up, call and teardown s (saving only)
 
     def scope(self, nodeid: str) -> str:
         """The scope of the test ``nodeid`` (:func:`scope_of`): the workers' files, read once, when
@@ -206,7 +206,8 @@ class Lanes:
         return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+        if self.save_to is not None:
+            self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
         node = getattr(report, "node", None)  # pytest-xdist sets it on a worker's reports
         if node is not None:
             span = self.workers.setdefault(node.gateway.id, WorkerSpan())
