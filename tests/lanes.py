@@ -18,8 +18,13 @@ run shows which lane held it up.
 The lanes end together when the long work goes first: under ``-n`` each tier hands out its scopes
 longest first, by the seconds the ``lanes_durations`` file (``tests/durations.json``) holds from an
 earlier passing run (a test it does not hold counts as 0 s and goes last in its tier), so the last
-tests handed out are short ones, to whichever worker is free. ``pytest -n 2 --save-durations``
-writes the file anew from the run's own timings; a failed run leaves it as it was.
+tests handed out are short ones, to whichever worker is free. A worker is handed its next scope
+before its current test ends (it needs its next test to run the current one): the longest scope
+left goes to the worker expected to come free first, by the same seconds, and a worker still busy
+for longer than another takes the shortest scope of the tier instead, so that a long test is not
+queued behind another long one while the other worker runs out of work.
+``pytest -n 2 --save-durations`` writes the file anew from the run's own timings; a failed run
+leaves it as it was.
 
 Each worker's thread pools get its share of the cores (``cores // N`` under ``-n N``, at least 1):
 torch's OpenMP threads spin while they wait for work, so two workers each running as many threads
@@ -35,7 +40,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +97,22 @@ def scope_of(item: pytest.Item) -> str:
     return item.nodeid
 
 
-def lane_order(items: list[pytest.Item], seconds: dict[str, float]) -> dict[str, str]:
-    """Sort ``items`` in place into the order the scheduler hands them out, and return the scope of
-    every test that shares one (``nodeid -> scope``).
+@dataclass
+class LanePlan:
+    """What the workers tell the controller's scheduler: the scope of every test that shares one
+    (``nodeid -> scope``; any other test is a scope of its own) and each scope's tier (its
+    cheapest test's, as an index into :data:`tiers.TIERS`)."""
+
+    scopes: dict[str, str]
+    tiers: dict[str, int]
+
+    def scope(self, nodeid: str) -> str:
+        return self.scopes.get(nodeid, nodeid)
+
+
+def lane_order(items: list[pytest.Item], seconds: dict[str, float]) -> LanePlan:
+    """Sort ``items`` in place into the order the scheduler hands them out, and return the plan the
+    scheduler needs: which tests share a scope, and each scope's tier.
 
     The chain's tests come first (one unit, to one worker). The other scopes follow by tier (a
     scope's cheapest test's), then longest first by their summed ``seconds`` (unknown: 0), ties in
@@ -117,7 +135,7 @@ def lane_order(items: list[pytest.Item], seconds: dict[str, float]) -> dict[str,
         return (s != CHAIN_LANE, first_tier[s], -total[s], rank[s], place[it.nodeid])
 
     items.sort(key=key)
-    return {nodeid: s for nodeid, s in scope.items() if s != nodeid}
+    return LanePlan({nodeid: s for nodeid, s in scope.items() if s != nodeid}, first_tier)
 
 
 @pytest.hookimpl(trylast=True)
@@ -128,19 +146,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     folder = getattr(config, "workerinput", {}).get(WORKER_KEY)
     if folder is None:
         return
-    shared = lane_order(items, read_durations(durations_file(config)))
+    plan = lane_order(items, read_durations(durations_file(config)))
     path = Path(folder) / f"{config.workerinput['workerid']}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(shared, sort_keys=True))
+    tmp.write_text(json.dumps({"scopes": plan.scopes, "tiers": plan.tiers}, sort_keys=True))
     os.replace(tmp, path)
 
 
-def shared_scopes(folder: Path) -> dict[str, str]:
-    """``nodeid -> scope`` of the tests that share one, as the workers wrote it (any worker's file:
-    they collect the same tests); empty when none could be read, and then every test goes alone."""
+def read_plan(folder: Path) -> LanePlan:
+    """The :class:`LanePlan` the workers wrote (any worker's file: they collect the same tests);
+    empty when none could be read, and then every test goes alone, in the first tier."""
     for path in sorted(folder.glob("*.json")):
-        return json.loads(path.read_text())
-    return {}
+        return LanePlan(**json.loads(path.read_text()))
+    return LanePlan({}, {})
+
+
+def next_scope(queue: list[tuple[str, float, int]], left_here_s: float, left_elsewhere_s: float) -> str:
+    """The scope to hand a worker that needs its next one, from ``queue`` (``(scope, seconds,
+    tier)`` in the order they are handed out: tier, then longest first).
+
+    ``left_here_s`` is the time this worker still needs for the tests it holds, ``left_elsewhere_s``
+    the least any other worker needs. The worker that comes free first takes the head of the queue;
+    one that will still be busy after another takes the shortest scope of the head's tier (the last
+    of equals), so that the long scopes go where a worker comes free."""
+    if left_here_s <= left_elsewhere_s:
+        return queue[0][0]
+    tier = queue[0][2]
+    same_tier = [entry for entry in queue if entry[2] == tier]
+    return min(reversed(same_tier), key=lambda entry: entry[1])[0]
 
 
 @dataclass
@@ -158,18 +191,47 @@ class WorkerSpan:
         self.chain |= chain
 
 
-def _lane_scheduling(config: pytest.Config, log, scope: Callable[[str], str]):
+def _lane_scheduling(config: pytest.Config, log, lanes: Lanes):
     """pytest-xdist's scope scheduler with the lanes' scopes, handed out in the workers' collection
     order (:func:`lane_order`: the chain first, to one worker, then the rest by tier and longest
-    first), each to whichever worker has fewer than two left; a worker done with the chain takes
-    its share of the rest."""
+    first), each to a worker that has fewer than two tests left, which :func:`next_scope` picks by
+    the seconds each worker still needs; a worker done with the chain takes its share of the rest."""
     from xdist.scheduler import LoadScopeScheduling
 
     config.option.loadscopereorder = False  # pytest-xdist would put the scopes of most tests first
+    seconds = read_durations(durations_file(config))
 
     class LaneScheduling(LoadScopeScheduling):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.since: dict = {}  # node -> when its current test started (its last one ended)
+
         def _split_scope(self, nodeid: str) -> str:
-            return scope(nodeid)
+            return lanes.plan().scope(nodeid)
+
+        def mark_test_complete(self, node, item_index: int, duration: float = 0) -> None:
+            self.since[node] = time.monotonic()
+            super().mark_test_complete(node, item_index, duration)
+
+        def _left_s(self, node) -> float:
+            """Seconds ``node`` still needs for the tests it holds (its current one's so far taken off)."""
+            units = self.assigned_work.get(node, {}).values()
+            left = [nodeid for unit in units for nodeid, done in unit.items() if not done]
+            if not left:
+                return 0.0
+            ran = time.monotonic() - self.since.setdefault(node, time.monotonic())
+            return max(0.0, seconds.get(left[0], 0.0) - ran) + sum(seconds.get(n, 0.0) for n in left[1:])
+
+        def _assign_work_unit(self, node) -> None:
+            tiers = lanes.plan().tiers
+            queue = [
+                (scope, sum(seconds.get(n, 0.0) for n in unit), tiers.get(scope, 0))
+                for scope, unit in self.workqueue.items()
+            ]
+            others = [self._left_s(other) for other in self.nodes if other is not node]
+            pick = next_scope(queue, self._left_s(node), min(others, default=float("inf")))
+            self.workqueue.move_to_end(pick, last=False)
+            super()._assign_work_unit(node)
 
     return LaneScheduling(config, log)
 
@@ -180,16 +242,16 @@ class Lanes:
     def __init__(self, save_to: Path | None = None) -> None:
         self.folder: Path | None = None  # made when the first worker is configured (``-n`` only)
         self.workers: dict[str, WorkerSpan] = {}
-        self.shared: dict[str, str] | None = None  # nodeid -> scope, for tests that share one
+        self._plan: LanePlan | None = None  # read from the workers' files when first asked
         self.save_to = save_to  # where --save-durations writes this run's seconds
         self.seconds: dict[str, float] = {}  # nodeid -> set-up, call and teardown s (saving only)
 
-    def scope(self, nodeid: str) -> str:
-        """The scope of the test ``nodeid`` (:func:`scope_of`): the workers' files, read once, when
-        the scheduler first asks (every worker has collected by then)."""
-        if self.shared is None:
-            self.shared = shared_scopes(self.folder) if self.folder else {}
-        return self.shared.get(nodeid, nodeid)
+    def plan(self) -> LanePlan:
+        """The workers' :class:`LanePlan`, read once, when the scheduler first asks (every worker
+        has collected by then)."""
+        if self._plan is None:
+            self._plan = read_plan(self.folder) if self.folder else LanePlan({}, {})
+        return self._plan
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:
@@ -202,7 +264,7 @@ class Lanes:
         """Under ``-n N`` with pytest-xdist's default distribution, the lanes; another ``--dist`` is
         left to pytest-xdist."""
         if config.getvalue("dist") == "load":
-            return _lane_scheduling(config, log, self.scope)
+            return _lane_scheduling(config, log, self)
         return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -211,7 +273,7 @@ class Lanes:
         node = getattr(report, "node", None)  # pytest-xdist sets it on a worker's reports
         if node is not None:
             span = self.workers.setdefault(node.gateway.id, WorkerSpan())
-            span.add(report, self.scope(report.nodeid) == CHAIN_LANE)
+            span.add(report, self.plan().scope(report.nodeid) == CHAIN_LANE)
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int) -> None:

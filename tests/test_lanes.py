@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from lanes import THREAD_VARS
+from lanes import THREAD_VARS, next_scope
 from test_tiers import INI  # the inner sessions' tier marks
 
 pytestmark = pytest.mark.unit
@@ -228,3 +228,49 @@ def test_on_cluster(cluster, n):
     assert [what for what, _ in ran if what.startswith("test_on_cluster")] == [
         f"test_on_cluster[{n}]" for n in range(4)
     ], ran
+
+
+def test_the_worker_that_comes_free_first_takes_the_longest_scope_left():
+    queue = [("long", 90.0, 1), ("mid", 30.0, 1), ("short", 2.0, 1), ("also-short", 2.0, 1), ("e2e", 1.0, 2)]
+    assert next_scope(queue, left_here_s=10.0, left_elsewhere_s=50.0) == "long"
+    assert next_scope(queue, left_here_s=10.0, left_elsewhere_s=10.0) == "long"
+    # Busy for longer than the other worker: the shortest of the head's tier (the last of equals),
+    # not a later tier's.
+    assert next_scope(queue, left_here_s=80.0, left_elsewhere_s=50.0) == "also-short"
+    assert next_scope([("only", 9.0, 0)], left_here_s=80.0, left_elsewhere_s=0.0) == "only"
+
+
+def test_a_long_test_is_not_queued_behind_another_in_a_worker_that_comes_free_later(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    """Three long tests by the durations file, on two workers: the worker that holds the longest
+    is handed a short test as its next one, not the third long test, which goes to the worker that
+    comes free first."""
+    log = pytester.path / "lanes.log"
+    monkeypatch.setenv("LANES_LOG", str(log))
+    pytester.makeini(INI + "lanes_durations = durations.json\n")
+    long = {f"test_mixed.py::test_long[{n}]": s for n, s in enumerate((100.0, 90.0, 80.0))}
+    short = {f"test_mixed.py::test_short[{n}]": 1.0 for n in range(6)}
+    (pytester.path / "durations.json").write_text(json.dumps({**long, **short}))
+    tests = """
+import time
+import pytest
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("n", range(6))
+def test_short(n):
+    time.sleep(0.1)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("n", range(3))
+def test_long(n):
+    time.sleep(0.3)
+"""
+    pytester.makepyfile(test_mixed=tests)
+    _plugins_beside_a_conftest(pytester, CONFTEST)
+    pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2").assert_outcomes(passed=9)
+
+    where = dict(line.split() for line in log.read_text().splitlines())
+    assert where["test_long[0]"] not in {where["test_long[1]"], where["test_long[2]"]}, where
