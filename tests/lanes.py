@@ -117,8 +117,9 @@ def lane_order(items: list[pytest.Item], seconds: dict[str, float]) -> LanePlan:
     The chain's tests come first (one unit, to one worker). The other scopes follow by tier (a
     scope's cheapest test's), then longest first by their summed ``seconds`` (unknown: 0), ties in
     collection order. Inside a scope the tests keep their collection order (tier, then file): a
-    module's tests may build on the state its earlier tests left (the autoscaling module's scale-up
-    test wants a cluster without worker nodes, which its preemption test does not leave)."""
+    module's tests may build on the state its earlier tests left (the autoscaling module's spot-run
+    test wants a cluster without worker nodes: when its preemption was a test of its own, run
+    first, the scale-up test found that test's nodes still up)."""
     order = list(TIERS)
     scope = {it.nodeid: scope_of(it) for it in items}
     total: dict[str, float] = {}

@@ -1,7 +1,8 @@
 """Pretraining on an autoscaling cluster made from ``cluster/aws.yaml``'s node types (Ray's fake
-multi-node provider, :mod:`fake_cluster`): workers scale up from zero for a job sent with
-``ray job submit`` (token auth on), a lost node is replaced and training resumes from the S3
-checkpoint, a rank no node type can hold fails at once, and local checkpoint storage is refused.
+multi-node provider, :mod:`fake_cluster`): one spot run, sent with ``ray job submit`` (token auth
+on), scales the cluster up from zero, loses a node, resumes from the S3 checkpoint on its
+replacement and leaves the cluster to scale back down; a rank no node type can hold fails at once;
+local checkpoint storage is refused.
 
 One fake cluster serves the whole module. Checkpoints and shards live in the loopback S3 server.
 """
@@ -180,21 +181,50 @@ def test_local_checkpoint_storage_is_refused_on_a_multi_node_cluster(cluster, s3
     assert not (tmp_path / "runs").exists() and not cluster.workers()
 
 
-def test_pretraining_scales_up_from_zero_on_two_nodes_and_back_down(cluster, s3_shards, tmp_path):
-    assert not cluster.workers(), "the cluster should start with no worker node"
-    # Token authentication is on, as aws.yaml starts it: no token, or a wrong one, is refused.
-    (tmp_path / "home").mkdir()
-    anonymous = {"RAY_AUTH_TOKEN_PATH": None, "HOME": str(tmp_path / "home")}
+def _token_auth_refuses_strangers(cluster: FakeCluster, home: Path) -> None:
+    """Token authentication is on, as aws.yaml starts it: no token, or a wrong one, is refused."""
+    home.mkdir()
+    anonymous = {"RAY_AUTH_TOKEN_PATH": None, "HOME": str(home)}
     refused = cluster.ray("job", "list", "--address", cluster.dashboard, env=anonymous, timeout=60)
     assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
     wrong = cluster.ray("job", "list", "--address", cluster.dashboard, env={"RAY_AUTH_TOKEN": "0" * 32})
     assert wrong.returncode != 0
+
+
+def _launched_for_two_ranks(status: str) -> None:
+    """``ray status`` while the job runs: only the cheap node type, not gpu_8x. Two nodes hold the
+    ranks; Ray 2.60's autoscaler sometimes adds a third, idle one (it counts Ray Train's standing
+    resource request for the ranks beside their pending placement group). That is a known cost the
+    README states (one idle GPU node until idle_timeout_minutes, per job start); max_workers=3
+    bounds it here, and it goes with the others once idle."""
+    active = status.split("Active:")[1].split("Pending:")[0]
+    launched = {name: int(n) for n, name in re.findall(r"(\d+) (\S+)", active)}
+    assert set(launched) == {"ray.head.default", "gpu_1x"} and 2 <= launched["gpu_1x"] <= 3, status
+    if launched["gpu_1x"] == 3:
+        print("known cost seen: a third, idle gpu_1x node was launched for a two-rank job")
+
+
+def test_a_spot_run_scales_up_from_zero_survives_a_lost_node_and_the_cluster_scales_back_down(
+    cluster, s3_shards, tmp_path
+):
+    """One job, as a user's spot run goes: sent with ``ray job submit`` to a cluster with no worker
+    node, the autoscaler launches two ``gpu_1x`` nodes and the ranks run one on each, never on the
+    head. Then rank 1's node vanishes after the step-20 checkpoint (its raylet and workers
+    SIGKILLed, as a spot reclaim does): Ray Train restarts the ranks from the S3 checkpoint on a
+    node the autoscaler launches in its place, every step's loss is logged once, and at most one
+    checkpoint interval is run twice. After the job the idle nodes are removed.
+
+    The kill comes a few steps after checkpoint 20 (at step 25 on 2 CPUs, 2026-12-05): 70 steps
+    leave the restart most of the run, and a machine several times faster still kills first."""
+    assert not cluster.workers(), "the cluster should start with no worker node"
+    _token_auth_refuses_strangers(cluster, tmp_path / "home")
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    steps, every = 70, 10
     t0 = time.monotonic()
     proc = _submit(
-        cluster, f"data.shards={s3_shards}/shards", f"run.storage={s3_shards}/runs", "run.name=scale-up",
-        f"tracking.uri={mlflow_uri}", "optim.max_steps=12", "checkpoint.every_steps=6", wait=False,
-        timeout=120,
+        cluster, f"data.shards={s3_shards}/shards", f"run.storage={s3_shards}/runs", "run.name=spot",
+        f"tracking.uri={mlflow_uri}", f"optim.max_steps={steps}", f"checkpoint.every_steps={every}",
+        "checkpoint.keep=10", "run.max_failures=3", wait=False, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job = _job_id(proc.stdout + proc.stderr)
@@ -209,50 +239,7 @@ def test_pretraining_scales_up_from_zero_on_two_nodes_and_back_down(cluster, s3_
 
     wait_for(two_workers_up, "the autoscaler to launch two worker nodes", timeout_s=300, poll_s=2)
     launched_s = time.monotonic() - t0
-    active = status[0].split("Active:")[1].split("Pending:")[0]
-    launched = {name: int(n) for n, name in re.findall(r"(\d+) (\S+)", active)}
-    # Only the cheap node type, not gpu_8x. Two nodes hold the ranks; Ray 2.60's autoscaler
-    # sometimes adds a third, idle one (it counts Ray Train's standing resource request for the
-    # ranks beside their pending placement group). That is a known cost the README states (one
-    # idle GPU node until idle_timeout_minutes, per job start); max_workers=3 bounds it here, and
-    # it goes with the others once idle (below).
-    assert set(launched) == {"ray.head.default", "gpu_1x"} and 2 <= launched["gpu_1x"] <= 3, status[0]
-    if launched["gpu_1x"] == 3:
-        print("known cost seen: a third, idle gpu_1x node was launched for a two-rank job")
-    wait_for(lambda: _job_status(cluster, job) in ENDED, "the job to end", timeout_s=400, poll_s=2)
-    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, job, timeout=60).stdout
-    assert _job_status(cluster, job) == "SUCCEEDED", logs[-5000:]
-    result = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
-    assert result["step"] == 12 and result["checkpoint"].startswith(f"{s3_shards}/runs/scale-up/")
-    _, run = _mlflow_run(mlflow_uri, "scale-up")
-    placements = _placements(run)
-    assert list(placements) == [0], placements
-    ranks = placements[0]
-    assert len(set(ranks)) == 2, ranks  # two ranks, two distinct nodes...
-    head = next(n for n in cluster.nodes() if n["is_head"])["node_id"]
-    assert head not in ranks  # ...neither of them the head (CPU: 0 schedules no work)
-    assert f"rank 0 on {ranks[0]}, rank 1 on {ranks[1]}" in logs  # the job log says where they ran
-    t_done = time.monotonic()
-    _wait_idle(cluster, "the idle worker nodes to be removed")
-    print(f"scale-up: two workers up after {launched_s:.0f} s, removed {time.monotonic() - t_done:.0f} s "
-          f"after the job\n{status[0]}")  # fmt: skip
-
-
-def test_a_preempted_node_is_replaced_and_training_resumes_from_s3(cluster, s3_shards, tmp_path):
-    """One worker node vanishes mid-run (its raylet and workers SIGKILLed, as a spot reclaim does):
-    Ray Train restarts the ranks from the last S3 checkpoint on a node the autoscaler launches in its
-    place; every step's loss is logged once, and at most one checkpoint interval is run twice."""
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # The kill comes a few steps after checkpoint 20 (at step 25 on 2 CPUs, 2026-12-05): 70 steps
-    # leave the restart most of the run, and a machine several times faster still kills first.
-    steps, every = 70, 10
-    proc = _submit(
-        cluster, f"data.shards={s3_shards}/shards", f"run.storage={s3_shards}/runs", "run.name=spot",
-        f"tracking.uri={mlflow_uri}", f"optim.max_steps={steps}", f"checkpoint.every_steps={every}",
-        "checkpoint.keep=10", "run.max_failures=3", wait=False, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    job = _job_id(proc.stdout + proc.stderr)
+    _launched_for_two_ranks(status[0])
     snapshot = f"{s3_shards}/runs/spot/checkpoint_manager_snapshot.json"
 
     def checkpointed() -> bool:  # Ray Train has registered the step-20 checkpoint
@@ -262,26 +249,37 @@ def test_a_preempted_node_is_replaced_and_training_resumes_from_s3(cluster, s3_s
     wait_for(checkpointed, "the second checkpoint of the run", timeout_s=400, poll_s=0.5)
     client, run = _mlflow_run(mlflow_uri, "spot")
     before = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
-    victim = _placements(run)[0][1]  # rank 1's node
-    assert cluster.preempt(victim) >= 1
+    ranks0 = _placements(run)[0]
+    assert cluster.preempt(ranks0[1]) >= 1  # rank 1's node
     t_lost = time.monotonic()
     wait_for(lambda: _job_status(cluster, job) in ENDED, "the job to end", timeout_s=500, poll_s=2)
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard, job, timeout=60).stdout
     assert _job_status(cluster, job) == "SUCCEEDED", logs[-5000:]
     recovered_s = time.monotonic() - t_lost
+    _check_the_spot_run(mlflow_uri, cluster, logs, ranks0, lost_at=max(before), steps=steps, every=every)
+    result = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+    assert result["step"] == steps and result["checkpoint"].startswith(f"{s3_shards}/runs/spot/")
+    t_done = time.monotonic()
+    _wait_idle(cluster, "the idle worker nodes to be removed")
+    removed_s = time.monotonic() - t_done
+    print(f"spot run: two workers up after {launched_s:.0f} s; lost at step {max(before)}, recovered "
+          f"in {recovered_s:.0f} s; removed {removed_s:.0f} s after the job\n{status[0]}")  # fmt: skip
 
-    _, run = _mlflow_run(mlflow_uri, "spot")
+
+def _check_the_spot_run(mlflow_uri, cluster, logs, ranks0, *, lost_at: int, steps: int, every: int):
+    """What the finished spot run left in MLflow and its job log."""
+    client, run = _mlflow_run(mlflow_uri, "spot")
     placements = _placements(run)
     assert len(placements) == 2, placements
-    (first, ranks0), (restart, ranks1) = sorted(placements.items())
-    assert first == 0 and restart % every == 0 and restart >= 20, placements
-    lost_at = max(before)
+    (first, first_ranks), (restart, ranks1) = sorted(placements.items())
+    assert first == 0 and first_ranks == ranks0 and restart % every == 0 and restart >= 20, placements
+    head = next(n for n in cluster.nodes() if n["is_head"])["node_id"]
+    assert len(set(ranks0)) == 2 and head not in ranks0  # two nodes, neither the head (CPU: 0)
+    assert f"rank 0 on {ranks0[0]}, rank 1 on {ranks0[1]}" in logs  # the job log says where they ran
     assert lost_at - restart <= every, (lost_at, restart)  # at most one interval run twice
-    assert victim not in ranks1 and set(ranks1) - set(ranks0), placements  # a new node took its place
+    assert ranks0[1] not in ranks1 and set(ranks1) - set(ranks0), placements  # a new node took its place
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(loss_steps) == list(range(1, steps + 1)), loss_steps  # once per step, none missing
     started = [m.value for m in client.get_metric_history(run.info.run_id, "started_at_step")]
     assert started == [0, restart], started
     assert "resuming from checkpoint at step" in logs
-    print(f"preemption: lost at step {lost_at}, resumed from {restart}, recovered in {recovered_s:.0f} s")
-    # Scaling back down is the scale-up test's to check; the module's teardown stops the nodes.
