@@ -220,7 +220,7 @@ def _lane_scheduling(config: pytest.Config, log, lanes: Lanes):
             left = [nodeid for unit in units for nodeid, done in unit.items() if not done]
             if not left:
                 return 0.0
-            ran = time.monotonic() - self.since.setdefault(node, time.monotonic())
+            ran = time.monotonic() - self.since.get(node, time.monotonic())
             return max(0.0, seconds.get(left[0], 0.0) - ran) + sum(seconds.get(n, 0.0) for n in left[1:])
 
         def _assign_work_unit(self, node) -> None:
@@ -232,6 +232,7 @@ def _lane_scheduling(config: pytest.Config, log, lanes: Lanes):
             others = [self._left_s(other) for other in self.nodes if other is not node]
             pick = next_scope(queue, self._left_s(node), min(others, default=float("inf")))
             self.workqueue.move_to_end(pick, last=False)
+            self.since.setdefault(node, time.monotonic())  # its first test starts now
             super()._assign_work_unit(node)
 
     return LaneScheduling(config, log)
