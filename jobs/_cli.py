@@ -23,7 +23,7 @@ from rsdiff.errors import RsdiffError, Terminated, describe_os_error
 
 # What a stopped job leaves behind (nothing half-written ever looks complete).
 KEPT = {
-    "ingest": "no manifest.json was written, so the output does not look complete; re-run to start over",
+    "ingest": "no manifest.json was written and the shards written so far were deleted; re-run to start over",
     "pretrain": "every complete checkpoint is kept in run.storage/run.name; re-run the command to resume",
     "extract": "no table.json was written, so the output does not look complete; re-run to start over",
     "sweep": "finished trials are kept; re-run the same command to continue the sweep",

@@ -212,8 +212,9 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         results: list[ChunkResult] = wait_with_progress(
             refs_out, counter, total=len(refs), unit="scenes", desc="ingest", extra="tiles"
         )
-    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: stop every task now; no manifest is written
-        stop_tasks(refs_out)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: stop every task now; no manifest, no shards
+        stop_tasks(refs_out)  # an interrupted task deletes the shards it published
+        _cleanup_after_failure(refs_out)  # and those of the tasks that had finished go too
         raise
     except Exception as exc:
         _cleanup_after_failure(refs_out)
@@ -244,7 +245,8 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
 
 
 def _cleanup_after_failure(refs_out: list[ray.ObjectRef]) -> None:
-    """Wait for every task and delete the shards of those that succeeded."""
+    """Wait for every task and delete the shards of those that succeeded (a failed or interrupted
+    task deleted its own)."""
     done: list[ChunkResult] = []
     for ref in refs_out:
         try:

@@ -105,18 +105,42 @@ def largest_node_cpus() -> int:
     return max(1, int(max(cpus, default=1)))
 
 
-def stop_tasks(refs: list[Any], wait_s: float = 10.0) -> None:
-    """Kill the tasks of ``refs`` now (``ray.cancel(force=True)``), wait up to ``wait_s`` for them to
-    end, and remove the temporary folders the killed ones left on this node
-    (:func:`rsdiff.tempfiles.remove_orphans`; other nodes are tidied by the next task there)."""
+def stop_tasks(refs: list[Any], grace_s: float = 5.0, wait_s: float = 10.0, settle_s: float = 3.0) -> None:
+    """Stop the tasks of ``refs`` and tidy what they leave behind on this node.
+
+    Each running task is first interrupted (``ray.cancel``: a ``KeyboardInterrupt`` in the task),
+    so its ``finally`` blocks and context managers run: a shard writer deletes the shards it
+    published and its temporary folder. A task still running ``grace_s`` seconds later is killed
+    (``force=True``, waiting up to ``wait_s`` seconds for it to end), and the temporary folders
+    killed tasks left on this node are removed once their processes are gone, which can take a
+    moment longer (:func:`rsdiff.tempfiles.remove_orphans`, watching for up to ``settle_s``
+    seconds; other nodes are tidied by the next task there).
+    """
     from rsdiff.tempfiles import remove_orphans
 
+    refs = list(refs)
+    _cancel(refs, force=False)
+    running = _still_running(refs, grace_s)
+    if running:
+        log.warning("%d task(s) still ran %.0f s after the interrupt; killing them", len(running), grace_s)
+        _cancel(running, force=True)
+        _still_running(running, wait_s)
+    remove_orphans(settle_s=settle_s if running else 0.0)
+
+
+def _cancel(refs: list[Any], force: bool) -> None:
     for ref in refs:
-        with contextlib.suppress(Exception):
-            ray.cancel(ref, force=True)
-    with contextlib.suppress(Exception):
-        ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
-    remove_orphans()
+        with contextlib.suppress(Exception):  # finished already, or Ray is going down
+            ray.cancel(ref, force=force)
+
+
+def _still_running(refs: list[Any], timeout_s: float) -> list[Any]:
+    """The refs of ``refs`` not yet finished after waiting up to ``timeout_s`` seconds."""
+    try:
+        _, running = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    except Exception:  # Ray is going down: nothing left to wait for
+        return []
+    return list(running)
 
 
 def user_error(exc: BaseException) -> BaseException | None:

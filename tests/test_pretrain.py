@@ -4,6 +4,7 @@ loopback S3 server and a real MLflow store."""
 from __future__ import annotations
 
 import gc
+import re
 from pathlib import Path
 
 import boto3
@@ -138,62 +139,54 @@ def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(
 
 
 @pytest.mark.integration
-def test_a_sigkilled_worker_restarts_from_latest_checkpoint(local_shards, tmp_path, ray_cluster, mlflow_uri):
-    cfg = _cfg(
-        f"data.shards={local_shards}",
-        f"run.storage={tmp_path / 'runs'}",
-        "run.name=faulty",
-        "scaling.num_workers=2",
-        "optim.max_steps=30",
-        "checkpoint.every_steps=10",
-        "tracking.sample_every=1000",
-        f"tracking.uri={mlflow_uri}",
-    )
-    # SIGKILL of the worker process, not an exception
-    result = run_pretrain(cfg, after_step=FailOnce(15, 1, tmp_path / "fault.marker", kind="kill"))
-    assert (tmp_path / "fault.marker").exists()  # the fault really fired
-    assert result.step == 30
-    assert [v for _, v in _history(mlflow_uri, result.mlflow_run_id, "started_at_step")] == [0, 10]
-    steps = [s for s, _ in _history(mlflow_uri, result.mlflow_run_id, "loss")]
-    assert steps == [5, 10, 15, 20, 25, 30]  # nothing repeated, nothing skipped after the restart
-
-
-@pytest.mark.integration
-def test_rerunning_a_job_name_resumes(local_shards, tmp_path, ray_cluster, mlflow_uri):
+def test_rerunning_a_job_name_resumes_from_its_newest_complete_checkpoint(
+    local_shards, tmp_path, ray_cluster, mlflow_uri
+):
+    """A finished run re-run with more steps goes on as the same MLflow run, keeping its first
+    settings. In between, its newest checkpoints went bad: step 10's ``model.pt`` rotted after it
+    was written (truncated), and a write after step 10 was interrupted (a folder with a truncated
+    ``model.pt`` and no ``rsdiff.json``). The re-run falls back to step 5, not to scratch, and
+    keeps the two newest complete checkpoints (step 10 saved again under a fresh name), which Ray
+    Train's list of checkpoints names and nothing else."""
     common = [
-        f"data.shards={local_shards}",
-        f"run.storage={tmp_path / 'runs'}",
-        "run.name=resumable",
-        "checkpoint.every_steps=10",
-        "tracking.sample_every=1000",
+        f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "run.name=resumable",
+        "checkpoint.every_steps=5", "checkpoint.keep=2", "tracking.sample_every=1000",
         f"tracking.uri={mlflow_uri}",
-    ]
+    ]  # fmt: skip
     build_unet(ModelConfig(), 3, 16)  # a process's first diffusers import pins its caller's frames
     before = _controllers()
     gc.disable()  # what a full collection would free is not what this checks
     try:
-        first = run_pretrain(_cfg(*common, "optim.max_steps=20"))
+        first = run_pretrain(_cfg(*common, "optim.max_steps=10"))
         # The run's controller actor goes with the run, in a process that goes on (a notebook):
         # no reference cycle keeps its handle, and the actors it owns, alive after fit().
         wait_for(lambda: not _controllers() - before, "the finished run's controller to exit", 60)
     finally:
         gc.enable()
-    assert first.step == 20
-    # A checkpoint write interrupted after step 20: a folder with a truncated model.pt, no rsdiff.json.
-    partial = tmp_path / "runs" / "resumable" / "checkpoint_00000025"
+    assert first.step == 10
+    run_dir = tmp_path / "runs" / "resumable"
+    newest = run_dir / "checkpoint_00000010" / "model.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # bit rot, or a partial copy
+    partial = run_dir / "checkpoint_00000012"
     partial.mkdir()
-    (partial / "model.pt").write_bytes(
-        (tmp_path / "runs" / "resumable" / "checkpoint_00000020" / "model.pt").read_bytes()[:999]
-    )
-    second = run_pretrain(_cfg(*common, "optim.max_steps=30"))
-    assert second.step == 30 and second.checkpoint.endswith("checkpoint_00000030")
-    assert read_meta(second.checkpoint)["step"] == 30
+    (partial / "model.pt").write_bytes(newest.read_bytes()[:999])
+    second = run_pretrain(_cfg(*common, "optim.max_steps=15"))
+    assert second.step == 15 and second.checkpoint.endswith("checkpoint_00000015")
+    assert read_meta(second.checkpoint)["step"] == 15
     assert second.mlflow_run_id == first.mlflow_run_id
-    assert [v for _, v in _history(mlflow_uri, second.mlflow_run_id, "started_at_step")] == [0, 20]
+    assert [v for _, v in _history(mlflow_uri, second.mlflow_run_id, "started_at_step")] == [0, 5]
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and p != partial)
+    assert kept == ["checkpoint_00000010-2", "checkpoint_00000015"], kept
+    for name, step in zip(kept, (10, 15)):
+        assert load_state(run_dir / name)["step"] == step
+    listed = re.findall(
+        r"checkpoint_\d{8}(?:-\d+)?", (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    )
+    assert set(listed) <= set(kept), (listed, kept)
     from mlflow import MlflowClient
 
     params = MlflowClient(mlflow_uri).get_run(second.mlflow_run_id).data.params
-    assert params["optim.max_steps"] == "20" and params["checkpoint.every_steps"] == "10"
+    assert params["optim.max_steps"] == "10" and params["checkpoint.every_steps"] == "5"
     assert not [k for k in params if k.startswith("debug.")]  # test hooks are not settings
 
 
@@ -201,10 +194,11 @@ def test_rerunning_a_job_name_resumes(local_shards, tmp_path, ray_cluster, mlflo
 def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
     local_shards, tmp_path, ray_cluster, mlflow_uri
 ):
-    """Two ranks, two loader workers each, shuffled and augmented tiles: a run that fails at step 5
-    and restarts from checkpoint 3 (mid-way through its loaders' round-robin) logs exactly the
-    losses of the uninterrupted run. Each rank's data position, noise and CPU generator states
-    come back from the checkpoint."""
+    """Two ranks, two loader workers each, shuffled and augmented tiles: a run whose rank 1 is
+    SIGKILLed at step 5 (its worker process, not an exception) restarts from checkpoint 3 (mid-way
+    through its loaders' round-robin) and logs exactly the losses of the uninterrupted run, each
+    step once. Each rank's data position, noise and CPU generator states come back from the
+    checkpoint."""
     common = [
         f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=2",
         "data.num_workers=2", "optim.max_steps=8", "checkpoint.every_steps=3", "tracking.log_every=1",
@@ -212,7 +206,8 @@ def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
     ]  # fmt: skip
     straight = run_pretrain(_cfg(*common, "run.name=straight"))
     resumed = run_pretrain(
-        _cfg(*common, "run.name=interrupted"), after_step=FailOnce(5, 1, tmp_path / "fault.marker")
+        _cfg(*common, "run.name=interrupted"),
+        after_step=FailOnce(5, 1, tmp_path / "fault.marker", kind="kill"),
     )
     assert (tmp_path / "fault.marker").exists()
     assert [v for _, v in _history(mlflow_uri, resumed.mlflow_run_id, "started_at_step")] == [0, 3]

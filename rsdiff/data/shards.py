@@ -141,8 +141,9 @@ class ShardWriter:
         self._tar = None
         path = Path(self._tmpdir.name) / "current.tar"
         uri = storage.join(self.out_uri, f"{self.prefix}-{len(self.shards):05d}.tar")
-        storage.upload(path, uri)
+        # Recorded before the upload: an abort that interrupts it (Ctrl-C) still deletes the shard.
         self.shards.append(ShardInfo(uri, self._count, path.stat().st_size))
+        storage.upload(path, uri)
         path.unlink()
 
 
