@@ -187,10 +187,12 @@ def test_a_task_that_ignores_the_interrupt_is_killed_and_its_temp_folder_removed
 
 
 @pytest.mark.e2e
-def test_ctrl_c_stops_predict_marks_the_run_killed_and_drops_the_old_marker(
+def test_sigterm_stops_predict_like_ctrl_c_marks_the_run_killed_and_drops_the_old_marker(
     sample_demo, big_scenes, tmp_path, mlflow_uri, ray_address
 ):
-    """An interrupted ``overwrite=true`` leaves no predictions.json beside a mix of old and new maps."""
+    """SIGTERM, what `kill` and most schedulers send, to the job alone (Ctrl-C's SIGINT to the whole
+    group is the ingest and pretraining tests'). An interrupted ``overwrite=true`` leaves no
+    predictions.json beside a mix of old and new maps, and no half-written map."""
     out = tmp_path / "maps"
     shutil.copytree(sample_demo / "predictions", out)  # a complete earlier prediction run
     assert (out / "predictions.json").exists()
@@ -200,10 +202,12 @@ def test_ctrl_c_stops_predict_marks_the_run_killed_and_drops_the_old_marker(
         f"output={out}", "overwrite=true", f"tracking.uri={mlflow_uri}", env=ray_address, log=log,
     )  # fmt: skip
     started = time.time()
-    _ctrl_c_when(proc, log, "predict:")
+    _started(proc, log, "predict:")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
     err = log.read_text()
-    assert proc.returncode == 130, err[-3000:]
-    _one_error_line(err, "predict", "stopped by SIGINT")
+    assert proc.returncode == 143, err[-3000:]
+    _one_error_line(err, "predict", "stopped by SIGTERM")
     assert not (out / "predictions.json").exists()
     assert not _temp_left("predict", started)  # the killed scene tasks' half-written maps are gone
     client = MlflowClient(mlflow_uri)
@@ -211,23 +215,6 @@ def test_ctrl_c_stops_predict_marks_the_run_killed_and_drops_the_old_marker(
     assert [r.info.status for r in runs] == ["KILLED"]
     proc = run_job_inline("evaluate.py", f"predictions={out}", f"tracking.uri={mlflow_uri}")
     assert proc.returncode == 2 and "no predictions.json" in proc.stderr
-
-
-@pytest.mark.e2e
-def test_sigterm_stops_a_job_like_ctrl_c(sample_demo, big_scenes, tmp_path, mlflow_uri, ray_address):
-    log = tmp_path / "stderr.txt"
-    proc = _start(
-        "predict.py", f"head={sample_demo / 'sweep' / 'best'}", f"inputs=[{big_scenes}/images/*.tif]",
-        f"output={tmp_path / 'maps'}", f"tracking.uri={mlflow_uri}", env=ray_address, log=log,
-    )  # fmt: skip
-    _started(proc, log, "predict:")
-    proc.send_signal(signal.SIGTERM)  # what `kill` and most schedulers send
-    proc.wait(timeout=60)
-    assert proc.returncode == 143, log.read_text()[-3000:]
-    _one_error_line(log.read_text(), "predict", "stopped by SIGTERM")
-    client = MlflowClient(mlflow_uri)
-    runs = client.search_runs([client.get_experiment_by_name("rsdiff-predict").experiment_id])
-    assert [r.info.status for r in runs] == ["KILLED"]
 
 
 @pytest.mark.e2e

@@ -551,11 +551,11 @@ def test_demo_on_dubai_aerial(dubai, tmp_path, ray_cluster):
         "images=['tile_2/images/image_part_00[1-4].jpg']",  # 4 scenes: 1 for validation
         "labels_preset=configs/ingest/dubai.yaml",
         f"workdir={work}",
-        "pretrain_steps=16",
+        "pretrain_steps=8",
         "batch_size=4",
         "trials=2",
         "head_epochs=3",
-        "max_images=32",
+        "max_images=16",
         "pixels_per_class=16",
         "predict_overlap=16",  # 121 windows on the 509x544 test scene instead of 420 (45 s)
     )

@@ -54,10 +54,60 @@ def _cfg(table, tmp_path, mlflow_uri, *extra):
 
 
 @pytest.mark.integration
-def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
-    labeled_table, tmp_path, mlflow_uri, ray_cluster
+def test_asha_stops_weak_trials_early(labeled_table, tmp_path, mlflow_uri, ray_cluster):
+    result = run_sweep(
+        _cfg(labeled_table, tmp_path, mlflow_uri, "name=asha", "scheduler=asha", "num_samples=8",
+             "head.epochs=8", "grace_period=1", "reduction_factor=2")
+    )  # fmt: skip
+    stopped = [t for t in result.trials if t["stopped_early"]]
+    assert stopped, result.trials
+    assert all(t["epochs"] < 8 for t in stopped)
+    assert result.best["head"] is not None and result.best["epochs"] <= 8
+    client = MlflowClient(mlflow_uri)
+    children = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    )
+    # Stopped early is a result, not a failure: FINISHED, tagged, and ranked by its running best.
+    assert {r.info.status for r in children} == {"FINISHED"}
+    by_trial = {r.data.tags["rsdiff.trial"]: r for r in children}
+    for t in result.trials:
+        run = by_trial[t["trial_id"]]
+        outcome = "stopped_early" if t["stopped_early"] else "completed"
+        assert run.data.tags["rsdiff.outcome"] == outcome
+        assert run.data.metrics["best_val_miou"] == pytest.approx(t["best_val_miou"])
+        if t["stopped_early"]:
+            assert run.data.tags["rsdiff.stopped_at_epoch"] == str(t["epochs"])
+            assert run.data.metrics["stopped_early"] == 1.0
+
+
+@pytest.mark.e2e
+def test_a_sweep_job_reads_the_table_once_per_node_tracks_its_trials_and_saves_a_reproducible_best_head(
+    labeled_table, s3_endpoint, tmp_path, mlflow_uri, ray_cluster
 ):
-    result = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, "name=fifo", "scheduler=fifo"))
+    """``jobs/sweep.py``: four trials of four epochs on an S3 table, through a counting proxy, on a
+    fresh Ray of its own (one node). Every part is fetched exactly once, into the node's cache, and
+    mapped from there by every trial (each trial, epoch and validation pass used to fetch every part
+    again). Re-run with the same name, here in process on another Ray, the sweep is restored from
+    its records: nothing trained again, the same parent run, whose children, notes and best head
+    are checked on the restored result."""
+    fifo = ["name=fifo", "scheduler=fifo"]
+    args = [f"--config={SWEEP}", *_overrides(labeled_table, tmp_path, mlflow_uri, *fifo), "ray.num_cpus=2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with FaultyS3Proxy(s3_endpoint, max_faults=0) as proxy:
+        env.update(AWS_ENDPOINT_URL=proxy.url, RSDIFF_CACHE_DIR=str(tmp_path / "node-cache"))
+        proc = run_job("sweep.py", *args, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "tune").glob("*/trials/s*.json"))) == 4  # four trial records
+    bucket, key = storage.split_s3(labeled_table.root)
+    fetched = {p: n for (method, p), n in proxy.requests.items() if method == "GET" and "/parts/" in p}
+    want = {f"/{bucket}/{key}/parts/{p['name']}" for p in labeled_table.meta["parts"]}
+    assert set(fetched) == want and set(fetched.values()) == {1}, fetched
+    assert len([d for d in (tmp_path / "node-cache").iterdir() if d.is_dir()]) == 1
+
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *fifo))
+    assert result.parent_run_id == printed["parent_run_id"] and result.best_head == printed["best_head"]
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -97,7 +147,8 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
         assert (int(p["t_min"]), int(p["t_max"])) == (min(steps), max(steps))
         assert p["block_set"] == block_set_id(p["blocks"].split(","))
         assert int(p["deepest_level"]) == deepest_level(p["blocks"].split(","))
-        assert child.data.tags["rsdiff.command"] == parent.data.tags["rsdiff.command"]
+        command = child.data.tags["rsdiff.command"].split()  # the job's, whose trial made it
+        assert command[0].endswith("jobs/sweep.py") and "ray.num_cpus=2" in command
         history = client.get_metric_history(child.info.run_id, "val_miou")
         assert [m.step for m in history] == [1, 2, 3, 4]
         running = client.get_metric_history(child.info.run_id, "best_val_miou")
@@ -118,62 +169,11 @@ def test_sweep_tracks_parent_and_children_and_saves_a_reproducible_best_head(
     val = StreamedRows(labeled_table, "val", channels, None)
     cm = evaluate(head.module, val, labeled_table.num_classes, mean, std)
     assert cm.miou() == pytest.approx(result.best["best_val_miou"], abs=1e-9)
-
-    # Re-running the same sweep name restores it: nothing is trained again, same parent run.
-    again = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, "name=fifo", "scheduler=fifo"))
-    assert again.parent_run_id == result.parent_run_id
-    assert [t["trial_id"] for t in again.trials] == [t["trial_id"] for t in result.trials]
+    # Restored, not trained again: the same four children, no new one.
     children_again = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     assert len(children_again) == 4
-
-
-@pytest.mark.integration
-def test_asha_stops_weak_trials_early(labeled_table, tmp_path, mlflow_uri, ray_cluster):
-    result = run_sweep(
-        _cfg(labeled_table, tmp_path, mlflow_uri, "name=asha", "scheduler=asha", "num_samples=8",
-             "head.epochs=8", "grace_period=1", "reduction_factor=2")
-    )  # fmt: skip
-    stopped = [t for t in result.trials if t["stopped_early"]]
-    assert stopped, result.trials
-    assert all(t["epochs"] < 8 for t in stopped)
-    assert result.best["head"] is not None and result.best["epochs"] <= 8
-    client = MlflowClient(mlflow_uri)
-    children = client.search_runs(
-        [client.get_run(result.parent_run_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
-    )
-    # Stopped early is a result, not a failure: FINISHED, tagged, and ranked by its running best.
-    assert {r.info.status for r in children} == {"FINISHED"}
-    by_trial = {r.data.tags["rsdiff.trial"]: r for r in children}
-    for t in result.trials:
-        run = by_trial[t["trial_id"]]
-        outcome = "stopped_early" if t["stopped_early"] else "completed"
-        assert run.data.tags["rsdiff.outcome"] == outcome
-        assert run.data.metrics["best_val_miou"] == pytest.approx(t["best_val_miou"])
-        if t["stopped_early"]:
-            assert run.data.tags["rsdiff.stopped_at_epoch"] == str(t["epochs"])
-            assert run.data.metrics["stopped_early"] == 1.0
-
-
-@pytest.mark.e2e
-def test_trials_read_the_table_from_storage_once_per_node(labeled_table, s3_endpoint, tmp_path, mlflow_uri):
-    """Four trials of four epochs on an S3 table, through a counting proxy, on a fresh Ray of its
-    own (one node): every part is fetched exactly once, into the node's cache, and mapped from there
-    by every trial (each trial, epoch and validation pass used to fetch every part again)."""
-    args = [f"--config={SWEEP}", *_overrides(labeled_table, tmp_path, mlflow_uri), "ray.num_cpus=2"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with FaultyS3Proxy(s3_endpoint, max_faults=0) as proxy:
-        env.update(AWS_ENDPOINT_URL=proxy.url, RSDIFF_CACHE_DIR=str(tmp_path / "node-cache"))
-        proc = run_job("sweep.py", *args, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list((tmp_path / "tune").glob("*/trials/s*.json"))) == 4  # four trial records
-    bucket, key = storage.split_s3(labeled_table.root)
-    fetched = {p: n for (method, p), n in proxy.requests.items() if method == "GET" and "/parts/" in p}
-    want = {f"/{bucket}/{key}/parts/{p['name']}" for p in labeled_table.meta["parts"]}
-    assert set(fetched) == want and set(fetched.values()) == {1}, fetched
-    assert len([d for d in (tmp_path / "node-cache").iterdir() if d.is_dir()]) == 1
 
 
 @pytest.mark.integration
@@ -235,40 +235,32 @@ def test_unreachable_tracking_uri(labeled_table, tmp_path):
 
 
 @pytest.mark.integration
-def test_rerunning_a_sweep_with_other_settings_is_refused_unless_fresh(
+def test_a_rerun_restores_refuses_other_settings_and_never_unpickles_tune_state_from_the_storage(
     labeled_table, tmp_path, mlflow_uri, ray_cluster
 ):
-    small = ["name=respec", "scheduler=fifo", "num_samples=1", "head.epochs=1", "grace_period=1"]
+    """A re-run with the same settings restores the sweep; other settings or another output are
+    refused unless ``fresh=true``. Whoever can write the sweep storage (a shared S3 prefix) must
+    not get to run code on the driver: Tune's pickles are never read, and a trial record rsdiff did
+    not write is refused."""
+    import pickle
+
+    small = ["name=trust", "scheduler=fifo", "num_samples=2", "head.epochs=1", "grace_period=1"]
     first = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
     again = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))  # same settings: restored
     assert again.parent_run_id == first.parent_run_id and again.best["trial_id"] == first.best["trial_id"]
     with pytest.raises(ConfigError, match=r"finished trial.* saved their heads under another output than"):
         run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, f"output={tmp_path / 'elsewhere'}"))
     for extra, needle in [
-        (["num_samples=2"], "changed: num_samples"),
+        (["num_samples=3"], "changed: num_samples"),
         (["search.width=[16]"], "changed: search.width"),
         (["head.dropout=0.3", "seed=5"], "changed: head.dropout, seed"),
     ]:
         with pytest.raises(ConfigError, match="was started with other settings") as err:
             run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, *extra))
         assert needle in str(err.value) and "fresh=true" in str(err.value)
-    fresh = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=2", "fresh=true"))
-    assert fresh.parent_run_id != first.parent_run_id and len(fresh.trials) == 2
-    (tmp_path / "tune" / "respec" / "rsdiff-sweep.json").unlink()  # state rsdiff did not describe
-    with pytest.raises(ConfigError, match=r"trial records without a readable rsdiff-sweep\.json"):
-        run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=2"))
 
-
-@pytest.mark.integration
-def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
-    labeled_table, tmp_path, mlflow_uri, ray_cluster
-):
-    """Whoever can write the sweep storage (a shared S3 prefix) must not get to run code on the driver."""
-    import pickle
-
-    small = ["name=trust", "scheduler=fifo", "num_samples=2", "head.epochs=1", "grace_period=1"]
-    first = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
     experiment = tmp_path / "tune" / "trust"
+    tune_runs = len(list(experiment.glob("tune-*")))
     marker = tmp_path / "pwned"
     poison = pickle.dumps(PicklePayload(str(marker)))
     for folder in [experiment, *experiment.glob("tune-*")]:  # every file Tune would unpickle on restore
@@ -282,11 +274,18 @@ def test_a_rerun_never_unpickles_tune_state_from_the_sweep_storage(
     assert again.parent_run_id == first.parent_run_id
     assert sorted(t["trial_id"] for t in again.trials) == ["s0000", "s0001"]
     assert json.loads(record.read_text())["status"] == "finished"
-    assert len(list(experiment.glob("tune-*"))) == 2  # a new Tune experiment ran only the unfinished one
+    # A new Tune experiment ran only the unfinished one.
+    assert len(list(experiment.glob("tune-*"))) == tune_runs + 1
     # A record rsdiff did not write is refused with one line, not trusted.
     record.write_text(json.dumps({"sample": 7, "status": "finished", "history": []}))
     with pytest.raises(ConfigError, match=r"s0001\.json is not a trial record this sweep wrote"):
         run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small))
+
+    fresh = run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=1", "fresh=true"))
+    assert fresh.parent_run_id != first.parent_run_id and len(fresh.trials) == 1
+    (experiment / "rsdiff-sweep.json").unlink()  # state rsdiff did not describe
+    with pytest.raises(ConfigError, match=r"trial records without a readable rsdiff-sweep\.json"):
+        run_sweep(_cfg(labeled_table, tmp_path, mlflow_uri, *small, "num_samples=1"))
 
 
 @pytest.mark.unit
