@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job, run_job_inline, wait_for
+from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job_inline, wait_for
 from mlflow import MlflowClient
 from s3_fault_proxy import FaultyS3Proxy
 
@@ -244,7 +244,7 @@ def test_killed_driver_resubmitted_resumes_from_the_s3_checkpoint(
     first.wait()
     done = storage.list_uris(f"{bucket}/runs/driver-kill", "rsdiff.json")
     assert done, "no checkpoint was written before the kill"
-    second = run_job("pretrain.py", *common, "optim.max_steps=20", env={"RAY_ADDRESS": env["RAY_ADDRESS"]})
+    second = run_job_inline("pretrain.py", *common, "optim.max_steps=20")  # a new driver, this process
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads(second.stdout.strip().splitlines()[-1])
     assert result["step"] == 20 and result["checkpoint"].startswith(f"{bucket}/runs/driver-kill/")

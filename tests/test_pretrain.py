@@ -80,142 +80,37 @@ def _history(mlflow_uri, run_id, key):
     return [(m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, key)]
 
 
-@pytest.mark.integration
-def test_two_workers_stream_s3_shards_and_checkpoint_to_s3(
-    sample_scenes, bucket, ray_cluster, mlflow_uri, tmp_path
-):
-    shards = _ingest(sample_scenes, f"{bucket}/shards")
-    cfg = _cfg(
-        f"data.shards={shards}",
-        f"run.storage={bucket}/runs",
-        "run.name=two-workers",
-        "scaling.num_workers=2",
-        "optim.max_steps=40",
-        "checkpoint.every_steps=10",
-        "checkpoint.keep=2",
-        "tracking.sample_every=40",
-        f"tracking.uri={mlflow_uri}",
-    )
-    result = run_pretrain(cfg, after_step=RecordRayProcesses(20, tmp_path / "processes.txt"))
-
-    assert result.step == 40
-    # Ray Train's own parts run, but not Ray Data's dataset actor: the ranks stream their shards.
-    processes = set((tmp_path / "processes.txt").read_text().split())
-    assert {"ray::TrainController", "ray::RayTrainWorker", "ray::PlacementGroupCleaner"} <= processes
-    assert "ray::DatasetManager" not in processes, processes
-    assert result.checkpoint.startswith(f"{bucket}/runs/two-workers/checkpoint_00000040")
-    meta = read_meta(result.checkpoint)
-    assert meta["bands"] == ["red", "green", "blue", "nir"] and meta["in_channels"] == 4
-    assert meta["normalization"]["mean"] and meta["model"]["base_channels"] == 32
-    ckpts = {u.split("/")[-2] for u in storage.list_uris(f"{bucket}/runs/two-workers", "rsdiff.json")}
-    assert ckpts == {"checkpoint_00000030", "checkpoint_00000040"}  # keep=2
-
-    losses = _history(mlflow_uri, result.mlflow_run_id, "loss")
-    assert [s for s, _ in losses] == [5, 10, 15, 20, 25, 30, 35, 40]
-    first, last = losses[0][1], min(v for _, v in losses[-3:])
-    assert last < 0.7 * first, losses
-    for key in ("lr", "images_per_s", "data_wait_fraction", "grad_norm"):
-        assert _history(mlflow_uri, result.mlflow_run_id, key), key
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(mlflow_uri)
-    run = client.get_run(result.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["optim.max_steps"] == "40" and run.data.params["scaling.num_workers"] == "2"
-    assert int(run.data.params["model.num_params"]) > 500_000
-    arts = {a.path for d in ("samples", "denoising") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"samples/step_00000040.png", "denoising/step_00000040.png"} <= arts
-
-    # The EMA inference artifact: a diffusers folder in S3 beside the training state.
-    ema = f"{result.checkpoint}/ema"
-    names = {storage.name(u) for u in storage.list_uris(ema)} - {"ema"}  # pyarrow's folder marker
-    assert names == {"config.json", "diffusion_pytorch_model.safetensors", "rsdiff-ema.json"}, names
-    for name in names:
-        storage.download(f"{ema}/{name}", tmp_path / "ema" / name)
-    from diffusers import UNet2DModel
-
-    state = load_weights(storage.read_bytes(f"{result.checkpoint}/model.pt"), "model.pt")
-    standalone = UNet2DModel.from_pretrained(tmp_path / "ema").state_dict()
-    assert standalone.keys() == state["ema"].keys()
-    assert all(torch.equal(standalone[k], state["ema"][k]) for k in standalone)
-    # Inference never reads the training state: it loads with model.pt gone.
-    bucket_name, key = storage.split_s3(f"{result.checkpoint}/model.pt")
-    boto3.client("s3").delete_object(Bucket=bucket_name, Key=key)
-    ddpm = load_pretrained(result.checkpoint)
-    assert all(torch.equal(v, state["ema"][k]) for k, v in ddpm.model.state_dict().items())
-    x = torch.zeros(2, 4, 32, 32)
-    eps = ddpm.model(x, torch.tensor([10, 500])).sample
-    assert eps.shape == x.shape and torch.isfinite(eps).all()
+def _upload(folder: str, uri: str) -> str:
+    """Every file under ``folder`` to the S3 prefix ``uri``; returns ``uri``."""
+    name, prefix = storage.split_s3(uri)
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file():
+            boto3.client("s3").upload_file(str(f), name, f"{prefix}/{f.relative_to(folder)}")
+    return uri
 
 
 @pytest.mark.integration
-def test_rerunning_a_job_name_resumes_from_its_newest_complete_checkpoint(
-    local_shards, tmp_path, ray_cluster, mlflow_uri
+def test_two_ranks_on_s3_continue_exactly_after_a_killed_rank(
+    local_shards, bucket, ray_cluster, mlflow_uri, tmp_path
 ):
-    """A finished run re-run with more steps goes on as the same MLflow run, keeping its first
-    settings. In between, its newest checkpoints went bad: step 10's ``model.pt`` rotted after it
-    was written (truncated), and a write after step 10 was interrupted (a folder with a truncated
-    ``model.pt`` and no ``rsdiff.json``). The re-run falls back to step 5, not to scratch, and
-    keeps the two newest complete checkpoints (step 10 saved again under a fresh name), which Ray
-    Train's list of checkpoints names and nothing else."""
+    """Two ranks, two loader workers each, streaming shuffled and augmented tiles from S3 and
+    checkpointing to S3. The uninterrupted run: Ray Train's own parts run, not Ray Data's dataset
+    actor; the two newest checkpoints kept with their metadata; the run's metrics, settings and
+    pictures in MLflow; the EMA inference artifact, a diffusers folder in S3 beside the training
+    state, loads without it. The run whose rank 1 is SIGKILLed at step 5 (its worker process, not
+    an exception) restarts from checkpoint 3 (mid-way through its loaders' round-robin) and logs
+    exactly the losses of the uninterrupted run, each step once: each rank's data position, noise
+    and CPU generator states come back from the checkpoint."""
+    shards = _upload(local_shards, f"{bucket}/shards")
     common = [
-        f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "run.name=resumable",
-        "checkpoint.every_steps=5", "checkpoint.keep=2", "tracking.sample_every=1000",
-        f"tracking.uri={mlflow_uri}",
+        f"data.shards={shards}", f"run.storage={bucket}/runs", "scaling.num_workers=2",
+        "data.num_workers=2", "optim.max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep=2",
+        "tracking.log_every=1", "tracking.sample_every=1000", f"tracking.uri={mlflow_uri}",
     ]  # fmt: skip
-    build_unet(ModelConfig(), 3, 16)  # a process's first diffusers import pins its caller's frames
-    before = _controllers()
-    gc.disable()  # what a full collection would free is not what this checks
-    try:
-        first = run_pretrain(_cfg(*common, "optim.max_steps=10"))
-        # The run's controller actor goes with the run, in a process that goes on (a notebook):
-        # no reference cycle keeps its handle, and the actors it owns, alive after fit().
-        wait_for(lambda: not _controllers() - before, "the finished run's controller to exit", 60)
-    finally:
-        gc.enable()
-    assert first.step == 10
-    run_dir = tmp_path / "runs" / "resumable"
-    newest = run_dir / "checkpoint_00000010" / "model.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])  # bit rot, or a partial copy
-    partial = run_dir / "checkpoint_00000012"
-    partial.mkdir()
-    (partial / "model.pt").write_bytes(newest.read_bytes()[:999])
-    second = run_pretrain(_cfg(*common, "optim.max_steps=15"))
-    assert second.step == 15 and second.checkpoint.endswith("checkpoint_00000015")
-    assert read_meta(second.checkpoint)["step"] == 15
-    assert second.mlflow_run_id == first.mlflow_run_id
-    assert [v for _, v in _history(mlflow_uri, second.mlflow_run_id, "started_at_step")] == [0, 5]
-    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and p != partial)
-    assert kept == ["checkpoint_00000010-2", "checkpoint_00000015"], kept
-    for name, step in zip(kept, (10, 15)):
-        assert load_state(run_dir / name)["step"] == step
-    listed = re.findall(
-        r"checkpoint_\d{8}(?:-\d+)?", (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    )
-    assert set(listed) <= set(kept), (listed, kept)
-    from mlflow import MlflowClient
+    census = RecordRayProcesses(4, tmp_path / "processes.txt")
+    straight = run_pretrain(_cfg(*common, "run.name=straight"), after_step=census)
+    _check_the_uninterrupted_run(straight, bucket, mlflow_uri, tmp_path)
 
-    params = MlflowClient(mlflow_uri).get_run(second.mlflow_run_id).data.params
-    assert params["optim.max_steps"] == "10" and params["checkpoint.every_steps"] == "5"
-    assert not [k for k in params if k.startswith("debug.")]  # test hooks are not settings
-
-
-@pytest.mark.integration
-def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
-    local_shards, tmp_path, ray_cluster, mlflow_uri
-):
-    """Two ranks, two loader workers each, shuffled and augmented tiles: a run whose rank 1 is
-    SIGKILLed at step 5 (its worker process, not an exception) restarts from checkpoint 3 (mid-way
-    through its loaders' round-robin) and logs exactly the losses of the uninterrupted run, each
-    step once. Each rank's data position, noise and CPU generator states come back from the
-    checkpoint."""
-    common = [
-        f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=2",
-        "data.num_workers=2", "optim.max_steps=8", "checkpoint.every_steps=3", "tracking.log_every=1",
-        "tracking.sample_every=1000", f"tracking.uri={mlflow_uri}",
-    ]  # fmt: skip
-    straight = run_pretrain(_cfg(*common, "run.name=straight"))
     resumed = run_pretrain(
         _cfg(*common, "run.name=interrupted"),
         after_step=FailOnce(5, 1, tmp_path / "fault.marker", kind="kill"),
@@ -232,20 +127,77 @@ def test_an_interrupted_run_continues_exactly_as_an_uninterrupted_one(
         assert got[step] == pytest.approx(expect[step], rel=1e-6), (step, got, expect)
     # The shards' counts are in the manifest, so the checkpoints' positions are replayable: a restart
     # replays each slot's draws to its position instead of re-reading the epoch.
-    saved = load_state(tmp_path / "runs" / "interrupted" / "checkpoint_00000006")["stream"]
+    state = f"{bucket}/runs/interrupted/checkpoint_00000006/model.pt"
+    saved = load_weights(storage.read_bytes(state), "model.pt")["stream"]
     assert all(p[2] for rank in saved for p in rank["positions"].values()), saved
 
 
+def _check_the_uninterrupted_run(result, bucket, mlflow_uri, tmp_path) -> None:
+    """What the 8-step two-rank run left in S3 and MLflow."""
+    from diffusers import UNet2DModel
+    from mlflow import MlflowClient
+
+    assert result.step == 8
+    processes = set((tmp_path / "processes.txt").read_text().split())
+    assert {"ray::TrainController", "ray::RayTrainWorker", "ray::PlacementGroupCleaner"} <= processes
+    assert "ray::DatasetManager" not in processes, processes  # the ranks stream their shards
+    assert result.checkpoint.startswith(f"{bucket}/runs/straight/checkpoint_00000008")
+    meta = read_meta(result.checkpoint)
+    assert meta["bands"] == ["red", "green", "blue", "nir"] and meta["in_channels"] == 4
+    assert meta["normalization"]["mean"] and meta["model"]["base_channels"] == 32
+    ckpts = {u.split("/")[-2] for u in storage.list_uris(f"{bucket}/runs/straight", "rsdiff.json")}
+    assert ckpts == {"checkpoint_00000006", "checkpoint_00000008"}  # keep=2
+
+    losses = _history(mlflow_uri, result.mlflow_run_id, "loss")
+    assert [s for s, _ in losses] == list(range(1, 9))
+    assert min(v for _, v in losses[-3:]) < 0.7 * losses[0][1], losses
+    for key in ("lr", "images_per_s", "data_wait_fraction", "grad_norm"):
+        assert _history(mlflow_uri, result.mlflow_run_id, key), key
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.max_steps"] == "8" and run.data.params["scaling.num_workers"] == "2"
+    assert int(run.data.params["model.num_params"]) > 500_000
+    arts = {a.path for d in ("samples", "denoising") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"samples/step_00000008.png", "denoising/step_00000008.png"} <= arts
+
+    ema = f"{result.checkpoint}/ema"
+    names = {storage.name(u) for u in storage.list_uris(ema)} - {"ema"}  # pyarrow's folder marker
+    assert names == {"config.json", "diffusion_pytorch_model.safetensors", "rsdiff-ema.json"}, names
+    for name in names:
+        storage.download(f"{ema}/{name}", tmp_path / "ema" / name)
+    state = load_weights(storage.read_bytes(f"{result.checkpoint}/model.pt"), "model.pt")
+    standalone = UNet2DModel.from_pretrained(tmp_path / "ema").state_dict()
+    assert standalone.keys() == state["ema"].keys()
+    assert all(torch.equal(standalone[k], state["ema"][k]) for k in standalone)
+    # Inference never reads the training state: it loads with model.pt gone.
+    bucket_name, key = storage.split_s3(f"{result.checkpoint}/model.pt")
+    boto3.client("s3").delete_object(Bucket=bucket_name, Key=key)
+    ddpm = load_pretrained(result.checkpoint)
+    assert all(torch.equal(v, state["ema"][k]) for k, v in ddpm.model.state_dict().items())
+    x = torch.zeros(2, 4, 32, 32)
+    eps = ddpm.model(x, torch.tensor([10, 500])).sample
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+
+
 @pytest.mark.integration
-def test_compiled_training_matches_eager_never_recompiles_and_its_checkpoint_loads_for_extraction(
+def test_compiled_training_matches_eager_and_a_rerun_resumes_from_its_newest_complete_checkpoint(
     local_shards, tmp_path, ray_cluster, mlflow_uri
 ):
     """``perf.compile=true`` (inductor, on the CPU here; the default ``blocks`` scope), with the
     full-resolution level's activations checkpointed: the same losses as eager training within
-    float tolerance; no graph compiled after the first step and no
-    graph break, across an epoch boundary of the stream (36 tiles, 4 per batch: step 9) and a
-    resume (a new process compiles once, then nothing more); a checkpoint with plain keys that
-    extraction loads.
+    float tolerance, across an epoch boundary of the stream (36 tiles, 4 per batch: step 9); no
+    graph compiled after the first step and no graph break, in the first run and in its re-run (a
+    new process compiles once, then nothing more); checkpoints with plain keys that extraction
+    loads.
+
+    The re-run of the finished run's name, with more steps, goes on as the same MLflow run, keeping
+    its first settings. In between, its newest checkpoints went bad: step 10's ``model.pt`` rotted
+    after it was written (truncated), and a write after step 10 was interrupted (a folder with a
+    truncated ``model.pt`` and no ``rsdiff.json``). The re-run falls back to step 5, not to
+    scratch, and keeps the two newest complete checkpoints (step 10 saved again under a fresh
+    name), which Ray Train's list of checkpoints names and nothing else. The finished run's
+    controller exits with the run, in a driver that goes on (a notebook).
 
     The learning rate is tiny: AdamW's first steps are nearly sign(gradient), so float-level
     differences in near-zero gradients would otherwise move weights by a whole step.
@@ -254,38 +206,67 @@ def test_compiled_training_matches_eager_never_recompiles_and_its_checkpoint_loa
     to compile (residual blocks of each shape, the attention layer), about 37 s of inductor's first
     step on 2 CPUs, against 12 blocks and 66 s for tiny.yaml's three levels, with every kind of
     block still compiled."""
-    from rsdiff.diffusion.checkpoint import load_state
+    from mlflow import MlflowClient
+
     from rsdiff.features.extractor import FeatureExtractor
 
     common = [
         f"data.shards={local_shards}", f"run.storage={tmp_path / 'runs'}", "optim.warmup_steps=2",
-        "checkpoint.every_steps=12", "tracking.log_every=1", "tracking.sample_every=1000",
-        f"tracking.uri={mlflow_uri}", "data.num_workers=0", "data.shuffle_buffer=0", "optim.lr=1e-5",
-        "model.channel_mult=[1,1]", "model.attention_resolutions=[]",
+        "checkpoint.every_steps=5", "checkpoint.keep=2", "tracking.log_every=1",
+        "tracking.sample_every=1000", f"tracking.uri={mlflow_uri}", "data.num_workers=0",
+        "data.shuffle_buffer=0", "optim.lr=1e-5", "model.channel_mult=[1,1]",
+        "model.attention_resolutions=[]",
     ]  # fmt: skip
-    eager = run_pretrain(_cfg(*common, "run.name=eager", "optim.max_steps=12"))
     fast = ["perf.compile=true", "perf.checkpoint_levels=[0]", "run.name=compiled"]
-    compiled = [
-        run_pretrain(_cfg(*common, *fast, f"optim.max_steps={steps}"))
-        for steps in (12, 15)  # the second run resumes from the first's step-12 checkpoint
-    ]
-    assert compiled[1].step == 15
-    for run in compiled:
-        assert _history(mlflow_uri, run.mlflow_run_id, "compile_graphs")[0][1] >= 1
-        for key in ("compile_recompiles", "compile_graph_breaks"):
-            assert {v for _, v in _history(mlflow_uri, run.mlflow_run_id, key)} == {0}, key
-
-    state = load_state(Path(compiled[1].checkpoint))
-    assert not [k for part in ("model", "ema") for k in state[part] if "_orig_mod" in k or "module." in k]
-    ours = [(s, v) for s, v in _history(mlflow_uri, compiled[0].mlflow_run_id, "loss") if s <= 12]
+    eager = run_pretrain(_cfg(*common, "run.name=eager", "optim.max_steps=10"))
+    build_unet(ModelConfig(), 3, 16)  # a process's first diffusers import pins its caller's frames
+    before = _controllers()
+    gc.disable()  # what a full collection would free is not what the controller's exit checks
+    try:
+        first = run_pretrain(_cfg(*common, *fast, "optim.max_steps=10"))
+        # No reference cycle keeps the finished run's controller handle, and the actors it owns, alive.
+        wait_for(lambda: not _controllers() - before, "the finished run's controller to exit", 60)
+    finally:
+        gc.enable()
+    assert first.step == 10
+    ours = _history(mlflow_uri, first.mlflow_run_id, "loss")
     for (s1, a), (s2, b) in zip(_history(mlflow_uri, eager.mlflow_run_id, "loss"), ours, strict=True):
         assert s1 == s2 and b == pytest.approx(a, rel=1e-3)
     x = torch.rand(2, 4, 32, 32) * 2 - 1
     feats = [
         FeatureExtractor(load_pretrained(r.checkpoint), [50, 250], ["up0.res1", "up1.res1"]).dense(x)
-        for r in (eager, compiled[0])
+        for r in (eager, first)
     ]
     assert ((feats[1] - feats[0]).norm() / feats[0].norm()).item() < 1e-3
+
+    run_dir = tmp_path / "runs" / "compiled"
+    newest = run_dir / "checkpoint_00000010" / "model.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # bit rot, or a partial copy
+    partial = run_dir / "checkpoint_00000012"
+    partial.mkdir()
+    (partial / "model.pt").write_bytes(newest.read_bytes()[:999])
+    second = run_pretrain(_cfg(*common, *fast, "optim.max_steps=15"))
+    assert second.step == 15 and second.checkpoint.endswith("checkpoint_00000015")
+    assert read_meta(second.checkpoint)["step"] == 15
+    assert second.mlflow_run_id == first.mlflow_run_id
+    assert [v for _, v in _history(mlflow_uri, second.mlflow_run_id, "started_at_step")] == [0, 5]
+    graphs = _history(mlflow_uri, first.mlflow_run_id, "compile_graphs")  # both processes' steps
+    assert max(s for s, _ in graphs) == 15 and min(v for _, v in graphs) >= 1, graphs
+    for key in ("compile_recompiles", "compile_graph_breaks"):
+        assert {v for _, v in _history(mlflow_uri, first.mlflow_run_id, key)} == {0}, key
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and p != partial)
+    assert kept == ["checkpoint_00000010-2", "checkpoint_00000015"], kept
+    for name, step in zip(kept, (10, 15)):
+        state = load_state(run_dir / name)
+        assert state["step"] == step
+        assert not [k for part in ("model", "ema") for k in state[part] if "_orig_mod" in k or "module." in k]
+    listed = re.findall(
+        r"checkpoint_\d{8}(?:-\d+)?", (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    )
+    assert set(listed) <= set(kept), (listed, kept)
+    params = MlflowClient(mlflow_uri).get_run(second.mlflow_run_id).data.params
+    assert params["optim.max_steps"] == "10" and params["checkpoint.every_steps"] == "5"
+    assert not [k for k in params if k.startswith("debug.")]  # test hooks are not settings
 
 
 @pytest.mark.integration
