@@ -188,6 +188,21 @@ def run_job(
     )
 
 
+def upload_tree(folder: Path | str, uri: str, pattern: str = "*") -> str:
+    """Every file under ``folder`` matching ``pattern`` to the S3 prefix ``uri``, by its relative
+    path; returns ``uri``."""
+    import boto3
+
+    from rsdiff import storage
+
+    name, prefix = storage.split_s3(uri)
+    s3 = boto3.client("s3")
+    for f in sorted(Path(folder).rglob(pattern)):
+        if f.is_file():
+            s3.upload_file(str(f), name, f"{prefix}/{f.relative_to(folder)}")
+    return uri
+
+
 def run_job_inline(
     script: str, *args: str, env: dict | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import REPO, free_port, wait_for
+from conftest import REPO, free_port, upload_tree, wait_for
 from fake_cluster import FakeCluster, fake_provider_config, start_env
 
 from rsdiff import storage
@@ -86,11 +86,8 @@ def s3_shards(sample_scenes, tmp_path_factory, s3_endpoint, ray_cluster) -> str:
     inputs = f"inputs=[{sample_scenes}/images/*.tif]"
     run_ingest(load_config(IngestConfig, preset, [inputs, f"output={local}"]))
     name = f"rsdiff-scale-{uuid.uuid4().hex[:8]}"
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=name)
-    for f in sorted(local.rglob("*")):
-        if f.is_file():
-            s3.upload_file(str(f), name, f"shards/{f.relative_to(local)}")
+    boto3.client("s3").create_bucket(Bucket=name)
+    upload_tree(local, f"s3://{name}/shards")
     return f"s3://{name}"
 
 

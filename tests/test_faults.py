@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job_inline, wait_for
+from conftest import REPO, TEST_KEY_ID, TEST_SECRET, PicklePayload, run_job_inline, upload_tree, wait_for
 from mlflow import MlflowClient
 from s3_fault_proxy import FaultyS3Proxy
 
@@ -100,10 +100,7 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path, 
 def test_s3_error_bursts_are_retried_without_loss_or_duplicates(
     sample_scenes, bucket, s3_endpoint, tmp_path, ray_cluster
 ):
-    s3 = boto3.client("s3")
-    name = bucket[len("s3://") :]
-    for f in sorted(sample_scenes.rglob("*.tif")):
-        s3.upload_file(str(f), name, f"scenes/{f.relative_to(sample_scenes)}")
+    upload_tree(sample_scenes, f"{bucket}/scenes", "*.tif")
     reference = run_ingest(
         load_config(
             IngestConfig,
@@ -181,11 +178,7 @@ def test_pretraining_through_s3_error_bursts_keeps_each_checkpoint_once(
 ):
     """Shard reads and rank 0's checkpoint uploads (boto3) and Ray Train's own folder and listing
     requests (pyarrow) all meet 503s and resets; no checkpoint is registered without a file."""
-    s3 = boto3.client("s3")
-    name = bucket[len("s3://") :]
-    for f in sorted(Path(shards).rglob("*")):
-        if f.is_file():
-            s3.upload_file(str(f), name, f"shards/{f.relative_to(shards)}")
+    upload_tree(shards, f"{bucket}/shards")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh Ray that sees the proxy
     with FaultyS3Proxy(s3_endpoint, every=5, burst=1, max_faults=30) as proxy:
         env.update(AWS_ENDPOINT_URL=proxy.url)

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from conftest import REPO, run_job_inline, wait_for
+from conftest import REPO, run_job_inline, upload_tree, wait_for
 from step_faults import FailOnce, RecordRayProcesses
 
 from rsdiff import storage
@@ -80,15 +80,6 @@ def _history(mlflow_uri, run_id, key):
     return [(m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, key)]
 
 
-def _upload(folder: str, uri: str) -> str:
-    """Every file under ``folder`` to the S3 prefix ``uri``; returns ``uri``."""
-    name, prefix = storage.split_s3(uri)
-    for f in sorted(Path(folder).rglob("*")):
-        if f.is_file():
-            boto3.client("s3").upload_file(str(f), name, f"{prefix}/{f.relative_to(folder)}")
-    return uri
-
-
 @pytest.mark.integration
 def test_two_ranks_on_s3_continue_exactly_after_a_killed_rank(
     local_shards, bucket, ray_cluster, mlflow_uri, tmp_path
@@ -101,7 +92,7 @@ def test_two_ranks_on_s3_continue_exactly_after_a_killed_rank(
     an exception) restarts from checkpoint 3 (mid-way through its loaders' round-robin) and logs
     exactly the losses of the uninterrupted run, each step once: each rank's data position, noise
     and CPU generator states come back from the checkpoint."""
-    shards = _upload(local_shards, f"{bucket}/shards")
+    shards = upload_tree(local_shards, f"{bucket}/shards")
     common = [
         f"data.shards={shards}", f"run.storage={bucket}/runs", "scaling.num_workers=2",
         "data.num_workers=2", "optim.max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep=2",
