@@ -128,6 +128,52 @@ def build_checked(make: Callable[[], torch.nn.Module], shapes: dict[str, tuple[i
     return make()
 
 
+MAX_HEADER = 100 << 20  # bytes: safetensors' own limit on a header
+
+
+def streamed_safetensors(uri: str, chunk: int = 8 << 20) -> tuple[dict[str, tuple[int, ...]], str]:
+    """``(shapes, sha256)`` of the safetensors file at ``uri``, read once as a stream that holds at
+    most its header and one ``chunk`` (bytes) in memory: ``name -> shape`` from its header and the
+    hex sha256 of all its bytes (the same as :func:`sha256_of` of the whole file). The file must be
+    complete: exactly as long as its header's offsets say.
+
+    Raises:
+        CheckpointError: no safetensors header, or a file shorter or longer than its header says.
+        storage.NotFoundError: no file at ``uri``.
+    """
+    digest = hashlib.sha256()
+    with storage.open_stream(uri) as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        blob = head + (f.read(size) if 0 < size <= MAX_HEADER else b"")
+        shapes = safetensors_shapes(blob, uri)
+        expected = len(blob) + _data_bytes(blob[8:], uri)
+        digest.update(blob)
+        total = len(blob)
+        while data := f.read(chunk):
+            digest.update(data)
+            total += len(data)
+    if total != expected:
+        raise CheckpointError(
+            f"cannot load weights of {storage.display(uri)}: it holds {total:,} bytes where its header "
+            f"describes {expected:,} (truncated or damaged); re-create the artifact"
+        )
+    return shapes, digest.hexdigest()
+
+
+def _data_bytes(header: bytes, uri: str) -> int:
+    """Length (bytes) of the tensor data a safetensors ``header`` (checked by
+    :func:`safetensors_shapes` first) describes."""
+    try:
+        entries = json.loads(header)
+        return max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise CheckpointError(
+            f"cannot load weights of {storage.display(uri)} (its safetensors header gives no data "
+            "offsets): it is corrupt; re-create the artifact"
+        ) from None
+
+
 def sha256_of(blob: bytes) -> str:
     """Hex sha256 of a weights file's bytes (what heads and feature tables record of their model)."""
     return hashlib.sha256(blob).hexdigest()

@@ -151,6 +151,27 @@ def dubai() -> Path:
     return DUBAI
 
 
+@pytest.fixture
+def weight_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The checkpoint weights files (``model.pt``, the EMA safetensors) that the test's own process
+    reads whole through ``rsdiff.storage.read_bytes``, in order; Ray's workers are other processes
+    and are not watched. A driver plans from a checkpoint's structure and leaves the weights to
+    its workers, so a driver's run adds nothing here."""
+    from rsdiff import storage
+    from rsdiff.diffusion.checkpoint import EMA_WEIGHTS, WEIGHTS
+
+    reads: list[str] = []
+    read_bytes = storage.read_bytes
+
+    def watched(uri: str) -> bytes:
+        if storage.name(uri) in (WEIGHTS, EMA_WEIGHTS):
+            reads.append(uri)
+        return read_bytes(uri)
+
+    monkeypatch.setattr(storage, "read_bytes", watched)
+    return reads
+
+
 def wait_for(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0.2) -> None:
     """Poll ``condition()`` until it is true; fail naming ``what`` after ``timeout_s`` (a bound for a
     hung run, not a timing the test checks)."""

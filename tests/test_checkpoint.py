@@ -159,3 +159,40 @@ def test_resuming_does_not_hold_the_checkpoint_twice_in_ram(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     grew = int(done.stdout.strip())
     assert grew < 0.25 * size, f"peak RSS grew by {grew / 2**20:.0f} MiB loading {size / 2**20:.0f} MiB"
+
+
+def test_the_structure_alone_is_the_model_on_meta_with_its_weights_digest_read_as_a_stream(saved, bucket):
+    """What drivers load (predict, suggest, extract): no weights in memory, the same structure, the
+    same digest and the same block channels as the real model, from a folder and from S3."""
+    from conftest import upload_tree
+
+    from rsdiff.features.extractor import FeatureExtractor
+    from rsdiff.weights import sha256_of, streamed_safetensors
+
+    folder, _ = saved
+    weights = folder / "ema" / "diffusion_pytorch_model.safetensors"
+    full = load_pretrained(str(folder))
+    for uri in (str(folder), upload_tree(folder, f"{bucket}/checkpoint_00000007")):
+        shell = load_pretrained(uri, device="meta", expect_sha256=full.weights_sha256)
+        assert {p.device.type for p in shell.model.parameters()} == {"meta"}
+        assert {k: v.shape for k, v in shell.model.state_dict().items()} == {
+            k: v.shape for k, v in full.model.state_dict().items()
+        }
+        assert shell.weights_sha256 == full.weights_sha256 == sha256_of(weights.read_bytes())
+        assert shell.meta == full.meta and shell.normalizer.to_json() == full.normalizer.to_json()
+        on_meta, real = (FeatureExtractor(d, [5, 50], ["mid", "up0.res1", "up1.res0"]) for d in (shell, full))
+        assert on_meta.index.to_json() == real.index.to_json() and on_meta.dim == real.dim > 0
+    assert streamed_safetensors(str(weights), chunk=1000)[1] == full.weights_sha256  # many chunks
+    with pytest.raises(CheckpointError, match="is not the model a head was made from"):
+        load_pretrained(str(folder), device="meta", expect_sha256="0" * 64, expected_by="a head")
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[:-4])  # the header intact, the data cut short
+    with pytest.raises(CheckpointError, match=rf"{weights}: it holds {len(blob) - 4:,} bytes where its "
+                       rf"header describes {len(blob):,} \(truncated"):  # fmt: skip
+        load_pretrained(str(folder), device="meta")
+    weights.write_bytes(blob[:500])  # the header itself cut short
+    with pytest.raises(CheckpointError, match=f"cannot load weights of {weights} .*corrupt or truncated"):
+        load_pretrained(str(folder), device="meta")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"has no diffusion_pytorch_model\.safetensors"):
+        load_pretrained(str(folder), device="meta")

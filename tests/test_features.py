@@ -74,10 +74,12 @@ def test_an_image_cap_samples_every_scene_not_the_first_shards(labeled_ckpt, lab
 
 @pytest.mark.integration
 def test_same_pixels_give_identical_features_and_subsets_match_direct_extraction(
-    labeled_ckpt, labeled_table, tmp_path
+    labeled_ckpt, labeled_table, tmp_path, weight_reads
 ):
     ckpt, shards = labeled_ckpt
     again = extract_features(ckpt, shards, tmp_path / "again")
+    assert weight_reads == []  # the driver plans from the model's structure; the actors load it
+    assert again.meta["checkpoint_sha256"] == labeled_table.meta["checkpoint_sha256"]
     a, b = features_by_pixel(labeled_table, "train"), features_by_pixel(again, "train")
     assert a.keys() == b.keys() and len(a) > 100
     for key in list(a)[:200]:

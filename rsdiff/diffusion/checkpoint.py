@@ -43,6 +43,7 @@ from rsdiff.weights import (
     safetensors_shapes,
     sha256_of,
     state_shapes,
+    streamed_safetensors,
 )
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,11 @@ def load_pretrained(
     ``model.pt``'s bytes); a checkpoint without one (written by an older rsdiff) loads its EMA
     weights from ``model.pt``. ``ema=False`` loads the raw model weights from ``model.pt``.
 
+    ``device="meta"`` gives the structure only, what a driver needs to plan work its workers load
+    for real: the model on the ``meta`` device (no memory, no weights), checked against the weights
+    file's header, and the file's sha256 from reading it once as a stream (8 MiB at a time, never
+    held whole). Only from an ``ema/`` artifact; a checkpoint without one is loaded whole first.
+
     Raises:
         CheckpointError: no checkpoint at ``uri``, or its files are missing, corrupt or disagree,
             or its weights are not those ``expect_sha256`` names.
@@ -200,11 +206,48 @@ def _load_ema(uri: str, folder: str, device: str | torch.device) -> PretrainedDD
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
+    meta, config = _ema_description(folder)
+    model_cfg, diffusion_cfg = _configs(folder, meta)
+    weights = storage.join(folder, EMA_WEIGHTS)
+
+    def make() -> torch.nn.Module:
+        return finish_unet(UNet2DModel.from_config(config), model_cfg.timestep_scale)
+
+    try:
+        if torch.device(device).type == "meta":  # the structure only: the weights streamed, never held
+            shapes, sha256 = streamed_safetensors(weights)
+            with torch.device("meta"):
+                model = build_checked(make, shapes, weights)
+            return _pretrained(model, diffusion_cfg, meta, uri, device, sha256)
+        blob = storage.read_bytes(weights)
+    except storage.NotFoundError as exc:
+        raise CheckpointError(f"EMA artifact {storage.display(folder)} has no {EMA_WEIGHTS}") from exc
+    shapes = safetensors_shapes(blob, weights)  # the file's own header, before any tensor is made
+    model = build_checked(make, shapes, weights)
+    try:
+        state = load_safetensors(blob)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot load weights of {storage.display(weights)} ({type(exc).__name__}): it is corrupt or "
+            "truncated; re-create the checkpoint (or delete its ema/ folder to load model.pt instead)"
+        ) from None
+    load_module_state(model, state, weights)
+    return _pretrained(model, diffusion_cfg, meta, uri, device, sha256_of(blob))
+
+
+def _ema_description(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(sidecar, diffusers config)`` of the EMA artifact at ``folder``, checked to belong together
+    (and the config to build, on the ``meta`` device: nothing allocated).
+
+    Raises:
+        CheckpointError: a missing or damaged sidecar or config, or the two disagreeing on bands.
+    """
+    from diffusers import UNet2DModel
+
     meta = read_sidecar(
         folder, EMA_META, kind=EMA_KIND, max_format=FORMAT_VERSION, error=CheckpointError,
         what="EMA inference artifact", missing_hint="pass the checkpoint folder printed by jobs/pretrain.py",
     )  # fmt: skip
-    model_cfg, diffusion_cfg = _configs(folder, meta)
     config_uri = storage.join(folder, EMA_CONFIG)
     try:
         config = json.loads(storage.read_text(config_uri))
@@ -220,24 +263,7 @@ def _load_ema(uri: str, folder: str, device: str | torch.device) -> PretrainedDD
             f"{storage.display(folder)}: the model takes {config.get('in_channels')} bands but its sidecar "
             f"lists {len(meta['bands'])}; the files of that artifact do not belong together"
         )
-    weights = storage.join(folder, EMA_WEIGHTS)
-    try:
-        blob = storage.read_bytes(weights)
-    except storage.NotFoundError as exc:
-        raise CheckpointError(f"EMA artifact {storage.display(folder)} has no {EMA_WEIGHTS}") from exc
-    shapes = safetensors_shapes(blob, weights)  # the file's own header, before any tensor is made
-    model = build_checked(
-        lambda: finish_unet(UNet2DModel.from_config(config), model_cfg.timestep_scale), shapes, weights
-    )
-    try:
-        state = load_safetensors(blob)
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise CheckpointError(
-            f"cannot load weights of {storage.display(weights)} ({type(exc).__name__}): it is corrupt or "
-            "truncated; re-create the checkpoint (or delete its ema/ folder to load model.pt instead)"
-        ) from None
-    load_module_state(model, state, weights)
-    return _pretrained(model, diffusion_cfg, meta, uri, device, sha256_of(blob))
+    return meta, config
 
 
 def _configs(uri: str, meta: dict[str, Any]) -> tuple[ModelConfig, DiffusionConfig]:

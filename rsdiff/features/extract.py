@@ -271,7 +271,7 @@ def run_extract(cfg: ExtractConfig) -> FeatureTable:
     if exists and not cfg.overwrite:
         raise DataError(f"{storage.display(out)} already holds a feature table; pass overwrite=true")
     checkpoint = _checkpoint(cfg, out)
-    ddpm = load_pretrained(checkpoint)
+    ddpm = load_pretrained(checkpoint, device="meta")  # the structure: the actors load the weights
     extractor = FeatureExtractor(
         ddpm, list(cfg.timesteps), list(cfg.blocks) or _decoder_blocks(ddpm), cfg.noise_seed, cfg.precision,
         numbering=cfg.block_numbering,

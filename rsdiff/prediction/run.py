@@ -92,7 +92,7 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     t0 = time.perf_counter()
     check_ranges(cfg)
     head_uri = storage.absolute(str(cfg.head))
-    head, ddpm = load_head_and_checkpoint(head_uri)
+    head, ddpm = load_head_and_checkpoint(head_uri, device="meta")  # the tasks load the weights
     plan = window_plan(cfg, ddpm)
     unc = uncertainty_options(head, cfg.mc_samples, cfg.uncertainty)
     refs = discover(list(cfg.inputs))

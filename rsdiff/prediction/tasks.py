@@ -22,7 +22,9 @@ from rsdiff.ray_config import RayConfig
 
 
 def load_head_and_checkpoint(head_uri: str, device: Any = "cpu") -> tuple[Any, Any]:
-    """``(TrainedHead, PretrainedDDPM)`` of a head artifact, with a clear error if its checkpoint is gone."""
+    """``(TrainedHead, PretrainedDDPM)`` of a head artifact, with a clear error if its checkpoint is
+    gone or is another model now. ``device="meta"``: the checkpoint's structure only, what a driver
+    checks scenes and plans windows with (see :func:`~rsdiff.diffusion.checkpoint.load_pretrained`)."""
     from rsdiff.heads.artifact import TrainedHead
 
     head = TrainedHead.load(head_uri)

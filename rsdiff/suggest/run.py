@@ -134,7 +134,7 @@ def run_suggest(cfg: SuggestConfig) -> SuggestResult:
     t0 = time.perf_counter()
     _check(cfg)
     head_uri = storage.absolute(str(cfg.head))
-    head, ddpm = load_head_and_checkpoint(head_uri)
+    head, ddpm = load_head_and_checkpoint(head_uri, device="meta")  # the tasks load the weights
     if head.on_pixels:
         raise ConfigError(
             f"head {storage.display(head_uri)} is a pixel head (scratch UNet): suggestions rank tiles by a "
