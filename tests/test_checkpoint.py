@@ -196,3 +196,18 @@ def test_the_structure_alone_is_the_model_on_meta_with_its_weights_digest_read_a
     weights.unlink()
     with pytest.raises(CheckpointError, match=r"has no diffusion_pytorch_model\.safetensors"):
         load_pretrained(str(folder), device="meta")
+
+
+def test_continuing_from_a_checkpoint_reads_its_weights_once_and_records_their_digest(saved, weight_reads):
+    """``init.from=<rsdiff checkpoint>``: the source's sha256 is that of the bytes loaded, read once
+    (the file was read a second time for its digest before)."""
+    from rsdiff.diffusion.sources import SourceKind, load_source
+    from rsdiff.weights import sha256_of
+
+    folder, state = saved
+    weights = folder / "ema" / "diffusion_pytorch_model.safetensors"
+    source = load_source(str(folder))
+    assert source.kind is SourceKind.rsdiff and weight_reads == [str(weights)]
+    assert source.sha256 == sha256_of(weights.read_bytes())
+    assert source.state.keys() == state["ema"].keys()
+    assert all(torch.equal(source.state[k], v.float()) for k, v in state["ema"].items())

@@ -175,18 +175,16 @@ def load_source(uri: str, options: SourceOptions | None = None) -> SourceWeights
 
 def _rsdiff(uri: str) -> SourceWeights:
     from rsdiff.config import build
-    from rsdiff.diffusion.checkpoint import EMA_WEIGHTS, WEIGHTS, ema_artifact, load_pretrained
+    from rsdiff.diffusion.checkpoint import load_pretrained
 
     ddpm = load_pretrained(uri)
-    folder = ema_artifact(uri)
-    weights = storage.join(folder, EMA_WEIGHTS) if folder else storage.join(uri, WEIGHTS)
     state = {k: v.detach().to(torch.float32).clone() for k, v in ddpm.model.state_dict().items()}
     model = build(ModelConfig, ddpm.meta["model"])
     model.attention_levels = attention_levels(model, int(ddpm.meta["image_size"]))  # where it was trained
     return SourceWeights(
         uri=uri,
         kind=SourceKind.rsdiff,
-        sha256=hashlib.sha256(storage.read_bytes(weights)).hexdigest(),
+        sha256=ddpm.weights_sha256,  # of the very bytes loaded (the EMA artifact's, else model.pt's)
         model=model,
         in_channels=int(ddpm.meta["in_channels"]),
         state=state,
