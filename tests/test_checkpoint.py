@@ -161,7 +161,9 @@ def test_resuming_does_not_hold_the_checkpoint_twice_in_ram(tmp_path):
     assert grew < 0.25 * size, f"peak RSS grew by {grew / 2**20:.0f} MiB loading {size / 2**20:.0f} MiB"
 
 
-def test_the_structure_alone_is_the_model_on_meta_with_its_weights_digest_read_as_a_stream(saved, bucket):
+def test_the_structure_alone_is_the_model_on_meta_with_its_weights_digest_read_as_a_stream(
+    saved, bucket, weight_reads
+):
     """What drivers load (predict, suggest, extract): no weights in memory, the same structure, the
     same digest and the same block channels as the real model, from a folder and from S3."""
     from conftest import upload_tree
@@ -172,8 +174,10 @@ def test_the_structure_alone_is_the_model_on_meta_with_its_weights_digest_read_a
     folder, _ = saved
     weights = folder / "ema" / "diffusion_pytorch_model.safetensors"
     full = load_pretrained(str(folder))
+    assert weight_reads == [str(weights)]
     for uri in (str(folder), upload_tree(folder, f"{bucket}/checkpoint_00000007")):
         shell = load_pretrained(uri, device="meta", expect_sha256=full.weights_sha256)
+        assert weight_reads == [str(weights)]  # streamed, never read whole
         assert {p.device.type for p in shell.model.parameters()} == {"meta"}
         assert {k: v.shape for k, v in shell.model.state_dict().items()} == {
             k: v.shape for k, v in full.model.state_dict().items()
