@@ -18,9 +18,12 @@ stream:  the pretraining stream (one rank, no loader workers) over 1,000 shards 
          to there, so that one grows with the epoch).
 sweep:   a sweep trial's head fit (one epoch, residual head, all 960 channels) through the node-local
          copy, on a ``--table-gb`` table (default 10; beyond ``table.memory_mb=1024``, so streamed)
-         vs a 0.25 GB table held in memory, and that small table streamed: microseconds per
-         training row and the growth of anonymous memory (``RssAnon``: what an OOM kill counts;
-         the mapped table's pages, ``RssFile``, are reported apart: they are reclaimable cache).
+         vs a 0.25 GB table held in memory, and that small table streamed, each fit in a fresh
+         process: microseconds per training row and the growth of anonymous memory (``RssAnon``:
+         what an OOM kill counts; the mapped table's pages, ``RssFile``, are reported apart: they
+         are reclaimable cache). The fits inherit the environment, so
+         ``MALLOC_MMAP_THRESHOLD_=1048576`` measures them with glibc's allocator mapping (and
+         returning) every buffer over 1 MB.
 pool:    the label-efficiency report's labeled tiles (``DenseTiles``) over a pool of 1,000 vs
          100,000 tiles (3-band 64 px with labels, 256 MB shards): indexing, a draw of 3 whole scenes
          and one of 100 tiles from anywhere: seconds and bytes fetched per tile, anonymous memory.
@@ -34,7 +37,7 @@ process, so the machine's noise mostly cancels.
     python tests/benchmarks/bench_scale.py [--stages ingest,extract,predict,stream,sweep,pool]
         [--scenes 72] [--s3-up-to 10] [--extract-tiles 500,10000] [--cog-px 16384] [--table-gb 10]
         [--tmp DIR]
-    python tests/benchmarks/bench_scale.py --plot RESULTS.json PLOT.png
+    python tests/benchmarks/bench_scale.py --plot RESULTS.json [MORE.json ...] PLOT.png
 """
 
 from __future__ import annotations
@@ -446,6 +449,7 @@ class AnonPeak(bench_features.PeakRSS):
         super().__init__()
         self.base = self._read()
         self.peak = dict.fromkeys(self.base, 0)
+        self.anon: list[tuple[float, int]] = []  # (monotonic s, RssAnon growth bytes), every sample
 
     @staticmethod
     def _read() -> dict[str, int]:
@@ -456,7 +460,15 @@ class AnonPeak(bench_features.PeakRSS):
         while not self._stop.is_set():
             now = self._read()
             self.peak = {k: max(self.peak[k], now[k] - self.base[k]) for k in now}
+            self.anon.append((time.monotonic(), now["RssAnon"] - self.base["RssAnon"]))
             self._stop.wait(0.1)
+
+    def halves(self, start: float) -> tuple[int, int]:
+        """Peak ``RssAnon`` growth (bytes) in the first and the second half of the time since
+        ``start`` (monotonic s): a fit that leaks per row peaks higher in its second half."""
+        mid = (start + self.anon[-1][0]) / 2
+        first = [v for t, v in self.anon if start <= t < mid]
+        return max(first, default=0), max((v for t, v in self.anon if t >= mid), default=0)
 
 
 def sweep_fit(root: Path, cache: Path, memory_mb: float) -> dict:
@@ -468,30 +480,48 @@ def sweep_fit(root: Path, cache: Path, memory_mb: float) -> dict:
         t0 = time.perf_counter()
         table = FeatureTable.open(str(root)).cached(cfg)
         t1 = time.perf_counter()
+        started = time.monotonic()
         fit_head(table, table.index.timesteps, table.index.blocks, head_cfg, memory_mb=cfg.memory_mb)
         t2 = time.perf_counter()
     rows, mb = table.rows("train"), table.rows("train") * int(table.meta["dim"]) * 2 / 2**20
+    first, second = mem.halves(started)
     return {"train_rows": rows, "table_gb": mb / 1024, "memory_mb": memory_mb, "streamed": mb > memory_mb,
             "cache_s": t1 - t0, "fit_s": t2 - t1, "us_per_row": 1e6 * (t2 - t1) / rows,
             "anon_growth_mb": mem.peak["RssAnon"] / 2**20,
+            "anon_growth_fit_first_half_mb": first / 2**20, "anon_growth_fit_second_half_mb": second / 2**20,
             "file_growth_mb": mem.peak["RssFile"] / 2**20}  # fmt: skip
+
+
+def fresh_sweep_fit(root: Path, cache: Path, memory_mb: float) -> dict:
+    """:func:`sweep_fit` in a fresh Python process (a trial's own), so no earlier fit's heap is
+    in its memory baseline: measured in one process, the later fits started from the heap the
+    earlier ones left and grew less (the small table streamed 412 MB after the in-memory fit,
+    against 657-685 MB alone)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--sweep-fit", str(root), str(cache), str(memory_mb)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode:
+        raise SystemExit(f"the sweep fit on {root} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def stage_sweep(tmp: Path, big_gb: float, small_gb: float = 0.25, memory_mb: float = 1024) -> dict:
     """A sweep trial's head fit on a ``big_gb`` table (beyond ``memory_mb``: streamed) vs a
     ``small_gb`` table held in memory, and the small table streamed too (the cost of streaming
-    alone). Ratios: time per training row per epoch, and anonymous memory growth."""
-    torch.set_num_threads(2)
+    alone), each fit in a fresh process. Ratios: time per training row per epoch, and anonymous
+    memory growth (of the large table streamed against the small one, both held and streamed)."""
     out: dict[str, object] = {"bench": "scale_sweep", "channels": 960, "table_memory_mb": memory_mb}
     small = feature_table(_fresh(tmp / "small"), small_gb, 20_000)
-    out["small_in_memory"] = sweep_fit(Path(small), tmp / "cache", memory_mb)
-    out["small_streamed"] = sweep_fit(Path(small), tmp / "cache", 1.0)
+    out["small_in_memory"] = fresh_sweep_fit(Path(small), tmp / "cache", memory_mb)
+    out["small_streamed"] = fresh_sweep_fit(Path(small), tmp / "cache", 1.0)
     big = feature_table(_fresh(tmp / "big"), big_gb, 20_000)
-    out["big_streamed"] = sweep_fit(Path(big), tmp / "cache", memory_mb)
-    ref, large = out["small_in_memory"], out["big_streamed"]
+    out["big_streamed"] = fresh_sweep_fit(Path(big), tmp / "cache", memory_mb)
+    ref, large, streamed = out["small_in_memory"], out["big_streamed"], out["small_streamed"]
     out["big_streamed_vs_small_in_memory_us_per_row"] = large["us_per_row"] / ref["us_per_row"]
-    out["small_streamed_vs_in_memory_us_per_row"] = out["small_streamed"]["us_per_row"] / ref["us_per_row"]
+    out["small_streamed_vs_in_memory_us_per_row"] = streamed["us_per_row"] / ref["us_per_row"]
     out["big_vs_small_anon_growth"] = large["anon_growth_mb"] / ref["anon_growth_mb"]
+    out["big_vs_small_streamed_anon_growth"] = large["anon_growth_mb"] / streamed["anon_growth_mb"]
     return out
 
 
@@ -657,11 +687,26 @@ def main() -> None:
     parser.add_argument("--cog-px", type=int, default=16384, help="side of the large COG")
     parser.add_argument("--table-gb", type=float, default=10.0, help="the sweep's large feature table")
     parser.add_argument("--tmp", default=None, help="work folder (default: temporary; 5 GB + 2x --table-gb)")
-    parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"), help="only plot a results file")
+    parser.add_argument(
+        "--plot", nargs="+", metavar="FILE",
+        help="only plot: results files (a later line for a stage replaces an earlier one), then the PNG",
+    )  # fmt: skip
+    parser.add_argument("--sweep-fit", nargs=3, metavar=("TABLE", "CACHE", "MB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sweep_fit:
+        torch.set_num_threads(2)
+        table, cache, mb = args.sweep_fit
+        return print(json.dumps(sweep_fit(Path(table), Path(cache), float(mb))))
     if args.plot:
-        lines = Path(args.plot[0]).read_text().splitlines()
-        return plot([json.loads(line) for line in lines if line.strip()], Path(args.plot[1]))
+        if len(args.plot) < 2:
+            parser.error("--plot needs at least one results file and the PNG to write")
+        latest = {}  # per stage, the last line of the files given
+        for name in args.plot[:-1]:
+            for line in Path(name).read_text().splitlines():
+                if line.strip():
+                    result = json.loads(line)
+                    latest[result["bench"]] = result
+        return plot(list(latest.values()), Path(args.plot[-1]))
     if args.cog_px < 8192 or args.cog_px % 512:
         parser.error("--cog-px must be a multiple of 512 and at least 8192 (room for two rounds of regions)")
     stages = args.stages.split(",")
