@@ -89,13 +89,24 @@ def safetensors_shapes(blob: bytes, uri: str) -> dict[str, tuple[int, ...]]:
     Raises:
         CheckpointError: not a safetensors header.
     """
+    return _safetensors_layout(blob, uri)[0]
+
+
+def _safetensors_layout(blob: bytes, uri: str) -> tuple[dict[str, tuple[int, ...]], int]:
+    """``(name -> shape, tensor data bytes)`` from the header at the start of ``blob`` (the 8-byte
+    header size, then the JSON header).
+
+    Raises:
+        CheckpointError: not a safetensors header (or one without shapes and data offsets).
+    """
     size = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else -1
     try:
         if not 0 < size <= len(blob) - 8:
             raise ValueError("header size")
-        header = json.loads(blob[8 : 8 + size])
-        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    except (ValueError, TypeError, KeyError, AttributeError):
+        entries = {k: v for k, v in json.loads(blob[8 : 8 + size]).items() if k != "__metadata__"}
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in entries.items()}
+        return shapes, max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise CheckpointError(
             f"cannot load weights of {storage.display(uri)} (no safetensors header): it is corrupt or "
             "truncated; re-create the artifact"
@@ -146,8 +157,8 @@ def streamed_safetensors(uri: str, chunk: int = 8 << 20) -> tuple[dict[str, tupl
         head = f.read(8)
         size = int.from_bytes(head, "little") if len(head) == 8 else -1
         blob = head + (f.read(size) if 0 < size <= MAX_HEADER else b"")
-        shapes = safetensors_shapes(blob, uri)
-        expected = len(blob) + _data_bytes(blob[8:], uri)
+        shapes, data_bytes = _safetensors_layout(blob, uri)
+        expected = len(blob) + data_bytes
         digest.update(blob)
         total = len(blob)
         while data := f.read(chunk):
@@ -159,19 +170,6 @@ def streamed_safetensors(uri: str, chunk: int = 8 << 20) -> tuple[dict[str, tupl
             f"describes {expected:,} (truncated or damaged); re-create the artifact"
         )
     return shapes, digest.hexdigest()
-
-
-def _data_bytes(header: bytes, uri: str) -> int:
-    """Length (bytes) of the tensor data a safetensors ``header`` (checked by
-    :func:`safetensors_shapes` first) describes."""
-    try:
-        entries = json.loads(header)
-        return max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError):
-        raise CheckpointError(
-            f"cannot load weights of {storage.display(uri)} (its safetensors header gives no data "
-            "offsets): it is corrupt; re-create the artifact"
-        ) from None
 
 
 def sha256_of(blob: bytes) -> str:
